@@ -1,0 +1,151 @@
+"""Lighthouse settings and the constraints of the published method (spec section 8)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Tuple
+
+#: Entries one selection tile picks per level (64 by query norm + 64 by key norm).
+TILE_SELECT = 128
+#: Entries picked by each of the two scores inside a tile.
+TILE_HALF = TILE_SELECT // 2
+
+_SCORERS = ("norm",)
+
+
+def _is_power_of_two(x: int) -> bool:
+    return x > 0 and (x & (x - 1)) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class LighthouseConfig:
+    """Settings of Lighthouse attention.
+
+    Args:
+        levels: pyramid levels ``L`` (level 0 is the token level), ``>= 2``.
+        pooling_factor: ``p``, tokens pooled per step up the pyramid; a power of two in ``[2, 64]``.
+        topk: global selection budget ``k``; a multiple of 128 (one tile selects 128 per level).
+        scorer: entry scorer; only ``"norm"`` (the published default) is implemented.
+        dense_layers: layers that keep full attention, 0-based, negative counts from the end
+            (the paper keeps the first two and the last two dense).
+
+    The sequence-dependent rules are checked by :meth:`validate`.
+    """
+
+    levels: int = 3
+    pooling_factor: int = 4
+    topk: int = 2048
+    scorer: str = "norm"
+    dense_layers: Tuple[int, ...] = (0, 1, -2, -1)
+
+    def __post_init__(self) -> None:
+        for name in ("levels", "pooling_factor", "topk"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"LighthouseConfig.{name}={value!r}: must be an int")
+        if self.levels < 2:
+            raise ValueError(f"LighthouseConfig.levels={self.levels}: must be >= 2 (level 0 is the token level)")
+        if not _is_power_of_two(self.pooling_factor) or not 2 <= self.pooling_factor <= TILE_HALF:
+            raise ValueError(
+                f"LighthouseConfig.pooling_factor={self.pooling_factor}: must be a power of two with "
+                f"2 <= pooling_factor <= {TILE_HALF}"
+            )
+        if self.topk < TILE_SELECT or self.topk % TILE_SELECT != 0:
+            raise ValueError(
+                f"LighthouseConfig.topk={self.topk}: must be a positive multiple of {TILE_SELECT} "
+                f"(each selection tile picks {TILE_SELECT} entries per level)"
+            )
+        if self.scorer not in _SCORERS:
+            raise ValueError(f"LighthouseConfig.scorer={self.scorer!r}: must be one of {_SCORERS}")
+        dense = tuple(self.dense_layers)
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in dense):
+            raise ValueError(f"LighthouseConfig.dense_layers={self.dense_layers!r}: must be a sequence of ints")
+        object.__setattr__(self, "dense_layers", dense)
+
+    # ------------------------------------------------------------------ geometry
+    @property
+    def coarsest_stride(self) -> int:
+        """Tokens covered by one coarsest-level entry, ``p**(L-1)``."""
+        return self.pooling_factor ** (self.levels - 1)
+
+    def tiles(self, chunks: int = 1) -> int:
+        """Selection tiles per chunk, ``T = (topk / chunks) / 128``."""
+        return self.topk // chunks // TILE_SELECT
+
+    def validate(self, seq_len: int, chunks: int = 1) -> None:
+        """Raise ``ValueError`` unless ``seq_len`` (split into ``chunks``) fits these settings."""
+        if not isinstance(chunks, int) or chunks < 1:
+            raise ValueError(f"chunks={chunks!r}: must be a positive int")
+        if not isinstance(seq_len, int) or seq_len < 1:
+            raise ValueError(f"sequence length {seq_len!r}: must be a positive int")
+        if self.topk % (chunks * TILE_SELECT) != 0:
+            raise ValueError(
+                f"topk={self.topk} with chunks={chunks}: the per-chunk budget topk/chunks must be a multiple of "
+                f"{TILE_SELECT} (topk must be a multiple of {chunks * TILE_SELECT})"
+            )
+        if seq_len % chunks != 0:
+            raise ValueError(f"sequence length {seq_len}: must be divisible by chunks={chunks}")
+        chunk_len = seq_len // chunks
+        tiles = self.tiles(chunks)
+        unit = self.coarsest_stride * tiles
+        what = "sequence length" if chunks == 1 else f"chunk length {chunk_len} (sequence {seq_len} / chunks {chunks})"
+        if chunk_len % unit != 0:
+            raise ValueError(
+                f"{what}: must be divisible by pooling_factor**(levels-1) * tiles = "
+                f"{self.pooling_factor}**{self.levels - 1} * {tiles} = {unit} "
+                f"(tiles = topk/chunks/{TILE_SELECT}); nearest valid lengths: {self.suggest_lengths(seq_len, chunks)}"
+            )
+        per_tile = chunk_len // unit
+        if per_tile < TILE_SELECT:
+            raise ValueError(
+                f"{what}: each tile owns {per_tile} coarsest-level entries, needs >= {TILE_SELECT}; "
+                f"use a sequence length >= {TILE_SELECT * unit * chunks} or lower topk/levels/pooling_factor"
+            )
+
+    def suggest_lengths(self, seq_len: int, chunks: int = 1) -> Tuple[int, int]:
+        """The valid sequence lengths just below and above ``seq_len`` (for error messages)."""
+        step = self.coarsest_stride * self.tiles(chunks) * chunks
+        low = max(seq_len // step, TILE_SELECT) * step
+        high = max(-(-seq_len // step), TILE_SELECT) * step
+        return (min(low, high), max(low, high))
+
+    def subsequence_length(self, seq_len: int, chunks: int = 1) -> int:
+        """Length ``S`` of the selected subsequence: ``N/p**(L-1) + (L-1)*p*k`` (summed over chunks)."""
+        self.validate(seq_len, chunks)
+        return seq_len // self.coarsest_stride + (self.levels - 1) * self.pooling_factor * self.topk
+
+    def attention_cost(self, seq_len: int, num_heads: int, head_dim: int, chunks: int = 1) -> dict:
+        """Forward FLOPs of causal attention, dense vs. Lighthouse, per sequence.
+
+        Causal attention does ``2 * 2 * n**2 / 2 * d`` multiply-adds per head (QK^T and PV, half masked).
+        Returns ``{"subsequence_length", "dense_flops", "lighthouse_flops", "ratio"}``.
+        """
+        s = self.subsequence_length(seq_len, chunks)
+        dense = 2.0 * seq_len * seq_len * head_dim * num_heads
+        sparse = 2.0 * s * s * head_dim * num_heads
+        return {
+            "subsequence_length": s,
+            "dense_flops": dense,
+            "lighthouse_flops": sparse,
+            "ratio": sparse / dense,
+        }
+
+    def dense_layer_set(self, num_layers: int) -> frozenset:
+        """0-based layer indices kept dense in a model of ``num_layers`` layers."""
+        out = set()
+        for i in self.dense_layers:
+            j = i + num_layers if i < 0 else i
+            if not 0 <= j < num_layers:
+                raise ValueError(
+                    f"LighthouseConfig.dense_layers entry {i}: out of range for a model of {num_layers} layers"
+                )
+            out.add(j)
+        return frozenset(out)
+
+
+def level_offsets(seq_len: int, levels: int, pooling_factor: int) -> Tuple[int, ...]:
+    """Offsets of each level in the concatenated pyramid, plus its total length as the last entry."""
+    offsets = [0]
+    for level in range(levels):
+        offsets.append(offsets[-1] + seq_len // pooling_factor**level)
+    return tuple(offsets)

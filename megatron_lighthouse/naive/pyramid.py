@@ -1,0 +1,47 @@
+"""Pyramid pooling of q/k/v and the norm scores of every pyramid entry (spec sections 1-2)."""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+
+def build_pyramid(x: torch.Tensor, levels: int, pooling_factor: int) -> torch.Tensor:
+    """Mean-pool ``x`` into all levels, concatenated along the sequence.
+
+    Args:
+        x: ``[B, N, H, D]``, any floating dtype.
+    Returns:
+        ``[B, H, N_tot, D]`` in ``x``'s dtype; level ``l`` starts at ``sum_{m<l} N / p**m`` and entry ``i``
+        of it is the mean of tokens ``[i*p**l, (i+1)*p**l)``.
+    """
+    b, n, h, d = x.shape
+    parts = [x]
+    for level in range(1, levels):
+        stride = pooling_factor**level
+        parts.append(x.view(b, n // stride, stride, h, d).mean(dim=2))
+    return torch.cat(parts, dim=1).transpose(1, 2)
+
+
+def pyramid_scores(
+    q: torch.Tensor, k: torch.Tensor, levels: int, pooling_factor: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Norm scores of every pyramid entry: the max over covered tokens of ``||q_t||`` (resp. ``||k_t||``).
+
+    Args:
+        q, k: ``[B, N, H, D]``.
+    Returns:
+        ``(score_q, score_k)``, each ``[B, H, N_tot]`` float32.
+    """
+
+    def one(x: torch.Tensor) -> torch.Tensor:
+        token = torch.linalg.vector_norm(x.float(), dim=-1)  # [B, N, H]
+        b, n, h = token.shape
+        parts = [token]
+        for level in range(1, levels):
+            stride = pooling_factor**level
+            parts.append(token.view(b, n // stride, stride, h).amax(dim=2))
+        return torch.cat(parts, dim=1).transpose(1, 2).contiguous()
+
+    return one(q), one(k)
