@@ -102,12 +102,13 @@ class LighthouseConfig:
                 f"use a sequence length >= {TILE_SELECT * unit * chunks} or lower topk/levels/pooling_factor"
             )
 
-    def suggest_lengths(self, seq_len: int, chunks: int = 1) -> Tuple[int, int]:
-        """The valid sequence lengths just below and above ``seq_len`` (for error messages)."""
+    def suggest_lengths(self, seq_len: int, chunks: int = 1) -> Tuple[int, ...]:
+        """The valid sequence lengths nearest to ``seq_len`` (for error messages)."""
         step = self.coarsest_stride * self.tiles(chunks) * chunks
-        low = max(seq_len // step, TILE_SELECT) * step
-        high = max(-(-seq_len // step), TILE_SELECT) * step
-        return (min(low, high), max(low, high))
+        shortest = TILE_SELECT * step
+        if seq_len <= shortest:
+            return (shortest,)
+        return tuple(sorted({seq_len // step * step, -(-seq_len // step) * step}))
 
     def subsequence_length(self, seq_len: int, chunks: int = 1) -> int:
         """Length ``S`` of the selected subsequence: ``N/p**(L-1) + (L-1)*p*k`` (summed over chunks)."""

@@ -20,13 +20,14 @@ def scatter_to_tokens(
         out_sub: ``[B, H, S, D]`` subsequence outputs.
         indices: ``[B, H, S]`` pyramid positions (from :func:`select_pyramid_indices`).
     Returns:
-        ``[B, H, N, D]`` in ``out_sub``'s dtype (levels summed in float32).
+        ``[B, H, N, D]`` in ``out_sub``'s dtype (levels summed in at least float32).
     """
     b, h, s, d = out_sub.shape
     offsets = torch.tensor(level_offsets(seq_len, levels, pooling_factor), device=indices.device)
     entry_level = torch.searchsorted(offsets, indices, right=True) - 1
     local = indices - offsets[entry_level]
-    padded = torch.cat([out_sub.float(), out_sub.new_zeros(b, h, 1, d, dtype=torch.float32)], dim=2)
+    acc = torch.promote_types(out_sub.dtype, torch.float32)
+    padded = torch.cat([out_sub.to(acc), out_sub.new_zeros(b, h, 1, d, dtype=acc)], dim=2)
     position = torch.arange(s, device=indices.device).expand(b, h, s)
     tokens = torch.arange(seq_len, device=indices.device)
 

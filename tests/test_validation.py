@@ -1,0 +1,104 @@
+"""Every invalid setting or input fails loudly with a message naming the setting and the rule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_lighthouse import LighthouseConfig, lighthouse_attention, select_indices
+
+GOOD = dict(levels=2, pooling_factor=2, topk=128)
+
+
+def _qkv(n=1024, h=2, d=8, h_kv=None, dtype=torch.float32):
+    return (
+        torch.randn(1, n, h, d, dtype=dtype),
+        torch.randn(1, n, h_kv or h, d, dtype=dtype),
+        torch.randn(1, n, h_kv or h, d, dtype=dtype),
+    )
+
+
+@pytest.mark.parametrize(
+    "settings,match",
+    [
+        (dict(topk=100), r"topk=100: must be a positive multiple of 128"),
+        (dict(topk=0), r"topk=0"),
+        (dict(pooling_factor=3), r"pooling_factor=3: must be a power of two"),
+        (dict(pooling_factor=128), r"pooling_factor=128: .*<= 64"),
+        (dict(pooling_factor=1), r"pooling_factor=1"),
+        (dict(levels=1), r"levels=1: must be >= 2"),
+        (dict(levels=2.0), r"levels=2.0: must be an int"),
+        (dict(scorer="gla"), r"scorer='gla'"),
+        (dict(dense_layers=(0, "x")), r"dense_layers"),
+    ],
+)
+def test_invalid_settings_fail_at_construction(settings, match):
+    with pytest.raises(ValueError, match=match):
+        LighthouseConfig(**{**GOOD, **settings})
+
+
+@pytest.mark.parametrize(
+    "n,settings,chunks,match",
+    [
+        (1000, dict(levels=3, pooling_factor=4, topk=128), 1, r"sequence length: must be divisible by .* = 16"),
+        (128, GOOD, 1, r"owns 64 coarsest-level entries, needs >= 128; use a sequence length >= 256"),
+        (256, dict(levels=3, pooling_factor=2, topk=128), 1, r"owns 64 coarsest-level entries, needs >= 128"),
+        (2048, dict(levels=2, pooling_factor=2, topk=256), 4, r"topk=256 with chunks=4"),
+        (2048, dict(levels=2, pooling_factor=2, topk=384), 3, r"must be divisible by chunks=3"),
+        (2048, GOOD, 0, r"chunks=0"),
+    ],
+)
+def test_sequence_that_does_not_fit(n, settings, chunks, match):
+    with pytest.raises(ValueError, match=match):
+        LighthouseConfig(**settings).validate(n, chunks)
+    q, k, v = _qkv(n)
+    with pytest.raises(ValueError, match=match):
+        lighthouse_attention(q, k, v, chunks=chunks, **settings)
+
+
+@pytest.mark.parametrize("n,settings", [(256, GOOD), (512, dict(levels=3, pooling_factor=2, topk=128))])
+def test_exactly_128_coarsest_entries_per_tile_is_valid(n, settings):
+    LighthouseConfig(**settings).validate(n)
+    assert lighthouse_attention(*_qkv(n), **settings).shape == (1, n, 2, 8)
+
+
+def test_error_suggests_valid_lengths():
+    cfg = LighthouseConfig(levels=3, pooling_factor=4, topk=256)
+    with pytest.raises(ValueError, match=r"nearest valid lengths: \(4992, 5024\)"):
+        cfg.validate(5000)
+    with pytest.raises(ValueError, match=r"nearest valid lengths: \(4096,\)"):
+        cfg.validate(4090)
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda q, k, v: (q[0], k, v), r"q must be 4-D"),
+        (lambda q, k, v: (q, k[:, :512], v[:, :512]), r"must agree in batch, sequence and head dim"),
+        (lambda q, k, v: (q, k, v[..., :4]), r"k and v must have the same shape"),
+        (lambda q, k, v: (q, k[:, :, :1].expand(-1, -1, 3, -1), v[:, :, :1].expand(-1, -1, 3, -1)), r"multiple of kv heads"),
+        (lambda q, k, v: (q, k.double(), v.double()), r"must share a dtype"),
+        (lambda q, k, v: (q.long(), k, v), r"q must be floating point"),
+        (lambda q, k, v: (q, k.to("meta"), v.to("meta")), r"must be on one device"),
+        (lambda q, k, v: (q.numpy(), k, v), r"q must be a torch.Tensor"),
+    ],
+)
+def test_bad_inputs(make, match):
+    q, k, v = make(*_qkv(h=2))
+    with pytest.raises(ValueError, match=match):
+        lighthouse_attention(q, k, v, **GOOD)
+
+
+def test_bad_backend_and_select_inputs():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match=r"backend='cuda'"):
+        lighthouse_attention(q, k, v, backend="cuda", **GOOD)
+    with pytest.raises(ValueError, match=r"sequence length"):
+        select_indices(q[:, :1000], k[:, :1000], levels=3, pooling_factor=4, topk=128)
+
+
+def test_dense_layer_set():
+    cfg = LighthouseConfig(**GOOD)
+    assert cfg.dense_layer_set(30) == {0, 1, 28, 29}
+    with pytest.raises(ValueError, match=r"dense_layers entry 1: out of range for a model of 1 layers"):
+        cfg.dense_layer_set(1)
