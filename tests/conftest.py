@@ -8,6 +8,10 @@ import pathlib
 import pytest
 import torch
 
+# Without a GPU, Triton kernels run under the interpreter (must be set before triton is imported).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 #: ``LIGHTHOUSE_GOLDEN_DIR`` points the suite at another set of reference vectors of the same format.
 GOLDEN_DIR = pathlib.Path(
     os.environ.get("LIGHTHOUSE_GOLDEN_DIR", pathlib.Path(__file__).resolve().parents[2] / "shared" / "golden")
