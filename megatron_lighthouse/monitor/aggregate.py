@@ -1,0 +1,232 @@
+"""Cross-rank aggregation: per-rank interval summaries, one ``all_gather`` per log interval, statistics
+and straggler detection.
+
+Each rank reduces its samples of the interval to a short float64 vector (:data:`SUMMARY_FIELDS`); one
+``all_gather`` of that vector on the existing process group gives every rank the whole table. Who is
+who (host, local GPU, GPU name) is exchanged once, at the first aggregation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import socket
+import statistics
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from .backend import SLOWDOWN_REASONS, decode_throttle
+from .sample import SAMPLE_FIELDS, GPUSample
+
+#: Per-rank values of one log interval, in the order they travel in the collective.
+SUMMARY_FIELDS = ("step_time_s", "steps", "samples") + SAMPLE_FIELDS + ("throttle_mask",)
+#: Sample fields reduced by their maximum over the interval (the rest by their mean).
+_MAX_FIELDS = frozenset({"mem_used_mib", "mem_total_mib", "temperature_c"})
+#: Fields that get min/mean/max statistics over ranks.
+STAT_FIELDS = tuple(f for f in SUMMARY_FIELDS if f not in ("steps", "samples", "throttle_mask"))
+
+
+@dataclasses.dataclass(frozen=True)
+class RankIdentity:
+    """Where a rank runs: host, CUDA index in its process (``local_gpu``), node-wide NVML index and name."""
+
+    rank: int
+    host: str
+    local_gpu: Optional[int]
+    gpu_index: Optional[int]
+    gpu_name: Optional[str]
+    has_metrics: bool
+
+    @property
+    def where(self) -> str:
+        """``host:gpuN`` (``host:gpu?`` when the rank has no known GPU)."""
+        return f"{self.host}:gpu{'?' if self.local_gpu is None else self.local_gpu}"
+
+
+def local_identity(
+    rank: int, local_gpu: Optional[int], gpu_index: Optional[int], gpu_name: Optional[str], has_metrics: bool
+) -> RankIdentity:
+    return RankIdentity(rank, socket.gethostname(), local_gpu, gpu_index, gpu_name, has_metrics)
+
+
+def summarize_interval(samples: Sequence[GPUSample], step_times: Sequence[float]) -> Dict[str, float]:
+    """Reduce one rank's samples and step times of an interval to :data:`SUMMARY_FIELDS` (NaN = none)."""
+    out: Dict[str, float] = {name: math.nan for name in SUMMARY_FIELDS}
+    out["steps"] = float(len(step_times))
+    out["samples"] = float(len(samples))
+    if step_times:
+        out["step_time_s"] = sum(step_times) / len(step_times)
+    for name in SAMPLE_FIELDS:
+        values = [v for v in (getattr(s, name) for s in samples) if v is not None]
+        if values:
+            out[name] = max(values) if name in _MAX_FIELDS else sum(values) / len(values)
+    masks = [s.throttle_mask for s in samples if s.throttle_mask is not None]
+    if masks:
+        mask = 0
+        for m in masks:
+            mask |= m
+        out["throttle_mask"] = float(mask)
+    return out
+
+
+def _collective_device(group: Any) -> torch.device:
+    """Where the gathered tensor must live for this group's backend (NCCL needs the rank's GPU)."""
+    backend = str(dist.get_backend(group))
+    if "nccl" in backend and "gloo" not in backend:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def distributed_world(group: Any = None) -> tuple:
+    """``(rank, world_size)`` in ``group``; ``(0, 1)`` when torch.distributed is not initialized."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(group), dist.get_world_size(group)
+    return 0, 1
+
+
+def exchange_identities(identity: RankIdentity, group: Any = None) -> List[RankIdentity]:
+    """Every rank's :class:`RankIdentity`, indexed by rank in ``group`` (one ``all_gather_object``)."""
+    _, world = distributed_world(group)
+    if world == 1:
+        return [identity]
+    out: List[Any] = [None] * world
+    dist.all_gather_object(out, identity, group=group)
+    return out
+
+
+def gather_summaries(summary: Dict[str, float], group: Any = None) -> List[Dict[str, float]]:
+    """Every rank's interval summary, indexed by rank: one ``all_gather`` of ``len(SUMMARY_FIELDS)`` doubles."""
+    _, world = distributed_world(group)
+    if world == 1:
+        return [dict(summary)]
+    device = _collective_device(group)
+    mine = torch.tensor([summary[name] for name in SUMMARY_FIELDS], dtype=torch.float64, device=device)
+    rows = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(rows, mine, group=group)
+    table = torch.stack(rows).cpu().tolist()
+    return [dict(zip(SUMMARY_FIELDS, row)) for row in table]
+
+
+def _finite(value: float) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def rank_stats(summaries: Sequence[Dict[str, float]]) -> Dict[str, Dict[str, Any]]:
+    """``{field: {min, mean, max, min_rank, max_rank}}`` over ranks that report the field."""
+    out: Dict[str, Dict[str, Any]] = {}
+    for name in STAT_FIELDS:
+        pairs = [(s[name], rank) for rank, s in enumerate(summaries) if _finite(s[name])]
+        if not pairs:
+            continue
+        lo, hi = min(pairs), max(pairs)
+        out[name] = {
+            "min": lo[0],
+            "mean": sum(v for v, _ in pairs) / len(pairs),
+            "max": hi[0],
+            "min_rank": lo[1],
+            "max_rank": hi[1],
+        }
+    return out
+
+
+def find_stragglers(
+    summaries: Sequence[Dict[str, float]],
+    identities: Sequence[RankIdentity],
+    step_time_threshold: float,
+    util_threshold_pct: float,
+) -> List[Dict[str, Any]]:
+    """Ranks that hold the others back, each named with host and local GPU.
+
+    A rank is listed with ``reason`` ``"step_time"`` when its mean step time exceeds the median over ranks
+    by more than ``step_time_threshold`` (a fraction), ``"gpu_util"`` when its utilization is more than
+    ``util_threshold_pct`` points below the median, and ``"throttle"`` when its clocks were slowed by
+    hardware or temperature (:data:`~megatron_lighthouse.monitor.backend.SLOWDOWN_REASONS`).
+    """
+    found: List[Dict[str, Any]] = []
+
+    def flag(rank: int, reason: str, value: Any, reference: Any, detail: str) -> None:
+        who = identities[rank]
+        found.append(
+            {
+                "rank": rank,
+                "host": who.host,
+                "local_gpu": who.local_gpu,
+                "gpu_index": who.gpu_index,
+                "where": who.where,
+                "reason": reason,
+                "value": value,
+                "median": reference,
+                "detail": detail,
+            }
+        )
+
+    times = [(s["step_time_s"], r) for r, s in enumerate(summaries) if _finite(s["step_time_s"])]
+    if len(times) >= 2:
+        median = statistics.median(v for v, _ in times)
+        for value, rank in times:
+            if value > median * (1.0 + step_time_threshold):
+                detail = f"step {value:.3f} s vs median {median:.3f} s (+{100 * (value / median - 1):.0f}%)"
+                flag(rank, "step_time", value, median, detail)
+    utils = [(s["gpu_util_pct"], r) for r, s in enumerate(summaries) if _finite(s["gpu_util_pct"])]
+    if len(utils) >= 2:
+        median = statistics.median(v for v, _ in utils)
+        for value, rank in utils:
+            if value < median - util_threshold_pct:
+                flag(rank, "gpu_util", value, median, f"GPU util {value:.0f}% vs median {median:.0f}%")
+    for rank, s in enumerate(summaries):
+        if _finite(s["throttle_mask"]):
+            slow = [name for name in decode_throttle(int(s["throttle_mask"])) if name in SLOWDOWN_REASONS]
+            if slow:
+                flag(rank, "throttle", slow, None, "clocks slowed: " + ",".join(slow))
+    return found
+
+
+def _json_value(value: float) -> Optional[float]:
+    return value if _finite(value) else None
+
+
+def build_record(
+    iteration: int,
+    elapsed_s: float,
+    unix_time: float,
+    summaries: Sequence[Dict[str, float]],
+    identities: Sequence[RankIdentity],
+    step_time_threshold: float,
+    util_threshold_pct: float,
+) -> Dict[str, Any]:
+    """The JSON record of one log interval: per-rank values, statistics over ranks and stragglers."""
+    ranks = []
+    for rank, (summary, who) in enumerate(zip(summaries, identities)):
+        entry: Dict[str, Any] = {"rank": rank, "host": who.host, "local_gpu": who.local_gpu}
+        for name in SUMMARY_FIELDS:
+            entry[name] = _json_value(summary[name])
+        for name in ("steps", "samples"):
+            entry[name] = int(summary[name])
+        mask = entry.pop("throttle_mask")
+        entry["throttle_reasons"] = [] if mask is None else decode_throttle(int(mask))
+        ranks.append(entry)
+    return {
+        "kind": "interval",
+        "iteration": iteration,
+        "time": unix_time,
+        "elapsed_s": elapsed_s,
+        "world_size": len(summaries),
+        "ranks": ranks,
+        "stats": rank_stats(summaries),
+        "stragglers": find_stragglers(summaries, identities, step_time_threshold, util_threshold_pct),
+    }
+
+
+def run_record(identities: Sequence[RankIdentity], interval_s: float, log_interval: int, unix_time: float) -> Dict[str, Any]:
+    """The first JSON record of a run: who is who and how the monitor samples."""
+    return {
+        "kind": "run",
+        "version": 1,
+        "time": unix_time,
+        "world_size": len(identities),
+        "interval_s": interval_s,
+        "log_interval": log_interval,
+        "ranks": [dataclasses.asdict(who) for who in identities],
+    }

@@ -1,0 +1,116 @@
+"""Monitor settings (:class:`MonitorConfig`) and the command-line flags that fill them."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from typing import Any, Optional
+
+#: File name of the run log that :class:`~megatron_lighthouse.monitor.GPUMonitor` writes in its directory.
+JSONL_NAME = "gpu_monitor.jsonl"
+
+
+@dataclasses.dataclass(frozen=True)
+class MonitorConfig:
+    """Settings of :class:`~megatron_lighthouse.monitor.GPUMonitor`.
+
+    Args:
+        enabled: ``False`` makes every monitor call a no-op.
+        interval_s: seconds between two NVML samples of a rank's GPU (default 1 s).
+        log_interval: steps between two aggregations across ranks (one collective each).
+        jsonl_path: run log (one JSON record per line, flushed per record); ``None`` writes none.
+        tensorboard_dir: TensorBoard event directory; ``None`` writes none.
+        wandb: log to the active Weights & Biases run when ``wandb`` is installed and a run is active.
+        console: one ``logging`` line per aggregation.
+        step_time_threshold: a rank whose mean step time exceeds the median over ranks by more than this
+            fraction is a straggler (0.2 = 20 % slower).
+        util_threshold_pct: a rank whose GPU utilization is this many percentage points below the median
+            over ranks is a straggler.
+        write_rank: the rank that writes JSONL, TensorBoard, W&B and console output.
+    """
+
+    enabled: bool = True
+    interval_s: float = 1.0
+    log_interval: int = 100
+    jsonl_path: Optional[str] = None
+    tensorboard_dir: Optional[str] = None
+    wandb: bool = True
+    console: bool = True
+    step_time_threshold: float = 0.2
+    util_threshold_pct: float = 15.0
+    write_rank: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.interval_s > 0:
+            raise ValueError(f"MonitorConfig.interval_s={self.interval_s}: the sampling interval must be > 0 seconds")
+        if not isinstance(self.log_interval, int) or self.log_interval < 1:
+            raise ValueError(f"MonitorConfig.log_interval={self.log_interval!r}: must be an int >= 1 (steps)")
+        if not self.step_time_threshold > 0:
+            raise ValueError(
+                f"MonitorConfig.step_time_threshold={self.step_time_threshold}: must be > 0 (a fraction of the median)"
+            )
+        if not self.util_threshold_pct > 0:
+            raise ValueError(
+                f"MonitorConfig.util_threshold_pct={self.util_threshold_pct}: must be > 0 (percentage points)"
+            )
+        if self.write_rank < 0:
+            raise ValueError(f"MonitorConfig.write_rank={self.write_rank}: must be >= 0")
+
+
+def add_monitor_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``--lighthouse-monitor*`` flags to ``parser`` and return it.
+
+    Usable as (part of) Megatron-LM's ``extra_args_provider``. :meth:`GPUMonitor.from_args` reads them,
+    together with Megatron's ``--log-interval``, ``--tensorboard-dir`` and ``--save`` when present.
+    """
+    group = parser.add_argument_group("lighthouse GPU monitor")
+    group.add_argument(
+        "--lighthouse-monitor",
+        action="store_true",
+        help="Sample per-rank GPU utilization, memory, power, clocks, temperature and throttling with NVML; "
+        "aggregate across ranks every --log-interval steps, name stragglers, write JSONL/TensorBoard/W&B.",
+    )
+    group.add_argument(
+        "--lighthouse-monitor-interval",
+        type=float,
+        default=1.0,
+        help="Seconds between two NVML samples of each rank's GPU (default: 1.0).",
+    )
+    group.add_argument(
+        "--lighthouse-monitor-dir",
+        default=None,
+        help=f"Directory of the run log {JSONL_NAME} (default: --tensorboard-dir, else --save, else "
+        "./lighthouse_monitor).",
+    )
+    group.add_argument(
+        "--lighthouse-monitor-step-threshold",
+        type=float,
+        default=MonitorConfig.step_time_threshold,
+        help="Straggler when a rank's step time exceeds the median by this fraction (default: 0.2).",
+    )
+    group.add_argument(
+        "--lighthouse-monitor-util-threshold",
+        type=float,
+        default=MonitorConfig.util_threshold_pct,
+        help="Straggler when a rank's GPU utilization is this many points below the median (default: 15).",
+    )
+    return parser
+
+
+def config_from_args(args: Any) -> MonitorConfig:
+    """:class:`MonitorConfig` from parsed flags (those of :func:`add_monitor_args`, plus Megatron's)."""
+    directory = (
+        getattr(args, "lighthouse_monitor_dir", None)
+        or getattr(args, "tensorboard_dir", None)
+        or getattr(args, "save", None)
+        or "lighthouse_monitor"
+    )
+    return MonitorConfig(
+        enabled=bool(getattr(args, "lighthouse_monitor", False)),
+        interval_s=getattr(args, "lighthouse_monitor_interval", MonitorConfig.interval_s),
+        log_interval=getattr(args, "log_interval", None) or MonitorConfig.log_interval,
+        jsonl_path=os.path.join(directory, JSONL_NAME),
+        step_time_threshold=getattr(args, "lighthouse_monitor_step_threshold", MonitorConfig.step_time_threshold),
+        util_threshold_pct=getattr(args, "lighthouse_monitor_util_threshold", MonitorConfig.util_threshold_pct),
+    )

@@ -1,0 +1,243 @@
+"""The training-loop hook: :class:`GPUMonitor` (sampler + aggregation + writers of one rank)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+from . import aggregate
+from .backend import GPUBackend, NVMLBackend, resolve_nvml_index
+from .config import MonitorConfig, config_from_args
+from .sample import DeviceReader
+from .sampler import GPUSampler
+from .writers import MonitorWriter, TensorBoardWriter, WandbWriter, default_writers
+
+logger = logging.getLogger(__name__)
+
+
+def _default_cuda_index() -> int:
+    """The GPU this process trains on: torch's current device once CUDA is up, else ``LOCAL_RANK``."""
+    try:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            return torch.cuda.current_device()
+    except (ImportError, RuntimeError):
+        pass
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+class GPUMonitor:
+    """Per-rank GPU monitor for plain training loops and Megatron-LM.
+
+    Every rank makes one, starts it, and calls :meth:`step` once per training step::
+
+        with GPUMonitor(MonitorConfig(log_interval=10, jsonl_path="run/gpu_monitor.jsonl")) as monitor:
+            for it in range(1, steps + 1):
+                train_step()
+                monitor.step(it)            # step time = wall time since the last call
+
+    A background thread samples the rank's GPU every ``config.interval_s`` seconds. Every
+    ``config.log_interval`` steps, :meth:`step` runs one ``all_gather`` of a small vector on ``group``
+    (all ranks must call :meth:`step` with the same iterations) and ``config.write_rank`` writes the
+    record; nothing else touches the step. Step times are averaged over the interval, so asynchronous
+    CUDA launches even out.
+
+    Without NVML (no library, no driver, no permission) a single warning is logged and the monitor does
+    nothing; if only some ranks lack it, those ranks still join the collective with step times only.
+
+    Args:
+        config: settings; ``config.enabled=False`` gives a monitor whose calls all do nothing.
+        backend: metric source (default :class:`NVMLBackend`); tests pass a fake.
+        device: CUDA index of this rank's GPU (default: current device, else ``LOCAL_RANK``).
+        group: process group to aggregate over (default: the world, when torch.distributed is up).
+        writers: output writers of this rank (default: built from ``config`` on ``config.write_rank``).
+    """
+
+    def __init__(
+        self,
+        config: MonitorConfig = MonitorConfig(),
+        *,
+        backend: Optional[GPUBackend] = None,
+        device: Optional[int] = None,
+        group: Any = None,
+        writers: Optional[Sequence[MonitorWriter]] = None,
+    ) -> None:
+        self.config = config
+        self.backend = backend if backend is not None else NVMLBackend()
+        self.device = device
+        self.group = group
+        self.sampler: Optional[GPUSampler] = None
+        self.active = False
+        self.last_record: Optional[Dict[str, Any]] = None
+        self._writers: Optional[List[MonitorWriter]] = None if writers is None else list(writers)
+        self._identity: Optional[aggregate.RankIdentity] = None
+        self._identities: Optional[List[aggregate.RankIdentity]] = None
+        self._step_times: List[float] = []
+        self._last_step: Optional[float] = None
+        self._t0 = 0.0
+        self._warned_writers: set = set()
+
+    @classmethod
+    def from_args(cls, args: Any, **kwargs: Any) -> "GPUMonitor":
+        """A monitor from flags of :func:`~megatron_lighthouse.monitor.add_monitor_args` (plus Megatron's
+        ``--log-interval``, ``--tensorboard-dir``, ``--save``). Disabled unless ``--lighthouse-monitor``.
+
+        Inside Megatron-LM its TensorBoard and W&B writers are reused on the rank that holds them; else a
+        ``--tensorboard-dir`` gets its own event files. ``kwargs`` go to the constructor.
+        """
+        config = config_from_args(args)
+        if not config.enabled or "writers" in kwargs:
+            return cls(config, **kwargs)
+        megatron_writers = _megatron_writers()
+        if megatron_writers is None:
+            tb_dir = getattr(args, "tensorboard_dir", None)
+            if tb_dir:
+                config = dataclasses.replace(config, tensorboard_dir=os.path.join(tb_dir, "gpu_monitor"))
+            return cls(config, **kwargs)
+        config = dataclasses.replace(config, wandb=False)  # Megatron's own W&B writer is used instead
+        rank, _ = aggregate.distributed_world(kwargs.get("group"))
+        writers = default_writers(config) if rank == config.write_rank else []
+        return cls(config, writers=writers + megatron_writers, **kwargs)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def start(self) -> "GPUMonitor":
+        """Open NVML and start sampling (a warning and no-op without NVML). Returns ``self``."""
+        if not self.config.enabled or self.active:
+            return self
+        rank, world = aggregate.distributed_world(self.group)
+        cuda_index = self.device if self.device is not None else _default_cuda_index()
+        gpu_index = gpu_name = None
+        try:
+            self.backend.init()
+            gpu_index = resolve_nvml_index(self.backend, cuda_index)
+            gpu_name = self.backend.device_name(gpu_index)
+            reader = DeviceReader(self.backend, gpu_index)
+            self.sampler = GPUSampler(reader, self.config.interval_s).start()
+        except Exception as exc:  # noqa: BLE001 - no GPU metrics must never stop training
+            logger.warning("GPU monitor: NVML unavailable on rank %d (%s); GPU monitoring is off", rank, exc)
+            self.sampler = None
+        has_metrics = self.sampler is not None
+        self._identity = aggregate.local_identity(rank, cuda_index, gpu_index, gpu_name, has_metrics)
+        # Alone without metrics there is nothing to do; in a group the others decide at the first log.
+        self.active = has_metrics or world > 1
+        if self.active and self._writers is None:
+            self._writers = default_writers(self.config) if rank == self.config.write_rank else []
+        self._t0 = time.time()
+        self._last_step = None
+        self._step_times.clear()
+        return self
+
+    def stop(self) -> None:
+        """Stop sampling and close the writers (no collective: safe on any rank at any time)."""
+        if self.sampler is not None:
+            self.sampler.stop()
+            self.sampler = None
+            try:
+                self.backend.shutdown()
+            except Exception as exc:  # noqa: BLE001
+                logger.debug("GPU monitor: backend shutdown failed: %r", exc)
+        for writer in self._writers or []:
+            self._guarded(writer, "close")
+        self._writers = None
+        self.active = False
+
+    def __enter__(self) -> "GPUMonitor":
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # -- training-loop hooks -----------------------------------------------------------------------
+
+    def step(self, iteration: int, step_time: Optional[float] = None) -> Optional[Dict[str, Any]]:
+        """Record one training step; aggregate and write when ``iteration % log_interval == 0``.
+
+        Args:
+            iteration: the step number, the same on every rank.
+            step_time: seconds of this step; default: wall time since the previous call (the time taken
+                by an aggregation is left out of the next step).
+
+        Returns the interval record on aggregating steps (on every rank), else ``None``.
+        """
+        if not self.active:
+            return None
+        now = time.perf_counter()
+        if step_time is None and self._last_step is not None:
+            step_time = now - self._last_step
+        if step_time is not None:
+            self._step_times.append(float(step_time))
+        self._last_step = now
+        if iteration % self.config.log_interval != 0:
+            return None
+        record = self.log(iteration)
+        self._last_step = time.perf_counter()
+        return record
+
+    def log(self, iteration: int) -> Optional[Dict[str, Any]]:
+        """Aggregate the interval across ranks now (collective: call on every rank) and write it."""
+        if not self.active:
+            return None
+        if self._identities is None:
+            self._identities = aggregate.exchange_identities(self._identity, self.group)
+            if not any(who.has_metrics for who in self._identities):
+                self.active = False  # no rank has NVML: nothing to report, ever
+                return None
+            self._write(
+                aggregate.run_record(self._identities, self.config.interval_s, self.config.log_interval, self._t0)
+            )
+        samples = []
+        if self.sampler is not None:
+            samples = self.sampler.drain()
+            if not samples:  # log interval shorter than the sampling interval: reuse the newest sample
+                samples = [self.sampler.latest or self.sampler.sample_now()]
+        summary = aggregate.summarize_interval(samples, self._step_times)
+        self._step_times = []
+        summaries = aggregate.gather_summaries(summary, self.group)
+        now = time.time()
+        record = aggregate.build_record(
+            iteration,
+            now - self._t0,
+            now,
+            summaries,
+            self._identities,
+            self.config.step_time_threshold,
+            self.config.util_threshold_pct,
+        )
+        self._write(record)
+        self.last_record = record
+        return record
+
+    # -- output ------------------------------------------------------------------------------------
+
+    def _guarded(self, writer: MonitorWriter, method: str, *args: Any) -> None:
+        try:
+            getattr(writer, method)(*args)
+        except Exception as exc:  # noqa: BLE001 - a broken writer must never stop training
+            key = (type(writer).__name__, method)
+            if key not in self._warned_writers:
+                self._warned_writers.add(key)
+                logger.warning("GPU monitor: %s.%s failed: %r", *key, exc)
+
+    def _write(self, record: Dict[str, Any]) -> None:
+        for writer in self._writers or []:
+            self._guarded(writer, "write", record)
+
+
+def _megatron_writers() -> Optional[List[MonitorWriter]]:
+    """Megatron-LM's own TensorBoard / W&B writers on this rank, or ``None`` outside Megatron-LM."""
+    try:
+        from megatron.training.global_vars import get_tensorboard_writer, get_wandb_writer
+    except ImportError:
+        return None
+    writers: List[MonitorWriter] = []
+    tb, wandb_run = get_tensorboard_writer(), get_wandb_writer()
+    if tb is not None:
+        writers.append(TensorBoardWriter(writer=tb))
+    if wandb_run is not None:
+        writers.append(WandbWriter(wandb_run))
+    return writers

@@ -1,0 +1,161 @@
+"""After the run: read a monitor JSONL log, draw the per-rank timeline and print a per-rank table."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+from typing import Any, Dict, List, Optional
+
+logger = logging.getLogger(__name__)
+
+#: Timeline panels: (record field, axis label, scale applied to the value).
+PANELS = (
+    ("gpu_util_pct", "GPU util (%)", 1.0),
+    ("mem_used_mib", "memory used (GiB)", 1 / 1024),
+    ("power_w", "power (W)", 1.0),
+    ("step_time_s", "step time (s)", 1.0),
+)
+#: Above this many ranks the timeline has no legend (colors follow rank order).
+MAX_LEGEND_RANKS = 16
+
+
+@dataclasses.dataclass
+class RunLog:
+    """A monitor log: the ``"run"`` header (``None`` if absent), the interval records in file order and
+    the number of lines that were not whole JSON records (e.g. a torn last line of a killed rank)."""
+
+    header: Optional[Dict[str, Any]]
+    intervals: List[Dict[str, Any]]
+    skipped_lines: int = 0
+
+    @property
+    def ranks(self) -> List[int]:
+        return sorted({entry["rank"] for record in self.intervals for entry in record["ranks"]})
+
+    def where(self) -> Dict[int, str]:
+        """``{rank: "host:gpuN"}`` from the interval records."""
+        return {e["rank"]: f"{e['host']}:gpu{e['local_gpu']}" for r in self.intervals for e in r["ranks"]}
+
+
+def load_run(path: str) -> RunLog:
+    """Read a monitor JSONL file, skipping (and counting) lines that are not whole JSON records."""
+    header, intervals, skipped = None, [], 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                skipped += 1
+                continue
+            if record.get("kind") == "run" and header is None:
+                header = record
+            elif record.get("kind") == "interval":
+                intervals.append(record)
+    if skipped:
+        logger.warning("%s: skipped %d line(s) that are not whole JSON records", path, skipped)
+    return RunLog(header, intervals, skipped)
+
+
+def series(run: RunLog, field: str) -> Dict[int, tuple]:
+    """``{rank: (seconds since the first record, values)}`` of one per-rank field, missing values dropped."""
+    if not run.intervals:
+        return {}
+    t0 = run.intervals[0]["time"]
+    out: Dict[int, tuple] = collections.defaultdict(lambda: ([], []))
+    for record in run.intervals:
+        for entry in record["ranks"]:
+            if entry.get(field) is not None:
+                xs, ys = out[entry["rank"]]
+                xs.append(record["time"] - t0)
+                ys.append(entry[field])
+    return dict(out)
+
+
+def plot_timeline(run: RunLog) -> Any:
+    """A matplotlib ``Figure`` with one panel per :data:`PANELS` entry and one line per rank in each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    ranks, where = run.ranks, run.where()
+    cmap = plt.get_cmap("tab10" if len(ranks) <= 10 else "viridis")
+    colors = {r: cmap(i if len(ranks) <= 10 else i / max(len(ranks) - 1, 1)) for i, r in enumerate(ranks)}
+    fig, axes = plt.subplots(len(PANELS), 1, figsize=(11, 2.6 * len(PANELS)), sharex=True, squeeze=False)
+    for ax, (field, label, scale) in zip(axes[:, 0], PANELS):
+        for rank, (xs, ys) in sorted(series(run, field).items()):
+            ax.plot(xs, [y * scale for y in ys], color=colors[rank], lw=1.2, label=f"rank {rank} {where[rank]}")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("time since first interval (s)")
+    if len(ranks) <= MAX_LEGEND_RANKS:
+        axes[0, 0].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    n_strag = sum(len(r["stragglers"]) for r in run.intervals)
+    fig.suptitle(f"GPU monitor: {len(ranks)} ranks, {len(run.intervals)} intervals, {n_strag} straggler flags")
+    fig.tight_layout()
+    return fig
+
+
+def render_timeline(run: RunLog, png_path: str) -> None:
+    """Save :func:`plot_timeline` to ``png_path``."""
+    from matplotlib import pyplot as plt
+
+    fig = plot_timeline(run)
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+
+
+def _mean(values: List[float]) -> Optional[float]:
+    return sum(values) / len(values) if values else None
+
+
+def _cell(value: Optional[float], fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def format_table(run: RunLog) -> str:
+    """Per-rank summary over the whole run: mean/min utilization, peak memory, mean power and SM clock,
+    peak temperature, mean step time, straggler flags and the throttle reasons seen."""
+    where = run.where()
+    flags = collections.Counter(s["rank"] for r in run.intervals for s in r["stragglers"])
+    per_rank: Dict[int, Dict[str, List[Any]]] = collections.defaultdict(lambda: collections.defaultdict(list))
+    for record in run.intervals:
+        for entry in record["ranks"]:
+            for key, value in entry.items():
+                if value is not None:
+                    per_rank[entry["rank"]][key].append(value)
+    head = ("rank", "where", "util%", "min%", "memGiB", "power W", "SM MHz", "temp C", "step s", "flags", "throttle")
+    rows = [head]
+    for rank in run.ranks:
+        v = per_rank[rank]
+        reasons = sorted({name for names in v["throttle_reasons"] for name in names})
+        peak_mib = max(v["mem_used_mib"], default=None)
+        rows.append(
+            (
+                str(rank),
+                where[rank],
+                _cell(_mean(v["gpu_util_pct"]), ".1f"),
+                _cell(min(v["gpu_util_pct"], default=None), ".0f"),
+                _cell(None if peak_mib is None else peak_mib / 1024, ".2f"),
+                _cell(_mean(v["power_w"]), ".0f"),
+                _cell(_mean(v["sm_clock_mhz"]), ".0f"),
+                _cell(max(v["temperature_c"], default=None), ".0f"),
+                _cell(_mean(v["step_time_s"]), ".4f"),
+                str(flags.get(rank, 0)),
+                ",".join(reasons) or "-",
+            )
+        )
+    return align(rows, left=(1,))
+
+
+def align(rows: List[tuple], left: tuple = ()) -> str:
+    """Rows of strings as a plain-text table; columns in ``left`` are left-aligned, the rest right."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) if i in left else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))).rstrip()
+        for row in rows
+    )
