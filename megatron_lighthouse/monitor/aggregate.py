@@ -120,7 +120,8 @@ def rank_stats(summaries: Sequence[Dict[str, float]]) -> Dict[str, Dict[str, Any
         pairs = [(s[name], rank) for rank, s in enumerate(summaries) if _finite(s[name])]
         if not pairs:
             continue
-        lo, hi = min(pairs), max(pairs)
+        lo = min(pairs, key=lambda pair: pair[0])  # ties go to the lowest rank
+        hi = max(pairs, key=lambda pair: pair[0])
         out[name] = {
             "min": lo[0],
             "mean": sum(v for v, _ in pairs) / len(pairs),
