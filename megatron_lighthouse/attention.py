@@ -8,13 +8,16 @@ are expanded before selection, so every query head selects on its own). The resu
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from .config import LighthouseConfig
+from .context_parallel import cp_causal_attention, cp_local_topk
 from .naive import build_pyramid, pyramid_scores, scatter_to_tokens, select_pyramid_indices
 
 #: ``attention(q, k, v, softmax_scale) -> out``, all ``[B, H, S, D]``, causal over ``S``.
@@ -148,6 +151,7 @@ def lighthouse_attention(
     softmax_scale: Optional[float] = None,
     attention: Optional[DenseAttention] = None,
     backend: str = "auto",
+    cp_group: Optional[dist.ProcessGroup] = None,
 ) -> torch.Tensor:
     """Lighthouse attention: select a short causal subsequence of a q/k/v pyramid, attend densely, scatter back.
 
@@ -161,12 +165,24 @@ def lighthouse_attention(
         attention: dense kernel ``(q, k, v, softmax_scale) -> out`` on ``[B, H, S, D]``, causal; defaults
             to torch SDPA.
         backend: ``"torch"`` runs the pure-PyTorch reference; ``"auto"`` picks the fastest available.
+        cp_group: context parallelism over this group of ``W`` ranks: q/k/v are the rank's load-balanced shard
+            (global chunks ``r`` and ``2W-1-r`` of ``2W``, concatenated, as Megatron lays them out) and ``topk``
+            is the global budget. Each local chunk is selected alone with ``topk // (2W)``; ``attention``
+            defaults to :func:`cp_causal_attention` over the group. ``chunks`` must stay 1.
     Returns:
         ``[B, N, H, D]`` in q's dtype.
     """
     check_qkv(q, k, v)
     if backend not in _BACKENDS:
         raise ValueError(f"backend={backend!r}: must be one of {_BACKENDS}")
+    if cp_group is not None:
+        if chunks != 1:
+            raise ValueError(f"chunks={chunks}: must stay 1 with cp_group (each CP rank selects its 2 chunks)")
+        topk = cp_local_topk(
+            cp_group, q, k, levels=levels, pooling_factor=pooling_factor, topk=topk, softmax_scale=softmax_scale
+        )
+        chunks = 2
+        attention = attention or functools.partial(cp_causal_attention, group=cp_group)
     cfg = LighthouseConfig(levels=levels, pooling_factor=pooling_factor, topk=topk)
     cfg.validate(q.shape[1], chunks)
     h = q.shape[2]

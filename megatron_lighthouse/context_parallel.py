@@ -1,0 +1,169 @@
+"""Context parallelism (spec section 7): local selection, causal attention over the gathered subsequences.
+
+Each CP rank holds Megatron's load-balanced shard (chunks ``r`` and ``2W-1-r`` of ``2W``) and selects each of
+its two chunks alone with budget ``topk / (2W)``, without communication. The two chunk subsequences, concatenated,
+are themselves the load-balanced shard of one global subsequence, so any context-parallel causal attention can
+run on them. :func:`cp_causal_attention` is the torch one: all-gather of the subsequence K/V over the CP group,
+stock SDPA per local chunk with a lower-right aligned causal mask. That all-gather (and its gradient's
+reduce-scatter) is the only CP communication, apart from a one-time check that the ranks agree on the settings.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .config import TILE_SELECT, LighthouseConfig
+from .cp_layout import cp_chunk_ids, gather_from_cp
+
+#: Backends whose reduce-scatter is missing in some torch versions: gradients use all-reduce + slice there.
+PORTABLE_REDUCE_SCATTER_BACKENDS = ("gloo",)
+
+#: ``(group, settings)`` pairs already checked for agreement across the group's ranks.
+_AGREED: set = set()
+
+_SETTING_NAMES = (
+    "levels", "pooling_factor", "topk", "batch", "local_seq_len", "heads", "kv_heads", "head_dim",
+    "softmax_scale", "dtype_eps",
+)
+
+
+def _collective_device(group: Optional[dist.ProcessGroup], like: torch.Tensor) -> torch.device:
+    """Where a collective's buffers live: CPU for gloo, else the tensors' device."""
+    return torch.device("cpu") if dist.get_backend(group) == "gloo" else like.device
+
+
+def _all_gather(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    """``[W, *x.shape]``: ``x`` of every rank of ``group``, in group-rank order (one single-tensor all-gather)."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    out = x.new_empty(dist.get_world_size(group) * x.numel())
+    gather(out, x.contiguous().view(-1), group=group)
+    return out.view(-1, *x.shape)
+
+
+class _AllGather(torch.autograd.Function):
+    """``x -> [W, *x.shape]`` gathered over ``group``; backward sums the gradients and hands each rank its slice."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+        ctx.group = group
+        return _all_gather(x, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> Tuple[torch.Tensor, None]:
+        group = ctx.group
+        if dist.get_backend(group) in PORTABLE_REDUCE_SCATTER_BACKENDS:
+            total = grad.clone(memory_format=torch.contiguous_format)
+            dist.all_reduce(total, group=group)
+            return total[dist.get_rank(group)], None
+        out = grad.new_empty(grad.shape[1:])
+        reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+        reduce_scatter(out.view(-1), grad.contiguous().view(-1), group=group)
+        return out, None
+
+
+def cp_causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, group: Optional[dist.ProcessGroup]
+) -> torch.Tensor:
+    """Causal attention over a sequence sharded in Megatron's load-balanced CP layout.
+
+    Args:
+        q, k, v: ``[B, H, S_local, D]``, one dtype: this rank's shard, global chunks ``r`` and ``2W-1-r`` of
+            ``2W`` (``S_local`` even, equal on every rank of ``group``).
+        softmax_scale: scale applied to ``q k^T``.
+        group: the CP process group (``None``: the default group).
+    Returns:
+        ``[B, H, S_local, D]``: this rank's shard of causal attention over the global sequence. Each local chunk
+        ``c`` attends to all global chunks before it and causally to itself. Differentiable in q, k, v.
+    """
+    if q.dim() != 4 or q.shape != k.shape or k.shape != v.shape:
+        raise ValueError(
+            f"cp_causal_attention: q, k, v must share one [B, H, S_local, D] shape, got {tuple(q.shape)}, "
+            f"{tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if q.shape[2] % 2 != 0:
+        raise ValueError(
+            f"cp_causal_attention: local sequence length {q.shape[2]} must be even (two load-balanced chunks)"
+        )
+    from torch.nn.attention.bias import causal_lower_right  # imports torch._dynamo (~1.5 s): only when CP runs
+
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    gathered = _AllGather.apply(torch.stack((k, v)), group)  # [W, 2, B, H, S_local, D]
+    kv = gather_from_cp(gathered.unbind(0), seq_dim=3)  # [2, B, H, 2W * chunk, D], global chunk order
+    chunk = q.shape[2] // 2
+    outs = []
+    for local, global_id in enumerate(cp_chunk_ids(rank, world)):
+        end = (global_id + 1) * chunk
+        q_chunk = q[:, :, local * chunk : (local + 1) * chunk]
+        mask = causal_lower_right(chunk, end)
+        k_prefix, v_prefix = kv[0, :, :, :end], kv[1, :, :, :end]
+        outs.append(F.scaled_dot_product_attention(q_chunk, k_prefix, v_prefix, attn_mask=mask, scale=softmax_scale))
+    return torch.cat(outs, dim=2)
+
+
+def cp_local_topk(
+    group: Optional[dist.ProcessGroup],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    levels: int,
+    pooling_factor: int,
+    topk: int,
+    softmax_scale: Optional[float],
+) -> int:
+    """Validate a context-parallel Lighthouse call; return the rank's budget ``topk // W`` for its two chunks.
+
+    ``q`` ``[B, S_local, H, D]`` and ``k`` ``[B, S_local, H_kv, D]`` are the rank's shard; ``topk`` is the
+    global budget. Raises ``ValueError`` when the global sequence ``W * S_local`` cannot be cut into ``2W``
+    valid chunks with budget ``topk / (2W)`` each, or (checked the first time a group sees these settings, with
+    one small all-gather) when the ranks of ``group`` disagree on the settings or shapes.
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("cp_group is set but torch.distributed is not initialized")
+    if dist.get_rank(group) < 0:
+        raise ValueError("cp_group: this process is not a member of the group")
+    world = dist.get_world_size(group)
+    local_len = q.shape[1]
+    where = f"context parallelism over a cp_group of size {world} ({local_len} tokens per rank)"
+    if local_len % 2 != 0:
+        raise ValueError(
+            f"{where}: the global sequence of {world * local_len} tokens must split into 2*W = {2 * world} equal "
+            f"chunks, so the local length must be even (chunks r and 2W-1-r)"
+        )
+    chunks = 2 * world
+    if topk % chunks != 0 or topk // chunks < TILE_SELECT or (topk // chunks) % TILE_SELECT != 0:
+        raise ValueError(
+            f"{where}: topk={topk} gives each of the 2*W = {chunks} chunks a budget topk/(2W) = {topk / chunks:g}; "
+            f"it must be a multiple of the {TILE_SELECT}-entry selection tile (topk a multiple of "
+            f"{chunks * TILE_SELECT})"
+        )
+    try:
+        LighthouseConfig(levels=levels, pooling_factor=pooling_factor, topk=topk).validate(world * local_len, chunks)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    scale = 1.0 / math.sqrt(q.shape[3]) if softmax_scale is None else float(softmax_scale)
+    settings = (levels, pooling_factor, topk, q.shape[0], local_len, q.shape[2], k.shape[2], q.shape[3], scale,
+                torch.finfo(q.dtype).eps)
+    _check_agreement(group, settings, q)
+    return topk // world
+
+
+def _check_agreement(group: Optional[dist.ProcessGroup], settings: tuple, like: torch.Tensor) -> None:
+    """All-gather ``settings`` once per ``(group, settings)`` and raise ``ValueError`` if any rank differs."""
+    key = (group if group is not None else dist.group.WORLD, settings)
+    if key in _AGREED:
+        return
+    mine = torch.tensor(settings, dtype=torch.float64, device=_collective_device(group, like))
+    every = _all_gather(mine, group).cpu()
+    differ = [i for i in range(len(_SETTING_NAMES)) if not torch.all(every[:, i] == every[0, i])]
+    if differ:
+        table = "; ".join(
+            f"{_SETTING_NAMES[i]}: " + ", ".join(f"rank {r}={x:g}" for r, x in enumerate(every[:, i].tolist()))
+            for i in differ
+        )
+        raise ValueError(f"cp_group ranks disagree on Lighthouse settings or shapes (all must match): {table}")
+    _AGREED.add(key)

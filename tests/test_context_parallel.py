@@ -1,0 +1,182 @@
+"""Context parallelism on CPU (gloo, spawned ranks): every rank equals the single-process chunked result."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from conftest import GOLDENS, rel_l2
+from megatron_lighthouse import context_parallel, lighthouse_attention, select_indices
+from megatron_lighthouse.cp_layout import cp_chunk_ids, gather_from_cp, split_for_cp
+from spawn import run_on_ranks
+
+#: Collectives a rank could issue; the CP path may only use the K/V gather, its gradient and the settings check.
+_COLLECTIVES = (
+    "all_gather_single", "all_gather_into_tensor", "all_gather", "all_gather_object", "all_reduce",
+    "reduce_scatter_single", "reduce_scatter_tensor", "reduce_scatter", "all_to_all", "all_to_all_single",
+    "broadcast", "broadcast_object_list", "reduce", "gather", "scatter", "send", "recv", "isend", "irecv",
+    "batch_isend_irecv",
+)
+
+
+def _inputs(seed: int, b: int, n: int, h: int, h_kv: int, d: int):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, n, h, d, generator=gen)
+    k = torch.randn(b, n, h_kv, d, generator=gen)
+    v = torch.randn(b, n, h_kv, d, generator=gen)
+    dout = torch.randn(b, n, h, d, generator=gen)
+    return q, k, v, dout
+
+
+def _forward_backward(q, k, v, dout, **kwargs):
+    q, k, v = (x.clone().requires_grad_(True) for x in (q, k, v))
+    out = lighthouse_attention(q, k, v, backend="torch", **kwargs)
+    out.backward(dout)
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def _check_equals_chunked(rank, world, cp_size, shape, settings, seed):
+    """CP groups of ``cp_size`` consecutive ranks; each group runs its own sequence and checks the chunked result."""
+    groups = [dist.new_group(list(range(g, g + cp_size))) for g in range(0, world, cp_size)]
+    group, cp_rank = groups[rank // cp_size], rank % cp_size
+    full = _inputs(seed + rank // cp_size, *shape)
+    want = _forward_backward(*full, chunks=2 * cp_size, **settings)
+    local = [split_for_cp(x, cp_rank, cp_size) for x in full]
+    got = _forward_backward(*local, cp_group=group, **settings)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(g, split_for_cp(w, cp_rank, cp_size), rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize(
+    "world,cp_size,shape,settings",
+    [
+        (2, 2, (2, 1024, 2, 2, 8), dict(levels=2, pooling_factor=2, topk=512)),
+        (2, 2, (1, 2048, 4, 2, 8), dict(levels=3, pooling_factor=2, topk=512, softmax_scale=0.2)),  # GQA
+        (4, 4, (1, 2048, 2, 1, 8), dict(levels=2, pooling_factor=2, topk=1024)),
+        (4, 2, (1, 1024, 2, 2, 8), dict(levels=2, pooling_factor=2, topk=512)),  # two CP groups of 2
+    ],
+    ids=["w2", "w2-gqa-l3", "w4", "w4-two-groups"],
+)
+def test_cp_equals_single_process_chunked(world, cp_size, shape, settings):
+    run_on_ranks(_check_equals_chunked, world, cp_size, shape, settings, 0)
+
+
+def _check_golden(rank, world, name):
+    rec = GOLDENS[name]
+    cfg = rec["config"]
+    assert cfg["chunks"] == 2 * world
+    settings = dict(levels=cfg["levels"], pooling_factor=cfg["pooling_factor"])
+    q, k, v = (split_for_cp(rec[x], rank, world) for x in "qkv")
+    indices = select_indices(q, k, topk=cfg["topk"] // world, chunks=2, **settings)
+    for local, chunk in enumerate(cp_chunk_ids(rank, world)):
+        assert torch.equal(indices[:, local], rec["indices"][chunk].long())
+    dout = split_for_cp(rec["dout"].transpose(1, 2), rank, world)
+    out, dq, dk, dv = _forward_backward(q, k, v, dout, topk=cfg["topk"], cp_group=dist.group.WORLD, **settings)
+    shards = [torch.empty_like(out) for _ in range(world)]
+    dist.all_gather(shards, out.contiguous())
+    assert rel_l2(gather_from_cp(shards).transpose(1, 2), rec["out"]) < 1e-4
+    for grad, ref in ((dq, "dq"), (dk, "dk"), (dv, "dv")):
+        assert rel_l2(grad, split_for_cp(rec[ref], rank, world)) < 1e-4, ref
+
+
+@pytest.mark.parametrize("name,world", [("cp2", 2), ("cp4", 4)])
+def test_golden_through_distributed_path(name, world):
+    if name not in GOLDENS:
+        pytest.fail(f"golden case {name} missing")
+    run_on_ranks(_check_golden, world, name)
+
+
+def _check_communication(rank, world, force_reduce_scatter):
+    """Only the inner attention communicates (plus the first call's settings check); both gradient paths agree."""
+    calls = []
+    originals = {name: getattr(dist, name) for name in _COLLECTIVES if hasattr(dist, name)}
+    portable = context_parallel.PORTABLE_REDUCE_SCATTER_BACKENDS
+    for name, original in originals.items():
+        setattr(dist, name, lambda *a, _n=name, _f=original, **kw: (calls.append(_n), _f(*a, **kw))[1])
+    if force_reduce_scatter:
+        context_parallel.PORTABLE_REDUCE_SCATTER_BACKENDS = ()
+    context_parallel._AGREED.clear()
+    try:
+        settings = dict(levels=2, pooling_factor=2, topk=512)
+        full = _inputs(3, 1, 1024, 2, 2, 8)
+        local = [split_for_cp(x, rank, world) for x in full]
+        got = _forward_backward(*local, cp_group=dist.group.WORLD, **settings)
+        first = list(calls)
+        calls.clear()
+        again = _forward_backward(*local, cp_group=dist.group.WORLD, **settings)
+        second = list(calls)
+    finally:
+        for name, original in originals.items():
+            setattr(dist, name, original)
+        context_parallel.PORTABLE_REDUCE_SCATTER_BACKENDS = portable
+    gather = "all_gather_single" if "all_gather_single" in originals else "all_gather_into_tensor"
+    reduce_scatter = "reduce_scatter_single" if "reduce_scatter_single" in originals else "reduce_scatter_tensor"
+    grad_sync = reduce_scatter if force_reduce_scatter else "all_reduce"
+    assert first == [gather, gather, grad_sync], first  # settings check, K/V gather, K/V gradient
+    assert second == [gather, grad_sync], second  # settings already agreed: only the attention's collectives
+    want = _forward_backward(*full, chunks=2 * world, **settings)
+    for g, a, w in zip(got, again, want):
+        torch.testing.assert_close(g, a, rtol=0, atol=0)
+        torch.testing.assert_close(g, split_for_cp(w, rank, world), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("force_reduce_scatter", [False, True], ids=["all-reduce-grad", "reduce-scatter-grad"])
+def test_only_attention_communicates(force_reduce_scatter):
+    run_on_ranks(_check_communication, 2, force_reduce_scatter)
+
+
+def _check_errors(rank, world):
+    good = dict(levels=2, pooling_factor=2, topk=512)
+    q, k, v, _ = _inputs(0, 1, 1024, 2, 2, 8)
+    group = dist.group.WORLD
+
+    def fails(match, q=q, k=k, v=v, **kwargs):
+        with pytest.raises(ValueError, match=match):
+            lighthouse_attention(q, k, v, backend="torch", **{**good, "cp_group": group, **kwargs})
+
+    odd = q[:, :1023], k[:, :1023], v[:, :1023]
+    fails(r"size 2 \(1023 tokens per rank\): .*split into 2\*W = 4 equal chunks", *odd)
+    fails(r"topk=256 gives each of the 2\*W = 4 chunks a budget topk/\(2W\) = 64; .*128-entry", topk=256)
+    fails(r"topk=640 gives .* = 160; .*multiple of 512", topk=640)
+    fails(r"size 2 .*owns 64 coarsest-level entries", levels=4)
+    fails(r"chunks=4: must stay 1 with cp_group", chunks=4)
+    # the ranks disagree: every rank raises, naming the setting and each rank's value
+    fails(r"disagree .*topk: rank 0=512, rank 1=1024", topk=512 if rank == 0 else 1024)
+    fails(r"disagree .*softmax_scale: rank 0=0\.5, rank 1=0\.25", softmax_scale=0.5 if rank == 0 else 0.25)
+    # a process outside the group
+    solo = dist.new_group([0])
+    if rank == 1:
+        fails(r"not a member", cp_group=solo)
+    # torch.distributed needed
+    with pytest.raises(ValueError, match=r"cp_causal_attention: local sequence length 3 must be even"):
+        context_parallel.cp_causal_attention(*(torch.zeros(1, 1, 3, 4),) * 3, 0.5, group)
+
+
+def test_errors():
+    run_on_ranks(_check_errors, 2)
+
+
+def test_not_initialized_error():
+    q = torch.randn(1, 1024, 1, 8)
+    with pytest.raises(ValueError, match="torch.distributed is not initialized"):
+        lighthouse_attention(q, q, q, levels=2, pooling_factor=2, topk=512, cp_group=object())
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_layout_roundtrip(world):
+    x = torch.arange(2 * world * 3).view(1, -1, 1)
+    shards = [split_for_cp(x, r, world) for r in range(world)]
+    for r, shard in enumerate(shards):
+        chunks = [c.flatten().tolist() for c in x.chunk(2 * world, dim=1)]
+        assert shard.flatten().tolist() == chunks[r] + chunks[2 * world - 1 - r]
+    assert torch.equal(gather_from_cp(shards), x)
+
+
+def test_layout_errors():
+    with pytest.raises(ValueError, match="sequence length 6 .* divisible by 2 \\* context-parallel size = 4"):
+        split_for_cp(torch.zeros(1, 6), 0, 2)
+    with pytest.raises(ValueError, match=r"context-parallel rank 2: must be an int in \[0, 2\)"):
+        split_for_cp(torch.zeros(1, 8), 2, 2)
+    with pytest.raises(ValueError, match="odd length 3"):
+        gather_from_cp([torch.zeros(1, 3)])
