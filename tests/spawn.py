@@ -50,10 +50,9 @@ class _Ranks:
         self.tmp = tempfile.mkdtemp(prefix="lighthouse-gloo-")
         self.tasks = [ctx.Queue() for _ in range(world)]
         self.results = ctx.Queue()
+        store = os.path.join(self.tmp, "store")
         self.procs = [
-            ctx.Process(
-                target=_serve, args=(r, world, os.path.join(self.tmp, "store"), self.tasks[r], self.results), daemon=True
-            )
+            ctx.Process(target=_serve, args=(r, world, store, self.tasks[r], self.results), daemon=True)
             for r in range(world)
         ]
         for p in self.procs:
