@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
+import statistics
 
 import pytest
 from spawn import run_on_ranks
 
 from megatron_lighthouse.monitor import FakeGPU, FakeNVMLBackend, GPUMonitor, MonitorConfig
+from megatron_lighthouse.monitor.aggregate import median_without
 
 LOG_INTERVAL = 4
 STEPS = 8
@@ -18,7 +21,7 @@ STEPS = 8
 SCENARIOS = {
     "slow_step": [(FakeGPU(gpu_util=90), 0.10), (FakeGPU(gpu_util=90), 0.20)],
     "four_ranks": [
-        (FakeGPU(gpu_util=90, power_w=600), 0.100),
+        (FakeGPU(gpu_util=90, power_w=600, sm_clock_mhz=1500), 0.100),  # clocked 24% below the others
         (FakeGPU(gpu_util=88, power_w=590, throttle_mask=0x040), 0.110),  # 5% slower than median: fine
         (FakeGPU(gpu_util=30, power_w=250), 0.100),  # low utilization
         (FakeGPU(gpu_util=91, power_w=610), 0.150),  # slow steps
@@ -26,6 +29,14 @@ SCENARIOS = {
     "one_without_nvml": [(FakeGPU(gpu_util=80), 0.10), (None, 0.30)],
     "none_with_nvml": [(None, 0.10), (None, 0.30)],
 }
+
+
+def test_median_without_matches_brute_force():
+    rng = random.Random(0)
+    for n in (2, 3, 4, 5, 8, 33):
+        values = sorted(rng.choice([0.1, 0.2, 0.3, rng.random()]) for _ in range(n))
+        for i, value in enumerate(values):
+            assert median_without(values, value) == pytest.approx(statistics.median(values[:i] + values[i + 1:]))
 
 
 def _scenario(rank: int, out_dir: str, scenario: str) -> None:
@@ -108,7 +119,8 @@ def test_four_ranks_stats_and_stragglers(tmp_path):
         assert util["mean"] == pytest.approx((90 + 88 + 30 + 91) / 4)
         assert record["stats"]["power_w"]["mean"] == pytest.approx((600 + 590 + 250 + 610) / 4)
         found = sorted((s["rank"], s["reason"], s["host"], s["local_gpu"]) for s in record["stragglers"])
-        assert found == [(1, "throttle", host, 1), (2, "gpu_util", host, 2), (3, "step_time", host, 3)]
+        reasons = ["sm_clock", "throttle", "gpu_util", "step_time"]  # ranks 0..3, in that order
+        assert found == [(rank, reason, host, rank) for rank, reason in enumerate(reasons)]
         assert record["ranks"][1]["throttle_reasons"] == ["hw_thermal"]
 
 

@@ -132,8 +132,10 @@ def _four_rank_log(path: str, intervals: int = 6) -> None:
     writer = JSONLWriter(path)
     writer.write(aggregate.run_record(who, 1.0, 10, 1000.0))
     for i in range(intervals):
-        summaries = [aggregate.summarize_interval([rd.read(), rd.read()], [0.5 + 0.01 * r]) for r, rd in enumerate(readers)]
-        writer.write(aggregate.build_record(10 * (i + 1), 10.0 * i, 1000.0 + 10 * i, summaries, who, 0.2, 15.0))
+        summaries = [
+            aggregate.summarize_interval([rd.read(), rd.read()], [0.5 + 0.01 * r]) for r, rd in enumerate(readers)
+        ]
+        writer.write(aggregate.build_record(10 * (i + 1), 10.0 * i, 1000.0 + 10 * i, summaries, who, MonitorConfig()))
     writer.close()
 
 

@@ -178,6 +178,8 @@ def test_config_rejects_bad_settings():
         MonitorConfig(step_time_threshold=-0.1)
     with pytest.raises(ValueError, match="util_threshold_pct=0"):
         MonitorConfig(util_threshold_pct=0)
+    with pytest.raises(ValueError, match="clock_threshold=1.5"):
+        MonitorConfig(clock_threshold=1.5)
     with pytest.raises(ValueError, match="unsupported"):
         FakeGPU(unsupported=frozenset({"fan_speed"}))
 

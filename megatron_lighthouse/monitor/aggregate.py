@@ -8,6 +8,7 @@ who (host, local GPU, GPU name) is exchanged once, at the first aggregation.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 import socket
@@ -18,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from .backend import SLOWDOWN_REASONS, decode_throttle
+from .config import MonitorConfig
 from .sample import SAMPLE_FIELDS, GPUSample
 
 #: Per-rank values of one log interval, in the order they travel in the collective.
@@ -132,18 +134,35 @@ def rank_stats(summaries: Sequence[Dict[str, float]]) -> Dict[str, Dict[str, Any
     return out
 
 
+def median_without(ordered: Sequence[float], value: float) -> float:
+    """Median of ``ordered`` (sorted, holding ``value``) with one ``value`` left out, in O(log n).
+
+    Each rank is compared with the others: with two ranks a rank 50 % slower than its peer is 50 % above
+    the reference, where the median of both would put it only 20 % above.
+    """
+    skip = bisect.bisect_left(ordered, value)
+    remaining = len(ordered) - 1
+
+    def kth(k: int) -> float:  # k-th smallest of the remaining values
+        return ordered[k if k < skip else k + 1]
+
+    half = remaining // 2
+    return kth(half) if remaining % 2 else 0.5 * (kth(half - 1) + kth(half))
+
+
 def find_stragglers(
     summaries: Sequence[Dict[str, float]],
     identities: Sequence[RankIdentity],
-    step_time_threshold: float,
-    util_threshold_pct: float,
+    config: MonitorConfig,
 ) -> List[Dict[str, Any]]:
     """Ranks that hold the others back, each named with host and local GPU.
 
-    A rank is listed with ``reason`` ``"step_time"`` when its mean step time exceeds the median over ranks
-    by more than ``step_time_threshold`` (a fraction), ``"gpu_util"`` when its utilization is more than
-    ``util_threshold_pct`` points below the median, and ``"throttle"`` when its clocks were slowed by
-    hardware or temperature (:data:`~megatron_lighthouse.monitor.backend.SLOWDOWN_REASONS`).
+    Each rank is compared with the median of the other ranks (:func:`median_without`). A rank is listed
+    with ``reason`` ``"step_time"`` when its mean step time exceeds that median by more than
+    ``config.step_time_threshold`` (a fraction), ``"gpu_util"`` when its utilization is more than
+    ``config.util_threshold_pct`` points below it, ``"sm_clock"`` when its SM clock is below it by more
+    than ``config.clock_threshold`` (a fraction), and ``"throttle"`` when its clocks were slowed by hardware
+    or temperature (:data:`~megatron_lighthouse.monitor.backend.SLOWDOWN_REASONS`).
     """
     found: List[Dict[str, Any]] = []
 
@@ -163,19 +182,24 @@ def find_stragglers(
             }
         )
 
-    times = [(s["step_time_s"], r) for r, s in enumerate(summaries) if _finite(s["step_time_s"])]
-    if len(times) >= 2:
-        median = statistics.median(v for v, _ in times)
-        for value, rank in times:
-            if value > median * (1.0 + step_time_threshold):
-                detail = f"step {value:.3f} s vs median {median:.3f} s (+{100 * (value / median - 1):.0f}%)"
-                flag(rank, "step_time", value, median, detail)
-    utils = [(s["gpu_util_pct"], r) for r, s in enumerate(summaries) if _finite(s["gpu_util_pct"])]
-    if len(utils) >= 2:
-        median = statistics.median(v for v, _ in utils)
-        for value, rank in utils:
-            if value < median - util_threshold_pct:
-                flag(rank, "gpu_util", value, median, f"GPU util {value:.0f}% vs median {median:.0f}%")
+    def against_median(field: str) -> List[tuple]:
+        """``(value, rank, median of the other ranks)`` of every rank reporting ``field``, when two or more do."""
+        pairs = [(s[field], r) for r, s in enumerate(summaries) if _finite(s[field])]
+        if len(pairs) < 2:
+            return []
+        values = sorted(v for v, _ in pairs)
+        return [(v, r, median_without(values, v)) for v, r in pairs]
+
+    for value, rank, median in against_median("step_time_s"):
+        if value > median * (1.0 + config.step_time_threshold):
+            detail = f"step {value:.3f} s vs others' median {median:.3f} s (+{100 * (value / median - 1):.0f}%)"
+            flag(rank, "step_time", value, median, detail)
+    for value, rank, median in against_median("gpu_util_pct"):
+        if value < median - config.util_threshold_pct:
+            flag(rank, "gpu_util", value, median, f"GPU util {value:.0f}% vs others' median {median:.0f}%")
+    for value, rank, median in against_median("sm_clock_mhz"):
+        if value < median * (1.0 - config.clock_threshold):
+            flag(rank, "sm_clock", value, median, f"SM clock {value:.0f} MHz vs others' median {median:.0f} MHz")
     for rank, s in enumerate(summaries):
         if _finite(s["throttle_mask"]):
             slow = [name for name in decode_throttle(int(s["throttle_mask"])) if name in SLOWDOWN_REASONS]
@@ -194,8 +218,7 @@ def build_record(
     unix_time: float,
     summaries: Sequence[Dict[str, float]],
     identities: Sequence[RankIdentity],
-    step_time_threshold: float,
-    util_threshold_pct: float,
+    config: MonitorConfig,
 ) -> Dict[str, Any]:
     """The JSON record of one log interval: per-rank values, statistics over ranks and stragglers."""
     ranks = []
@@ -216,11 +239,13 @@ def build_record(
         "world_size": len(summaries),
         "ranks": ranks,
         "stats": rank_stats(summaries),
-        "stragglers": find_stragglers(summaries, identities, step_time_threshold, util_threshold_pct),
+        "stragglers": find_stragglers(summaries, identities, config),
     }
 
 
-def run_record(identities: Sequence[RankIdentity], interval_s: float, log_interval: int, unix_time: float) -> Dict[str, Any]:
+def run_record(
+    identities: Sequence[RankIdentity], interval_s: float, log_interval: int, unix_time: float
+) -> Dict[str, Any]:
     """The first JSON record of a run: who is who and how the monitor samples."""
     return {
         "kind": "run",

@@ -23,10 +23,12 @@ class MonitorConfig:
         tensorboard_dir: TensorBoard event directory; ``None`` writes none.
         wandb: log to the active Weights & Biases run when ``wandb`` is installed and a run is active.
         console: one ``logging`` line per aggregation.
-        step_time_threshold: a rank whose mean step time exceeds the median over ranks by more than this
-            fraction is a straggler (0.2 = 20 % slower).
+        step_time_threshold: a rank whose mean step time exceeds the median of the other ranks by more
+            than this fraction is a straggler (0.2 = 20 % slower).
         util_threshold_pct: a rank whose GPU utilization is this many percentage points below the median
-            over ranks is a straggler.
+            of the other ranks is a straggler.
+        clock_threshold: a rank whose mean SM clock is below the median of the other ranks by more
+            than this fraction is a straggler (a slowed GPU in synchronous training, where step times look alike).
         write_rank: the rank that writes JSONL, TensorBoard, W&B and console output.
     """
 
@@ -39,6 +41,7 @@ class MonitorConfig:
     console: bool = True
     step_time_threshold: float = 0.2
     util_threshold_pct: float = 15.0
+    clock_threshold: float = 0.15
     write_rank: int = 0
 
     def __post_init__(self) -> None:
@@ -53,6 +56,10 @@ class MonitorConfig:
         if not self.util_threshold_pct > 0:
             raise ValueError(
                 f"MonitorConfig.util_threshold_pct={self.util_threshold_pct}: must be > 0 (percentage points)"
+            )
+        if not 0 < self.clock_threshold < 1:
+            raise ValueError(
+                f"MonitorConfig.clock_threshold={self.clock_threshold}: must be in (0, 1) (a fraction of the median)"
             )
         if self.write_rank < 0:
             raise ValueError(f"MonitorConfig.write_rank={self.write_rank}: must be >= 0")
@@ -87,13 +94,13 @@ def add_monitor_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         "--lighthouse-monitor-step-threshold",
         type=float,
         default=MonitorConfig.step_time_threshold,
-        help="Straggler when a rank's step time exceeds the median by this fraction (default: 0.2).",
+        help="Straggler when a rank's step time exceeds the other ranks' median by this fraction (default: 0.2).",
     )
     group.add_argument(
         "--lighthouse-monitor-util-threshold",
         type=float,
         default=MonitorConfig.util_threshold_pct,
-        help="Straggler when a rank's GPU utilization is this many points below the median (default: 15).",
+        help="Straggler when a rank's GPU utilization is this many points below the others' median (default: 15).",
     )
     return parser
 

@@ -44,7 +44,9 @@ class GPUMonitor:
     ``config.log_interval`` steps, :meth:`step` runs one ``all_gather`` of a small vector on ``group``
     (all ranks must call :meth:`step` with the same iterations) and ``config.write_rank`` writes the
     record; nothing else touches the step. Step times are averaged over the interval, so asynchronous
-    CUDA launches even out.
+    CUDA launches even out. In synchronous data-parallel training every rank waits for the slowest in the
+    gradient reduction, so wall-clock step times look alike: pass ``step_time`` measured before that wait
+    where the loop has it; otherwise utilization, SM clock and throttle reasons single out the slow rank.
 
     Without NVML (no library, no driver, no permission) a single warning is logged and the monitor does
     nothing; if only some ranks lack it, those ranks still join the collective with step times only.
@@ -205,8 +207,7 @@ class GPUMonitor:
             now,
             summaries,
             self._identities,
-            self.config.step_time_threshold,
-            self.config.util_threshold_pct,
+            self.config,
         )
         self._write(record)
         self.last_record = record

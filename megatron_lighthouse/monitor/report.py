@@ -6,6 +6,7 @@ import collections
 import dataclasses
 import json
 import logging
+import math
 from typing import Any, Dict, List, Optional
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,40 @@ def series(run: RunLog, field: str) -> Dict[int, tuple]:
     return dict(out)
 
 
+def _break_gaps(xs: List[float], ys: List[float]) -> tuple:
+    """Insert a NaN (a break in the line) where the time between two points exceeds 3x the median gap,
+    so a pause of the monitor (a restart, a stretch without logging) shows as a gap, not as a trend."""
+    gaps = sorted(b - a for a, b in zip(xs, xs[1:]))
+    if not gaps:
+        return xs, ys
+    limit = 3 * gaps[len(gaps) // 2]
+    out_x, out_y = [xs[0]], [ys[0]]
+    for (x0, x1), y in zip(zip(xs, xs[1:]), ys[1:]):
+        if x1 - x0 > limit:
+            out_x.append(0.5 * (x0 + x1))
+            out_y.append(math.nan)
+        out_x.append(x1)
+        out_y.append(y)
+    return out_x, out_y
+
+
+#: Straggler reasons and the panel (record field) whose point gets a red cross.
+_REASON_PANEL = {"step_time": "step_time_s", "gpu_util": "gpu_util_pct"}
+
+
+def _mark_stragglers(run: RunLog, axes: Dict[str, Any]) -> None:
+    t0 = run.intervals[0]["time"]
+    scale = {field: factor for field, _, factor in PANELS}
+    for record in run.intervals:
+        for flag in record["stragglers"]:
+            field = _REASON_PANEL.get(flag["reason"])
+            if field in axes:
+                value = record["ranks"][flag["rank"]].get(field)
+                if value is not None:
+                    point = ([record["time"] - t0], [value * scale[field]])
+                    axes[field].scatter(*point, marker="x", color="red", zorder=3)
+
+
 def plot_timeline(run: RunLog) -> Any:
     """A matplotlib ``Figure`` with one panel per :data:`PANELS` entry and one line per rank in each."""
     import matplotlib
@@ -88,9 +123,11 @@ def plot_timeline(run: RunLog) -> Any:
     fig, axes = plt.subplots(len(PANELS), 1, figsize=(11, 2.6 * len(PANELS)), sharex=True, squeeze=False)
     for ax, (field, label, scale) in zip(axes[:, 0], PANELS):
         for rank, (xs, ys) in sorted(series(run, field).items()):
-            ax.plot(xs, [y * scale for y in ys], color=colors[rank], lw=1.2, label=f"rank {rank} {where[rank]}")
+            xs, ys = _break_gaps(xs, [y * scale for y in ys])
+            ax.plot(xs, ys, color=colors[rank], lw=1.2, label=f"rank {rank} {where[rank]}")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
+    _mark_stragglers(run, {field: ax for ax, (field, _, _) in zip(axes[:, 0], PANELS)})
     axes[-1, 0].set_xlabel("time since first interval (s)")
     if len(ranks) <= MAX_LEGEND_RANKS:
         axes[0, 0].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
@@ -156,6 +193,7 @@ def align(rows: List[tuple], left: tuple = ()) -> str:
     """Rows of strings as a plain-text table; columns in ``left`` are left-aligned, the rest right."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join(
-        "  ".join(cell.ljust(w) if i in left else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))).rstrip()
+        "  ".join(cell.ljust(w) if i in left else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+        .rstrip()
         for row in rows
     )

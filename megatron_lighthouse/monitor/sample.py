@@ -76,7 +76,9 @@ class DeviceReader:
             return getattr(self.backend, metric)(self.index)
         except MetricUnsupported as exc:
             self.unsupported.add(metric)
-            self._warn_once(metric, "GPU monitor: GPU %d does not report %s (%s); not recorded", self.index, metric, exc)
+            self._warn_once(
+                metric, "GPU monitor: GPU %d does not report %s (%s); not recorded", self.index, metric, exc
+            )
         except Exception as exc:  # noqa: BLE001 - a failing metric must never stop the sampler or training
             self._warn_once(metric, "GPU monitor: reading %s of GPU %d failed: %r", metric, self.index, exc)
         return None
