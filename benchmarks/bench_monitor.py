@@ -45,7 +45,7 @@ from megatron_lighthouse.monitor import (  # noqa: E402
     MonitorConfig,
     NVMLBackend,
 )
-from megatron_lighthouse.monitor.backend import METRICS, resolve_nvml_index  # noqa: E402
+from megatron_lighthouse.monitor.backend import METRICS, resolve_nvml_index, torch_uuid  # noqa: E402
 from megatron_lighthouse.monitor.report import format_table, load_run, render_timeline  # noqa: E402
 from megatron_lighthouse.monitor.writers import ConsoleWriter, JSONLWriter, TensorBoardWriter  # noqa: E402
 
@@ -108,9 +108,10 @@ class MatmulLoad:
             c.sum().item()
 
 
-def _all_min(value: float, device: torch.device) -> float:
+def _all_min(value: float) -> float:
     if not dist.is_initialized():
         return value
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return float(t.item())
@@ -167,6 +168,8 @@ def rank_main(rank: int, world: int, args: argparse.Namespace, store: str) -> No
         "local_gpu": rank,
         "gpu_index": gpu_index,
         "gpu_name": gpu_name,
+        "nvml_uuid": probe.device_uuid(gpu_index),
+        "torch_uuid": torch_uuid(rank),  # the same GPU as nvml_uuid when the index mapping is right
         "sample_cost_idle_us": sample_cost(reader, args.cost_repeats),
         "metric_cost_idle_us": metric_costs(probe, gpu_index, args.cost_repeats),
     }
@@ -177,7 +180,7 @@ def rank_main(rank: int, world: int, args: argparse.Namespace, store: str) -> No
     while time.perf_counter() < warm_end or warm_steps < 3:
         load.step()
         warm_steps += 1
-    step_s = _all_min(run_phase(load, 10, None, 0)[0] / 10, device)  # the same on every rank
+    step_s = _all_min(run_phase(load, 10, None, 0)[0] / 10)  # the same on every rank
     steps = max(10, int(args.seconds / step_s))
     log_interval = args.log_interval or max(1, min(int(2.0 / step_s), steps // 4))  # a log every ~2 s
     result["sample_cost_load_us"] = sample_cost(reader, args.cost_repeats)

@@ -226,7 +226,7 @@ def _strip_uuid(uuid: str) -> str:
     return uuid
 
 
-def _torch_uuid(cuda_index: int) -> Optional[str]:
+def torch_uuid(cuda_index: int) -> Optional[str]:
     """UUID of CUDA device ``cuda_index`` as torch sees it, or ``None`` without CUDA."""
     try:
         import torch
@@ -247,7 +247,7 @@ def resolve_nvml_index(backend: GPUBackend, cuda_index: int) -> int:
     read; otherwise the two numberings are taken to agree.
     """
     count = backend.device_count()
-    wanted = _torch_uuid(cuda_index)
+    wanted = torch_uuid(cuda_index)
     if wanted is None:
         visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
         if cuda_index < len(visible):
