@@ -180,3 +180,17 @@ def test_layout_errors():
         split_for_cp(torch.zeros(1, 8), 2, 2)
     with pytest.raises(ValueError, match="odd length 3"):
         gather_from_cp([torch.zeros(1, 3)])
+
+
+def _check_layout_is_megatrons(rank, world):
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    batch = {"tokens": torch.arange(3 * 8 * world).view(3, -1), "attention_mask": torch.arange(8 * world).view(1, 1, -1)}
+    want = get_batch_on_this_cp_rank(dict(batch), cp_group=dist.group.WORLD)
+    assert torch.equal(split_for_cp(batch["tokens"], rank, world, seq_dim=1), want["tokens"])
+    assert torch.equal(split_for_cp(batch["attention_mask"], rank, world, seq_dim=2), want["attention_mask"])
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_layout_is_megatrons(world):
+    run_on_ranks(_check_layout_is_megatrons, world)
