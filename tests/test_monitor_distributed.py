@@ -78,7 +78,7 @@ def two_ranks(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("two_ranks")
     names = ("slow_step", "one_without_nvml", "none_with_nvml")
     run_on_ranks(_scenarios, 2, str(out_dir), names)
-    return {name: _results(out_dir, name) for name in names}
+    return {"dir": out_dir, **{name: _results(out_dir, name) for name in names}}
 
 
 def _check_common(per_rank, lines, world):
@@ -138,4 +138,4 @@ def test_rank_without_nvml_still_joins_and_is_named(two_ranks):
 def test_no_rank_with_nvml_means_no_output(two_ranks):
     per_rank, lines = two_ranks["none_with_nvml"]
     assert per_rank == [[], []]
-    assert lines == []
+    assert lines == [] and not os.path.exists(two_ranks["dir"] / "none_with_nvml" / "run.jsonl")

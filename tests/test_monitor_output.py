@@ -20,7 +20,7 @@ from megatron_lighthouse.monitor.__main__ import main
 from megatron_lighthouse.monitor.live import run_live
 from megatron_lighthouse.monitor.report import format_table, load_run, plot_timeline, render_timeline
 from megatron_lighthouse.monitor.sample import DeviceReader
-from megatron_lighthouse.monitor.writers import JSONLWriter, default_writers
+from megatron_lighthouse.monitor.writers import ConsoleWriter, JSONLWriter, default_writers
 
 
 def _quiet(**overrides) -> MonitorConfig:
@@ -112,8 +112,7 @@ def test_console_line_and_broken_writer(caplog):
 
     backend = FakeNVMLBackend([FakeGPU(gpu_util=83, power_w=420)])
     with caplog.at_level(logging.INFO, logger="megatron_lighthouse.monitor"):
-        monitor = GPUMonitor(_quiet(console=True), backend=backend, device=0).start()
-        monitor._writers.append(Broken())
+        monitor = GPUMonitor(_quiet(), backend=backend, device=0, writers=[ConsoleWriter(), Broken()]).start()
         records = [r for r in (monitor.step(it, step_time=0.2) for it in range(1, 16)) if r]
         monitor.stop()
     assert len(records) == 3  # the broken writer did not stop the monitor
@@ -197,3 +196,41 @@ def test_live_table(capsys):
     assert nvlink == pytest.approx([1024.0, 1024.0], rel=0.05)  # the fake's 1 GiB/s
     assert main(["live", "--fake", "2", "--count", "1"]) == 0
     assert capsys.readouterr().out.count("Fake GPU 80GB") == 2
+
+
+class _FakeSummaryWriter:
+    def __init__(self) -> None:
+        self.scalars = []
+        self.closed = False
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.append((tag, value, step))
+
+    def flush(self):
+        pass
+
+    def close(self):
+        self.closed = True
+
+
+def test_from_args_inside_megatron_reuses_its_writers(monkeypatch, tmp_path):
+    tb, run = _FakeSummaryWriter(), _FakeWandbRun()
+    global_vars = types.ModuleType("megatron.training.global_vars")
+    global_vars.get_tensorboard_writer = lambda: tb
+    global_vars.get_wandb_writer = lambda: run
+    monkeypatch.setitem(sys.modules, "megatron.training", types.ModuleType("megatron.training"))
+    monkeypatch.setitem(sys.modules, "megatron.training.global_vars", global_vars)
+    args = types.SimpleNamespace(lighthouse_monitor=True, lighthouse_monitor_interval=0.01, log_interval=4,
+                                 save=str(tmp_path), tensorboard_dir=str(tmp_path / "tb"))
+    monitor = GPUMonitor.from_args(args, backend=FakeNVMLBackend([FakeGPU(gpu_util=57)]), device=0)
+    assert monitor.config.log_interval == 4 and monitor.config.interval_s == 0.01 and not monitor.config.wandb
+    with monitor:
+        for it in range(1, 9):
+            monitor.step(it, step_time=0.1)
+    assert not tb.closed  # Megatron's writer stays open for Megatron
+    util = [(value, step) for tag, value, step in tb.scalars if tag == "gpu_monitor/gpu_util_pct/rank0"]
+    assert util == [(57.0, 4), (57.0, 8)]
+    assert [step for step, _ in run.logged] == [4, 8]
+    lines = (tmp_path / "tb" / "gpu_monitor.jsonl").read_text().splitlines()  # --tensorboard-dir before --save
+    assert [json.loads(line)["kind"] for line in lines] == ["run", "interval", "interval"]
+    assert os.listdir(tmp_path / "tb") == ["gpu_monitor.jsonl"]  # no second event file beside Megatron's

@@ -12,7 +12,6 @@ import bisect
 import dataclasses
 import math
 import socket
-import statistics
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch

@@ -127,8 +127,6 @@ class GPUMonitor:
         self._identity = aggregate.local_identity(rank, cuda_index, gpu_index, gpu_name, has_metrics)
         # Alone without metrics there is nothing to do; in a group the others decide at the first log.
         self.active = has_metrics or world > 1
-        if self.active and self._writers is None:
-            self._writers = default_writers(self.config) if rank == self.config.write_rank else []
         self._t0 = time.time()
         self._last_step = None
         self._step_times.clear()
@@ -184,11 +182,15 @@ class GPUMonitor:
         """Aggregate the interval across ranks now (collective: call on every rank) and write it."""
         if not self.active:
             return None
-        if self._identities is None:
+        first = self._identities is None
+        if first:
             self._identities = aggregate.exchange_identities(self._identity, self.group)
             if not any(who.has_metrics for who in self._identities):
                 self.active = False  # no rank has NVML: nothing to report, ever
                 return None
+        if self._writers is None:  # opened at the first report: a monitor with nothing to say leaves no files
+            self._writers = self._open_writers()
+        if first:
             self._write(
                 aggregate.run_record(self._identities, self.config.interval_s, self.config.log_interval, self._t0)
             )
@@ -223,6 +225,15 @@ class GPUMonitor:
             if key not in self._warned_writers:
                 self._warned_writers.add(key)
                 logger.warning("GPU monitor: %s.%s failed: %r", *key, exc)
+
+    def _open_writers(self) -> List[MonitorWriter]:
+        if self._identity.rank != self.config.write_rank:
+            return []
+        try:
+            return default_writers(self.config)
+        except Exception as exc:  # noqa: BLE001 - e.g. an unwritable directory must never stop training
+            logger.warning("GPU monitor: cannot open its outputs (%r); nothing is written", exc)
+            return []
 
     def _write(self, record: Dict[str, Any]) -> None:
         for writer in self._writers or []:
