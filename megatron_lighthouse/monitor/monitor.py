@@ -56,7 +56,10 @@ class GPUMonitor:
         backend: metric source (default :class:`NVMLBackend`); tests pass a fake.
         device: CUDA index of this rank's GPU (default: current device, else ``LOCAL_RANK``).
         group: process group to aggregate over (default: the world, when torch.distributed is up).
-        writers: output writers of this rank (default: built from ``config`` on ``config.write_rank``).
+        writers: output writers of this rank, replacing the default ones (built from ``config`` on
+            ``config.write_rank``).
+        extra_writers: writers of this rank added to the defaults (e.g. Megatron-LM's TensorBoard writer,
+            which lives on its last rank).
     """
 
     def __init__(
@@ -67,6 +70,7 @@ class GPUMonitor:
         device: Optional[int] = None,
         group: Any = None,
         writers: Optional[Sequence[MonitorWriter]] = None,
+        extra_writers: Sequence[MonitorWriter] = (),
     ) -> None:
         self.config = config
         self.backend = backend if backend is not None else NVMLBackend()
@@ -76,6 +80,7 @@ class GPUMonitor:
         self.active = False
         self.last_record: Optional[Dict[str, Any]] = None
         self._writers: Optional[List[MonitorWriter]] = None if writers is None else list(writers)
+        self._extra_writers = list(extra_writers)
         self._identity: Optional[aggregate.RankIdentity] = None
         self._identities: Optional[List[aggregate.RankIdentity]] = None
         self._step_times: List[float] = []
@@ -101,9 +106,7 @@ class GPUMonitor:
                 config = dataclasses.replace(config, tensorboard_dir=os.path.join(tb_dir, "gpu_monitor"))
             return cls(config, **kwargs)
         config = dataclasses.replace(config, wandb=False)  # Megatron's own W&B writer is used instead
-        rank, _ = aggregate.distributed_world(kwargs.get("group"))
-        writers = default_writers(config) if rank == config.write_rank else []
-        return cls(config, writers=writers + megatron_writers, **kwargs)
+        return cls(config, extra_writers=megatron_writers, **kwargs)
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -123,6 +126,7 @@ class GPUMonitor:
         except Exception as exc:  # noqa: BLE001 - no GPU metrics must never stop training
             logger.warning("GPU monitor: NVML unavailable on rank %d (%s); GPU monitoring is off", rank, exc)
             self.sampler = None
+            self._shutdown_backend()
         has_metrics = self.sampler is not None
         self._identity = aggregate.local_identity(rank, cuda_index, gpu_index, gpu_name, has_metrics)
         # Alone without metrics there is nothing to do; in a group the others decide at the first log.
@@ -133,14 +137,14 @@ class GPUMonitor:
         return self
 
     def stop(self) -> None:
-        """Stop sampling and close the writers (no collective: safe on any rank at any time)."""
+        """Stop sampling and close the writers (no collective: safe on any rank at any time).
+
+        A stopped monitor can be started again; it then opens the default and extra writers anew.
+        """
         if self.sampler is not None:
             self.sampler.stop()
             self.sampler = None
-            try:
-                self.backend.shutdown()
-            except Exception as exc:  # noqa: BLE001
-                logger.debug("GPU monitor: backend shutdown failed: %r", exc)
+            self._shutdown_backend()
         for writer in self._writers or []:
             self._guarded(writer, "close")
         self._writers = None
@@ -226,14 +230,20 @@ class GPUMonitor:
                 self._warned_writers.add(key)
                 logger.warning("GPU monitor: %s.%s failed: %r", *key, exc)
 
-    def _open_writers(self) -> List[MonitorWriter]:
-        if self._identity.rank != self.config.write_rank:
-            return []
+    def _shutdown_backend(self) -> None:
         try:
-            return default_writers(self.config)
-        except Exception as exc:  # noqa: BLE001 - e.g. an unwritable directory must never stop training
-            logger.warning("GPU monitor: cannot open its outputs (%r); nothing is written", exc)
-            return []
+            self.backend.shutdown()
+        except Exception as exc:  # noqa: BLE001 - releasing NVML must never stop training either
+            logger.debug("GPU monitor: backend shutdown failed: %r", exc)
+
+    def _open_writers(self) -> List[MonitorWriter]:
+        writers: List[MonitorWriter] = []
+        if self._identity.rank == self.config.write_rank:
+            try:
+                writers = default_writers(self.config)
+            except Exception as exc:  # noqa: BLE001 - e.g. an unwritable directory must never stop training
+                logger.warning("GPU monitor: cannot open its outputs (%r); the defaults write nothing", exc)
+        return writers + self._extra_writers
 
     def _write(self, record: Dict[str, Any]) -> None:
         for writer in self._writers or []:
