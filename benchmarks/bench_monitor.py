@@ -183,7 +183,6 @@ def rank_main(rank: int, world: int, args: argparse.Namespace, store: str) -> No
     step_s = _all_min(run_phase(load, 10, None, 0)[0] / 10)  # the same on every rank
     steps = max(10, int(args.seconds / step_s))
     log_interval = args.log_interval or max(1, min(int(2.0 / step_s), steps // 4))  # a log every ~2 s
-    result["sample_cost_load_us"] = sample_cost(reader, args.cost_repeats)
     probe.shutdown()
 
     # One monitor per monitored phase (a monitor's writers close with it); rank 0 appends to one log.
@@ -294,23 +293,26 @@ def write_outputs(args: argparse.Namespace, results: List[Dict[str, Any]], dist_
     rows = [head]
     for r in results:
         ms = {p: 1e3 * statistics.fmean(r["step_s"][p]) for p in PHASES}
-        cost = r["sample_cost_load_us"]
+        cost = r["sample_cost_idle_us"]
         agg = r["aggregation_ms"]["on"]
         rows.append((str(r["rank"]), r["gpu_name"][:24], f"{cost['p50']:.0f}/{cost['p99']:.0f}",
-                     f"{r['sample_cost_in_loop_us']['on']:.0f}", f"{ms['off']:.3f}", f"{ms['on']:.3f}",
+                     f"{r['sample_cost_in_loop_us']['stress']:.0f}", f"{ms['off']:.3f}", f"{ms['on']:.3f}",
                      f"{r['overhead_pct']['on']:+.2f}", f"{ms['stress']:.3f}", f"{r['overhead_pct']['stress']:+.2f}",
                      f"{r['off_spread_pct']:.2f}", "-" if agg is None else f"{agg:.2f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     for row in rows:
         print("  ".join(cell.rjust(w) for cell, w in zip(row, widths)))
+    print(f"sample us: one full sample with the GPU idle; in-loop us: the same inside the stressed loop; off/on/stress "
+          f"ms: mean step with no monitor / sampling every {args.interval:g} s / every {args.stress_interval:g} s "
+          f"(% vs off); spread %: max-min of the off repeats (noise); agg ms: one aggregation (gather + write, "
+          f"including the wait for the slowest rank)")
     print("\nper-metric query cost, rank 0 (us):",
           ", ".join(f"{m}={v:.1f}" if isinstance(v, float) else f"{m}={v}"
                     for m, v in results[0]["metric_cost_idle_us"].items()))
     strag = results[0]["straggler"]
     if strag["injected_rank"] is not None:
         print(f"straggler: rank {strag['injected_rank']} slowed by {100 * strag['slowdown']:.0f}% -> named in "
-              f"{strag['named_in']} "
-              f"({strag['where']})")
+              f"{strag['named_in']} ({strag['where']})")
     print("\nper-rank table of the run log:\n" + table)
     print(f"\nwrote {args.out}/summary.json, run.jsonl, report.png, report.txt, tb/")
 
