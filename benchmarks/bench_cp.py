@@ -189,11 +189,13 @@ def time_step(step: Callable[[], None], warmup: int, iters: int, device: torch.d
         start = time.perf_counter()
         step()
         _sync(device)
-        elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+        elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=device)
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
         if i >= warmup:
             times.append(elapsed.item())
-    peak = torch.tensor([torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0], dtype=torch.float64)
+    peak = torch.tensor(
+        [torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0], dtype=torch.float64, device=device
+    )
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     return dict(median_s=statistics.median(times), min_s=min(times), times_s=times, peak_gib=peak.item() / 2**30)
 
