@@ -1,0 +1,182 @@
+"""``LighthouseCoreAttention``: Megatron-Core core attention that runs Lighthouse around a stock inner one.
+
+The inner core attention (``TEDotProductAttention``, :class:`~megatron_lighthouse.sdpa_core_attention.SDPACoreAttention`,
+any module honouring Megatron's core-attention contract) is built from ``submodules.core_attention`` and does the
+dense causal attention on the selected subsequence, so kernel choice, dropout, softmax scale and context parallelism
+stay Megatron's. Selection is per query head, so the inner attention is built with ``num_query_groups ==
+num_attention_heads``. The module has no parameters of its own and its ``state_dict`` / ``sharded_state_dict``
+keys are those of the inner attention at this module's prefix: a checkpoint is the dense model's.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import math
+from typing import Any, Optional, Union
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module, get_module
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import sharded_state_dict_default
+
+from .attention import lighthouse_attention
+from .config import LighthouseConfig
+from .transformer_config import resolve_lighthouse
+
+#: Name of the inner core attention among this module's children (hidden from state-dict keys).
+INNER = "inner"
+
+
+@dataclasses.dataclass
+class LighthouseCoreAttentionSubmodules:
+    """``core_attention``: spec or class of the stock core attention run on the selected subsequence."""
+
+    core_attention: Union[ModuleSpec, type] = None
+
+
+def _accepted_kwargs(cls: type, kwargs: dict) -> dict:
+    """The entries of ``kwargs`` that ``cls.__init__`` accepts (all of them if it takes ``**kwargs``)."""
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return dict(kwargs)
+    return {k: v for k, v in kwargs.items() if k in params}
+
+
+class LighthouseCoreAttention(MegatronModule):
+    """Lighthouse self-attention core: ``query`` ``[s, b, h, d]``, ``key``/``value`` ``[s, b, g, d]`` -> ``[s, b, h*d]``.
+
+    Args:
+        config: the layer's ``TransformerConfig``.
+        layer_number: 1-based global layer number (Megatron's); a layer listed in ``lighthouse.dense_layers``
+            stays dense for good (:attr:`dense_layer`).
+        attn_mask_type: must be ``AttnMaskType.causal``.
+        attention_type: must be ``"self"``.
+        attention_dropout, softmax_scale, cp_comm_type, pg_collection, **kwargs: passed on to the inner core
+            attention where its constructor accepts them (megatron-core 0.16-0.19 pass different sets).
+        submodules: :class:`LighthouseCoreAttentionSubmodules` naming the inner core attention.
+        lighthouse: the settings (a ``ModuleSpec`` param); default ``config.lighthouse``.
+
+    :attr:`enabled` switches between Lighthouse and the plain inner attention on the full sequence (the dense
+    model) at run time; see :func:`megatron_lighthouse.switch.set_lighthouse_enabled`.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection: Optional[Any] = None,
+        submodules: Optional[LighthouseCoreAttentionSubmodules] = None,
+        lighthouse: Optional[LighthouseConfig] = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(config=config)
+        if attention_type != "self":
+            raise ValueError(
+                f"LighthouseCoreAttention: attention_type={attention_type!r}: only self-attention is supported "
+                f"(Lighthouse selects within one causal sequence; cross-attention has no such order)"
+            )
+        if attn_mask_type != AttnMaskType.causal:
+            raise ValueError(
+                f"LighthouseCoreAttention: attn_mask_type={attn_mask_type}: only causal attention is supported"
+            )
+        if submodules is None or submodules.core_attention is None:
+            raise ValueError("LighthouseCoreAttention: submodules.core_attention (the inner core attention) is required")
+        self.lighthouse = resolve_lighthouse(config, lighthouse)
+        self.layer_number = layer_number
+        self.attn_mask_type = attn_mask_type
+        self.softmax_scale = 1.0 / math.sqrt(config.kv_channels) if softmax_scale is None else softmax_scale
+        self.dense_layer = (layer_number - 1) in self.lighthouse.dense_layer_set(config.num_layers) \
+            if 1 <= layer_number <= config.num_layers else False
+        self.enabled = not self.dense_layer
+        self.cp_group = None
+        if config.context_parallel_size > 1:
+            cp = getattr(pg_collection, "cp", None) if pg_collection is not None else None
+            self.cp_group = cp if cp is not None else parallel_state.get_context_parallel_group()
+
+        inner_config = copy.copy(config)
+        inner_config.num_query_groups = config.num_attention_heads
+        optional = dict(attention_dropout=attention_dropout, softmax_scale=softmax_scale, cp_comm_type=cp_comm_type,
+                        pg_collection=pg_collection, **kwargs)
+        optional = _accepted_kwargs(get_module(submodules.core_attention), optional)
+        #: The stock core attention (built with ``num_query_groups == num_attention_heads``); registered as
+        #: child ``INNER``, whose name the state-dict hooks below hide.
+        self.inner = build_module(
+            submodules.core_attention, config=inner_config, layer_number=layer_number,
+            attn_mask_type=attn_mask_type, attention_type=attention_type, **optional,
+        )
+        self._register_state_dict_hook(_drop_inner_prefix)
+        self._register_load_state_dict_pre_hook(_add_inner_prefix, with_module=True)
+
+    def _dense(self, query, key, value, attention_mask, attn_mask_type, **kwargs) -> torch.Tensor:
+        """The inner attention on the full sequence: exactly the dense model (kv heads expanded first)."""
+        groups = query.shape[2] // key.shape[2]
+        if groups > 1:
+            key, value = key.repeat_interleave(groups, dim=2), value.repeat_interleave(groups, dim=2)
+        return self.inner(query, key, value, attention_mask, attn_mask_type=attn_mask_type, **kwargs)
+
+    def _subsequence_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """Dense kernel for :func:`lighthouse_attention`: ``[B, H, S, D]`` q/k/v -> ``[B, H, S, D]`` via the inner."""
+        b, h, s, d = q.shape
+        q, k, v = (x.permute(2, 0, 1, 3).contiguous() for x in (q, k, v))  # [S, B, H, D]
+        out = self.inner(q, k, v, None, attn_mask_type=AttnMaskType.causal, attention_bias=None,
+                         packed_seq_params=None)
+        return out.view(s, b, h, d).permute(1, 2, 0, 3)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias: Optional[torch.Tensor] = None,
+        packed_seq_params: Optional[Any] = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """``query`` ``[s, b, h, d]``, ``key``/``value`` ``[s, b, g, d]`` -> ``[s, b, h*d]`` (``s``: this CP rank's
+        load-balanced shard when context parallel)."""
+        if packed_seq_params is not None:
+            raise ValueError("LighthouseCoreAttention: packed (THD) sequences are not supported; use sbhd batches")
+        if attention_bias is not None:
+            raise ValueError("LighthouseCoreAttention: attention_bias is not supported")
+        mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
+        if mask_type != AttnMaskType.causal:
+            raise ValueError(f"LighthouseCoreAttention: attn_mask_type={mask_type}: only causal attention is supported")
+        if not self.enabled:
+            return self._dense(query, key, value, attention_mask, mask_type, **kwargs)
+        s, b, h, d = query.shape
+        cfg = self.lighthouse
+        q, k, v = (x.transpose(0, 1) for x in (query, key, value))  # [b, s, h|g, d]
+        out = lighthouse_attention(
+            q, k, v, levels=cfg.levels, pooling_factor=cfg.pooling_factor, topk=cfg.topk,
+            softmax_scale=self.softmax_scale, attention=self._subsequence_attention, cp_group=self.cp_group,
+        )
+        return out.transpose(0, 1).reshape(s, b, h * d)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        """The inner attention's sharded state dict at this module's prefix (the dense model's keys)."""
+        return sharded_state_dict_default(self.inner, prefix, sharded_offsets, metadata)
+
+
+def _drop_inner_prefix(module: LighthouseCoreAttention, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """``state_dict`` hook: ``<prefix>inner.<key>`` -> ``<prefix><key>``."""
+    inner = f"{prefix}{INNER}."
+    for key in [k for k in state_dict if k.startswith(inner)]:
+        state_dict[prefix + key[len(inner):]] = state_dict.pop(key)
+
+
+def _add_inner_prefix(module: LighthouseCoreAttention, state_dict: dict, prefix: str, *args: Any) -> None:
+    """``load_state_dict`` pre-hook: ``<prefix><key>`` -> ``<prefix>inner.<key>`` (dense checkpoints load)."""
+    inner = f"{prefix}{INNER}."
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
+        state_dict[inner + key[len(prefix):]] = state_dict.pop(key)

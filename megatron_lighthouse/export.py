@@ -1,0 +1,59 @@
+"""Export: the dense model spec and checkpoint of a Lighthouse-trained model.
+
+Lighthouse adds no parameters and keeps the dense state-dict keys, so the dense checkpoint is the model's own
+state dict; these helpers make that explicit and give the matching dense spec for fine-tuning and inference.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Dict, Union
+
+import torch
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+from .core_attention import LighthouseCoreAttention
+
+Spec = Union[ModuleSpec, TransformerBlockSubmodules]
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """Strip DDP / ``Float16Module`` style wrappers (``.module`` attributes)."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model
+
+
+def dense_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """The state dict of the dense model (wrappers stripped): same keys and tensors as the Lighthouse model's."""
+    return _unwrap(model).state_dict()
+
+
+def save_dense_checkpoint(model: torch.nn.Module, path: Union[str, os.PathLike]) -> None:
+    """``torch.save`` :func:`dense_state_dict` to ``path``; load it with ``dense_model.load_state_dict``.
+    (Megatron-LM's own distributed checkpoints are already dense: the sharded keys are identical.)"""
+    torch.save(dense_state_dict(model), path)
+
+
+def _dense_layer(spec: ModuleSpec) -> ModuleSpec:
+    attn = getattr(getattr(spec, "submodules", None), "self_attention", None)
+    sub = getattr(attn, "submodules", None)
+    core = getattr(sub, "core_attention", None)
+    if isinstance(core, ModuleSpec) and core.module is LighthouseCoreAttention:
+        spec = copy.deepcopy(spec)
+        spec.submodules.self_attention.submodules.core_attention = core.submodules.core_attention
+    return spec
+
+
+def dense_spec_for(spec: Spec) -> Spec:
+    """The dense counterpart of a Lighthouse layer or block spec: each ``LighthouseCoreAttention`` replaced by
+    its inner core attention (state-dict compatible with the Lighthouse model)."""
+    if isinstance(spec, TransformerBlockSubmodules):
+        out = copy.copy(spec)
+        out.layer_specs = [_dense_layer(s) for s in spec.layer_specs]
+        return out
+    if isinstance(spec, ModuleSpec):
+        return _dense_layer(spec)
+    raise ValueError(f"dense_spec_for: expected a ModuleSpec or TransformerBlockSubmodules, got {type(spec).__name__}")

@@ -1,0 +1,212 @@
+"""Spec provider: GPT layer and decoder-block specs with Lighthouse core attention.
+
+The specs start from Megatron-Core's own (``get_gpt_layer_with_transformer_engine_spec`` /
+``get_gpt_layer_local_spec``) and replace only ``self_attention.submodules.core_attention``:
+
+- dense layers keep a plain core attention: ``TEDotProductAttention`` (TE) or
+  :class:`~megatron_lighthouse.sdpa_core_attention.SDPACoreAttention` (local; Megatron's local
+  ``DotProductAttention`` can do neither long sequences nor context parallelism);
+- Lighthouse layers get :class:`~megatron_lighthouse.core_attention.LighthouseCoreAttention` with that same
+  core attention as its inner one.
+
+Megatron-LM: ``pretrain_gpt.py --spec megatron_lighthouse.spec lighthouse_layer_spec`` (or
+``lighthouse_local_layer_spec``). ``--spec MODULE NAME`` takes the module attribute ``NAME`` as the layer spec
+without calling it, so these two are ``ModuleSpec`` objects built when this module is first imported, from the
+``LIGHTHOUSE_*`` environment variables and Megatron-LM's parsed arguments (qk-layernorm, MoE, normalization).
+Their Lighthouse core attention keeps the layers of ``dense_layers`` dense by their global layer number, so
+pipeline and virtual pipeline stages need nothing more.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+from typing import Any, Callable, List, Optional, Union
+
+from megatron.core.models.gpt import gpt_layer_specs
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+from .config import LighthouseConfig
+from .core_attention import LighthouseCoreAttention, LighthouseCoreAttentionSubmodules
+from .sdpa_core_attention import SDPACoreAttention
+from .transformer_config import lighthouse_config_from_env, resolve_lighthouse
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "get_gpt_layer_dense_spec",
+    "get_gpt_layer_with_lighthouse_spec",
+    "get_gpt_decoder_block_with_lighthouse_spec",
+    "get_gpt_decoder_block_dense_spec",
+    "lighthouse_layer_spec",
+    "lighthouse_local_layer_spec",
+]
+
+
+def _call_accepted(fn: Callable, **kwargs: Any) -> Any:
+    """Call ``fn`` with the keyword arguments its signature accepts (signatures differ across megatron-core)."""
+    params = inspect.signature(fn).parameters
+    return fn(**{k: v for k, v in kwargs.items() if k in params})
+
+
+def _attention_submodules(layer_spec: ModuleSpec):
+    """``layer_spec.submodules.self_attention.submodules`` (the ``SelfAttentionSubmodules``)."""
+    return layer_spec.submodules.self_attention.submodules
+
+
+def get_gpt_layer_dense_spec(*, use_transformer_engine: bool = True, **kwargs: Any) -> ModuleSpec:
+    """Megatron's GPT layer spec (TE or local) with a long-sequence core attention: ``TEDotProductAttention``
+    (TE, unchanged) or :class:`SDPACoreAttention` (local). ``kwargs`` go to Megatron's spec function
+    (``num_experts``, ``qk_layernorm``, ``normalization``, ...); multi-latent attention is not supported."""
+    if kwargs.get("multi_latent_attention"):
+        raise ValueError("multi_latent_attention=True: Lighthouse specs support standard (GQA/MHA) self-attention only")
+    if use_transformer_engine:
+        spec = _call_accepted(gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec, **kwargs)
+    else:
+        spec = _call_accepted(gpt_layer_specs.get_gpt_layer_local_spec, **kwargs)
+        spec = copy.deepcopy(spec)
+        _attention_submodules(spec).core_attention = ModuleSpec(module=SDPACoreAttention)
+    return spec
+
+
+def _with_lighthouse(dense_spec: ModuleSpec, lighthouse: Optional[LighthouseConfig]) -> ModuleSpec:
+    """``dense_spec`` with its core attention wrapped in :class:`LighthouseCoreAttention`."""
+    spec = copy.deepcopy(dense_spec)
+    attn = _attention_submodules(spec)
+    attn.core_attention = ModuleSpec(
+        module=LighthouseCoreAttention,
+        params={} if lighthouse is None else {"lighthouse": lighthouse},
+        submodules=LighthouseCoreAttentionSubmodules(core_attention=attn.core_attention),
+    )
+    return spec
+
+
+def get_gpt_layer_with_lighthouse_spec(
+    config: Optional[TransformerConfig] = None,
+    lighthouse: Optional[LighthouseConfig] = None,
+    *,
+    use_transformer_engine: bool = True,
+    **kwargs: Any,
+) -> ModuleSpec:
+    """GPT layer spec whose core attention is :class:`LighthouseCoreAttention` around the stock one.
+
+    Args:
+        config: optional; its ``lighthouse`` field (:class:`LighthouseTransformerConfig`) supplies the settings
+            when ``lighthouse`` is not given. Without either, the layers read ``config.lighthouse`` when built.
+        lighthouse: the settings, carried in the spec.
+        use_transformer_engine: TE variant (inner ``TEDotProductAttention``) or local (inner ``SDPACoreAttention``).
+        kwargs: forwarded to Megatron's layer spec function (see :func:`get_gpt_layer_dense_spec`).
+    Layers listed in ``lighthouse.dense_layers`` (by global layer number) stay dense when built from this spec.
+    """
+    if lighthouse is None and config is not None:
+        lighthouse = getattr(config, "lighthouse", None)
+    return _with_lighthouse(get_gpt_layer_dense_spec(use_transformer_engine=use_transformer_engine, **kwargs),
+                            lighthouse)
+
+
+def _block_norm(use_transformer_engine: bool):
+    if use_transformer_engine:
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        return TENorm
+    return gpt_layer_specs.LNImpl
+
+
+def _stage_layer_specs(config: TransformerConfig, specs: List[ModuleSpec], vp_stage: Optional[int],
+                       pp_rank: Optional[int]) -> List[ModuleSpec]:
+    """The entries of ``specs`` (one per global layer) built by this pipeline (and virtual) stage."""
+    stage = {"vp_stage": vp_stage, "pp_rank": pp_rank}
+    layout = getattr(config, "pipeline_model_parallel_layout", None)
+    if layout is not None:
+        from megatron.core.transformer.enums import LayerType
+
+        ids = _call_accepted(layout.get_layer_id_list, layer_type=LayerType.decoder, **stage)
+        return [specs[i] for i in ids]
+    offset = _call_accepted(get_transformer_layer_offset, config=config, **stage)
+    count = _call_accepted(get_num_layers_to_build, config=config, **stage)
+    return specs[offset: offset + count]
+
+
+def _block_spec(config: TransformerConfig, lighthouse: Optional[LighthouseConfig], use_transformer_engine: bool,
+                vp_stage: Optional[int], pp_rank: Optional[int], kwargs: dict) -> TransformerBlockSubmodules:
+    dense = get_gpt_layer_dense_spec(use_transformer_engine=use_transformer_engine, **kwargs)
+    if lighthouse is None:
+        specs = [dense] * config.num_layers
+    else:
+        light = _with_lighthouse(dense, lighthouse)
+        dense_set = lighthouse.dense_layer_set(config.num_layers)
+        specs = [dense if i in dense_set else light for i in range(config.num_layers)]
+    return TransformerBlockSubmodules(
+        layer_specs=_stage_layer_specs(config, specs, vp_stage, pp_rank),
+        layer_norm=_block_norm(use_transformer_engine),
+    )
+
+
+def get_gpt_decoder_block_with_lighthouse_spec(
+    config: TransformerConfig,
+    lighthouse: Optional[LighthouseConfig] = None,
+    *,
+    use_transformer_engine: bool = True,
+    vp_stage: Optional[int] = None,
+    pp_rank: Optional[int] = None,
+    **kwargs: Any,
+) -> TransformerBlockSubmodules:
+    """Decoder block spec for this pipeline stage: ``lighthouse.dense_layers`` (0-based global layer indices,
+    negative from the end) get the dense layer spec, every other layer the Lighthouse one.
+
+    ``lighthouse`` defaults to ``config.lighthouse``; ``vp_stage`` / ``pp_rank`` select the stage as in
+    Megatron's ``get_gpt_decoder_block_spec``; ``kwargs`` go to Megatron's layer spec function.
+    """
+    lighthouse = resolve_lighthouse(config, lighthouse)
+    return _block_spec(config, lighthouse, use_transformer_engine, vp_stage, pp_rank, kwargs)
+
+
+def get_gpt_decoder_block_dense_spec(
+    config: TransformerConfig,
+    *,
+    use_transformer_engine: bool = True,
+    vp_stage: Optional[int] = None,
+    pp_rank: Optional[int] = None,
+    **kwargs: Any,
+) -> TransformerBlockSubmodules:
+    """The dense counterpart of :func:`get_gpt_decoder_block_with_lighthouse_spec` (same core attention type
+    in every layer, same state-dict keys): the baseline, and the spec to fine-tune or serve a Lighthouse-trained
+    checkpoint with."""
+    return _block_spec(config, None, use_transformer_engine, vp_stage, pp_rank, kwargs)
+
+
+def _megatron_lm_layer_kwargs() -> dict:
+    """Layer-spec options from Megatron-LM's parsed arguments, when Megatron-LM has parsed them."""
+    try:
+        from megatron.training import global_vars
+    except ImportError:
+        return {}
+    args = getattr(global_vars, "_GLOBAL_ARGS", None)
+    if args is None:
+        return {}
+    names = ("num_experts", "moe_grouped_gemm", "qk_layernorm", "multi_latent_attention", "qk_l2_norm",
+             "moe_use_legacy_grouped_gemm", "normalization")
+    return {name: getattr(args, name) for name in names if hasattr(args, name)}
+
+
+def _have_transformer_engine() -> bool:
+    return bool(getattr(gpt_layer_specs, "HAVE_TE", False))
+
+
+def _entry_specs() -> tuple:
+    """The two ``--spec`` entry points, built once at import."""
+    lighthouse = lighthouse_config_from_env()
+    layer_kwargs = _megatron_lm_layer_kwargs()
+    local = get_gpt_layer_with_lighthouse_spec(lighthouse=lighthouse, use_transformer_engine=False, **layer_kwargs)
+    if not _have_transformer_engine():
+        return local, local
+    return get_gpt_layer_with_lighthouse_spec(lighthouse=lighthouse, use_transformer_engine=True, **layer_kwargs), local
+
+
+#: ``--spec megatron_lighthouse.spec lighthouse_layer_spec``: TE layer spec (local when TE is not installed).
+#: ``--spec megatron_lighthouse.spec lighthouse_local_layer_spec``: local layer spec (SDPA inner attention).
+lighthouse_layer_spec, lighthouse_local_layer_spec = _entry_specs()

@@ -1,0 +1,58 @@
+"""Shared setup for the Megatron-Core tests: a gloo world of one process and tiny fp32 GPT models on CPU."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_lighthouse.config import LighthouseConfig
+
+#: Tiny settings that fit SEQ: one tile, 256 tokens -> 128 level-1 entries per tile.
+LIGHTHOUSE = LighthouseConfig(levels=2, pooling_factor=2, topk=128)
+SEQ = 256
+VOCAB = 128
+
+
+def init_megatron() -> None:
+    """gloo world of size 1 (file store) and Megatron's model-parallel state, once per process."""
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized():
+        store = os.path.join(tempfile.mkdtemp(prefix="ml_megatron_"), "store")
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel()
+
+
+def tiny_config(lighthouse: Optional[LighthouseConfig] = LIGHTHOUSE, num_query_groups: int = 4, num_layers: int = 6,
+                **kwargs):
+    """fp32 CPU ``LighthouseTransformerConfig``: hidden 64, 4 heads of 16, no dropout."""
+    from megatron_lighthouse.transformer_config import LighthouseTransformerConfig
+
+    values = dict(num_layers=num_layers, hidden_size=64, num_attention_heads=4, num_query_groups=num_query_groups,
+                  ffn_hidden_size=128, use_cpu_initialization=True, attention_dropout=0.0, hidden_dropout=0.0,
+                  lighthouse=lighthouse)
+    values.update(kwargs)
+    return LighthouseTransformerConfig(**values)
+
+
+def tiny_gpt(config, block_spec, seed: int = 0):
+    """A ``GPTModel`` (learned absolute positions, untied output) built from ``block_spec`` with seeded weights."""
+    from megatron.core.models.gpt import GPTModel
+
+    torch.manual_seed(seed)
+    return GPTModel(config=config, transformer_layer_spec=block_spec, vocab_size=VOCAB, max_sequence_length=SEQ,
+                    position_embedding_type="learned_absolute", share_embeddings_and_output_weights=False)
+
+
+def batch(batch_size: int = 2, seq: int = SEQ, seed: int = 1):
+    """``(tokens, position_ids, labels)`` ``[b, s]`` int64 for a next-token task with structure to learn."""
+    g = torch.Generator().manual_seed(seed)
+    start = torch.randint(0, VOCAB, (batch_size, 1), generator=g)
+    tokens = (start + torch.arange(seq + 1) * 3) % VOCAB
+    position_ids = torch.arange(seq).expand(batch_size, seq)
+    return tokens[:, :-1].contiguous(), position_ids, tokens[:, 1:].contiguous()
