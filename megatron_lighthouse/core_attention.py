@@ -156,6 +156,11 @@ class LighthouseCoreAttention(MegatronModule):
             return self._dense(query, key, value, attention_mask, mask_type, **kwargs)
         s, b, h, d = query.shape
         cfg = self.lighthouse
+        if self.cp_group is None:
+            try:
+                cfg.validate(s)
+            except ValueError as err:
+                raise ValueError(f"LighthouseCoreAttention (layer {self.layer_number}, {s} tokens): {err}") from None
         q, k, v = (x.transpose(0, 1) for x in (query, key, value))  # [b, s, h|g, d]
         out = lighthouse_attention(
             q, k, v, levels=cfg.levels, pooling_factor=cfg.pooling_factor, topk=cfg.topk,

@@ -1,0 +1,270 @@
+"""Megatron-Core integration on CPU (gloo world of 1): tiny GPT models with Lighthouse core attention."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core")
+
+from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
+from megatron.core.transformer.spec_utils import ModuleSpec, import_module  # noqa: E402
+
+from megatron_lighthouse import lighthouse_attention  # noqa: E402
+from megatron_lighthouse.config import LighthouseConfig  # noqa: E402
+from megatron_lighthouse.core_attention import LighthouseCoreAttention, LighthouseCoreAttentionSubmodules  # noqa: E402
+from megatron_lighthouse.export import dense_spec_for, dense_state_dict, save_dense_checkpoint  # noqa: E402
+from megatron_lighthouse.sdpa_core_attention import SDPACoreAttention  # noqa: E402
+from megatron_lighthouse.spec import (  # noqa: E402
+    get_gpt_decoder_block_dense_spec,
+    get_gpt_decoder_block_with_lighthouse_spec,
+    get_gpt_layer_with_lighthouse_spec,
+)
+from megatron_lighthouse.switch import (  # noqa: E402
+    LighthouseSchedule,
+    lighthouse_enabled,
+    lighthouse_modules,
+    set_lighthouse_enabled,
+)
+from megatron_lighthouse.transformer_config import lighthouse_config_from_env  # noqa: E402
+
+from megatron_utils import LIGHTHOUSE, SEQ, batch, init_megatron, tiny_config, tiny_gpt  # noqa: E402
+
+DENSE_LAYERS = {0, 1, 4, 5}  # (0, 1, -2, -1) of 6 layers
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _megatron():
+    init_megatron()
+
+
+def _pair(num_query_groups: int = 4):
+    """A Lighthouse GPT and the dense GPT with the same weights."""
+    cfg = tiny_config(num_query_groups=num_query_groups)
+    light = tiny_gpt(cfg, get_gpt_decoder_block_with_lighthouse_spec(cfg, use_transformer_engine=False))
+    dense = tiny_gpt(cfg, get_gpt_decoder_block_dense_spec(cfg, use_transformer_engine=False), seed=123)
+    dense.load_state_dict(light.state_dict())
+    return light, dense
+
+
+def _logits(model, tokens, position_ids):
+    return model(tokens, position_ids, None)
+
+
+def test_block_spec_layer_types_forward_backward():
+    light, _ = _pair()
+    for i, layer in enumerate(light.decoder.layers):
+        core = layer.self_attention.core_attention
+        if i in DENSE_LAYERS:
+            assert type(core) is SDPACoreAttention, i
+        else:
+            assert type(core) is LighthouseCoreAttention and type(core.inner) is SDPACoreAttention, i
+            assert core.enabled and not core.dense_layer
+    tokens, pos, labels = batch()
+    loss = light(tokens, pos, None, labels=labels)
+    assert loss.shape == tokens.shape
+    loss.mean().backward()
+    grads = [p.grad for p in light.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    qkv = light.decoder.layers[2].self_attention.linear_qkv.weight.grad
+    assert qkv.abs().sum() > 0
+
+
+@pytest.mark.parametrize("num_query_groups", [4, 2])
+def test_disabled_equals_dense_and_enabled_differs(num_query_groups):
+    light, dense = _pair(num_query_groups)
+    tokens, pos, _ = batch()
+    with torch.no_grad():
+        reference = _logits(dense, tokens, pos)
+        enabled = _logits(light, tokens, pos)
+        assert set_lighthouse_enabled(light, False) == 2
+        disabled = _logits(light, tokens, pos)
+    torch.testing.assert_close(disabled, reference, rtol=1e-5, atol=1e-5)
+    assert (enabled - reference).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("num_query_groups", [4, 2])
+def test_enabled_layer_equals_lighthouse_attention(num_query_groups):
+    light, _ = _pair(num_query_groups)
+    core = light.decoder.layers[3].self_attention.core_attention
+    seen = {}
+    core.register_forward_hook(lambda mod, args, out: seen.update(args=args, out=out))
+    tokens, pos, _ = batch()
+    with torch.no_grad():
+        _logits(light, tokens, pos)
+    query, key, value = seen["args"][:3]
+    assert query.shape == (SEQ, 2, 4, 16) and key.shape == (SEQ, 2, num_query_groups, 16)
+    expected = lighthouse_attention(
+        query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1),
+        levels=LIGHTHOUSE.levels, pooling_factor=LIGHTHOUSE.pooling_factor, topk=LIGHTHOUSE.topk,
+    )
+    torch.testing.assert_close(seen["out"], expected.transpose(0, 1).reshape(SEQ, 2, 64), rtol=1e-5, atol=1e-6)
+
+
+def test_state_dict_identical_and_checkpoint_roundtrip(tmp_path):
+    light, dense = _pair(2)
+    light_sd, dense_sd = light.state_dict(), dense.state_dict()
+    assert list(light_sd) == list(dense_sd)
+    assert all(getattr(light_sd[k], "shape", None) == getattr(dense_sd[k], "shape", None) for k in light_sd)
+    assert not any(".inner." in k for k in light_sd)
+    assert sorted(light.sharded_state_dict()) == sorted(dense.sharded_state_dict())
+
+    path = tmp_path / "dense.pt"
+    save_dense_checkpoint(light, path)
+    fresh_dense = tiny_gpt(tiny_config(num_query_groups=2),
+                           get_gpt_decoder_block_dense_spec(tiny_config(), use_transformer_engine=False), seed=7)
+    fresh_dense.load_state_dict(torch.load(path))
+    tokens, pos, _ = batch()
+    with torch.no_grad(), lighthouse_enabled(light, False):
+        torch.testing.assert_close(_logits(fresh_dense, tokens, pos), _logits(light, tokens, pos),
+                                   rtol=1e-5, atol=1e-5)
+    # and back: a dense checkpoint loads into the Lighthouse model (strict)
+    light.load_state_dict(dense_state_dict(fresh_dense))
+
+
+class _StatefulInner(SDPACoreAttention):
+    """An inner core attention with state (like TE's ``_extra_state``) to check the key remapping."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("scale_state", torch.arange(3.0))
+
+
+def _core(config, layer_number=3, inner=_StatefulInner, **kwargs):
+    return LighthouseCoreAttention(
+        config, layer_number, AttnMaskType.causal, "self",
+        submodules=LighthouseCoreAttentionSubmodules(core_attention=ModuleSpec(module=inner)), **kwargs,
+    )
+
+
+def test_inner_state_keys_hidden():
+    cfg = tiny_config()
+    core = _core(cfg)
+    assert list(core.state_dict()) == ["scale_state"] == list(_StatefulInner(cfg, 3, AttnMaskType.causal, "self")
+                                                              .state_dict())
+    holder = torch.nn.ModuleDict({"core_attention": core})
+    assert list(holder.state_dict()) == ["core_attention.scale_state"]
+    holder.load_state_dict({"core_attention.scale_state": torch.full((3,), 5.0)})
+    assert torch.equal(core.inner.scale_state, torch.full((3,), 5.0))
+
+
+def test_inner_built_with_query_heads_as_kv_heads_and_kwargs_filtered():
+    cfg = tiny_config(num_query_groups=2)
+    seen = {}
+
+    class Recording(SDPACoreAttention):
+        def __init__(self, config, layer_number, attn_mask_type, attention_type, softmax_scale=None):
+            seen.update(groups=config.num_query_groups, softmax_scale=softmax_scale)
+            super().__init__(config, layer_number, attn_mask_type, attention_type, softmax_scale=softmax_scale)
+
+    _core(cfg, inner=Recording, softmax_scale=0.5, cp_comm_type="p2p", pg_collection=None, model_comm_pgs=None)
+    assert seen == {"groups": 4, "softmax_scale": 0.5}
+    assert cfg.num_query_groups == 2
+
+
+def test_gqa_training_loop_loss_decreases():
+    cfg = tiny_config(num_query_groups=2)
+    model = tiny_gpt(cfg, get_gpt_decoder_block_with_lighthouse_spec(cfg, use_transformer_engine=False))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    tokens, pos, labels = batch(batch_size=2)
+    losses = []
+    for _ in range(20):
+        opt.zero_grad()
+        loss = model(tokens, pos, None, labels=labels).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_bad_sequence_length_clear_error():
+    light, _ = _pair()
+    tokens, pos, _ = batch(seq=192)
+    with pytest.raises(ValueError, match=r"layer 3, 192 tokens\): sequence length: each tile owns 96"):
+        _logits(light, tokens, pos)
+
+
+def test_unsupported_inputs_raise():
+    cfg = tiny_config()
+    with pytest.raises(ValueError, match="only self-attention"):
+        LighthouseCoreAttention(cfg, 3, AttnMaskType.causal, "cross", submodules=LighthouseCoreAttentionSubmodules(
+            core_attention=SDPACoreAttention))
+    with pytest.raises(ValueError, match="only causal"):
+        LighthouseCoreAttention(
+            cfg, 3, AttnMaskType.padding, "self",
+            submodules=LighthouseCoreAttentionSubmodules(core_attention=SDPACoreAttention))
+    with pytest.raises(ValueError, match="no Lighthouse settings"):
+        _core(tiny_config(lighthouse=None))
+    core = _core(cfg)
+    q = torch.randn(SEQ, 1, 4, 16)
+    with pytest.raises(ValueError, match="packed"):
+        core(q, q, q, None, packed_seq_params=object())
+    with pytest.raises(ValueError, match="attention_bias"):
+        core(q, q, q, None, attention_bias=torch.zeros(1))
+    with pytest.raises(ValueError, match="only causal"):
+        core(q, q, q, None, attn_mask_type=AttnMaskType.no_mask)
+
+
+def test_switch_schedule_and_wrappers():
+    light, _ = _pair()
+
+    class Wrapper(torch.nn.Module):  # stands in for DDP / Float16Module
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    chunks = [Wrapper(light)]
+    assert len(lighthouse_modules(chunks)) == 2
+    with lighthouse_enabled(chunks, False) as n:
+        assert n == 2 and not any(m.enabled for m in lighthouse_modules(light))
+    assert all(m.enabled for m in lighthouse_modules(light))
+    schedule = LighthouseSchedule(dense_from_iteration=10)
+    assert schedule.enabled_at(9) and not schedule.enabled_at(10)
+    assert schedule.apply(chunks, 12) is False and not any(m.enabled for m in lighthouse_modules(light))
+    assert schedule.apply(chunks, 3) is True and all(m.enabled for m in lighthouse_modules(light))
+    assert LighthouseSchedule().enabled_at(10**9)
+    with pytest.raises(ValueError, match="dense_from_iteration"):
+        LighthouseSchedule(dense_from_iteration=-1)
+    assert dense_state_dict(Wrapper(light)).keys() == light.state_dict().keys()
+
+
+def test_dense_spec_for():
+    cfg = tiny_config()
+    block = dense_spec_for(get_gpt_decoder_block_with_lighthouse_spec(cfg, use_transformer_engine=False))
+    cores = [s.submodules.self_attention.submodules.core_attention for s in block.layer_specs]
+    assert all(c.module is SDPACoreAttention for c in cores)
+    layer = dense_spec_for(get_gpt_layer_with_lighthouse_spec(cfg, use_transformer_engine=False))
+    assert layer.submodules.self_attention.submodules.core_attention.module is SDPACoreAttention
+
+
+def test_pipeline_stages_map_global_layers():
+    cfg = tiny_config(pipeline_model_parallel_size=2, num_layers=8, lighthouse=dataclasses.replace(
+        LIGHTHOUSE, dense_layers=(0, 1, -2, -1)), pipeline_dtype=torch.float32)
+
+    def kinds(spec):
+        return ["L" if s.submodules.self_attention.submodules.core_attention.module is LighthouseCoreAttention
+                else "D" for s in spec.layer_specs]
+
+    first = get_gpt_decoder_block_with_lighthouse_spec(cfg, use_transformer_engine=False, pp_rank=0)
+    last = get_gpt_decoder_block_with_lighthouse_spec(cfg, use_transformer_engine=False, pp_rank=1)
+    assert kinds(first) == ["D", "D", "L", "L"] and kinds(last) == ["L", "L", "D", "D"]
+
+
+def test_megatron_lm_spec_entry_point(monkeypatch):
+    """``--spec megatron_lighthouse.spec lighthouse_local_layer_spec`` resolves as Megatron-LM resolves it."""
+    spec = import_module(("megatron_lighthouse.spec", "lighthouse_local_layer_spec"))
+    assert isinstance(spec, ModuleSpec)
+    cfg = tiny_config(lighthouse=None)
+    model = tiny_gpt(cfg, spec)
+    cores = [layer.self_attention.core_attention for layer in model.decoder.layers]
+    assert all(type(c) is LighthouseCoreAttention for c in cores)
+    assert [c.dense_layer for c in cores] == [i in DENSE_LAYERS for i in range(6)]
+    assert set_lighthouse_enabled(model, False) == 2
+    env = {"LIGHTHOUSE_LEVELS": "2", "LIGHTHOUSE_POOLING_FACTOR": "2", "LIGHTHOUSE_TOPK": "256",
+           "LIGHTHOUSE_DENSE_LAYERS": "0,-1"}
+    assert lighthouse_config_from_env(env) == LighthouseConfig(levels=2, pooling_factor=2, topk=256,
+                                                               dense_layers=(0, -1))
+    with pytest.raises(ValueError, match="LIGHTHOUSE_TOPK"):
+        lighthouse_config_from_env({"LIGHTHOUSE_TOPK": "lots"})
