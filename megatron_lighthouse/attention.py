@@ -23,7 +23,25 @@ from .naive import build_pyramid, pyramid_scores, scatter_to_tokens, select_pyra
 #: ``attention(q, k, v, softmax_scale) -> out``, all ``[B, H, S, D]``, causal over ``S``.
 DenseAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 
-_BACKENDS = ("auto", "torch")
+_BACKENDS = ("auto", "torch", "triton")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_kernels_available() -> bool:
+    try:
+        import lighthouse_kernels  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, q: torch.Tensor) -> str:
+    """``"torch"`` (the pure-PyTorch oracle) or ``"triton"`` (fused kernels); ``"auto"`` is triton for CUDA tensors."""
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend={backend!r}: must be one of {_BACKENDS}")
+    if backend == "auto":
+        return "triton" if q.is_cuda and _triton_kernels_available() else "torch"
+    return backend
 
 
 def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float) -> torch.Tensor:
@@ -79,12 +97,17 @@ def _sequence_to_chunks(x: torch.Tensor, chunks: int) -> torch.Tensor:
 
 
 def _select_chunked(
-    q: torch.Tensor, k: torch.Tensor, cfg: LighthouseConfig, chunks: int
+    q: torch.Tensor, k: torch.Tensor, cfg: LighthouseConfig, chunks: int, backend: str = "torch"
 ) -> torch.Tensor:
     """Pyramid scores and selection per chunk. q/k ``[B*chunks, N_c, H, D]``; returns indices ``[B*chunks, H, S_c]``."""
     n_chunk = q.shape[1]
     topk = cfg.topk // chunks
-    score_q, score_k = pyramid_scores(q, k, cfg.levels, cfg.pooling_factor)
+    if backend == "triton":
+        from lighthouse_kernels import pool_scores
+
+        score_q, score_k = pool_scores(q, k, cfg.levels, cfg.pooling_factor)
+    else:
+        score_q, score_k = pyramid_scores(q, k, cfg.levels, cfg.pooling_factor)
     return select_pyramid_indices(score_q, score_k, n_chunk, cfg.levels, cfg.pooling_factor, topk)
 
 
@@ -99,14 +122,28 @@ def attend_selected(
     chunks: int = 1,
     softmax_scale: Optional[float] = None,
     attention: Optional[DenseAttention] = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Gather the selected entries, attend causally over them, scatter back (spec sections 4-6).
 
     Differentiable in q/k/v; ``indices`` (``[B*chunks, H, S_c]``, from the selection) are constants.
     q/k/v are ``[B, N, H, D]`` with kv heads already expanded. Returns ``[B, N, H, D]``.
+    ``backend="triton"`` gathers (pooling on the fly) and scatters with the fused deterministic kernels.
     """
     b, n, h, d = q.shape
     scale = 1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale
+    if resolve_backend(backend, q) == "triton":
+        import lighthouse_kernels as fused
+
+        attention = attention or fused.dense_attention("auto", q.device.type)
+        indices = indices.contiguous()
+        inv = fused.inverse_map_for(indices, n // chunks, levels, pooling_factor)
+        split = [_split_chunks(x, chunks) for x in (q, k, v)]
+        picked = fused.gather_from_tokens(*split, indices, levels, pooling_factor, inv)
+        out_sub = attention(*(_chunks_to_sequence(x, chunks) for x in picked), scale)
+        out_sub = _sequence_to_chunks(out_sub, chunks)
+        out = fused.scatter_to_tokens(out_sub, indices, n // chunks, levels, pooling_factor, inv)
+        return out.view(b, n, h, d)
     attention = attention or sdpa_causal
     index = indices.unsqueeze(-1).expand(-1, -1, -1, d)
     picked = [
@@ -119,7 +156,14 @@ def attend_selected(
 
 
 def select_indices(
-    q: torch.Tensor, k: torch.Tensor, *, levels: int, pooling_factor: int, topk: int, chunks: int = 1
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    levels: int,
+    pooling_factor: int,
+    topk: int,
+    chunks: int = 1,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Selected pyramid positions per (batch, head).
 
@@ -133,7 +177,8 @@ def select_indices(
     cfg = LighthouseConfig(levels=levels, pooling_factor=pooling_factor, topk=topk)
     cfg.validate(q.shape[1], chunks)
     k = expand_kv_heads(k, q.shape[2])
-    indices = _select_chunked(_split_chunks(q, chunks), _split_chunks(k, chunks), cfg, chunks)
+    backend = resolve_backend(backend, q)
+    indices = _select_chunked(_split_chunks(q, chunks), _split_chunks(k, chunks), cfg, chunks, backend)
     if chunks == 1:
         return indices
     return indices.view(q.shape[0], chunks, *indices.shape[1:])
@@ -164,7 +209,9 @@ def lighthouse_attention(
         softmax_scale: defaults to ``1/sqrt(D)``.
         attention: dense kernel ``(q, k, v, softmax_scale) -> out`` on ``[B, H, S, D]``, causal; defaults
             to torch SDPA.
-        backend: ``"torch"`` runs the pure-PyTorch reference; ``"auto"`` picks the fastest available.
+        backend: ``"torch"`` runs the pure-PyTorch reference; ``"triton"`` the fused kernels of
+            ``lighthouse_kernels`` (dense part still ``attention``, by default SDPA preferring cuDNN);
+            ``"auto"`` is ``"triton"`` for CUDA tensors when Triton imports, else ``"torch"``.
         cp_group: context parallelism over this group of ``W`` ranks: q/k/v are the rank's load-balanced shard
             (global chunks ``r`` and ``2W-1-r`` of ``2W``, concatenated, as Megatron lays them out) and ``topk``
             is the global budget. Each local chunk is selected alone with ``topk // (2W)``; ``attention``
@@ -173,8 +220,7 @@ def lighthouse_attention(
         ``[B, N, H, D]`` in q's dtype.
     """
     check_qkv(q, k, v)
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend={backend!r}: must be one of {_BACKENDS}")
+    backend = resolve_backend(backend, q)
     if cp_group is not None:
         if chunks != 1:
             raise ValueError(f"chunks={chunks}: must stay 1 with cp_group (each CP rank selects its 2 chunks)")
@@ -187,7 +233,7 @@ def lighthouse_attention(
     cfg.validate(q.shape[1], chunks)
     h = q.shape[2]
     k, v = expand_kv_heads(k, h), expand_kv_heads(v, h)
-    indices = _select_chunked(_split_chunks(q, chunks), _split_chunks(k, chunks), cfg, chunks)
+    indices = _select_chunked(_split_chunks(q, chunks), _split_chunks(k, chunks), cfg, chunks, backend)
     return attend_selected(
         q,
         k,
@@ -198,4 +244,5 @@ def lighthouse_attention(
         chunks=chunks,
         softmax_scale=softmax_scale,
         attention=attention,
+        backend=backend,
     )

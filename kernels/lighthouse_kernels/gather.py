@@ -1,0 +1,131 @@
+"""Fused gather of selected pyramid entries straight from the tokens (coarse entries pooled on the fly) and its
+backward, both deterministic.
+
+Forward: row ``j`` of the subsequence is the mean of the ``p**l`` tokens its entry covers, for q, k and v at once;
+the pyramid is never materialised. Backward: token ``t`` gets ``sum_l g(l, t // p**l) / p**l`` over the levels
+whose covering entry was selected, read through the inverse map (a gather, no atomics).
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .pyramid_index import entry_of
+
+
+@triton.jit
+def _pool_rows(x_ptr, b, h, first, span, j_ok, d, d_ok, sxb, sxn, sxh, MAX_SPAN: tl.constexpr, BLOCK_S: tl.constexpr,
+               BLOCK_D: tl.constexpr):
+    base = x_ptr + b * sxb + h * sxh + d[None, :]
+    acc = tl.zeros((BLOCK_S, BLOCK_D), dtype=tl.float32)
+    for i in range(MAX_SPAN):
+        ok = j_ok & (i < span)
+        acc += tl.load(base + (first + i)[:, None].to(tl.int64) * sxn, mask=ok[:, None] & d_ok[None, :],
+                       other=0.0).to(tl.float32)
+    return acc / span.to(tl.float32)[:, None]
+
+
+@triton.jit
+def _gather_fwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, qs_ptr, ks_ptr, vs_ptr, seq_len, S, H, D,
+                       sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
+                       BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, P: tl.constexpr, LEVELS: tl.constexpr,
+                       MAX_SPAN: tl.constexpr):
+    row = tl.program_id(0)
+    blk = tl.program_id(1)
+    b = row // H
+    h = row % H
+    j = blk * BLOCK_S + tl.arange(0, BLOCK_S)
+    j_ok = j < S
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    pos = tl.load(idx_ptr + row * S + j, mask=j_ok, other=0)
+    local, span = entry_of(pos, seq_len, P, LEVELS)
+    first = local * span
+    dst = (row * S + j)[:, None].to(tl.int64) * D + d[None, :]
+    st_mask = j_ok[:, None] & d_ok[None, :]
+    xq = _pool_rows(q_ptr, b, h, first, span, j_ok, d, d_ok, sqb, sqn, sqh, MAX_SPAN, BLOCK_S, BLOCK_D)
+    tl.store(qs_ptr + dst, xq.to(qs_ptr.dtype.element_ty), mask=st_mask)
+    xk = _pool_rows(k_ptr, b, h, first, span, j_ok, d, d_ok, skb, skn, skh, MAX_SPAN, BLOCK_S, BLOCK_D)
+    tl.store(ks_ptr + dst, xk.to(ks_ptr.dtype.element_ty), mask=st_mask)
+    xv = _pool_rows(v_ptr, b, h, first, span, j_ok, d, d_ok, svb, svn, svh, MAX_SPAN, BLOCK_S, BLOCK_D)
+    tl.store(vs_ptr + dst, xv.to(vs_ptr.dtype.element_ty), mask=st_mask)
+
+
+@triton.jit
+def _unpool_tokens(g_ptr, dx_ptr, row, b, h, tok, tok_ok, d, d_ok, inv_ptr, seq_len, total, S, D, sdb, sdn, sdh,
+                   BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, P: tl.constexpr, LEVELS: tl.constexpr):
+    acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    offset = 0
+    width = seq_len
+    span = 1
+    for _ in tl.static_range(LEVELS):
+        sub_row = tl.load(inv_ptr + row * total + offset + tok // span, mask=tok_ok, other=-1)
+        hit = sub_row >= 0
+        g = tl.load(g_ptr + (row * S + sub_row)[:, None].to(tl.int64) * D + d[None, :],
+                    mask=hit[:, None] & d_ok[None, :], other=0.0)
+        acc += g.to(tl.float32) / span
+        offset += width
+        width = width // P
+        span = span * P
+    dst = dx_ptr + b * sdb + h * sdh + tok[:, None].to(tl.int64) * sdn + d[None, :]
+    tl.store(dst, acc.to(dx_ptr.dtype.element_ty), mask=tok_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _gather_bwd_kernel(gq_ptr, gk_ptr, gv_ptr, inv_ptr, dq_ptr, dk_ptr, dv_ptr, seq_len, total, S, H, D,
+                       sdb, sdn, sdh,
+                       BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, P: tl.constexpr, LEVELS: tl.constexpr):
+    row = tl.program_id(0)
+    blk = tl.program_id(1)
+    b = row // H
+    h = row % H
+    tok = blk * BLOCK_T + tl.arange(0, BLOCK_T)
+    tok_ok = tok < seq_len
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    _unpool_tokens(gq_ptr, dq_ptr, row, b, h, tok, tok_ok, d, d_ok, inv_ptr, seq_len, total, S, D, sdb, sdn, sdh,
+                   BLOCK_T, BLOCK_D, P, LEVELS)
+    _unpool_tokens(gk_ptr, dk_ptr, row, b, h, tok, tok_ok, d, d_ok, inv_ptr, seq_len, total, S, D, sdb, sdn, sdh,
+                   BLOCK_T, BLOCK_D, P, LEVELS)
+    _unpool_tokens(gv_ptr, dv_ptr, row, b, h, tok, tok_ok, d, d_ok, inv_ptr, seq_len, total, S, D, sdb, sdn, sdh,
+                   BLOCK_T, BLOCK_D, P, LEVELS)
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def gather_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, levels: int,
+                   pooling_factor: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q/k/v ``[B, N, H, D]``, ``indices`` ``[B, H, S]`` (contiguous) -> three contiguous ``[B, H, S, D]`` in q's dtype."""
+    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    b, n, h, d = q.shape
+    s = indices.shape[-1]
+    out = [torch.empty(b, h, s, d, dtype=q.dtype, device=q.device) for _ in range(3)]
+    block_s = 32
+    grid = (b * h, triton.cdiv(s, block_s))
+    _gather_fwd_kernel[grid](
+        q, k, v, indices, *out, n, s, h, d, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+        k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        BLOCK_S=block_s, BLOCK_D=triton.next_power_of_2(d), P=pooling_factor, LEVELS=levels,
+        MAX_SPAN=pooling_factor ** (levels - 1),
+    )
+    return tuple(out)
+
+
+def gather_backward(gq: torch.Tensor, gk: torch.Tensor, gv: torch.Tensor, inv: torch.Tensor, seq_len: int,
+                    levels: int, pooling_factor: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Subsequence grads ``[B, H, S, D]`` (contiguous), ``inv`` ``[B*H, N_tot]`` -> dq, dk, dv ``[B, N, H, D]``."""
+    b, h, s, d = gq.shape
+    out = [torch.empty(b, seq_len, h, d, dtype=gq.dtype, device=gq.device) for _ in range(3)]
+    block_t = 64
+    grid = (b * h, triton.cdiv(seq_len, block_t))
+    _gather_bwd_kernel[grid](
+        gq, gk, gv, inv, *out, seq_len, inv.shape[1], s, h, d, out[0].stride(0), out[0].stride(1), out[0].stride(2),
+        BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(d), P=pooling_factor, LEVELS=levels,
+    )
+    return tuple(out)

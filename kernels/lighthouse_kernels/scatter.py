@@ -1,0 +1,101 @@
+"""Scatter of subsequence outputs to tokens (causal shift, fan-out, sum over levels) and its backward, as gathers.
+
+Token ``t`` receives the output of level-``l`` entry ``(t+1) // p**l - 1`` when that entry was selected; the
+backward of subsequence row ``j`` (entry ``i`` of level ``l``) sums ``dout`` over tokens
+``[(i+1)*p**l - 1, (i+2)*p**l - 1)`` clipped to ``N``. Neither uses atomics: results are bitwise reproducible.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .pyramid_index import entry_of
+
+
+@triton.jit
+def _scatter_fwd_kernel(sub_ptr, inv_ptr, out_ptr, seq_len, total, S, H, D,
+                        sob, soh, son,
+                        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, P: tl.constexpr, LEVELS: tl.constexpr):
+    row = tl.program_id(0)
+    blk = tl.program_id(1)
+    b = row // H
+    h = row % H
+    tok = blk * BLOCK_T + tl.arange(0, BLOCK_T)
+    d = tl.arange(0, BLOCK_D)
+    tok_ok = tok < seq_len
+    d_ok = d < D
+    acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    offset = 0
+    width = seq_len
+    span = 1
+    for _ in tl.static_range(LEVELS):
+        src = (tok + 1) // span - 1
+        ok = tok_ok & (src >= 0)
+        sub_row = tl.load(inv_ptr + row * total + offset + src, mask=ok, other=-1)
+        hit = sub_row >= 0
+        vals = tl.load(sub_ptr + (row * S + sub_row)[:, None].to(tl.int64) * D + d[None, :],
+                       mask=hit[:, None] & d_ok[None, :], other=0.0)
+        acc += vals.to(tl.float32)
+        offset += width
+        width = width // P
+        span = span * P
+    out = out_ptr + b * sob + h * soh + tok[:, None].to(tl.int64) * son + d[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=tok_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _scatter_bwd_kernel(dout_ptr, idx_ptr, dsub_ptr, seq_len, S, H, D,
+                        sdb, sdn, sdh,
+                        BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, P: tl.constexpr, LEVELS: tl.constexpr,
+                        MAX_SPAN: tl.constexpr):
+    row = tl.program_id(0)
+    blk = tl.program_id(1)
+    b = row // H
+    h = row % H
+    j = blk * BLOCK_S + tl.arange(0, BLOCK_S)
+    j_ok = j < S
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    pos = tl.load(idx_ptr + row * S + j, mask=j_ok, other=0)
+    local, span = entry_of(pos, seq_len, P, LEVELS)
+    first = (local + 1) * span - 1
+    base = dout_ptr + b * sdb + h * sdh + d[None, :]
+    acc = tl.zeros((BLOCK_S, BLOCK_D), dtype=tl.float32)
+    for i in range(MAX_SPAN):
+        tok = first + i
+        ok = j_ok & (i < span) & (tok < seq_len)
+        acc += tl.load(base + tok[:, None].to(tl.int64) * sdn, mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    dst = dsub_ptr + (row * S + j)[:, None].to(tl.int64) * D + d[None, :]
+    tl.store(dst, acc.to(dsub_ptr.dtype.element_ty), mask=j_ok[:, None] & d_ok[None, :])
+
+
+def scatter_forward(out_sub: torch.Tensor, inv: torch.Tensor, seq_len: int, levels: int, pooling_factor: int) -> torch.Tensor:
+    """``out_sub`` ``[B, H, S, D]`` (contiguous), ``inv`` from :func:`inverse_map` -> ``[B, N, H, D]`` in its dtype."""
+    b, h, s, d = out_sub.shape
+    out = torch.empty(b, seq_len, h, d, dtype=out_sub.dtype, device=out_sub.device)
+    block_t = 64
+    grid = (b * h, triton.cdiv(seq_len, block_t))
+    _scatter_fwd_kernel[grid](
+        out_sub, inv, out, seq_len, inv.shape[1], s, h, d, out.stride(0), out.stride(2), out.stride(1),
+        BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(d), P=pooling_factor, LEVELS=levels,
+    )
+    return out
+
+
+def scatter_backward(dout: torch.Tensor, indices: torch.Tensor, levels: int, pooling_factor: int,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """``dout`` ``[B, N, H, D]`` (last dim contiguous), ``indices`` ``[B, H, S]`` -> ``d out_sub`` ``[B, H, S, D]``."""
+    b, n, h, d = dout.shape
+    s = indices.shape[-1]
+    dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+    dsub = torch.empty(b, h, s, d, dtype=dtype, device=dout.device)
+    block_s = 64
+    grid = (b * h, triton.cdiv(s, block_s))
+    _scatter_bwd_kernel[grid](
+        dout, indices, dsub, n, s, h, d, dout.stride(0), dout.stride(1), dout.stride(2),
+        BLOCK_S=block_s, BLOCK_D=triton.next_power_of_2(d), P=pooling_factor, LEVELS=levels,
+        MAX_SPAN=pooling_factor ** (levels - 1),
+    )
+    return dsub
