@@ -1,0 +1,222 @@
+"""Megatron-Core GPT training step, dense vs. Lighthouse, in one run (issue 7).
+
+Builds the paper's layer shape (hidden 1024, 8 heads of 128, SwiGLU FFN 1536, RMSNorm, RoPE, no biases) as a
+Megatron-Core ``GPTModel`` twice per sequence length: from the dense block spec (stock core attention = torch SDPA,
+cuDNN backend by default) and from the Lighthouse block spec (k=2048, p=4, L=3; first two and last two layers
+dense). Times forward + backward + optimizer step at micro-batch 1; reports step time, tokens/s, peak memory and
+model TFLOP/s (dense-model FLOPs for both, so the ratio is the speedup). Prints a table, writes JSON (and a PNG
+when matplotlib is installed) under ``--out-dir``.
+
+GPU (one H100):  python3 benchmarks/bench_train.py --layers 30 --seq-lens 32768 65536 131072
+CPU logic check: python benchmarks/bench_train.py --device cpu --tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Dict, List, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from megatron_lighthouse import LighthouseConfig  # noqa: E402
+
+#: ``--tiny``: a CPU-sized model and sequence valid for levels=2, p=2, topk=128.
+_TINY = dict(layers=5, hidden=64, heads=4, ffn=96, vocab=256, seq_lens=[512], topk=128, pooling_factor=2, levels=2,
+             iters=2, warmup=1, position_embedding="learned_absolute", recompute="none")
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--tiny", action="store_true", help="tiny CPU sizes for a logic check")
+    p.add_argument("--layers", type=int, default=30)
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--ffn", type=int, default=1536)
+    p.add_argument("--vocab", type=int, default=32768)
+    p.add_argument("--seq-lens", type=int, nargs="+", default=[32768, 65536, 131072])
+    p.add_argument("--topk", type=int, default=2048)
+    p.add_argument("--pooling-factor", type=int, default=4)
+    p.add_argument("--levels", type=int, default=3)
+    p.add_argument("--position-embedding", choices=("rope", "learned_absolute"), default="rope",
+                   help="Megatron's RoPE needs CUDA; --tiny uses learned_absolute")
+    p.add_argument("--dense-layers", type=int, nargs="*", default=[0, 1, -2, -1])
+    p.add_argument("--recompute", choices=("full", "none"), default="full",
+                   help="activation recompute: full (uniform, 1 layer per checkpoint) or none")
+    p.add_argument("--sdpa-backend", choices=("cudnn", "flash", "auto"), default="cudnn")
+    p.add_argument("--modes", nargs="+", choices=("dense", "lighthouse"), default=["dense", "lighthouse"])
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = p.parse_args(argv)
+    if args.tiny:
+        for key, value in _TINY.items():
+            setattr(args, key, value)
+    return args
+
+
+def init_megatron(device: torch.device) -> None:
+    """Single-process torch.distributed + Megatron model-parallel state (all sizes 1)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel()
+
+
+def build_model(args: argparse.Namespace, mode: str, seq_len: int, device: torch.device):
+    """A GPTModel of the paper's shape; ``mode`` picks the dense or the Lighthouse block spec."""
+    from megatron.core.models.gpt import GPTModel
+
+    from megatron_lighthouse.spec import get_gpt_decoder_block_dense_spec, get_gpt_decoder_block_with_lighthouse_spec
+    from megatron_lighthouse.transformer_config import LighthouseTransformerConfig
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    lighthouse = LighthouseConfig(levels=args.levels, pooling_factor=args.pooling_factor, topk=args.topk,
+                                  dense_layers=tuple(args.dense_layers))
+    recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    config = LighthouseTransformerConfig(
+        num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads, ffn_hidden_size=args.ffn,
+        kv_channels=args.hidden // args.heads, gated_linear_unit=True, activation_func=F.silu,
+        normalization="RMSNorm", add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
+        bf16=dtype == torch.bfloat16, params_dtype=dtype, pipeline_dtype=dtype,
+        use_cpu_initialization=device.type == "cpu", lighthouse=lighthouse,
+        **(recompute if args.recompute == "full" else {}),
+    )
+    if mode == "lighthouse":
+        lighthouse.validate(seq_len)
+        spec = get_gpt_decoder_block_with_lighthouse_spec(config, lighthouse, use_transformer_engine=False,
+                                                          normalization="RMSNorm")
+    else:
+        spec = get_gpt_decoder_block_dense_spec(config, use_transformer_engine=False, normalization="RMSNorm")
+    model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=args.vocab,
+                     max_sequence_length=seq_len, position_embedding_type=args.position_embedding)
+    return model.to(device=device, dtype=dtype), config
+
+
+def model_flops_per_step(args: argparse.Namespace, seq_len: int) -> float:
+    """Training FLOPs of the *dense* model for one sequence (3x forward; causal attention counted at half)."""
+    h, f, layers = args.hidden, args.ffn, args.layers
+    per_token_linear = 2 * (4 * h * h + 3 * h * f) * layers + 2 * h * args.vocab
+    attention = 2 * 2 * seq_len * h * layers / 2  # QK^T and PV per token, causal half
+    return 3.0 * seq_len * (per_token_linear + attention)
+
+
+def sdpa_context(name: str):
+    """Context that restricts torch SDPA to one backend (``auto``: torch's own choice)."""
+    if name == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.CUDNN_ATTENTION if name == "cudnn" else SDPBackend.FLASH_ATTENTION])
+
+
+def time_training(args: argparse.Namespace, mode: str, seq_len: int, device: torch.device) -> Dict:
+    """Median step time (forward, backward, AdamW) and peak memory of one mode at one length."""
+    torch.manual_seed(0)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    model, _ = build_model(args, mode, seq_len, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    tokens = torch.randint(0, args.vocab, (1, seq_len), device=device)
+    labels = torch.roll(tokens, -1, dims=1)
+    positions = torch.arange(seq_len, device=device).unsqueeze(0)
+    times, losses = [], []
+    with sdpa_context(args.sdpa_backend if device.type == "cuda" else "auto"):
+        for i in range(args.warmup + args.iters):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            loss = model(tokens, positions, None, labels=labels).float().mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i >= args.warmup:
+                times.append(time.perf_counter() - start)
+            losses.append(loss.item())
+    step = statistics.median(times)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    del model, optimizer
+    return dict(mode=mode, seq_len=seq_len, step_s=step, times_s=times, tokens_per_s=seq_len / step,
+                model_tflops=model_flops_per_step(args, seq_len) / step / 1e12, peak_gib=peak, losses=losses)
+
+
+def print_table(rows: List[Dict]) -> None:
+    print(f"{'seq':>8} {'mode':<11} {'step ms':>10} {'tokens/s':>10} {'TFLOP/s':>8} {'peak GiB':>9} {'speedup':>8}")
+    dense = {r["seq_len"]: r["step_s"] for r in rows if r["mode"] == "dense"}
+    for r in rows:
+        speed = f"{dense[r['seq_len']] / r['step_s']:.2f}x" if r["seq_len"] in dense else ""
+        print(f"{r['seq_len']:>8} {r['mode']:<11} {r['step_s'] * 1e3:>10.1f} {r['tokens_per_s']:>10.0f} "
+              f"{r['model_tflops']:>8.1f} {r['peak_gib']:>9.2f} {speed:>8}")
+
+
+def plot(rows: List[Dict], path: str) -> Optional[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mode in ("dense", "lighthouse"):
+        pts = [(r["seq_len"], r["step_s"] * 1e3) for r in rows if r["mode"] == mode]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=mode)
+    ax.set(xscale="log", yscale="log", xlabel="tokens per sequence", ylabel="training step (ms)",
+           title="GPT training step, dense vs Lighthouse")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device visible (use --device cpu --tiny for a logic check)")
+    init_megatron(device)
+    rows = []
+    for seq_len in args.seq_lens:
+        for mode in args.modes:
+            print(f"[bench_train] {mode} at {seq_len} tokens, {args.layers} layers ...", flush=True)
+            try:
+                rows.append(time_training(args, mode, seq_len, device))
+            except torch.cuda.OutOfMemoryError as err:  # report, keep going with the other rows
+                print(f"[bench_train] {mode} at {seq_len}: out of memory ({str(err).splitlines()[0]})", flush=True)
+                rows.append(dict(mode=mode, seq_len=seq_len, step_s=float("nan"), oom=True, tokens_per_s=0.0,
+                                 model_tflops=0.0, peak_gib=float("nan")))
+                torch.cuda.empty_cache()
+    print_table(rows)
+    os.makedirs(args.out_dir, exist_ok=True)
+    tag = "cpu_tiny" if args.tiny else torch.cuda.get_device_name(device).replace(" ", "_") if device.type == "cuda" else "cpu"
+    record = dict(date=datetime.date.today().isoformat(), command="python3 " + " ".join(sys.argv),
+                  device=tag, torch=torch.__version__, settings=vars(args), rows=rows)
+    path = os.path.join(args.out_dir, f"train_{tag}.json")
+    with open(path, "w") as fh:
+        json.dump(record, fh, indent=1)
+    png = plot(rows, os.path.join(args.out_dir, f"train_{tag}.png"))
+    print(f"wrote {path}" + (f" and {png}" if png else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
