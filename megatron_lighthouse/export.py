@@ -15,6 +15,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from .core_attention import LighthouseCoreAttention
+from .spec import replace_core_attention
 
 Spec = Union[ModuleSpec, TransformerBlockSubmodules]
 
@@ -42,8 +43,7 @@ def _dense_layer(spec: ModuleSpec) -> ModuleSpec:
     sub = getattr(attn, "submodules", None)
     core = getattr(sub, "core_attention", None)
     if isinstance(core, ModuleSpec) and core.module is LighthouseCoreAttention:
-        spec = copy.deepcopy(spec)
-        spec.submodules.self_attention.submodules.core_attention = core.submodules.core_attention
+        return replace_core_attention(spec, core.submodules.core_attention)
     return spec
 
 

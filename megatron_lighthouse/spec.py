@@ -58,6 +58,17 @@ def _attention_submodules(layer_spec: ModuleSpec):
     return layer_spec.submodules.self_attention.submodules
 
 
+def replace_core_attention(layer_spec: ModuleSpec, core_attention: Union[ModuleSpec, type]) -> ModuleSpec:
+    """A copy of ``layer_spec`` with ``core_attention`` as its self-attention core; the rest is shared (copied
+    along that path only, so specs holding unpicklable entries are fine)."""
+    layer = copy.copy(layer_spec)
+    layer.submodules = copy.copy(layer_spec.submodules)
+    attention = layer.submodules.self_attention = copy.copy(layer_spec.submodules.self_attention)
+    attention.submodules = copy.copy(attention.submodules)
+    attention.submodules.core_attention = core_attention
+    return layer
+
+
 def get_gpt_layer_dense_spec(*, use_transformer_engine: bool = True, **kwargs: Any) -> ModuleSpec:
     """Megatron's GPT layer spec (TE or local) with a long-sequence core attention: ``TEDotProductAttention``
     (TE, unchanged) or :class:`SDPACoreAttention` (local). ``kwargs`` go to Megatron's spec function
@@ -68,21 +79,17 @@ def get_gpt_layer_dense_spec(*, use_transformer_engine: bool = True, **kwargs: A
         spec = _call_accepted(gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec, **kwargs)
     else:
         spec = _call_accepted(gpt_layer_specs.get_gpt_layer_local_spec, **kwargs)
-        spec = copy.deepcopy(spec)
-        _attention_submodules(spec).core_attention = ModuleSpec(module=SDPACoreAttention)
+        spec = replace_core_attention(spec, ModuleSpec(module=SDPACoreAttention))
     return spec
 
 
 def _with_lighthouse(dense_spec: ModuleSpec, lighthouse: Optional[LighthouseConfig]) -> ModuleSpec:
     """``dense_spec`` with its core attention wrapped in :class:`LighthouseCoreAttention`."""
-    spec = copy.deepcopy(dense_spec)
-    attn = _attention_submodules(spec)
-    attn.core_attention = ModuleSpec(
+    return replace_core_attention(dense_spec, ModuleSpec(
         module=LighthouseCoreAttention,
         params={} if lighthouse is None else {"lighthouse": lighthouse},
-        submodules=LighthouseCoreAttentionSubmodules(core_attention=attn.core_attention),
-    )
-    return spec
+        submodules=LighthouseCoreAttentionSubmodules(core_attention=_attention_submodules(dense_spec).core_attention),
+    ))
 
 
 def get_gpt_layer_with_lighthouse_spec(

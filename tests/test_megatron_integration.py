@@ -268,3 +268,15 @@ def test_megatron_lm_spec_entry_point(monkeypatch):
                                                                dense_layers=(0, -1))
     with pytest.raises(ValueError, match="LIGHTHOUSE_TOPK"):
         lighthouse_config_from_env({"LIGHTHOUSE_TOPK": "lots"})
+
+
+def test_transformer_engine_inner_contract():
+    """With (fake) TransformerEngine, the inner TEDotProductAttention gets H kv heads and [S, B, H, D] inputs."""
+    import pathlib
+    import subprocess
+    import sys
+
+    here = pathlib.Path(__file__).resolve().parent
+    result = subprocess.run([sys.executable, str(here / "megatron_te_contract.py")], cwd=here, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stderr[-4000:]
