@@ -9,3 +9,24 @@ __version__ = "0.1.0"
 
 __all__ = ["lighthouse_attention", "select_indices", "LighthouseConfig", "cp_causal_attention", "split_for_cp",
            "gather_from_cp", "__version__"]
+
+#: Megatron-Core integration, imported on first use so that this package never needs megatron-core.
+_MEGATRON_EXPORTS = {
+    "LighthouseCoreAttention": "core_attention",
+    "SDPACoreAttention": "sdpa_core_attention",
+    "LighthouseTransformerConfig": "transformer_config",
+    "set_lighthouse_enabled": "switch",
+    "lighthouse_enabled": "switch",
+    "LighthouseSchedule": "switch",
+    "dense_state_dict": "export",
+    "save_dense_checkpoint": "export",
+    "dense_spec_for": "export",
+}
+
+
+def __getattr__(name: str):
+    if name in _MEGATRON_EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_MEGATRON_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
