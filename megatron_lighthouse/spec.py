@@ -44,6 +44,7 @@ __all__ = [
     "get_gpt_decoder_block_dense_spec",
     "lighthouse_layer_spec",
     "lighthouse_local_layer_spec",
+    "dense_local_layer_spec",
 ]
 
 
@@ -217,3 +218,6 @@ def _entry_specs() -> tuple:
 #: ``--spec megatron_lighthouse.spec lighthouse_layer_spec``: TE layer spec (local when TE is not installed).
 #: ``--spec megatron_lighthouse.spec lighthouse_local_layer_spec``: local layer spec (SDPA inner attention).
 lighthouse_layer_spec, lighthouse_local_layer_spec = _entry_specs()
+#: ``--spec megatron_lighthouse.spec dense_local_layer_spec``: the dense local counterpart (SDPA core attention),
+#: for the dense stage without TransformerEngine (with TE, the stage-2 run simply drops ``--spec``).
+dense_local_layer_spec = get_gpt_layer_dense_spec(use_transformer_engine=False, **_megatron_lm_layer_kwargs())

@@ -262,6 +262,9 @@ def test_megatron_lm_spec_entry_point(monkeypatch):
     assert all(type(c) is LighthouseCoreAttention for c in cores)
     assert [c.dense_layer for c in cores] == [i in DENSE_LAYERS for i in range(6)]
     assert set_lighthouse_enabled(model, False) == 2
+    dense = tiny_gpt(cfg, import_module(("megatron_lighthouse.spec", "dense_local_layer_spec")))
+    assert all(type(layer.self_attention.core_attention) is SDPACoreAttention for layer in dense.decoder.layers)
+    dense.load_state_dict(model.state_dict())
     env = {"LIGHTHOUSE_LEVELS": "2", "LIGHTHOUSE_POOLING_FACTOR": "2", "LIGHTHOUSE_TOPK": "256",
            "LIGHTHOUSE_DENSE_LAYERS": "0,-1"}
     assert lighthouse_config_from_env(env) == LighthouseConfig(levels=2, pooling_factor=2, topk=256,
