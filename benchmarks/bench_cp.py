@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from torch.nn.attention import SDPBackend  # noqa: E402
 
 from megatron_lighthouse import (  # noqa: E402
     LighthouseConfig,
@@ -47,6 +48,7 @@ from megatron_lighthouse import (  # noqa: E402
 )
 from megatron_lighthouse.attention import sdpa_causal  # noqa: E402
 from megatron_lighthouse.cp_layout import cp_chunk_ids  # noqa: E402
+from megatron_lighthouse.lower_right_attention import kernel_family  # noqa: E402
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 #: ``--tiny``: smallest settings valid for ``2 * max_cp`` chunks (each chunk: budget 128, 1024 tokens).
@@ -238,6 +240,19 @@ def run_timing(args: argparse.Namespace, group, device: torch.device, dtype: tor
     return results
 
 
+def kernel_choices(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Dict[str, str]:
+    """SDPA's kernel for square causal attention on one CP chunk (the block the CP attention runs), per method."""
+    cfg = LighthouseConfig(levels=args.levels, pooling_factor=args.pooling_factor, topk=args.topk)
+    chunks = 2 * args.max_cp
+    lengths = dict(lighthouse=cfg.subsequence_length(args.seq_len, chunks) // chunks, dense=args.seq_len // chunks)
+    out = {}
+    for method, n in lengths.items():
+        x = torch.empty(args.batch, args.heads, n, args.head_dim, device=device, dtype=dtype, requires_grad=True)
+        choice = torch._fused_sdp_choice(x, x, x, is_causal=True, scale=args.head_dim**-0.5)
+        out[method] = f"{SDPBackend(choice).name} (cp blocks: {kernel_family(x, x, x, args.head_dim**-0.5)})"
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------- report
 def _efficiency(record: Dict, baseline_path: str) -> Dict:
     """``t1 / (W * tW)`` per method against the ``W = 1`` run of the same settings, if there is one."""
@@ -264,6 +279,7 @@ def print_report(record: Dict) -> None:
         for r in chk["rows"]:
             print(f"{r['case']:<22}{r['field']:<7}{r['cp_vs_single']:>14.2e}{r['cp_vs_fp32']:>12.2e}"
                   f"{r['single_vs_fp32']:>16.2e}  {'yes' if r['passed'] else 'NO'}")
+    print("\nSDPA kernel for one causal chunk: " + "; ".join(f"{m}: {k}" for m, k in record["kernels"].items()))
     s = record["settings"]
     print(f"\nfwd+bwd of one attention layer: {s['seq_len']} tokens, B={s['batch']} H={s['heads']} D={s['head_dim']} "
           f"k={s['topk']} p={s['pooling_factor']} L={s['levels']} chunks={2 * s['max_cp']}, {s['dtype']}, "
@@ -315,6 +331,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                       topk=args.topk, pooling_factor=args.pooling_factor, levels=args.levels, max_cp=args.max_cp,
                       dtype=args.dtype, backend=args.backend, device=device_type),
     )
+    record["kernels"] = kernel_choices(args, device, dtype)
     if world > 1 and not args.no_check:
         record["check"] = run_check(args, group, device, dtype)
     record["results"] = run_timing(args, group, device, dtype)

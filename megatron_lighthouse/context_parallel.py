@@ -4,7 +4,8 @@ Each CP rank holds Megatron's load-balanced shard (chunks ``r`` and ``2W-1-r`` o
 its two chunks alone with budget ``topk / (2W)``, without communication. The two chunk subsequences, concatenated,
 are themselves the load-balanced shard of one global subsequence, so any context-parallel causal attention can
 run on them. :func:`cp_causal_attention` is the torch one: all-gather of the subsequence K/V over the CP group,
-stock SDPA per local chunk with a lower-right aligned causal mask. That all-gather (and its gradient's
+then per local chunk causal attention against the gathered prefix, lower-right aligned, on SDPA's own fused
+kernels (:func:`lower_right_causal_attention`). That all-gather (and its gradient's
 reduce-scatter) is the only CP communication, apart from a one-time check that the ranks agree on the settings.
 """
 
@@ -15,10 +16,10 @@ from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from .config import TILE_SELECT, LighthouseConfig
 from .cp_layout import cp_chunk_ids, gather_from_cp
+from .lower_right_attention import lower_right_causal_attention
 
 #: Backends whose reduce-scatter is missing in some torch versions: gradients use all-reduce + slice there.
 PORTABLE_REDUCE_SCATTER_BACKENDS = ("gloo",)
@@ -89,8 +90,6 @@ def cp_causal_attention(
         raise ValueError(
             f"cp_causal_attention: local sequence length {q.shape[2]} must be even (two load-balanced chunks)"
         )
-    from torch.nn.attention.bias import causal_lower_right  # imports torch._dynamo (~1.5 s): only when CP runs
-
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     gathered = _AllGather.apply(torch.stack((k, v)), group)  # [W, 2, B, H, S_local, D]
     kv = gather_from_cp(gathered.unbind(0), seq_dim=3)  # [2, B, H, 2W * chunk, D], global chunk order
@@ -99,9 +98,7 @@ def cp_causal_attention(
     for local, global_id in enumerate(cp_chunk_ids(rank, world)):
         end = (global_id + 1) * chunk
         q_chunk = q[:, :, local * chunk : (local + 1) * chunk]
-        mask = causal_lower_right(chunk, end)
-        k_prefix, v_prefix = kv[0, :, :, :end], kv[1, :, :, :end]
-        outs.append(F.scaled_dot_product_attention(q_chunk, k_prefix, v_prefix, attn_mask=mask, scale=softmax_scale))
+        outs.append(lower_right_causal_attention(q_chunk, kv[0, :, :, :end], kv[1, :, :, :end], softmax_scale))
     return torch.cat(outs, dim=2)
 
 
