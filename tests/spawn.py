@@ -13,7 +13,7 @@ import queue
 import shutil
 import tempfile
 import traceback
-from typing import Callable, Dict
+from typing import Callable, Dict, Tuple
 
 import torch
 import torch.distributed as dist
@@ -86,7 +86,7 @@ class _Ranks:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-_POOLS: Dict[int, _Ranks] = {}
+_POOLS: Dict[Tuple[str, int], _Ranks] = {}
 
 
 @atexit.register
@@ -95,14 +95,17 @@ def _close_all() -> None:
         _POOLS.popitem()[1].close()
 
 
-def run_on_ranks(fn: Callable, world: int, *args, timeout_s: float = 300.0) -> None:
+def run_on_ranks(fn: Callable, world: int, *args, pool: str = "default", timeout_s: float = 300.0) -> None:
     """Call ``fn(rank, world, *args)`` on every rank of a gloo group of ``world`` processes.
 
     ``fn`` must be a module-level function (it is pickled into the ranks) and must leave no global state
-    changed behind. Any rank's exception fails the caller with that rank's traceback.
+    changed behind. Ranks are shared by the calls with the same ``pool`` name and ``world``; a separate
+    ``pool`` gives processes whose imports no other test has touched. Any rank's exception fails the caller
+    with that rank's traceback.
     """
-    ranks = _POOLS.get(world) or _POOLS.setdefault(world, _Ranks(world))
+    key = (pool, world)
+    ranks = _POOLS.get(key) or _POOLS.setdefault(key, _Ranks(world))
     failed = ranks.run(fn, args, timeout_s)
     if failed:
-        _POOLS.pop(world).close()
+        _POOLS.pop(key).close()
         raise AssertionError("\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(failed.items())))
