@@ -33,7 +33,6 @@ import triton.testing  # noqa: E402
 
 import lighthouse_kernels as fused  # noqa: E402
 from megatron_lighthouse import lighthouse_attention  # noqa: E402
-from megatron_lighthouse.naive import select_pyramid_indices  # noqa: E402
 
 LEVELS, P, TOPK, B, H, D = 3, 4, 2048, 1, 8, 128
 DTYPE = torch.bfloat16
@@ -111,7 +110,7 @@ def check(golden_dir: str) -> Dict[str, object]:
     for _ in range(2):
         q, k, v = (x.clone().requires_grad_(True) for x in base)
         sq, sk = fused.pool_scores(q.detach(), k.detach(), LEVELS, P)
-        idx = select_pyramid_indices(sq, sk, n, LEVELS, P, TOPK)
+        idx = fused.select_indices_fused(sq, sk, n, LEVELS, P, TOPK)
         qs, ks, vs = fused.gather_from_tokens(q, k, v, idx, LEVELS, P)
         out = fused.scatter_to_tokens(qs * ks + vs, idx, n, LEVELS, P)
         out.backward(dout)
@@ -159,12 +158,12 @@ def bench_length(n: int, slow_ms: float, dense: bool) -> Dict[str, float]:
     # Forward stage breakdown.
     with torch.no_grad():
         sq, sk = fused.pool_scores(q, k, LEVELS, P)
-        idx = select_pyramid_indices(sq, sk, n, LEVELS, P, TOPK)
+        idx = fused.select_indices_fused(sq, sk, n, LEVELS, P, TOPK)
         inv = fused.inverse_map_for(idx, n, LEVELS, P)
         picked = fused.gather_from_tokens(q, k, v, idx, LEVELS, P, inv)
         sub_out = attn(*picked, scale)
         row["stage_pool_score_ms"] = median_ms(lambda: fused.pool_scores(q, k, LEVELS, P), slow_ms)
-        row["stage_select_ms"] = median_ms(lambda: select_pyramid_indices(sq, sk, n, LEVELS, P, TOPK), slow_ms)
+        row["stage_select_ms"] = median_ms(lambda: fused.select_indices_fused(sq, sk, n, LEVELS, P, TOPK), slow_ms)
         row["stage_gather_ms"] = median_ms(
             lambda: fused.gather_from_tokens(q, k, v, idx, LEVELS, P, fused.inverse_map_for(idx, n, LEVELS, P)),
             slow_ms)

@@ -103,11 +103,11 @@ def _select_chunked(
     n_chunk = q.shape[1]
     topk = cfg.topk // chunks
     if backend == "triton":
-        from lighthouse_kernels import pool_scores
+        import lighthouse_kernels as fused
 
-        score_q, score_k = pool_scores(q, k, cfg.levels, cfg.pooling_factor)
-    else:
-        score_q, score_k = pyramid_scores(q, k, cfg.levels, cfg.pooling_factor)
+        score_q, score_k = fused.pool_scores(q, k, cfg.levels, cfg.pooling_factor)
+        return fused.select_indices_fused(score_q, score_k, n_chunk, cfg.levels, cfg.pooling_factor, topk)
+    score_q, score_k = pyramid_scores(q, k, cfg.levels, cfg.pooling_factor)
     return select_pyramid_indices(score_q, score_k, n_chunk, cfg.levels, cfg.pooling_factor, topk)
 
 

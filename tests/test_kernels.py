@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import GOLDENS, rel_l2
-from lighthouse_kernels import gather_from_tokens, pool_scores, scatter_to_tokens
+from lighthouse_kernels import gather_from_tokens, pool_scores, scatter_to_tokens, select_indices_fused
 from megatron_lighthouse import lighthouse_attention, select_indices
 from megatron_lighthouse.naive import build_pyramid, pyramid_scores, select_pyramid_indices
 from megatron_lighthouse.naive import scatter_to_tokens as naive_scatter
@@ -34,6 +34,17 @@ def test_pool_scores_match_oracle(n, levels, p, topk, dtype):
     for g, w in zip(got, want):
         assert g.dtype == torch.float32 and g.shape == w.shape
         torch.testing.assert_close(g, w, rtol=2e-6, atol=0)
+
+
+@pytest.mark.parametrize("n,levels,p,topk", SETTINGS + [(4096, 3, 2, 256)])
+def test_selection_matches_oracle_with_ties(n, levels, p, topk):
+    gen = torch.Generator().manual_seed(n)
+    sq, sk = (torch.randn(2, 3, n, generator=gen) for _ in range(2))
+    sq, sk = pyramid_scores(sq.view(2, n, 3, 1), sk.view(2, n, 3, 1), levels, p)
+    sq[..., ::3] = 1.0  # many exact ties: the lower candidate position must win, as in the oracle
+    sk[..., ::5] = 2.0
+    got = select_indices_fused(sq, sk, n, levels, p, topk)
+    assert torch.equal(got, select_pyramid_indices(sq, sk, n, levels, p, topk))
 
 
 @pytest.mark.parametrize("n,levels,p,topk", SETTINGS)

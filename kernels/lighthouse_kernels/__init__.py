@@ -17,6 +17,7 @@ from .functions import (
     scatter_to_tokens,
 )
 from .pool_score import pool_scores
+from .select import select_indices_fused
 
 __all__ = [
     "DENSE_KERNELS",
@@ -28,4 +29,5 @@ __all__ = [
     "lighthouse_attention_triton",
     "scatter_to_tokens",
     "pool_scores",
+    "select_indices_fused",
 ]
