@@ -61,8 +61,13 @@ class FakeDotProductAttention(torch.nn.Module):
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [B, H, S, D]
         k, v = (x.repeat_interleave(groups, dim=1) for x in (k, v))
         scale = self.kwargs.get("softmax_scale") or 1.0 / math.sqrt(self.kv_channels)
-        if self.cp_group is not None and torch.distributed.get_world_size(self.cp_group) > 1:
-            out = cp_causal_attention(q, k, v, scale, self.cp_group)
+        group = self.cp_group
+        if isinstance(group, (list, tuple)):  # "a2a+p2p": hierarchical groups spanning the whole CP group
+            from megatron.core import parallel_state
+
+            group = parallel_state.get_context_parallel_group()
+        if group is not None and torch.distributed.get_world_size(group) > 1:
+            out = cp_causal_attention(q, k, v, scale, group)
         else:
             out = sdpa_causal(q, k, v, scale)
         return out.permute(2, 0, 1, 3).reshape(s, b, h * d)
@@ -90,7 +95,10 @@ class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 
 def install() -> type:
-    """Make ``import transformer_engine`` succeed with the fake; returns :class:`FakeDotProductAttention`."""
+    """Make ``import transformer_engine`` succeed with the fake (once per process); returns
+    :class:`FakeDotProductAttention`."""
+    if any(isinstance(finder, _Finder) for finder in sys.meta_path):
+        return FakeDotProductAttention
     if "megatron.core.extensions.transformer_engine" in sys.modules:
         raise RuntimeError("fake TE must be installed before megatron.core.extensions.transformer_engine is imported")
     root = MagicMock(name="transformer_engine")

@@ -1,0 +1,161 @@
+"""Lighthouse in Megatron-Core under context parallelism (gloo, 2 spawned ranks, CPU).
+
+* TE path: ``LighthouseCoreAttention`` hands its local subsequence to Megatron's ``TEDotProductAttention`` (over a
+  fake TransformerEngine, tests/fake_te.py), which gets Megatron's CP group, global ranks, stream and
+  ``cp_comm_type``; the per-rank subsequences have equal length and the ``[S, B, H, D]`` layout.
+* torch path: a ``GPTModel`` with ``context_parallel_size=2`` trains and its losses equal the CP=1 run of the same
+  chunked semantics.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megatron_lighthouse import LighthouseConfig, lighthouse_attention, split_for_cp
+from spawn import run_on_ranks
+
+WORLD = 2
+#: Valid for 2*W = 4 chunks of SEQ / 4 tokens: one tile per chunk, 128 level-1 entries per tile.
+LIGHTHOUSE = LighthouseConfig(levels=2, pooling_factor=2, topk=512, dense_layers=(0,))
+SEQ = 1024
+
+
+def _config(cp: int, **kwargs):
+    from megatron_lighthouse.transformer_config import LighthouseTransformerConfig
+
+    values = dict(num_layers=3, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
+                  use_cpu_initialization=True, attention_dropout=0.0, hidden_dropout=0.0, lighthouse=LIGHTHOUSE,
+                  context_parallel_size=cp)
+    values.update(kwargs)
+    return LighthouseTransformerConfig(**values)
+
+
+# ------------------------------------------------------------------------------------------------ TE contract
+def _check_te_inner(rank, world, cp_comm_type):
+    import fake_te
+
+    fake = fake_te.install()
+    fake.calls.clear()
+    from megatron.core import parallel_state
+    from megatron.core.extensions.transformer_engine import TEDotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.spec_utils import build_module
+
+    from megatron_lighthouse.spec import get_gpt_layer_with_lighthouse_spec
+
+    parallel_state.initialize_model_parallel(context_parallel_size=world, hierarchical_context_parallel_sizes=[world, 1])
+    stream = object()  # Megatron makes one torch.cuda.Stream per process; CPU has none
+    previous_stream, TEDotProductAttention.cp_stream = TEDotProductAttention.cp_stream, stream
+    try:
+        cfg = _config(world)
+        core_spec = get_gpt_layer_with_lighthouse_spec(cfg, use_transformer_engine=True)
+        core_spec = core_spec.submodules.self_attention.submodules.core_attention
+        core = build_module(core_spec, config=cfg, layer_number=2, attn_mask_type=AttnMaskType.causal,
+                            attention_type="self", cp_comm_type=cp_comm_type, softmax_scale=None, pg_collection=None)
+        assert isinstance(core.inner, fake)
+
+        (kind, init), = fake.calls
+        cp_group = parallel_state.get_context_parallel_group()
+        assert kind == "init" and init["cp_stream"] is stream
+        assert init["cp_global_ranks"] == dist.get_process_group_ranks(cp_group) == list(range(world))
+        assert init["cp_comm_type"] == (cp_comm_type or "p2p")
+        if cp_comm_type == "a2a+p2p":
+            assert init["cp_group"] == parallel_state.get_hierarchical_context_parallel_groups()
+        else:
+            assert init["cp_group"] is cp_group
+        assert init["num_gqa_groups"] == init["num_attention_heads"] == 4  # kv heads expanded before selection
+
+        gen = torch.Generator().manual_seed(5)
+        full = [torch.randn(SEQ, 2, heads, 16, generator=gen) for heads in (4, 2, 2, 4)]  # q, k, v, dout
+        local = [split_for_cp(x, rank, world, seq_dim=0).requires_grad_(i < 3) for i, x in enumerate(full)]
+        out = core(*local[:3], None, attn_mask_type=AttnMaskType.causal)
+        out.backward(local[3].reshape(out.shape))
+
+        (kind, fwd), = fake.calls[1:]
+        sub = LIGHTHOUSE.subsequence_length(SEQ, 2 * world) // world  # two chunk subsequences per rank
+        assert kind == "forward" and fwd["query"] == fwd["key"] == fwd["value"] == (sub, 2, 4, 16), fwd
+        assert fwd["attention_mask"] is None and fwd["attn_mask_type"] == "causal"
+        assert fwd.get("qkv_format", init.get("qkv_format", "sbhd")) == "sbhd"
+        lengths = [None] * world
+        dist.all_gather_object(lengths, fwd["query"][0], group=cp_group)
+        assert lengths == [sub] * world
+
+        want = [x.transpose(0, 1).requires_grad_(i < 3) for i, x in enumerate(full)]
+        expected = lighthouse_attention(*want[:3], levels=2, pooling_factor=2, topk=512, chunks=2 * world,
+                                        backend="torch")
+        expected.backward(want[3])
+        expected = expected.detach().transpose(0, 1).reshape(SEQ, 2, 64)
+        torch.testing.assert_close(out.detach(), split_for_cp(expected, rank, world, seq_dim=0), rtol=1e-5,
+                                   atol=1e-6)
+        for got, ref in zip(local[:3], want[:3]):
+            torch.testing.assert_close(got.grad, split_for_cp(ref.grad.transpose(0, 1), rank, world, seq_dim=0),
+                                       rtol=1e-5, atol=1e-6)
+    finally:
+        TEDotProductAttention.cp_stream = previous_stream
+        parallel_state.destroy_model_parallel()
+
+
+@pytest.mark.parametrize("cp_comm_type", [None, "p2p", "a2a", "allgather", "a2a+p2p"])
+def test_te_inner_gets_megatron_cp_arguments(cp_comm_type):
+    run_on_ranks(_check_te_inner, WORLD, cp_comm_type, pool="fake_te")
+
+
+# ------------------------------------------------------------------------------------------------ GPT training
+def _train_losses(rank, world, cp, steps):
+    """Per-step mean token loss of a tiny Lighthouse GPT (CP=``cp``) trained with AdamW on a fixed batch."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    from megatron_lighthouse.spec import get_gpt_decoder_block_with_lighthouse_spec
+
+    parallel_state.initialize_model_parallel(context_parallel_size=cp)
+    try:
+        cfg = _config(cp)
+        torch.manual_seed(0)
+        model = GPTModel(config=cfg, transformer_layer_spec=get_gpt_decoder_block_with_lighthouse_spec(
+            cfg, use_transformer_engine=False), vocab_size=64, max_sequence_length=SEQ,
+            position_embedding_type="learned_absolute", share_embeddings_and_output_weights=False)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        gen = torch.Generator().manual_seed(1)
+        tokens = (torch.randint(0, 64, (2, 1), generator=gen) + torch.arange(SEQ + 1) * 3) % 64
+        batch = dict(tokens=tokens[:, :-1], labels=tokens[:, 1:], position_ids=torch.arange(SEQ).expand(2, SEQ))
+        batch = get_batch_on_this_cp_rank(batch)  # identity when cp == 1
+        group = parallel_state.get_context_parallel_group()
+        losses = []
+        for _ in range(steps):
+            loss_sum = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"]).sum()
+            (loss_sum / tokens[:, 1:].numel()).backward()
+            for p in model.parameters():  # Megatron's DDP reduces gradients over DP x CP
+                dist.all_reduce(p.grad, group=group)
+            optimizer.step()
+            optimizer.zero_grad()
+            total = loss_sum.detach()
+            dist.all_reduce(total, group=group)
+            losses.append(total.item() / tokens[:, 1:].numel())
+        return losses
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+def _check_gpt_cp_matches_chunked_cp1(rank, world, steps):
+    import megatron_lighthouse.core_attention as core_attention
+
+    cp_losses = _train_losses(rank, world, world, steps)
+    # CP=1 with the same semantics: the core attention selects the full sequence in 2*W chunks
+    original = core_attention.lighthouse_attention
+    core_attention.lighthouse_attention = functools.partial(original, chunks=2 * world)
+    try:
+        reference = _train_losses(rank, world, 1, steps)
+    finally:
+        core_attention.lighthouse_attention = original
+    assert reference[-1] < reference[0] - 0.05, reference  # it trains
+    torch.testing.assert_close(torch.tensor(cp_losses), torch.tensor(reference), rtol=1e-5, atol=1e-5)
+
+
+def test_gpt_context_parallel_2_trains_like_chunked_cp1():
+    run_on_ranks(_check_gpt_cp_matches_chunked_cp1, WORLD, 4, pool="megatron")
