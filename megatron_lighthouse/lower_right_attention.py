@@ -35,23 +35,39 @@ def kernel_family(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
 
 
 def _kernel_forward(family: str, q, k, v, causal: bool, scale: float) -> Tuple[torch.Tensor, torch.Tensor, tuple]:
-    """``(out [B,H,S,D], lse [B,H,S] float32, saved)`` of one block; ``saved`` feeds :func:`_kernel_backward`."""
+    """``(out [B,H,S,D], lse [B,H,S] float32, saved)`` of one block; ``saved`` feeds :func:`_kernel_backward`.
+
+    All inputs contiguous ``[B, H, S, D]`` (the raw cuDNN op gives wrong results otherwise)."""
     if family == "flash_cpu":
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
-        return out, lse, ()
-    if family == "flash":
+        saved = ()
+    elif family == "flash":
         out, lse, cum_q, cum_k, max_q, max_k, rng_state, unused, _ = aten._scaled_dot_product_flash_attention(
             q, k, v, 0.0, causal, False, scale=scale
         )
-        return out, lse, (cum_q, cum_k, max_q, max_k, rng_state, unused)
-    out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = aten._scaled_dot_product_cudnn_attention(
-        q, k, v, None, True, 0.0, causal, False, scale=scale
-    )
-    return out, lse.reshape(q.shape[:3]), (cum_q, cum_k, max_q, max_k, seed, offset, lse.shape)
+        saved = (cum_q, cum_k, max_q, max_k, rng_state, unused)
+    else:
+        out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = aten._scaled_dot_product_cudnn_attention(
+            q, k, v, None, True, 0.0, causal, False, scale=scale
+        )
+        saved = (cum_q, cum_k, max_q, max_k, seed, offset)
+    # cuDNN keeps a trailing unit dim, some FlashAttention builds pad the rows: merge on [B, H, S] only
+    rows = lse.reshape(*q.shape[:2], -1)[..., : q.shape[2]]
+    return out, rows, saved + (lse.shape,)
+
+
+def _kernel_lse(lse: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The merged ``[B, H, S]`` log-sum-exp in the layout the kernel returned (``shape``), contiguous."""
+    rows = shape[2] if len(shape) == 3 else lse.shape[2]
+    if rows > lse.shape[2]:
+        lse = torch.nn.functional.pad(lse, (0, rows - lse.shape[2]))
+    return lse.reshape(shape).contiguous()
 
 
 def _kernel_backward(family: str, dout, q, k, v, out, lse, causal: bool, scale: float, saved: tuple):
     """``(dq, dk, dv)`` of one block, given the *merged* output and log-sum-exp of the whole row."""
+    *saved, lse_shape = saved
+    lse = _kernel_lse(lse, lse_shape)
     if family == "flash_cpu":
         return aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout, q, k, v, out, lse, 0.0, causal, scale=scale
@@ -61,10 +77,9 @@ def _kernel_backward(family: str, dout, q, k, v, out, lse, causal: bool, scale: 
         return aten._scaled_dot_product_flash_attention_backward(
             dout, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, causal, rng_state, unused, scale=scale
         )
-    cum_q, cum_k, max_q, max_k, seed, offset, lse_shape = saved
+    cum_q, cum_k, max_q, max_k, seed, offset = saved
     return aten._scaled_dot_product_cudnn_attention_backward(
-        dout, q, k, v, out, lse.reshape(lse_shape).contiguous(), seed, offset, None, cum_q, cum_k, max_q, max_k,
-        0.0, causal, scale=scale,
+        dout, q, k, v, out, lse, seed, offset, None, cum_q, cum_k, max_q, max_k, 0.0, causal, scale=scale
     )
 
 
@@ -86,7 +101,7 @@ class _LowerRightCausal(torch.autograd.Function):
         lses = torch.stack([lse.float() for _, lse, _ in results])
         lse = torch.logsumexp(lses, dim=0)
         weights = (lses - lse).exp().unsqueeze(-1)
-        out = sum(w * o.float() for w, (o, _, _) in zip(weights, results)).to(q.dtype)
+        out = sum(w * o.float() for w, (o, _, _) in zip(weights, results)).to(q.dtype).contiguous()
         ctx.scale, ctx.family, ctx.saved = scale, family, [saved for _, _, saved in results]
         ctx.save_for_backward(q, k, v, out, lse)
         return out
