@@ -254,17 +254,22 @@ def kernel_choices(args: argparse.Namespace, device: torch.device, dtype: torch.
 
 
 # ---------------------------------------------------------------------------------------------------- report
-def _efficiency(record: Dict, baseline_path: str) -> Dict:
-    """``t1 / (W * tW)`` per method against the ``W = 1`` run of the same settings, if there is one."""
+def _load_baseline(record: Dict, baseline_path: str) -> Optional[Dict]:
+    """The ``W = 1`` record of the same settings for a ``W > 1`` run (``None``: W = 1, or none written yet)."""
     if record["world"] == 1 or not os.path.exists(baseline_path):
-        return {}
+        return None
     with open(baseline_path) as f:
         base = json.load(f)
     if base["settings"] != record["settings"] or base["world"] != 1:
         raise SystemExit(f"baseline {baseline_path} has other settings or W != 1: {base['settings']}")
+    return dict(path=baseline_path, date=base["date"], device_name=base["device_name"], results=base["results"])
+
+
+def _efficiency(record: Dict, base: Optional[Dict]) -> Dict[str, float]:
+    """``t1 / (W * tW)`` per method against the ``W = 1`` baseline."""
     out = {}
     for method, res in record["results"].items():
-        ref = base["results"].get(method, {})
+        ref = {} if base is None else base["results"].get(method, {})
         if "median_s" in res and "median_s" in ref:
             out[method] = ref["median_s"] / (record["world"] * res["median_s"])
     return out
@@ -336,7 +341,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         record["check"] = run_check(args, group, device, dtype)
     record["results"] = run_timing(args, group, device, dtype)
     baseline = args.baseline or os.path.join(args.out_dir, f"cp_{device_type}_w1.json")
-    record["efficiency"] = _efficiency(record, baseline)
+    record["baseline"] = _load_baseline(record, baseline)
+    record["efficiency"] = _efficiency(record, record["baseline"])
     if rank == 0:
         print_report(record)
         os.makedirs(args.out_dir, exist_ok=True)

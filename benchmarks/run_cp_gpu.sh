@@ -10,6 +10,7 @@ export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 
 W_MAX=${W_MAX:-2}
 RESULTS=benchmarks/results
 mkdir -p "$RESULTS"
+rm -f "$RESULTS"/cp_cuda_w*.json  # the W>1 run must never compare against an older W=1 run
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "gpus", torch.cuda.device_count())'
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$RESULTS/cp_nvidia_smi.txt"
 status=0

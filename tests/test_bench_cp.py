@@ -25,7 +25,8 @@ def test_bench_cp_tiny_cpu_without_megatron(tmp_path):
         assert "t1/(W*tW)" in proc.stdout
 
     one, two = (json.loads((out / f"cp_cpu_w{w}.json").read_text()) for w in (1, 2))
-    assert one["world"] == 1 and "check" not in one and one["efficiency"] == {}
+    assert one["world"] == 1 and "check" not in one and one["efficiency"] == {} and one["baseline"] is None
+    assert two["baseline"]["results"] == one["results"]
     assert two["check"]["passed"] and two["check"]["indices_equal"]
     assert {r["case"].split()[0] for r in two["check"]["rows"]} == {"lighthouse", "dense"}
     assert all(r["cp_vs_single"] < 1e-5 for r in two["check"]["rows"])

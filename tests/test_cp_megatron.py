@@ -47,7 +47,9 @@ def _check_te_inner(rank, world, cp_comm_type):
 
     from megatron_lighthouse.spec import get_gpt_layer_with_lighthouse_spec
 
-    parallel_state.initialize_model_parallel(context_parallel_size=world, hierarchical_context_parallel_sizes=[world, 1])
+    parallel_state.initialize_model_parallel(
+        context_parallel_size=world, hierarchical_context_parallel_sizes=[world, 1]
+    )
     stream = object()  # Megatron makes one torch.cuda.Stream per process; CPU has none
     previous_stream, TEDotProductAttention.cp_stream = TEDotProductAttention.cp_stream, stream
     try:
