@@ -76,6 +76,10 @@ def init_megatron(device: torch.device) -> None:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel()
+    if device.type == "cuda":
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(0)
 
 
 def build_model(args: argparse.Namespace, mode: str, seq_len: int, device: torch.device):
@@ -159,7 +163,7 @@ def time_training(args: argparse.Namespace, mode: str, seq_len: int, device: tor
 
 
 def print_table(rows: List[Dict]) -> None:
-    print(f"{'seq':>8} {'mode':<11} {'step ms':>10} {'tokens/s':>10} {'TFLOP/s':>8} {'peak GiB':>9} {'speedup':>8}")
+    print(f"{'seq':>8} {'mode':<11} {'step ms':>10} {'tokens/s':>10} {'TFLOP/s*':>8} {'peak GiB':>9} {'speedup':>8}")
     dense = {r["seq_len"]: r["step_s"] for r in rows if r["mode"] == "dense"}
     for r in rows:
         speed = f"{dense[r['seq_len']] / r['step_s']:.2f}x" if r["seq_len"] in dense else ""
@@ -206,6 +210,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                  model_tflops=0.0, peak_gib=float("nan")))
                 torch.cuda.empty_cache()
     print_table(rows)
+    print("* TFLOP/s of the dense model's FLOPs per step for both modes, so the ratio is the speed-up")
     os.makedirs(args.out_dir, exist_ok=True)
     tag = "cpu_tiny" if args.tiny else torch.cuda.get_device_name(device).replace(" ", "_") if device.type == "cuda" else "cpu"
     record = dict(date=datetime.date.today().isoformat(), command="python3 " + " ".join(sys.argv),
