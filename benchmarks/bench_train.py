@@ -8,6 +8,9 @@ model TFLOP/s (dense-model FLOPs for both, so the ratio is the speedup). Prints 
 when matplotlib is installed) under ``--out-dir``.
 
 GPU (one H100):  python3 benchmarks/bench_train.py --layers 30 --seq-lens 32768 65536 131072
+1M tokens, context parallel over 2 GPUs, GPU monitor on (torchrun, one process per GPU):
+    torchrun --nproc-per-node 2 benchmarks/bench_train.py --context-parallel 2 --seq-lens 1048576 --layers 8 \
+        --vocab 8192 --modes lighthouse --monitor-dir $OUT/monitor
 CPU logic check: python benchmarks/bench_train.py --device cpu --tiny
 """
 
@@ -55,31 +58,43 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="activation recompute: full (uniform, 1 layer per checkpoint) or none")
     p.add_argument("--sdpa-backend", choices=("cudnn", "flash", "auto"), default="cudnn")
     p.add_argument("--modes", nargs="+", choices=("dense", "lighthouse"), default=["dense", "lighthouse"])
+    p.add_argument("--context-parallel", type=int, default=1,
+                   help="CP size (launch with torchrun, one process per GPU; world size must equal it)")
+    p.add_argument("--monitor-dir", default=None, help="run the per-rank GPU monitor, JSONL + TensorBoard here")
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    args = p.parse_args(argv)
-    if args.tiny:
-        for key, value in _TINY.items():
-            setattr(args, key, value)
-    return args
+    if p.parse_known_args(argv)[0].tiny:  # tiny sizes become the defaults; explicit flags still win
+        p.set_defaults(**_TINY)
+    return p.parse_args(argv)
 
 
-def init_megatron(device: torch.device) -> None:
-    """Single-process torch.distributed + Megatron model-parallel state (all sizes 1)."""
+def init_megatron(device: torch.device, context_parallel: int) -> torch.device:
+    """torch.distributed (torchrun's environment, else one process) + Megatron state with CP = ``context_parallel``.
+
+    Returns this rank's device."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != context_parallel:
+        raise SystemExit(f"--context-parallel={context_parallel}: must equal the number of processes ({world})")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel()
+        parallel_state.initialize_model_parallel(context_parallel_size=context_parallel)
     if device.type == "cuda":
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
         model_parallel_cuda_manual_seed(0)
+    return device
 
 
 def build_model(args: argparse.Namespace, mode: str, seq_len: int, device: torch.device):
@@ -99,6 +114,7 @@ def build_model(args: argparse.Namespace, mode: str, seq_len: int, device: torch
         normalization="RMSNorm", add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
         bf16=dtype == torch.bfloat16, params_dtype=dtype, pipeline_dtype=dtype,
         use_cpu_initialization=device.type == "cpu", lighthouse=lighthouse,
+        context_parallel_size=args.context_parallel,
         **(recompute if args.recompute == "full" else {}),
     )
     if mode == "lighthouse":
@@ -129,8 +145,14 @@ def sdpa_context(name: str):
     return sdpa_kernel([SDPBackend.CUDNN_ATTENTION if name == "cudnn" else SDPBackend.FLASH_ATTENTION])
 
 
-def time_training(args: argparse.Namespace, mode: str, seq_len: int, device: torch.device) -> Dict:
-    """Median step time (forward, backward, AdamW) and peak memory of one mode at one length."""
+def time_training(args: argparse.Namespace, mode: str, seq_len: int, device: torch.device, monitor=None) -> Dict:
+    """Median step time (forward, backward, CP gradient all-reduce, AdamW) and peak memory of one mode at one
+    length (the slowest rank's time and the largest rank's memory under CP)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from megatron_lighthouse import split_for_cp
+
     torch.manual_seed(0)
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -140,6 +162,10 @@ def time_training(args: argparse.Namespace, mode: str, seq_len: int, device: tor
     tokens = torch.randint(0, args.vocab, (1, seq_len), device=device)
     labels = torch.roll(tokens, -1, dims=1)
     positions = torch.arange(seq_len, device=device).unsqueeze(0)
+    cp_group = parallel_state.get_context_parallel_group()
+    if args.context_parallel > 1:  # Megatron's load-balanced layout: chunks r and 2W-1-r of the sequence
+        rank = parallel_state.get_context_parallel_rank()
+        tokens, labels, positions = (split_for_cp(x, rank, args.context_parallel) for x in (tokens, labels, positions))
     times, losses = [], []
     with sdpa_context(args.sdpa_backend if device.type == "cuda" else "auto"):
         for i in range(args.warmup + args.iters):
@@ -148,17 +174,25 @@ def time_training(args: argparse.Namespace, mode: str, seq_len: int, device: tor
             start = time.perf_counter()
             loss = model(tokens, positions, None, labels=labels).float().mean()
             loss.backward()
+            if args.context_parallel > 1:
+                for param in model.parameters():
+                    dist.all_reduce(param.grad, group=cp_group)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
+            elapsed = time.perf_counter() - start
+            if monitor is not None:
+                monitor.step(i, step_time=elapsed)
             if i >= args.warmup:
-                times.append(time.perf_counter() - start)
+                times.append(elapsed)
             losses.append(loss.item())
-    step = statistics.median(times)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    stats = torch.tensor([statistics.median(times), torch.cuda.max_memory_allocated(device) / 2**30
+                          if device.type == "cuda" else 0.0], dtype=torch.float64, device=device)
+    dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+    step, peak = stats.tolist()
     del model, optimizer
-    return dict(mode=mode, seq_len=seq_len, step_s=step, times_s=times, tokens_per_s=seq_len / step,
+    return dict(mode=mode, seq_len=seq_len, context_parallel=args.context_parallel, step_s=step, times_s=times, tokens_per_s=seq_len / step,
                 model_tflops=model_flops_per_step(args, seq_len) / step / 1e12, peak_gib=peak, losses=losses)
 
 
@@ -197,22 +231,40 @@ def main(argv: Optional[List[str]] = None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device visible (use --device cpu --tiny for a logic check)")
-    init_megatron(device)
+    device = init_megatron(device, args.context_parallel)
+    import torch.distributed as dist
+
+    is_main = dist.get_rank() == 0
+    monitor = None
+    if args.monitor_dir:
+        from megatron_lighthouse.monitor import GPUMonitor, MonitorConfig
+
+        monitor = GPUMonitor(MonitorConfig(interval_s=1.0, log_interval=1, wandb=False,
+                                           jsonl_path=os.path.join(args.monitor_dir, "run.jsonl"),
+                                           tensorboard_dir=os.path.join(args.monitor_dir, "tb"))).start()
     rows = []
     for seq_len in args.seq_lens:
         for mode in args.modes:
-            print(f"[bench_train] {mode} at {seq_len} tokens, {args.layers} layers ...", flush=True)
+            if is_main:
+                print(f"[bench_train] {mode} at {seq_len} tokens, {args.layers} layers, CP={args.context_parallel}",
+                      flush=True)
             try:
-                rows.append(time_training(args, mode, seq_len, device))
+                rows.append(time_training(args, mode, seq_len, device, monitor))
             except torch.cuda.OutOfMemoryError as err:  # report, keep going with the other rows
                 print(f"[bench_train] {mode} at {seq_len}: out of memory ({str(err).splitlines()[0]})", flush=True)
                 rows.append(dict(mode=mode, seq_len=seq_len, step_s=float("nan"), oom=True, tokens_per_s=0.0,
                                  model_tflops=0.0, peak_gib=float("nan")))
                 torch.cuda.empty_cache()
+    if monitor is not None:
+        monitor.stop()
+    if not is_main:
+        return 0
     print_table(rows)
     print("* TFLOP/s of the dense model's FLOPs per step for both modes, so the ratio is the speed-up")
     os.makedirs(args.out_dir, exist_ok=True)
     tag = "cpu_tiny" if args.tiny else torch.cuda.get_device_name(device).replace(" ", "_") if device.type == "cuda" else "cpu"
+    if args.context_parallel > 1:
+        tag += f"_cp{args.context_parallel}"
     record = dict(date=datetime.date.today().isoformat(), command="python3 " + " ".join(sys.argv),
                   device=tag, torch=torch.__version__, settings=vars(args), rows=rows)
     path = os.path.join(args.out_dir, f"train_{tag}.json")
