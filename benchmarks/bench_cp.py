@@ -33,7 +33,8 @@ import sys
 import time
 from typing import Callable, Dict, List, Optional
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [_ROOT, os.path.join(_ROOT, "kernels")]  # this package and its Triton kernels, uninstalled
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -46,7 +47,7 @@ from megatron_lighthouse import (  # noqa: E402
     select_indices,
     split_for_cp,
 )
-from megatron_lighthouse.attention import sdpa_causal  # noqa: E402
+from megatron_lighthouse.attention import resolve_backend, sdpa_causal  # noqa: E402
 from megatron_lighthouse.cp_layout import cp_chunk_ids  # noqa: E402
 from megatron_lighthouse.lower_right_attention import kernel_family  # noqa: E402
 
@@ -284,7 +285,8 @@ def print_report(record: Dict) -> None:
         for r in chk["rows"]:
             print(f"{r['case']:<22}{r['field']:<7}{r['cp_vs_single']:>14.2e}{r['cp_vs_fp32']:>12.2e}"
                   f"{r['single_vs_fp32']:>16.2e}  {'yes' if r['passed'] else 'NO'}")
-    print("\nSDPA kernel for one causal chunk: " + "; ".join(f"{m}: {k}" for m, k in record["kernels"].items()))
+    print(f"\nlighthouse backend: {record['lighthouse_backend']}; SDPA kernel for one causal chunk: "
+          + "; ".join(f"{m}: {k}" for m, k in record["kernels"].items()))
     s = record["settings"]
     print(f"\nfwd+bwd of one attention layer: {s['seq_len']} tokens, B={s['batch']} H={s['heads']} D={s['head_dim']} "
           f"k={s['topk']} p={s['pooling_factor']} L={s['levels']} chunks={2 * s['max_cp']}, {s['dtype']}, "
@@ -336,6 +338,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                       topk=args.topk, pooling_factor=args.pooling_factor, levels=args.levels, max_cp=args.max_cp,
                       dtype=args.dtype, backend=args.backend, device=device_type),
     )
+    record["lighthouse_backend"] = resolve_backend(args.backend, torch.empty(0, device=device))
     record["kernels"] = kernel_choices(args, device, dtype)
     if world > 1 and not args.no_check:
         record["check"] = run_check(args, group, device, dtype)

@@ -93,6 +93,8 @@ def _blocks(k: torch.Tensor, v: torch.Tensor, s: int) -> List[Tuple[torch.Tensor
 
 
 class _LowerRightCausal(torch.autograd.Function):
+    """``q`` against the square causal block and the full block before it, merged by log-sum-exp."""
+
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, family: str):
         q = q.contiguous()
