@@ -1,0 +1,52 @@
+"""The embedded default corpus: the Python standard library's own source and text files, as bytes."""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import sysconfig
+import zlib
+from typing import Optional, Tuple
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_SUFFIXES = (".py", ".txt", ".rst")
+_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "idlelib", "test", "tests"}
+
+
+def default_corpus_dir() -> pathlib.Path:
+    """The standard library directory of this Python (ships with every install)."""
+    return pathlib.Path(sysconfig.get_paths()["stdlib"])
+
+
+def load_corpus(path: Optional[str] = None, max_bytes: int = 8 << 20, val_fraction: float = 0.1) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Read text files under ``path`` (default: the standard library) into byte tensors.
+
+    Files are taken in sorted order until ``max_bytes``; a file goes to validation when the CRC32 of its
+    relative path falls in the ``val_fraction`` bucket, so the split is deterministic and file-disjoint.
+    Returns ``(train, val)``, 1-D uint8 tensors.
+    """
+    root = pathlib.Path(path) if path else default_corpus_dir()
+    if not root.exists():
+        raise ValueError(f"--corpus {root}: no such file or directory")
+    files = [root] if root.is_file() else sorted(
+        p for p in root.rglob("*") if p.suffix in _SUFFIXES and p.is_file() and not _SKIP_DIRS & set(p.parts)
+    )
+    if not files:
+        raise ValueError(f"--corpus {root}: no {'/'.join(_SUFFIXES)} files found")
+    train, val, total = bytearray(), bytearray(), 0
+    for f in files:
+        data = f.read_bytes()
+        rel = f.name if root.is_file() else str(f.relative_to(root))
+        bucket = val if (zlib.crc32(rel.encode()) % 1000) < val_fraction * 1000 else train
+        bucket += data
+        total += len(data)
+        if total >= max_bytes:
+            break
+    if root.is_file() or not val:  # one file: split its tail off instead
+        cut = int(len(train) * (1 - val_fraction))
+        train, val = train[:cut], train[cut:] + val
+    logger.info("corpus %s: %d train bytes, %d validation bytes", root, len(train), len(val))
+    return torch.frombuffer(bytes(train), dtype=torch.uint8).clone(), torch.frombuffer(bytes(val), dtype=torch.uint8).clone()

@@ -1,0 +1,259 @@
+"""Two-stage pretraining of a small Megatron-Core GPT: Lighthouse for most steps, then dense (spec section 9)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import pathlib
+import time
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..config import LighthouseConfig
+from .corpus import load_corpus
+
+logger = logging.getLogger(__name__)
+
+MODES = ("two-stage", "dense", "lighthouse")
+VOCAB = 256  # bytes
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclasses.dataclass
+class DemoConfig:
+    """Settings of one demo run (every field is a CLI flag of ``python -m megatron_lighthouse.demo``).
+
+    ``mode``: ``two-stage`` (Lighthouse, then dense for the last ``dense_fraction`` of steps), ``dense`` (dense from
+    scratch, the baseline) or ``lighthouse`` (Lighthouse throughout). Validation loss is always measured densely.
+    """
+
+    mode: str = "two-stage"
+    steps: int = 200
+    dense_fraction: float = 0.2
+    seq_len: int = 1024
+    batch_size: int = 4
+    layers: int = 4
+    hidden: int = 128
+    heads: int = 4
+    ffn: int = 384
+    levels: int = 2
+    pooling_factor: int = 4
+    topk: int = 128
+    dense_layers: Tuple[int, ...] = (0, -1)
+    lr: float = 2e-3
+    warmup: int = 20
+    eval_every: int = 25
+    eval_batches: int = 4
+    log_every: int = 10
+    device: str = "cpu"
+    seed: int = 0
+    corpus: Optional[str] = None
+    corpus_bytes: int = 8 << 20
+    out: Optional[str] = None
+    resume: bool = False
+
+    def lighthouse(self) -> LighthouseConfig:
+        return LighthouseConfig(levels=self.levels, pooling_factor=self.pooling_factor, topk=self.topk,
+                                dense_layers=tuple(self.dense_layers))
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the flag for any setting that cannot run."""
+        if self.mode not in MODES:
+            raise ValueError(f"--mode {self.mode!r}: must be one of {MODES}")
+        for name in ("steps", "seq_len", "batch_size", "layers", "hidden", "heads", "ffn", "eval_every",
+                     "eval_batches", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
+        if self.hidden % self.heads:
+            raise ValueError(f"--hidden {self.hidden}: must be divisible by --heads {self.heads}")
+        if not 0.0 <= self.dense_fraction < 1.0:
+            raise ValueError(f"--dense-fraction {self.dense_fraction}: must be in [0, 1)")
+        if self.mode != "dense":
+            lighthouse = self.lighthouse()
+            try:
+                lighthouse.validate(self.seq_len)
+            except ValueError as err:
+                raise ValueError(f"--seq-len {self.seq_len} does not fit the Lighthouse settings (--levels, "
+                                 f"--pooling-factor, --topk): {err}") from None
+            if len(lighthouse.dense_layer_set(self.layers)) == self.layers:
+                raise ValueError(f"--dense-layers {self.dense_layers}: keeps all {self.layers} layers dense; "
+                                 f"use more --layers or fewer dense layers")
+
+    @property
+    def switch_step(self) -> Optional[int]:
+        """First dense step of a two-stage run (``None`` when Lighthouse never switches off)."""
+        if self.mode == "two-stage":
+            return self.steps - int(round(self.steps * self.dense_fraction))
+        return 0 if self.mode == "dense" else None
+
+
+def _init_runtime(device: torch.device) -> None:
+    """One-process torch.distributed + Megatron parallel state (all parallel sizes 1)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(20000 + os.getpid() % 20000))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel()
+    if device.type == "cuda":
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(0)
+
+
+def build_model(cfg: DemoConfig, device: torch.device) -> torch.nn.Module:
+    """GPTModel from the Lighthouse block spec (or the dense one for ``mode='dense'``)."""
+    from megatron.core.models.gpt import GPTModel
+
+    from ..spec import get_gpt_decoder_block_dense_spec, get_gpt_decoder_block_with_lighthouse_spec
+    from ..transformer_config import LighthouseTransformerConfig
+
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    lighthouse = cfg.lighthouse()
+    config = LighthouseTransformerConfig(
+        num_layers=cfg.layers, hidden_size=cfg.hidden, num_attention_heads=cfg.heads, ffn_hidden_size=cfg.ffn,
+        gated_linear_unit=True, activation_func=F.silu, normalization="RMSNorm", add_bias_linear=False,
+        hidden_dropout=0.0, attention_dropout=0.0, bf16=cuda, params_dtype=dtype, pipeline_dtype=dtype,
+        use_cpu_initialization=not cuda, lighthouse=lighthouse,
+    )
+    if cfg.mode == "dense":
+        spec = get_gpt_decoder_block_dense_spec(config, use_transformer_engine=False, normalization="RMSNorm")
+    else:
+        spec = get_gpt_decoder_block_with_lighthouse_spec(config, lighthouse, use_transformer_engine=False,
+                                                          normalization="RMSNorm")
+    # Megatron's RoPE needs CUDA; on CPU the demo uses learned positions.
+    model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=VOCAB, max_sequence_length=cfg.seq_len,
+                     position_embedding_type="rope" if cuda else "learned_absolute")
+    return model.to(device=device, dtype=dtype)
+
+
+def _lr_at(cfg: DemoConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of ``lr``."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def _batch(data: torch.Tensor, offsets: torch.Tensor, seq_len: int, device: torch.device):
+    rows = torch.stack([data[o : o + seq_len + 1] for o in offsets.tolist()]).long().to(device)
+    return rows[:, :-1], rows[:, 1:]
+
+
+def _loss(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+    return model(tokens, positions, None, labels=labels).float().mean()
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, val: torch.Tensor, cfg: DemoConfig, device: torch.device) -> float:
+    """Validation loss with every layer dense (the model the recipe ships), on fixed evenly spaced windows."""
+    from ..switch import lighthouse_enabled
+
+    span = len(val) - cfg.seq_len - 1
+    offsets = torch.linspace(0, span, cfg.eval_batches * cfg.batch_size).long()
+    model.eval()
+    with lighthouse_enabled(model, False):
+        losses = [_loss(model, *_batch(val, chunk, cfg.seq_len, device)).item()
+                  for chunk in offsets.split(cfg.batch_size)]
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def _save(path: pathlib.Path, payload: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)  # a crash mid-save never leaves a torn checkpoint
+
+
+def run_demo(cfg: DemoConfig) -> Dict:
+    """Train, switch, evaluate; returns the metrics (also written to ``cfg.out/metrics.json`` by the CLI)."""
+    from ..switch import LighthouseSchedule
+
+    cfg.validate()
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is visible")
+    train, val = load_corpus(cfg.corpus, cfg.corpus_bytes)
+    if min(len(train), len(val)) <= cfg.seq_len + 1:
+        raise ValueError(f"--corpus: {len(train)} train / {len(val)} validation bytes, too few for --seq-len "
+                         f"{cfg.seq_len}; raise --corpus-bytes or lower --seq-len")
+    _init_runtime(device)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    schedule = LighthouseSchedule(dense_from_iteration=cfg.switch_step)
+    out = pathlib.Path(cfg.out) if cfg.out else None
+    state = dict(step=0, train=[], evals=[], seconds={"lighthouse": 0.0, "dense": 0.0},
+                 tokens={"lighthouse": 0, "dense": 0})
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        if cfg.resume and (out / CHECKPOINT).exists():
+            ckpt = torch.load(out / CHECKPOINT, map_location=device, weights_only=False)
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            state = ckpt["state"]
+            logger.info("resumed from %s at step %d", out / CHECKPOINT, state["step"])
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + state["step"])
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    try:
+        for step in range(state["step"], cfg.steps):
+            stage = "lighthouse" if cfg.mode != "dense" and schedule.apply(model, step) else "dense"
+            if step == cfg.switch_step and cfg.mode == "two-stage":
+                logger.info("step %d: switching Lighthouse off, dense attention from here on", step)
+            for group in optimizer.param_groups:
+                group["lr"] = _lr_at(cfg, step)
+            start = time.perf_counter()
+            offsets = torch.randint(0, len(train) - cfg.seq_len - 1, (cfg.batch_size,), generator=gen)
+            loss = _loss(model, *_batch(train, offsets, cfg.seq_len, device))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            elapsed = time.perf_counter() - start
+            state["seconds"][stage] += elapsed
+            state["tokens"][stage] += tokens_per_step
+            state["train"].append(dict(step=step, loss=loss.item(), stage=stage))
+            state["step"] = step + 1
+            if (step + 1) % cfg.log_every == 0 or step == 0:
+                logger.info("step %4d/%d  %-10s  loss %.4f  %8.0f tokens/s", step + 1, cfg.steps, stage,
+                            loss.item(), tokens_per_step / elapsed)
+            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+                val_loss = evaluate(model, val, cfg, device)
+                state["evals"].append(dict(step=step + 1, val_loss=val_loss, stage=stage))
+                logger.info("step %4d  validation loss (dense) %.4f", step + 1, val_loss)
+                if out is not None:
+                    _save(out / CHECKPOINT, dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
+                                                 state=state, config=dataclasses.asdict(cfg)))
+    except torch.cuda.OutOfMemoryError:
+        raise SystemExit("out of GPU memory: lower --batch-size, --seq-len, --layers or --hidden") from None
+    if out is not None:
+        from ..export import save_dense_checkpoint
+
+        save_dense_checkpoint(model, str(out / "model_dense.pt"))
+    return summarize(cfg, state)
+
+
+def summarize(cfg: DemoConfig, state: Dict) -> Dict:
+    """Final validation loss of each stage, wall time and tokens/s, plus the curves."""
+    stages: List[Dict] = []
+    for stage in ("lighthouse", "dense"):
+        evals = [e for e in state["evals"] if e["stage"] == stage]
+        if state["tokens"][stage]:
+            seconds = state["seconds"][stage]
+            stages.append(dict(stage=stage, steps=sum(t["stage"] == stage for t in state["train"]),
+                               final_val_loss=evals[-1]["val_loss"] if evals else None, seconds=seconds,
+                               tokens_per_s=state["tokens"][stage] / seconds if seconds else 0.0))
+    return dict(config=dataclasses.asdict(cfg), switch_step=cfg.switch_step, stages=stages,
+                final_val_loss=state["evals"][-1]["val_loss"] if state["evals"] else None,
+                train=state["train"], evals=state["evals"])
