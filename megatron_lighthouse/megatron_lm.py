@@ -1,0 +1,221 @@
+"""The package side of the Megatron-LM ``pretrain_gpt.py`` hook: flags, validation, spec choice, two-stage switch.
+
+Megatron-LM's ``pretrain_gpt.py`` uses it in three places (the patch in ``patches/`` wires only these lines):
+
+1. arguments: ``pretrain(..., extra_args_provider=add_lighthouse_args)`` adds ``--lighthouse``,
+   ``--lighthouse-topk``, ``--lighthouse-pooling-factor``, ``--lighthouse-levels``, ``--lighthouse-dense-layers``,
+   ``--lighthouse-dense-from-iteration`` and the GPU-monitor flags; after parsing, ``validate_lighthouse_args(args)``
+   checks them against ``--seq-length``, ``--num-layers`` and ``--context-parallel-size``, and
+   ``log_lighthouse_summary(args, num_heads, head_dim)`` logs the subsequence length and attention-FLOP saving;
+2. model builder: ``transformer_layer_spec = lighthouse_block_spec_from_args(args, config, vp_stage)``
+   (the Lighthouse decoder block spec with ``--lighthouse``, the dense one without);
+3. training loop: ``maybe_switch_to_dense(model, iteration, args)`` once per iteration flips the Lighthouse layers
+   to dense attention from ``--lighthouse-dense-from-iteration`` on, in the same run or after resuming from a
+   checkpoint (nothing is rebuilt; the parameters, optimizer state and checkpoint format are unchanged).
+
+Importing this module does not import megatron-core; the spec and switch modules are imported on first use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import TYPE_CHECKING, Any, Optional, Tuple
+
+from .config import LighthouseConfig
+from .monitor.config import add_monitor_args
+
+if TYPE_CHECKING:
+    from .switch import LighthouseSchedule, Model
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "add_lighthouse_args",
+    "lighthouse_config_from_args",
+    "validate_lighthouse_args",
+    "lighthouse_block_spec_from_args",
+    "lighthouse_schedule_from_args",
+    "maybe_switch_to_dense",
+    "log_lighthouse_summary",
+]
+
+_DEFAULTS = LighthouseConfig()
+
+#: ``LighthouseConfig`` field -> (command-line flag, ``args`` attribute).
+_FLAGS = {
+    "topk": ("--lighthouse-topk", "lighthouse_topk"),
+    "pooling_factor": ("--lighthouse-pooling-factor", "lighthouse_pooling_factor"),
+    "levels": ("--lighthouse-levels", "lighthouse_levels"),
+    "dense_layers": ("--lighthouse-dense-layers", "lighthouse_dense_layers"),
+}
+
+#: Megatron-LM arguments forwarded to Megatron's layer spec functions (unknown ones are dropped by the spec).
+_LAYER_SPEC_ARGS = ("num_experts", "moe_grouped_gemm", "qk_layernorm", "multi_latent_attention", "qk_l2_norm",
+                    "moe_use_legacy_grouped_gemm", "normalization")
+
+
+def _int_list(text: str) -> Tuple[int, ...]:
+    """argparse type: ``"0,1,-2,-1"`` -> ``(0, 1, -2, -1)``; ``""`` -> ``()`` (no dense layers)."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    try:
+        return tuple(int(item) for item in items)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: must be comma-separated ints (0-based layer indices, negative from the end), e.g. 0,1,-2,-1"
+        ) from None
+
+
+def _iteration(text: str) -> int:
+    """argparse type: an iteration number ``>= 0``."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be an int >= 0 (the first dense iteration)")
+    return value
+
+
+def add_lighthouse_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the Lighthouse flags (and :func:`~megatron_lighthouse.monitor.config.add_monitor_args`) to ``parser``
+    and return it: Megatron-LM's ``extra_args_provider``."""
+    group = parser.add_argument_group("lighthouse")
+    group.add_argument("--lighthouse", action="store_true",
+                       help="Use the Lighthouse decoder block spec (selection-based hierarchical attention).")
+    group.add_argument("--lighthouse-topk", type=int, default=_DEFAULTS.topk,
+                       help=f"Global selection budget k, a multiple of 128 (default: {_DEFAULTS.topk}).")
+    group.add_argument("--lighthouse-pooling-factor", type=int, default=_DEFAULTS.pooling_factor,
+                       help=f"Pooling factor p, a power of two in [2, 64] (default: {_DEFAULTS.pooling_factor}).")
+    group.add_argument("--lighthouse-levels", type=int, default=_DEFAULTS.levels,
+                       help=f"Pyramid levels L >= 2, level 0 being the tokens (default: {_DEFAULTS.levels}).")
+    group.add_argument("--lighthouse-dense-layers", type=_int_list, default=_DEFAULTS.dense_layers,
+                       help="Layers kept dense, comma-separated 0-based indices, negative from the end; "
+                            "empty for none (default: 0,1,-2,-1).")
+    group.add_argument("--lighthouse-dense-from-iteration", type=_iteration, default=None,
+                       help="Two-stage recipe: switch every Lighthouse layer to dense attention from this iteration "
+                            "on (same run or on resume); default: Lighthouse throughout.")
+    add_monitor_args(parser)
+    return parser
+
+
+def lighthouse_config_from_args(args: Any) -> Optional[LighthouseConfig]:
+    """:class:`LighthouseConfig` from the parsed flags; ``None`` without ``--lighthouse``.
+
+    ``ValueError`` names the offending flag, its value and the rule.
+    """
+    if not getattr(args, "lighthouse", False):
+        return None
+    values = {field: getattr(args, attr) for field, (_, attr) in _FLAGS.items()}
+    for field, (flag, _) in _FLAGS.items():
+        try:
+            LighthouseConfig(**{field: values[field]})
+        except ValueError as err:
+            shown = ",".join(map(str, values[field])) if field == "dense_layers" else values[field]
+            raise ValueError(f"{flag} {shown}: {err}") from None
+    return LighthouseConfig(**values)
+
+
+def _cp_size(args: Any) -> int:
+    return getattr(args, "context_parallel_size", None) or 1
+
+
+def _chunks(args: Any) -> int:
+    """Selection chunks per sequence: 1, or ``2 * W`` with context parallelism of size ``W`` (the load-balanced
+    split gives each rank two chunks, each selecting ``topk / (2W)`` on its own)."""
+    cp = _cp_size(args)
+    return 1 if cp == 1 else 2 * cp
+
+
+def validate_lighthouse_args(args: Any) -> Optional[LighthouseConfig]:
+    """Check the Lighthouse flags against ``--seq-length``, ``--num-layers`` and ``--context-parallel-size``.
+
+    Returns the :class:`LighthouseConfig` (``None`` without ``--lighthouse``); ``ValueError`` names the flag.
+    """
+    dense_from = getattr(args, "lighthouse_dense_from_iteration", None)
+    cfg = lighthouse_config_from_args(args)
+    if cfg is None:
+        if dense_from is not None:
+            raise ValueError(f"--lighthouse-dense-from-iteration {dense_from}: needs --lighthouse (without it every "
+                             "layer is dense from the start)")
+        return None
+    cp = _cp_size(args)
+    try:
+        cfg.validate(args.seq_length, chunks=_chunks(args))
+    except ValueError as err:
+        where = "" if cp == 1 else f" with --context-parallel-size {cp} ({_chunks(args)} chunks)"
+        raise ValueError(f"--seq-length {args.seq_length}{where} does not fit --lighthouse-topk {cfg.topk} "
+                         f"--lighthouse-pooling-factor {cfg.pooling_factor} --lighthouse-levels {cfg.levels}: "
+                         f"{err}") from None
+    try:
+        cfg.dense_layer_set(args.num_layers)
+    except ValueError as err:
+        raise ValueError(f"--lighthouse-dense-layers {','.join(map(str, cfg.dense_layers))} with --num-layers "
+                         f"{args.num_layers}: {err}") from None
+    return cfg
+
+
+def _layer_spec_kwargs(args: Any) -> dict:
+    return {name: getattr(args, name) for name in _LAYER_SPEC_ARGS if hasattr(args, name)}
+
+
+def lighthouse_block_spec_from_args(args: Any, config: Any, vp_stage: Optional[int] = None):
+    """Decoder block spec for this (virtual) pipeline stage: Lighthouse with ``--lighthouse``, else dense.
+
+    ``config`` is Megatron's ``TransformerConfig``; TransformerEngine is used unless ``--transformer-impl local``.
+    Returns Megatron's ``TransformerBlockSubmodules``.
+    """
+    from .spec import get_gpt_decoder_block_dense_spec, get_gpt_decoder_block_with_lighthouse_spec
+
+    use_te = getattr(args, "transformer_impl", "transformer_engine") == "transformer_engine"
+    kwargs = dict(use_transformer_engine=use_te, vp_stage=vp_stage, **_layer_spec_kwargs(args))
+    cfg = lighthouse_config_from_args(args)
+    if cfg is None:
+        return get_gpt_decoder_block_dense_spec(config, **kwargs)
+    return get_gpt_decoder_block_with_lighthouse_spec(config, cfg, **kwargs)
+
+
+def lighthouse_schedule_from_args(args: Any) -> "LighthouseSchedule":
+    """The two-stage schedule of ``--lighthouse-dense-from-iteration`` (Lighthouse throughout when unset)."""
+    from .switch import LighthouseSchedule
+
+    return LighthouseSchedule(getattr(args, "lighthouse_dense_from_iteration", None))
+
+
+def maybe_switch_to_dense(model: "Model", iteration: int, args: Any) -> bool:
+    """Apply the schedule of ``--lighthouse-dense-from-iteration`` to ``model`` (a module or list of model
+    chunks) at ``iteration``; call once per iteration.
+
+    Returns ``True`` when this call switched Lighthouse layers to dense (logged once, at that moment).
+    """
+    from .switch import lighthouse_modules
+
+    modules = lighthouse_modules(model)
+    was_on = any(m.enabled for m in modules)
+    enabled = lighthouse_schedule_from_args(args).apply(modules, iteration)
+    switched = was_on and not enabled
+    if switched:
+        logger.info("Lighthouse: iteration %d >= --lighthouse-dense-from-iteration %d: %d Lighthouse layers "
+                    "switched to dense attention", iteration, args.lighthouse_dense_from_iteration, len(modules))
+    return switched
+
+
+def log_lighthouse_summary(args: Any, num_heads: int, head_dim: int) -> str:
+    """Log (``logging.info``) and return one line: the effective subsequence length and the attention-FLOP
+    ratio of a Lighthouse layer vs. dense at ``--seq-length`` (``num_heads`` heads of ``head_dim``)."""
+    cfg = validate_lighthouse_args(args)
+    if cfg is None:
+        line = f"Lighthouse: off (dense attention at --seq-length {args.seq_length})"
+    else:
+        cost = cfg.attention_cost(args.seq_length, num_heads, head_dim, chunks=_chunks(args))
+        dense_layers = sorted(cfg.dense_layer_set(args.num_layers))
+        stage_two = args.lighthouse_dense_from_iteration
+        line = (f"Lighthouse: seq_length {args.seq_length} -> subsequence {cost['subsequence_length']} "
+                f"(levels {cfg.levels}, pooling_factor {cfg.pooling_factor}, topk {cfg.topk}, "
+                f"context_parallel {_cp_size(args)}); attention FLOPs per Lighthouse layer {cost['ratio']:.2%} of "
+                f"dense ({1.0 / cost['ratio']:.1f}x fewer); "
+                f"{args.num_layers - len(dense_layers)}/{args.num_layers} layers Lighthouse, dense layers "
+                f"{dense_layers}; "
+                + ("Lighthouse throughout" if stage_two is None else f"dense from iteration {stage_two}"))
+    logger.info(line)
+    return line

@@ -1,0 +1,193 @@
+"""``megatron_lighthouse.megatron_lm``: the Megatron-LM flags, their validation, the spec choice and the switch."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import subprocess
+import sys
+
+import pytest
+
+from megatron_lighthouse.config import LighthouseConfig
+from megatron_lighthouse.megatron_lm import (
+    add_lighthouse_args,
+    lighthouse_block_spec_from_args,
+    lighthouse_config_from_args,
+    lighthouse_schedule_from_args,
+    log_lighthouse_summary,
+    maybe_switch_to_dense,
+    validate_lighthouse_args,
+)
+
+from megatron_utils import SEQ, init_megatron, tiny_gpt  # noqa: E402
+
+
+def parse(*argv: str, seq_length: int = 524288, num_layers: int = 6, cp: int = 1) -> argparse.Namespace:
+    """Parse ``argv`` with the Lighthouse flags, plus the Megatron-LM arguments they are checked against."""
+    args = add_lighthouse_args(argparse.ArgumentParser(prog="pretrain_gpt.py")).parse_args(list(argv))
+    args.seq_length, args.num_layers, args.context_parallel_size = seq_length, num_layers, cp
+    args.transformer_impl = "local"
+    return args
+
+
+def parse_error(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit):
+        parse(*argv)
+    return capsys.readouterr().err
+
+
+def test_import_does_not_import_megatron():
+    code = ("import sys, megatron_lighthouse.megatron_lm; "
+            "assert not any(m.startswith('megatron.core') for m in sys.modules), 'megatron.core imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_defaults():
+    args = parse()
+    assert args.lighthouse is False
+    assert (args.lighthouse_topk, args.lighthouse_pooling_factor, args.lighthouse_levels) == (2048, 4, 3)
+    assert args.lighthouse_dense_layers == (0, 1, -2, -1)
+    assert args.lighthouse_dense_from_iteration is None
+    assert args.lighthouse_monitor is False  # the monitor flags come along
+    assert lighthouse_config_from_args(args) is None
+    assert validate_lighthouse_args(args) is None
+    assert lighthouse_config_from_args(parse("--lighthouse")) == LighthouseConfig()
+
+
+def test_every_flag_parses():
+    args = parse("--lighthouse", "--lighthouse-topk", "1024", "--lighthouse-pooling-factor", "8",
+                 "--lighthouse-levels", "2", "--lighthouse-dense-layers", "0, -1",
+                 "--lighthouse-dense-from-iteration", "500", "--lighthouse-monitor",
+                 "--lighthouse-monitor-interval", "0.5")
+    assert lighthouse_config_from_args(args) == LighthouseConfig(levels=2, pooling_factor=8, topk=1024,
+                                                                 dense_layers=(0, -1))
+    assert args.lighthouse_dense_from_iteration == 500
+    assert args.lighthouse_monitor and args.lighthouse_monitor_interval == 0.5
+    assert parse("--lighthouse-dense-layers", "").lighthouse_dense_layers == ()
+
+
+def test_bad_values_rejected_by_argparse(capsys):
+    err = parse_error(capsys, "--lighthouse-dense-layers", "0,x")
+    assert "--lighthouse-dense-layers" in err and "'0,x'" in err and "comma-separated ints" in err
+    err = parse_error(capsys, "--lighthouse-dense-from-iteration", "-3")
+    assert "--lighthouse-dense-from-iteration" in err and ">= 0" in err
+    err = parse_error(capsys, "--lighthouse-topk", "many")
+    assert "--lighthouse-topk" in err
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (("--lighthouse-topk", "100"), "--lighthouse-topk 100: "),
+    (("--lighthouse-pooling-factor", "3"), "--lighthouse-pooling-factor 3: "),
+    (("--lighthouse-levels", "1"), "--lighthouse-levels 1: "),
+])
+def test_bad_settings_name_the_flag(argv, flag):
+    with pytest.raises(ValueError) as err:
+        lighthouse_config_from_args(parse("--lighthouse", *argv))
+    assert str(err.value).startswith(flag)
+    with pytest.raises(ValueError, match=flag):
+        validate_lighthouse_args(parse("--lighthouse", *argv))
+
+
+def test_seq_length_that_does_not_fit():
+    # topk 2048 -> 16 tiles, p**(L-1) = 16: the sequence must be a multiple of 256 and >= 32768.
+    with pytest.raises(ValueError, match=r"--seq-length 100000 .*nearest valid lengths: \(99840, 100096\)"):
+        validate_lighthouse_args(parse("--lighthouse", seq_length=100000))
+    with pytest.raises(ValueError, match=r"--seq-length 16384 .*needs >= 128"):
+        validate_lighthouse_args(parse("--lighthouse", seq_length=16384))
+    assert validate_lighthouse_args(parse("--lighthouse", seq_length=32768)) == LighthouseConfig()
+
+
+def test_context_parallel_validates_the_local_chunks():
+    # CP 2: 4 chunks of 32768 tokens, each selecting 2048/4 = 512 (4 tiles): fits.
+    assert validate_lighthouse_args(parse("--lighthouse", seq_length=131072, cp=2)) is not None
+    # 4 chunks of 4096 tokens: 256 coarsest entries over 4 tiles, 64 per tile < 128.
+    too_short = r"--seq-length 16384 with --context-parallel-size 2 \(4 chunks\).*needs >= 128"
+    with pytest.raises(ValueError, match=too_short):
+        validate_lighthouse_args(parse("--lighthouse", seq_length=16384, cp=2))
+    # topk 256 fits one sequence of 131072 but cannot be split into 4 chunks of whole tiles.
+    assert validate_lighthouse_args(parse("--lighthouse", "--lighthouse-topk", "256", seq_length=131072)) is not None
+    with pytest.raises(ValueError, match=r"--context-parallel-size 2 .*topk must be a multiple of 512"):
+        validate_lighthouse_args(parse("--lighthouse", "--lighthouse-topk", "256", seq_length=131072, cp=2))
+
+
+def test_dense_layers_out_of_range():
+    with pytest.raises(ValueError, match=r"--lighthouse-dense-layers 0,1,-2,-1 with --num-layers 1: .*entry 1"):
+        validate_lighthouse_args(parse("--lighthouse", num_layers=1))
+    with pytest.raises(ValueError, match=r"--lighthouse-dense-layers 6 with --num-layers 6"):
+        validate_lighthouse_args(parse("--lighthouse", "--lighthouse-dense-layers", "6"))
+
+
+def test_dense_from_iteration_needs_lighthouse():
+    with pytest.raises(ValueError, match=r"--lighthouse-dense-from-iteration 10: needs --lighthouse"):
+        validate_lighthouse_args(parse("--lighthouse-dense-from-iteration", "10"))
+    assert validate_lighthouse_args(parse("--lighthouse", "--lighthouse-dense-from-iteration", "10")) is not None
+
+
+def test_schedule_from_args():
+    schedule = lighthouse_schedule_from_args(parse("--lighthouse", "--lighthouse-dense-from-iteration", "3"))
+    assert [schedule.enabled_at(i) for i in range(5)] == [True, True, True, False, False]
+    assert all(lighthouse_schedule_from_args(parse("--lighthouse")).enabled_at(i) for i in (0, 10**9))
+
+
+def test_summary_line(caplog):
+    args = parse("--lighthouse", seq_length=524288, num_layers=24)
+    with caplog.at_level(logging.INFO, logger="megatron_lighthouse.megatron_lm"):
+        line = log_lighthouse_summary(args, num_heads=32, head_dim=128)
+    assert "seq_length 524288 -> subsequence 49152" in line  # 524288/16 + 2*4*2048
+    ratio = (49152 / 524288) ** 2
+    assert f"{ratio:.2%} of dense ({1 / ratio:.1f}x fewer)" in line
+    assert "20/24 layers Lighthouse, dense layers [0, 1, 22, 23]" in line
+    assert caplog.messages == [line]
+    # With CP 2 the subsequence length is the same, summed over the 4 chunks.
+    assert "-> subsequence 49152" in log_lighthouse_summary(parse("--lighthouse", seq_length=524288, cp=2), 32, 128)
+    assert "off" in log_lighthouse_summary(parse(), 32, 128)
+
+
+def _core_attention_names(spec):
+    return [s.submodules.self_attention.submodules.core_attention.module.__name__ for s in spec.layer_specs]
+
+
+@pytest.fixture
+def megatron():
+    pytest.importorskip("megatron.core")
+    init_megatron()
+
+
+def _config(num_layers: int = 6):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return TransformerConfig(num_layers=num_layers, hidden_size=64, num_attention_heads=4,
+                             use_cpu_initialization=True, ffn_hidden_size=128)
+
+
+def test_block_spec_from_args(megatron):
+    config = _config()
+    names = _core_attention_names(lighthouse_block_spec_from_args(parse("--lighthouse"), config))
+    assert names == ["SDPACoreAttention"] * 2 + ["LighthouseCoreAttention"] * 2 + ["SDPACoreAttention"] * 2
+    names = _core_attention_names(
+        lighthouse_block_spec_from_args(parse("--lighthouse", "--lighthouse-dense-layers", "3"), config))
+    assert names == ["LighthouseCoreAttention"] * 3 + ["SDPACoreAttention"] + ["LighthouseCoreAttention"] * 2
+    assert _core_attention_names(lighthouse_block_spec_from_args(parse(), config)) == ["SDPACoreAttention"] * 6
+
+
+def test_maybe_switch_to_dense(megatron, caplog):
+    from megatron_lighthouse.switch import lighthouse_modules
+
+    args = parse("--lighthouse", "--lighthouse-topk", "128", "--lighthouse-levels", "2",
+                 "--lighthouse-pooling-factor", "2", "--lighthouse-dense-from-iteration", "2", seq_length=SEQ)
+    validate_lighthouse_args(args)
+    config = _config()
+    model = tiny_gpt(config, lighthouse_block_spec_from_args(args, config))
+    modules = lighthouse_modules(model)
+    assert len(modules) == 2
+    with caplog.at_level(logging.INFO, logger="megatron_lighthouse.megatron_lm"):
+        switched = [maybe_switch_to_dense([model], it, args) for it in range(4)]
+        states = [m.enabled for m in modules]
+    assert switched == [False, False, True, False]
+    assert states == [False, False]
+    assert len(caplog.messages) == 1 and "iteration 2 >= --lighthouse-dense-from-iteration 2" in caplog.messages[0]
+    # Resuming past the switch point: the fresh model is switched at its first iteration.
+    resumed = tiny_gpt(config, lighthouse_block_spec_from_args(args, config))
+    assert maybe_switch_to_dense(resumed, 7, args) is True
+    assert not any(m.enabled for m in lighthouse_modules(resumed))
