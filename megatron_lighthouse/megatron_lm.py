@@ -50,11 +50,6 @@ _FLAGS = {
     "dense_layers": ("--lighthouse-dense-layers", "lighthouse_dense_layers"),
 }
 
-#: Megatron-LM arguments forwarded to Megatron's layer spec functions (unknown ones are dropped by the spec).
-_LAYER_SPEC_ARGS = ("num_experts", "moe_grouped_gemm", "qk_layernorm", "multi_latent_attention", "qk_l2_norm",
-                    "moe_use_legacy_grouped_gemm", "normalization")
-
-
 def _int_list(text: str) -> Tuple[int, ...]:
     """argparse type: ``"0,1,-2,-1"`` -> ``(0, 1, -2, -1)``; ``""`` -> ``()`` (no dense layers)."""
     items = [item.strip() for item in text.split(",") if item.strip()]
@@ -155,20 +150,16 @@ def validate_lighthouse_args(args: Any) -> Optional[LighthouseConfig]:
     return cfg
 
 
-def _layer_spec_kwargs(args: Any) -> dict:
-    return {name: getattr(args, name) for name in _LAYER_SPEC_ARGS if hasattr(args, name)}
-
-
 def lighthouse_block_spec_from_args(args: Any, config: Any, vp_stage: Optional[int] = None):
     """Decoder block spec for this (virtual) pipeline stage: Lighthouse with ``--lighthouse``, else dense.
 
     ``config`` is Megatron's ``TransformerConfig``; TransformerEngine is used unless ``--transformer-impl local``.
     Returns Megatron's ``TransformerBlockSubmodules``.
     """
-    from .spec import get_gpt_decoder_block_dense_spec, get_gpt_decoder_block_with_lighthouse_spec
+    from .spec import get_gpt_decoder_block_dense_spec, get_gpt_decoder_block_with_lighthouse_spec, layer_spec_kwargs
 
     use_te = getattr(args, "transformer_impl", "transformer_engine") == "transformer_engine"
-    kwargs = dict(use_transformer_engine=use_te, vp_stage=vp_stage, **_layer_spec_kwargs(args))
+    kwargs = dict(use_transformer_engine=use_te, vp_stage=vp_stage, **layer_spec_kwargs(args))
     cfg = lighthouse_config_from_args(args)
     if cfg is None:
         return get_gpt_decoder_block_dense_spec(config, **kwargs)

@@ -187,6 +187,16 @@ def get_gpt_decoder_block_dense_spec(
     return _block_spec(config, None, use_transformer_engine, vp_stage, pp_rank, kwargs)
 
 
+#: Megatron-LM arguments forwarded to Megatron's layer spec functions (unknown ones are dropped by the spec).
+LAYER_SPEC_ARGS = ("num_experts", "moe_grouped_gemm", "qk_layernorm", "multi_latent_attention", "qk_l2_norm",
+                   "moe_use_legacy_grouped_gemm", "normalization")
+
+
+def layer_spec_kwargs(args: Any) -> dict:
+    """The layer-spec options present on a Megatron-LM argument namespace."""
+    return {name: getattr(args, name) for name in LAYER_SPEC_ARGS if hasattr(args, name)}
+
+
 def _megatron_lm_layer_kwargs() -> dict:
     """Layer-spec options from Megatron-LM's parsed arguments, when Megatron-LM has parsed them."""
     try:
@@ -194,11 +204,7 @@ def _megatron_lm_layer_kwargs() -> dict:
     except ImportError:
         return {}
     args = getattr(global_vars, "_GLOBAL_ARGS", None)
-    if args is None:
-        return {}
-    names = ("num_experts", "moe_grouped_gemm", "qk_layernorm", "multi_latent_attention", "qk_l2_norm",
-             "moe_use_legacy_grouped_gemm", "normalization")
-    return {name: getattr(args, name) for name in names if hasattr(args, name)}
+    return {} if args is None else layer_spec_kwargs(args)
 
 
 def _have_transformer_engine() -> bool:
