@@ -2,11 +2,13 @@
 
 Megatron-LM's ``pretrain_gpt.py`` uses it in three places (the patch in ``patches/`` wires only these lines):
 
-1. arguments: ``pretrain(..., extra_args_provider=add_lighthouse_args)`` adds ``--lighthouse``,
+1. arguments: ``extra_args_provider=lighthouse_args_provider(other)`` (or ``add_lighthouse_args`` itself) adds
+   ``--lighthouse``,
    ``--lighthouse-topk``, ``--lighthouse-pooling-factor``, ``--lighthouse-levels``, ``--lighthouse-dense-layers``,
    ``--lighthouse-dense-from-iteration`` and the GPU-monitor flags; after parsing, ``validate_lighthouse_args(args)``
    checks them against ``--seq-length``, ``--num-layers`` and ``--context-parallel-size``, and
    ``log_lighthouse_summary(args, num_heads, head_dim)`` logs the subsequence length and attention-FLOP saving;
+   ``start_lighthouse(args)`` does both after Megatron-LM's parsing and starts the GPU monitor;
 2. model builder: ``transformer_layer_spec = lighthouse_block_spec_from_args(args, config, vp_stage)``
    (the Lighthouse decoder block spec with ``--lighthouse``, the dense one without);
 3. training loop: ``maybe_switch_to_dense(model, iteration, args)`` once per iteration flips the Lighthouse layers
@@ -19,8 +21,9 @@ Importing this module does not import megatron-core; the spec and switch modules
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
-from typing import TYPE_CHECKING, Any, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Optional, Tuple
 
 from .config import LighthouseConfig
 from .monitor.config import add_monitor_args
@@ -32,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "add_lighthouse_args",
+    "lighthouse_args_provider",
+    "start_lighthouse",
     "lighthouse_config_from_args",
     "validate_lighthouse_args",
     "lighthouse_block_spec_from_args",
@@ -92,6 +97,19 @@ def add_lighthouse_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                             "on (same run or on resume); default: Lighthouse throughout.")
     add_monitor_args(parser)
     return parser
+
+
+def lighthouse_args_provider(
+    other: Optional[Callable[[argparse.ArgumentParser], argparse.ArgumentParser]] = None,
+) -> Callable[[argparse.ArgumentParser], argparse.ArgumentParser]:
+    """An ``extra_args_provider`` adding the Lighthouse flags after ``other``'s (e.g. ModelOpt's), if any."""
+
+    def provider(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        if other is not None:
+            parser = other(parser)
+        return add_lighthouse_args(parser)
+
+    return provider
 
 
 def lighthouse_config_from_args(args: Any) -> Optional[LighthouseConfig]:
@@ -210,3 +228,48 @@ def log_lighthouse_summary(args: Any, num_heads: int, head_dim: int) -> str:
                 + ("Lighthouse throughout" if stage_two is None else f"dense from iteration {stage_two}"))
     logger.info(line)
     return line
+
+
+def _monitor_step_hook(args: Any) -> Callable[..., None]:
+    """A global ``torch.optim`` step post-hook driving :class:`~megatron_lighthouse.monitor.GPUMonitor` once per
+    training iteration.
+
+    The optimizer step is the one point of a Megatron-LM iteration that every rank reaches after the
+    pipeline schedule has finished, so the monitor's collective cannot interleave with pipeline
+    send/receive. The monitor starts on the first step (after Megatron has set the device and process
+    groups); several inner optimizers per iteration count once.
+    """
+    from .monitor import GPUMonitor
+
+    state: dict = {"monitor": None, "iteration": None}
+
+    def hook(optimizer: Any, hook_args: Any, hook_kwargs: Any) -> None:
+        iteration = getattr(args, "curr_iteration", 0) + 1  # Megatron sets curr_iteration before the step
+        if iteration == state["iteration"]:
+            return
+        state["iteration"] = iteration
+        if state["monitor"] is None:
+            state["monitor"] = GPUMonitor.from_args(args).start()
+            atexit.register(state["monitor"].stop)
+        state["monitor"].step(iteration)
+
+    return hook
+
+
+def start_lighthouse(args: Any, printer: Optional[Callable[[str], None]] = None) -> Optional[LighthouseConfig]:
+    """Megatron-LM start-up, after argument parsing: validate the flags (``ValueError`` names the flag), report
+    the subsequence length and attention-FLOP saving (``logging``, and ``printer`` too, e.g. Megatron-LM's
+    ``print_rank_0``), and, with
+    ``--lighthouse-monitor``, register the per-iteration GPU monitor (see :func:`_monitor_step_hook`).
+
+    Returns the :class:`LighthouseConfig` (``None`` without ``--lighthouse``).
+    """
+    head_dim = getattr(args, "kv_channels", None) or args.hidden_size // args.num_attention_heads
+    line = log_lighthouse_summary(args, args.num_attention_heads, head_dim)
+    if printer is not None:
+        printer(line)
+    if getattr(args, "lighthouse_monitor", False):
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        register_optimizer_step_post_hook(_monitor_step_hook(args))
+    return lighthouse_config_from_args(args)

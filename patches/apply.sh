@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Apply the Lighthouse hook (megatron_lm_lighthouse.patch) to a Megatron-LM checkout.
+# Usage: patches/apply.sh MEGATRON_LM_DIR
+#   Checks the checkout's commit against the one the patch was verified on (a different commit is allowed
+#   if the patch still applies cleanly), runs `git apply --check` before touching anything, and does
+#   nothing if the patch is already applied. Exit codes: 0 applied or already applied, 2 bad usage,
+#   3 the patch does not apply (nothing was changed).
+set -euo pipefail
+VERIFIED_COMMIT=d98e8a64ddf34856e74b24714e3bedb2f5a39553  # keep in sync with patches/README.md
+HERE=$(cd "$(dirname "$0")" && pwd)
+PATCH="$HERE/megatron_lm_lighthouse.patch"
+die() { echo "error: $*" >&2; exit "${2:-2}"; }
+
+[ $# -eq 1 ] || die "usage: $0 MEGATRON_LM_DIR   (a Megatron-LM checkout containing pretrain_gpt.py)"
+DIR=$1
+[ -d "$DIR" ] || die "MEGATRON_LM_DIR=$DIR: no such directory"
+for f in pretrain_gpt.py gpt_builders.py; do
+    [ -f "$DIR/$f" ] || die "MEGATRON_LM_DIR=$DIR: no $f there (not a Megatron-LM checkout, or one older than gpt_builders.py)"
+done
+command -v git >/dev/null || die "git is needed (git apply)"
+
+if head=$(git -C "$DIR" rev-parse HEAD 2>/dev/null); then
+    if [ "$head" = "$VERIFIED_COMMIT" ]; then
+        echo "Megatron-LM at $head: the commit this patch was verified on"
+    else
+        echo "warning: Megatron-LM at $head; the patch was verified on $VERIFIED_COMMIT (trying it anyway)" >&2
+    fi
+else
+    echo "warning: $DIR is not a git checkout; cannot check its commit (verified on $VERIFIED_COMMIT)" >&2
+fi
+
+cd "$DIR"
+if git apply --reverse --check "$PATCH" 2>/dev/null; then
+    echo "already applied: $DIR/pretrain_gpt.py and gpt_builders.py carry the Lighthouse hook; nothing to do"
+    exit 0
+fi
+if ! report=$(git apply --check --verbose "$PATCH" 2>&1); then
+    echo "$report" >&2
+    cat >&2 <<MSG
+error: the patch does not apply to $DIR (nothing was changed).
+  This Megatron-LM differs from the verified commit around the hook lines. Either
+  - check out the verified commit:  git -C $DIR checkout $VERIFIED_COMMIT   and rerun this script, or
+  - try a three-way merge:          git -C $DIR apply --3way $PATCH   and resolve what it marks, or
+  - add the hook lines by hand (patches/README.md lists all of them: imports, the extra_args_provider,
+    start_lighthouse(args) after parsing, maybe_switch_to_dense in forward_step, the --lighthouse branch
+    in gpt_builder).
+MSG
+    exit 3
+fi
+git apply "$PATCH"
+echo "applied: $PATCH"
+echo "  pretrain_gpt.py now takes --lighthouse, --lighthouse-topk, --lighthouse-pooling-factor, --lighthouse-levels,"
+echo "  --lighthouse-dense-layers, --lighthouse-dense-from-iteration and --lighthouse-monitor (see examples/)."
+python3 -c "import megatron_lighthouse" 2>/dev/null \
+    || echo "warning: megatron_lighthouse is not importable by python3 here; install it (pip install -e .) in the training environment" >&2
