@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import subprocess
 import sys
@@ -12,11 +13,13 @@ import pytest
 from megatron_lighthouse.config import LighthouseConfig
 from megatron_lighthouse.megatron_lm import (
     add_lighthouse_args,
+    lighthouse_args_provider,
     lighthouse_block_spec_from_args,
     lighthouse_config_from_args,
     lighthouse_schedule_from_args,
     log_lighthouse_summary,
     maybe_switch_to_dense,
+    start_lighthouse,
     validate_lighthouse_args,
 )
 
@@ -191,3 +194,69 @@ def test_maybe_switch_to_dense(megatron, caplog):
     resumed = tiny_gpt(config, lighthouse_block_spec_from_args(args, config))
     assert maybe_switch_to_dense(resumed, 7, args) is True
     assert not any(m.enabled for m in lighthouse_modules(resumed))
+
+
+def test_args_provider_chains_the_previous_provider():
+    def other(parser):
+        parser.add_argument("--modelopt-like", type=int, default=0)
+        return parser
+
+    parser = lighthouse_args_provider(other)(argparse.ArgumentParser())
+    args = parser.parse_args(["--modelopt-like", "3", "--lighthouse", "--lighthouse-levels", "2"])
+    assert (args.modelopt_like, args.lighthouse, args.lighthouse_levels) == (3, True, 2)
+    assert lighthouse_args_provider()(argparse.ArgumentParser()).parse_args([]).lighthouse is False
+
+
+def _startup_args(*argv: str, **kw) -> argparse.Namespace:
+    args = parse(*argv, **kw)
+    args.hidden_size, args.num_attention_heads, args.kv_channels, args.curr_iteration = 1024, 8, None, 0
+    args.log_interval = 1
+    return args
+
+
+def test_start_lighthouse_validates_and_reports(monkeypatch):
+    registered = []
+    monkeypatch.setattr(importlib.import_module("torch.optim.optimizer"), "register_optimizer_step_post_hook",
+                        registered.append)
+    printed = []
+    cfg = start_lighthouse(_startup_args("--lighthouse", seq_length=131072), printer=printed.append)
+    assert cfg == LighthouseConfig()
+    assert len(printed) == 1 and "seq_length 131072 -> subsequence 24576" in printed[0]  # head_dim 1024/8
+    assert registered == []  # no monitor unless asked
+    with pytest.raises(ValueError, match=r"--seq-length 1000 does not fit --lighthouse-topk 2048"):
+        start_lighthouse(_startup_args("--lighthouse", seq_length=1000))
+
+
+def test_monitor_steps_once_per_iteration(monkeypatch):
+    """--lighthouse-monitor: a global optimizer post-hook starts the monitor on the first optimizer step and
+    steps it once per Megatron iteration, however many inner optimizers step."""
+    import megatron_lighthouse.monitor as monitor_pkg
+
+    registered, steps = [], []
+
+    class FakeMonitor:
+        @classmethod
+        def from_args(cls, args):
+            assert args.lighthouse_monitor
+            return cls()
+
+        def start(self):
+            steps.append("start")
+            return self
+
+        def step(self, iteration):
+            steps.append(iteration)
+
+        def stop(self):
+            pass
+
+    monkeypatch.setattr(importlib.import_module("torch.optim.optimizer"), "register_optimizer_step_post_hook",
+                        registered.append)
+    monkeypatch.setattr(monitor_pkg, "GPUMonitor", FakeMonitor)
+    args = _startup_args("--lighthouse-monitor")
+    assert start_lighthouse(args) is None
+    (hook,) = registered
+    for iteration in (0, 0, 1, 1, 1, 2):  # Megatron sets curr_iteration before each train step
+        args.curr_iteration = iteration
+        hook(None, (), {})
+    assert steps == ["start", 1, 2, 3]

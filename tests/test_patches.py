@@ -1,0 +1,167 @@
+"""``patches/``: the Megatron-LM patch is a valid git patch that only adds the hook lines; ``apply.sh`` checks,
+applies once, and refuses a conflicting checkout without touching it."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import megatron_lighthouse.megatron_lm as megatron_lm
+
+PATCHES = pathlib.Path(__file__).resolve().parents[1] / "patches"
+PATCH = PATCHES / "megatron_lm_lighthouse.patch"
+APPLY = PATCHES / "apply.sh"
+HUNK = re.compile(r"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@")
+
+
+def parse_patch(text: str) -> dict:
+    """``{path: [hunk, ...]}``, each hunk ``{"old": [...], "new": [...], "added": [...], "removed": [...]}``;
+    asserts the hunk line counts match their headers (what makes it a valid unified diff)."""
+    files: dict = {}
+    hunk = None
+    for line in text.splitlines():
+        if line.startswith("diff --git "):
+            a, b = line.split()[2:4]
+            assert a[2:] == b[2:], f"renames are not hook lines: {line}"
+            path = b[2:]
+            files[path] = []
+        elif line.startswith(("--- ", "+++ ", "index ")):
+            continue
+        elif m := HUNK.match(line):
+            hunk = {"old": [], "new": [], "added": [], "removed": [],
+                    "counts": (int(m[2] or 1), int(m[4] or 1))}
+            files[path].append(hunk)
+        elif line[:1] in (" ", "+", "-"):
+            body = line[1:]
+            if line[0] != "+":
+                hunk["old"].append(body)
+            if line[0] != "-":
+                hunk["new"].append(body)
+            if line[0] == "+":
+                hunk["added"].append(body)
+            if line[0] == "-":
+                hunk["removed"].append(body)
+        else:
+            assert line.startswith("\\"), f"unexpected patch line: {line!r}"
+    for path, hunks in files.items():
+        for h in hunks:
+            assert (len(h["old"]), len(h["new"])) == h["counts"], f"{path}: hunk counts do not match its header"
+    return files
+
+
+@pytest.fixture(scope="module")
+def patch() -> dict:
+    return parse_patch(PATCH.read_text())
+
+
+def test_patch_touches_only_the_hook_files(patch):
+    assert set(patch) == {"pretrain_gpt.py", "gpt_builders.py"}
+
+
+def test_patch_only_adds_hook_lines(patch):
+    added = [line for hunks in patch.values() for h in hunks for line in h["added"]]
+    removed = [line for hunks in patch.values() for h in hunks for line in h["removed"]]
+    assert len(added) <= 8, added
+    # The one changed line: Megatron-LM's own extra_args_provider, now wrapped by ours.
+    assert removed == ["        extra_args_provider=add_modelopt_args if has_nvidia_modelopt else None,"]
+    calls = re.compile(r"\b(" + "|".join(megatron_lm.__all__) + r")\(")
+    for line in added:
+        is_hook = (line.startswith("from megatron_lighthouse.megatron_lm import ") or calls.search(line)
+                   or line == '    elif getattr(args, "lighthouse", False):')
+        assert is_hook, f"not a hook line: {line!r}"
+
+
+def test_patch_imports_exist(patch):
+    for hunks in patch.values():
+        for h in hunks:
+            for line in h["added"]:
+                if m := re.match(r"from megatron_lighthouse\.megatron_lm import (.+)$", line):
+                    for name in (n.strip() for n in m[1].split(",")):
+                        assert name in megatron_lm.__all__ and callable(getattr(megatron_lm, name)), name
+
+
+def test_patch_wires_every_piece(patch):
+    text = "\n".join(line for hunks in patch.values() for h in hunks for line in h["added"])
+    assert "extra_args_provider=lighthouse_args_provider(add_modelopt_args if has_nvidia_modelopt else None)" in text
+    assert "start_lighthouse(args, printer=print_rank_0)" in text
+    assert "maybe_switch_to_dense(model, args.curr_iteration, args)" in text
+    assert "lighthouse_block_spec_from_args(args, config, vp_stage)" in text
+
+
+def test_readme_and_apply_name_the_same_commit():
+    commit = re.search(r"^VERIFIED_COMMIT=([0-9a-f]{40})", APPLY.read_text(), re.M)[1]
+    assert commit in (PATCHES / "README.md").read_text()
+
+
+# -- apply.sh against a stand-in checkout built from the patch's own context (no Megatron-LM code here) --
+
+
+def _stand_in(root: pathlib.Path, patch: dict, commit: bool) -> pathlib.Path:
+    """A directory whose two files hold each hunk's pre-image between filler lines, as a git repo."""
+    root.mkdir()
+    for path, hunks in patch.items():
+        lines = []
+        for i, h in enumerate(hunks):
+            lines += [f"# filler {i}.{j}" for j in range(5)] + h["old"]
+        (root / path).write_text("\n".join(lines + ["# end"]) + "\n")
+    if commit:
+        git = ["git", "-C", str(root), "-c", "user.name=t", "-c", "user.email=t@t"]
+        subprocess.run(git[:3] + ["init", "-q"], check=True)
+        subprocess.run(git + ["add", "."], check=True)
+        subprocess.run(git + ["commit", "-qm", "stand-in"], check=True)
+    return root
+
+
+def _apply(*argv: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}"}
+    return subprocess.run(["bash", str(APPLY), *argv], capture_output=True, text=True, env=env, timeout=60)
+
+
+pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+
+
+def test_apply_sh_parses():
+    assert subprocess.run(["bash", "-n", str(APPLY)]).returncode == 0
+
+
+def test_apply_then_already_applied(tmp_path, patch):
+    root = _stand_in(tmp_path / "mlm", patch, commit=True)
+    before = (root / "pretrain_gpt.py").read_text()
+    first = _apply(str(root))
+    assert first.returncode == 0, first.stderr
+    assert "patch was verified on" in first.stderr  # a different commit is warned about
+    after = (root / "pretrain_gpt.py").read_text()
+    assert after != before and "maybe_switch_to_dense(model, args.curr_iteration, args)" in after
+    assert "lighthouse_block_spec_from_args" in (root / "gpt_builders.py").read_text()
+    second = _apply(str(root))
+    assert second.returncode == 0 and "already applied" in second.stdout
+    assert (root / "pretrain_gpt.py").read_text() == after
+
+
+def test_conflict_is_refused_and_nothing_changes(tmp_path, patch):
+    root = _stand_in(tmp_path / "mlm", patch, commit=False)
+    path = root / "pretrain_gpt.py"
+    path.write_text(path.read_text().replace("timers = get_timers()", "timers = get_timers(changed=True)"))
+    before = {p.name: p.read_text() for p in root.iterdir()}
+    proc = _apply(str(root))
+    assert proc.returncode == 3
+    assert "does not apply" in proc.stderr and "git -C" in proc.stderr and "--3way" in proc.stderr
+    assert "not a git checkout" in proc.stderr
+    assert {p.name: p.read_text() for p in root.iterdir()} == before
+
+
+@pytest.mark.parametrize("argv, message", [((), "usage:"), (("/nonexistent/mlm",), "no such directory")])
+def test_bad_usage(argv, message):
+    proc = _apply(*argv)
+    assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_not_megatron_lm(tmp_path):
+    proc = _apply(str(tmp_path))
+    assert proc.returncode == 2 and "no pretrain_gpt.py there" in proc.stderr
