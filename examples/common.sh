@@ -23,6 +23,24 @@ except ValueError as err:
 print(f"lighthouse: subsequence {cfg.subsequence_length(int(sys.argv[1]), int(sys.argv[2]))} of {sys.argv[1]} tokens")
 PY
 }
+# lighthouse_model_flags: set the array LH_FLAGS. With the patched pretrain_gpt.py (patches/apply.sh): the
+# --lighthouse flags (validated and summarized at start-up; DENSE_FROM_ITER switches to dense in the same run).
+# Unpatched: --spec megatron_lighthouse.spec lighthouse_layer_spec, its settings in LIGHTHOUSE_* variables.
+lighthouse_model_flags() {
+    if grep -q megatron_lighthouse "$MEGATRON_LM_DIR/pretrain_gpt.py"; then
+        LH_FLAGS=(--lighthouse --lighthouse-topk "$TOPK" --lighthouse-pooling-factor "$POOLING_FACTOR"
+                  --lighthouse-levels "$LEVELS" --lighthouse-dense-layers "$DENSE_LAYERS")
+        if [ -n "${DENSE_FROM_ITER:-}" ]; then
+            [[ "$DENSE_FROM_ITER" =~ ^[0-9]+$ ]] || die "DENSE_FROM_ITER=$DENSE_FROM_ITER: must be an integer >= 0"
+            LH_FLAGS+=(--lighthouse-dense-from-iteration "$DENSE_FROM_ITER")
+        fi
+    else
+        [ -z "${DENSE_FROM_ITER:-}" ] || die "DENSE_FROM_ITER needs the patched pretrain_gpt.py (patches/apply.sh $MEGATRON_LM_DIR); or run examples/resume_dense.sh for stage two"
+        export LIGHTHOUSE_LEVELS=$LEVELS LIGHTHOUSE_POOLING_FACTOR=$POOLING_FACTOR LIGHTHOUSE_TOPK=$TOPK \
+               LIGHTHOUSE_DENSE_LAYERS=$DENSE_LAYERS
+        LH_FLAGS=(--spec megatron_lighthouse.spec lighthouse_layer_spec)
+    fi
+}
 # launch CMD...: run it, or only print it when DRY_RUN=1.
 launch() {
     if [ "${DRY_RUN:-0}" = 1 ]; then printf '%q ' "$@"; echo; else exec "$@"; fi

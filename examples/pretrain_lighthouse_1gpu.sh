@@ -7,6 +7,7 @@
 #   CHECKPOINT_DIR    where checkpoints go (default ./checkpoints/lighthouse)
 #   SEQ_LEN=131072 TOPK=2048 POOLING_FACTOR=4 LEVELS=3 DENSE_LAYERS=0,1,-2,-1
 #   NUM_LAYERS=30 HIDDEN=1024 HEADS=8 FFN=1536 TRAIN_ITERS=10000 LR=2e-3
+#   DENSE_FROM_ITER   two-stage in one run: dense from this iteration on (needs the patched pretrain_gpt.py)
 #   DRY_RUN=1         print the command instead of running it
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
@@ -17,10 +18,9 @@ require_megatron_lm
 require_set DATA_PATH TOKENIZER_MODEL
 require_int SEQ_LEN TOPK POOLING_FACTOR LEVELS NUM_LAYERS HIDDEN HEADS FFN TRAIN_ITERS
 check_lighthouse "$SEQ_LEN" 1
-export LIGHTHOUSE_LEVELS=$LEVELS LIGHTHOUSE_POOLING_FACTOR=$POOLING_FACTOR LIGHTHOUSE_TOPK=$TOPK \
-       LIGHTHOUSE_DENSE_LAYERS=$DENSE_LAYERS
+lighthouse_model_flags
 launch torchrun --nproc-per-node 1 "$MEGATRON_LM_DIR/pretrain_gpt.py" \
-    --spec megatron_lighthouse.spec lighthouse_layer_spec \
+    "${LH_FLAGS[@]}" \
     --num-layers "$NUM_LAYERS" --hidden-size "$HIDDEN" --num-attention-heads "$HEADS" --ffn-hidden-size "$FFN" \
     --swiglu --normalization RMSNorm --position-embedding-type rope --disable-bias-linear \
     --seq-length "$SEQ_LEN" --max-position-embeddings "$SEQ_LEN" --micro-batch-size 1 --global-batch-size 32 \

@@ -7,6 +7,7 @@
 #   SEQ_LEN=1048576 TOPK=2048 POOLING_FACTOR=4 LEVELS=3 DENSE_LAYERS=0,1,-2,-1 NUM_LAYERS=30 TRAIN_ITERS=10000
 #   CHECKPOINT_DIR (default ./checkpoints/lighthouse_1m)
 #   MONITOR=1         per-rank GPU monitor (needs the patched pretrain_gpt.py from patches/ for its flags)
+#   DENSE_FROM_ITER   two-stage in one run: dense from this iteration on (needs the patched pretrain_gpt.py)
 #   DRY_RUN=1         print the command instead of running it
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
@@ -26,11 +27,10 @@ if [ "$MONITOR" = 1 ]; then
     grep -q megatron_lighthouse "$MEGATRON_LM_DIR/pretrain_gpt.py" || die "MONITOR=1 needs the patched pretrain_gpt.py (patches/) or MONITOR=0"
     monitor_flags=(--lighthouse-monitor --lighthouse-monitor-interval 1)
 fi
-export LIGHTHOUSE_LEVELS=$LEVELS LIGHTHOUSE_POOLING_FACTOR=$POOLING_FACTOR LIGHTHOUSE_TOPK=$TOPK \
-       LIGHTHOUSE_DENSE_LAYERS=$DENSE_LAYERS
+lighthouse_model_flags
 launch srun --ntasks-per-node 1 torchrun --nnodes "$NNODES" --nproc-per-node "$GPUS_PER_NODE" \
     --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" "$MEGATRON_LM_DIR/pretrain_gpt.py" \
-    --spec megatron_lighthouse.spec lighthouse_layer_spec --context-parallel-size "$CP_SIZE" --cp-comm-type p2p \
+    "${LH_FLAGS[@]}" --context-parallel-size "$CP_SIZE" --cp-comm-type p2p \
     --num-layers "$NUM_LAYERS" --hidden-size 1024 --num-attention-heads 8 --ffn-hidden-size 1536 \
     --swiglu --normalization RMSNorm --position-embedding-type rope --disable-bias-linear \
     --seq-length "$SEQ_LEN" --max-position-embeddings "$SEQ_LEN" --micro-batch-size 1 --global-batch-size 32 \

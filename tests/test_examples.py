@@ -73,3 +73,20 @@ def test_resume_dense_needs_the_checkpoint(tmp_path, megatron_lm):
     proc = _run("resume_dense.sh", tmp_path, **base, LIGHTHOUSE_CHECKPOINT=str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     assert "dense_local_layer_spec" in proc.stdout and f"--load {tmp_path}" in proc.stdout
+
+
+def test_patched_script_gets_the_lighthouse_flags(tmp_path, megatron_lm):
+    base = dict(MEGATRON_LM_DIR=str(megatron_lm), DATA_PATH="/d", TOKENIZER_MODEL="t", DRY_RUN="1")
+    unpatched = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **base, DENSE_FROM_ITER="8000")
+    assert unpatched.returncode == 2 and "DENSE_FROM_ITER needs the patched pretrain_gpt.py" in unpatched.stderr
+    (megatron_lm / "pretrain_gpt.py").write_text("from megatron_lighthouse.megatron_lm import start_lighthouse\n")
+    proc = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **base, DENSE_FROM_ITER="8000", DENSE_LAYERS="0")
+    assert proc.returncode == 0, proc.stderr
+    assert ("--lighthouse --lighthouse-topk 2048 --lighthouse-pooling-factor 4 --lighthouse-levels 3 "
+            "--lighthouse-dense-layers 0 --lighthouse-dense-from-iteration 8000") in proc.stdout
+    assert "--spec" not in proc.stdout
+    bad = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **base, DENSE_FROM_ITER="soon")
+    assert bad.returncode == 2 and "DENSE_FROM_ITER=soon: must be an integer >= 0" in bad.stderr
+    multi = _run("pretrain_lighthouse_multinode_1m.sh", tmp_path, **base, NNODES="4", MASTER_ADDR="node0")
+    assert multi.returncode == 0, multi.stderr
+    assert "--lighthouse --lighthouse-topk 2048" in multi.stdout and "--lighthouse-monitor" in multi.stdout
