@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import inspect
 import math
 from typing import Any, Optional, Union
@@ -20,13 +21,13 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.spec_utils import ModuleSpec, build_module, get_module
+from megatron.core.transformer.spec_utils import ModuleSpec, get_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import sharded_state_dict_default
 
 from .attention import lighthouse_attention
 from .config import LighthouseConfig
-from .transformer_config import resolve_lighthouse
+from .transformer_config import resolve_lighthouse, unsupported_attention_settings
 
 #: Name of the inner core attention among this module's children (hidden from state-dict keys).
 INNER = "inner"
@@ -34,9 +35,17 @@ INNER = "inner"
 
 @dataclasses.dataclass
 class LighthouseCoreAttentionSubmodules:
-    """``core_attention``: spec or class of the stock core attention run on the selected subsequence."""
+    """``core_attention``: the stock core attention run on the selected subsequence, as Megatron's layer specs
+    give it (a ``ModuleSpec``, a class or a ``functools.partial`` of one)."""
 
-    core_attention: Union[ModuleSpec, type] = None
+    core_attention: Union[ModuleSpec, type, functools.partial] = None
+
+
+def _builder_class(builder: Union[ModuleSpec, type, functools.partial]) -> type:
+    """The class a core-attention builder instantiates."""
+    while isinstance(builder, functools.partial):
+        builder = builder.func
+    return get_module(builder)
 
 
 def _accepted_kwargs(cls: type, kwargs: dict) -> dict:
@@ -53,13 +62,18 @@ class LighthouseCoreAttention(MegatronModule):
     Args:
         config: the layer's ``TransformerConfig``.
         layer_number: 1-based global layer number (Megatron's); a layer listed in ``lighthouse.dense_layers``
-            stays dense for good (:attr:`dense_layer`).
+            stays dense for good (:attr:`dense_layer`) and its inner attention is built exactly as the dense
+            model's (``num_query_groups`` kv heads).
         attn_mask_type: must be ``AttnMaskType.causal``.
         attention_type: must be ``"self"``.
         attention_dropout, softmax_scale, cp_comm_type, pg_collection, **kwargs: passed on to the inner core
             attention where its constructor accepts them (megatron-core 0.16-0.19 pass different sets).
         submodules: :class:`LighthouseCoreAttentionSubmodules` naming the inner core attention.
         lighthouse: the settings (a ``ModuleSpec`` param); default ``config.lighthouse``.
+
+    Raises ``ValueError`` at construction for cross-attention, non-causal masks, and (Lighthouse layers)
+    sliding-window attention, ``qk_clip`` and ``log_max_attention_logit``; at the first call for packed (THD)
+    sequences, ``attention_bias`` and sequence lengths the settings cannot select from.
 
     :attr:`enabled` switches between Lighthouse and the plain inner attention on the full sequence (the dense
     model) at run time; see :func:`megatron_lighthouse.switch.set_lighthouse_enabled`.
@@ -98,29 +112,40 @@ class LighthouseCoreAttention(MegatronModule):
         self.dense_layer = (layer_number - 1) in self.lighthouse.dense_layer_set(config.num_layers) \
             if 1 <= layer_number <= config.num_layers else False
         self.enabled = not self.dense_layer
+        unsupported = unsupported_attention_settings(config, None if self.dense_layer else layer_number)
+        if unsupported:
+            raise ValueError(
+                f"LighthouseCoreAttention (layer {layer_number}): {', '.join(unsupported)}: not supported with "
+                f"Lighthouse attention (selection attends over a pooled subsequence, not a token window)"
+            )
         self.cp_group = None
         if config.context_parallel_size > 1:
             cp = getattr(pg_collection, "cp", None) if pg_collection is not None else None
             self.cp_group = cp if cp is not None else parallel_state.get_context_parallel_group()
 
-        inner_config = copy.copy(config)
-        inner_config.num_query_groups = config.num_attention_heads
+        inner_config = config
+        if not self.dense_layer:  # selection is per query head: the subsequence has one kv head per query head
+            inner_config = copy.copy(config)
+            inner_config.num_query_groups = config.num_attention_heads
         optional = dict(attention_dropout=attention_dropout, softmax_scale=softmax_scale, cp_comm_type=cp_comm_type,
                         pg_collection=pg_collection, **kwargs)
-        optional = _accepted_kwargs(get_module(submodules.core_attention), optional)
-        #: The stock core attention (built with ``num_query_groups == num_attention_heads``); registered as
-        #: child ``INNER``, whose name the state-dict hooks below hide.
-        self.inner = build_module(
-            submodules.core_attention, config=inner_config, layer_number=layer_number,
-            attn_mask_type=attn_mask_type, attention_type=attention_type, **optional,
+        optional = _accepted_kwargs(_builder_class(submodules.core_attention), optional)
+        #: The stock core attention (``num_query_groups == num_attention_heads`` unless :attr:`dense_layer`),
+        #: built the way Megatron's ``Attention`` builds a core attention; registered as child ``INNER``, whose
+        #: name the state-dict hooks below hide.
+        self.inner = submodules.core_attention(
+            config=inner_config, layer_number=layer_number, attn_mask_type=attn_mask_type,
+            attention_type=attention_type, **optional,
         )
+        self._expand_kv = not self.dense_layer
         self._register_state_dict_hook(_drop_inner_prefix)
         self._register_load_state_dict_pre_hook(_add_inner_prefix, with_module=True)
 
     def _dense(self, query, key, value, attention_mask, attn_mask_type, **kwargs) -> torch.Tensor:
-        """The inner attention on the full sequence: exactly the dense model (kv heads expanded first)."""
+        """The inner attention on the full sequence: the dense model (kv heads expanded first when the inner
+        attention was built for one kv head per query head)."""
         groups = query.shape[2] // key.shape[2]
-        if groups > 1:
+        if self._expand_kv and groups > 1:
             key, value = key.repeat_interleave(groups, dim=2), value.repeat_interleave(groups, dim=2)
         return self.inner(query, key, value, attention_mask, attn_mask_type=attn_mask_type, **kwargs)
 

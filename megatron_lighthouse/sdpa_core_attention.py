@@ -20,6 +20,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from .context_parallel import cp_causal_attention
+from .transformer_config import unsupported_attention_settings
 
 
 class SDPACoreAttention(MegatronModule):
@@ -48,6 +49,14 @@ class SDPACoreAttention(MegatronModule):
             raise ValueError(f"SDPACoreAttention: attention_type={attention_type!r}: only self-attention is supported")
         if attn_mask_type != AttnMaskType.causal:
             raise ValueError(f"SDPACoreAttention: attn_mask_type={attn_mask_type}: only causal attention is supported")
+        unsupported = unsupported_attention_settings(config, layer_number)
+        if getattr(config, "softmax_type", "vanilla") != "vanilla":
+            unsupported.append(f"softmax_type={config.softmax_type!r}")
+        if unsupported:
+            raise ValueError(
+                f"SDPACoreAttention (layer {layer_number}): {', '.join(unsupported)}: not supported by the torch-SDPA "
+                f"core attention (plain causal softmax attention only); use TransformerEngine's core attention"
+            )
         self.layer_number = layer_number
         self.attn_mask_type = attn_mask_type
         self.softmax_scale = 1.0 / math.sqrt(config.kv_channels) if softmax_scale is None else softmax_scale

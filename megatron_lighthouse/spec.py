@@ -1,7 +1,9 @@
 """Spec provider: GPT layer and decoder-block specs with Lighthouse core attention.
 
 The specs start from Megatron-Core's own (``get_gpt_layer_with_transformer_engine_spec`` /
-``get_gpt_layer_local_spec``) and replace only ``self_attention.submodules.core_attention``:
+``get_gpt_layer_local_spec`` for one layer, ``get_gpt_decoder_layer_specs`` for a block, so dense / MoE layers
+and the rest follow the config exactly as in ``get_gpt_decoder_block_spec``) and replace only
+``self_attention.submodules.core_attention``:
 
 - dense layers keep a plain core attention: ``TEDotProductAttention`` (TE) or
   :class:`~megatron_lighthouse.sdpa_core_attention.SDPACoreAttention` (local; Megatron's local
@@ -139,15 +141,60 @@ def _stage_layer_specs(config: TransformerConfig, specs: List[ModuleSpec], vp_st
     return specs[offset: offset + count]
 
 
+#: Megatron layer-spec option -> the ``TransformerConfig`` field Megatron's decoder-block spec reads instead.
+_BLOCK_CONFIG_FIELDS = {
+    "num_experts": "num_moe_experts",
+    "moe_grouped_gemm": "moe_grouped_gemm",
+    "qk_layernorm": "qk_layernorm",
+    "multi_latent_attention": "multi_latent_attention",
+    "moe_use_legacy_grouped_gemm": "moe_use_legacy_grouped_gemm",
+}
+
+
+def _check_block_options(config: TransformerConfig, options: dict) -> None:
+    """Layer-spec options given to a block spec must agree with ``config``, which is what the block reads."""
+    for name, value in options.items():
+        field = _BLOCK_CONFIG_FIELDS.get(name)
+        if field is None:
+            raise ValueError(
+                f"{name}={value!r}: not a decoder-block spec option (the block spec takes normalization and "
+                f"qk_l2_norm; everything else comes from the config, as in Megatron's get_gpt_decoder_block_spec)"
+            )
+        current = getattr(config, field, None)
+        if (value or None) != (current or None):
+            raise ValueError(
+                f"{name}={value!r} disagrees with config.{field}={current!r}: the block spec reads config.{field} "
+                f"(as Megatron's get_gpt_decoder_block_spec does); set it on the config"
+            )
+
+
 def _block_spec(config: TransformerConfig, lighthouse: Optional[LighthouseConfig], use_transformer_engine: bool,
-                vp_stage: Optional[int], pp_rank: Optional[int], kwargs: dict) -> TransformerBlockSubmodules:
-    dense = get_gpt_layer_dense_spec(use_transformer_engine=use_transformer_engine, **kwargs)
-    if lighthouse is None:
-        specs = [dense] * config.num_layers
-    else:
-        light = _with_lighthouse(dense, lighthouse)
-        dense_set = lighthouse.dense_layer_set(config.num_layers)
-        specs = [dense if i in dense_set else light for i in range(config.num_layers)]
+                vp_stage: Optional[int], pp_rank: Optional[int], normalization: Optional[str], qk_l2_norm: bool,
+                options: dict) -> TransformerBlockSubmodules:
+    """Megatron's own per-layer GPT specs (``get_gpt_decoder_layer_specs``: dense / MoE layers from the config),
+    core attention made long-sequence capable (local: :class:`SDPACoreAttention`) and, for the layers not in
+    ``lighthouse.dense_layers``, wrapped in :class:`LighthouseCoreAttention`; then sliced to this stage."""
+    if getattr(config, "multi_latent_attention", False):
+        raise ValueError("config.multi_latent_attention=True: Lighthouse specs support standard (GQA/MHA) "
+                         "self-attention only")
+    if getattr(config, "experimental_attention_variant", None) is not None:
+        raise ValueError(f"config.experimental_attention_variant={config.experimental_attention_variant!r}: "
+                         f"Lighthouse replaces the core attention of standard self-attention layers only")
+    _check_block_options(config, options)
+    megatron_specs = _call_accepted(gpt_layer_specs.get_gpt_decoder_layer_specs, config=config,
+                                    use_transformer_engine=use_transformer_engine, normalization=normalization,
+                                    qk_l2_norm=qk_l2_norm)
+    dense_set = lighthouse.dense_layer_set(config.num_layers) if lighthouse is not None else range(config.num_layers)
+    built = {}  # Megatron shares one spec object between layers of a kind: convert each kind once
+
+    def convert(spec: ModuleSpec, lighthouse_layer: bool) -> ModuleSpec:
+        key = (id(spec), lighthouse_layer)
+        if key not in built:
+            dense = spec if use_transformer_engine else replace_core_attention(spec, ModuleSpec(module=SDPACoreAttention))
+            built[key] = _with_lighthouse(dense, lighthouse) if lighthouse_layer else dense
+        return built[key]
+
+    specs = [convert(spec, i not in dense_set) for i, spec in enumerate(megatron_specs)]
     return TransformerBlockSubmodules(
         layer_specs=_stage_layer_specs(config, specs, vp_stage, pp_rank),
         layer_norm=_block_norm(use_transformer_engine),
@@ -161,16 +208,23 @@ def get_gpt_decoder_block_with_lighthouse_spec(
     use_transformer_engine: bool = True,
     vp_stage: Optional[int] = None,
     pp_rank: Optional[int] = None,
-    **kwargs: Any,
+    normalization: Optional[str] = None,
+    qk_l2_norm: bool = False,
+    **options: Any,
 ) -> TransformerBlockSubmodules:
-    """Decoder block spec for this pipeline stage: ``lighthouse.dense_layers`` (0-based global layer indices,
-    negative from the end) get the dense layer spec, every other layer the Lighthouse one.
+    """Decoder block spec for this pipeline stage, mirroring Megatron's ``get_gpt_decoder_block_spec``:
+    ``lighthouse.dense_layers`` (0-based global layer indices, negative from the end) keep Megatron's dense
+    layer spec, every other layer gets :class:`LighthouseCoreAttention` around the same core attention.
 
-    ``lighthouse`` defaults to ``config.lighthouse``; ``vp_stage`` / ``pp_rank`` select the stage as in
-    Megatron's ``get_gpt_decoder_block_spec``; ``kwargs`` go to Megatron's layer spec function.
+    ``lighthouse`` defaults to ``config.lighthouse``. As in Megatron, dense vs MoE layers, qk-layernorm and the
+    rest come from ``config`` (``moe_layer_freq``, ``num_moe_experts``, ...); ``normalization`` and ``qk_l2_norm``
+    go to Megatron's layer specs; ``vp_stage`` / ``pp_rank`` select the stage (pipeline layout honoured).
+    ``options`` may repeat Megatron-LM's layer-spec options (``num_experts``, ``qk_layernorm``, ...): they must
+    agree with the config. Multi-latent attention is not supported.
     """
     lighthouse = resolve_lighthouse(config, lighthouse)
-    return _block_spec(config, lighthouse, use_transformer_engine, vp_stage, pp_rank, kwargs)
+    return _block_spec(config, lighthouse, use_transformer_engine, vp_stage, pp_rank, normalization, qk_l2_norm,
+                       options)
 
 
 def get_gpt_decoder_block_dense_spec(
@@ -179,12 +233,16 @@ def get_gpt_decoder_block_dense_spec(
     use_transformer_engine: bool = True,
     vp_stage: Optional[int] = None,
     pp_rank: Optional[int] = None,
-    **kwargs: Any,
+    normalization: Optional[str] = None,
+    qk_l2_norm: bool = False,
+    **options: Any,
 ) -> TransformerBlockSubmodules:
-    """The dense counterpart of :func:`get_gpt_decoder_block_with_lighthouse_spec` (same core attention type
-    in every layer, same state-dict keys): the baseline, and the spec to fine-tune or serve a Lighthouse-trained
-    checkpoint with."""
-    return _block_spec(config, None, use_transformer_engine, vp_stage, pp_rank, kwargs)
+    """The dense counterpart of :func:`get_gpt_decoder_block_with_lighthouse_spec` (same arguments, same
+    state-dict keys): with TE exactly Megatron's ``get_gpt_decoder_block_spec``; local, with
+    :class:`SDPACoreAttention` as the core attention. The baseline, and the spec to fine-tune or serve a
+    Lighthouse-trained checkpoint with."""
+    return _block_spec(config, None, use_transformer_engine, vp_stage, pp_rank, normalization, qk_l2_norm,
+                       options)
 
 
 #: Megatron-LM arguments forwarded to Megatron's layer spec functions (unknown ones are dropped by the spec).

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Mapping, Optional
+from typing import List, Mapping, Optional
 
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import is_layer_window_attention
 
 from .config import LighthouseConfig
 
@@ -72,3 +73,18 @@ def resolve_lighthouse(config: TransformerConfig, lighthouse: Optional[Lighthous
     if not isinstance(lighthouse, LighthouseConfig):
         raise ValueError(f"lighthouse={lighthouse!r}: must be a LighthouseConfig")
     return lighthouse
+
+
+def unsupported_attention_settings(config: TransformerConfig, layer_number: Optional[int]) -> List[str]:
+    """The ``config`` settings a causal core attention of this package cannot honour at (1-based)
+    ``layer_number``: sliding-window attention on that layer (not checked when ``layer_number`` is ``None``), and
+    ``qk_clip`` / ``log_max_attention_logit`` (Megatron reads the max logit back from the core attention, which
+    these modules do not compute). Returns ``"name=value"`` strings, empty when all is supported."""
+    found = []
+    window = getattr(config, "window_size", None)
+    if window and layer_number is not None and is_layer_window_attention(
+        window, getattr(config, "window_attn_skip_freq", None), layer_number
+    ):
+        found.append(f"window_size={window}")
+    found += [f"{name}=True" for name in ("qk_clip", "log_max_attention_logit") if getattr(config, name, False)]
+    return found

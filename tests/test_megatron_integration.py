@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import pytest
 import torch
 
 pytest.importorskip("megatron.core")
 
+from megatron.core.models.gpt import gpt_layer_specs  # noqa: E402
 from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
 from megatron.core.transformer.spec_utils import ModuleSpec, import_module  # noqa: E402
 
@@ -85,6 +87,28 @@ def test_disabled_equals_dense_and_enabled_differs(num_query_groups):
     assert (enabled - reference).abs().max() > 1e-3
 
 
+def test_disabled_equals_megatron_stock_local_model(monkeypatch):
+    """Megatron's own local spec (``DotProductAttention``) with the Lighthouse model's weights (strict load)."""
+    from megatron.core.tensor_parallel import random as megatron_random
+    from megatron.core.utils import GlobalMemoryBuffer
+
+    # Two CUDA assumptions of DotProductAttention, off on CPU: its (beta=0, never read) baddbmm scratch comes from
+    # a CUDA buffer, and it forks the CUDA RNG for dropout (0 here): Megatron's inference tracker forks nothing.
+    monkeypatch.setattr(GlobalMemoryBuffer, "get_tensor",
+                        lambda self, shape, dtype, name, mem_alloc_context=None: torch.empty(shape, dtype=dtype))
+    for name in ("_CUDA_RNG_STATE_TRACKER", "_CUDA_RNG_STATE_TRACKER_INITIALIZED"):
+        monkeypatch.setattr(megatron_random, name, getattr(megatron_random, name))
+    megatron_random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+    light, _ = _pair(2)
+    stock = tiny_gpt(tiny_config(num_query_groups=2), gpt_layer_specs.get_gpt_layer_local_spec(), seed=99)
+    stock.load_state_dict(light.state_dict())
+    tokens, pos, _ = batch()
+    mask = torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool).triu(1)  # Megatron-LM's causal mask (True: masked out)
+    with torch.no_grad(), lighthouse_enabled(light, False):
+        torch.testing.assert_close(light(tokens, pos, mask), stock(tokens, pos, mask), rtol=1e-5, atol=1e-5)
+    light.load_state_dict(stock.state_dict())
+
+
 @pytest.mark.parametrize("num_query_groups", [4, 2])
 def test_enabled_layer_equals_lighthouse_attention(num_query_groups):
     light, _ = _pair(num_query_groups)
@@ -125,11 +149,19 @@ def test_state_dict_identical_and_checkpoint_roundtrip(tmp_path):
 
 
 class _StatefulInner(SDPACoreAttention):
-    """An inner core attention with state (like TE's ``_extra_state``) to check the key remapping."""
+    """An inner core attention with state: a buffer, and extra state as TE's modules keep their FP8 metadata
+    (``get_extra_state`` -> ``<prefix>_extra_state``), to check the key remapping."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.register_buffer("scale_state", torch.arange(3.0))
+        self.meta = torch.zeros(2)
+
+    def get_extra_state(self):
+        return self.meta.clone()
+
+    def set_extra_state(self, state):
+        self.meta = state.clone()
 
 
 def _core(config, layer_number=3, inner=_StatefulInner, **kwargs):
@@ -142,12 +174,19 @@ def _core(config, layer_number=3, inner=_StatefulInner, **kwargs):
 def test_inner_state_keys_hidden():
     cfg = tiny_config()
     core = _core(cfg)
-    assert list(core.state_dict()) == ["scale_state"] == list(_StatefulInner(cfg, 3, AttnMaskType.causal, "self")
-                                                              .state_dict())
-    holder = torch.nn.ModuleDict({"core_attention": core})
-    assert list(holder.state_dict()) == ["core_attention.scale_state"]
-    holder.load_state_dict({"core_attention.scale_state": torch.full((3,), 5.0)})
+    dense = torch.nn.ModuleDict({"core_attention": _StatefulInner(cfg, 3, AttnMaskType.causal, "self")})
+    light = torch.nn.ModuleDict({"core_attention": core})
+    assert list(light.state_dict()) == list(dense.state_dict()) == ["core_attention.scale_state",
+                                                                    "core_attention._extra_state"]
+    assert list(core.state_dict()) == ["scale_state", "_extra_state"]
+    dense.core_attention.meta = torch.tensor([7.0, 8.0])
+    dense.core_attention.scale_state.fill_(5.0)
+    light.load_state_dict(dense.state_dict())  # dense -> Lighthouse (strict)
     assert torch.equal(core.inner.scale_state, torch.full((3,), 5.0))
+    assert torch.equal(core.inner.meta, torch.tensor([7.0, 8.0]))
+    core.inner.meta = torch.tensor([1.0, 2.0])
+    dense.load_state_dict(light.state_dict())  # and back
+    assert torch.equal(dense.core_attention.meta, torch.tensor([1.0, 2.0]))
 
 
 def test_inner_built_with_query_heads_as_kv_heads_and_kwargs_filtered():
@@ -162,6 +201,19 @@ def test_inner_built_with_query_heads_as_kv_heads_and_kwargs_filtered():
     _core(cfg, inner=Recording, softmax_scale=0.5, cp_comm_type="p2p", pg_collection=None, model_comm_pgs=None)
     assert seen == {"groups": 4, "softmax_scale": 0.5}
     assert cfg.num_query_groups == 2
+    # a layer kept dense builds its inner exactly as the dense model does, and takes the kv heads as they are;
+    # the inner may also be given as a functools.partial (megatron-core >= 0.17 style builders)
+    dense_core = LighthouseCoreAttention(
+        cfg, 1, AttnMaskType.causal, "self", softmax_scale=0.25,
+        submodules=LighthouseCoreAttentionSubmodules(core_attention=functools.partial(Recording)),
+    )
+    assert dense_core.dense_layer and seen == {"groups": 2, "softmax_scale": 0.25}
+    q, kv = torch.randn(SEQ, 1, 4, 16), torch.randn(SEQ, 1, 2, 16)
+    keys = []
+    dense_core.inner.register_forward_pre_hook(lambda mod, args: keys.append(tuple(args[1].shape)))
+    expected = SDPACoreAttention(cfg, 1, AttnMaskType.causal, "self", softmax_scale=0.25)(q, kv, kv, None)
+    torch.testing.assert_close(dense_core(q, kv, kv, None), expected)
+    assert keys == [(SEQ, 1, 2, 16)]
 
 
 def test_gqa_training_loop_loss_decreases():
@@ -207,6 +259,18 @@ def test_unsupported_inputs_raise():
         core(q, q, q, None, attn_mask_type=AttnMaskType.no_mask)
 
 
+def test_unsupported_config_settings_raise():
+    window = tiny_config(window_size=(64, 0))
+    with pytest.raises(ValueError, match=r"LighthouseCoreAttention \(layer 3\): window_size=\(64, 0\)"):
+        _core(window)
+    with pytest.raises(ValueError, match=r"SDPACoreAttention \(layer 1\): window_size"):
+        _core(window, layer_number=1)  # kept dense: the inner attention decides, and SDPA has no window
+    with pytest.raises(ValueError, match=r"qk_clip=True"):
+        _core(tiny_config(qk_clip=True, qk_clip_alpha=0.5, qk_clip_threshold=100.0), layer_number=1)
+    with pytest.raises(ValueError, match=r"softmax_type='learnable'"):
+        SDPACoreAttention(tiny_config(softmax_type="learnable"), 3, AttnMaskType.causal, "self")
+
+
 def test_switch_schedule_and_wrappers():
     light, _ = _pair()
 
@@ -237,6 +301,32 @@ def test_dense_spec_for():
     assert all(c.module is SDPACoreAttention for c in cores)
     layer = dense_spec_for(get_gpt_layer_with_lighthouse_spec(cfg, use_transformer_engine=False))
     assert layer.submodules.self_attention.submodules.core_attention.module is SDPACoreAttention
+
+
+def _core_module(layer_spec):
+    return layer_spec.submodules.self_attention.submodules.core_attention.module
+
+
+def _mlp_module(layer_spec):
+    mlp = layer_spec.submodules.mlp
+    return mlp.func if isinstance(mlp, functools.partial) else mlp.module
+
+
+def test_block_spec_follows_megatron_layer_specs():
+    """Dense / MoE layers as Megatron's own block spec lays them out (moe_layer_freq); only the core attention
+    differs; Megatron-LM's layer-spec options must agree with the config."""
+    cfg = tiny_config(num_moe_experts=2, moe_layer_freq=[0, 1, 0, 1, 1, 0], add_bias_linear=False)
+    stock = gpt_layer_specs.get_gpt_decoder_block_spec(cfg, use_transformer_engine=False)
+    light = get_gpt_decoder_block_with_lighthouse_spec(cfg, use_transformer_engine=False, num_experts=2)
+    assert [_mlp_module(s) for s in light.layer_specs] == [_mlp_module(s) for s in stock.layer_specs]
+    assert len({_mlp_module(s) for s in stock.layer_specs}) == 2
+    assert [_core_module(s) for s in light.layer_specs] == [
+        SDPACoreAttention if i in DENSE_LAYERS else LighthouseCoreAttention for i in range(6)]
+    assert light.layer_norm is stock.layer_norm
+    with pytest.raises(ValueError, match=r"num_experts=4 disagrees with config.num_moe_experts=2"):
+        get_gpt_decoder_block_with_lighthouse_spec(cfg, use_transformer_engine=False, num_experts=4)
+    with pytest.raises(ValueError, match=r"fp8=.*not a decoder-block spec option"):
+        get_gpt_decoder_block_dense_spec(cfg, use_transformer_engine=False, fp8="e4m3")
 
 
 def test_pipeline_stages_map_global_layers():
