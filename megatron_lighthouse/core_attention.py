@@ -1,9 +1,10 @@
 """``LighthouseCoreAttention``: Megatron-Core core attention that runs Lighthouse around a stock inner one.
 
-The inner core attention (``TEDotProductAttention``, :class:`~megatron_lighthouse.sdpa_core_attention.SDPACoreAttention`,
-any module honouring Megatron's core-attention contract) is built from ``submodules.core_attention`` and does the
-dense causal attention on the selected subsequence, so kernel choice, dropout, softmax scale and context parallelism
-stay Megatron's. Selection is per query head, so the inner attention is built with ``num_query_groups ==
+The inner core attention (``TEDotProductAttention``,
+:class:`~megatron_lighthouse.sdpa_core_attention.SDPACoreAttention`, any module honouring Megatron's
+core-attention contract) is built from ``submodules.core_attention`` and does the dense causal attention on the
+selected subsequence, so kernel choice, dropout, softmax scale and context parallelism stay Megatron's. Selection
+is per query head, so the inner attention of a Lighthouse layer is built with ``num_query_groups ==
 num_attention_heads``. The module has no parameters of its own and its ``state_dict`` / ``sharded_state_dict``
 keys are those of the inner attention at this module's prefix: a checkpoint is the dense model's.
 """
@@ -57,7 +58,8 @@ def _accepted_kwargs(cls: type, kwargs: dict) -> dict:
 
 
 class LighthouseCoreAttention(MegatronModule):
-    """Lighthouse self-attention core: ``query`` ``[s, b, h, d]``, ``key``/``value`` ``[s, b, g, d]`` -> ``[s, b, h*d]``.
+    """Lighthouse self-attention core: ``query`` ``[s, b, h, d]``, ``key``/``value`` ``[s, b, g, d]`` ->
+    ``[s, b, h*d]``.
 
     Args:
         config: the layer's ``TransformerConfig``.
@@ -104,7 +106,9 @@ class LighthouseCoreAttention(MegatronModule):
                 f"LighthouseCoreAttention: attn_mask_type={attn_mask_type}: only causal attention is supported"
             )
         if submodules is None or submodules.core_attention is None:
-            raise ValueError("LighthouseCoreAttention: submodules.core_attention (the inner core attention) is required")
+            raise ValueError(
+                "LighthouseCoreAttention: submodules.core_attention (the inner core attention) is required"
+            )
         self.lighthouse = resolve_lighthouse(config, lighthouse)
         self.layer_number = layer_number
         self.attn_mask_type = attn_mask_type

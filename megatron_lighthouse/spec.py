@@ -50,6 +50,10 @@ __all__ = [
 ]
 
 
+#: The local specs' core attention (Megatron's local ``DotProductAttention`` has neither long sequences nor CP).
+SDPA_CORE_ATTENTION = ModuleSpec(module=SDPACoreAttention)
+
+
 def _call_accepted(fn: Callable, **kwargs: Any) -> Any:
     """Call ``fn`` with the keyword arguments its signature accepts (signatures differ across megatron-core)."""
     params = inspect.signature(fn).parameters
@@ -82,7 +86,7 @@ def get_gpt_layer_dense_spec(*, use_transformer_engine: bool = True, **kwargs: A
         spec = _call_accepted(gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec, **kwargs)
     else:
         spec = _call_accepted(gpt_layer_specs.get_gpt_layer_local_spec, **kwargs)
-        spec = replace_core_attention(spec, ModuleSpec(module=SDPACoreAttention))
+        spec = replace_core_attention(spec, SDPA_CORE_ATTENTION)
     return spec
 
 
@@ -190,7 +194,7 @@ def _block_spec(config: TransformerConfig, lighthouse: Optional[LighthouseConfig
     def convert(spec: ModuleSpec, lighthouse_layer: bool) -> ModuleSpec:
         key = (id(spec), lighthouse_layer)
         if key not in built:
-            dense = spec if use_transformer_engine else replace_core_attention(spec, ModuleSpec(module=SDPACoreAttention))
+            dense = spec if use_transformer_engine else replace_core_attention(spec, SDPA_CORE_ATTENTION)
             built[key] = _with_lighthouse(dense, lighthouse) if lighthouse_layer else dense
         return built[key]
 
