@@ -1,19 +1,20 @@
 """The package side of the Megatron-LM ``pretrain_gpt.py`` hook: flags, validation, spec choice, two-stage switch.
 
-Megatron-LM's ``pretrain_gpt.py`` uses it in three places (the patch in ``patches/`` wires only these lines):
+The patch in ``patches/`` wires three calls into Megatron-LM's ``pretrain_gpt.py`` and nothing else:
 
-1. arguments: ``extra_args_provider=lighthouse_args_provider(other)`` (or ``add_lighthouse_args`` itself) adds
-   ``--lighthouse``,
-   ``--lighthouse-topk``, ``--lighthouse-pooling-factor``, ``--lighthouse-levels``, ``--lighthouse-dense-layers``,
-   ``--lighthouse-dense-from-iteration`` and the GPU-monitor flags; after parsing, ``validate_lighthouse_args(args)``
-   checks them against ``--seq-length``, ``--num-layers`` and ``--context-parallel-size``, and
-   ``log_lighthouse_summary(args, num_heads, head_dim)`` logs the subsequence length and attention-FLOP saving;
-   ``start_lighthouse(args)`` does both after Megatron-LM's parsing and starts the GPU monitor;
-2. model builder: ``transformer_layer_spec = lighthouse_block_spec_from_args(args, config, vp_stage)``
-   (the Lighthouse decoder block spec with ``--lighthouse``, the dense one without);
-3. training loop: ``maybe_switch_to_dense(model, iteration, args)`` once per iteration flips the Lighthouse layers
-   to dense attention from ``--lighthouse-dense-from-iteration`` on, in the same run or after resuming from a
-   checkpoint (nothing is rebuilt; the parameters, optimizer state and checkpoint format are unchanged).
+1. arguments: ``parse_and_validate_args(extra_args_provider=lighthouse_args_provider(...))`` adds
+   ``--lighthouse``, ``--lighthouse-topk``, ``--lighthouse-pooling-factor``, ``--lighthouse-levels``,
+   ``--lighthouse-dense-layers``, ``--lighthouse-dense-from-iteration`` (:func:`add_lighthouse_args`) and the
+   GPU-monitor flags after the provider Megatron-LM already passes (ModelOpt's);
+2. start-up: ``start_lighthouse(args, model_cfg, printer=print_rank_0)`` once the model config exists: checks the
+   flags against ``--seq-length``, ``--num-layers``, ``--context-parallel-size`` and the other Megatron-LM flags
+   (:func:`validate_lighthouse_args`), prints the effective subsequence length and attention-FLOP saving
+   (:func:`lighthouse_summary`), makes the model config build the Lighthouse decoder block spec per (virtual)
+   pipeline stage (:func:`lighthouse_block_spec_from_args`), and registers the GPU monitor;
+3. training loop: ``maybe_switch_to_dense(model, args.curr_iteration, args)`` at the top of ``forward_step``
+   flips the Lighthouse layers to dense attention from ``--lighthouse-dense-from-iteration`` on, in the same run
+   or after resuming from a checkpoint (nothing is rebuilt; parameters, optimizer state and checkpoint format
+   are unchanged).
 
 Importing this module does not import megatron-core; the spec and switch modules are imported on first use.
 """
@@ -22,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import dataclasses
+import functools
 import logging
 from typing import TYPE_CHECKING, Any, Callable, Optional, Tuple
 
@@ -42,6 +45,7 @@ __all__ = [
     "lighthouse_block_spec_from_args",
     "lighthouse_schedule_from_args",
     "maybe_switch_to_dense",
+    "lighthouse_summary",
     "log_lighthouse_summary",
 ]
 
@@ -140,8 +144,25 @@ def _chunks(args: Any) -> int:
     return 1 if cp == 1 else 2 * cp
 
 
+#: Megatron-LM flags (``args`` attribute, flag) that choose a layer spec of their own: ``--lighthouse`` replaces
+#: the layer spec, so it cannot honour them. (Settings the Lighthouse spec cannot build, e.g. multi-latent
+#: attention, are refused by :mod:`megatron_lighthouse.spec` when the model is built.)
+_OTHER_SPEC_FLAGS = (("spec", "--spec"), ("heterogeneous_layers_config_path", "--heterogeneous-layers-config-path"))
+
+
+def _check_other_spec_flags(args: Any) -> None:
+    """``--lighthouse`` builds the decoder block spec itself: refuse flags that pick another one."""
+    for attr, flag in _OTHER_SPEC_FLAGS:
+        value = getattr(args, attr, None)
+        if value:
+            shown = " ".join(value) if isinstance(value, (list, tuple)) else value
+            raise ValueError(f"--lighthouse with {flag} {shown}: --lighthouse builds the decoder layer specs itself; "
+                             "drop one of the two")
+
+
 def validate_lighthouse_args(args: Any) -> Optional[LighthouseConfig]:
-    """Check the Lighthouse flags against ``--seq-length``, ``--num-layers`` and ``--context-parallel-size``.
+    """Check the Lighthouse flags against ``--seq-length``, ``--num-layers``, ``--context-parallel-size`` and the
+    Megatron-LM flags that choose a layer spec of their own (``--spec``, ``--heterogeneous-layers-config-path``).
 
     Returns the :class:`LighthouseConfig` (``None`` without ``--lighthouse``); ``ValueError`` names the flag.
     """
@@ -152,6 +173,7 @@ def validate_lighthouse_args(args: Any) -> Optional[LighthouseConfig]:
             raise ValueError(f"--lighthouse-dense-from-iteration {dense_from}: needs --lighthouse (without it every "
                              "layer is dense from the start)")
         return None
+    _check_other_spec_flags(args)
     cp = _cp_size(args)
     try:
         cfg.validate(args.seq_length, chunks=_chunks(args))
@@ -209,9 +231,25 @@ def maybe_switch_to_dense(model: "Model", iteration: int, args: Any) -> bool:
     return switched
 
 
-def log_lighthouse_summary(args: Any, num_heads: int, head_dim: int) -> str:
-    """Log (``logging.info``) and return one line: the effective subsequence length and the attention-FLOP
-    ratio of a Lighthouse layer vs. dense at ``--seq-length`` (``num_heads`` heads of ``head_dim``)."""
+def _model_config_block_spec(args: Any, model_config: Any, vp_stage: Optional[int] = None):
+    """``GPTModelConfig.transformer_layer_spec`` callable: the block spec of :func:`lighthouse_block_spec_from_args`
+    for the ``TransformerConfig`` that Megatron-LM's model builder passes (inside ``model_config.transformer``)."""
+    return lighthouse_block_spec_from_args(args, getattr(model_config, "transformer", model_config), vp_stage)
+
+
+def _set_layer_spec(args: Any, model_config: Any) -> None:
+    """Make Megatron-LM's model config (``GPTModelConfig``) build the Lighthouse decoder block spec."""
+    fields = {f.name for f in dataclasses.fields(model_config)} if dataclasses.is_dataclass(model_config) else ()
+    if "transformer_layer_spec" not in fields:
+        raise ValueError(f"--lighthouse: the model config {type(model_config).__name__} has no transformer_layer_spec "
+                         "field; this Megatron-LM does not build its GPT through GPTModelConfig (see patches/README.md "
+                         "for the commit the hook is verified on)")
+    model_config.transformer_layer_spec = functools.partial(_model_config_block_spec, args)
+
+
+def lighthouse_summary(args: Any, num_heads: int, head_dim: int) -> str:
+    """One line: the effective subsequence length and the attention-FLOP ratio of a Lighthouse layer vs. dense at
+    ``--seq-length`` (``num_heads`` heads of ``head_dim``). Validates the flags first (``ValueError``)."""
     cfg = validate_lighthouse_args(args)
     if cfg is None:
         line = f"Lighthouse: off (dense attention at --seq-length {args.seq_length})"
@@ -222,10 +260,22 @@ def log_lighthouse_summary(args: Any, num_heads: int, head_dim: int) -> str:
         line = (f"Lighthouse: seq_length {args.seq_length} -> subsequence {cost['subsequence_length']} "
                 f"(levels {cfg.levels}, pooling_factor {cfg.pooling_factor}, topk {cfg.topk}, "
                 f"context_parallel {_cp_size(args)}); attention FLOPs per Lighthouse layer {cost['ratio']:.2%} of "
-                f"dense ({1.0 / cost['ratio']:.1f}x fewer); "
+                f"dense ({_saving(cost['ratio'])}); "
                 f"{args.num_layers - len(dense_layers)}/{args.num_layers} layers Lighthouse, dense layers "
                 f"{dense_layers}; "
                 + ("Lighthouse throughout" if stage_two is None else f"dense from iteration {stage_two}"))
+    return line
+
+
+def _saving(ratio: float) -> str:
+    if ratio < 1.0:
+        return f"{1.0 / ratio:.1f}x fewer"
+    return f"{ratio:.1f}x more: the subsequence is not shorter than the sequence, Lighthouse does not pay off here"
+
+
+def log_lighthouse_summary(args: Any, num_heads: int, head_dim: int) -> str:
+    """:func:`lighthouse_summary`, logged (``logging.info``) and returned."""
+    line = lighthouse_summary(args, num_heads, head_dim)
     logger.info(line)
     return line
 
@@ -256,20 +306,26 @@ def _monitor_step_hook(args: Any) -> Callable[..., None]:
     return hook
 
 
-def start_lighthouse(args: Any, printer: Optional[Callable[[str], None]] = None) -> Optional[LighthouseConfig]:
-    """Megatron-LM start-up, after argument parsing: validate the flags (``ValueError`` names the flag), report
-    the subsequence length and attention-FLOP saving (``logging``, and ``printer`` too, e.g. Megatron-LM's
-    ``print_rank_0``), and, with
-    ``--lighthouse-monitor``, register the per-iteration GPU monitor (see :func:`_monitor_step_hook`).
+def start_lighthouse(args: Any, model_config: Any, printer: Optional[Callable[[str], None]] = None
+                     ) -> Optional[LighthouseConfig]:
+    """Megatron-LM start-up, once the model config exists (before ``pretrain``).
+
+    Validates the flags (``ValueError`` names the flag), reports the subsequence length and attention-FLOP saving
+    through ``printer`` (e.g. Megatron-LM's ``print_rank_0``; default ``logging.info``), makes ``model_config``
+    (Megatron-LM's ``GPTModelConfig``) build the Lighthouse decoder block spec for each (virtual) pipeline stage
+    with ``--lighthouse``, and with ``--lighthouse-monitor`` registers the per-iteration GPU monitor (see
+    :func:`_monitor_step_hook`).
 
     Returns the :class:`LighthouseConfig` (``None`` without ``--lighthouse``).
     """
     head_dim = getattr(args, "kv_channels", None) or args.hidden_size // args.num_attention_heads
-    line = log_lighthouse_summary(args, args.num_attention_heads, head_dim)
-    if printer is not None:
-        printer(line)
+    line = lighthouse_summary(args, args.num_attention_heads, head_dim)
+    (printer or logger.info)(line)
+    cfg = lighthouse_config_from_args(args)
+    if cfg is not None:
+        _set_layer_spec(args, model_config)
     if getattr(args, "lighthouse_monitor", False):
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
         register_optimizer_step_post_hook(_monitor_step_hook(args))
-    return lighthouse_config_from_args(args)
+    return cfg

@@ -14,9 +14,7 @@ die() { echo "error: $*" >&2; exit "${2:-2}"; }
 [ $# -eq 1 ] || die "usage: $0 MEGATRON_LM_DIR   (a Megatron-LM checkout containing pretrain_gpt.py)"
 DIR=$1
 [ -d "$DIR" ] || die "MEGATRON_LM_DIR=$DIR: no such directory"
-for f in pretrain_gpt.py gpt_builders.py; do
-    [ -f "$DIR/$f" ] || die "MEGATRON_LM_DIR=$DIR: no $f there (not a Megatron-LM checkout, or one older than gpt_builders.py)"
-done
+[ -f "$DIR/pretrain_gpt.py" ] || die "MEGATRON_LM_DIR=$DIR: no pretrain_gpt.py there (not a Megatron-LM checkout)"
 command -v git >/dev/null || die "git is needed (git apply)"
 
 if head=$(git -C "$DIR" rev-parse HEAD 2>/dev/null); then
@@ -31,7 +29,7 @@ fi
 
 cd "$DIR"
 if git apply --reverse --check "$PATCH" 2>/dev/null; then
-    echo "already applied: $DIR/pretrain_gpt.py and gpt_builders.py carry the Lighthouse hook; nothing to do"
+    echo "already applied: $DIR/pretrain_gpt.py carries the Lighthouse hook; nothing to do"
     exit 0
 fi
 if ! report=$(git apply --check --verbose "$PATCH" 2>&1); then
@@ -41,14 +39,14 @@ error: the patch does not apply to $DIR (nothing was changed).
   This Megatron-LM differs from the verified commit around the hook lines. Either
   - check out the verified commit:  git -C $DIR checkout $VERIFIED_COMMIT   and rerun this script, or
   - try a three-way merge:          git -C $DIR apply --3way $PATCH   and resolve what it marks, or
-  - add the hook lines by hand (patches/README.md lists all of them: imports, the extra_args_provider,
-    start_lighthouse(args) after parsing, maybe_switch_to_dense in forward_step, the --lighthouse branch
-    in gpt_builder).
+  - add the four hook lines by hand (patches/README.md lists them: the import, the extra_args_provider,
+    start_lighthouse(args, model_cfg, ...) once the model config exists, maybe_switch_to_dense in
+    forward_step), then check the result on CPU: python patches/check_patched.py $DIR
 MSG
     exit 3
 fi
 git apply "$PATCH"
-echo "applied: $PATCH"
+echo "applied: $PATCH (check it on CPU: python $HERE/check_patched.py $DIR)"
 echo "  pretrain_gpt.py now takes --lighthouse, --lighthouse-topk, --lighthouse-pooling-factor, --lighthouse-levels,"
 echo "  --lighthouse-dense-layers, --lighthouse-dense-from-iteration and --lighthouse-monitor (see examples/)."
 python3 -c "import megatron_lighthouse" 2>/dev/null \

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
+import inspect
 import logging
 import subprocess
 import sys
@@ -207,6 +209,15 @@ def test_args_provider_chains_the_previous_provider():
     assert lighthouse_args_provider()(argparse.ArgumentParser()).parse_args([]).lighthouse is False
 
 
+@dataclasses.dataclass
+class ModelConfig:
+    """Stand-in for Megatron-LM's ``GPTModelConfig``: a ``TransformerConfig`` plus the layer spec (a spec or a
+    callable ``(model_config, vp_stage=...)`` that its builder calls per virtual pipeline stage)."""
+
+    transformer: object = None
+    transformer_layer_spec: object = None
+
+
 def _startup_args(*argv: str, **kw) -> argparse.Namespace:
     args = parse(*argv, **kw)
     args.hidden_size, args.num_attention_heads, args.kv_channels, args.curr_iteration = 1024, 8, None, 0
@@ -219,12 +230,38 @@ def test_start_lighthouse_validates_and_reports(monkeypatch):
     monkeypatch.setattr(importlib.import_module("torch.optim.optimizer"), "register_optimizer_step_post_hook",
                         registered.append)
     printed = []
-    cfg = start_lighthouse(_startup_args("--lighthouse", seq_length=131072), printer=printed.append)
+    model_config = ModelConfig()
+    cfg = start_lighthouse(_startup_args("--lighthouse", seq_length=131072), model_config, printer=printed.append)
     assert cfg == LighthouseConfig()
     assert len(printed) == 1 and "seq_length 131072 -> subsequence 24576" in printed[0]  # head_dim 1024/8
+    assert callable(model_config.transformer_layer_spec)
+    assert "vp_stage" in inspect.signature(model_config.transformer_layer_spec).parameters
     assert registered == []  # no monitor unless asked
     with pytest.raises(ValueError, match=r"--seq-length 1000 does not fit --lighthouse-topk 2048"):
-        start_lighthouse(_startup_args("--lighthouse", seq_length=1000))
+        start_lighthouse(_startup_args("--lighthouse", seq_length=1000), ModelConfig())
+    dense = ModelConfig()
+    assert start_lighthouse(_startup_args(seq_length=1000), dense, printer=printed.append) is None
+    assert dense.transformer_layer_spec is None and printed[-1].startswith("Lighthouse: off")
+
+
+def test_start_lighthouse_refuses_what_it_cannot_wire():
+    with pytest.raises(ValueError, match=r"--lighthouse with --spec megatron_lighthouse.spec lighthouse_layer_spec"):
+        args = _startup_args("--lighthouse", seq_length=131072)
+        args.spec = ["megatron_lighthouse.spec", "lighthouse_layer_spec"]
+        start_lighthouse(args, ModelConfig())
+
+    @dataclasses.dataclass
+    class OldModelConfig:  # a model config without transformer_layer_spec: the spec would never be used
+        transformer: object = None
+
+    with pytest.raises(ValueError, match=r"OldModelConfig has no transformer_layer_spec field"):
+        start_lighthouse(_startup_args("--lighthouse", seq_length=131072), OldModelConfig())
+
+
+def test_summary_when_the_sequence_is_too_short_to_gain():
+    line = log_lighthouse_summary(parse("--lighthouse", "--lighthouse-topk", "128", "--lighthouse-levels", "2",
+                                        "--lighthouse-pooling-factor", "2", seq_length=256), 4, 16)
+    assert "-> subsequence 384" in line and "225.00% of dense (2.2x more: " in line
 
 
 def test_monitor_steps_once_per_iteration(monkeypatch):
@@ -254,9 +291,20 @@ def test_monitor_steps_once_per_iteration(monkeypatch):
                         registered.append)
     monkeypatch.setattr(monitor_pkg, "GPUMonitor", FakeMonitor)
     args = _startup_args("--lighthouse-monitor")
-    assert start_lighthouse(args) is None
+    assert start_lighthouse(args, ModelConfig()) is None
     (hook,) = registered
     for iteration in (0, 0, 1, 1, 1, 2):  # Megatron sets curr_iteration before each train step
         args.curr_iteration = iteration
         hook(None, (), {})
     assert steps == ["start", 1, 2, 3]
+
+
+def test_model_config_builds_the_lighthouse_block_per_stage(megatron):
+    """The callable that ``start_lighthouse`` puts into the model config is what Megatron-LM's GPT builder calls
+    (``spec(model_config, vp_stage=...)``): it must give the Lighthouse decoder block of that config."""
+    args = _startup_args("--lighthouse", "--lighthouse-dense-layers", "0,-1", seq_length=131072)
+    model_config = ModelConfig(transformer=_config())
+    start_lighthouse(args, model_config)
+    spec = model_config.transformer_layer_spec(model_config, vp_stage=None)
+    assert _core_attention_names(spec) == (["SDPACoreAttention"] + ["LighthouseCoreAttention"] * 4
+                                           + ["SDPACoreAttention"])

@@ -60,20 +60,19 @@ def patch() -> dict:
     return parse_patch(PATCH.read_text())
 
 
-def test_patch_touches_only_the_hook_files(patch):
-    assert set(patch) == {"pretrain_gpt.py", "gpt_builders.py"}
+def test_patch_touches_only_the_hook_file(patch):
+    assert set(patch) == {"pretrain_gpt.py"}
 
 
 def test_patch_only_adds_hook_lines(patch):
     added = [line for hunks in patch.values() for h in hunks for line in h["added"]]
     removed = [line for hunks in patch.values() for h in hunks for line in h["removed"]]
-    assert len(added) <= 8, added
+    assert len(added) == 4, added
     # The one changed line: Megatron-LM's own extra_args_provider, now wrapped by ours.
     assert removed == ["        extra_args_provider=add_modelopt_args if has_nvidia_modelopt else None,"]
     calls = re.compile(r"\b(" + "|".join(megatron_lm.__all__) + r")\(")
     for line in added:
-        is_hook = (line.startswith("from megatron_lighthouse.megatron_lm import ") or calls.search(line)
-                   or line == '    elif getattr(args, "lighthouse", False):')
+        is_hook = line.startswith("from megatron_lighthouse.megatron_lm import ") or calls.search(line)
         assert is_hook, f"not a hook line: {line!r}"
 
 
@@ -89,9 +88,27 @@ def test_patch_imports_exist(patch):
 def test_patch_wires_every_piece(patch):
     text = "\n".join(line for hunks in patch.values() for h in hunks for line in h["added"])
     assert "extra_args_provider=lighthouse_args_provider(add_modelopt_args if has_nvidia_modelopt else None)" in text
-    assert "start_lighthouse(args, printer=print_rank_0)" in text
+    assert "start_lighthouse(args, model_cfg, printer=print_rank_0)" in text
     assert "maybe_switch_to_dense(model, args.curr_iteration, args)" in text
-    assert "lighthouse_block_spec_from_args(args, config, vp_stage)" in text
+
+
+def _hunk_with(patch: dict, added: str) -> list:
+    (hunk,) = [h for h in patch["pretrain_gpt.py"] if any(added in line for line in h["added"])]
+    return [line.strip() for line in hunk["new"]]
+
+
+def test_hooks_sit_where_megatron_lm_uses_them(patch):
+    """The layer spec must reach the model config before Megatron-LM packs it into the config container that
+    ``pretrain`` builds the model from (since 0.19 ``gpt_builder`` is not on that path), and the switch must run
+    at the top of ``forward_step``, before the batch and the model call."""
+    new = _hunk_with(patch, "start_lighthouse(")
+    start = new.index("start_lighthouse(args, model_cfg, printer=print_rank_0)")
+    assert new[start - 1] == "model_cfg = gpt_config_from_args(args)"
+    assert new[start + 1] == "full_config = pretrain_cfg_container_from_args(args, model_cfg)"
+    new = _hunk_with(patch, "maybe_switch_to_dense(")
+    switch = new.index("maybe_switch_to_dense(model, args.curr_iteration, args)")
+    assert new[switch - 2:switch] == ["args = get_args()", "timers = get_timers()"]
+    assert "# Get the batch." in new[switch:]
 
 
 def test_readme_and_apply_name_the_same_commit():
@@ -138,7 +155,7 @@ def test_apply_then_already_applied(tmp_path, patch):
     assert "patch was verified on" in first.stderr  # a different commit is warned about
     after = (root / "pretrain_gpt.py").read_text()
     assert after != before and "maybe_switch_to_dense(model, args.curr_iteration, args)" in after
-    assert "lighthouse_block_spec_from_args" in (root / "gpt_builders.py").read_text()
+    assert "start_lighthouse(args, model_cfg, printer=print_rank_0)" in after
     second = _apply(str(root))
     assert second.returncode == 0 and "already applied" in second.stdout
     assert (root / "pretrain_gpt.py").read_text() == after

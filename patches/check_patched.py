@@ -1,0 +1,131 @@
+"""CPU check of a patched Megatron-LM checkout: the hook really builds, trains and switches Lighthouse layers.
+
+Usage (no GPU, no data, no download; the checkout's own ``megatron`` package is used)::
+
+    python patches/check_patched.py MEGATRON_LM_DIR
+
+It runs the patched ``pretrain_gpt.py``'s ``__main__`` with Megatron-LM's own argument parser on a tiny model
+(``--lighthouse ... --lighthouse-dense-from-iteration 2``), with ``pretrain`` replaced by a stand-in that builds
+the model the way ``pretrain`` does (the model config's builder), then calls the patched ``forward_step`` (a CPU
+batch in place of ``get_batch``) at iterations 0..3 with a backward pass each. It fails unless the
+Lighthouse layers are built where ``--lighthouse-dense-layers`` says, run Lighthouse before the switch
+iteration and dense from it on, and a bad ``--seq-length`` is refused with the flag named.
+
+Megatron-LM >= 0.19 uses ``typing.override`` (Python 3.12); on Python 3.11 the ``typing_extensions`` backport
+stands in for it inside this check only.
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+import tempfile
+import typing
+
+FLAGS = [
+    "--num-layers", "6", "--hidden-size", "64", "--num-attention-heads", "4", "--ffn-hidden-size", "128",
+    "--seq-length", "256", "--max-position-embeddings", "256", "--micro-batch-size", "2",
+    "--global-batch-size", "2", "--train-iters", "4", "--lr", "1e-3", "--transformer-impl", "local",
+    "--use-cpu-initialization", "--no-gradient-accumulation-fusion", "--no-persist-layer-norm",
+    "--tokenizer-type", "NullTokenizer", "--vocab-size", "256", "--mock-data",
+    "--lighthouse", "--lighthouse-topk", "128", "--lighthouse-levels", "2", "--lighthouse-pooling-factor", "2",
+    "--lighthouse-dense-layers", "0,-1", "--lighthouse-dense-from-iteration", "2",
+]
+SWITCH = 2
+
+
+def run_main(mlm: str, argv: list) -> dict:
+    """Run the checkout's ``pretrain_gpt.py`` as ``__main__`` with ``argv``; return what it passed to pretrain."""
+    from megatron.training import inprocess_restart
+
+    captured: dict = {}
+
+    def fake_pretrain(cfg_container, datasets_provider, model_type, forward_step_func, **kwargs):
+        captured.update(cfg=cfg_container, forward_step=forward_step_func)
+
+    inprocess_restart.maybe_wrap_for_inprocess_restart = lambda fn: (fake_pretrain, None)
+    sys.argv = ["pretrain_gpt.py", *argv]
+    runpy.run_path(os.path.join(mlm, "pretrain_gpt.py"), run_name="__main__")
+    return captured
+
+
+def check(mlm: str) -> None:
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.training import get_args
+    from megatron.training.global_vars import set_global_variables, unset_global_variables
+
+    from megatron_lighthouse.core_attention import LighthouseCoreAttention
+    from megatron_lighthouse.switch import lighthouse_modules
+
+    captured = run_main(mlm, FLAGS)
+    args = get_args()
+    assert args.lighthouse and args.lighthouse_dense_from_iteration == SWITCH, "the --lighthouse flags were not parsed"
+    unset_global_variables()  # the parser set only args; set timers and the rest as pretrain() would
+    set_global_variables(args, build_tokenizer=False)
+    if not dist.is_initialized():
+        store = os.path.join(tempfile.mkdtemp(prefix="mlm_check_"), "store")
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    parallel_state.initialize_model_parallel()
+
+    model_config = captured["cfg"].model
+    model = model_config.get_builder_cls()(model_config).build_model(
+        ProcessGroupCollection.use_mpu_process_groups(), pre_process=True, post_process=True)
+    kinds = [type(layer.self_attention.core_attention).__name__ for layer in model.decoder.layers]
+    print("core attention per layer:", kinds)
+    light = [isinstance(layer.self_attention.core_attention, LighthouseCoreAttention) and
+             not layer.self_attention.core_attention.dense_layer for layer in model.decoder.layers]
+    assert light == [False, True, True, True, True, False], f"Lighthouse layers not where expected: {kinds}"
+
+    forward_step = captured["forward_step"]
+    b, s = args.micro_batch_size, args.seq_length
+    tokens = torch.randint(0, 256, (b, s + 1), generator=torch.Generator().manual_seed(0))
+    batch = dict(attention_mask=None, cu_seqlens=None, cu_seqlens_padded=None, hybrid_cp_group=None,
+                 labels=tokens[:, 1:], local_cp_size=None, loss_mask=torch.ones(b, s), max_seqlen=None,
+                 position_ids=torch.arange(s).expand(b, s), tokens=tokens[:, :-1])
+    forward_step.__globals__["get_batch"] = lambda data_iterator, vp_stage=None: [batch[k] for k in sorted(batch)]
+    calls = []
+    for module in lighthouse_modules(model):
+        module.register_forward_hook(lambda mod, inp, out: calls.append(mod.enabled))
+    for iteration in range(4):
+        args.curr_iteration = iteration
+        calls.clear()
+        output, _ = forward_step(iter(()), model)
+        output.float().mean().backward()
+        expect = iteration < SWITCH
+        assert calls and all(on == expect for on in calls), (
+            f"iteration {iteration}: Lighthouse layers ran enabled={calls}, expected {expect}")
+        print(f"iteration {iteration}: {len(calls)} Lighthouse layers ran {'Lighthouse' if expect else 'dense'}")
+
+    bad = [*FLAGS[:FLAGS.index("--seq-length") + 1], "240", *FLAGS[FLAGS.index("--seq-length") + 2:]]
+    unset_global_variables()
+    try:
+        run_main(mlm, bad)
+    except ValueError as err:
+        assert "--seq-length 240" in str(err), err
+        print("bad --seq-length refused:", str(err)[:120], "...")
+    else:
+        raise AssertionError("--seq-length 240 was accepted")
+    print("OK: the patched pretrain_gpt.py parses the flags, builds Lighthouse layers, trains and switches to dense")
+
+
+def main() -> None:
+    if len(sys.argv) != 2 or not os.path.isfile(os.path.join(sys.argv[1], "pretrain_gpt.py")):
+        sys.exit("usage: python patches/check_patched.py MEGATRON_LM_DIR   (a checkout with the patch applied)")
+    mlm = os.path.abspath(sys.argv[1])
+    with open(os.path.join(mlm, "pretrain_gpt.py")) as f:
+        if "megatron_lighthouse" not in f.read():
+            sys.exit(f"{mlm}/pretrain_gpt.py is not patched: run patches/apply.sh {mlm} first")
+    if not hasattr(typing, "override"):
+        import typing_extensions
+
+        typing.override = typing_extensions.override
+    sys.path.insert(0, mlm)
+    check(mlm)
+
+
+if __name__ == "__main__":
+    main()
