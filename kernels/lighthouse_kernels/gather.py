@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import rows_per_program
 from .pyramid_index import entry_of
 
 
@@ -106,7 +107,7 @@ def gather_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: t
     b, n, h, d = q.shape
     s = indices.shape[-1]
     out = [torch.empty(b, h, s, d, dtype=q.dtype, device=q.device) for _ in range(3)]
-    block_s = 32
+    block_s = rows_per_program(q.device, 32)
     grid = (b * h, triton.cdiv(s, block_s))
     _gather_fwd_kernel[grid](
         q, k, v, indices, *out, n, s, h, d, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
@@ -122,7 +123,7 @@ def gather_backward(gq: torch.Tensor, gk: torch.Tensor, gv: torch.Tensor, inv: t
     """Subsequence grads ``[B, H, S, D]`` (contiguous), ``inv`` ``[B*H, N_tot]`` -> dq, dk, dv ``[B, N, H, D]``."""
     b, h, s, d = gq.shape
     out = [torch.empty(b, seq_len, h, d, dtype=gq.dtype, device=gq.device) for _ in range(3)]
-    block_t = 64
+    block_t = rows_per_program(gq.device, 64)
     grid = (b * h, triton.cdiv(seq_len, block_t))
     _gather_bwd_kernel[grid](
         gq, gk, gv, inv, *out, seq_len, inv.shape[1], s, h, d, out[0].stride(0), out[0].stride(1), out[0].stride(2),

@@ -10,6 +10,8 @@ import triton.language as tl
 
 from megatron_lighthouse.config import level_offsets
 
+from .launch import rows_per_program
+
 
 @triton.jit
 def _token_norms(x_ptr, b, h, tok, tok_mask, stride_b, stride_n, stride_h, D, BLOCK_D: tl.constexpr):
@@ -66,7 +68,7 @@ def pool_scores(q: torch.Tensor, k: torch.Tensor, levels: int, pooling_factor: i
     total = level_offsets(n, levels, pooling_factor)[-1]
     sq = torch.empty(b, h, total, dtype=torch.float32, device=q.device)
     sk = torch.empty_like(sq)
-    block_t = max(pooling_factor ** (levels - 1), 64)
+    block_t = max(pooling_factor ** (levels - 1), rows_per_program(q.device, 64))
     grid = (b * h, triton.cdiv(n, block_t))
     _pool_score_kernel[grid](
         q, k, sq, sk, n, total, h, d, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import rows_per_program
 from .pyramid_index import entry_of
 
 
@@ -75,7 +76,7 @@ def scatter_forward(out_sub: torch.Tensor, inv: torch.Tensor, seq_len: int, leve
     """``out_sub`` ``[B, H, S, D]`` (contiguous), ``inv`` from :func:`inverse_map` -> ``[B, N, H, D]`` in its dtype."""
     b, h, s, d = out_sub.shape
     out = torch.empty(b, seq_len, h, d, dtype=out_sub.dtype, device=out_sub.device)
-    block_t = 64
+    block_t = rows_per_program(out_sub.device, 64)
     grid = (b * h, triton.cdiv(seq_len, block_t))
     _scatter_fwd_kernel[grid](
         out_sub, inv, out, seq_len, inv.shape[1], s, h, d, out.stride(0), out.stride(2), out.stride(1),
@@ -91,7 +92,7 @@ def scatter_backward(dout: torch.Tensor, indices: torch.Tensor, levels: int, poo
     s = indices.shape[-1]
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
     dsub = torch.empty(b, h, s, d, dtype=dtype, device=dout.device)
-    block_s = 64
+    block_s = rows_per_program(dout.device, 64)
     grid = (b * h, triton.cdiv(s, block_s))
     _scatter_bwd_kernel[grid](
         dout, indices, dsub, n, s, h, d, dout.stride(0), dout.stride(1), dout.stride(2),
