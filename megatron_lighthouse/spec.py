@@ -277,6 +277,8 @@ def _entry_specs() -> tuple:
     """The two ``--spec`` entry points, built once at import."""
     lighthouse = lighthouse_config_from_env()
     layer_kwargs = _megatron_lm_layer_kwargs()
+    logger.info("--spec entries built with %s and layer-spec options %s (TE: %s)",
+                lighthouse, layer_kwargs or "{} (Megatron-LM arguments not parsed yet)", _have_transformer_engine())
     local = get_gpt_layer_with_lighthouse_spec(lighthouse=lighthouse, use_transformer_engine=False, **layer_kwargs)
     if not _have_transformer_engine():
         return local, local
