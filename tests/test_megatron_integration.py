@@ -334,12 +334,16 @@ def test_pipeline_stages_map_global_layers():
         LIGHTHOUSE, dense_layers=(0, 1, -2, -1)), pipeline_dtype=torch.float32)
 
     def kinds(spec):
-        return ["L" if s.submodules.self_attention.submodules.core_attention.module is LighthouseCoreAttention
-                else "D" for s in spec.layer_specs]
+        return "".join("L" if _core_module(s) is LighthouseCoreAttention else "D" for s in spec.layer_specs)
 
-    first = get_gpt_decoder_block_with_lighthouse_spec(cfg, use_transformer_engine=False, pp_rank=0)
-    last = get_gpt_decoder_block_with_lighthouse_spec(cfg, use_transformer_engine=False, pp_rank=1)
-    assert kinds(first) == ["D", "D", "L", "L"] and kinds(last) == ["L", "L", "D", "D"]
+    def stage(config, pp_rank, vp_stage=None):
+        return kinds(get_gpt_decoder_block_with_lighthouse_spec(config, use_transformer_engine=False,
+                                                                pp_rank=pp_rank, vp_stage=vp_stage))
+
+    assert [stage(cfg, 0), stage(cfg, 1)] == ["DDLL", "LLDD"]
+    # interleaved (virtual) stages: pp rank 0 holds layers 0-1 and 4-5, pp rank 1 layers 2-3 and 6-7
+    vp = dataclasses.replace(cfg, virtual_pipeline_model_parallel_size=2)
+    assert [stage(vp, 0, 0), stage(vp, 1, 0), stage(vp, 0, 1), stage(vp, 1, 1)] == ["DD", "LL", "LL", "DD"]
 
 
 def test_megatron_lm_spec_entry_point(monkeypatch):
