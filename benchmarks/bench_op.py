@@ -1,11 +1,13 @@
 """Op benchmark of Lighthouse attention with the fused Triton kernels vs dense causal SDPA (issue 3).
 
-One run, on the GPU it is given: B=1, H=8, D=128, bf16, levels=3, pooling_factor=4, topk=2048, N in 32K..512K
+One run, on the GPU it is given: B=1, H=8, D=128, bf16, levels=3, pooling_factor=4, topk=2048, N in 32K..1M
 (``--lengths``). For each N: forward and forward+backward medians (``triton.testing.do_bench`` after warm-up; a
 median of CUDA-event timings for calls over ``--slow-ms``), peak memory of forward+backward, dense causal SDPA with the
-cuDNN and the flash backends, and a forward stage breakdown (pool/score, select, gather, dense, scatter; backward =
-fwd+bwd minus fwd). Before timing, ``--check`` verifies on the device: goldens in fp32, bf16 agreement with the
-oracle, bitwise determinism of outputs and gradients.
+cuDNN and the flash backends (up to ``--dense-max``), and a forward stage breakdown (pool/score, select, gather,
+dense, scatter; backward = fwd+bwd minus fwd); the dense kernel on the subsequence is ``"auto"`` (the fastest
+available, timed once; the choice is recorded). Before timing, ``--check`` verifies on the device: goldens in fp32,
+bf16 agreement with the oracle, bitwise determinism of outputs and gradients, and the Triton selection equal to the
+oracle's up to 512K.
 
 Prints a table; writes ``<out-dir>/op_<gpu>.json`` and ``op_<gpu>.png`` (time vs N, log-log).
 
@@ -33,6 +35,7 @@ import triton.testing  # noqa: E402
 
 import lighthouse_kernels as fused  # noqa: E402
 from megatron_lighthouse import lighthouse_attention  # noqa: E402
+from megatron_lighthouse.naive import select_pyramid_indices  # noqa: E402
 
 LEVELS, P, TOPK, B, H, D = 3, 4, 2048, 1, 8, 128
 DTYPE = torch.bfloat16
@@ -120,6 +123,16 @@ def check(golden_dir: str) -> Dict[str, object]:
     assert det and same[0] and max(bf16) < 2e-2
     results["bf16_32k"] = {"kernels_deterministic": det, "whole_op_bitwise_equal_out_dq_dk_dv": same,
                            "rel_l2_vs_oracle": bf16}
+    # The Triton selection equals the oracle's on the same scores, up to the longest benchmarked length.
+    for n in (32768, 131072, 524288):
+        q, k = (torch.randn(B, n, H, D, device="cuda", generator=gen, dtype=DTYPE) for _ in range(2))
+        sq, sk = fused.pool_scores(q, k, LEVELS, P)
+        exact = torch.equal(fused.select_indices_fused(sq, sk, n, LEVELS, P, TOPK),
+                            select_pyramid_indices(sq, sk, n, LEVELS, P, TOPK))
+        print(f"selection N={n}: equal to the oracle {exact}")
+        results[f"selection_exact_{n}"] = exact
+        assert exact, n
+        del q, k, sq, sk
     return results
 
 
@@ -180,6 +193,8 @@ def bench_length(n: int, slow_ms: float, dense: bool) -> Dict[str, float]:
     row["stage_dense_fwd_bwd_ms"] = median_ms(dense_sub_fwd_bwd, slow_ms)
     row["stage_backward_ms"] = row["lighthouse_fwd_bwd_ms"] - row["lighthouse_fwd_ms"]
     row["subsequence_length"] = idx.shape[-1]
+    row["dense_kernel_auto_choice"] = attn.choices[(tuple(picked[0].shape), tuple(picked[1].shape), DTYPE,
+                                                    picked[0].device)]
     row["around_attention_fraction_fwd_bwd"] = 1 - row["stage_dense_fwd_bwd_ms"] / row["lighthouse_fwd_bwd_ms"]
     del q, k, v, dout, sq, sk, idx, inv, picked, sub_out, sub, d_sub
     torch.cuda.empty_cache()
@@ -234,11 +249,12 @@ def plot(rows: List[Dict[str, float]], path: str, gpu: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", default="32768,65536,131072,262144,524288")
+    parser.add_argument("--lengths", default="32768,65536,131072,262144,524288,1048576")
     parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--check", action="store_true", help="device correctness checks first")
     parser.add_argument("--golden-dir", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "golden"))
-    parser.add_argument("--no-dense", action="store_true")
+    parser.add_argument("--dense-max", type=int, default=524288,
+                        help="dense baselines only up to this N (dense at 1M costs ~15 s per call)")
     parser.add_argument("--slow-ms", type=float, default=200.0)
     args = parser.parse_args()
 
@@ -251,7 +267,7 @@ def main() -> None:
         report["checks"] = check(args.golden_dir)
     rows = []
     for n in (int(x) for x in args.lengths.split(",")):
-        row = bench_length(n, args.slow_ms, not args.no_dense)
+        row = bench_length(n, args.slow_ms, n <= args.dense_max)
         rows.append(row)
         print(json.dumps(row), flush=True)
     report["rows"] = rows

@@ -7,7 +7,7 @@ hierarchical top-K), ``gather`` (selected entries pooled on the fly from the tok
 ``megatron_lighthouse.naive``; tests compare the two.
 """
 
-from .dense import DENSE_KERNELS, dense_attention
+from .dense import DENSE_KERNELS, FastestDense, dense_attention, pick_fastest
 from .functions import (
     GatherFromTokens,
     ScatterToTokens,
@@ -22,6 +22,8 @@ from .select import select_indices_fused
 __all__ = [
     "DENSE_KERNELS",
     "dense_attention",
+    "FastestDense",
+    "pick_fastest",
     "GatherFromTokens",
     "ScatterToTokens",
     "gather_from_tokens",

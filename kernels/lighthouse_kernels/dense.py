@@ -1,29 +1,37 @@
 """Stock dense causal attention on the subsequence: torch SDPA (cuDNN / flash backends), FlashAttention 2 / 3.
 
 Every kernel here follows the contract ``attention(q, k, v, softmax_scale) -> out``, all ``[B, H, S, D]``,
-causal over ``S``.
+causal over ``S``. ``"auto"`` times the kernels available for a shape once and keeps the fastest.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
-from typing import Callable, Tuple
+import importlib.util
+import logging
+import statistics
+import time
+from typing import Callable, Dict, Mapping, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+logger = logging.getLogger(__name__)
+
 DenseAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 
-#: Accepted ``dense`` names: ``"auto"`` (SDPA preferring cuDNN, then flash, on CUDA; plain SDPA elsewhere), ``"cudnn"``,
-#: ``"flash"`` (SDPA's backends alone), ``"sdpa"`` (torch's own choice), ``"fa2"`` (``flash_attn``),
-#: ``"fa3"`` (``flash_attn_interface``).
+#: Accepted ``dense`` names: ``"auto"`` (on CUDA the fastest of the kernels available, timed once per shape; plain
+#: SDPA elsewhere), ``"cudnn"``, ``"flash"`` (SDPA's backends alone), ``"sdpa"`` (torch's own choice), ``"fa2"``
+#: (``flash_attn``), ``"fa3"`` (``flash_attn_interface``).
 DENSE_KERNELS: Tuple[str, ...] = ("auto", "cudnn", "flash", "sdpa", "fa2", "fa3")
+_FLASH_MODULES = {"fa2": "flash_attn", "fa3": "flash_attn_interface"}
 
 
-def _sdpa_with(backends):
+def _sdpa_with(backend: SDPBackend) -> DenseAttention:
     def attention(q, k, v, softmax_scale):
-        with sdpa_kernel(backends, set_priority=True):
+        with sdpa_kernel([backend]):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=softmax_scale)
 
     return attention
@@ -44,20 +52,92 @@ def _flash_attn(module_name: str) -> DenseAttention:
     return attention
 
 
+def _time_ms(fn: Callable[[], object], device: torch.device, repeats: int = 3) -> float:
+    """Median wall time of ``fn`` in ms after one warm-up call (CUDA events on GPUs)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def pick_fastest(kernels: Mapping[str, DenseAttention], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 softmax_scale: float) -> str:
+    """Name of the kernel of ``kernels`` with the fastest forward+backward on random tensors shaped like q/k/v.
+
+    A kernel that raises ``RuntimeError`` (shape, dtype or GPU it does not support) is skipped. Uses its own
+    random generator, so the caller's random streams are untouched.
+    """
+    gen = torch.Generator(device=q.device).manual_seed(0)
+    inputs = [torch.randn(x.shape, generator=gen, dtype=x.dtype, device=x.device, requires_grad=True)
+              for x in (q, k, v)]
+    dout = torch.randn(q.shape, generator=gen, dtype=q.dtype, device=q.device)
+    times: Dict[str, float] = {}
+    for name, kernel in kernels.items():
+        def step():
+            with torch.enable_grad():
+                torch.autograd.grad(kernel(*inputs, softmax_scale), inputs, dout)
+
+        try:
+            times[name] = _time_ms(step, q.device)
+        except RuntimeError as err:
+            logger.info("dense kernel %s skipped for %s: %s", name, tuple(q.shape), err)
+    if not times:
+        raise RuntimeError(f"no dense kernel among {sorted(kernels)} runs on {tuple(q.shape)} {q.dtype} {q.device}")
+    return min(times, key=times.get)
+
+
+@functools.lru_cache(maxsize=None)
+def available_kernels(dtype: torch.dtype) -> Dict[str, DenseAttention]:
+    """Dense kernels usable on CUDA for ``dtype``: SDPA's cuDNN and flash backends, FA2/FA3 when installed."""
+    kernels = {"cudnn": _sdpa_with(SDPBackend.CUDNN_ATTENTION), "flash": _sdpa_with(SDPBackend.FLASH_ATTENTION)}
+    if dtype in (torch.float16, torch.bfloat16):
+        for name, module in _FLASH_MODULES.items():
+            if importlib.util.find_spec(module) is not None:
+                kernels[name] = _flash_attn(module)
+    return kernels
+
+
+class FastestDense:
+    """``"auto"``: on CUDA, the available kernel with the fastest forward+backward for each (shapes, dtype, device)
+    seen, timed once and logged at INFO (one choice per shape, so a recomputed forward uses the same kernel);
+    plain SDPA on other devices and while a CUDA graph is being captured."""
+
+    def __init__(self) -> None:
+        self.choices: Dict[tuple, str] = {}
+
+    def __call__(self, q, k, v, softmax_scale):
+        if not q.is_cuda or torch.cuda.is_current_stream_capturing():
+            return _sdpa(q, k, v, softmax_scale)
+        kernels = available_kernels(q.dtype)
+        key = (tuple(q.shape), tuple(k.shape), q.dtype, q.device)
+        if key not in self.choices:
+            self.choices[key] = pick_fastest(kernels, q, k, v, softmax_scale)
+            logger.info("dense kernel for %s %s: %s", tuple(q.shape), q.dtype, self.choices[key])
+        return kernels[self.choices[key]](q, k, v, softmax_scale)
+
+
+_AUTO = FastestDense()
+
+
 def dense_attention(name: str = "auto", device_type: str = "cuda") -> DenseAttention:
     """The dense causal kernel called ``name`` (see :data:`DENSE_KERNELS`) for tensors on ``device_type``."""
     if name not in DENSE_KERNELS:
         raise ValueError(f"dense={name!r}: must be one of {DENSE_KERNELS}")
-    if name == "fa2":
-        return _flash_attn("flash_attn")
-    if name == "fa3":
-        return _flash_attn("flash_attn_interface")
+    if name in _FLASH_MODULES:
+        return _flash_attn(_FLASH_MODULES[name])
     if name == "sdpa" or (name == "auto" and device_type != "cuda"):
         return _sdpa
-    if name == "flash":
-        return _sdpa_with([SDPBackend.FLASH_ATTENTION])
-    if name == "cudnn":
-        return _sdpa_with([SDPBackend.CUDNN_ATTENTION])
-    return _sdpa_with(
-        [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    )
+    if name == "auto":
+        return _AUTO
+    return _sdpa_with(SDPBackend.CUDNN_ATTENTION if name == "cudnn" else SDPBackend.FLASH_ATTENTION)
