@@ -119,8 +119,9 @@ class LighthouseCoreAttention(MegatronModule):
         unsupported = unsupported_attention_settings(config, None if self.dense_layer else layer_number)
         if unsupported:
             raise ValueError(
-                f"LighthouseCoreAttention (layer {layer_number}): {', '.join(unsupported)}: not supported with "
-                f"Lighthouse attention (selection attends over a pooled subsequence, not a token window)"
+                f"LighthouseCoreAttention (layer {layer_number}): {', '.join(unsupported)}: not supported (a "
+                f"Lighthouse layer attends over a selected pyramid subsequence, not a token window, and reports no "
+                f"max attention logit)"
             )
         self.cp_group = None
         if config.context_parallel_size > 1:
