@@ -1,28 +1,42 @@
 #!/usr/bin/env bash
-# Stage two: resume the Lighthouse checkpoint with dense attention (same model, same keys) to TOTAL_ITERS.
+# Stage two: resume the stage-one Lighthouse checkpoint with dense attention up to TOTAL_ITERS.
+# The model must be the stage-one model: set the same SEQ_LEN, NUM_LAYERS, HIDDEN, HEADS, FFN,
+# TRANSFORMER_IMPL (and Lighthouse settings) as for pretrain_lighthouse_1gpu.sh.
+#   patched pretrain_gpt.py: the same --lighthouse flags plus --lighthouse-dense-from-iteration DENSE_FROM_ITER
+#                            (default 0: every resumed iteration is dense); Lighthouse layers switch off, nothing
+#                            is rebuilt, the checkpoint keeps its structure;
+#   unpatched:               the dense spec with the same state-dict keys (TE: Megatron's own; local:
+#                            --spec megatron_lighthouse.spec dense_local_layer_spec).
 # Variables (environment):
 #   MEGATRON_LM_DIR, DATA_PATH, TOKENIZER_MODEL   as in pretrain_lighthouse_1gpu.sh (required)
 #   LIGHTHOUSE_CHECKPOINT  the stage-one checkpoint directory (required)
-#   CHECKPOINT_DIR (default ./checkpoints/dense)  TOTAL_ITERS=16000  SEQ_LEN=131072  NUM_LAYERS=30
-#   TRANSFORMER_IMPL=local|transformer_engine (default local: dense SDPA core attention via --spec)
-#   DRY_RUN=1         print the command instead of running it
+#   CHECKPOINT_DIR (default ./checkpoints/dense)  TOTAL_ITERS=16000  GPUS_PER_NODE=1
+#   SEQ_LEN=131072 TOPK=2048 POOLING_FACTOR=4 LEVELS=3 DENSE_LAYERS=0,1,-2,-1 DENSE_FROM_ITER=0
+#   NUM_LAYERS=30 HIDDEN=1024 HEADS=8 FFN=1536 TRANSFORMER_IMPL=transformer_engine|local
+#   DRY_RUN=1         validate everything, then print the command instead of running it
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
-: "${CHECKPOINT_DIR:=./checkpoints/dense}" "${TOTAL_ITERS:=16000}" "${SEQ_LEN:=131072}" "${NUM_LAYERS:=30}"
-: "${TRANSFORMER_IMPL:=local}"
+: "${SEQ_LEN:=131072}" "${TOPK:=2048}" "${POOLING_FACTOR:=4}" "${LEVELS:=3}" "${DENSE_LAYERS:=0,1,-2,-1}"
+: "${CHECKPOINT_DIR:=./checkpoints/dense}" "${TOTAL_ITERS:=16000}" "${GPUS_PER_NODE:=1}"
 require_megatron_lm
 require_set DATA_PATH TOKENIZER_MODEL LIGHTHOUSE_CHECKPOINT
 [ -d "$LIGHTHOUSE_CHECKPOINT" ] || die "LIGHTHOUSE_CHECKPOINT=$LIGHTHOUSE_CHECKPOINT: no such directory"
-require_int TOTAL_ITERS SEQ_LEN NUM_LAYERS
-case "$TRANSFORMER_IMPL" in
-    local) spec=(--spec megatron_lighthouse.spec dense_local_layer_spec --transformer-impl local) ;;
-    transformer_engine) spec=(--transformer-impl transformer_engine) ;;  # TE's own dense spec, same keys
-    *) die "TRANSFORMER_IMPL=$TRANSFORMER_IMPL: must be local or transformer_engine" ;;
-esac
-launch torchrun --nproc-per-node "${GPUS_PER_NODE:-1}" "$MEGATRON_LM_DIR/pretrain_gpt.py" "${spec[@]}" \
-    --num-layers "$NUM_LAYERS" --hidden-size 1024 --num-attention-heads 8 --ffn-hidden-size 1536 \
-    --swiglu --normalization RMSNorm --position-embedding-type rope --disable-bias-linear \
-    --seq-length "$SEQ_LEN" --max-position-embeddings "$SEQ_LEN" --micro-batch-size 1 --global-batch-size 32 \
+require_int TOTAL_ITERS GPUS_PER_NODE SEQ_LEN TOPK POOLING_FACTOR LEVELS
+model_flags
+if is_patched; then
+    : "${DENSE_FROM_ITER:=0}"
+    check_lighthouse "$SEQ_LEN" 1
+    lighthouse_model_flags
+    spec=("${LH_FLAGS[@]}")
+else
+    [ -z "${DENSE_FROM_ITER:-}" ] || die "DENSE_FROM_ITER needs the patched pretrain_gpt.py (patches/apply.sh $MEGATRON_LM_DIR); unpatched, every resumed iteration is dense"
+    case "$TRANSFORMER_IMPL" in
+        local) spec=(--spec megatron_lighthouse.spec dense_local_layer_spec) ;;
+        transformer_engine) spec=() ;;  # Megatron's own TE spec: the keys of the Lighthouse TE spec
+    esac
+fi
+launch torchrun --nproc-per-node "$GPUS_PER_NODE" "$MEGATRON_LM_DIR/pretrain_gpt.py" "${spec[@]}" "${MODEL_FLAGS[@]}" \
+    --micro-batch-size 1 --global-batch-size 32 \
     --recompute-granularity full --recompute-method uniform --recompute-num-layers 1 \
     --lr 2e-3 --min-lr 2e-4 --lr-warmup-iters 2000 --lr-decay-style cosine --weight-decay 0.1 \
     --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0 --bf16 --train-iters "$TOTAL_ITERS" \

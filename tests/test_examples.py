@@ -1,9 +1,11 @@
-"""The launch examples parse, validate their variables before launching, and build the documented command."""
+"""The launch examples parse, validate their variables before launching, and build the documented command,
+for a Megatron-LM checkout with and without the hook of ``patches/``."""
 
 from __future__ import annotations
 
 import os
 import pathlib
+import shlex
 import subprocess
 import sys
 
@@ -11,20 +13,43 @@ import pytest
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 SCRIPTS = ["pretrain_lighthouse_1gpu.sh", "pretrain_lighthouse_multinode_1m.sh", "resume_dense.sh"]
+MODEL = ("--num-layers 30 --hidden-size 1024 --num-attention-heads 8 --ffn-hidden-size 1536 --swiglu "
+         "--normalization RMSNorm --position-embedding-type rope --disable-bias-linear")
+LIGHTHOUSE = ("--lighthouse --lighthouse-topk 2048 --lighthouse-pooling-factor 4 --lighthouse-levels 3 "
+              "--lighthouse-dense-layers 0,1,-2,-1")
 
 
 def _run(script: str, tmp_path: pathlib.Path, **env: str) -> subprocess.CompletedProcess:
+    """Run an example; with ``DRY_RUN=1`` its ``stdout`` becomes its notes plus the command line as the shell
+    reads it (``DRY_RUN`` prints it shell-quoted)."""
     full = {"PATH": f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}", "HOME": str(tmp_path)}
     full.update(env)
-    return subprocess.run(["bash", str(EXAMPLES / script)], env=full, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(["bash", str(EXAMPLES / script)], env=full, capture_output=True, text=True, timeout=120)
+    if proc.returncode == 0 and env.get("DRY_RUN") == "1":
+        *notes, command = proc.stdout.strip().splitlines()
+        proc.stdout = "\n".join(notes + [" ".join(shlex.split(command))])
+    return proc
+
+
+def _stand_in(root: pathlib.Path, patched: bool) -> pathlib.Path:
+    root.mkdir()
+    hook = "from megatron_lighthouse.megatron_lm import start_lighthouse\n" if patched else "# stand-in\n"
+    (root / "pretrain_gpt.py").write_text(hook)
+    return root
 
 
 @pytest.fixture()
 def megatron_lm(tmp_path):
-    root = tmp_path / "Megatron-LM"
-    root.mkdir()
-    (root / "pretrain_gpt.py").write_text("# stand-in\n")
-    return root
+    return _stand_in(tmp_path / "Megatron-LM", patched=False)
+
+
+@pytest.fixture()
+def patched(tmp_path):
+    return _stand_in(tmp_path / "Megatron-LM-patched", patched=True)
+
+
+def _base(root: pathlib.Path, **env: str) -> dict:
+    return dict(MEGATRON_LM_DIR=str(root), DATA_PATH="/data/x", TOKENIZER_MODEL="tok", DRY_RUN="1", **env)
 
 
 @pytest.mark.parametrize("script", SCRIPTS + ["common.sh"])
@@ -33,60 +58,111 @@ def test_scripts_parse(script):
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
+def test_scripts_document_their_variables(script):
+    header = [line for line in (EXAMPLES / script).read_text().splitlines() if line.startswith("#")]
+    text = "\n".join(header)
+    for var in ("MEGATRON_LM_DIR", "DATA_PATH", "TOKENIZER_MODEL", "SEQ_LEN", "NUM_LAYERS", "TRANSFORMER_IMPL",
+                "DRY_RUN"):
+        assert var in text, f"{script} does not document {var}"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_missing_megatron_lm_dir_is_refused(script, tmp_path):
     proc = _run(script, tmp_path)
     assert proc.returncode == 2 and "MEGATRON_LM_DIR is not set" in proc.stderr
+    proc = _run(script, tmp_path, MEGATRON_LM_DIR=str(tmp_path))
+    assert proc.returncode == 2 and "no pretrain_gpt.py there" in proc.stderr
 
 
-def test_one_gpu_dry_run_and_validation(tmp_path, megatron_lm):
-    base = dict(MEGATRON_LM_DIR=str(megatron_lm), DATA_PATH="/data/x", TOKENIZER_MODEL="tok", DRY_RUN="1")
-    proc = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **base)
+def test_one_gpu_unpatched_uses_the_spec_entry(tmp_path, megatron_lm):
+    proc = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **_base(megatron_lm))
     assert proc.returncode == 0, proc.stderr
     assert "lighthouse: subsequence 24576 of 131072 tokens" in proc.stdout
-    assert "--spec megatron_lighthouse.spec lighthouse_layer_spec" in proc.stdout
-    assert "--seq-length 131072" in proc.stdout
-    bad = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **base, SEQ_LEN="100000")
-    assert bad.returncode == 2 and "SEQ_LEN/TOPK/POOLING_FACTOR/LEVELS" in bad.stderr
-    assert _run("pretrain_lighthouse_1gpu.sh", tmp_path, **base, TOPK="abc").stderr.strip().endswith(
-        "TOPK=abc: must be a positive integer")
-    assert "DATA_PATH is not set" in _run("pretrain_lighthouse_1gpu.sh", tmp_path, MEGATRON_LM_DIR=str(megatron_lm)).stderr
+    assert "--spec megatron_lighthouse.spec lighthouse_layer_spec --transformer-impl transformer_engine" in proc.stdout
+    assert MODEL in proc.stdout and "--seq-length 131072 --max-position-embeddings 131072" in proc.stdout
+    local = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **_base(megatron_lm), TRANSFORMER_IMPL="local")
+    assert "--spec megatron_lighthouse.spec lighthouse_local_layer_spec --transformer-impl local" in local.stdout
+    refused = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **_base(megatron_lm), DENSE_FROM_ITER="8000")
+    assert refused.returncode == 2 and "DENSE_FROM_ITER needs the patched pretrain_gpt.py" in refused.stderr
 
 
-def test_multinode_1m_checks_cp_and_monitor(tmp_path, megatron_lm):
-    base = dict(MEGATRON_LM_DIR=str(megatron_lm), DATA_PATH="/d", TOKENIZER_MODEL="t", NNODES="4",
-                MASTER_ADDR="node0", DRY_RUN="1")
-    refused = _run("pretrain_lighthouse_multinode_1m.sh", tmp_path, **base)
-    assert refused.returncode == 2 and "MONITOR=1 needs the patched pretrain_gpt.py" in refused.stderr
-    proc = _run("pretrain_lighthouse_multinode_1m.sh", tmp_path, **base, MONITOR="0")
-    assert proc.returncode == 0, proc.stderr
-    assert "--context-parallel-size 8" in proc.stdout and "--seq-length 1048576" in proc.stdout
-    (megatron_lm / "pretrain_gpt.py").write_text("import megatron_lighthouse\n")
-    assert "--lighthouse-monitor" in _run("pretrain_lighthouse_multinode_1m.sh", tmp_path, **base).stdout
-    bad = _run("pretrain_lighthouse_multinode_1m.sh", tmp_path, **base, CP_SIZE="3")
-    assert bad.returncode == 2 and "CP_SIZE=3 must divide" in bad.stderr
-
-
-def test_resume_dense_needs_the_checkpoint(tmp_path, megatron_lm):
-    base = dict(MEGATRON_LM_DIR=str(megatron_lm), DATA_PATH="/d", TOKENIZER_MODEL="t", DRY_RUN="1")
-    missing = _run("resume_dense.sh", tmp_path, **base, LIGHTHOUSE_CHECKPOINT=str(tmp_path / "nope"))
-    assert missing.returncode == 2 and "no such directory" in missing.stderr
-    proc = _run("resume_dense.sh", tmp_path, **base, LIGHTHOUSE_CHECKPOINT=str(tmp_path))
-    assert proc.returncode == 0, proc.stderr
-    assert "dense_local_layer_spec" in proc.stdout and f"--load {tmp_path}" in proc.stdout
-
-
-def test_patched_script_gets_the_lighthouse_flags(tmp_path, megatron_lm):
-    base = dict(MEGATRON_LM_DIR=str(megatron_lm), DATA_PATH="/d", TOKENIZER_MODEL="t", DRY_RUN="1")
-    unpatched = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **base, DENSE_FROM_ITER="8000")
-    assert unpatched.returncode == 2 and "DENSE_FROM_ITER needs the patched pretrain_gpt.py" in unpatched.stderr
-    (megatron_lm / "pretrain_gpt.py").write_text("from megatron_lighthouse.megatron_lm import start_lighthouse\n")
-    proc = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **base, DENSE_FROM_ITER="8000", DENSE_LAYERS="0")
+def test_one_gpu_patched_passes_the_flags(tmp_path, patched):
+    proc = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **_base(patched), DENSE_FROM_ITER="8000", DENSE_LAYERS="0")
     assert proc.returncode == 0, proc.stderr
     assert ("--lighthouse --lighthouse-topk 2048 --lighthouse-pooling-factor 4 --lighthouse-levels 3 "
             "--lighthouse-dense-layers 0 --lighthouse-dense-from-iteration 8000") in proc.stdout
     assert "--spec" not in proc.stdout
-    bad = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **base, DENSE_FROM_ITER="soon")
-    assert bad.returncode == 2 and "DENSE_FROM_ITER=soon: must be an integer >= 0" in bad.stderr
-    multi = _run("pretrain_lighthouse_multinode_1m.sh", tmp_path, **base, NNODES="4", MASTER_ADDR="node0")
-    assert multi.returncode == 0, multi.stderr
-    assert "--lighthouse --lighthouse-topk 2048" in multi.stdout and "--lighthouse-monitor" in multi.stdout
+
+
+@pytest.mark.parametrize("env, message", [
+    (dict(SEQ_LEN="100000"), "SEQ_LEN/TOPK/POOLING_FACTOR/LEVELS: sequence length: must be divisible by"),
+    (dict(SEQ_LEN="16384"), "needs >= 128"),
+    (dict(TOPK="abc"), "TOPK=abc: must be a positive integer"),
+    (dict(TOPK="100"), "LighthouseConfig.topk=100: must be a positive multiple of 128"),
+    (dict(DENSE_LAYERS="0,40"), "DENSE_LAYERS=0,40 with NUM_LAYERS=30: LighthouseConfig.dense_layers entry 40"),
+    (dict(HIDDEN="1000", HEADS="16"), "HIDDEN=1000 must be divisible by HEADS=16"),
+    (dict(TRANSFORMER_IMPL="te"), "TRANSFORMER_IMPL=te: must be transformer_engine or local"),
+    (dict(DENSE_FROM_ITER="soon"), "DENSE_FROM_ITER=soon: must be an integer >= 0"),
+    (dict(DATA_PATH=""), "DATA_PATH is not set"),
+])
+def test_one_gpu_bad_variables_are_refused_before_launch(tmp_path, patched, env, message):
+    proc = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **{**_base(patched), **env})
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert "torchrun" not in proc.stdout
+
+
+def test_multinode_1m_sizes_cp_and_needs_the_patch_for_the_monitor(tmp_path, megatron_lm, patched):
+    multi = dict(NNODES="4", MASTER_ADDR="node0")
+    refused = _run("pretrain_lighthouse_multinode_1m.sh", tmp_path, **_base(megatron_lm), **multi)
+    assert refused.returncode == 2 and "MONITOR=1 needs the patched pretrain_gpt.py" in refused.stderr
+    proc = _run("pretrain_lighthouse_multinode_1m.sh", tmp_path, **_base(megatron_lm), **multi, MONITOR="0")
+    assert proc.returncode == 0, proc.stderr
+    assert "--context-parallel-size 8 --cp-comm-type p2p" in proc.stdout and "--seq-length 1048576" in proc.stdout
+    # 1M tokens over CP 8: 16 load-balanced chunks selecting 128 each.
+    assert "lighthouse: subsequence 81920 of 1048576 tokens" in proc.stdout
+    assert "srun --ntasks-per-node 1 torchrun --nnodes 4 --nproc-per-node 8" in proc.stdout
+    on = _run("pretrain_lighthouse_multinode_1m.sh", tmp_path, **_base(patched), **multi)
+    assert on.returncode == 0, on.stderr
+    assert LIGHTHOUSE in on.stdout and "--lighthouse-monitor --lighthouse-monitor-interval 1" in on.stdout
+    for env, message in [(dict(CP_SIZE="3"), "CP_SIZE=3 must divide NNODES*GPUS_PER_NODE=32"),
+                         (dict(CP_SIZE="16"), "topk must be a multiple of 4096"),
+                         (dict(MONITOR="yes"), "MONITOR=yes: must be 0 or 1"),
+                         (dict(MASTER_ADDR=""), "MASTER_ADDR is not set")]:
+        bad = _run("pretrain_lighthouse_multinode_1m.sh", tmp_path, **{**_base(patched), **multi, **env})
+        assert bad.returncode == 2 and message in bad.stderr, (env, bad.stderr)
+
+
+def test_resume_dense(tmp_path, megatron_lm, patched):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    missing = _run("resume_dense.sh", tmp_path, **_base(patched), LIGHTHOUSE_CHECKPOINT=str(tmp_path / "nope"))
+    assert missing.returncode == 2 and "no such directory" in missing.stderr
+    # Patched: the stage-one model with every Lighthouse layer switched to dense from the first resumed iteration.
+    proc = _run("resume_dense.sh", tmp_path, **_base(patched), LIGHTHOUSE_CHECKPOINT=str(ckpt))
+    assert proc.returncode == 0, proc.stderr
+    assert f"{LIGHTHOUSE} --lighthouse-dense-from-iteration 0 --transformer-impl transformer_engine" in proc.stdout
+    assert MODEL in proc.stdout and f"--load {ckpt}" in proc.stdout and "--train-iters 16000" in proc.stdout
+    # Unpatched: a dense spec with the stage-one keys (Megatron's TE spec, or the package's local dense one).
+    te = _run("resume_dense.sh", tmp_path, **_base(megatron_lm), LIGHTHOUSE_CHECKPOINT=str(ckpt))
+    assert te.returncode == 0, te.stderr
+    assert "--spec" not in te.stdout and "--lighthouse" not in te.stdout and MODEL in te.stdout
+    local = _run("resume_dense.sh", tmp_path, **_base(megatron_lm), LIGHTHOUSE_CHECKPOINT=str(ckpt),
+                 TRANSFORMER_IMPL="local")
+    assert "--spec megatron_lighthouse.spec dense_local_layer_spec --transformer-impl local" in local.stdout
+    refused = _run("resume_dense.sh", tmp_path, **_base(megatron_lm), LIGHTHOUSE_CHECKPOINT=str(ckpt),
+                   DENSE_FROM_ITER="5")
+    assert refused.returncode == 2 and "DENSE_FROM_ITER needs the patched pretrain_gpt.py" in refused.stderr
+
+
+def test_dry_run_only_prints(tmp_path, patched):
+    """Without DRY_RUN the script execs the launcher: a stand-in torchrun on PATH records its arguments."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "argv"
+    (bin_dir / "torchrun").write_text(f'#!/usr/bin/env bash\necho "$@" > {record}\n')
+    (bin_dir / "torchrun").chmod(0o755)
+    env = {**_base(patched), "PATH": f"{bin_dir}:{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("DRY_RUN")
+    proc = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **env)
+    assert proc.returncode == 0, proc.stderr
+    assert LIGHTHOUSE in record.read_text() and "--train-iters 10000" in record.read_text()
