@@ -1,66 +1,150 @@
-"""The main job runs end to end at a tiny size: two stages, the dense baseline, Lighthouse throughout, resume."""
+"""The main job runs end to end at a tiny size, in this process: both stages, the dense baseline, Lighthouse
+throughout, its outputs, an interrupted run resumed from its checkpoint, and clear errors."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+import logging
 
 import pytest
 import torch
 
+from megatron_lighthouse.demo import __main__ as cli
+from megatron_lighthouse.demo import train
+
 TINY = ["--layers", "2", "--hidden", "32", "--heads", "2", "--ffn", "64", "--seq-len", "256", "--levels", "2",
         "--pooling-factor", "2", "--topk", "128", "--dense-layers", "0", "--batch-size", "2", "--eval-every", "3",
-        "--eval-batches", "1", "--log-every", "3", "--corpus-bytes", "300000", "--warmup", "2"]
+        "--eval-batches", "1", "--log-every", "3", "--corpus-bytes", "300000", "--warmup", "2", "--steps", "6"]
+STAGES = {"two-stage": ["lighthouse", "dense"], "dense": ["dense"], "lighthouse": ["lighthouse"]}
 
 
-def _demo(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-W", "ignore", "-m", "megatron_lighthouse.demo", *TINY, *args],
-                          capture_output=True, text=True, timeout=600)
+def _main(*args: str) -> int:
+    return cli.main([*TINY, *args])
 
 
-@pytest.mark.parametrize("mode,stages", [("two-stage", ["lighthouse", "dense"]), ("dense", ["dense"]),
-                                         ("lighthouse", ["lighthouse"])])
-def test_modes_train_and_write_outputs(tmp_path, mode, stages):
-    proc = _demo("--mode", mode, "--steps", "6", "--out", str(tmp_path))
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert [s["stage"] for s in metrics["stages"]] == stages
-    assert [t["stage"] for t in metrics["train"]][-1] == stages[-1]
-    assert all(e["val_loss"] > 0 for e in metrics["evals"]) and len(metrics["evals"]) == 2
-    assert (tmp_path / "loss.png").stat().st_size > 5000
-    assert "final val loss (dense)" in proc.stdout
-    if mode == "two-stage":
-        assert "switching Lighthouse off" in proc.stdout
-        assert [t["stage"] for t in metrics["train"]] == ["lighthouse"] * 5 + ["dense"]
-    # The saved model is a plain dense state dict: no Lighthouse-specific keys.
-    state = torch.load(tmp_path / "model_dense.pt", weights_only=False)
-    assert not any("inner" in key for key in state)
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The three modes of the same tiny run (the baseline through ``--baseline``), each with ``--out``."""
+    out = {}
+    for mode in STAGES:
+        path = tmp_path_factory.mktemp(mode)
+        flags = ["--baseline"] if mode == "dense" else ["--mode", mode]
+        assert _main(*flags, "--out", str(path)) == 0
+        out[mode] = (path, json.loads((path / "metrics.json").read_text()))
+    return out
 
 
-def test_baseline_flag_is_dense(tmp_path):
-    proc = _demo("--baseline", "--steps", "3", "--out", str(tmp_path))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads((tmp_path / "metrics.json").read_text())["config"]["mode"] == "dense"
+@pytest.mark.parametrize("mode", list(STAGES))
+def test_modes_train_evaluate_and_write_outputs(runs, mode):
+    path, metrics = runs[mode]
+    assert metrics["config"]["mode"] == mode
+    assert [s["stage"] for s in metrics["stages"]] == STAGES[mode]
+    assert all(s["tokens_per_s"] > 0 and s["seconds"] > 0 and s["final_val_loss"] > 0 for s in metrics["stages"])
+    assert [e["step"] for e in metrics["evals"]] == [3, 6]
+    assert metrics["final_val_loss"] == metrics["evals"][-1]["val_loss"]
+    expected = {"two-stage": ["lighthouse"] * 5 + ["dense"], "dense": ["dense"] * 6,
+                "lighthouse": ["lighthouse"] * 6}[mode]
+    assert [t["stage"] for t in metrics["train"]] == expected
+    assert (path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (path / "loss.png").stat().st_size > 5000
+    assert (path / "checkpoint.pt").exists()
 
 
-def test_resume_continues_from_the_checkpoint(tmp_path):
-    first = _demo("--mode", "lighthouse", "--steps", "3", "--out", str(tmp_path))
-    assert first.returncode == 0, first.stderr[-3000:]
-    second = _demo("--mode", "lighthouse", "--steps", "6", "--out", str(tmp_path), "--resume")
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "resumed from" in second.stdout and "at step 3" in second.stdout
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert [t["step"] for t in metrics["train"]] == list(range(6))
+def test_same_start_then_lighthouse_changes_the_training(runs):
+    """Same seed, data and initialization: the first dense-stage loss equals across modes only for dense runs."""
+    losses = {mode: [t["loss"] for t in metrics["train"]] for mode, (_, metrics) in runs.items()}
+    assert losses["two-stage"][:5] == pytest.approx(losses["lighthouse"][:5], rel=1e-5)
+    assert losses["two-stage"][1] != pytest.approx(losses["dense"][1], rel=1e-6)
+
+
+def test_summary_table_is_printed(tmp_path, capsys):
+    assert _main("--steps", "3", "--out", str(tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert "final val loss (dense)" in out and "tokens/s" in out
+    assert out.count("lighthouse") >= 1 and "final validation loss:" in out
+
+
+def test_dense_checkpoint_loads_into_the_dense_model(runs):
+    """``model_dense.pt`` is a plain state dict that the dense GPT of the same settings loads strictly."""
+    path, metrics = runs["two-stage"]
+    state = torch.load(path / "model_dense.pt", weights_only=False)
+    settings = dict(metrics["config"])
+    settings.update(mode="dense", dense_layers=tuple(settings["dense_layers"]))
+    dense = train.build_model(train.DemoConfig(**settings), torch.device("cpu"))
+    dense.load_state_dict(state, strict=True)
+    trained = {k: v for k, v in torch.load(path / "checkpoint.pt", weights_only=False)["model"].items()
+               if isinstance(v, torch.Tensor)}
+    loaded = dense.state_dict()
+    assert trained and all(torch.equal(loaded[k], v) for k, v in trained.items())
+
+
+def test_interrupted_run_resumes_to_the_same_result(runs, tmp_path, monkeypatch, capsys, caplog):
+    """Interrupted in step 3 (after the checkpoint of step 3; evaluation calls the loss too), ``--resume`` finishes the run with the losses of
+    the uninterrupted one: batches depend on the step only, model and optimizer come from the checkpoint."""
+    real_loss = train._loss
+    calls = []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real_loss(*args)
+
+    monkeypatch.setattr(train, "_loss", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        _main("--mode", "two-stage", "--out", str(tmp_path))
+    assert "interrupted at step 3" in str(stop.value)
+    assert "the checkpoint of step 3 is kept: rerun the same command with --resume" in str(stop.value)
+    monkeypatch.setattr(train, "_loss", real_loss)
+    with caplog.at_level(logging.INFO, logger="megatron_lighthouse.demo.train"):
+        assert _main("--mode", "two-stage", "--out", str(tmp_path), "--resume") == 0
+    assert any("resumed from" in m and "at step 3" in m for m in caplog.messages)
+    resumed = json.loads((tmp_path / "metrics.json").read_text())
+    uninterrupted = runs["two-stage"][1]
+    assert [t["step"] for t in resumed["train"]] == list(range(6))
+    assert [t["loss"] for t in resumed["train"]] == pytest.approx([t["loss"] for t in uninterrupted["train"]],
+                                                                  rel=1e-5)
+    assert resumed["final_val_loss"] == pytest.approx(uninterrupted["final_val_loss"], rel=1e-5)
+
+    # Resuming with settings that would change the model, data or schedule is refused, naming them.
+    assert _main("--mode", "two-stage", "--out", str(tmp_path), "--resume", "--hidden", "64", "--heads", "2") == 2
+    err = capsys.readouterr().err
+    assert "--resume:" in err and "--hidden 32 -> 64" in err and "use another --out" in err
+
+
+def test_out_of_memory_names_the_flags_to_lower(tmp_path, monkeypatch):
+    def out_of_memory(*args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train, "_loss", out_of_memory)
+    with pytest.raises(SystemExit) as stop:
+        _main("--out", str(tmp_path))
+    message = str(stop.value)
+    assert message.startswith("out of memory at step 0")
+    assert "lower --batch-size, --seq-len, --layers or --hidden" in message and "no checkpoint yet" in message
+
+    def cpu_allocator(*args):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(train, "_loss", cpu_allocator)
+    with pytest.raises(SystemExit, match="out of memory at step 0 .*lower --batch-size"):
+        _main()
 
 
 @pytest.mark.parametrize("args,message", [
     (["--seq-len", "200"], "--seq-len 200 does not fit the Lighthouse settings"),
+    (["--seq-len", "200"], "use a sequence length >= 256"),
+    (["--seq-len", "1001"], "nearest valid lengths: (1000, 1002)"),
     (["--corpus", "/nonexistent/corpus"], "--corpus /nonexistent/corpus: no such file or directory"),
     (["--dense-layers", "0,1"], "keeps all 2 layers dense"),
     (["--hidden", "33"], "--hidden 33: must be divisible by --heads 2"),
+    (["--dense-fraction", "1.5"], "--dense-fraction 1.5: must be in [0, 1)"),
 ])
-def test_bad_settings_fail_clearly(args, message):
-    proc = _demo(*args)
-    assert proc.returncode == 2
-    assert message in proc.stderr
+def test_bad_settings_fail_clearly(args, message, capsys):
+    assert _main(*args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_resume_needs_out(capsys):
+    with pytest.raises(SystemExit):
+        _main("--resume")
+    assert "--resume needs --out" in capsys.readouterr().err

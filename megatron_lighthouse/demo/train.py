@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import pathlib
+import tempfile
 import time
 from typing import Dict, List, Optional, Tuple
 
@@ -21,6 +22,11 @@ logger = logging.getLogger(__name__)
 MODES = ("two-stage", "dense", "lighthouse")
 VOCAB = 256  # bytes
 CHECKPOINT = "checkpoint.pt"
+#: Settings that may change when resuming (the run's length and its reporting); every other one must match the
+#: checkpoint, or the model, data or schedule would not be the ones it was trained with.
+RESUMABLE_CHANGES = ("steps", "out", "resume", "device", "log_every", "eval_every", "eval_batches")
+#: What to lower when memory runs out.
+MEMORY_HINT = "lower --batch-size, --seq-len, --layers or --hidden"
 
 
 @dataclasses.dataclass
@@ -97,9 +103,9 @@ def _init_runtime(device: torch.device) -> None:
     from megatron.core import parallel_state
 
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(20000 + os.getpid() % 20000))
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+        store = os.path.join(tempfile.mkdtemp(prefix="lighthouse_demo_"), "store")  # no port to collide on
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"file://{store}", rank=0,
+                                world_size=1)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel()
     if device.type == "cuda":
@@ -148,6 +154,13 @@ def _batch(data: torch.Tensor, offsets: torch.Tensor, seq_len: int, device: torc
     return rows[:, :-1], rows[:, 1:]
 
 
+def _train_offsets(cfg: DemoConfig, step: int, train_len: int) -> torch.Tensor:
+    """Window starts of step ``step``: a function of the seed and the step only, so a resumed run sees the same
+    batches as an uninterrupted one."""
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    return torch.randint(0, train_len - cfg.seq_len - 1, (cfg.batch_size,), generator=gen)
+
+
 def _loss(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
     return model(tokens, positions, None, labels=labels).float().mean()
@@ -174,6 +187,29 @@ def _save(path: pathlib.Path, payload: dict) -> None:
     os.replace(tmp, path)  # a crash mid-save never leaves a torn checkpoint
 
 
+def _resume(out: pathlib.Path, cfg: DemoConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            device: torch.device) -> Optional[Dict]:
+    """Load ``out/checkpoint.pt`` into ``model`` and ``optimizer``; returns the saved run state (``None``: none).
+
+    ``ValueError`` when the checkpoint was written with settings that cannot continue (names the flags)."""
+    path = out / CHECKPOINT
+    if not path.exists():
+        logger.info("--resume: no %s yet, starting at step 0", path)
+        return None
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    now = dataclasses.asdict(cfg)
+    changed = [f"--{k.replace('_', '-')} {ckpt['config'][k]} -> {now[k]}" for k in now
+               if k not in RESUMABLE_CHANGES and ckpt["config"].get(k) != now[k]]
+    if changed:
+        may_change = ", ".join("--" + k.replace("_", "-") for k in RESUMABLE_CHANGES if k not in ("out", "resume"))
+        raise ValueError(f"--resume: {path} was written with other settings ({'; '.join(changed)}); rerun with the "
+                         f"checkpoint's settings (only {may_change} may change) or use another --out")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    logger.info("resumed from %s at step %d", path, ckpt["state"]["step"])
+    return ckpt["state"]
+
+
 def run_demo(cfg: DemoConfig) -> Dict:
     """Train, switch, evaluate; returns the metrics (also written to ``cfg.out/metrics.json`` by the CLI)."""
     from ..switch import LighthouseSchedule
@@ -188,23 +224,20 @@ def run_demo(cfg: DemoConfig) -> Dict:
                          f"{cfg.seq_len}; raise --corpus-bytes or lower --seq-len")
     _init_runtime(device)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1)
     schedule = LighthouseSchedule(dense_from_iteration=cfg.switch_step)
     out = pathlib.Path(cfg.out) if cfg.out else None
     state = dict(step=0, train=[], evals=[], seconds={"lighthouse": 0.0, "dense": 0.0},
                  tokens={"lighthouse": 0, "dense": 0})
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        if cfg.resume and (out / CHECKPOINT).exists():
-            ckpt = torch.load(out / CHECKPOINT, map_location=device, weights_only=False)
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            state = ckpt["state"]
-            logger.info("resumed from %s at step %d", out / CHECKPOINT, state["step"])
-    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + state["step"])
+    saved_step: Optional[int] = None
     tokens_per_step = cfg.batch_size * cfg.seq_len
     try:
+        model = build_model(cfg, device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1)
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            if cfg.resume:
+                state = _resume(out, cfg, model, optimizer, device) or state
+                saved_step = state["step"] or None
         for step in range(state["step"], cfg.steps):
             stage = "lighthouse" if cfg.mode != "dense" and schedule.apply(model, step) else "dense"
             if step == cfg.switch_step and cfg.mode == "two-stage":
@@ -212,8 +245,7 @@ def run_demo(cfg: DemoConfig) -> Dict:
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(cfg, step)
             start = time.perf_counter()
-            offsets = torch.randint(0, len(train) - cfg.seq_len - 1, (cfg.batch_size,), generator=gen)
-            loss = _loss(model, *_batch(train, offsets, cfg.seq_len, device))
+            loss = _loss(model, *_batch(train, _train_offsets(cfg, step, len(train)), cfg.seq_len, device))
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -235,13 +267,30 @@ def run_demo(cfg: DemoConfig) -> Dict:
                 if out is not None:
                     _save(out / CHECKPOINT, dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
                                                  state=state, config=dataclasses.asdict(cfg)))
-    except torch.cuda.OutOfMemoryError:
-        raise SystemExit("out of GPU memory: lower --batch-size, --seq-len, --layers or --hidden") from None
+                    saved_step = state["step"]
+    except (RuntimeError, MemoryError) as err:  # torch.cuda.OutOfMemoryError is a RuntimeError
+        out_of_memory = isinstance(err, (torch.cuda.OutOfMemoryError, MemoryError)) or (
+            "can't allocate memory" in str(err))  # the CPU allocator's out-of-memory error
+        if not out_of_memory:
+            raise
+        raise SystemExit(f"out of memory at step {state['step']} ({type(err).__name__}): {MEMORY_HINT}"
+                         f"{_resume_hint(cfg, out, saved_step)}") from None
+    except KeyboardInterrupt:
+        raise SystemExit(f"interrupted at step {state['step']}{_resume_hint(cfg, out, saved_step)}") from None
     if out is not None:
         from ..export import save_dense_checkpoint
 
         save_dense_checkpoint(model, str(out / "model_dense.pt"))
     return summarize(cfg, state)
+
+
+def _resume_hint(cfg: DemoConfig, out: Optional[pathlib.Path], saved_step: Optional[int]) -> str:
+    """Where the run can continue from, for error messages (``saved_step``: step of the last checkpoint)."""
+    if out is None:
+        return " (no --out: nothing was saved; add --out DIR to keep checkpoints)"
+    if saved_step is None:
+        return f" (no checkpoint yet: one is written every --eval-every {cfg.eval_every} steps)"
+    return f"; the checkpoint of step {saved_step} is kept: rerun the same command with --resume to continue"
 
 
 def summarize(cfg: DemoConfig, state: Dict) -> Dict:
