@@ -353,6 +353,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         with open(path, "w") as f:
             json.dump(record, f, indent=1)
         print(f"wrote {path}")
+    # Tear down together: a gloo rank destroying its group while a peer still works on it can abort at exit.
+    dist.barrier()
     dist.destroy_process_group()
     return 0 if record.get("check", {}).get("passed", True) else 1
 
