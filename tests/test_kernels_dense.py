@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lighthouse_kernels import DENSE_KERNELS, dense_attention, pick_fastest
+from lighthouse_kernels.dense import available_kernels
 from megatron_lighthouse import lighthouse_attention
 from megatron_lighthouse.attention import sdpa_causal
 
@@ -44,6 +45,18 @@ def test_pick_fastest_raises_when_nothing_runs():
 def test_cpu_dense_kernels_are_causal_sdpa(name):
     q, k, v = _qkv()
     torch.testing.assert_close(dense_attention(name, "cpu")(q, k, v, 0.3), sdpa_causal(q, k, v, 0.3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_auto_candidates_always_hold_a_kernel_for_the_dtype(dtype):
+    """``"auto"`` on CUDA times these; fp32 has no cuDNN/flash kernel, so SDPA's own choice must be among them
+    (found on an H200: fp32 inputs raised 'no dense kernel among cudnn, flash')."""
+    kernels = available_kernels(dtype)
+    assert "sdpa" in kernels
+    assert ("cudnn" in kernels) == (dtype == torch.bfloat16)
+    q, k, v = (x.to(dtype) for x in _qkv())
+    picked = pick_fastest({"broken": _broken, **kernels}, q, k, v, 0.5)
+    torch.testing.assert_close(kernels[picked](q, k, v, 0.5), sdpa_causal(q, k, v, 0.5))
 
 
 def test_dense_name_validation():

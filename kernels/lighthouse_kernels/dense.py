@@ -99,12 +99,15 @@ def pick_fastest(kernels: Mapping[str, DenseAttention], q: torch.Tensor, k: torc
 
 @functools.lru_cache(maxsize=None)
 def available_kernels(dtype: torch.dtype) -> Dict[str, DenseAttention]:
-    """Dense kernels usable on CUDA for ``dtype``: SDPA's cuDNN and flash backends, FA2/FA3 when installed."""
-    kernels = {"cudnn": _sdpa_with(SDPBackend.CUDNN_ATTENTION), "flash": _sdpa_with(SDPBackend.FLASH_ATTENTION)}
+    """Dense kernels to time on CUDA for ``dtype``: SDPA's cuDNN and flash backends and FA2/FA3 when installed
+    (fp16/bf16), and SDPA's own choice, which runs for every dtype (fp32 has no cuDNN or flash kernel)."""
+    kernels: Dict[str, DenseAttention] = {}
     if dtype in (torch.float16, torch.bfloat16):
+        kernels.update(cudnn=_sdpa_with(SDPBackend.CUDNN_ATTENTION), flash=_sdpa_with(SDPBackend.FLASH_ATTENTION))
         for name, module in _FLASH_MODULES.items():
             if importlib.util.find_spec(module) is not None:
                 kernels[name] = _flash_attn(module)
+    kernels["sdpa"] = _sdpa
     return kernels
 
 
