@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+from typing import Iterable, List, Optional
 
 import pytest
 import torch
@@ -12,10 +13,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-#: ``LIGHTHOUSE_GOLDEN_DIR`` points the suite at another set of reference vectors of the same format.
-GOLDEN_DIR = pathlib.Path(
-    os.environ.get("LIGHTHOUSE_GOLDEN_DIR", pathlib.Path(__file__).resolve().parents[2] / "shared" / "golden")
-)
+#: The published reference's vectors (``../shared/golden``), cases a-f, cp2 and cp4.
+SHARED_GOLDEN_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "golden"
+#: ``LIGHTHOUSE_GOLDEN_DIR`` points the suite at another set of reference vectors of the same format (any case
+#: names and settings; the chunked cases run through the distributed path when ``chunks`` is 4 or 8).
+GOLDEN_DIR = pathlib.Path(os.environ.get("LIGHTHOUSE_GOLDEN_DIR", SHARED_GOLDEN_DIR))
 
 
 def _load_goldens() -> dict:
@@ -26,6 +28,16 @@ def _load_goldens() -> dict:
 
 
 GOLDENS = _load_goldens()
+
+
+def golden_names(shared: Iterable[str], max_tokens: int, chunks: Optional[Iterable[int]] = None) -> List[str]:
+    """Golden cases a test runs: ``shared`` for the shared vectors; for another directory every case with at most
+    ``max_tokens`` of ``B * H * N`` (and ``chunks`` among ``chunks`` when given)."""
+    if GOLDEN_DIR == SHARED_GOLDEN_DIR:
+        return list(shared)
+    return [name for name, rec in sorted(GOLDENS.items())
+            if rec["config"]["B"] * rec["config"]["H"] * rec["config"]["N"] <= max_tokens
+            and (chunks is None or rec["config"]["chunks"] in tuple(chunks))]
 
 
 @pytest.fixture(scope="session")

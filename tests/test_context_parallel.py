@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import GOLDENS, rel_l2
+from conftest import GOLDENS, golden_names, rel_l2
 from megatron_lighthouse import context_parallel, lighthouse_attention, select_indices
 from megatron_lighthouse.cp_layout import cp_chunk_ids, gather_from_cp, split_for_cp
 from spawn import run_on_ranks
@@ -80,11 +80,12 @@ def _check_golden(rank, world, name):
         assert rel_l2(grad, split_for_cp(rec[ref], rank, world)) < 1e-4, ref
 
 
-@pytest.mark.parametrize("name,world", [("cp2", 2), ("cp4", 4)])
-def test_golden_through_distributed_path(name, world):
+@pytest.mark.parametrize("name", golden_names(["cp2", "cp4"], max_tokens=1 << 16, chunks=(4, 8)))
+def test_golden_through_distributed_path(name):
+    """Chunked cases with ``chunks = 2W`` for W = 2, 4 run on W ranks."""
     if name not in GOLDENS:
         pytest.fail(f"golden case {name} missing")
-    run_on_ranks(_check_golden, world, name)
+    run_on_ranks(_check_golden, GOLDENS[name]["config"]["chunks"] // 2, name)
 
 
 def _check_communication(rank, world, force_reduce_scatter):

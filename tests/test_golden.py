@@ -5,12 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import GOLDENS, rel_l2
+from conftest import GOLDEN_DIR, GOLDENS, SHARED_GOLDEN_DIR, rel_l2
 from megatron_lighthouse import lighthouse_attention, select_indices
 
 
-def test_all_golden_cases_present():
-    assert {"a", "b", "c", "d", "e", "f", "cp2", "cp4"} <= set(GOLDENS)
+def test_golden_cases_present():
+    if GOLDEN_DIR == SHARED_GOLDEN_DIR:
+        assert {"a", "b", "c", "d", "e", "f", "cp2", "cp4"} <= set(GOLDENS)
+    assert GOLDENS, f"no reference_*.pt under {GOLDEN_DIR}"
 
 
 @pytest.mark.parametrize("name", sorted(GOLDENS))
