@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import pytest
 import torch
@@ -20,6 +21,12 @@ STAGES = {"two-stage": ["lighthouse", "dense"], "dense": ["dense"], "lighthouse"
 
 def _main(*args: str) -> int:
     return cli.main([*TINY, *args])
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    """Runs without ``--out`` write ``./demo_out``: keep it out of the checkout."""
+    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -146,5 +153,44 @@ def test_bad_settings_fail_clearly(args, message, capsys):
 
 def test_resume_needs_out(capsys):
     with pytest.raises(SystemExit):
-        _main("--resume")
+        _main("--resume", "--no-save")
     assert "--resume needs --out" in capsys.readouterr().err
+
+
+def test_default_run_keeps_everything_in_demo_out_and_resumes_from_it(tmp_path, caplog):
+    """The README's command (no flags) writes metrics, plot and checkpoints to ./demo_out; ``--resume`` alone
+    continues from there, here to more steps; ``--no-save`` keeps nothing."""
+    assert _main("--steps", "3") == 0
+    out = tmp_path / "demo_out"
+    assert {p.name for p in out.iterdir()} == {"metrics.json", "loss.png", "checkpoint.pt", "model_dense.pt"}
+    with caplog.at_level(logging.INFO, logger="megatron_lighthouse.demo.train"):
+        assert _main("--steps", "6", "--resume") == 0
+    assert any("resumed from" in m and "at step 3" in m for m in caplog.messages)
+    assert [t["step"] for t in json.loads((out / "metrics.json").read_text())["train"]] == list(range(6))
+    (tmp_path / "bare").mkdir()
+    assert _main("--steps", "1", "--no-save", "--out", str(tmp_path / "bare")) == 0
+    assert not any((tmp_path / "bare").iterdir())
+
+
+def test_resume_on_another_device_is_refused(tmp_path, capsys):
+    """The model differs by device (learned positions and fp32 on CPU, RoPE and bf16 on CUDA)."""
+    assert _main("--steps", "3", "--out", str(tmp_path)) == 0
+    ckpt = torch.load(tmp_path / train.CHECKPOINT, weights_only=False)
+    ckpt["config"]["device"] = "cuda"
+    torch.save(ckpt, tmp_path / train.CHECKPOINT)
+    assert _main("--steps", "6", "--out", str(tmp_path), "--resume") == 2
+    assert "--device cuda -> cpu" in capsys.readouterr().err
+
+
+def test_progress_lines_show_a_bar_tokens_per_second_and_loss(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="megatron_lighthouse.demo.train"):
+        assert _main("--steps", "3", "--out", str(tmp_path)) == 0
+    lines = [m for m in caplog.messages if m.startswith("step") and "tokens/s" in m]
+    assert re.match(r"step    1/3 \[#{6}-{14}\]  33% eta \d:\d\d:\d\d  lighthouse  loss \d+\.\d{4} +\d+ tokens/s$",
+                    lines[0]), lines[0]
+    assert re.match(r"step    3/3 \[#{20}\] 100% eta 0:00:00  dense ", lines[-1]), lines[-1]
+
+
+def test_progress_eta_from_the_mean_step_time():
+    state = dict(step=5, train=[None] * 5, seconds={"lighthouse": 8.0, "dense": 2.0})
+    assert train._progress(state, 200, width=10) == "step    5/200 [----------]   2% eta 0:06:30"

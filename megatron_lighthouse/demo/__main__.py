@@ -31,15 +31,18 @@ def parse_args(argv: Optional[List[str]] = None) -> DemoConfig:
     p.add_argument("--dense-layers", default=",".join(map(str, defaults.dense_layers)),
                    help="comma-separated layers kept dense (negative: from the end)")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    p.add_argument("--no-save", action="store_true", help="keep no checkpoints, metrics or plot (overrides --out)")
     args = vars(p.parse_args(argv))
     if args.pop("baseline"):
         args["mode"] = "dense"
+    if args.pop("no_save"):
+        args["out"] = None
     try:
         args["dense_layers"] = tuple(int(x) for x in args["dense_layers"].split(",") if x.strip())
     except ValueError:
         p.error(f"--dense-layers {args['dense_layers']!r}: must be comma-separated ints")
     if args["resume"] and not args["out"]:
-        p.error("--resume needs --out (the directory holding checkpoint.pt)")
+        p.error("--resume needs --out (the directory holding checkpoint.pt), not --no-save")
     return DemoConfig(**args)
 
 
@@ -88,11 +91,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print_summary(metrics)
-    out = pathlib.Path(cfg.out or "demo_out")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    png = plot(metrics, out / "loss.png")
-    print(f"wrote {out / 'metrics.json'}" + (f" and {png}" if png else ""))
+    if cfg.out:
+        out = pathlib.Path(cfg.out)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        png = plot(metrics, out / "loss.png")
+        print(f"wrote {out / 'metrics.json'}" + (f" and {png}" if png else "") + f"; checkpoints in {out}")
     return 0
 
 

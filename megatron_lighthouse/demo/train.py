@@ -24,7 +24,8 @@ VOCAB = 256  # bytes
 CHECKPOINT = "checkpoint.pt"
 #: Settings that may change when resuming (the run's length and its reporting); every other one must match the
 #: checkpoint, or the model, data or schedule would not be the ones it was trained with.
-RESUMABLE_CHANGES = ("steps", "out", "resume", "device", "log_every", "eval_every", "eval_batches")
+#: (Not ``device``: the model differs by device, learned positions and fp32 on CPU, RoPE and bf16 on CUDA.)
+RESUMABLE_CHANGES = ("steps", "out", "resume", "log_every", "eval_every", "eval_batches")
 #: What to lower when memory runs out.
 MEMORY_HINT = "lower --batch-size, --seq-len, --layers or --hidden"
 
@@ -35,6 +36,7 @@ class DemoConfig:
 
     ``mode``: ``two-stage`` (Lighthouse, then dense for the last ``dense_fraction`` of steps), ``dense`` (dense from
     scratch, the baseline) or ``lighthouse`` (Lighthouse throughout). Validation loss is always measured densely.
+    ``out``: directory of the checkpoints (``None``: keep nothing; the CLI writes its metrics and plot there too).
     """
 
     mode: str = "two-stage"
@@ -59,7 +61,7 @@ class DemoConfig:
     seed: int = 0
     corpus: Optional[str] = None
     corpus_bytes: int = 8 << 20
-    out: Optional[str] = None
+    out: Optional[str] = "demo_out"
     resume: bool = False
 
     def lighthouse(self) -> LighthouseConfig:
@@ -258,8 +260,8 @@ def run_demo(cfg: DemoConfig) -> Dict:
             state["train"].append(dict(step=step, loss=loss.item(), stage=stage))
             state["step"] = step + 1
             if (step + 1) % cfg.log_every == 0 or step == 0:
-                logger.info("step %4d/%d  %-10s  loss %.4f  %8.0f tokens/s", step + 1, cfg.steps, stage,
-                            loss.item(), tokens_per_step / elapsed)
+                logger.info("%s  %-10s  loss %.4f  %8.0f tokens/s", _progress(state, cfg.steps), stage, loss.item(),
+                            tokens_per_step / elapsed)
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
                 val_loss = evaluate(model, val, cfg, device)
                 state["evals"].append(dict(step=step + 1, val_loss=val_loss, stage=stage))
@@ -282,6 +284,16 @@ def run_demo(cfg: DemoConfig) -> Dict:
 
         save_dense_checkpoint(model, str(out / "model_dense.pt"))
     return summarize(cfg, state)
+
+
+def _progress(state: Dict, total: int, width: int = 20) -> str:
+    """``step  120/200 [############--------]  60% eta 0:00:35``: the ETA from the mean step time so far."""
+    done = state["step"]
+    seconds = sum(state["seconds"].values())
+    eta = int(round(seconds / max(1, len(state["train"])) * (total - done)))
+    filled = width * done // total
+    return (f"step {done:4d}/{total} [{'#' * filled}{'-' * (width - filled)}] {100 * done // total:3d}% "
+            f"eta {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}")
 
 
 def _resume_hint(cfg: DemoConfig, out: Optional[pathlib.Path], saved_step: Optional[int]) -> str:
