@@ -7,6 +7,9 @@
 #                            is rebuilt, the checkpoint keeps its structure;
 #   unpatched:               the dense spec with the same state-dict keys (TE: Megatron's own; local:
 #                            --spec megatron_lighthouse.spec dense_local_layer_spec).
+# The learning-rate schedule is this script's (--override-opt_param-scheduler): the cosine now runs to
+# TOTAL_ITERS, continuing from the checkpoint's iteration; without the flag Megatron refuses a checkpoint whose
+# schedule was derived from stage one's --train-iters.
 # Variables (environment):
 #   MEGATRON_LM_DIR, DATA_PATH, TOKENIZER_MODEL   as in pretrain_lighthouse_1gpu.sh (required)
 #   LIGHTHOUSE_CHECKPOINT  the stage-one checkpoint directory (required)
@@ -40,5 +43,6 @@ launch torchrun --nproc-per-node "$GPUS_PER_NODE" "$MEGATRON_LM_DIR/pretrain_gpt
     --recompute-granularity full --recompute-method uniform --recompute-num-layers 1 \
     --lr 2e-3 --min-lr 2e-4 --lr-warmup-iters 2000 --lr-decay-style cosine --weight-decay 0.1 \
     --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0 --bf16 --train-iters "$TOTAL_ITERS" \
+    --override-opt_param-scheduler \
     --data-path "$DATA_PATH" --tokenizer-type HuggingFaceTokenizer --tokenizer-model "$TOKENIZER_MODEL" \
     --load "$LIGHTHOUSE_CHECKPOINT" --save "$CHECKPOINT_DIR" --save-interval 1000 --log-interval 10

@@ -11,7 +11,7 @@ The patch in ``patches/`` wires three calls into Megatron-LM's ``pretrain_gpt.py
    (:func:`validate_lighthouse_args`), prints the effective subsequence length and attention-FLOP saving
    (:func:`lighthouse_summary`), makes the model config build the Lighthouse decoder block spec per (virtual)
    pipeline stage (:func:`lighthouse_block_spec_from_args`), and registers the GPU monitor;
-3. training loop: ``maybe_switch_to_dense(model, args.curr_iteration, args)`` at the top of ``forward_step``
+3. training loop: ``maybe_switch_to_dense(model, args)`` at the top of ``forward_step``
    flips the Lighthouse layers to dense attention from ``--lighthouse-dense-from-iteration`` on, in the same run
    or after resuming from a checkpoint (nothing is rebuilt; parameters, optimizer state and checkpoint format
    are unchanged).
@@ -213,13 +213,18 @@ def lighthouse_schedule_from_args(args: Any) -> "LighthouseSchedule":
     return LighthouseSchedule(getattr(args, "lighthouse_dense_from_iteration", None))
 
 
-def maybe_switch_to_dense(model: "Model", iteration: int, args: Any) -> bool:
+def maybe_switch_to_dense(model: "Model", args: Any, iteration: Optional[int] = None) -> bool:
     """Apply the schedule of ``--lighthouse-dense-from-iteration`` to ``model`` (a module or list of model
     chunks) at ``iteration``; call once per iteration.
 
+    ``iteration`` defaults to Megatron-LM's ``args.curr_iteration`` (set by the training loop), else
+    ``args.iteration`` (the loaded checkpoint's, or 0; evaluation-only runs never set ``curr_iteration``).
     Returns ``True`` when this call switched Lighthouse layers to dense (logged once, at that moment).
     """
     from .switch import lighthouse_modules
+
+    if iteration is None:
+        iteration = getattr(args, "curr_iteration", getattr(args, "iteration", 0))
 
     modules = lighthouse_modules(model)
     was_on = any(m.enabled for m in modules)

@@ -142,6 +142,8 @@ def test_resume_dense(tmp_path, megatron_lm, patched):
     assert proc.returncode == 0, proc.stderr
     assert f"{LIGHTHOUSE} --lighthouse-dense-from-iteration 0 --transformer-impl transformer_engine" in proc.stdout
     assert MODEL in proc.stdout and f"--load {ckpt}" in proc.stdout and "--train-iters 16000" in proc.stdout
+    # Stage two's --train-iters differs from stage one's: Megatron must take the schedule from the flags.
+    assert "--override-opt_param-scheduler" in proc.stdout
     # Unpatched: a dense spec with the stage-one keys (Megatron's TE spec, or the package's local dense one).
     te = _run("resume_dense.sh", tmp_path, **_base(megatron_lm), LIGHTHOUSE_CHECKPOINT=str(ckpt))
     assert te.returncode == 0, te.stderr

@@ -187,15 +187,23 @@ def test_maybe_switch_to_dense(megatron, caplog):
     modules = lighthouse_modules(model)
     assert len(modules) == 2
     with caplog.at_level(logging.INFO, logger="megatron_lighthouse.megatron_lm"):
-        switched = [maybe_switch_to_dense([model], it, args) for it in range(4)]
+        switched = [maybe_switch_to_dense([model], args, it) for it in range(4)]
         states = [m.enabled for m in modules]
     assert switched == [False, False, True, False]
     assert states == [False, False]
     assert len(caplog.messages) == 1 and "iteration 2 >= --lighthouse-dense-from-iteration 2" in caplog.messages[0]
     # Resuming past the switch point: the fresh model is switched at its first iteration.
     resumed = tiny_gpt(config, lighthouse_block_spec_from_args(args, config))
-    assert maybe_switch_to_dense(resumed, 7, args) is True
+    assert maybe_switch_to_dense(resumed, args, 7) is True
     assert not any(m.enabled for m in lighthouse_modules(resumed))
+    # The patch's call passes no iteration: the training loop's args.curr_iteration, else (evaluation-only runs,
+    # which never set it) the loaded checkpoint's args.iteration.
+    args.iteration = 5
+    fresh = tiny_gpt(config, lighthouse_block_spec_from_args(args, config))
+    assert maybe_switch_to_dense(fresh, args) is True
+    args.iteration, args.curr_iteration = 5, 1
+    fresh = tiny_gpt(config, lighthouse_block_spec_from_args(args, config))
+    assert maybe_switch_to_dense(fresh, args) is False and all(m.enabled for m in lighthouse_modules(fresh))
 
 
 def test_args_provider_chains_the_previous_provider():

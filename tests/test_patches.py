@@ -89,7 +89,7 @@ def test_patch_wires_every_piece(patch):
     text = "\n".join(line for hunks in patch.values() for h in hunks for line in h["added"])
     assert "extra_args_provider=lighthouse_args_provider(add_modelopt_args if has_nvidia_modelopt else None)" in text
     assert "start_lighthouse(args, model_cfg, printer=print_rank_0)" in text
-    assert "maybe_switch_to_dense(model, args.curr_iteration, args)" in text
+    assert "maybe_switch_to_dense(model, args)" in text
 
 
 def _hunk_with(patch: dict, added: str) -> list:
@@ -106,7 +106,7 @@ def test_hooks_sit_where_megatron_lm_uses_them(patch):
     assert new[start - 1] == "model_cfg = gpt_config_from_args(args)"
     assert new[start + 1] == "full_config = pretrain_cfg_container_from_args(args, model_cfg)"
     new = _hunk_with(patch, "maybe_switch_to_dense(")
-    switch = new.index("maybe_switch_to_dense(model, args.curr_iteration, args)")
+    switch = new.index("maybe_switch_to_dense(model, args)")
     assert new[switch - 2:switch] == ["args = get_args()", "timers = get_timers()"]
     assert "# Get the batch." in new[switch:]
 
@@ -154,7 +154,7 @@ def test_apply_then_already_applied(tmp_path, patch):
     assert first.returncode == 0, first.stderr
     assert "patch was verified on" in first.stderr  # a different commit is warned about
     after = (root / "pretrain_gpt.py").read_text()
-    assert after != before and "maybe_switch_to_dense(model, args.curr_iteration, args)" in after
+    assert after != before and "maybe_switch_to_dense(model, args)" in after
     assert "start_lighthouse(args, model_cfg, printer=print_rank_0)" in after
     second = _apply(str(root))
     assert second.returncode == 0 and "already applied" in second.stdout
