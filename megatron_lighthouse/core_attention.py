@@ -19,7 +19,6 @@ import math
 from typing import Any, Optional, Union
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, get_module
@@ -28,7 +27,7 @@ from megatron.core.transformer.utils import sharded_state_dict_default
 
 from .attention import lighthouse_attention
 from .config import LighthouseConfig
-from .transformer_config import resolve_lighthouse, unsupported_attention_settings
+from .transformer_config import context_parallel_group, resolve_lighthouse, unsupported_attention_settings
 
 #: Name of the inner core attention among this module's children (hidden from state-dict keys).
 INNER = "inner"
@@ -123,10 +122,7 @@ class LighthouseCoreAttention(MegatronModule):
                 f"Lighthouse layer attends over a selected pyramid subsequence, not a token window, and reports no "
                 f"max attention logit)"
             )
-        self.cp_group = None
-        if config.context_parallel_size > 1:
-            cp = getattr(pg_collection, "cp", None) if pg_collection is not None else None
-            self.cp_group = cp if cp is not None else parallel_state.get_context_parallel_group()
+        self.cp_group = context_parallel_group(config, pg_collection, f"LighthouseCoreAttention (layer {layer_number})")
 
         inner_config = config
         if not self.dense_layer:  # selection is per query head: the subsequence has one kv head per query head

@@ -14,13 +14,13 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import tensor_parallel
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from .context_parallel import cp_causal_attention
-from .transformer_config import unsupported_attention_settings
+from .transformer_config import context_parallel_group, unsupported_attention_settings
 
 
 class SDPACoreAttention(MegatronModule):
@@ -61,16 +61,13 @@ class SDPACoreAttention(MegatronModule):
         self.attn_mask_type = attn_mask_type
         self.softmax_scale = 1.0 / math.sqrt(config.kv_channels) if softmax_scale is None else softmax_scale
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
-        self.cp_group = None
-        if config.context_parallel_size > 1:
-            cp = getattr(pg_collection, "cp", None) if pg_collection is not None else None
-            self.cp_group = cp if cp is not None else parallel_state.get_context_parallel_group()
-            if self.dropout_p > 0:
-                raise ValueError(
-                    f"SDPACoreAttention: attention_dropout={self.dropout_p} with context_parallel_size="
-                    f"{config.context_parallel_size}: dropout is not supported under context parallelism "
-                    f"(set attention_dropout=0)"
-                )
+        self.cp_group = context_parallel_group(config, pg_collection, "SDPACoreAttention")
+        if self.cp_group is not None and self.dropout_p > 0:
+            raise ValueError(
+                f"SDPACoreAttention: attention_dropout={self.dropout_p} with context_parallel_size="
+                f"{config.context_parallel_size}: dropout is not supported under context parallelism "
+                f"(set attention_dropout=0)"
+            )
 
     def forward(
         self,

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import types
 
 import pytest
 import torch
+import torch.distributed as dist
 
 pytest.importorskip("megatron.core")
 
@@ -269,6 +271,18 @@ def test_unsupported_config_settings_raise():
         _core(tiny_config(qk_clip=True, qk_clip_alpha=0.5, qk_clip_threshold=100.0), layer_number=1)
     with pytest.raises(ValueError, match=r"softmax_type='learnable'"):
         SDPACoreAttention(tiny_config(softmax_type="learnable"), 3, AttnMaskType.causal, "self")
+
+
+def test_context_parallel_group_of_the_wrong_size_raises():
+    """A CP group whose size is not config.context_parallel_size: refused at construction, naming both."""
+    two_ranks = types.SimpleNamespace(cp=types.SimpleNamespace(size=lambda: 2))
+    for build in (lambda cfg, **kw: _core(cfg, **kw),
+                  lambda cfg, **kw: SDPACoreAttention(cfg, 3, AttnMaskType.causal, "self", **kw)):
+        with pytest.raises(ValueError, match=r"group has 1 ranks but config.context_parallel_size=2"):
+            build(tiny_config(context_parallel_size=2))  # Megatron's CP group here: this one process
+        with pytest.raises(ValueError, match=r"group has 2 ranks but config.context_parallel_size=1"):
+            build(tiny_config(), pg_collection=two_ranks)
+    assert _core(tiny_config(), pg_collection=types.SimpleNamespace(cp=dist.group.WORLD)).cp_group is None
 
 
 def test_switch_schedule_and_wrappers():
