@@ -95,7 +95,7 @@ def test_one_gpu_patched_passes_the_flags(tmp_path, patched):
 
 
 @pytest.mark.parametrize("env, message", [
-    (dict(SEQ_LEN="100000"), "SEQ_LEN/TOPK/POOLING_FACTOR/LEVELS: sequence length: must be divisible by"),
+    (dict(SEQ_LEN="100000"), "SEQ_LEN/TOPK/POOLING_FACTOR/LEVELS: sequence length 100000: must be divisible by"),
     (dict(SEQ_LEN="16384"), "needs >= 128"),
     (dict(TOPK="abc"), "TOPK=abc: must be a positive integer"),
     (dict(TOPK="100"), "LighthouseConfig.topk=100: must be a positive multiple of 128"),

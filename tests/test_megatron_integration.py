@@ -236,7 +236,7 @@ def test_gqa_training_loop_loss_decreases():
 def test_bad_sequence_length_clear_error():
     light, _ = _pair()
     tokens, pos, _ = batch(seq=192)
-    with pytest.raises(ValueError, match=r"layer 3, 192 tokens\): sequence length: each tile owns 96"):
+    with pytest.raises(ValueError, match=r"layer 3, 192 tokens\): sequence length 192: each tile owns 96"):
         _logits(light, tokens, pos)
 
 

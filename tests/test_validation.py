@@ -40,7 +40,7 @@ def test_invalid_settings_fail_at_construction(settings, match):
 @pytest.mark.parametrize(
     "n,settings,chunks,match",
     [
-        (1000, dict(levels=3, pooling_factor=4, topk=128), 1, r"sequence length: must be divisible by .* = 16"),
+        (1000, dict(levels=3, pooling_factor=4, topk=128), 1, r"sequence length 1000: must be divisible by .* = 16"),
         (128, GOOD, 1, r"owns 64 coarsest-level entries, needs >= 128; use a sequence length >= 256"),
         (256, dict(levels=3, pooling_factor=2, topk=128), 1, r"owns 64 coarsest-level entries, needs >= 128"),
         (2048, dict(levels=2, pooling_factor=2, topk=256), 4, r"topk=256 with chunks=4"),
