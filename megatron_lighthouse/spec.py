@@ -76,12 +76,22 @@ def replace_core_attention(layer_spec: ModuleSpec, core_attention: Union[ModuleS
     return layer
 
 
+def _check_transformer_engine(use_transformer_engine: bool) -> None:
+    """``ImportError`` naming the setting when the TE variant is asked for without TransformerEngine (Megatron's
+    TE spec functions would fail deep inside with a ``NameError``)."""
+    if use_transformer_engine and not _have_transformer_engine():
+        raise ImportError("use_transformer_engine=True needs TransformerEngine (transformer_engine[pytorch]), which "
+                          "is not importable here: install it, or pass use_transformer_engine=False for the local "
+                          "spec (SDPACoreAttention inner attention)")
+
+
 def get_gpt_layer_dense_spec(*, use_transformer_engine: bool = True, **kwargs: Any) -> ModuleSpec:
     """Megatron's GPT layer spec (TE or local) with a long-sequence core attention: ``TEDotProductAttention``
     (TE, unchanged) or :class:`SDPACoreAttention` (local). ``kwargs`` go to Megatron's spec function
     (``num_experts``, ``qk_layernorm``, ``normalization``, ...); multi-latent attention is not supported."""
     if kwargs.get("multi_latent_attention"):
         raise ValueError("multi_latent_attention=True: Lighthouse specs support standard (GQA/MHA) self-attention only")
+    _check_transformer_engine(use_transformer_engine)
     if use_transformer_engine:
         spec = _call_accepted(gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec, **kwargs)
     else:
@@ -185,6 +195,7 @@ def _block_spec(config: TransformerConfig, lighthouse: Optional[LighthouseConfig
         raise ValueError(f"config.experimental_attention_variant={config.experimental_attention_variant!r}: "
                          f"Lighthouse replaces the core attention of standard self-attention layers only")
     _check_block_options(config, options)
+    _check_transformer_engine(use_transformer_engine)
     megatron_specs = _call_accepted(gpt_layer_specs.get_gpt_decoder_layer_specs, config=config,
                                     use_transformer_engine=use_transformer_engine, normalization=normalization,
                                     qk_l2_norm=qk_l2_norm)

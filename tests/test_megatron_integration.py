@@ -273,6 +273,17 @@ def test_unsupported_config_settings_raise():
         SDPACoreAttention(tiny_config(softmax_type="learnable"), 3, AttnMaskType.causal, "self")
 
 
+def test_transformer_engine_variant_without_transformer_engine_raises():
+    """CI has no TransformerEngine: the TE variants (the default) say so, naming the setting."""
+    cfg = tiny_config()
+    for build in (lambda: get_gpt_layer_with_lighthouse_spec(cfg),
+                  lambda: get_gpt_decoder_block_with_lighthouse_spec(cfg),
+                  lambda: get_gpt_decoder_block_dense_spec(cfg, use_transformer_engine=True)):
+        with pytest.raises(ImportError, match=r"use_transformer_engine=True needs TransformerEngine .* "
+                                              r"use_transformer_engine=False"):
+            build()
+
+
 def test_context_parallel_group_of_the_wrong_size_raises():
     """A CP group whose size is not config.context_parallel_size: refused at construction, naming both."""
     two_ranks = types.SimpleNamespace(cp=types.SimpleNamespace(size=lambda: 2))
