@@ -135,7 +135,15 @@ def test_state_dict_identical_and_checkpoint_roundtrip(tmp_path):
     assert list(light_sd) == list(dense_sd)
     assert all(getattr(light_sd[k], "shape", None) == getattr(dense_sd[k], "shape", None) for k in light_sd)
     assert not any(".inner." in k for k in light_sd)
-    assert sorted(light.sharded_state_dict()) == sorted(dense.sharded_state_dict())
+    light_sharded, dense_sharded = light.sharded_state_dict(), dense.sharded_state_dict()
+    assert sorted(light_sharded) == sorted(dense_sharded)
+    for key, sharded in light_sharded.items():  # same global shapes and sharding of every ShardedTensor
+        other = dense_sharded[key]
+        assert type(sharded) is type(other), key
+        for attr in ("key", "global_shape", "global_offset", "axis_fragmentations"):
+            assert getattr(sharded, attr, None) == getattr(other, attr, None), (key, attr)
+        if isinstance(getattr(sharded, "data", None), torch.Tensor):
+            assert sharded.data.shape == other.data.shape, key
 
     path = tmp_path / "dense.pt"
     save_dense_checkpoint(light, path)
