@@ -15,29 +15,35 @@ if not torch.cuda.is_available():
 
 #: The published reference's vectors (``../shared/golden``), cases a-f, cp2 and cp4.
 SHARED_GOLDEN_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "golden"
-#: ``LIGHTHOUSE_GOLDEN_DIR`` points the suite at another set of reference vectors of the same format (any case
-#: names and settings; the chunked cases run through the distributed path when ``chunks`` is 4 or 8).
+#: An independent set computed with the published reference code on new seeds and settings (cases ``ind_*``;
+#: how: docs/CORRECTNESS.md). Checked with the shared set unless ``LIGHTHOUSE_GOLDEN_DIR`` is set.
+INDEPENDENT_GOLDEN_DIR = pathlib.Path(__file__).resolve().parent / "data"
+#: ``LIGHTHOUSE_GOLDEN_DIR`` points the suite at another set of reference vectors of the same format instead (any
+#: case names and settings; the chunked cases run through the distributed path when ``chunks`` is 4 or 8).
 GOLDEN_DIR = pathlib.Path(os.environ.get("LIGHTHOUSE_GOLDEN_DIR", SHARED_GOLDEN_DIR))
 
 
-def _load_goldens() -> dict:
+def _load_goldens(directory: pathlib.Path) -> dict:
     cases = {}
-    for path in sorted(GOLDEN_DIR.glob("reference_*.pt")):
+    for path in sorted(directory.glob("reference_*.pt")):
         cases.update(torch.load(path))
     return cases
 
 
-GOLDENS = _load_goldens()
+if GOLDEN_DIR == SHARED_GOLDEN_DIR:
+    SHARED_GOLDENS = _load_goldens(SHARED_GOLDEN_DIR)
+    GOLDENS = {**SHARED_GOLDENS, **_load_goldens(INDEPENDENT_GOLDEN_DIR)}
+else:
+    SHARED_GOLDENS, GOLDENS = {}, _load_goldens(GOLDEN_DIR)
 
 
 def golden_names(shared: Iterable[str], max_tokens: int, chunks: Optional[Iterable[int]] = None) -> List[str]:
-    """Golden cases a test runs: ``shared`` for the shared vectors; for another directory every case with at most
-    ``max_tokens`` of ``B * H * N`` (and ``chunks`` among ``chunks`` when given)."""
-    if GOLDEN_DIR == SHARED_GOLDEN_DIR:
-        return list(shared)
-    return [name for name, rec in sorted(GOLDENS.items())
-            if rec["config"]["B"] * rec["config"]["H"] * rec["config"]["N"] <= max_tokens
-            and (chunks is None or rec["config"]["chunks"] in tuple(chunks))]
+    """Golden cases a test runs: ``shared`` of the shared set, and every other case (the independent set, or
+    another directory's) with at most ``max_tokens`` of ``B * H * N`` (and ``chunks`` among ``chunks`` if given)."""
+    others = [name for name, rec in sorted(GOLDENS.items()) if name not in SHARED_GOLDENS
+              and rec["config"]["B"] * rec["config"]["H"] * rec["config"]["N"] <= max_tokens
+              and (chunks is None or rec["config"]["chunks"] in tuple(chunks))]
+    return [name for name in shared if name in SHARED_GOLDENS] + others
 
 
 @pytest.fixture(scope="session")

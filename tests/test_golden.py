@@ -12,6 +12,7 @@ from megatron_lighthouse import lighthouse_attention, select_indices
 def test_golden_cases_present():
     if GOLDEN_DIR == SHARED_GOLDEN_DIR:
         assert {"a", "b", "c", "d", "e", "f", "cp2", "cp4"} <= set(GOLDENS)
+        assert {f"ind_{c}" for c in "abcdef"} <= set(GOLDENS)  # tests/data: the independent set
     assert GOLDENS, f"no reference_*.pt under {GOLDEN_DIR}"
 
 
