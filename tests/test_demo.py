@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 
 import pytest
@@ -145,6 +146,7 @@ def test_out_of_memory_names_the_flags_to_lower(tmp_path, monkeypatch):
     (["--dense-layers", "0,1"], "keeps all 2 layers dense"),
     (["--hidden", "33"], "--hidden 33: must be divisible by --heads 2"),
     (["--dense-fraction", "1.5"], "--dense-fraction 1.5: must be in [0, 1)"),
+    (["--baseline", "--dense-rewarm", "5"], "--dense-rewarm 5: must be >= 0, and only with --mode two-stage"),
 ])
 def test_bad_settings_fail_clearly(args, message, capsys):
     assert _main(*args) == 2
@@ -189,6 +191,17 @@ def test_progress_lines_show_a_bar_tokens_per_second_and_loss(tmp_path, caplog):
     assert re.match(r"step    1/3 \[#{6}-{14}\]  33% eta \d:\d\d:\d\d  lighthouse  loss \d+\.\d{4} +\d+ tokens/s$",
                     lines[0]), lines[0]
     assert re.match(r"step    3/3 \[#{20}\] 100% eta 0:00:00  dense ", lines[-1]), lines[-1]
+
+
+def test_dense_stage_schedule_of_its_own():
+    """--dense-rewarm: the Lighthouse stage decays over its own steps, the dense stage warms up again to --lr."""
+    cfg = train.DemoConfig(steps=10, dense_fraction=0.4, warmup=2, lr=1.0, dense_rewarm=2)
+    lrs = [train._lr_at(cfg, step) for step in range(10)]
+    assert cfg.switch_step == 6
+    assert lrs[:2] == [0.5, 1.0] and lrs[5] == pytest.approx(0.1 + 0.45 * (1 - 2**-0.5))
+    assert lrs[6:8] == [0.5, 1.0] and lrs[9] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi / 2)))
+    one = [train._lr_at(train.DemoConfig(steps=10, dense_fraction=0.4, warmup=2, lr=1.0), s) for s in range(10)]
+    assert all(a > b for a, b in zip(one[2:], one[3:]))  # without it: one warm-up, one cosine, no restart
 
 
 def test_progress_eta_from_the_mean_step_time():

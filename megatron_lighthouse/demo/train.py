@@ -37,6 +37,9 @@ class DemoConfig:
     ``mode``: ``two-stage`` (Lighthouse, then dense for the last ``dense_fraction`` of steps), ``dense`` (dense from
     scratch, the baseline) or ``lighthouse`` (Lighthouse throughout). Validation loss is always measured densely.
     ``out``: directory of the checkpoints (``None``: keep nothing; the CLI writes its metrics and plot there too).
+    Learning rate: linear warm-up over ``warmup`` steps, then cosine decay to 10% of ``lr`` at the last step; with
+    ``dense_rewarm > 0`` a two-stage run's dense stage gets a schedule of its own, as when resuming from a
+    checkpoint: warm-up back to ``lr`` over ``dense_rewarm`` steps, then cosine to 10% over the rest of the stage.
     """
 
     mode: str = "two-stage"
@@ -54,6 +57,7 @@ class DemoConfig:
     dense_layers: Tuple[int, ...] = (0, -1)
     lr: float = 2e-3
     warmup: int = 20
+    dense_rewarm: int = 0
     eval_every: int = 25
     eval_batches: int = 4
     log_every: int = 10
@@ -80,6 +84,8 @@ class DemoConfig:
             raise ValueError(f"--hidden {self.hidden}: must be divisible by --heads {self.heads}")
         if not 0.0 <= self.dense_fraction < 1.0:
             raise ValueError(f"--dense-fraction {self.dense_fraction}: must be in [0, 1)")
+        if self.dense_rewarm < 0 or (self.dense_rewarm and self.mode != "two-stage"):
+            raise ValueError(f"--dense-rewarm {self.dense_rewarm}: must be >= 0, and only with --mode two-stage")
         if self.mode != "dense":
             lighthouse = self.lighthouse()
             try:
@@ -143,12 +149,20 @@ def build_model(cfg: DemoConfig, device: torch.device) -> torch.nn.Module:
     return model.to(device=device, dtype=dtype)
 
 
+def _warmup_cosine(lr: float, step: int, warmup: int, steps: int) -> float:
+    """Step ``step`` of ``steps``: linear warm-up to ``lr`` over ``warmup`` steps, then cosine decay to ``lr / 10``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
 def _lr_at(cfg: DemoConfig, step: int) -> float:
-    """Linear warm-up, then cosine decay to 10% of ``lr``."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    """The run's schedule (see :class:`DemoConfig`): one warm-up + cosine, or a second one for the dense stage."""
+    switch = cfg.switch_step
+    if cfg.dense_rewarm and switch is not None and step >= switch:
+        return _warmup_cosine(cfg.lr, step - switch, cfg.dense_rewarm, cfg.steps - switch)
+    return _warmup_cosine(cfg.lr, step, cfg.warmup, cfg.steps if not cfg.dense_rewarm else switch)
 
 
 def _batch(data: torch.Tensor, offsets: torch.Tensor, seq_len: int, device: torch.device):
