@@ -1,0 +1,173 @@
+"""Quality of the two-stage recipe: the same model and token budget trained several ways, several seeds (issue 7).
+
+Every run is ``python -m megatron_lighthouse.demo`` in this process with the shared flags given after ``--``, a
+variant's own flags and ``--seed``; validation loss is always measured with every layer dense. Variants are
+``NAME=DEMO FLAGS``; the default three are dense from scratch, Lighthouse then dense (the paper's recipe) and
+Lighthouse throughout. The first variant is the baseline the others are compared with.
+
+Prints a table (final validation loss per seed, mean, spread, change vs the baseline, wall time, tokens/s); writes
+``<out-dir>/quality.json`` and ``<out-dir>/quality.png`` (validation curves, switch marked), and each run's
+checkpoints and metrics under ``<out-dir>/<variant>_s<seed>/``.
+
+GPU (one H100/H200; about 30 s per run at these settings, see docs/RESULTS.md)::
+
+    python3 benchmarks/bench_quality.py --out-dir $OUT/quality --seeds 0 1 \\
+        --variant "dense=--mode dense" --variant "two-stage=--mode two-stage" \\
+        --variant "two-stage-rewarm=--mode two-stage --dense-fraction 0.375 --dense-rewarm 30" -- \\
+        --device cuda --seq-len 16384 --levels 3 --pooling-factor 4 --topk 256 --layers 6 --hidden 256 --heads 4 \\
+        --ffn 768 --dense-layers 0,-1 --batch-size 8 --steps 300 --eval-every 50 --eval-batches 4 --log-every 50 \\
+        --corpus-bytes 40000000 --lr 2e-3 --warmup 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import shlex
+import statistics
+import sys
+from typing import Dict, List, Optional, Tuple
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from megatron_lighthouse.demo.__main__ import parse_args as parse_demo_args  # noqa: E402
+from megatron_lighthouse.demo.train import run_demo  # noqa: E402
+
+DEFAULT_VARIANTS = ("dense=--mode dense", "two-stage=--mode two-stage", "lighthouse=--mode lighthouse")
+#: The bar of issue 7: the two-stage model's final validation loss within 1% of (or below) dense from scratch.
+BAR_PCT = 1.0
+
+
+def parse_variant(text: str) -> Tuple[str, List[str]]:
+    """``"NAME=FLAGS"`` -> ``(NAME, [flags])``; ``SystemExit`` naming the problem otherwise."""
+    name, sep, flags = text.partition("=")
+    if not sep or not name.strip() or "/" in name or name != name.strip():
+        raise SystemExit(f"--variant {text!r}: must be NAME=DEMO FLAGS (a name without '/' or spaces around it)")
+    return name, shlex.split(flags)
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    shared = argv[argv.index("--") + 1:] if "--" in argv else []
+    own = argv[:argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                epilog="Flags after -- go to every run of python -m megatron_lighthouse.demo.")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--variant", action="append", default=None, help="NAME=DEMO FLAGS; repeatable; first = baseline")
+    args = p.parse_args(own)
+    args.variants = [parse_variant(v) for v in (args.variant or DEFAULT_VARIANTS)]
+    names = [name for name, _ in args.variants]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"--variant names must differ: {names}")
+    for flag in ("--seed", "--out", "--resume", "--no-save"):
+        if flag in shared or any(flag in flags for _, flags in args.variants):
+            raise SystemExit(f"{flag}: set by this script (use --seeds / --out-dir)")
+    args.shared = shared
+    return args
+
+
+def run_all(args: argparse.Namespace) -> List[Dict]:
+    """Every variant for every seed; one record per run."""
+    records = []
+    total = len(args.variants) * len(args.seeds)
+    for name, flags in args.variants:
+        for seed in args.seeds:
+            out = os.path.join(args.out_dir, f"{name}_s{seed}")
+            cfg = parse_demo_args([*args.shared, *flags, "--seed", str(seed), "--out", out])
+            logging.getLogger(__name__).info("run %d/%d: %s seed %d", len(records) + 1, total, name, seed)
+            metrics = run_demo(cfg)
+            with open(os.path.join(out, "metrics.json"), "w") as f:
+                json.dump(metrics, f, indent=1)
+            seconds = sum(s["seconds"] for s in metrics["stages"])
+            tokens = sum(s["tokens_per_s"] * s["seconds"] for s in metrics["stages"])
+            records.append(dict(variant=name, seed=seed, flags=flags, final_val_loss=metrics["final_val_loss"],
+                                train_seconds=seconds, tokens_per_s=tokens / seconds if seconds else 0.0,
+                                switch_step=metrics["switch_step"], mode=metrics["config"]["mode"],
+                                device=metrics["config"]["device"],
+                                evals=metrics["evals"], stages=metrics["stages"]))
+    return records
+
+
+def summarize(records: List[Dict], variants: List[str]) -> List[Dict]:
+    """Per variant: losses by seed, mean, spread (max - min), change of the mean vs the first variant (%)."""
+    rows = []
+    for name in variants:
+        runs = [r for r in records if r["variant"] == name]
+        losses = [r["final_val_loss"] for r in runs]
+        rows.append(dict(variant=name, losses=losses, mean=statistics.fmean(losses), spread=max(losses) - min(losses),
+                         train_seconds=statistics.fmean(r["train_seconds"] for r in runs),
+                         tokens_per_s=statistics.fmean(r["tokens_per_s"] for r in runs)))
+    base = rows[0]["mean"]
+    for row in rows:
+        row["vs_baseline_pct"] = 100.0 * (row["mean"] / base - 1.0)
+    return rows
+
+
+def print_table(rows: List[Dict], records: List[Dict]) -> None:
+    print(f"\n{'variant':<20}{'final val loss (dense) by seed':>32}{'mean':>9}{'spread':>9}{'vs ' + rows[0]['variant']:>12}"
+          f"{'train s':>9}{'tokens/s':>11}")
+    for row in rows:
+        seeds = " ".join(f"{x:.4f}" for x in row["losses"])
+        change = "-" if row is rows[0] else f"{row['vs_baseline_pct']:+.2f}%"
+        print(f"{row['variant']:<20}{seeds:>32}{row['mean']:>9.4f}{row['spread']:>9.4f}{change:>12}"
+              f"{row['train_seconds']:>9.1f}{row['tokens_per_s']:>11.0f}")
+    for row in rows[1:]:
+        if {r["mode"] for r in records if r["variant"] == row["variant"]} == {"two-stage"}:
+            met = row["vs_baseline_pct"] <= BAR_PCT
+            print(f"bar (two-stage within {BAR_PCT:g}% of {rows[0]['variant']} or below): {row['variant']} "
+                  f"{row['vs_baseline_pct']:+.2f}%: {'met' if met else 'not met'}")
+
+
+def plot(records: List[Dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colors = {}
+    for r in records:
+        color = colors.setdefault(r["variant"], f"C{len(colors)}")
+        ax.plot([e["step"] for e in r["evals"]], [e["val_loss"] for e in r["evals"]], color=color, marker="o", ms=3,
+                label=r["variant"] if r["seed"] == records[0]["seed"] else None)
+        if r["mode"] == "two-stage" and r["switch_step"]:
+            ax.axvline(r["switch_step"], color=color, ls="--", lw=0.8)
+    ax.set(xlabel="step", ylabel="validation loss, all layers dense (nats/byte)",
+           title="Lighthouse -> dense vs dense from scratch (dashed: switch to dense)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
+    logging.getLogger("megatron").setLevel(logging.ERROR)
+    args = parse_args(argv)
+    os.makedirs(args.out_dir, exist_ok=True)
+    try:
+        records = run_all(args)
+    except ValueError as err:  # a demo setting that cannot run: the demo's message names the flag
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    rows = summarize(records, [name for name, _ in args.variants])
+    print_table(rows, records)
+    cuda = records[0]["device"].startswith("cuda")
+    report = dict(date=datetime.date.today().isoformat(), command=" ".join(["python3", *sys.argv]),
+                  device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
+                  shared_flags=args.shared, seeds=args.seeds, summary=rows, runs=records)
+    with open(os.path.join(args.out_dir, "quality.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    plot(records, os.path.join(args.out_dir, "quality.png"))
+    print(f"wrote {os.path.join(args.out_dir, 'quality.json')} and quality.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

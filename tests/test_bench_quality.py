@@ -1,0 +1,63 @@
+"""benchmarks/bench_quality.py at a tiny size on CPU: variants x seeds, the table, the JSON and the plot."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = ["--layers", "2", "--hidden", "32", "--heads", "2", "--ffn", "64", "--seq-len", "256", "--levels", "2",
+        "--pooling-factor", "2", "--topk", "128", "--dense-layers", "0", "--batch-size", "2", "--eval-every", "2",
+        "--eval-batches", "1", "--log-every", "2", "--corpus-bytes", "300000", "--warmup", "1", "--steps", "4"]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "benchmarks" / "bench_quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_variants_seeds_table_json_plot(tmp_path, capsys):
+    bench = _bench()
+    out = tmp_path / "q"
+    argv = ["--out-dir", str(out), "--seeds", "0", "1", "--variant", "dense=--mode dense",
+            "--variant", "rewarm=--mode two-stage --dense-fraction 0.5 --dense-rewarm 1", "--", *TINY]
+    assert bench.main(argv) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "quality.json").read_text())
+    assert [(r["variant"], r["seed"]) for r in report["runs"]] == [("dense", 0), ("dense", 1), ("rewarm", 0),
+                                                                   ("rewarm", 1)]
+    dense, rewarm = report["summary"]
+    for row, name in ((dense, "dense"), (rewarm, "rewarm")):
+        losses = [r["final_val_loss"] for r in report["runs"] if r["variant"] == name]
+        # each run's final loss is the one its own metrics.json reports
+        assert losses == [json.loads((out / f"{name}_s{s}" / "metrics.json").read_text())["final_val_loss"]
+                          for s in (0, 1)]
+        assert row["mean"] == pytest.approx(sum(losses) / 2) and row["spread"] == pytest.approx(abs(losses[0] - losses[1]))
+    assert rewarm["vs_baseline_pct"] == pytest.approx(100 * (rewarm["mean"] / dense["mean"] - 1))
+    assert {r["mode"] for r in report["runs"]} == {"dense", "two-stage"}
+    assert all(r["switch_step"] == 2 for r in report["runs"] if r["variant"] == "rewarm")
+    assert report["shared_flags"] == TINY and report["device"] == "cpu"
+    assert "final val loss (dense) by seed" in printed and f"{rewarm['vs_baseline_pct']:+.2f}%" in printed
+    assert "bar (two-stage within 1% of dense or below): rewarm" in printed
+    assert (out / "quality.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "rewarm_s1" / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--out-dir", "x", "--variant", "bad"], "must be NAME=DEMO FLAGS"),
+    (["--out-dir", "x", "--variant", "a=--mode dense", "--variant", "a=--mode lighthouse"], "names must differ"),
+    (["--out-dir", "x", "--", "--seed", "3"], "--seed: set by this script"),
+])
+def test_bad_arguments(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        _bench().parse_args(argv)
+
+
+def test_bad_demo_setting_fails_clearly(tmp_path, capsys):
+    assert _bench().main(["--out-dir", str(tmp_path), "--", *TINY, "--seq-len", "200"]) == 2
+    assert "--seq-len 200 does not fit" in capsys.readouterr().err
