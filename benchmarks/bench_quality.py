@@ -110,7 +110,8 @@ def summarize(records: List[Dict], variants: List[str]) -> List[Dict]:
 
 
 def print_table(rows: List[Dict], records: List[Dict]) -> None:
-    print(f"\n{'variant':<20}{'final val loss (dense) by seed':>32}{'mean':>9}{'spread':>9}{'vs ' + rows[0]['variant']:>12}"
+    baseline = "vs " + rows[0]["variant"]
+    print(f"\n{'variant':<20}{'final val loss (dense) by seed':>32}{'mean':>9}{'spread':>9}{baseline:>12}"
           f"{'train s':>9}{'tokens/s':>11}")
     for row in rows:
         seeds = " ".join(f"{x:.4f}" for x in row["losses"])

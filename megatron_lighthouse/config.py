@@ -88,7 +88,8 @@ class LighthouseConfig:
         chunk_len = seq_len // chunks
         tiles = self.tiles(chunks)
         unit = self.coarsest_stride * tiles
-        what = f"sequence length {seq_len}" if chunks == 1 else f"chunk length {chunk_len} (sequence {seq_len} / chunks {chunks})"
+        what = (f"sequence length {seq_len}" if chunks == 1
+                else f"chunk length {chunk_len} (sequence {seq_len} / chunks {chunks})")
         if chunk_len % unit != 0:
             raise ValueError(
                 f"{what}: must be divisible by pooling_factor**(levels-1) * tiles = "

@@ -37,7 +37,8 @@ def test_variants_seeds_table_json_plot(tmp_path, capsys):
         # each run's final loss is the one its own metrics.json reports
         assert losses == [json.loads((out / f"{name}_s{s}" / "metrics.json").read_text())["final_val_loss"]
                           for s in (0, 1)]
-        assert row["mean"] == pytest.approx(sum(losses) / 2) and row["spread"] == pytest.approx(abs(losses[0] - losses[1]))
+        assert row["mean"] == pytest.approx(sum(losses) / 2)
+        assert row["spread"] == pytest.approx(abs(losses[0] - losses[1]))
     assert rewarm["vs_baseline_pct"] == pytest.approx(100 * (rewarm["mean"] / dense["mean"] - 1))
     assert {r["mode"] for r in report["runs"]} == {"dense", "two-stage"}
     assert all(r["switch_step"] == 2 for r in report["runs"] if r["variant"] == "rewarm")
