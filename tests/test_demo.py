@@ -87,7 +87,8 @@ def test_dense_checkpoint_loads_into_the_dense_model(runs):
 
 def test_interrupted_run_resumes_to_the_same_result(runs, tmp_path, monkeypatch, capsys, caplog):
     """Interrupted in step 3 (after the checkpoint of step 3; evaluation calls the loss too), ``--resume`` finishes
-    the run with the losses of the uninterrupted one: batches depend on the step only, model and optimizer come from the checkpoint."""
+    the run with the losses of the uninterrupted one: batches depend on the step only, model and optimizer come
+    from the checkpoint."""
     real_loss = train._loss
     calls = []
 
