@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -21,13 +23,18 @@ def _bench():
     return module
 
 
-def test_variants_seeds_table_json_plot(tmp_path, capsys):
-    bench = _bench()
+def _run(*argv: str) -> subprocess.CompletedProcess:
+    """The script in its own process (it initializes torch.distributed, which must not leak into other tests)."""
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_quality.py"), *argv],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_variants_seeds_table_json_plot(tmp_path):
     out = tmp_path / "q"
-    argv = ["--out-dir", str(out), "--seeds", "0", "1", "--variant", "dense=--mode dense",
-            "--variant", "rewarm=--mode two-stage --dense-fraction 0.5 --dense-rewarm 1", "--", *TINY]
-    assert bench.main(argv) == 0
-    printed = capsys.readouterr().out
+    proc = _run("--out-dir", str(out), "--seeds", "0", "1", "--variant", "dense=--mode dense",
+                "--variant", "rewarm=--mode two-stage --dense-fraction 0.5 --dense-rewarm 1", "--", *TINY)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    printed = proc.stdout
     report = json.loads((out / "quality.json").read_text())
     assert [(r["variant"], r["seed"]) for r in report["runs"]] == [("dense", 0), ("dense", 1), ("rewarm", 0),
                                                                    ("rewarm", 1)]
@@ -59,6 +66,6 @@ def test_bad_arguments(argv, message):
         _bench().parse_args(argv)
 
 
-def test_bad_demo_setting_fails_clearly(tmp_path, capsys):
-    assert _bench().main(["--out-dir", str(tmp_path), "--", *TINY, "--seq-len", "200"]) == 2
-    assert "--seq-len 200 does not fit" in capsys.readouterr().err
+def test_bad_demo_setting_fails_clearly(tmp_path):
+    proc = _run("--out-dir", str(tmp_path), "--", *TINY, "--seq-len", "200")
+    assert proc.returncode == 2 and "--seq-len 200 does not fit" in proc.stderr
