@@ -7,7 +7,9 @@ Lighthouse throughout. The first variant is the baseline the others are compared
 
 Prints a table (final validation loss per seed, mean, spread, change vs the baseline, wall time, tokens/s); writes
 ``<out-dir>/quality.json`` and ``<out-dir>/quality.png`` (validation curves, switch marked), and each run's
-checkpoints and metrics under ``<out-dir>/<variant>_s<seed>/``.
+checkpoints and metrics under ``<out-dir>/<variant>_s<seed>/``. ``--merge A/quality.json B/quality.json ...`` makes
+the same table, JSON and plot from earlier reports of the same shared flags (say, one process per seed), running
+nothing.
 
 GPU (one H100/H200; about 30 s per run at these settings, see docs/RESULTS.md)::
 
@@ -29,7 +31,7 @@ import os
 import shlex
 import statistics
 import sys
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -60,7 +62,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--out-dir", required=True)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--variant", action="append", default=None, help="NAME=DEMO FLAGS; repeatable; first = baseline")
+    p.add_argument("--merge", nargs="+", metavar="QUALITY_JSON", default=None,
+                   help="run nothing: report on the runs of these earlier quality.json files together")
     args = p.parse_args(own)
+    if args.merge and (shared or args.variant):
+        raise SystemExit("--merge: takes the runs, variants and flags from its files; give no --variant or -- flags")
     args.variants = [parse_variant(v) for v in (args.variant or DEFAULT_VARIANTS)]
     names = [name for name, _ in args.variants]
     if len(set(names)) != len(names):
@@ -72,9 +78,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
-def run_all(args: argparse.Namespace) -> List[Dict]:
-    """Every variant for every seed; one record per run."""
-    records = []
+def run_all(args: argparse.Namespace, on_run: Callable[[List[Dict]], None]) -> List[Dict]:
+    """Every variant for every seed; one record per run. ``on_run(records so far)`` after each run."""
+    records: List[Dict] = []
     total = len(args.variants) * len(args.seeds)
     for name, flags in args.variants:
         for seed in args.seeds:
@@ -91,7 +97,37 @@ def run_all(args: argparse.Namespace) -> List[Dict]:
                                 switch_step=metrics["switch_step"], mode=metrics["config"]["mode"],
                                 device=metrics["config"]["device"],
                                 evals=metrics["evals"], stages=metrics["stages"]))
+            on_run(records)
     return records
+
+
+def merge_reports(paths: List[str]) -> Tuple[List[Dict], List[str], List[Dict]]:
+    """The runs of several ``quality.json`` files: ``(records, variant names in first-seen order, the reports)``.
+
+    ``SystemExit`` naming the file when the files' shared flags differ or a (variant, seed) run appears twice."""
+    records: List[Dict] = []
+    names: List[str] = []
+    reports: List[Dict] = []
+    for path in paths:
+        with open(path) as f:
+            report = json.load(f)
+        reports.append(report)
+        first = reports[0]
+        if report["shared_flags"] != first["shared_flags"]:
+            raise SystemExit(f"--merge {path}: other shared flags than {paths[0]} "
+                             f"({report['shared_flags']} vs {first['shared_flags']})")
+        for run in report["runs"]:
+            if any((r["variant"], r["seed"]) == (run["variant"], run["seed"]) for r in records):
+                raise SystemExit(f"--merge {path}: run {run['variant']} seed {run['seed']} is already in an earlier "
+                                 f"file")
+            other = next((r["flags"] for r in records if r["variant"] == run["variant"]), run["flags"])
+            if other != run["flags"]:
+                raise SystemExit(f"--merge {path}: variant {run['variant']} has flags {run['flags']} here, "
+                                 f"{other} in an earlier file")
+            if run["variant"] not in names:
+                names.append(run["variant"])
+            records.append(run)
+    return records, names, reports
 
 
 def summarize(records: List[Dict], variants: List[str]) -> List[Dict]:
@@ -147,25 +183,42 @@ def plot(records: List[Dict], path: str) -> None:
     plt.close(fig)
 
 
+def write_report(out_dir: str, meta: Dict, records: List[Dict], names: List[str]) -> List[Dict]:
+    """``<out_dir>/quality.json`` and ``quality.png`` for the runs so far; returns the summary rows."""
+    rows = summarize(records, [n for n in names if any(r["variant"] == n for r in records)])
+    if "device" not in meta:  # the GPU's name, from the runs' own --device
+        cuda = records[0]["device"].startswith("cuda")
+        meta = dict(meta, device=torch.cuda.get_device_name(torch.device(records[0]["device"])) if cuda else "cpu")
+    report = dict(meta, seeds=sorted({r["seed"] for r in records}), summary=rows, runs=records)
+    tmp = os.path.join(out_dir, "quality.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(tmp, os.path.join(out_dir, "quality.json"))  # a run cut off mid-write keeps the last whole report
+    plot(records, os.path.join(out_dir, "quality.png"))
+    return rows
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
     logging.getLogger("megatron").setLevel(logging.ERROR)
     args = parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
-    try:
-        records = run_all(args)
-    except ValueError as err:  # a demo setting that cannot run: the demo's message names the flag
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    rows = summarize(records, [name for name, _ in args.variants])
+    meta = dict(date=datetime.date.today().isoformat(), command=" ".join(["python3", *sys.argv]))
+    if args.merge:
+        records, names, reports = merge_reports(args.merge)
+        meta.update(date=reports[0]["date"], device=reports[0]["device"], torch=reports[0]["torch"],
+                    shared_flags=reports[0]["shared_flags"],
+                    merged=[dict(path=p, command=r["command"]) for p, r in zip(args.merge, reports)])
+    else:
+        names = [name for name, _ in args.variants]
+        meta.update(torch=torch.__version__, shared_flags=args.shared)
+        try:
+            records = run_all(args, lambda done: write_report(args.out_dir, meta, done, names))
+        except ValueError as err:  # a demo setting that cannot run: the demo's message names the flag
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    rows = write_report(args.out_dir, meta, records, names)
     print_table(rows, records)
-    cuda = records[0]["device"].startswith("cuda")
-    report = dict(date=datetime.date.today().isoformat(), command=" ".join(["python3", *sys.argv]),
-                  device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
-                  shared_flags=args.shared, seeds=args.seeds, summary=rows, runs=records)
-    with open(os.path.join(args.out_dir, "quality.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    plot(records, os.path.join(args.out_dir, "quality.png"))
     print(f"wrote {os.path.join(args.out_dir, 'quality.json')} and quality.png")
     return 0
 

@@ -55,6 +55,57 @@ def test_variants_seeds_table_json_plot(tmp_path):
     assert (out / "quality.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "rewarm_s1" / "checkpoint.pt").exists()
 
+    # --merge of one report per seed (as from one process per seed) gives the joint run's summary
+    parts = []
+    for seed in (0, 1):
+        part = dict(report, seeds=[seed], runs=[r for r in report["runs"] if r["seed"] == seed])
+        parts.append(tmp_path / f"part{seed}.json")
+        parts[-1].write_text(json.dumps(part))
+    merged_dir = tmp_path / "merged"
+    proc = _run("--out-dir", str(merged_dir), "--merge", *map(str, parts))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    merged = json.loads((merged_dir / "quality.json").read_text())
+    assert merged["summary"] == report["summary"] and merged["seeds"] == [0, 1]
+    assert sorted((r["variant"], r["seed"]) for r in merged["runs"]) == sorted(
+        (r["variant"], r["seed"]) for r in report["runs"])
+    assert [m["path"] for m in merged["merged"]] == list(map(str, parts))
+    assert f"{rewarm['vs_baseline_pct']:+.2f}%" in proc.stdout
+    assert (merged_dir / "quality.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _report(path, shared, runs):
+    path.write_text(json.dumps(dict(date="2026-12-01", command="x", device="cpu", torch="t", shared_flags=shared,
+                                    runs=[dict(variant=v, seed=s, flags=f) for v, s, f in runs])))
+    return str(path)
+
+
+@pytest.mark.parametrize("second,message", [
+    ((["--steps", "5"], [("dense", 1, ["--mode", "dense"])]), "other shared flags"),
+    ((["--steps", "4"], [("dense", 0, ["--mode", "dense"])]), "run dense seed 0 is already"),
+    ((["--steps", "4"], [("dense", 1, ["--mode", "lighthouse"])]), "variant dense has flags"),
+])
+def test_merge_refuses_reports_that_do_not_belong_together(tmp_path, second, message):
+    first = _report(tmp_path / "a.json", ["--steps", "4"], [("dense", 0, ["--mode", "dense"])])
+    other = _report(tmp_path / "b.json", *second)
+    with pytest.raises(SystemExit, match=message):
+        _bench().merge_reports([first, other])
+
+
+def test_merge_takes_no_run_flags():
+    with pytest.raises(SystemExit, match="--merge: takes the runs"):
+        _bench().parse_args(["--out-dir", "x", "--merge", "a.json", "--", "--steps", "3"])
+
+
+def test_report_is_written_after_every_run(tmp_path):
+    """A run that fails (or a job cut off) keeps the report of the runs finished before it."""
+    out = tmp_path / "q"
+    proc = _run("--out-dir", str(out), "--variant", "dense=--mode dense",
+                "--variant", "bad=--mode two-stage --seq-len 200", "--", *TINY)
+    assert proc.returncode == 2 and "--seq-len 200 does not fit" in proc.stderr
+    report = json.loads((out / "quality.json").read_text())
+    assert [(r["variant"], r["seed"]) for r in report["runs"]] == [("dense", 0)]
+    assert report["summary"][0]["losses"] == [report["runs"][0]["final_val_loss"]]
+
 
 @pytest.mark.parametrize("argv,message", [
     (["--out-dir", "x", "--variant", "bad"], "must be NAME=DEMO FLAGS"),
