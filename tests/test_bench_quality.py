@@ -120,3 +120,14 @@ def test_bad_arguments(argv, message):
 def test_bad_demo_setting_fails_clearly(tmp_path):
     proc = _run("--out-dir", str(tmp_path), "--", *TINY, "--seq-len", "200")
     assert proc.returncode == 2 and "--seq-len 200 does not fit" in proc.stderr
+
+
+@pytest.mark.parametrize("baseline_mode,bar_lines", [("dense", 1), ("two-stage", 0)])
+def test_bar_line_only_against_dense_from_scratch(capsys, baseline_mode, bar_lines):
+    bench = _bench()
+    records = [dict(variant="a", mode=baseline_mode, final_val_loss=2.0, train_seconds=1.0, tokens_per_s=1.0),
+               dict(variant="b", mode="two-stage", final_val_loss=2.01, train_seconds=1.0, tokens_per_s=1.0)]
+    bench.print_table(bench.summarize(records, ["a", "b"]), records)
+    printed = capsys.readouterr().out
+    assert printed.count("bar (two-stage within 1%") == bar_lines
+    assert "+0.50%" in printed
