@@ -104,12 +104,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                                        torch.device(cfg.device)))
         results.append(row)
         logging.info("%s: done", run_dir)
-    print(f"\n{'run':<28}{'trained':>11}{'step':>6}{'mode':>12}{'own loss':>10}{'swapped':>10}{'gain':>9}"
+    print(f"\n{'run':<28}{'trained':>11}{'step':>6}{'mode':>12}{'own loss':>10}{'swapped':>10}{'gain':>10}"
           f"{'changed':>9}")
     for r in results:
         for mode in ("lighthouse", "dense"):
             print(f"{os.path.basename(r['run'].rstrip('/')):<28}{r['trained_as']:>11}{r['step']:>6}{mode:>12}"
-                  f"{r[mode + '_own']:>10.4f}{r[mode + '_swapped']:>10.4f}{r[mode + '_gain']:>+9.4f}"
+                  f"{r[mode + '_own']:>10.4f}{r[mode + '_swapped']:>10.4f}{r[mode + '_gain']:>+10.5f}"
                   f"{r[mode + '_windows_changed']:>5}/{r['windows']}")
     print("gain: loss with another window's continuation minus loss with the window's own, over the first half "
           "of the first tile (0 for a causal model)")
