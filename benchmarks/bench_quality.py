@@ -131,56 +131,69 @@ def merge_reports(paths: List[str]) -> Tuple[List[Dict], List[str], List[Dict]]:
 
 
 def summarize(records: List[Dict], variants: List[str]) -> List[Dict]:
-    """Per variant: losses by seed, mean, spread (max - min), change of the mean vs the first variant (%)."""
+    """Per variant: seeds, losses by seed, mean, spread (max - min), and ``vs_baseline_pct``: the change (%) of its
+    mean vs the first variant's mean over the same seeds (``None`` when the first variant lacks one of them)."""
     rows = []
     for name in variants:
-        runs = [r for r in records if r["variant"] == name]
+        runs = sorted((r for r in records if r["variant"] == name), key=lambda r: r["seed"])
         losses = [r["final_val_loss"] for r in runs]
-        rows.append(dict(variant=name, losses=losses, mean=statistics.fmean(losses), spread=max(losses) - min(losses),
+        rows.append(dict(variant=name, seeds=[r["seed"] for r in runs], losses=losses, mean=statistics.fmean(losses),
+                         spread=max(losses) - min(losses),
                          train_seconds=statistics.fmean(r["train_seconds"] for r in runs),
                          tokens_per_s=statistics.fmean(r["tokens_per_s"] for r in runs)))
-    base = rows[0]["mean"]
+    base = dict(zip(rows[0]["seeds"], rows[0]["losses"]))
     for row in rows:
-        row["vs_baseline_pct"] = 100.0 * (row["mean"] / base - 1.0)
+        paired = [base[s] for s in row["seeds"] if s in base]
+        row["vs_baseline_pct"] = (100.0 * (row["mean"] / statistics.fmean(paired) - 1.0)
+                                  if len(paired) == len(row["seeds"]) else None)
     return rows
 
 
 def print_table(rows: List[Dict], records: List[Dict]) -> None:
     baseline = "vs " + rows[0]["variant"]
-    print(f"\n{'variant':<20}{'final val loss (dense) by seed':>32}{'mean':>9}{'spread':>9}{baseline:>12}"
-          f"{'train s':>9}{'tokens/s':>11}")
-    for row in rows:
-        seeds = " ".join(f"{x:.4f}" for x in row["losses"])
-        change = "-" if row is rows[0] else f"{row['vs_baseline_pct']:+.2f}%"
-        print(f"{row['variant']:<20}{seeds:>32}{row['mean']:>9.4f}{row['spread']:>9.4f}{change:>12}"
-              f"{row['train_seconds']:>9.1f}{row['tokens_per_s']:>11.0f}")
+    by_seed = [" ".join(f"{x:.4f}" for x in row["losses"]) for row in rows]
+    width = max(len("final val loss (dense) by seed"), *map(len, by_seed)) + 2
+    print(f"\n{'variant':<24}{'seeds':>10}{'final val loss (dense) by seed':>{width}}{'mean':>9}{'spread':>9}"
+          f"{baseline:>12}{'train s':>9}{'tokens/s':>11}")
+    for row, losses in zip(rows, by_seed):
+        change = ("-" if row is rows[0] else "n/a" if row["vs_baseline_pct"] is None
+                  else f"{row['vs_baseline_pct']:+.2f}%")
+        print(f"{row['variant']:<24}{','.join(map(str, row['seeds'])):>10}{losses:>{width}}{row['mean']:>9.4f}"
+              f"{row['spread']:>9.4f}{change:>12}{row['train_seconds']:>9.1f}{row['tokens_per_s']:>11.0f}")
+    print(f"(vs {rows[0]['variant']}: each mean against {rows[0]['variant']}'s mean over the same seeds)")
     modes = {row["variant"]: {r["mode"] for r in records if r["variant"] == row["variant"]} for row in rows}
     if modes[rows[0]["variant"]] != {"dense"}:
         return  # the bar compares with dense from scratch
     for row in rows[1:]:
-        if modes[row["variant"]] == {"two-stage"}:
+        if modes[row["variant"]] == {"two-stage"} and row["vs_baseline_pct"] is not None:
             met = row["vs_baseline_pct"] <= BAR_PCT
             print(f"bar (two-stage within {BAR_PCT:g}% of {rows[0]['variant']} or below): {row['variant']} "
                   f"{row['vs_baseline_pct']:+.2f}%: {'met' if met else 'not met'}")
 
 
 def plot(records: List[Dict], path: str) -> None:
+    """Validation curves, one per variant (the mean over its seeds), the switch to dense dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    colors = {}
-    for r in records:
-        color = colors.setdefault(r["variant"], f"C{len(colors)}")
-        ax.plot([e["step"] for e in r["evals"]], [e["val_loss"] for e in r["evals"]], color=color, marker="o", ms=3,
-                label=r["variant"] if r["seed"] == records[0]["seed"] else None)
-        if r["mode"] == "two-stage" and r["switch_step"]:
-            ax.axvline(r["switch_step"], color=color, ls="--", lw=0.8)
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    names = list(dict.fromkeys(r["variant"] for r in records))
+    for i, name in enumerate(names):
+        runs = [r for r in records if r["variant"] == name]
+        curves: Dict[int, List[float]] = {}
+        for r in runs:
+            for e in r["evals"]:
+                curves.setdefault(e["step"], []).append(e["val_loss"])
+        steps = sorted(curves)
+        ax.plot(steps, [statistics.fmean(curves[s]) for s in steps], color=f"C{i % 10}", marker="o", ms=3,
+                ls="-" if i < 10 else ":", label=f"{name} ({len(runs)} seed{'s' * (len(runs) > 1)})")
+        if runs[0]["mode"] == "two-stage" and runs[0]["switch_step"]:
+            ax.axvline(runs[0]["switch_step"], color=f"C{i % 10}", ls="--", lw=0.8)
     ax.set(xlabel="step", ylabel="validation loss, all layers dense (nats/byte)",
-           title="Lighthouse -> dense vs dense from scratch (dashed: switch to dense)")
-    ax.legend()
+           title="Lighthouse -> dense vs dense from scratch (mean over seeds; dashed: switch to dense)")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -125,9 +125,28 @@ def test_bad_demo_setting_fails_clearly(tmp_path):
 @pytest.mark.parametrize("baseline_mode,bar_lines", [("dense", 1), ("two-stage", 0)])
 def test_bar_line_only_against_dense_from_scratch(capsys, baseline_mode, bar_lines):
     bench = _bench()
-    records = [dict(variant="a", mode=baseline_mode, final_val_loss=2.0, train_seconds=1.0, tokens_per_s=1.0),
-               dict(variant="b", mode="two-stage", final_val_loss=2.01, train_seconds=1.0, tokens_per_s=1.0)]
+    records = [dict(variant="a", mode=baseline_mode, seed=0, final_val_loss=2.0, train_seconds=1.0, tokens_per_s=1.0),
+               dict(variant="b", mode="two-stage", seed=0, final_val_loss=2.01, train_seconds=1.0, tokens_per_s=1.0)]
     bench.print_table(bench.summarize(records, ["a", "b"]), records)
     printed = capsys.readouterr().out
     assert printed.count("bar (two-stage within 1%") == bar_lines
     assert "+0.50%" in printed
+
+
+def test_change_vs_baseline_is_paired_by_seed(capsys):
+    """A variant run on fewer seeds is compared with the baseline's mean over those seeds, not over all of them;
+    one with a seed the baseline lacks gets no comparison (and no bar line)."""
+    bench = _bench()
+    run = dict(train_seconds=1.0, tokens_per_s=1.0)
+    records = [dict(run, variant="dense", mode="dense", seed=s, final_val_loss=x) for s, x in ((1, 3.0), (0, 2.0),
+                                                                                                (2, 4.0))]
+    records += [dict(run, variant="two", mode="two-stage", seed=s, final_val_loss=x) for s, x in ((1, 3.3), (0, 2.2))]
+    records += [dict(run, variant="other", mode="two-stage", seed=7, final_val_loss=1.0)]
+    dense, two, other = bench.summarize(records, ["dense", "two", "other"])
+    assert dense["seeds"] == [0, 1, 2] and dense["losses"] == [2.0, 3.0, 4.0]
+    assert two["seeds"] == [0, 1] and two["vs_baseline_pct"] == pytest.approx(10.0)  # 2.75 vs 2.5, not vs 3.0
+    assert other["vs_baseline_pct"] is None
+    bench.print_table([dense, two, other], records)
+    printed = capsys.readouterr().out
+    assert "+10.00%" in printed and "n/a" in printed and "0,1,2" in printed
+    assert "two +10.00%: not met" in printed and "other" not in printed.split("bar (")[-1]
