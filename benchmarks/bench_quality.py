@@ -1,24 +1,26 @@
 """Quality of the two-stage recipe: the same model and token budget trained several ways, several seeds (issue 7).
 
-Every run is ``python -m megatron_lighthouse.demo`` in this process with the shared flags given after ``--``, a
-variant's own flags and ``--seed``; validation loss is always measured with every layer dense. Variants are
-``NAME=DEMO FLAGS``; the default three are dense from scratch, Lighthouse then dense (the paper's recipe) and
-Lighthouse throughout. The first variant is the baseline the others are compared with.
+Every run is ``python -m megatron_lighthouse.demo`` with the shared flags given after ``--``, a variant's own flags
+and ``--seed``; validation loss is always measured with every layer dense. Variants are ``NAME=DEMO FLAGS``; the
+default three are dense from scratch, Lighthouse then dense (the paper's recipe) and Lighthouse throughout. The
+first variant is the baseline the others are compared with (each mean against its mean over the same seeds).
 
 Prints a table (final validation loss per seed, mean, spread, change vs the baseline, wall time, tokens/s); writes
-``<out-dir>/quality.json`` and ``<out-dir>/quality.png`` (validation curves, switch marked), and each run's
-checkpoints and metrics under ``<out-dir>/<variant>_s<seed>/``. ``--merge A/quality.json B/quality.json ...`` makes
-the same table, JSON and plot from earlier reports of the same shared flags (say, one process per seed), running
-nothing.
+``<out-dir>/quality.json`` (rewritten after every run) and ``<out-dir>/quality.png`` (mean validation curve per
+variant, switch marked), and each run's checkpoints and metrics under ``<out-dir>/<variant>_s<seed>/``.
+``--processes N`` runs the seeds in N processes side by side (a small model leaves most of a GPU idle), each in
+``<out-dir>/part<i>/`` with its log beside it, then merges them; their times are then those of a shared GPU.
+``--merge A/quality.json B/quality.json ...`` makes the table, JSON and plot from earlier reports of the same
+shared flags, running nothing.
 
-GPU (one H100/H200; about 30 s per run at these settings, see docs/RESULTS.md)::
+GPU (one H200; docs/RESULTS.md, about 75 s per run with two processes)::
 
-    python3 benchmarks/bench_quality.py --out-dir $OUT/quality --seeds 0 1 \\
-        --variant "dense=--mode dense" --variant "two-stage=--mode two-stage" \\
-        --variant "two-stage-rewarm=--mode two-stage --dense-fraction 0.375 --dense-rewarm 30" -- \\
+    python3 benchmarks/bench_quality.py --out-dir $OUT/quality --seeds 0 1 --processes 2 \\
+        --variant "dense=--mode dense" --variant "two-stage=--mode two-stage --dense-layers 0,1,-2,-1" \\
+        --variant "two-stage-37=--mode two-stage --dense-layers 0,1,-2,-1 --dense-fraction 0.375" -- \\
         --device cuda --seq-len 16384 --levels 3 --pooling-factor 4 --topk 256 --layers 6 --hidden 256 --heads 4 \\
-        --ffn 768 --dense-layers 0,-1 --batch-size 8 --steps 300 --eval-every 50 --eval-batches 4 --log-every 50 \\
-        --corpus-bytes 40000000 --lr 2e-3 --warmup 30
+        --ffn 768 --dense-layers 0,-1 --batch-size 2 --steps 1200 --eval-every 100 --eval-batches 16 \\
+        --log-every 100 --corpus-bytes 40000000 --lr 2e-3 --warmup 60
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import logging
 import os
 import shlex
 import statistics
+import subprocess
 import sys
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -62,11 +65,18 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--out-dir", required=True)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--variant", action="append", default=None, help="NAME=DEMO FLAGS; repeatable; first = baseline")
+    p.add_argument("--processes", type=int, default=1, help="run the seeds in this many processes side by side")
     p.add_argument("--merge", nargs="+", metavar="QUALITY_JSON", default=None,
                    help="run nothing: report on the runs of these earlier quality.json files together")
     args = p.parse_args(own)
     if args.merge and (shared or args.variant):
         raise SystemExit("--merge: takes the runs, variants and flags from its files; give no --variant or -- flags")
+    if args.merge and args.processes != 1:
+        raise SystemExit("--processes: runs seeds, so not with --merge (which runs nothing)")
+    if not 1 <= args.processes <= len(args.seeds):
+        raise SystemExit(f"--processes {args.processes}: must be between 1 and the number of --seeds "
+                         f"({len(args.seeds)})")
+    args.variant_texts = list(args.variant or DEFAULT_VARIANTS)
     args.variants = [parse_variant(v) for v in (args.variant or DEFAULT_VARIANTS)]
     names = [name for name, _ in args.variants]
     if len(set(names)) != len(names):
@@ -99,6 +109,34 @@ def run_all(args: argparse.Namespace, on_run: Callable[[List[Dict]], None]) -> L
                                 evals=metrics["evals"], stages=metrics["stages"]))
             on_run(records)
     return records
+
+
+def run_in_processes(args: argparse.Namespace) -> Tuple[List[str], int]:
+    """This script once per group of seeds (round robin over ``args.processes`` groups), all at once; returns the
+    ``quality.json`` paths the processes wrote (finished runs only, for one that failed) and the first failing
+    process's exit status (0: all passed)."""
+    log = logging.getLogger(__name__)
+    children = []
+    for i in range(args.processes):
+        part = os.path.join(args.out_dir, f"part{i}")
+        seeds = [str(s) for s in args.seeds[i :: args.processes]]
+        cmd = [sys.executable, os.path.abspath(__file__), "--out-dir", part, "--seeds", *seeds,
+               *[x for v in args.variant_texts for x in ("--variant", v)], "--", *args.shared]
+        with open(part + ".log", "w") as out:
+            children.append((subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT), part))
+        log.info("process %d: seeds %s, log %s.log", i, " ".join(seeds), part)
+    status = 0
+    for proc, part in children:
+        code = proc.wait()
+        log.info("%s: %s", part, "done" if code == 0 else f"failed with exit status {code}")
+        if code:
+            with open(part + ".log") as f:
+                tail = f.readlines()[-5:]
+            print(f"error: {part} failed (exit status {code}); the end of {part}.log:\n{''.join(tail)}",
+                  file=sys.stderr, end="")
+        status = status or code
+    reports = [os.path.join(part, "quality.json") for _, part in children]
+    return [r for r in reports if os.path.exists(r)], status
 
 
 def merge_reports(paths: List[str]) -> Tuple[List[Dict], List[str], List[Dict]]:
@@ -220,11 +258,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
     meta = dict(date=datetime.date.today().isoformat(), command=" ".join(["python3", *sys.argv]))
+    status = 0
+    if args.processes > 1:
+        args.merge, status = run_in_processes(args)
+        if not args.merge:
+            print("error: no process finished a run", file=sys.stderr)
+            return status
+        meta["processes"] = args.processes  # runs shared the device: their times are not those of a lone run
     if args.merge:
         records, names, reports = merge_reports(args.merge)
-        meta.update(date=reports[0]["date"], device=reports[0]["device"], torch=reports[0]["torch"],
-                    shared_flags=reports[0]["shared_flags"],
+        meta.update(device=reports[0]["device"], torch=reports[0]["torch"], shared_flags=reports[0]["shared_flags"],
                     merged=[dict(path=p, command=r["command"]) for p, r in zip(args.merge, reports)])
+        if args.processes == 1:
+            meta["date"] = reports[0]["date"]
     else:
         names = [name for name, _ in args.variants]
         meta.update(torch=torch.__version__, shared_flags=args.shared)
@@ -236,7 +282,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     rows = write_report(args.out_dir, meta, records, names)
     print_table(rows, records)
     print(f"wrote {os.path.join(args.out_dir, 'quality.json')} and quality.png")
-    return 0
+    return status
 
 
 if __name__ == "__main__":

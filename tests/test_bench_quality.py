@@ -72,6 +72,18 @@ def test_variants_seeds_table_json_plot(tmp_path):
     assert f"{rewarm['vs_baseline_pct']:+.2f}%" in proc.stdout
     assert (merged_dir / "quality.png").read_bytes()[:4] == b"\x89PNG"
 
+    # --processes 2: the same runs, one process per seed, merged: the same losses as in one process
+    side = tmp_path / "side"
+    proc = _run("--out-dir", str(side), "--seeds", "0", "1", "--processes", "2", "--variant", "dense=--mode dense",
+                "--variant", "rewarm=--mode two-stage --dense-fraction 0.5 --dense-rewarm 1", "--", *TINY)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    both = json.loads((side / "quality.json").read_text())
+    assert both["processes"] == 2 and [m["path"] for m in both["merged"]] == [
+        str(side / "part0" / "quality.json"), str(side / "part1" / "quality.json")]
+    assert [(row["variant"], row["seeds"], row["losses"]) for row in both["summary"]] == [
+        (row["variant"], row["seeds"], row["losses"]) for row in report["summary"]]
+    assert "process 1: seeds 1, log" in proc.stdout and "run 2/2: rewarm seed 1" in (side / "part1.log").read_text()
+
 
 def _report(path, shared, runs):
     path.write_text(json.dumps(dict(date="2026-12-01", command="x", device="cpu", torch="t", shared_flags=shared,
@@ -89,6 +101,26 @@ def test_merge_refuses_reports_that_do_not_belong_together(tmp_path, second, mes
     other = _report(tmp_path / "b.json", *second)
     with pytest.raises(SystemExit, match=message):
         _bench().merge_reports([first, other])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--seeds", "0", "1", "--processes", "3"], "--processes 3: must be between 1 and the number of --seeds"),
+    (["--processes", "0"], "--processes 0"),
+    (["--merge", "a.json", "--processes", "2"], "not with --merge"),
+])
+def test_bad_processes(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        _bench().parse_args(["--out-dir", "x", *argv])
+
+
+def test_processes_report_a_failing_process_and_keep_the_others(tmp_path):
+    out = tmp_path / "q"
+    proc = _run("--out-dir", str(out), "--seeds", "0", "1", "--processes", "2", "--variant", "dense=--mode dense",
+                "--variant", "bad=--mode two-stage --seq-len 200", "--", *TINY)
+    assert proc.returncode == 2
+    assert "part0 failed (exit status 2)" in proc.stderr and "--seq-len 200 does not fit" in proc.stderr
+    report = json.loads((out / "quality.json").read_text())
+    assert sorted((r["variant"], r["seed"]) for r in report["runs"]) == [("dense", 0), ("dense", 1)]
 
 
 def test_merge_takes_no_run_flags():
