@@ -50,6 +50,10 @@ def test_modes_train_evaluate_and_write_outputs(runs, mode):
     assert all(s["tokens_per_s"] > 0 and s["seconds"] > 0 and s["final_val_loss"] > 0 for s in metrics["stages"])
     assert [e["step"] for e in metrics["evals"]] == [3, 6]
     assert metrics["final_val_loss"] == metrics["evals"][-1]["val_loss"]
+    for e in metrics["evals"]:  # the Lighthouse stage is also scored as it trains, and that is another model
+        assert ("val_loss_lighthouse" in e) == (e["stage"] == "lighthouse")
+        if e["stage"] == "lighthouse":
+            assert e["val_loss_lighthouse"] > 0 and e["val_loss_lighthouse"] != pytest.approx(e["val_loss"], rel=1e-6)
     expected = {"two-stage": ["lighthouse"] * 5 + ["dense"], "dense": ["dense"] * 6,
                 "lighthouse": ["lighthouse"] * 6}[mode]
     assert [t["stage"] for t in metrics["train"]] == expected
@@ -94,7 +98,7 @@ def test_interrupted_run_resumes_to_the_same_result(runs, tmp_path, monkeypatch,
 
     def interrupted(*args):
         calls.append(1)
-        if len(calls) == 5:
+        if len(calls) == 6:  # 3 training steps, the dense and the Lighthouse evaluation of step 3, then step 3
             raise KeyboardInterrupt
         return real_loss(*args)
 

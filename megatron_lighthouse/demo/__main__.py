@@ -69,6 +69,10 @@ def plot(metrics: dict, path: pathlib.Path) -> Optional[pathlib.Path]:
             label="train")
     ax.plot([e["step"] for e in metrics["evals"]], [e["val_loss"] for e in metrics["evals"]], marker="o",
             label="validation (dense)")
+    sparse = [e for e in metrics["evals"] if "val_loss_lighthouse" in e]
+    if sparse:
+        ax.plot([e["step"] for e in sparse], [e["val_loss_lighthouse"] for e in sparse], marker="s", ms=4,
+                label="validation (Lighthouse on)")
     switch = metrics["switch_step"]
     if switch and metrics["config"]["mode"] == "two-stage":
         ax.axvline(switch, color="k", ls="--", lw=1, label=f"Lighthouse -> dense (step {switch})")

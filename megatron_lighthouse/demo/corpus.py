@@ -21,7 +21,13 @@ def default_corpus_dir() -> pathlib.Path:
     return pathlib.Path(sysconfig.get_paths()["stdlib"])
 
 
-def load_corpus(path: Optional[str] = None, max_bytes: int = 8 << 20, val_fraction: float = 0.1) -> Tuple[torch.Tensor, torch.Tensor]:
+def _as_tensor(data: bytearray) -> torch.Tensor:
+    """1-D uint8 tensor owning a copy of ``data``."""
+    return torch.frombuffer(bytes(data), dtype=torch.uint8).clone()
+
+
+def load_corpus(path: Optional[str] = None, max_bytes: int = 8 << 20,
+                val_fraction: float = 0.1) -> Tuple[torch.Tensor, torch.Tensor]:
     """Read text files under ``path`` (default: the standard library) into byte tensors.
 
     Files are taken in sorted order until ``max_bytes``; a file goes to validation when the CRC32 of its
@@ -49,4 +55,4 @@ def load_corpus(path: Optional[str] = None, max_bytes: int = 8 << 20, val_fracti
         cut = int(len(train) * (1 - val_fraction))
         train, val = train[:cut], train[cut:] + val
     logger.info("corpus %s: %d train bytes, %d validation bytes", root, len(train), len(val))
-    return torch.frombuffer(bytes(train), dtype=torch.uint8).clone(), torch.frombuffer(bytes(val), dtype=torch.uint8).clone()
+    return _as_tensor(train), _as_tensor(val)

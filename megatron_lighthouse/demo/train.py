@@ -35,7 +35,8 @@ class DemoConfig:
     """Settings of one demo run (every field is a CLI flag of ``python -m megatron_lighthouse.demo``).
 
     ``mode``: ``two-stage`` (Lighthouse, then dense for the last ``dense_fraction`` of steps), ``dense`` (dense from
-    scratch, the baseline) or ``lighthouse`` (Lighthouse throughout). Validation loss is always measured densely.
+    scratch, the baseline) or ``lighthouse`` (Lighthouse throughout). Validation loss is always measured densely;
+    during the Lighthouse stage also with Lighthouse on (``val_loss_lighthouse`` in the evaluations).
     ``out``: directory of the checkpoints (``None``: keep nothing; the CLI writes its metrics and plot there too).
     Learning rate: linear warm-up over ``warmup`` steps, then cosine decay to 10% of ``lr`` at the last step; with
     ``dense_rewarm > 0`` a two-stage run's dense stage gets a schedule of its own, as when resuming from a
@@ -183,14 +184,16 @@ def _loss(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor) ->
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, val: torch.Tensor, cfg: DemoConfig, device: torch.device) -> float:
-    """Validation loss with every layer dense (the model the recipe ships), on fixed evenly spaced windows."""
+def evaluate(model: torch.nn.Module, val: torch.Tensor, cfg: DemoConfig, device: torch.device,
+             dense: bool = True) -> float:
+    """Validation loss on fixed evenly spaced windows, with every layer dense (``dense=True``: the model the recipe
+    ships) or with the Lighthouse layers on (the model as the Lighthouse stage trains it)."""
     from ..switch import lighthouse_enabled
 
     span = len(val) - cfg.seq_len - 1
     offsets = torch.linspace(0, span, cfg.eval_batches * cfg.batch_size).long()
     model.eval()
-    with lighthouse_enabled(model, False):
+    with lighthouse_enabled(model, not dense):
         losses = [_loss(model, *_batch(val, chunk, cfg.seq_len, device)).item()
                   for chunk in offsets.split(cfg.batch_size)]
     model.train()
@@ -277,9 +280,12 @@ def run_demo(cfg: DemoConfig) -> Dict:
                 logger.info("%s  %-10s  loss %.4f  %8.0f tokens/s", _progress(state, cfg.steps), stage, loss.item(),
                             tokens_per_step / elapsed)
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-                val_loss = evaluate(model, val, cfg, device)
-                state["evals"].append(dict(step=step + 1, val_loss=val_loss, stage=stage))
-                logger.info("step %4d  validation loss (dense) %.4f", step + 1, val_loss)
+                record = dict(step=step + 1, val_loss=evaluate(model, val, cfg, device), stage=stage)
+                if stage == "lighthouse":  # and as it trains: how much of it the switch to dense has to relearn
+                    record["val_loss_lighthouse"] = evaluate(model, val, cfg, device, dense=False)
+                state["evals"].append(record)
+                logger.info("step %4d  validation loss (dense) %.4f%s", step + 1, record["val_loss"],
+                            f", with Lighthouse {record['val_loss_lighthouse']:.4f}" if stage == "lighthouse" else "")
                 if out is not None:
                     _save(out / CHECKPOINT, dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
                                                  state=state, config=dataclasses.asdict(cfg)))
