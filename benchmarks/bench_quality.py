@@ -77,7 +77,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         raise SystemExit(f"--processes {args.processes}: must be between 1 and the number of --seeds "
                          f"({len(args.seeds)})")
     args.variant_texts = list(args.variant or DEFAULT_VARIANTS)
-    args.variants = [parse_variant(v) for v in (args.variant or DEFAULT_VARIANTS)]
+    args.variants = [parse_variant(v) for v in args.variant_texts]
     names = [name for name, _ in args.variants]
     if len(set(names)) != len(names):
         raise SystemExit(f"--variant names must differ: {names}")
@@ -150,10 +150,9 @@ def merge_reports(paths: List[str]) -> Tuple[List[Dict], List[str], List[Dict]]:
         with open(path) as f:
             report = json.load(f)
         reports.append(report)
-        first = reports[0]
-        if report["shared_flags"] != first["shared_flags"]:
+        if report["shared_flags"] != reports[0]["shared_flags"]:
             raise SystemExit(f"--merge {path}: other shared flags than {paths[0]} "
-                             f"({report['shared_flags']} vs {first['shared_flags']})")
+                             f"({report['shared_flags']} vs {reports[0]['shared_flags']})")
         for run in report["runs"]:
             if any((r["variant"], r["seed"]) == (run["variant"], run["seed"]) for r in records):
                 raise SystemExit(f"--merge {path}: run {run['variant']} seed {run['seed']} is already in an earlier "

@@ -30,14 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from megatron_lighthouse.demo.corpus import load_corpus  # noqa: E402
-from megatron_lighthouse.demo.train import CHECKPOINT, DemoConfig, _init_runtime, build_model  # noqa: E402
+from megatron_lighthouse.demo.train import CHECKPOINT, DemoConfig, _init_runtime, build_model, token_losses  # noqa: E402
 from megatron_lighthouse.switch import lighthouse_enabled  # noqa: E402
-
-
-def _prefix_losses(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor, prefix: int) -> torch.Tensor:
-    """Per-window mean loss over positions ``[0, prefix)`` (``[windows]`` fp32)."""
-    positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-    return model(tokens, positions, None, labels=labels)[:, :prefix].float().mean(dim=1)
 
 
 @torch.no_grad()
@@ -58,8 +52,9 @@ def probe(model: torch.nn.Module, cfg: DemoConfig, val: torch.Tensor, windows: i
     result: Dict[str, float] = dict(tile=tile, prefix=half - 1, windows=windows)
     for mode, enabled in (("lighthouse", True), ("dense", False)):
         with lighthouse_enabled(model, enabled):
-            own, other = (torch.cat([_prefix_losses(model, r[:, :-1].to(device), r[:, 1:].to(device), half - 1)
-                                     for r in version.split(cfg.batch_size)]) for version in (rows, swapped))
+            own, other = (torch.cat([token_losses(model, r[:, :-1].to(device), r[:, 1:].to(device))[:, :half - 1]
+                                     .mean(dim=1) for r in version.split(cfg.batch_size)])
+                          for version in (rows, swapped))
         result[f"{mode}_own"] = own.mean().item()
         result[f"{mode}_swapped"] = other.mean().item()
         result[f"{mode}_gain"] = (other - own).mean().item()

@@ -178,9 +178,14 @@ def _train_offsets(cfg: DemoConfig, step: int, train_len: int) -> torch.Tensor:
     return torch.randint(0, train_len - cfg.seq_len - 1, (cfg.batch_size,), generator=gen)
 
 
-def _loss(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def token_losses(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-byte loss of every position: ``[b, s]`` tokens and labels -> ``[b, s]`` fp32."""
     positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-    return model(tokens, positions, None, labels=labels).float().mean()
+    return model(tokens, positions, None, labels=labels).float()
+
+
+def _loss(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return token_losses(model, tokens, labels).mean()
 
 
 @torch.no_grad()
