@@ -13,6 +13,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 _SUFFIXES = (".py", ".txt", ".rst")
+#: Directories skipped *inside* the corpus root (a root that itself lies under site-packages is still read).
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "idlelib", "test", "tests"}
 
 
@@ -38,7 +39,8 @@ def load_corpus(path: Optional[str] = None, max_bytes: int = 8 << 20,
     if not root.exists():
         raise ValueError(f"--corpus {root}: no such file or directory")
     files = [root] if root.is_file() else sorted(
-        p for p in root.rglob("*") if p.suffix in _SUFFIXES and p.is_file() and not _SKIP_DIRS & set(p.parts)
+        p for p in root.rglob("*")
+        if p.suffix in _SUFFIXES and p.is_file() and not _SKIP_DIRS & set(p.relative_to(root).parts)
     )
     if not files:
         raise ValueError(f"--corpus {root}: no {'/'.join(_SUFFIXES)} files found")
