@@ -24,7 +24,9 @@ def default_corpus_dir() -> pathlib.Path:
 
 def _as_tensor(data: bytearray) -> torch.Tensor:
     """1-D uint8 tensor owning a copy of ``data``."""
-    return torch.frombuffer(bytes(data), dtype=torch.uint8).clone()
+    if not data:
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.frombuffer(data, dtype=torch.uint8).clone()  # a bytearray is writable: no read-only warning
 
 
 def load_corpus(path: Optional[str] = None, max_bytes: int = 8 << 20,
