@@ -88,6 +88,19 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
+def train_curve(train: List[Dict], evals: List[Dict]) -> List[Dict]:
+    """Mean training loss over each interval between evaluations: ``[{step, loss}]``, ``step`` the evaluation's.
+
+    ``train`` holds the demo's per-step ``{step, loss}`` (step 0 is the first), ``evals`` its ``{step, ...}``."""
+    curve, start = [], 0
+    for e in evals:
+        losses = [t["loss"] for t in train if start <= t["step"] < e["step"]]
+        if losses:
+            curve.append(dict(step=e["step"], loss=statistics.fmean(losses)))
+        start = e["step"]
+    return curve
+
+
 def run_all(args: argparse.Namespace, on_run: Callable[[List[Dict]], None]) -> List[Dict]:
     """Every variant for every seed; one record per run. ``on_run(records so far)`` after each run."""
     records: List[Dict] = []
@@ -106,7 +119,8 @@ def run_all(args: argparse.Namespace, on_run: Callable[[List[Dict]], None]) -> L
                                 train_seconds=seconds, tokens_per_s=tokens / seconds if seconds else 0.0,
                                 switch_step=metrics["switch_step"], mode=metrics["config"]["mode"],
                                 device=metrics["config"]["device"],
-                                evals=metrics["evals"], stages=metrics["stages"]))
+                                evals=metrics["evals"], stages=metrics["stages"],
+                                train_curve=train_curve(metrics["train"], metrics["evals"])))
             on_run(records)
     return records
 
@@ -209,7 +223,8 @@ def print_table(rows: List[Dict], records: List[Dict]) -> None:
 
 
 def plot(records: List[Dict], path: str) -> None:
-    """Validation curves, one per variant (the mean over its seeds), the switch to dense dashed."""
+    """Validation curves, one per variant (the mean over its seeds), the switch to dense dashed; dotted, the same
+    models scored with Lighthouse on during their Lighthouse stage."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -219,16 +234,21 @@ def plot(records: List[Dict], path: str) -> None:
     names = list(dict.fromkeys(r["variant"] for r in records))
     for i, name in enumerate(names):
         runs = [r for r in records if r["variant"] == name]
-        curves: Dict[int, List[float]] = {}
-        for r in runs:
-            for e in r["evals"]:
-                curves.setdefault(e["step"], []).append(e["val_loss"])
-        steps = sorted(curves)
-        ax.plot(steps, [statistics.fmean(curves[s]) for s in steps], color=f"C{i % 10}", marker="o", ms=3,
-                ls="-" if i < 10 else ":", label=f"{name} ({len(runs)} seed{'s' * (len(runs) > 1)})")
+        for key, suffix, style in (("val_loss", "", dict(marker="o", ms=3, ls="-" if i < 10 else "-.")),
+                                   ("val_loss_lighthouse", ", Lighthouse on", dict(ls=":", lw=1.2))):
+            curves: Dict[int, List[float]] = {}
+            for r in runs:
+                for e in r["evals"]:
+                    if key in e:
+                        curves.setdefault(e["step"], []).append(e[key])
+            if not curves:
+                continue
+            steps = sorted(curves)
+            ax.plot(steps, [statistics.fmean(curves[s]) for s in steps], color=f"C{i % 10}",
+                    label=f"{name} ({len(runs)} seed{'s' * (len(runs) > 1)}){suffix}", **style)
         if runs[0]["mode"] == "two-stage" and runs[0]["switch_step"]:
             ax.axvline(runs[0]["switch_step"], color=f"C{i % 10}", ls="--", lw=0.8)
-    ax.set(xlabel="step", ylabel="validation loss, all layers dense (nats/byte)",
+    ax.set(xlabel="step", ylabel="validation loss (nats/byte); solid: every layer dense",
            title="Lighthouse -> dense vs dense from scratch (mean over seeds; dashed: switch to dense)")
     ax.legend(fontsize=8)
     fig.tight_layout()

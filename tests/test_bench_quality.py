@@ -45,6 +45,10 @@ def test_variants_seeds_table_json_plot(tmp_path):
         assert losses == [json.loads((out / f"{name}_s{s}" / "metrics.json").read_text())["final_val_loss"]
                           for s in (0, 1)]
         assert row["mean"] == pytest.approx(sum(losses) / 2)
+    for run in report["runs"]:  # the training curve: the mean of the run's own step losses per eval interval
+        train = json.loads((out / f"{run['variant']}_s{run['seed']}" / "metrics.json").read_text())["train"]
+        assert [c["step"] for c in run["train_curve"]] == [2, 4]
+        assert run["train_curve"][1]["loss"] == pytest.approx((train[2]["loss"] + train[3]["loss"]) / 2)
         assert row["spread"] == pytest.approx(abs(losses[0] - losses[1]))
     assert rewarm["vs_baseline_pct"] == pytest.approx(100 * (rewarm["mean"] / dense["mean"] - 1))
     assert {r["mode"] for r in report["runs"]} == {"dense", "two-stage"}
@@ -182,3 +186,13 @@ def test_change_vs_baseline_is_paired_by_seed(capsys):
     printed = capsys.readouterr().out
     assert "+10.00%" in printed and "n/a" in printed and "0,1,2" in printed
     assert "two +10.00%: not met" in printed and "other" not in printed.split("bar (")[-1]
+
+
+def test_train_curve_is_the_mean_loss_between_evaluations():
+    bench = _bench()
+    train = [dict(step=i, loss=float(i)) for i in range(10)]
+    curve = bench.train_curve(train, [dict(step=4, val_loss=0.0), dict(step=10, val_loss=0.0)])
+    assert curve == [dict(step=4, loss=1.5), dict(step=10, loss=6.5)]  # steps 0-3, then 4-9
+    # only steps that were logged count; an interval without any is left out
+    assert bench.train_curve(train[:3], [dict(step=2), dict(step=4), dict(step=6)]) == [dict(step=2, loss=0.5),
+                                                                                      dict(step=4, loss=2.0)]
