@@ -18,19 +18,19 @@ Prints a table and writes JSON (``--out``)::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
 import sys
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
 from megatron_lighthouse.demo.corpus import load_corpus  # noqa: E402
-from megatron_lighthouse.demo.train import CHECKPOINT, DemoConfig, _init_runtime, build_model, token_losses  # noqa: E402
+from megatron_lighthouse.demo.runs import load_trained_run  # noqa: E402
+from megatron_lighthouse.demo.train import DemoConfig, token_losses  # noqa: E402
 from megatron_lighthouse.switch import lighthouse_enabled  # noqa: E402
 
 
@@ -62,22 +62,6 @@ def probe(model: torch.nn.Module, cfg: DemoConfig, val: torch.Tensor, windows: i
     return result
 
 
-def load_run(run_dir: str, device: Optional[str]) -> Tuple[torch.nn.Module, DemoConfig, str, int]:
-    """``(model, cfg, mode trained in, step)`` from ``run_dir/checkpoint.pt``; the model has Lighthouse layers
-    (a dense run's too: same weights, so it can be probed in both modes). ``device`` overrides the run's."""
-    ckpt = torch.load(os.path.join(run_dir, CHECKPOINT), map_location="cpu", weights_only=False)
-    cfg = DemoConfig(**{**ckpt["config"], "dense_layers": tuple(ckpt["config"]["dense_layers"])})
-    if device:
-        cfg = dataclasses.replace(cfg, device=device)
-    if cfg.mode == "dense":  # the dense run's model, built with Lighthouse layers switched off: same weights
-        cfg = dataclasses.replace(cfg, mode="lighthouse")
-    dev = torch.device(cfg.device)
-    _init_runtime(dev)
-    model = build_model(cfg, dev)
-    model.load_state_dict(ckpt["model"])
-    return model, cfg, ckpt["config"]["mode"], ckpt["state"]["step"]
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
     logging.getLogger("megatron").setLevel(logging.ERROR)
@@ -91,9 +75,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.error(f"--windows {args.windows}: must be >= 2 (a window's continuation comes from another)")
     results = []
     for run_dir in args.run_dir:
-        if not os.path.exists(os.path.join(run_dir, CHECKPOINT)):
-            p.error(f"--run-dir {run_dir}: no {CHECKPOINT} (the --out directory of a demo run)")
-        model, cfg, mode, step = load_run(run_dir, args.device)
+        try:
+            model, cfg, mode, step = load_trained_run(run_dir, args.device)
+        except ValueError as err:
+            p.error(str(err))
         _, val = load_corpus(cfg.corpus, cfg.corpus_bytes)
         row = dict(run=run_dir, trained_as=mode, step=step, **probe(model, cfg, val, args.windows,
                                                                        torch.device(cfg.device)))

@@ -1,0 +1,39 @@
+"""A finished demo run loaded back for analysis: its model (with Lighthouse layers), settings and step."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import NamedTuple, Optional
+
+import torch
+
+from .train import CHECKPOINT, DemoConfig, _init_runtime, build_model
+
+
+class TrainedRun(NamedTuple):
+    model: torch.nn.Module
+    cfg: DemoConfig
+    trained_as: str  # the run's --mode
+    step: int
+
+
+def load_trained_run(run_dir: str, device: Optional[str] = None) -> TrainedRun:
+    """The model of ``run_dir/checkpoint.pt`` (a demo ``--out`` directory), built with Lighthouse layers even for a
+    dense run (same weights), so it can be scored in both modes; ``device`` overrides the run's ``--device``.
+
+    ``ValueError`` naming the directory when it holds no checkpoint."""
+    path = os.path.join(run_dir, CHECKPOINT)
+    if not os.path.exists(path):
+        raise ValueError(f"--run-dir {run_dir}: no {CHECKPOINT} (the --out directory of a demo run)")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = DemoConfig(**{**ckpt["config"], "dense_layers": tuple(ckpt["config"]["dense_layers"])})
+    if device:
+        cfg = dataclasses.replace(cfg, device=device)
+    if cfg.mode == "dense":
+        cfg = dataclasses.replace(cfg, mode="lighthouse")
+    dev = torch.device(cfg.device)
+    _init_runtime(dev)
+    model = build_model(cfg, dev)
+    model.load_state_dict(ckpt["model"])
+    return TrainedRun(model, cfg, ckpt["config"]["mode"], ckpt["state"]["step"])
