@@ -223,8 +223,8 @@ def print_table(rows: List[Dict], records: List[Dict]) -> None:
 
 
 def plot(records: List[Dict], path: str) -> None:
-    """Validation curves, one per variant (the mean over its seeds), the switch to dense dashed; dotted, the same
-    models scored with Lighthouse on during their Lighthouse stage."""
+    """Validation curves, one per variant (the mean over its seeds, each seed faint behind it), the switch to dense
+    dashed; dotted, the same models scored with Lighthouse on during their Lighthouse stage."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -246,10 +246,14 @@ def plot(records: List[Dict], path: str) -> None:
             steps = sorted(curves)
             ax.plot(steps, [statistics.fmean(curves[s]) for s in steps], color=f"C{i % 10}",
                     label=f"{name} ({len(runs)} seed{'s' * (len(runs) > 1)}){suffix}", **style)
+            if key == "val_loss" and len(runs) > 1:  # each seed faintly behind the mean: a spread shows its shape
+                for r in runs:
+                    ax.plot([e["step"] for e in r["evals"]], [e["val_loss"] for e in r["evals"]], color=f"C{i % 10}",
+                            lw=0.7, alpha=0.35)
         if runs[0]["mode"] == "two-stage" and runs[0]["switch_step"]:
             ax.axvline(runs[0]["switch_step"], color=f"C{i % 10}", ls="--", lw=0.8)
     ax.set(xlabel="step", ylabel="validation loss (nats/byte); solid: every layer dense",
-           title="Lighthouse -> dense vs dense from scratch (mean over seeds; dashed: switch to dense)")
+           title="Lighthouse -> dense vs dense from scratch (mean over seeds, faint: each seed; dashed: switch)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
