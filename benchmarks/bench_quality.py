@@ -21,6 +21,11 @@ GPU (one H200; docs/RESULTS.md, about 75 s per run with two processes)::
         --device cuda --seq-len 16384 --levels 3 --pooling-factor 4 --topk 256 --layers 6 --hidden 256 --heads 4 \\
         --ffn 768 --dense-layers 0,-1 --batch-size 2 --steps 1200 --eval-every 100 --eval-batches 16 \\
         --log-every 100 --corpus-bytes 40000000 --lr 2e-3 --warmup 60
+
+More tokens than the standard library holds (docs/RESULTS.md, "Longer training"): the same with ``--seeds 0 1 2
+--processes 3`` and, after ``--``, ``--steps 4800 --eval-every 400 --log-every 400 --corpus SITE_PACKAGES
+--corpus-bytes 200000000``, ``SITE_PACKAGES`` being the directory that holds torch (about 180 MB of text there).
+Then ``benchmarks/probe_repeats.py --run-dir <out-dir>/part*/*_s*`` splits each model's loss by repeated text.
 """
 
 from __future__ import annotations
