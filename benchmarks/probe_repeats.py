@@ -18,6 +18,7 @@ Prints a table and writes JSON (``--out``)::
 from __future__ import annotations
 
 import argparse
+import functools
 import bisect
 import json
 import logging
@@ -105,12 +106,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.error(f"--windows {args.windows}: must be >= 1")
     names = bucket_names(args.distances)
     results = []
+    corpus = functools.lru_cache(maxsize=1)(load_corpus)  # runs of one comparison share their corpus: read it once
     for run_dir in args.run_dir:
         try:
             model, cfg, mode, step = load_trained_run(run_dir, args.device)
         except ValueError as err:
             p.error(str(err))
-        _, val = load_corpus(cfg.corpus, cfg.corpus_bytes)
+        _, val = corpus(cfg.corpus, cfg.corpus_bytes)
         windows = args.windows or cfg.eval_batches * cfg.batch_size
         starts = torch.linspace(0, len(val) - cfg.seq_len - 1, windows).long().tolist()  # the demo's evaluation
         rows = torch.stack([val[s : s + cfg.seq_len + 1] for s in starts]).long()

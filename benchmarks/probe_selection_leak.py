@@ -18,6 +18,7 @@ Prints a table and writes JSON (``--out``)::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -74,12 +75,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.windows < 2:
         p.error(f"--windows {args.windows}: must be >= 2 (a window's continuation comes from another)")
     results = []
+    corpus = functools.lru_cache(maxsize=1)(load_corpus)  # runs of one comparison share their corpus: read it once
     for run_dir in args.run_dir:
         try:
             model, cfg, mode, step = load_trained_run(run_dir, args.device)
         except ValueError as err:
             p.error(str(err))
-        _, val = load_corpus(cfg.corpus, cfg.corpus_bytes)
+        _, val = corpus(cfg.corpus, cfg.corpus_bytes)
         row = dict(run=run_dir, trained_as=mode, step=step, **probe(model, cfg, val, args.windows,
                                                                        torch.device(cfg.device)))
         results.append(row)
