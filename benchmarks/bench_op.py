@@ -145,7 +145,18 @@ def fused_indices(q, k, settings):
 
 # ----------------------------------------------------------------------------------------------- timing
 def bench_length(n: int, slow_ms: float, dense: bool) -> Dict[str, float]:
-    row: Dict[str, float] = {"N": n}
+    """One row of the table: Lighthouse at length ``n`` (and the dense kernels when ``dense``)."""
+    row: Dict[str, float] = {"N": n, **bench_lighthouse(n, slow_ms)}
+    torch.cuda.empty_cache()  # the Lighthouse tensors died with bench_lighthouse's frame
+    if dense:
+        row.update(bench_dense(n, slow_ms))
+        torch.cuda.empty_cache()
+    return row
+
+
+def bench_lighthouse(n: int, slow_ms: float) -> Dict[str, float]:
+    """Lighthouse forward, forward+backward, peak memory and the forward's stage breakdown at length ``n``."""
+    row: Dict[str, float] = {}
     gen = torch.Generator(device="cuda").manual_seed(n)
     q, k, v = (torch.randn(B, n, H, D, device="cuda", generator=gen, dtype=DTYPE).requires_grad_(True)
                for _ in range(3))
@@ -196,30 +207,31 @@ def bench_length(n: int, slow_ms: float, dense: bool) -> Dict[str, float]:
     row["dense_kernel_auto_choice"] = attn.choices[(tuple(picked[0].shape), tuple(picked[1].shape), DTYPE,
                                                     picked[0].device)]
     row["around_attention_fraction_fwd_bwd"] = 1 - row["stage_dense_fwd_bwd_ms"] / row["lighthouse_fwd_bwd_ms"]
-    del q, k, v, dout, sq, sk, idx, inv, picked, sub_out, sub, d_sub
-    torch.cuda.empty_cache()
+    return row
 
-    if dense:
-        gen = torch.Generator(device="cuda").manual_seed(n)
-        dq, dk, dv = (torch.randn(B, H, n, D, device="cuda", generator=gen, dtype=DTYPE).requires_grad_(True)
-                      for _ in range(3))
-        ddo = torch.randn(B, H, n, D, device="cuda", generator=gen, dtype=DTYPE)
-        for name in ("cudnn", "flash"):
-            kernel = fused.dense_attention(name, "cuda")
 
-            def dfwd():
-                with torch.no_grad():
-                    return kernel(dq, dk, dv, scale)
+def bench_dense(n: int, slow_ms: float) -> Dict[str, float]:
+    """Causal dense attention over all ``n`` tokens, cuDNN and flash SDPA: forward, forward+backward, peak memory."""
+    row: Dict[str, float] = {}
+    gen = torch.Generator(device="cuda").manual_seed(n)
+    dq, dk, dv = (torch.randn(B, H, n, D, device="cuda", generator=gen, dtype=DTYPE).requires_grad_(True)
+                  for _ in range(3))
+    ddo = torch.randn(B, H, n, D, device="cuda", generator=gen, dtype=DTYPE)
+    scale = 1.0 / math.sqrt(D)
+    for name in ("cudnn", "flash"):
+        kernel = fused.dense_attention(name, "cuda")
 
-            def dfwd_bwd():
-                kernel(dq, dk, dv, scale).backward(ddo)
-                dq.grad = dk.grad = dv.grad = None
+        def dfwd():
+            with torch.no_grad():
+                return kernel(dq, dk, dv, scale)
 
-            row[f"dense_{name}_fwd_ms"] = median_ms(dfwd, slow_ms)
-            row[f"dense_{name}_fwd_bwd_ms"] = median_ms(dfwd_bwd, slow_ms)
-            row[f"dense_{name}_peak_gib"] = peak_gib(dfwd_bwd)
-        del dq, dk, dv, ddo
-        torch.cuda.empty_cache()
+        def dfwd_bwd():
+            kernel(dq, dk, dv, scale).backward(ddo)
+            dq.grad = dk.grad = dv.grad = None
+
+        row[f"dense_{name}_fwd_ms"] = median_ms(dfwd, slow_ms)
+        row[f"dense_{name}_fwd_bwd_ms"] = median_ms(dfwd_bwd, slow_ms)
+        row[f"dense_{name}_peak_gib"] = peak_gib(dfwd_bwd)
     return row
 
 
@@ -230,9 +242,11 @@ def plot(rows: List[Dict[str, float]], path: str, gpu: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 5))
-    for key, label in (("lighthouse_fwd_bwd_ms", "Lighthouse (Triton) fwd+bwd"), ("lighthouse_fwd_ms", "Lighthouse fwd"),
+    for key, label in (("lighthouse_fwd_bwd_ms", "Lighthouse (Triton) fwd+bwd"),
+                       ("lighthouse_fwd_ms", "Lighthouse fwd"),
                        ("dense_cudnn_fwd_bwd_ms", "dense SDPA cuDNN fwd+bwd"),
-                       ("dense_flash_fwd_bwd_ms", "dense SDPA flash fwd+bwd"), ("dense_cudnn_fwd_ms", "dense cuDNN fwd")):
+                       ("dense_flash_fwd_bwd_ms", "dense SDPA flash fwd+bwd"),
+                       ("dense_cudnn_fwd_ms", "dense cuDNN fwd")):
         pts = [(r["N"], r[key]) for r in rows if key in r]
         if pts:
             ax.plot(*zip(*pts), marker="o", label=label)
@@ -273,7 +287,8 @@ def main() -> None:
     report["rows"] = rows
 
     cols = [("N", "N"), ("lighthouse_fwd_ms", "LH fwd"), ("lighthouse_fwd_bwd_ms", "LH f+b"),
-            ("lighthouse_peak_gib", "LH GiB"), ("dense_cudnn_fwd_ms", "cuDNN fwd"), ("dense_cudnn_fwd_bwd_ms", "cuDNN f+b"),
+            ("lighthouse_peak_gib", "LH GiB"), ("dense_cudnn_fwd_ms", "cuDNN fwd"),
+            ("dense_cudnn_fwd_bwd_ms", "cuDNN f+b"),
             ("dense_cudnn_peak_gib", "cuDNN GiB"), ("dense_flash_fwd_bwd_ms", "flash f+b"),
             ("stage_pool_score_ms", "pool/score"), ("stage_select_ms", "select"), ("stage_gather_ms", "gather"),
             ("stage_dense_ms", "dense sub fwd"), ("stage_scatter_ms", "scatter"),

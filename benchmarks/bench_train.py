@@ -192,7 +192,8 @@ def time_training(args: argparse.Namespace, mode: str, seq_len: int, device: tor
     dist.all_reduce(stats, op=dist.ReduceOp.MAX)
     step, peak = stats.tolist()
     del model, optimizer
-    return dict(mode=mode, seq_len=seq_len, context_parallel=args.context_parallel, step_s=step, times_s=times, tokens_per_s=seq_len / step,
+    return dict(mode=mode, seq_len=seq_len, context_parallel=args.context_parallel, step_s=step, times_s=times,
+                tokens_per_s=seq_len / step,
                 model_tflops=model_flops_per_step(args, seq_len) / step / 1e12, peak_gib=peak, losses=losses)
 
 
@@ -262,7 +263,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     print_table(rows)
     print("* TFLOP/s of the dense model's FLOPs per step for both modes, so the ratio is the speed-up")
     os.makedirs(args.out_dir, exist_ok=True)
-    tag = "cpu_tiny" if args.tiny else torch.cuda.get_device_name(device).replace(" ", "_") if device.type == "cuda" else "cpu"
+    tag = ("cpu_tiny" if args.tiny else torch.cuda.get_device_name(device).replace(" ", "_") if device.type == "cuda"
+           else "cpu")
     if args.context_parallel > 1:
         tag += f"_cp{args.context_parallel}"
     record = dict(date=datetime.date.today().isoformat(), command="python3 " + " ".join(sys.argv),

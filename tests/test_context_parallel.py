@@ -185,7 +185,8 @@ def test_layout_errors():
 def _check_layout_is_megatrons(rank, world):
     from megatron.core.utils import get_batch_on_this_cp_rank
 
-    batch = {"tokens": torch.arange(3 * 8 * world).view(3, -1), "attention_mask": torch.arange(8 * world).view(1, 1, -1)}
+    batch = {"tokens": torch.arange(3 * 8 * world).view(3, -1),
+             "attention_mask": torch.arange(8 * world).view(1, 1, -1)}
     want = get_batch_on_this_cp_rank(dict(batch), cp_group=dist.group.WORLD)
     assert torch.equal(split_for_cp(batch["tokens"], rank, world, seq_dim=1), want["tokens"])
     assert torch.equal(split_for_cp(batch["attention_mask"], rank, world, seq_dim=2), want["attention_mask"])

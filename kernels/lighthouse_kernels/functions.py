@@ -89,7 +89,8 @@ def lighthouse_attention_triton(
     softmax_scale: Optional[float] = None,
     dense: str = "auto",
 ) -> torch.Tensor:
-    """Lighthouse attention with the fused kernels; ``dense`` names the stock dense kernel (see ``dense.DENSE_KERNELS``).
+    """Lighthouse attention with the fused kernels; ``dense`` names the stock dense kernel
+    (see ``dense.DENSE_KERNELS``).
 
     q ``[B, N, H, D]``, k/v ``[B, N, H_kv, D]`` (bf16/fp16/fp32) -> ``[B, N, H, D]``; same semantics as
     :func:`megatron_lighthouse.lighthouse_attention`.

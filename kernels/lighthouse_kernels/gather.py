@@ -102,7 +102,8 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 def gather_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, levels: int,
                    pooling_factor: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q/k/v ``[B, N, H, D]``, ``indices`` ``[B, H, S]`` (contiguous) -> three contiguous ``[B, H, S, D]`` in q's dtype."""
+    """q/k/v ``[B, N, H, D]``, ``indices`` ``[B, H, S]`` (contiguous) -> three contiguous ``[B, H, S, D]`` in
+    q's dtype."""
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     b, n, h, d = q.shape
     s = indices.shape[-1]

@@ -54,7 +54,8 @@ def _pool_score_kernel(q_ptr, k_ptr, sq_ptr, sk_ptr, seq_len, total, H, D,
     _store_levels(nk, sk_ptr, row, blk, seq_len, total, BLOCK_T, P, LEVELS)
 
 
-def pool_scores(q: torch.Tensor, k: torch.Tensor, levels: int, pooling_factor: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def pool_scores(q: torch.Tensor, k: torch.Tensor, levels: int,
+                pooling_factor: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Norm scores of all pyramid entries, as :func:`megatron_lighthouse.naive.pyramid_scores`.
 
     Args:

@@ -67,12 +67,14 @@ def _scatter_bwd_kernel(dout_ptr, idx_ptr, dsub_ptr, seq_len, S, H, D,
     for i in range(MAX_SPAN):
         tok = first + i
         ok = j_ok & (i < span) & (tok < seq_len)
-        acc += tl.load(base + tok[:, None].to(tl.int64) * sdn, mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        acc += tl.load(base + tok[:, None].to(tl.int64) * sdn, mask=ok[:, None] & d_ok[None, :],
+                       other=0.0).to(tl.float32)
     dst = dsub_ptr + (row * S + j)[:, None].to(tl.int64) * D + d[None, :]
     tl.store(dst, acc.to(dsub_ptr.dtype.element_ty), mask=j_ok[:, None] & d_ok[None, :])
 
 
-def scatter_forward(out_sub: torch.Tensor, inv: torch.Tensor, seq_len: int, levels: int, pooling_factor: int) -> torch.Tensor:
+def scatter_forward(out_sub: torch.Tensor, inv: torch.Tensor, seq_len: int, levels: int,
+                    pooling_factor: int) -> torch.Tensor:
     """``out_sub`` ``[B, H, S, D]`` (contiguous), ``inv`` from :func:`inverse_map` -> ``[B, N, H, D]`` in its dtype."""
     b, h, s, d = out_sub.shape
     out = torch.empty(b, seq_len, h, d, dtype=out_sub.dtype, device=out_sub.device)
