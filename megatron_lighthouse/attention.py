@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from .config import LighthouseConfig
 from .context_parallel import cp_causal_attention, cp_local_topk
-from .naive import build_pyramid, pyramid_scores, scatter_to_tokens, select_pyramid_indices
+from .naive import build_pyramid, pyramid_last_tokens, pyramid_scores, scatter_to_tokens, select_pyramid_indices
+from .rotary import EntryRotary
 
 #: ``attention(q, k, v, softmax_scale) -> out``, all ``[B, H, S, D]``, causal over ``S``.
 DenseAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
@@ -111,6 +112,16 @@ def _select_chunked(
     return select_pyramid_indices(score_q, score_k, n_chunk, cfg.levels, cfg.pooling_factor, topk)
 
 
+def entry_positions(indices: torch.Tensor, seq_len: int, levels: int, pooling_factor: int,
+                    chunks: int = 1) -> torch.Tensor:
+    """Token index (in the ``seq_len`` sequence) of the last token of each selected entry: chunk-local pyramid
+    ``indices`` ``[B*chunks, H, S_c]`` -> int64 ``[B, H, chunks*S_c]``, in subsequence order."""
+    n_chunk = seq_len // chunks
+    last = pyramid_last_tokens(n_chunk, levels, pooling_factor, indices.device)[indices.long()]
+    offset = torch.arange(chunks, device=indices.device).repeat(last.shape[0] // chunks) * n_chunk
+    return _chunks_to_sequence((last + offset.view(-1, 1, 1)).unsqueeze(-1), chunks).squeeze(-1)
+
+
 def attend_selected(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -123,15 +134,24 @@ def attend_selected(
     softmax_scale: Optional[float] = None,
     attention: Optional[DenseAttention] = None,
     backend: str = "auto",
+    rotary: Optional[EntryRotary] = None,
 ) -> torch.Tensor:
     """Gather the selected entries, attend causally over them, scatter back (spec sections 4-6).
 
     Differentiable in q/k/v; ``indices`` (``[B*chunks, H, S_c]``, from the selection) are constants.
     q/k/v are ``[B, N, H, D]`` with kv heads already expanded. Returns ``[B, N, H, D]``.
     ``backend="triton"`` gathers (pooling on the fly) and scatters with the fused deterministic kernels.
+    ``rotary`` rotates the gathered q and k entries at their last tokens' positions before the attention.
     """
     b, n, h, d = q.shape
     scale = 1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale
+
+    def attend(picked_q: torch.Tensor, picked_k: torch.Tensor, picked_v: torch.Tensor) -> torch.Tensor:
+        if rotary is not None:
+            positions = entry_positions(indices, n, levels, pooling_factor, chunks)
+            picked_q, picked_k = rotary(picked_q, positions), rotary(picked_k, positions)
+        return attention(picked_q, picked_k, picked_v, scale)
+
     if resolve_backend(backend, q) == "triton":
         import lighthouse_kernels as fused
 
@@ -140,7 +160,7 @@ def attend_selected(
         inv = fused.inverse_map_for(indices, n // chunks, levels, pooling_factor)
         split = [_split_chunks(x, chunks) for x in (q, k, v)]
         picked = fused.gather_from_tokens(*split, indices, levels, pooling_factor, inv)
-        out_sub = attention(*(_chunks_to_sequence(x, chunks) for x in picked), scale)
+        out_sub = attend(*(_chunks_to_sequence(x, chunks) for x in picked))
         out_sub = _sequence_to_chunks(out_sub, chunks)
         out = fused.scatter_to_tokens(out_sub, indices, n // chunks, levels, pooling_factor, inv)
         return out.view(b, n, h, d)
@@ -150,7 +170,7 @@ def attend_selected(
         _chunks_to_sequence(build_pyramid(_split_chunks(x, chunks), levels, pooling_factor).gather(2, index), chunks)
         for x in (q, k, v)
     ]
-    out_sub = attention(*picked, scale)
+    out_sub = attend(*picked)
     out = scatter_to_tokens(_sequence_to_chunks(out_sub, chunks), indices, n // chunks, levels, pooling_factor)
     return out.view(b, chunks, h, n // chunks, d).permute(0, 1, 3, 2, 4).reshape(b, n, h, d)
 
@@ -197,6 +217,7 @@ def lighthouse_attention(
     attention: Optional[DenseAttention] = None,
     backend: str = "auto",
     cp_group: Optional[dist.ProcessGroup] = None,
+    rotary: Optional[EntryRotary] = None,
 ) -> torch.Tensor:
     """Lighthouse attention: select a short causal subsequence of a q/k/v pyramid, attend densely, scatter back.
 
@@ -216,6 +237,11 @@ def lighthouse_attention(
             (global chunks ``r`` and ``2W-1-r`` of ``2W``, concatenated, as Megatron lays them out) and ``topk``
             is the global budget. Each local chunk is selected alone with ``topk // (2W)``; ``attention``
             defaults to :func:`cp_causal_attention` over the group. ``chunks`` must stay 1.
+        rotary: rotary position embedding of the selected entries (:data:`~megatron_lighthouse.rotary.EntryRotary`,
+            e.g. :func:`~megatron_lighthouse.rotary.entry_rotary` of Megatron's table): q and k are then given
+            *un-rotated*, pooled and selected as they are, and each selected entry is rotated at the position of
+            the last token it covers, as the published model does. ``None``: no rotation here (q/k already carry
+            their positions, or the model has none).
     Returns:
         ``[B, N, H, D]`` in q's dtype.
     """
@@ -245,4 +271,5 @@ def lighthouse_attention(
         softmax_scale=softmax_scale,
         attention=attention,
         backend=backend,
+        rotary=rotary,
     )

@@ -24,6 +24,16 @@ def build_pyramid(x: torch.Tensor, levels: int, pooling_factor: int) -> torch.Te
     return torch.cat(parts, dim=1).transpose(1, 2)
 
 
+def pyramid_last_tokens(seq_len: int, levels: int, pooling_factor: int, device=None) -> torch.Tensor:
+    """Token index of the last token each pyramid entry covers: int64 ``[N_tot]`` (entry ``i`` of level ``l``
+    covers tokens ``[i*p**l, (i+1)*p**l)``, so ``(i+1)*p**l - 1``); the position RoPE gives a selected entry."""
+    parts = []
+    for level in range(levels):
+        stride = pooling_factor**level
+        parts.append(torch.arange(1, seq_len // stride + 1, device=device) * stride - 1)
+    return torch.cat(parts)
+
+
 def pyramid_scores(
     q: torch.Tensor, k: torch.Tensor, levels: int, pooling_factor: int
 ) -> Tuple[torch.Tensor, torch.Tensor]:
