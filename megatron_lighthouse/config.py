@@ -11,6 +11,8 @@ TILE_SELECT = 128
 TILE_HALF = TILE_SELECT // 2
 
 _SCORERS = ("norm",)
+#: Where a Lighthouse layer applies rotary position embedding (see :class:`LighthouseConfig`).
+ROPE_PLACEMENTS = ("entries", "tokens")
 
 
 def _is_power_of_two(x: int) -> bool:
@@ -28,6 +30,12 @@ class LighthouseConfig:
         scorer: entry scorer; only ``"norm"`` (the published default) is implemented.
         dense_layers: layers that keep full attention, 0-based, negative counts from the end
             (the paper keeps the first two and the last two dense).
+        rope: where Lighthouse layers of a RoPE model apply it. ``"entries"`` (the published model): q/k are
+            pooled and selected un-rotated and every selected entry is rotated at the position of the last token
+            it covers (needs :class:`~megatron_lighthouse.self_attention.LighthouseSelfAttention`, which the spec
+            provider builds). ``"tokens"``: Megatron's order, tokens rotated before pooling, so pooled entries
+            average rotations (this package's behaviour before 2026-12-01). Dense layers, and the model once
+            Lighthouse is switched off, use Megatron's RoPE either way.
 
     The sequence-dependent rules are checked by :meth:`validate`.
     """
@@ -37,6 +45,7 @@ class LighthouseConfig:
     topk: int = 2048
     scorer: str = "norm"
     dense_layers: Tuple[int, ...] = (0, 1, -2, -1)
+    rope: str = "entries"
 
     def __post_init__(self) -> None:
         for name in ("levels", "pooling_factor", "topk"):
@@ -55,6 +64,8 @@ class LighthouseConfig:
                 f"LighthouseConfig.topk={self.topk}: must be a positive multiple of {TILE_SELECT} "
                 f"(each selection tile picks {TILE_SELECT} entries per level)"
             )
+        if self.rope not in ROPE_PLACEMENTS:
+            raise ValueError(f"LighthouseConfig.rope={self.rope!r}: must be one of {ROPE_PLACEMENTS}")
         if self.scorer not in _SCORERS:
             raise ValueError(f"LighthouseConfig.scorer={self.scorer!r}: must be one of {_SCORERS}")
         dense = tuple(self.dense_layers)

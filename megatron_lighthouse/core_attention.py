@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import functools
 import inspect
+import logging
 import math
 from typing import Any, Optional, Union
 
@@ -27,10 +28,13 @@ from megatron.core.transformer.utils import sharded_state_dict_default
 
 from .attention import lighthouse_attention
 from .config import LighthouseConfig
+from .rotary import entry_rotary
 from .transformer_config import context_parallel_group, resolve_lighthouse, unsupported_attention_settings
 
 #: Name of the inner core attention among this module's children (hidden from state-dict keys).
 INNER = "inner"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -78,6 +82,11 @@ class LighthouseCoreAttention(MegatronModule):
 
     :attr:`enabled` switches between Lighthouse and the plain inner attention on the full sequence (the dense
     model) at run time; see :func:`megatron_lighthouse.switch.set_lighthouse_enabled`.
+
+    RoPE (``lighthouse.rope == "entries"``): inside
+    :class:`~megatron_lighthouse.self_attention.LighthouseSelfAttention` (the spec provider's), q/k arrive
+    un-rotated with Megatron's rotary table in :attr:`rotary_freqs`, and the selected entries are rotated at their
+    last tokens' positions. ``rope="entries"`` refuses ``fused_single_qkv_rope`` and YaRN at construction.
     """
 
     def __init__(
@@ -123,6 +132,19 @@ class LighthouseCoreAttention(MegatronModule):
                 f"max attention logit)"
             )
         self.cp_group = context_parallel_group(config, pg_collection, f"LighthouseCoreAttention (layer {layer_number})")
+        if not self.dense_layer and self.lighthouse.rope == "entries":
+            for name in ("fused_single_qkv_rope", "yarn_rotary_scaling_factor"):
+                if getattr(config, name, None):
+                    raise ValueError(
+                        f"LighthouseCoreAttention (layer {layer_number}): {name}={getattr(config, name)!r} with "
+                        f"lighthouse.rope='entries': not supported (the entries are rotated with plain RoPE after "
+                        f"selection); set it off, or use LighthouseConfig(rope='tokens')"
+                    )
+        #: Megatron's rotary table for the current call, handed over by ``LighthouseSelfAttention`` (``None``:
+        #: the model has no RoPE here). :attr:`rotary_handoff`: built inside one (set by it).
+        self.rotary_freqs: Optional[torch.Tensor] = None
+        self.rotary_handoff = False
+        self._warned_no_handoff = False
 
         inner_config = config
         if not self.dense_layer:  # selection is per query head: the subsequence has one kv head per query head
@@ -191,8 +213,28 @@ class LighthouseCoreAttention(MegatronModule):
         out = lighthouse_attention(
             q, k, v, levels=cfg.levels, pooling_factor=cfg.pooling_factor, topk=cfg.topk,
             softmax_scale=self.softmax_scale, attention=self._subsequence_attention, cp_group=self.cp_group,
+            rotary=self._entry_rotary(s),
         )
         return out.transpose(0, 1).reshape(s, b, h * d)
+
+    def _entry_rotary(self, seq_len: int):
+        """The RoPE of selected entries for this call (``None``: none to apply here)."""
+        if self.lighthouse.rope != "entries":
+            return None
+        if not self.rotary_handoff:
+            if not self._warned_no_handoff:
+                logger.warning("LighthouseCoreAttention (layer %d) is not inside LighthouseSelfAttention: in a RoPE "
+                               "model its q/k arrive rotated and are pooled so (rope='tokens'); build the layer "
+                               "with the spec provider of megatron_lighthouse.spec", self.layer_number)
+                self._warned_no_handoff = True
+            return None
+        freqs = self.rotary_freqs
+        if freqs is None:
+            return None
+        if freqs.shape[0] != seq_len:
+            raise ValueError(f"LighthouseCoreAttention (layer {self.layer_number}): rotary table of {freqs.shape[0]} "
+                             f"positions for {seq_len} tokens")
+        return entry_rotary(freqs, interleaved=self.config.rotary_interleaved)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
         """The inner attention's sharded state dict at this module's prefix (the dense model's keys)."""

@@ -4,8 +4,8 @@ The patch in ``patches/`` wires three calls into Megatron-LM's ``pretrain_gpt.py
 
 1. arguments: ``parse_and_validate_args(extra_args_provider=lighthouse_args_provider(...))`` adds
    ``--lighthouse``, ``--lighthouse-topk``, ``--lighthouse-pooling-factor``, ``--lighthouse-levels``,
-   ``--lighthouse-dense-layers``, ``--lighthouse-dense-from-iteration`` (:func:`add_lighthouse_args`) and the
-   GPU-monitor flags after the provider Megatron-LM already passes (ModelOpt's);
+   ``--lighthouse-dense-layers``, ``--lighthouse-rope``, ``--lighthouse-dense-from-iteration``
+   (:func:`add_lighthouse_args`) and the GPU-monitor flags after the provider Megatron-LM already passes (ModelOpt's);
 2. start-up: ``start_lighthouse(args, model_cfg, printer=print_rank_0)`` once the model config exists: checks the
    flags against ``--seq-length``, ``--num-layers``, ``--context-parallel-size`` and the other Megatron-LM flags
    (:func:`validate_lighthouse_args`), prints the effective subsequence length and attention-FLOP saving
@@ -28,7 +28,7 @@ import functools
 import logging
 from typing import TYPE_CHECKING, Any, Callable, Optional, Tuple
 
-from .config import LighthouseConfig
+from .config import ROPE_PLACEMENTS, LighthouseConfig
 from .monitor.config import add_monitor_args
 
 if TYPE_CHECKING:
@@ -57,6 +57,7 @@ _FLAGS = {
     "pooling_factor": ("--lighthouse-pooling-factor", "lighthouse_pooling_factor"),
     "levels": ("--lighthouse-levels", "lighthouse_levels"),
     "dense_layers": ("--lighthouse-dense-layers", "lighthouse_dense_layers"),
+    "rope": ("--lighthouse-rope", "lighthouse_rope"),
 }
 
 def _int_list(text: str) -> Tuple[int, ...]:
@@ -96,6 +97,10 @@ def add_lighthouse_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     group.add_argument("--lighthouse-dense-layers", type=_int_list, default=_DEFAULTS.dense_layers,
                        help="Layers kept dense, comma-separated 0-based indices, negative from the end; "
                             "empty for none (default: 0,1,-2,-1).")
+    group.add_argument("--lighthouse-rope", choices=ROPE_PLACEMENTS, default=_DEFAULTS.rope,
+                       help="Where Lighthouse layers apply RoPE: 'entries' rotates each selected entry at its last "
+                            "token's position (the published model); 'tokens' rotates tokens before pooling "
+                            f"(default: {_DEFAULTS.rope}).")
     group.add_argument("--lighthouse-dense-from-iteration", type=_iteration, default=None,
                        help="Two-stage recipe: switch every Lighthouse layer to dense attention from this iteration "
                             "on (same run or on resume); default: Lighthouse throughout.")

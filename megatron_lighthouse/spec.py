@@ -27,6 +27,7 @@ import logging
 from typing import Any, Callable, List, Optional, Union
 
 from megatron.core.models.gpt import gpt_layer_specs
+from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -35,6 +36,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from .config import LighthouseConfig
 from .core_attention import LighthouseCoreAttention, LighthouseCoreAttentionSubmodules
 from .sdpa_core_attention import SDPACoreAttention
+from .self_attention import LighthouseSelfAttention
 from .transformer_config import lighthouse_config_from_env, resolve_lighthouse
 
 logger = logging.getLogger(__name__)
@@ -101,12 +103,19 @@ def get_gpt_layer_dense_spec(*, use_transformer_engine: bool = True, **kwargs: A
 
 
 def _with_lighthouse(dense_spec: ModuleSpec, lighthouse: Optional[LighthouseConfig]) -> ModuleSpec:
-    """``dense_spec`` with its core attention wrapped in :class:`LighthouseCoreAttention`."""
-    return replace_core_attention(dense_spec, ModuleSpec(
+    """``dense_spec`` with its core attention wrapped in :class:`LighthouseCoreAttention`, inside
+    :class:`LighthouseSelfAttention` (so the core attention can place RoPE, ``LighthouseConfig.rope``)."""
+    module = dense_spec.submodules.self_attention.module
+    if module is not SelfAttention:
+        raise ValueError(f"self_attention module {getattr(module, '__name__', module)!r}: Lighthouse layers are "
+                         f"built on Megatron's SelfAttention")
+    spec = replace_core_attention(dense_spec, ModuleSpec(
         module=LighthouseCoreAttention,
         params={} if lighthouse is None else {"lighthouse": lighthouse},
         submodules=LighthouseCoreAttentionSubmodules(core_attention=_attention_submodules(dense_spec).core_attention),
     ))
+    spec.submodules.self_attention.module = LighthouseSelfAttention
+    return spec
 
 
 def get_gpt_layer_with_lighthouse_spec(

@@ -48,6 +48,6 @@ fi
 git apply "$PATCH"
 echo "applied: $PATCH (check it on CPU: python $HERE/check_patched.py $DIR)"
 echo "  pretrain_gpt.py now takes --lighthouse, --lighthouse-topk, --lighthouse-pooling-factor, --lighthouse-levels,"
-echo "  --lighthouse-dense-layers, --lighthouse-dense-from-iteration and --lighthouse-monitor (see examples/)."
+echo "  --lighthouse-dense-layers, --lighthouse-rope, --lighthouse-dense-from-iteration and --lighthouse-monitor (see examples/)."
 python3 -c "import megatron_lighthouse" 2>/dev/null \
     || echo "warning: megatron_lighthouse is not importable by python3 here; install it (pip install -e .) in the training environment" >&2

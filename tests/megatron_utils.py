@@ -40,13 +40,15 @@ def tiny_config(lighthouse: Optional[LighthouseConfig] = LIGHTHOUSE, num_query_g
     return LighthouseTransformerConfig(**values)
 
 
-def tiny_gpt(config, block_spec, seed: int = 0):
-    """A ``GPTModel`` (learned absolute positions, untied output) built from ``block_spec`` with seeded weights."""
+def tiny_gpt(config, block_spec, seed: int = 0, position_embedding_type: str = "learned_absolute"):
+    """A ``GPTModel`` (learned absolute positions unless told, untied output) built from ``block_spec`` with seeded
+    weights. ``"rope"`` on CPU needs ``torch.cuda.current_device`` patched to ``"cpu"`` (Megatron moves its
+    inverse frequencies there)."""
     from megatron.core.models.gpt import GPTModel
 
     torch.manual_seed(seed)
     return GPTModel(config=config, transformer_layer_spec=block_spec, vocab_size=VOCAB, max_sequence_length=SEQ,
-                    position_embedding_type="learned_absolute", share_embeddings_and_output_weights=False)
+                    position_embedding_type=position_embedding_type, share_embeddings_and_output_weights=False)
 
 
 def batch(batch_size: int = 2, seq: int = SEQ, seed: int = 1):

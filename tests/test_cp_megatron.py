@@ -107,21 +107,32 @@ def test_te_inner_gets_megatron_cp_arguments(cp_comm_type):
 
 
 # ------------------------------------------------------------------------------------------------ GPT training
-def _train_losses(rank, world, cp, steps):
-    """Per-step mean token loss of a tiny Lighthouse GPT (CP=``cp``) trained with AdamW on a fixed batch."""
+def _train_losses(rank, world, cp, steps, positions="learned_absolute"):
+    """Per-step mean token loss of a tiny Lighthouse GPT (CP=``cp``, ``positions``: its position embedding type)
+    trained with AdamW on a fixed batch."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.utils import get_batch_on_this_cp_rank
 
     from megatron_lighthouse.spec import get_gpt_decoder_block_with_lighthouse_spec
 
+    from megatron.core.models.common.embeddings import rotary_pos_embedding
+
+    from megatron_lighthouse.cp_layout import split_for_cp
+
     parallel_state.initialize_model_parallel(context_parallel_size=cp)
+    # Two CUDA assumptions of Megatron's RotaryEmbedding, replaced on CPU: it moves its frequencies to the current
+    # CUDA device, and slices the table for this CP rank (chunks r and 2W-1-r) through pinned memory.
+    current_device, shard = torch.cuda.current_device, rotary_pos_embedding.get_pos_emb_on_this_cp_rank
+    torch.cuda.current_device = lambda: "cpu"
+    rotary_pos_embedding.get_pos_emb_on_this_cp_rank = lambda emb, seq_dim, group: split_for_cp(
+        emb, group.rank(), group.size(), seq_dim=seq_dim)
     try:
         cfg = _config(cp)
         torch.manual_seed(0)
         model = GPTModel(config=cfg, transformer_layer_spec=get_gpt_decoder_block_with_lighthouse_spec(
             cfg, use_transformer_engine=False), vocab_size=64, max_sequence_length=SEQ,
-            position_embedding_type="learned_absolute", share_embeddings_and_output_weights=False)
+            position_embedding_type=positions, share_embeddings_and_output_weights=False)
         optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
         gen = torch.Generator().manual_seed(1)
         tokens = (torch.randint(0, 64, (2, 1), generator=gen) + torch.arange(SEQ + 1) * 3) % 64
@@ -141,23 +152,26 @@ def _train_losses(rank, world, cp, steps):
             losses.append(total.item() / tokens[:, 1:].numel())
         return losses
     finally:
+        torch.cuda.current_device, rotary_pos_embedding.get_pos_emb_on_this_cp_rank = current_device, shard
         parallel_state.destroy_model_parallel()
 
 
-def _check_gpt_cp_matches_chunked_cp1(rank, world, steps):
+def _check_gpt_cp_matches_chunked_cp1(rank, world, steps, positions):
     import megatron_lighthouse.core_attention as core_attention
 
-    cp_losses = _train_losses(rank, world, world, steps)
-    # CP=1 with the same semantics: the core attention selects the full sequence in 2*W chunks
+    cp_losses = _train_losses(rank, world, world, steps, positions)
+    # CP=1 with the same semantics: the core attention selects the full sequence in 2*W chunks (with RoPE, each
+    # rank's entries are rotated at global positions, through its own slice of Megatron's rotary table)
     original = core_attention.lighthouse_attention
     core_attention.lighthouse_attention = functools.partial(original, chunks=2 * world)
     try:
-        reference = _train_losses(rank, world, 1, steps)
+        reference = _train_losses(rank, world, 1, steps, positions)
     finally:
         core_attention.lighthouse_attention = original
     assert reference[-1] < reference[0] - 0.05, reference  # it trains
     torch.testing.assert_close(torch.tensor(cp_losses), torch.tensor(reference), rtol=1e-5, atol=1e-5)
 
 
-def test_gpt_context_parallel_2_trains_like_chunked_cp1():
-    run_on_ranks(_check_gpt_cp_matches_chunked_cp1, WORLD, 4, pool="megatron")
+@pytest.mark.parametrize("positions", ["learned_absolute", "rope"])
+def test_gpt_context_parallel_2_trains_like_chunked_cp1(positions):
+    run_on_ranks(_check_gpt_cp_matches_chunked_cp1, WORLD, 4, positions, pool="megatron")

@@ -151,6 +151,7 @@ def test_out_of_memory_names_the_flags_to_lower(tmp_path, monkeypatch):
     (["--dense-layers", "0,1"], "keeps all 2 layers dense"),
     (["--hidden", "33"], "--hidden 33: must be divisible by --heads 2"),
     (["--dense-fraction", "1.5"], "--dense-fraction 1.5: must be in [0, 1)"),
+    (["--rope", "both"], "--rope 'both': must be one of ('entries', 'tokens')"),
     (["--baseline", "--dense-rewarm", "5"], "--dense-rewarm 5: must be >= 0, and only with --mode two-stage"),
 ])
 def test_bad_settings_fail_clearly(args, message, capsys):

@@ -53,6 +53,7 @@ def test_defaults():
     assert args.lighthouse is False
     assert (args.lighthouse_topk, args.lighthouse_pooling_factor, args.lighthouse_levels) == (2048, 4, 3)
     assert args.lighthouse_dense_layers == (0, 1, -2, -1)
+    assert args.lighthouse_rope == "entries"
     assert args.lighthouse_dense_from_iteration is None
     assert args.lighthouse_monitor is False  # the monitor flags come along
     assert lighthouse_config_from_args(args) is None
@@ -62,11 +63,11 @@ def test_defaults():
 
 def test_every_flag_parses():
     args = parse("--lighthouse", "--lighthouse-topk", "1024", "--lighthouse-pooling-factor", "8",
-                 "--lighthouse-levels", "2", "--lighthouse-dense-layers", "0, -1",
+                 "--lighthouse-levels", "2", "--lighthouse-dense-layers", "0, -1", "--lighthouse-rope", "tokens",
                  "--lighthouse-dense-from-iteration", "500", "--lighthouse-monitor",
                  "--lighthouse-monitor-interval", "0.5")
     assert lighthouse_config_from_args(args) == LighthouseConfig(levels=2, pooling_factor=8, topk=1024,
-                                                                 dense_layers=(0, -1))
+                                                                 dense_layers=(0, -1), rope="tokens")
     assert args.lighthouse_dense_from_iteration == 500
     assert args.lighthouse_monitor and args.lighthouse_monitor_interval == 0.5
     assert parse("--lighthouse-dense-layers", "").lighthouse_dense_layers == ()
@@ -75,6 +76,8 @@ def test_every_flag_parses():
 def test_bad_values_rejected_by_argparse(capsys):
     err = parse_error(capsys, "--lighthouse-dense-layers", "0,x")
     assert "--lighthouse-dense-layers" in err and "'0,x'" in err and "comma-separated ints" in err
+    err = parse_error(capsys, "--lighthouse-rope", "values")
+    assert "--lighthouse-rope" in err and "'entries', 'tokens'" in err
     err = parse_error(capsys, "--lighthouse-dense-from-iteration", "-3")
     assert "--lighthouse-dense-from-iteration" in err and ">= 0" in err
     err = parse_error(capsys, "--lighthouse-topk", "many")

@@ -27,7 +27,8 @@ def load_trained_run(run_dir: str, device: Optional[str] = None) -> TrainedRun:
     if not os.path.exists(path):
         raise ValueError(f"--run-dir {run_dir}: no {CHECKPOINT} (the --out directory of a demo run)")
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    cfg = DemoConfig(**{**ckpt["config"], "dense_layers": tuple(ckpt["config"]["dense_layers"])})
+    # runs saved before the ``rope`` setting existed rotated tokens before pooling
+    cfg = DemoConfig(**{"rope": "tokens", **ckpt["config"], "dense_layers": tuple(ckpt["config"]["dense_layers"])})
     if device:
         cfg = dataclasses.replace(cfg, device=device)
     if cfg.mode == "dense":

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..config import LighthouseConfig
+from ..config import ROPE_PLACEMENTS, LighthouseConfig
 from .corpus import load_corpus
 
 logger = logging.getLogger(__name__)
@@ -41,6 +41,8 @@ class DemoConfig:
     Learning rate: linear warm-up over ``warmup`` steps, then cosine decay to 10% of ``lr`` at the last step; with
     ``dense_rewarm > 0`` a two-stage run's dense stage gets a schedule of its own, as when resuming from a
     checkpoint: warm-up back to ``lr`` over ``dense_rewarm`` steps, then cosine to 10% over the rest of the stage.
+    ``rope``: :attr:`LighthouseConfig.rope <megatron_lighthouse.config.LighthouseConfig>` (``entries`` or
+    ``tokens``); it matters on CUDA only, where the model uses RoPE (on CPU it has learned positions).
     """
 
     mode: str = "two-stage"
@@ -56,6 +58,7 @@ class DemoConfig:
     pooling_factor: int = 4
     topk: int = 128
     dense_layers: Tuple[int, ...] = (0, -1)
+    rope: str = "entries"
     lr: float = 2e-3
     warmup: int = 20
     dense_rewarm: int = 0
@@ -71,7 +74,7 @@ class DemoConfig:
 
     def lighthouse(self) -> LighthouseConfig:
         return LighthouseConfig(levels=self.levels, pooling_factor=self.pooling_factor, topk=self.topk,
-                                dense_layers=tuple(self.dense_layers))
+                                dense_layers=tuple(self.dense_layers), rope=self.rope)
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the flag for any setting that cannot run."""
@@ -85,6 +88,8 @@ class DemoConfig:
             raise ValueError(f"--hidden {self.hidden}: must be divisible by --heads {self.heads}")
         if not 0.0 <= self.dense_fraction < 1.0:
             raise ValueError(f"--dense-fraction {self.dense_fraction}: must be in [0, 1)")
+        if self.rope not in ROPE_PLACEMENTS:
+            raise ValueError(f"--rope {self.rope!r}: must be one of {ROPE_PLACEMENTS}")
         if self.dense_rewarm < 0 or (self.dense_rewarm and self.mode != "two-stage"):
             raise ValueError(f"--dense-rewarm {self.dense_rewarm}: must be >= 0, and only with --mode two-stage")
         if self.mode != "dense":
