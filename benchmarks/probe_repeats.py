@@ -18,7 +18,6 @@ Prints a table and writes JSON (``--out``)::
 from __future__ import annotations
 
 import argparse
-import functools
 import bisect
 import json
 import logging
@@ -30,8 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from megatron_lighthouse.demo.corpus import load_corpus  # noqa: E402
-from megatron_lighthouse.demo.runs import load_trained_run  # noqa: E402
+from megatron_lighthouse.demo.runs import runs_with_validation, validation_windows  # noqa: E402
 from megatron_lighthouse.demo.train import token_losses  # noqa: E402
 from megatron_lighthouse.switch import lighthouse_enabled  # noqa: E402
 
@@ -106,22 +104,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.error(f"--windows {args.windows}: must be >= 1")
     names = bucket_names(args.distances)
     results = []
-    corpus = functools.lru_cache(maxsize=1)(load_corpus)  # runs of one comparison share their corpus: read it once
-    for run_dir in args.run_dir:
-        try:
-            model, cfg, mode, step = load_trained_run(run_dir, args.device)
-        except ValueError as err:
-            p.error(str(err))
-        _, val = corpus(cfg.corpus, cfg.corpus_bytes)
-        windows = args.windows or cfg.eval_batches * cfg.batch_size
-        starts = torch.linspace(0, len(val) - cfg.seq_len - 1, windows).long().tolist()  # the demo's evaluation
-        rows = torch.stack([val[s : s + cfg.seq_len + 1] for s in starts]).long()
-        buckets = torch.stack([bucket_ids(repeat_distances(bytes(r.to(torch.uint8).tolist()), args.ngram),
-                                          args.distances) for r in rows])
-        scores = probe(model, rows, buckets, names, cfg.batch_size, torch.device(cfg.device))
-        results.append(dict(run=run_dir, trained_as=mode, step=step, windows=windows, ngram=args.ngram,
-                            buckets=names, **scores))
-        logging.info("%s: done", run_dir)
+    try:
+        for run_dir, (model, cfg, mode, step), val in runs_with_validation(args.run_dir, args.device):
+            windows = args.windows or cfg.eval_batches * cfg.batch_size
+            rows = validation_windows(val, cfg.seq_len, windows)
+            buckets = torch.stack([bucket_ids(repeat_distances(bytes(r.to(torch.uint8).tolist()), args.ngram),
+                                              args.distances) for r in rows])
+            scores = probe(model, rows, buckets, names, cfg.batch_size, torch.device(cfg.device))
+            results.append(dict(run=run_dir, trained_as=mode, step=step, windows=windows, ngram=args.ngram,
+                                buckets=names, **scores))
+            logging.info("%s: done", run_dir)
+    except ValueError as err:
+        p.error(str(err))
     width = max(len(n) for n in names) + 2
     print(f"\n{'run':<28}{'trained':>11}{'step':>6}{'mode':>12}  " + "".join(f"{n:>{width}}" for n in names)
           + f"{'all':>{width}}")

@@ -18,7 +18,6 @@ Prints a table and writes JSON (``--out``)::
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import logging
 import os
@@ -29,8 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from megatron_lighthouse.demo.corpus import load_corpus  # noqa: E402
-from megatron_lighthouse.demo.runs import load_trained_run  # noqa: E402
+from megatron_lighthouse.demo.runs import runs_with_validation, validation_windows  # noqa: E402
 from megatron_lighthouse.demo.train import DemoConfig, token_losses  # noqa: E402
 from megatron_lighthouse.switch import lighthouse_enabled  # noqa: E402
 
@@ -44,9 +42,7 @@ def probe(model: torch.nn.Module, cfg: DemoConfig, val: torch.Tensor, windows: i
     loss is taken over ``[0, tile/2 - 1)``, whose labels are the same in both versions."""
     tile = cfg.seq_len // cfg.lighthouse().tiles()
     half = tile // 2
-    span = len(val) - cfg.seq_len - 1
-    starts = torch.linspace(0, span, windows).long().tolist()
-    rows = torch.stack([val[s : s + cfg.seq_len + 1] for s in starts]).long()
+    rows = validation_windows(val, cfg.seq_len, windows)
     swapped = rows.clone()
     swapped[:, half:tile] = rows.roll(-1, dims=0)[:, half:tile]
     model.eval()
@@ -75,17 +71,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.windows < 2:
         p.error(f"--windows {args.windows}: must be >= 2 (a window's continuation comes from another)")
     results = []
-    corpus = functools.lru_cache(maxsize=1)(load_corpus)  # runs of one comparison share their corpus: read it once
-    for run_dir in args.run_dir:
-        try:
-            model, cfg, mode, step = load_trained_run(run_dir, args.device)
-        except ValueError as err:
-            p.error(str(err))
-        _, val = corpus(cfg.corpus, cfg.corpus_bytes)
-        row = dict(run=run_dir, trained_as=mode, step=step, **probe(model, cfg, val, args.windows,
-                                                                       torch.device(cfg.device)))
-        results.append(row)
-        logging.info("%s: done", run_dir)
+    try:
+        for run_dir, (model, cfg, mode, step), val in runs_with_validation(args.run_dir, args.device):
+            results.append(dict(run=run_dir, trained_as=mode, step=step,
+                                **probe(model, cfg, val, args.windows, torch.device(cfg.device))))
+            logging.info("%s: done", run_dir)
+    except ValueError as err:
+        p.error(str(err))
     print(f"\n{'run':<28}{'trained':>11}{'step':>6}{'mode':>12}{'own loss':>10}{'swapped':>10}{'gain':>10}"
           f"{'changed':>9}")
     for r in results:

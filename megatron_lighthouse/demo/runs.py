@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
-from typing import NamedTuple, Optional
+from typing import Iterator, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from .train import CHECKPOINT, DemoConfig, _init_runtime, build_model
+from .corpus import load_corpus
+from .train import CHECKPOINT, DemoConfig, _init_runtime, build_model, validation_offsets
 
 
 class TrainedRun(NamedTuple):
@@ -38,3 +40,20 @@ def load_trained_run(run_dir: str, device: Optional[str] = None) -> TrainedRun:
     model = build_model(cfg, dev)
     model.load_state_dict(ckpt["model"])
     return TrainedRun(model, cfg, ckpt["config"]["mode"], ckpt["state"]["step"])
+
+
+def runs_with_validation(run_dirs: Sequence[str], device: Optional[str] = None) -> Iterator[Tuple[str, TrainedRun,
+                                                                                                  torch.Tensor]]:
+    """``(run_dir, run, val)`` per directory: :func:`load_trained_run` and the run's validation bytes (1-D uint8),
+    the corpus read once for runs that share it. ``ValueError`` as :func:`load_trained_run`."""
+    corpus = functools.lru_cache(maxsize=1)(load_corpus)
+    for run_dir in run_dirs:
+        run = load_trained_run(run_dir, device)
+        yield run_dir, run, corpus(run.cfg.corpus, run.cfg.corpus_bytes)[1]
+
+
+def validation_windows(val: torch.Tensor, seq_len: int, windows: int) -> torch.Tensor:
+    """The demo's evaluation windows of ``val``: int64 ``[windows, seq_len + 1]`` (inputs ``[:, :-1]``, labels
+    ``[:, 1:]``)."""
+    return torch.stack([val[s : s + seq_len + 1] for s in validation_offsets(len(val), seq_len, windows).tolist()]
+                       ).long()

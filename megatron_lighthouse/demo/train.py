@@ -193,6 +193,12 @@ def _loss(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor) ->
     return token_losses(model, tokens, labels).mean()
 
 
+def validation_offsets(val_len: int, seq_len: int, windows: int) -> torch.Tensor:
+    """Start offsets (int64 ``[windows]``) of the fixed, evenly spaced validation windows of ``seq_len + 1`` bytes
+    in a validation text of ``val_len`` bytes: the windows :func:`evaluate` scores."""
+    return torch.linspace(0, val_len - seq_len - 1, windows).long()
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, val: torch.Tensor, cfg: DemoConfig, device: torch.device,
              dense: bool = True) -> float:
@@ -200,8 +206,7 @@ def evaluate(model: torch.nn.Module, val: torch.Tensor, cfg: DemoConfig, device:
     ships) or with the Lighthouse layers on (the model as the Lighthouse stage trains it)."""
     from ..switch import lighthouse_enabled
 
-    span = len(val) - cfg.seq_len - 1
-    offsets = torch.linspace(0, span, cfg.eval_batches * cfg.batch_size).long()
+    offsets = validation_offsets(len(val), cfg.seq_len, cfg.eval_batches * cfg.batch_size)
     model.eval()
     with lighthouse_enabled(model, not dense):
         losses = [_loss(model, *_batch(val, chunk, cfg.seq_len, device)).item()
