@@ -2,31 +2,24 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import pathlib
 import subprocess
-import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from benchmark_utils import ROOT, load_benchmark, run_python
+
 TINY = ["--layers", "2", "--hidden", "32", "--heads", "2", "--ffn", "64", "--seq-len", "256", "--levels", "2",
         "--pooling-factor", "2", "--topk", "128", "--dense-layers", "0", "--batch-size", "2", "--eval-every", "2",
         "--eval-batches", "1", "--log-every", "2", "--corpus-bytes", "300000", "--warmup", "1", "--steps", "4"]
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "benchmarks" / "bench_quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_quality")
 
 
 def _run(*argv: str) -> subprocess.CompletedProcess:
-    """The script in its own process (it initializes torch.distributed, which must not leak into other tests)."""
-    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_quality.py"), *argv],
-                          capture_output=True, text=True, timeout=300)
+    return run_python(str(ROOT / "benchmarks" / "bench_quality.py"), *argv)
 
 
 def test_variants_seeds_table_json_plot(tmp_path):

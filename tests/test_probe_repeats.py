@@ -2,30 +2,22 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import pathlib
 import random
-import subprocess
-import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from benchmark_utils import load_benchmark, run_python
+
 TINY = ["--layers", "2", "--hidden", "32", "--heads", "2", "--ffn", "64", "--seq-len", "1024", "--levels", "2",
         "--pooling-factor", "4", "--topk", "128", "--dense-layers", "0", "--batch-size", "2", "--eval-every", "2",
         "--eval-batches", "2", "--log-every", "2", "--corpus-bytes", "300000", "--warmup", "1", "--steps", "2"]
 
 
 def _probe_module():
-    spec = importlib.util.spec_from_file_location("probe_repeats", ROOT / "benchmarks" / "probe_repeats.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("probe_repeats")
 
 
-def _python(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=300, cwd=ROOT)
 
 
 def test_repeat_distances_find_a_copied_passage():
@@ -51,16 +43,16 @@ def test_bucket_ids_by_distance_ranges():
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("repeats") / "two-stage"
-    proc = _python("-m", "megatron_lighthouse.demo", *TINY, "--mode", "two-stage", "--dense-fraction", "0.5",
-                   "--out", str(run))
+    proc = run_python("-m", "megatron_lighthouse.demo", *TINY, "--mode", "two-stage", "--dense-fraction", "0.5",
+                      "--out", str(run))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run
 
 
 def test_probe_splits_the_runs_own_validation_loss(demo_run, tmp_path):
     out = tmp_path / "repeats.json"
-    proc = _python("benchmarks/probe_repeats.py", "--run-dir", str(demo_run), "--ngram", "8", "--distances", "64",
-                   "256", "--out", str(out))
+    proc = run_python("benchmarks/probe_repeats.py", "--run-dir", str(demo_run), "--ngram", "8", "--distances", "64",
+                      "256", "--out", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (r,) = json.loads(out.read_text())
     assert r["trained_as"] == "two-stage" and r["step"] == 2 and r["windows"] == 4
@@ -82,10 +74,10 @@ def test_probe_splits_the_runs_own_validation_loss(demo_run, tmp_path):
     (["--windows", "0"], "--windows 0: must be >= 1"),
 ])
 def test_bad_flags(argv, message, tmp_path):
-    proc = _python("benchmarks/probe_repeats.py", "--run-dir", str(tmp_path), *argv)
+    proc = run_python("benchmarks/probe_repeats.py", "--run-dir", str(tmp_path), *argv)
     assert proc.returncode == 2 and message in proc.stderr
 
 
 def test_directory_without_checkpoint(tmp_path):
-    proc = _python("benchmarks/probe_repeats.py", "--run-dir", str(tmp_path))
+    proc = run_python("benchmarks/probe_repeats.py", "--run-dir", str(tmp_path))
     assert proc.returncode == 2 and "no checkpoint.pt" in proc.stderr

@@ -3,28 +3,24 @@
 from __future__ import annotations
 
 import json
-import pathlib
-import subprocess
-import sys
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from benchmark_utils import run_python
+
 TINY = ["--layers", "2", "--hidden", "32", "--heads", "2", "--ffn", "64", "--seq-len", "1024", "--levels", "2",
         "--pooling-factor", "4", "--topk", "128", "--dense-layers", "0", "--batch-size", "2", "--eval-every", "2",
         "--eval-batches", "1", "--log-every", "2", "--corpus-bytes", "300000", "--warmup", "1", "--steps", "2"]
 
 
-def _python(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=300, cwd=ROOT)
 
 
 def test_probe_dense_is_causal_lighthouse_selection_reads_ahead(tmp_path):
     runs = []
     for mode in ("lighthouse", "dense"):
         runs.append(str(tmp_path / mode))
-        proc = _python("-m", "megatron_lighthouse.demo", *TINY, "--mode", mode, "--out", runs[-1])
+        proc = run_python("-m", "megatron_lighthouse.demo", *TINY, "--mode", mode, "--out", runs[-1])
         assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "leak.json"
-    proc = _python("benchmarks/probe_selection_leak.py", "--run-dir", *runs, "--windows", "6", "--out", str(out))
+    proc = run_python("benchmarks/probe_selection_leak.py", "--run-dir", *runs, "--windows", "6", "--out", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads(out.read_text())
     assert [r["trained_as"] for r in results] == ["lighthouse", "dense"] and all(r["step"] == 2 for r in results)
@@ -41,5 +37,5 @@ def test_probe_dense_is_causal_lighthouse_selection_reads_ahead(tmp_path):
 
 
 def test_probe_refuses_a_directory_without_checkpoint(tmp_path):
-    proc = _python("benchmarks/probe_selection_leak.py", "--run-dir", str(tmp_path))
+    proc = run_python("benchmarks/probe_selection_leak.py", "--run-dir", str(tmp_path))
     assert proc.returncode == 2 and "no checkpoint.pt" in proc.stderr
