@@ -54,6 +54,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--position-embedding", choices=("rope", "learned_absolute"), default="rope",
                    help="Megatron's RoPE needs CUDA; --tiny uses learned_absolute")
     p.add_argument("--dense-layers", type=int, nargs="*", default=[0, 1, -2, -1])
+    p.add_argument("--rope", choices=("entries", "tokens"), default="entries",
+                   help="LighthouseConfig.rope: rotate the selected entries (published) or the tokens before pooling")
     p.add_argument("--recompute", choices=("full", "none"), default="full",
                    help="activation recompute: full (uniform, 1 layer per checkpoint) or none")
     p.add_argument("--sdpa-backend", choices=("cudnn", "flash", "auto"), default="cudnn")
@@ -106,7 +108,7 @@ def build_model(args: argparse.Namespace, mode: str, seq_len: int, device: torch
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     lighthouse = LighthouseConfig(levels=args.levels, pooling_factor=args.pooling_factor, topk=args.topk,
-                                  dense_layers=tuple(args.dense_layers))
+                                  dense_layers=tuple(args.dense_layers), rope=args.rope)
     recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     config = LighthouseTransformerConfig(
         num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads, ffn_hidden_size=args.ffn,
