@@ -22,6 +22,7 @@ def test_bench_train_tiny_cpu(tmp_path):
     record = json.loads((tmp_path / "train_cpu_tiny.json").read_text())
     rows = {r["mode"]: r for r in record["rows"]}
     assert set(rows) == {"dense", "lighthouse"}
+    assert record["settings"]["rope"] == "entries"  # the published placement is what the benchmark times by default
     for row in rows.values():
         assert row["seq_len"] == 512 and row["step_s"] > 0 and math.isfinite(row["step_s"])
         assert len(row["losses"]) == 3 and all(math.isfinite(x) for x in row["losses"])
