@@ -54,19 +54,32 @@ def lighthouse_enabled(model: Model, enabled: bool) -> Iterator[int]:
 class LighthouseSchedule:
     """The paper's recipe: Lighthouse for iterations ``< dense_from_iteration``, dense from then on.
 
-    ``dense_from_iteration=None`` keeps Lighthouse on throughout. Call :meth:`apply` once per iteration (cheap).
+    ``dense_from_iteration=None`` keeps Lighthouse on throughout. ``dense_every=N`` (not in the paper) also runs
+    every ``N``-th iteration of the Lighthouse stage densely (iterations with ``(iteration + 1) % N == 0``), so
+    the model keeps training its dense attention while Lighthouse does most steps. Call :meth:`apply` once per
+    iteration (cheap).
     """
 
     dense_from_iteration: Union[int, None] = None
+    dense_every: Union[int, None] = None
 
     def __post_init__(self) -> None:
         it = self.dense_from_iteration
         if it is not None and (not isinstance(it, int) or isinstance(it, bool) or it < 0):
             raise ValueError(f"LighthouseSchedule.dense_from_iteration={it!r}: must be None or an int >= 0")
+        every = self.dense_every
+        if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 2):
+            raise ValueError(f"LighthouseSchedule.dense_every={every!r}: must be None or an int >= 2 (1 would make "
+                             "every iteration dense)")
+
+    def in_lighthouse_stage(self, iteration: int) -> bool:
+        """Whether ``iteration`` is before the switch (``dense_every`` steps included)."""
+        return self.dense_from_iteration is None or iteration < self.dense_from_iteration
 
     def enabled_at(self, iteration: int) -> bool:
         """Whether Lighthouse runs at ``iteration``."""
-        return self.dense_from_iteration is None or iteration < self.dense_from_iteration
+        interleaved_dense = self.dense_every is not None and (iteration + 1) % self.dense_every == 0
+        return self.in_lighthouse_stage(iteration) and not interleaved_dense
 
     def apply(self, model: Model, iteration: int) -> bool:
         """Set ``model``'s Lighthouse layers for ``iteration``; returns whether Lighthouse is on."""

@@ -68,6 +68,20 @@ def test_same_start_then_lighthouse_changes_the_training(runs):
     assert losses["two-stage"][1] != pytest.approx(losses["dense"][1], rel=1e-6)
 
 
+def test_dense_every_runs_dense_steps_inside_the_lighthouse_stage(runs, tmp_path):
+    """``--dense-every 2``: steps 1 and 3 of the Lighthouse stage (steps 0-4) run densely, the stage itself and
+    its bookkeeping stay; step 0 is the plain two-stage run's, step 1 is not (it ran dense)."""
+    assert _main("--mode", "two-stage", "--dense-every", "2", "--out", str(tmp_path)) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert [t["attention"] for t in metrics["train"]] == ["lighthouse", "dense"] * 3
+    assert [t["stage"] for t in metrics["train"]] == ["lighthouse"] * 5 + ["dense"]
+    assert [s["steps"] for s in metrics["stages"]] == [5, 1]
+    plain = [t["loss"] for t in runs["two-stage"][1]["train"]]
+    assert [t["attention"] for t in runs["two-stage"][1]["train"]] == ["lighthouse"] * 5 + ["dense"]
+    assert metrics["train"][0]["loss"] == pytest.approx(plain[0], rel=1e-6)
+    assert metrics["train"][1]["loss"] != pytest.approx(plain[1], rel=1e-6)
+
+
 def test_summary_table_is_printed(tmp_path, capsys):
     assert _main("--steps", "3", "--out", str(tmp_path)) == 0
     out = capsys.readouterr().out
@@ -153,6 +167,8 @@ def test_out_of_memory_names_the_flags_to_lower(tmp_path, monkeypatch):
     (["--dense-fraction", "1.5"], "--dense-fraction 1.5: must be in [0, 1)"),
     (["--rope", "both"], "--rope 'both': must be one of ('entries', 'tokens')"),
     (["--baseline", "--dense-rewarm", "5"], "--dense-rewarm 5: must be >= 0, and only with --mode two-stage"),
+    (["--dense-every", "1"], "--dense-every 1: must be 0 (off) or >= 2, and not with --mode dense"),
+    (["--baseline", "--dense-every", "4"], "--dense-every 4: must be 0 (off) or >= 2, and not with --mode dense"),
 ])
 def test_bad_settings_fail_clearly(args, message, capsys):
     assert _main(*args) == 2

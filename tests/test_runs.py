@@ -34,16 +34,16 @@ def test_loads_the_model_and_its_settings(run_dir):
     assert all(torch.equal(state[k], v) for k, v in saved.items() if isinstance(v, torch.Tensor))
 
 
-def test_a_checkpoint_from_before_the_rope_setting_rotated_tokens(run_dir, tmp_path):
+def test_a_checkpoint_from_before_the_rope_and_dense_every_settings(run_dir, tmp_path):
     from megatron_lighthouse.demo.runs import load_trained_run
 
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
-    del ckpt["config"]["rope"]
+    del ckpt["config"]["rope"], ckpt["config"]["dense_every"]
     ckpt["config"]["seed"] = 7
     (tmp_path / "old").mkdir()
     torch.save(ckpt, tmp_path / "old" / "checkpoint.pt")
     run = load_trained_run(str(tmp_path / "old"))
-    assert run.cfg.rope == "tokens" and run.cfg.seed == 7
+    assert run.cfg.rope == "tokens" and run.cfg.dense_every == 0 and run.cfg.seed == 7
 
 
 def test_no_checkpoint_is_a_clear_error(tmp_path):

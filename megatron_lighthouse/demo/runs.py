@@ -10,7 +10,7 @@ from typing import Iterator, NamedTuple, Optional, Sequence, Tuple
 import torch
 
 from .corpus import load_corpus
-from .train import CHECKPOINT, DemoConfig, _init_runtime, build_model, validation_offsets
+from .train import CHECKPOINT, OLD_CHECKPOINT_SETTINGS, DemoConfig, _init_runtime, build_model, validation_offsets
 
 
 class TrainedRun(NamedTuple):
@@ -29,8 +29,8 @@ def load_trained_run(run_dir: str, device: Optional[str] = None) -> TrainedRun:
     if not os.path.exists(path):
         raise ValueError(f"--run-dir {run_dir}: no {CHECKPOINT} (the --out directory of a demo run)")
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    # runs saved before the ``rope`` setting existed rotated tokens before pooling
-    cfg = DemoConfig(**{"rope": "tokens", **ckpt["config"], "dense_layers": tuple(ckpt["config"]["dense_layers"])})
+    cfg = DemoConfig(**{**OLD_CHECKPOINT_SETTINGS, **ckpt["config"],
+                        "dense_layers": tuple(ckpt["config"]["dense_layers"])})
     if device:
         cfg = dataclasses.replace(cfg, device=device)
     if cfg.mode == "dense":

@@ -26,6 +26,8 @@ CHECKPOINT = "checkpoint.pt"
 #: checkpoint, or the model, data or schedule would not be the ones it was trained with.
 #: (Not ``device``: the model differs by device, learned positions and fp32 on CPU, RoPE and bf16 on CUDA.)
 RESUMABLE_CHANGES = ("steps", "out", "resume", "log_every", "eval_every", "eval_batches")
+#: Settings added after checkpoints were first written: the value an older checkpoint ran with.
+OLD_CHECKPOINT_SETTINGS = {"rope": "tokens", "dense_every": 0}
 #: What to lower when memory runs out.
 MEMORY_HINT = "lower --batch-size, --seq-len, --layers or --hidden"
 
@@ -43,6 +45,8 @@ class DemoConfig:
     checkpoint: warm-up back to ``lr`` over ``dense_rewarm`` steps, then cosine to 10% over the rest of the stage.
     ``rope``: :attr:`LighthouseConfig.rope <megatron_lighthouse.config.LighthouseConfig>` (``entries`` or
     ``tokens``); it matters on CUDA only, where the model uses RoPE (on CPU it has learned positions).
+    ``dense_every``: with ``N >= 2``, every ``N``-th step of the Lighthouse stage runs densely
+    (:class:`~megatron_lighthouse.switch.LighthouseSchedule`; not in the paper); 0: off.
     """
 
     mode: str = "two-stage"
@@ -62,6 +66,7 @@ class DemoConfig:
     lr: float = 2e-3
     warmup: int = 20
     dense_rewarm: int = 0
+    dense_every: int = 0
     eval_every: int = 25
     eval_batches: int = 4
     log_every: int = 10
@@ -92,6 +97,8 @@ class DemoConfig:
             raise ValueError(f"--rope {self.rope!r}: must be one of {ROPE_PLACEMENTS}")
         if self.dense_rewarm < 0 or (self.dense_rewarm and self.mode != "two-stage"):
             raise ValueError(f"--dense-rewarm {self.dense_rewarm}: must be >= 0, and only with --mode two-stage")
+        if self.dense_every < 0 or self.dense_every == 1 or (self.dense_every and self.mode == "dense"):
+            raise ValueError(f"--dense-every {self.dense_every}: must be 0 (off) or >= 2, and not with --mode dense")
         if self.mode != "dense":
             lighthouse = self.lighthouse()
             try:
@@ -232,8 +239,9 @@ def _resume(out: pathlib.Path, cfg: DemoConfig, model: torch.nn.Module, optimize
         return None
     ckpt = torch.load(path, map_location=device, weights_only=False)
     now = dataclasses.asdict(cfg)
-    changed = [f"--{k.replace('_', '-')} {ckpt['config'][k]} -> {now[k]}" for k in now
-               if k not in RESUMABLE_CHANGES and ckpt["config"].get(k) != now[k]]
+    saved = {**OLD_CHECKPOINT_SETTINGS, **ckpt["config"]}
+    changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {now[k]}" for k in now
+               if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]
     if changed:
         may_change = ", ".join("--" + k.replace("_", "-") for k in RESUMABLE_CHANGES if k not in ("out", "resume"))
         raise ValueError(f"--resume: {path} was written with other settings ({'; '.join(changed)}); rerun with the "
@@ -258,7 +266,7 @@ def run_demo(cfg: DemoConfig) -> Dict:
                          f"{cfg.seq_len}; raise --corpus-bytes or lower --seq-len")
     _init_runtime(device)
     torch.manual_seed(cfg.seed)
-    schedule = LighthouseSchedule(dense_from_iteration=cfg.switch_step)
+    schedule = LighthouseSchedule(dense_from_iteration=cfg.switch_step, dense_every=cfg.dense_every or None)
     out = pathlib.Path(cfg.out) if cfg.out else None
     state = dict(step=0, train=[], evals=[], seconds={"lighthouse": 0.0, "dense": 0.0},
                  tokens={"lighthouse": 0, "dense": 0})
@@ -273,7 +281,8 @@ def run_demo(cfg: DemoConfig) -> Dict:
                 state = _resume(out, cfg, model, optimizer, device) or state
                 saved_step = state["step"] or None
         for step in range(state["step"], cfg.steps):
-            stage = "lighthouse" if cfg.mode != "dense" and schedule.apply(model, step) else "dense"
+            attention = "lighthouse" if cfg.mode != "dense" and schedule.apply(model, step) else "dense"
+            stage = "lighthouse" if cfg.mode != "dense" and schedule.in_lighthouse_stage(step) else "dense"
             if step == cfg.switch_step and cfg.mode == "two-stage":
                 logger.info("step %d: switching Lighthouse off, dense attention from here on", step)
             for group in optimizer.param_groups:
@@ -289,10 +298,10 @@ def run_demo(cfg: DemoConfig) -> Dict:
             elapsed = time.perf_counter() - start
             state["seconds"][stage] += elapsed
             state["tokens"][stage] += tokens_per_step
-            state["train"].append(dict(step=step, loss=loss.item(), stage=stage))
+            state["train"].append(dict(step=step, loss=loss.item(), stage=stage, attention=attention))
             state["step"] = step + 1
             if (step + 1) % cfg.log_every == 0 or step == 0:
-                logger.info("%s  %-10s  loss %.4f  %8.0f tokens/s", _progress(state, cfg.steps), stage, loss.item(),
+                logger.info("%s  %-10s  loss %.4f  %8.0f tokens/s", _progress(state, cfg.steps), attention, loss.item(),
                             tokens_per_step / elapsed)
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
                 record = dict(step=step + 1, val_loss=evaluate(model, val, cfg, device), stage=stage)
