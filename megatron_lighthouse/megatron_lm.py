@@ -26,6 +26,7 @@ import atexit
 import dataclasses
 import functools
 import logging
+import weakref
 from typing import TYPE_CHECKING, Any, Callable, Optional, Tuple
 
 from .config import ROPE_PLACEMENTS, LighthouseConfig
@@ -82,6 +83,17 @@ def _iteration(text: str) -> int:
     return value
 
 
+def _interval(text: str) -> int:
+    """argparse type: an iteration interval ``>= 2``."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be an int >= 2 (1 would make every iteration dense)")
+    return value
+
+
 def add_lighthouse_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the Lighthouse flags (and :func:`~megatron_lighthouse.monitor.config.add_monitor_args`) to ``parser``
     and return it: Megatron-LM's ``extra_args_provider``."""
@@ -104,6 +116,9 @@ def add_lighthouse_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     group.add_argument("--lighthouse-dense-from-iteration", type=_iteration, default=None,
                        help="Two-stage recipe: switch every Lighthouse layer to dense attention from this iteration "
                             "on (same run or on resume); default: Lighthouse throughout.")
+    group.add_argument("--lighthouse-dense-every", type=_interval, default=None,
+                       help="Not in the paper: before the switch, also run every N-th iteration with dense attention "
+                            "(iterations with (iteration + 1) %% N == 0); default: none.")
     add_monitor_args(parser)
     return parser
 
@@ -171,12 +186,13 @@ def validate_lighthouse_args(args: Any) -> Optional[LighthouseConfig]:
 
     Returns the :class:`LighthouseConfig` (``None`` without ``--lighthouse``); ``ValueError`` names the flag.
     """
-    dense_from = getattr(args, "lighthouse_dense_from_iteration", None)
     cfg = lighthouse_config_from_args(args)
     if cfg is None:
-        if dense_from is not None:
-            raise ValueError(f"--lighthouse-dense-from-iteration {dense_from}: needs --lighthouse (without it every "
-                             "layer is dense from the start)")
+        for flag in ("--lighthouse-dense-from-iteration", "--lighthouse-dense-every"):
+            value = getattr(args, flag[2:].replace("-", "_"), None)
+            if value is not None:
+                raise ValueError(f"{flag} {value}: needs --lighthouse (without it every layer is dense from the "
+                                 "start)")
         return None
     _check_other_spec_flags(args)
     cp = _cp_size(args)
@@ -212,19 +228,27 @@ def lighthouse_block_spec_from_args(args: Any, config: Any, vp_stage: Optional[i
 
 
 def lighthouse_schedule_from_args(args: Any) -> "LighthouseSchedule":
-    """The two-stage schedule of ``--lighthouse-dense-from-iteration`` (Lighthouse throughout when unset)."""
+    """The schedule of ``--lighthouse-dense-from-iteration`` (Lighthouse throughout when unset) and
+    ``--lighthouse-dense-every``."""
     from .switch import LighthouseSchedule
 
-    return LighthouseSchedule(getattr(args, "lighthouse_dense_from_iteration", None))
+    return LighthouseSchedule(getattr(args, "lighthouse_dense_from_iteration", None),
+                              getattr(args, "lighthouse_dense_every", None))
+
+
+#: Lighthouse layers that :func:`maybe_switch_to_dense` has already moved to the dense stage.
+_IN_DENSE_STAGE: "weakref.WeakSet" = weakref.WeakSet()
 
 
 def maybe_switch_to_dense(model: "Model", args: Any, iteration: Optional[int] = None) -> bool:
-    """Apply the schedule of ``--lighthouse-dense-from-iteration`` to ``model`` (a module or list of model
-    chunks) at ``iteration``; call once per iteration.
+    """Apply the schedule of ``--lighthouse-dense-from-iteration`` and ``--lighthouse-dense-every`` to ``model`` (a
+    module or list of model chunks) at ``iteration``; call once per iteration (or micro-batch).
 
     ``iteration`` defaults to Megatron-LM's ``args.curr_iteration`` (set by the training loop), else
     ``args.iteration`` (the loaded checkpoint's, or 0; evaluation-only runs never set ``curr_iteration``).
-    Returns ``True`` when this call switched Lighthouse layers to dense (logged once, at that moment).
+    Returns ``True`` when this call moved the model's Lighthouse layers to the dense stage: its first call at an
+    iteration ``>= --lighthouse-dense-from-iteration`` (logged, once). Interleaved dense iterations are not
+    switches.
     """
     from .switch import lighthouse_modules
 
@@ -232,9 +256,12 @@ def maybe_switch_to_dense(model: "Model", args: Any, iteration: Optional[int] = 
         iteration = getattr(args, "curr_iteration", getattr(args, "iteration", 0))
 
     modules = lighthouse_modules(model)
-    was_on = any(m.enabled for m in modules)
-    enabled = lighthouse_schedule_from_args(args).apply(modules, iteration)
-    switched = was_on and not enabled
+    schedule = lighthouse_schedule_from_args(args)
+    schedule.apply(modules, iteration)
+    dense_stage = not schedule.in_lighthouse_stage(iteration)
+    switched = dense_stage and any(m not in _IN_DENSE_STAGE for m in modules)
+    for m in modules:
+        (_IN_DENSE_STAGE.add if dense_stage else _IN_DENSE_STAGE.discard)(m)
     if switched:
         logger.info("Lighthouse: iteration %d >= --lighthouse-dense-from-iteration %d: %d Lighthouse layers "
                     "switched to dense attention", iteration, args.lighthouse_dense_from_iteration, len(modules))
@@ -273,7 +300,9 @@ def lighthouse_summary(args: Any, num_heads: int, head_dim: int) -> str:
                 f"dense ({_saving(cost['ratio'])}); "
                 f"{args.num_layers - len(dense_layers)}/{args.num_layers} layers Lighthouse, dense layers "
                 f"{dense_layers}; "
-                + ("Lighthouse throughout" if stage_two is None else f"dense from iteration {stage_two}"))
+                + ("Lighthouse throughout" if stage_two is None else f"dense from iteration {stage_two}")
+                + ("" if getattr(args, "lighthouse_dense_every", None) is None
+                   else f"; before that, 1 in {args.lighthouse_dense_every} iterations dense"))
     return line
 
 

@@ -138,6 +138,18 @@ def test_interrupted_run_resumes_to_the_same_result(runs, tmp_path, monkeypatch,
     assert "--resume:" in err and "--hidden 32 -> 64" in err and "use another --out" in err
 
 
+def test_resume_from_a_checkpoint_older_than_a_setting(tmp_path, capsys):
+    """A checkpoint written before ``dense_every`` and ``rope`` existed ran with 0 and ``tokens``: it resumes with
+    those, and resuming it with ``--rope entries`` (the default now) is refused as a change."""
+    assert _main("--steps", "3", "--out", str(tmp_path)) == 0
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    del ckpt["config"]["dense_every"], ckpt["config"]["rope"]
+    torch.save(ckpt, tmp_path / "checkpoint.pt")
+    assert _main("--out", str(tmp_path), "--resume") == 2
+    assert "--rope tokens -> entries" in capsys.readouterr().err
+    assert _main("--out", str(tmp_path), "--resume", "--rope", "tokens") == 0
+
+
 def test_out_of_memory_names_the_flags_to_lower(tmp_path, monkeypatch):
     def out_of_memory(*args):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

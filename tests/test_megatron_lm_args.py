@@ -54,7 +54,7 @@ def test_defaults():
     assert (args.lighthouse_topk, args.lighthouse_pooling_factor, args.lighthouse_levels) == (2048, 4, 3)
     assert args.lighthouse_dense_layers == (0, 1, -2, -1)
     assert args.lighthouse_rope == "entries"
-    assert args.lighthouse_dense_from_iteration is None
+    assert args.lighthouse_dense_from_iteration is None and args.lighthouse_dense_every is None
     assert args.lighthouse_monitor is False  # the monitor flags come along
     assert lighthouse_config_from_args(args) is None
     assert validate_lighthouse_args(args) is None
@@ -64,11 +64,11 @@ def test_defaults():
 def test_every_flag_parses():
     args = parse("--lighthouse", "--lighthouse-topk", "1024", "--lighthouse-pooling-factor", "8",
                  "--lighthouse-levels", "2", "--lighthouse-dense-layers", "0, -1", "--lighthouse-rope", "tokens",
-                 "--lighthouse-dense-from-iteration", "500", "--lighthouse-monitor",
+                 "--lighthouse-dense-from-iteration", "500", "--lighthouse-dense-every", "8", "--lighthouse-monitor",
                  "--lighthouse-monitor-interval", "0.5")
     assert lighthouse_config_from_args(args) == LighthouseConfig(levels=2, pooling_factor=8, topk=1024,
                                                                  dense_layers=(0, -1), rope="tokens")
-    assert args.lighthouse_dense_from_iteration == 500
+    assert args.lighthouse_dense_from_iteration == 500 and args.lighthouse_dense_every == 8
     assert args.lighthouse_monitor and args.lighthouse_monitor_interval == 0.5
     assert parse("--lighthouse-dense-layers", "").lighthouse_dense_layers == ()
 
@@ -129,6 +129,8 @@ def test_dense_layers_out_of_range():
 def test_dense_from_iteration_needs_lighthouse():
     with pytest.raises(ValueError, match=r"--lighthouse-dense-from-iteration 10: needs --lighthouse"):
         validate_lighthouse_args(parse("--lighthouse-dense-from-iteration", "10"))
+    with pytest.raises(ValueError, match=r"--lighthouse-dense-every 4: needs --lighthouse"):
+        validate_lighthouse_args(parse("--lighthouse-dense-every", "4"))
     assert validate_lighthouse_args(parse("--lighthouse", "--lighthouse-dense-from-iteration", "10")) is not None
 
 
@@ -136,6 +138,15 @@ def test_schedule_from_args():
     schedule = lighthouse_schedule_from_args(parse("--lighthouse", "--lighthouse-dense-from-iteration", "3"))
     assert [schedule.enabled_at(i) for i in range(5)] == [True, True, True, False, False]
     assert all(lighthouse_schedule_from_args(parse("--lighthouse")).enabled_at(i) for i in (0, 10**9))
+    schedule = lighthouse_schedule_from_args(parse("--lighthouse", "--lighthouse-dense-from-iteration", "5",
+                                                   "--lighthouse-dense-every", "2"))
+    assert [schedule.enabled_at(i) for i in range(6)] == [True, False, True, False, True, False]
+
+
+@pytest.mark.parametrize("value", ["1", "0", "-3", "two"])
+def test_dense_every_below_two_is_refused_by_the_parser(value, capsys):
+    err = parse_error(capsys, "--lighthouse", "--lighthouse-dense-every", value)
+    assert "--lighthouse-dense-every" in err and "must be an int >= 2" in err
 
 
 def test_summary_line(caplog):
@@ -150,6 +161,9 @@ def test_summary_line(caplog):
     # With CP 2 the subsequence length is the same, summed over the 4 chunks.
     assert "-> subsequence 49152" in log_lighthouse_summary(parse("--lighthouse", seq_length=524288, cp=2), 32, 128)
     assert "off" in log_lighthouse_summary(parse(), 32, 128)
+    line = log_lighthouse_summary(parse("--lighthouse", "--lighthouse-dense-from-iteration", "100",
+                                        "--lighthouse-dense-every", "4", seq_length=524288, num_layers=24), 32, 128)
+    assert line.endswith("dense from iteration 100; before that, 1 in 4 iterations dense")
 
 
 def _core_attention_names(spec):
@@ -207,6 +221,28 @@ def test_maybe_switch_to_dense(megatron, caplog):
     args.iteration, args.curr_iteration = 5, 1
     fresh = tiny_gpt(config, lighthouse_block_spec_from_args(args, config))
     assert maybe_switch_to_dense(fresh, args) is False and all(m.enabled for m in lighthouse_modules(fresh))
+
+
+def test_interleaved_dense_iterations_are_not_the_switch(megatron, caplog):
+    """``--lighthouse-dense-every 2`` with the switch at 4: iterations 1 and 3 run dense but only iteration 4 is
+    the switch, reported once however many micro-batches call it, even right after a dense iteration."""
+    from megatron_lighthouse.switch import lighthouse_modules
+
+    args = parse("--lighthouse", "--lighthouse-topk", "128", "--lighthouse-levels", "2",
+                 "--lighthouse-pooling-factor", "2", "--lighthouse-dense-from-iteration", "4",
+                 "--lighthouse-dense-every", "2", seq_length=SEQ)
+    config = _config()
+    model = tiny_gpt(config, lighthouse_block_spec_from_args(args, config))
+    modules = lighthouse_modules(model)
+    switched, states = [], []
+    with caplog.at_level(logging.INFO, logger="megatron_lighthouse.megatron_lm"):
+        for it in range(6):
+            for _ in range(2):  # two micro-batches per iteration
+                switched.append(maybe_switch_to_dense(model, args, it))
+                states.append(all(m.enabled for m in modules))
+    assert switched == [False] * 8 + [True, False, False, False]
+    assert states == [True, True, False, False, True, True, False, False, False, False, False, False]
+    assert len(caplog.messages) == 1 and "iteration 4 >= --lighthouse-dense-from-iteration 4" in caplog.messages[0]
 
 
 def test_args_provider_chains_the_previous_provider():
