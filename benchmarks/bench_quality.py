@@ -34,6 +34,7 @@ import argparse
 import datetime
 import json
 import logging
+import math
 import os
 import shlex
 import statistics
@@ -188,7 +189,9 @@ def merge_reports(paths: List[str]) -> Tuple[List[Dict], List[str], List[Dict]]:
 
 def summarize(records: List[Dict], variants: List[str]) -> List[Dict]:
     """Per variant: seeds, losses by seed, mean, spread (max - min), and ``vs_baseline_pct``: the change (%) of its
-    mean vs the first variant's mean over the same seeds (``None`` when the first variant lacks one of them)."""
+    mean vs the first variant's mean over the same seeds (``None`` when the first variant lacks one of them);
+    ``per_seed_pct``, each seed's change vs the first variant's run of that seed, and ``per_seed_stderr``, the
+    standard error of their mean (``None`` below 2 seeds, or without the pairs)."""
     rows = []
     for name in variants:
         runs = sorted((r for r in records if r["variant"] == name), key=lambda r: r["seed"])
@@ -200,8 +203,12 @@ def summarize(records: List[Dict], variants: List[str]) -> List[Dict]:
     base = dict(zip(rows[0]["seeds"], rows[0]["losses"]))
     for row in rows:
         paired = [base[s] for s in row["seeds"] if s in base]
-        row["vs_baseline_pct"] = (100.0 * (row["mean"] / statistics.fmean(paired) - 1.0)
-                                  if len(paired) == len(row["seeds"]) else None)
+        whole = len(paired) == len(row["seeds"])
+        row["vs_baseline_pct"] = 100.0 * (row["mean"] / statistics.fmean(paired) - 1.0) if whole else None
+        row["per_seed_pct"] = ([100.0 * (x / base[s] - 1.0) for s, x in zip(row["seeds"], row["losses"])]
+                               if whole else None)
+        row["per_seed_stderr"] = (statistics.stdev(row["per_seed_pct"]) / math.sqrt(len(row["per_seed_pct"]))
+                                  if whole and len(row["seeds"]) > 1 else None)
     return rows
 
 
@@ -223,8 +230,11 @@ def print_table(rows: List[Dict], records: List[Dict]) -> None:
     for row in rows[1:]:
         if modes[row["variant"]] == {"two-stage"} and row["vs_baseline_pct"] is not None:
             met = row["vs_baseline_pct"] <= BAR_PCT
+            spread = ("" if row["per_seed_stderr"] is None else
+                      f" (per seed {statistics.fmean(row['per_seed_pct']):+.2f}% ± {row['per_seed_stderr']:.2f} "
+                      f"standard error, {len(row['seeds'])} seeds)")
             print(f"bar (two-stage within {BAR_PCT:g}% of {rows[0]['variant']} or below): {row['variant']} "
-                  f"{row['vs_baseline_pct']:+.2f}%: {'met' if met else 'not met'}")
+                  f"{row['vs_baseline_pct']:+.2f}%: {'met' if met else 'not met'}{spread}")
 
 
 def plot(records: List[Dict], path: str) -> None:

@@ -174,11 +174,28 @@ def test_change_vs_baseline_is_paired_by_seed(capsys):
     dense, two, other = bench.summarize(records, ["dense", "two", "other"])
     assert dense["seeds"] == [0, 1, 2] and dense["losses"] == [2.0, 3.0, 4.0]
     assert two["seeds"] == [0, 1] and two["vs_baseline_pct"] == pytest.approx(10.0)  # 2.75 vs 2.5, not vs 3.0
-    assert other["vs_baseline_pct"] is None
+    assert other["vs_baseline_pct"] is None and other["per_seed_pct"] is None and other["per_seed_stderr"] is None
+    assert two["per_seed_pct"] == pytest.approx([10.0, 10.0]) and two["per_seed_stderr"] == pytest.approx(0.0)
     bench.print_table([dense, two, other], records)
     printed = capsys.readouterr().out
     assert "+10.00%" in printed and "n/a" in printed and "0,1,2" in printed
-    assert "two +10.00%: not met" in printed and "other" not in printed.split("bar (")[-1]
+    assert "two +10.00%: not met (per seed +10.00% ± 0.00 standard error, 2 seeds)" in printed
+    assert "other" not in printed.split("bar (")[-1]
+
+
+def test_per_seed_change_and_its_standard_error():
+    """Seeds +1%, +3%, -1% against their own baseline run: mean +1%, standard error stdev / sqrt(3)."""
+    bench = _bench()
+    run = dict(train_seconds=1.0, tokens_per_s=1.0)
+    records = [dict(run, variant="dense", mode="dense", seed=s, final_val_loss=2.0 + s) for s in range(3)]
+    records += [dict(run, variant="two", mode="two-stage", seed=s, final_val_loss=(2.0 + s) * f)
+                for s, f in enumerate((1.01, 1.03, 0.99))]
+    dense, two = bench.summarize(records, ["dense", "two"])
+    assert two["per_seed_pct"] == pytest.approx([1.0, 3.0, -1.0])
+    assert two["per_seed_stderr"] == pytest.approx(2.0 / 3 ** 0.5)
+    assert dense["per_seed_pct"] == pytest.approx([0.0] * 3) and dense["per_seed_stderr"] == pytest.approx(0.0)
+    single = bench.summarize(records[:1] + records[3:4], ["dense", "two"])[1]
+    assert single["per_seed_pct"] == pytest.approx([1.0]) and single["per_seed_stderr"] is None
 
 
 def test_train_curve_is_the_mean_loss_between_evaluations():
