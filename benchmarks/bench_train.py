@@ -32,6 +32,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from megatron_lighthouse import LighthouseConfig  # noqa: E402
+from megatron_lighthouse.config import ROPE_PLACEMENTS  # noqa: E402
 
 #: ``--tiny``: a CPU-sized model and sequence valid for levels=2, p=2, topk=128.
 _TINY = dict(layers=5, hidden=64, heads=4, ffn=96, vocab=256, seq_lens=[512], topk=128, pooling_factor=2, levels=2,
@@ -54,7 +55,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--position-embedding", choices=("rope", "learned_absolute"), default="rope",
                    help="Megatron's RoPE needs CUDA; --tiny uses learned_absolute")
     p.add_argument("--dense-layers", type=int, nargs="*", default=[0, 1, -2, -1])
-    p.add_argument("--rope", choices=("entries", "tokens"), default="entries",
+    p.add_argument("--rope", choices=ROPE_PLACEMENTS, default="entries",
                    help="LighthouseConfig.rope: rotate the selected entries (published) or the tokens before pooling")
     p.add_argument("--recompute", choices=("full", "none"), default="full",
                    help="activation recompute: full (uniform, 1 layer per checkpoint) or none")

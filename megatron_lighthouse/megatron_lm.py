@@ -72,26 +72,19 @@ def _int_list(text: str) -> Tuple[int, ...]:
         ) from None
 
 
-def _iteration(text: str) -> int:
-    """argparse type: an iteration number ``>= 0``."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be an int >= 0 (the first dense iteration)")
-    return value
+def _int_at_least(minimum: int, why: str) -> Callable[[str], int]:
+    """argparse type: an int ``>= minimum``; the error names the rule and ``why``."""
 
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be an int >= {minimum} ({why})")
+        return value
 
-def _interval(text: str) -> int:
-    """argparse type: an iteration interval ``>= 2``."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be an int >= 2 (1 would make every iteration dense)")
-    return value
+    return parse
 
 
 def add_lighthouse_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -113,10 +106,12 @@ def add_lighthouse_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                        help="Where Lighthouse layers apply RoPE: 'entries' rotates each selected entry at its last "
                             "token's position (the published model); 'tokens' rotates tokens before pooling "
                             f"(default: {_DEFAULTS.rope}).")
-    group.add_argument("--lighthouse-dense-from-iteration", type=_iteration, default=None,
+    group.add_argument("--lighthouse-dense-from-iteration", type=_int_at_least(0, "the first dense iteration"),
+                       default=None,
                        help="Two-stage recipe: switch every Lighthouse layer to dense attention from this iteration "
                             "on (same run or on resume); default: Lighthouse throughout.")
-    group.add_argument("--lighthouse-dense-every", type=_interval, default=None,
+    group.add_argument("--lighthouse-dense-every", type=_int_at_least(2, "1 would make every iteration dense"),
+                       default=None,
                        help="Not in the paper: before the switch, also run every N-th iteration with dense attention "
                             "(iterations with (iteration + 1) %% N == 0); default: none.")
     add_monitor_args(parser)

@@ -10,7 +10,8 @@ from typing import Iterator, NamedTuple, Optional, Sequence, Tuple
 import torch
 
 from .corpus import load_corpus
-from .train import CHECKPOINT, OLD_CHECKPOINT_SETTINGS, DemoConfig, _init_runtime, build_model, validation_offsets
+from .train import (CHECKPOINT, OLD_CHECKPOINT_SETTINGS, DemoConfig, _init_runtime, build_model, byte_windows,
+                    validation_offsets)
 
 
 class TrainedRun(NamedTuple):
@@ -55,5 +56,4 @@ def runs_with_validation(run_dirs: Sequence[str], device: Optional[str] = None) 
 def validation_windows(val: torch.Tensor, seq_len: int, windows: int) -> torch.Tensor:
     """The demo's evaluation windows of ``val``: int64 ``[windows, seq_len + 1]`` (inputs ``[:, :-1]``, labels
     ``[:, 1:]``)."""
-    return torch.stack([val[s : s + seq_len + 1] for s in validation_offsets(len(val), seq_len, windows).tolist()]
-                       ).long()
+    return byte_windows(val, validation_offsets(len(val), seq_len, windows), seq_len)

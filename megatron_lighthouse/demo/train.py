@@ -178,8 +178,14 @@ def _lr_at(cfg: DemoConfig, step: int) -> float:
     return _warmup_cosine(cfg.lr, step, cfg.warmup, cfg.steps if not cfg.dense_rewarm else switch)
 
 
+def byte_windows(data: torch.Tensor, offsets: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The ``seq_len + 1``-byte windows of ``data`` (1-D uint8) starting at ``offsets``: int64
+    ``[len(offsets), seq_len + 1]`` (inputs ``[:, :-1]``, labels ``[:, 1:]``)."""
+    return torch.stack([data[o : o + seq_len + 1] for o in offsets.tolist()]).long()
+
+
 def _batch(data: torch.Tensor, offsets: torch.Tensor, seq_len: int, device: torch.device):
-    rows = torch.stack([data[o : o + seq_len + 1] for o in offsets.tolist()]).long().to(device)
+    rows = byte_windows(data, offsets, seq_len).to(device)
     return rows[:, :-1], rows[:, 1:]
 
 
