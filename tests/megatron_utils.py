@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from megatron_lighthouse.config import LighthouseConfig
+from megatron_lighthouse.process_group import init_single_process_group
 
 #: Tiny settings that fit SEQ: one tile, 256 tokens -> 128 level-1 entries per tile.
 LIGHTHOUSE = LighthouseConfig(levels=2, pooling_factor=2, topk=128)
@@ -21,9 +19,7 @@ def init_megatron() -> None:
     """gloo world of size 1 (file store) and Megatron's model-parallel state, once per process."""
     from megatron.core import parallel_state
 
-    if not dist.is_initialized():
-        store = os.path.join(tempfile.mkdtemp(prefix="ml_megatron_"), "store")
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    init_single_process_group("gloo", prefix="ml_megatron_")
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel()
 

@@ -7,7 +7,6 @@ import logging
 import math
 import os
 import pathlib
-import tempfile
 import time
 from typing import Dict, List, Optional, Tuple
 
@@ -120,13 +119,11 @@ class DemoConfig:
 
 def _init_runtime(device: torch.device) -> None:
     """One-process torch.distributed + Megatron parallel state (all parallel sizes 1)."""
-    import torch.distributed as dist
     from megatron.core import parallel_state
 
-    if not dist.is_initialized():
-        store = os.path.join(tempfile.mkdtemp(prefix="lighthouse_demo_"), "store")  # no port to collide on
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"file://{store}", rank=0,
-                                world_size=1)
+    from ..process_group import init_single_process_group
+
+    init_single_process_group("nccl" if device.type == "cuda" else "gloo", prefix="lighthouse_demo_")
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel()
     if device.type == "cuda":

@@ -1,0 +1,25 @@
+"""A torch.distributed world of one process, for the demo, the patch check and the tests."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+from typing import Optional
+
+import torch.distributed as dist
+
+
+def init_single_process_group(backend: str, prefix: str = "lighthouse_pg_") -> Optional[str]:
+    """Initialise a world of size 1 on ``backend`` (``"gloo"`` or ``"nccl"``) unless one is already initialised.
+
+    The rendezvous is a file store in a fresh temporary directory (no port to collide on), removed when the process
+    exits. Returns that directory, or ``None`` when a process group already existed and nothing was done.
+    """
+    if dist.is_initialized():
+        return None
+    directory = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    dist.init_process_group(backend, init_method=f"file://{os.path.join(directory, 'store')}", rank=0, world_size=1)
+    return directory
