@@ -1,4 +1,5 @@
-"""A torch.distributed world of one process, for the demo, the patch check and the tests."""
+"""A torch.distributed world of one process and Megatron's parallel state on it, for the demo, the patch check and
+the tests."""
 
 from __future__ import annotations
 
@@ -23,3 +24,13 @@ def init_single_process_group(backend: str, prefix: str = "lighthouse_pg_") -> O
     atexit.register(shutil.rmtree, directory, ignore_errors=True)
     dist.init_process_group(backend, init_method=f"file://{os.path.join(directory, 'store')}", rank=0, world_size=1)
     return directory
+
+
+def init_single_process_megatron(backend: str, prefix: str = "lighthouse_pg_") -> None:
+    """:func:`init_single_process_group`, then Megatron's model-parallel state (every parallel size 1) unless it is
+    already initialised."""
+    from megatron.core import parallel_state
+
+    init_single_process_group(backend, prefix)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel()

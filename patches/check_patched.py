@@ -51,13 +51,12 @@ def run_main(mlm: str, argv: list) -> dict:
 
 def check(mlm: str) -> None:
     import torch
-    from megatron.core import parallel_state
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.training import get_args
     from megatron.training.global_vars import set_global_variables, unset_global_variables
 
     from megatron_lighthouse.core_attention import LighthouseCoreAttention
-    from megatron_lighthouse.process_group import init_single_process_group
+    from megatron_lighthouse.process_group import init_single_process_megatron
     from megatron_lighthouse.switch import lighthouse_modules
 
     captured = run_main(mlm, FLAGS)
@@ -65,8 +64,7 @@ def check(mlm: str) -> None:
     assert args.lighthouse and args.lighthouse_dense_from_iteration == SWITCH, "the --lighthouse flags were not parsed"
     unset_global_variables()  # the parser set only args; set timers and the rest as pretrain() would
     set_global_variables(args, build_tokenizer=False)
-    init_single_process_group("gloo", prefix="mlm_check_")
-    parallel_state.initialize_model_parallel()
+    init_single_process_megatron("gloo", prefix="mlm_check_")
 
     model_config = captured["cfg"].model
     model = model_config.get_builder_cls()(model_config).build_model(

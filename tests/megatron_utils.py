@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from megatron_lighthouse.config import LighthouseConfig
-from megatron_lighthouse.process_group import init_single_process_group
+from megatron_lighthouse.process_group import init_single_process_megatron
 
 #: Tiny settings that fit SEQ: one tile, 256 tokens -> 128 level-1 entries per tile.
 LIGHTHOUSE = LighthouseConfig(levels=2, pooling_factor=2, topk=128)
@@ -17,11 +17,7 @@ VOCAB = 128
 
 def init_megatron() -> None:
     """gloo world of size 1 (file store) and Megatron's model-parallel state, once per process."""
-    from megatron.core import parallel_state
-
-    init_single_process_group("gloo", prefix="ml_megatron_")
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel()
+    init_single_process_megatron("gloo", prefix="ml_megatron_")
 
 
 def tiny_config(lighthouse: Optional[LighthouseConfig] = LIGHTHOUSE, num_query_groups: int = 4, num_layers: int = 6,

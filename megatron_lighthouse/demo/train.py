@@ -119,13 +119,9 @@ class DemoConfig:
 
 def _init_runtime(device: torch.device) -> None:
     """One-process torch.distributed + Megatron parallel state (all parallel sizes 1)."""
-    from megatron.core import parallel_state
+    from ..process_group import init_single_process_megatron
 
-    from ..process_group import init_single_process_group
-
-    init_single_process_group("nccl" if device.type == "cuda" else "gloo", prefix="lighthouse_demo_")
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel()
+    init_single_process_megatron("nccl" if device.type == "cuda" else "gloo", prefix="lighthouse_demo_")
     if device.type == "cuda":
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
