@@ -280,8 +280,8 @@ def run_demo(cfg: DemoConfig) -> Dict:
                 state = _resume(out, cfg, model, optimizer, device) or state
                 saved_step = state["step"] or None
         for step in range(state["step"], cfg.steps):
-            attention = "lighthouse" if cfg.mode != "dense" and schedule.apply(model, step) else "dense"
-            stage = "lighthouse" if cfg.mode != "dense" and schedule.in_lighthouse_stage(step) else "dense"
+            attention = "lighthouse" if schedule.apply(model, step) else "dense"  # --mode dense: dense from step 0
+            stage = "lighthouse" if schedule.in_lighthouse_stage(step) else "dense"
             if step == cfg.switch_step and cfg.mode == "two-stage":
                 logger.info("step %d: switching Lighthouse off, dense attention from here on", step)
             for group in optimizer.param_groups:
