@@ -17,7 +17,7 @@ import functools
 import inspect
 import logging
 import math
-from typing import Any, Optional, Union
+from typing import Any, Optional, Tuple, Union
 
 import torch
 from megatron.core.transformer.enums import AttnMaskType
@@ -124,6 +124,13 @@ class LighthouseCoreAttention(MegatronModule):
         self.dense_layer = (layer_number - 1) in self.lighthouse.dense_layer_set(config.num_layers) \
             if 1 <= layer_number <= config.num_layers else False
         self.enabled = not self.dense_layer
+        lighthouse_layers = sorted(set(range(config.num_layers)) - self.lighthouse.dense_layer_set(config.num_layers))
+        count = max(len(lighthouse_layers), 1)
+        #: ``(index, count)``: this layer's place among the model's Lighthouse layers, in layer order, which a
+        #: staggered switch goes by (:class:`~megatron_lighthouse.switch.LighthouseSchedule`); a layer numbered
+        #: past ``config.num_layers`` counts as the last.
+        self.lighthouse_position: Tuple[int, int] = (
+            lighthouse_layers.index(layer_number - 1) if layer_number - 1 in lighthouse_layers else count - 1, count)
         unsupported = unsupported_attention_settings(config, None if self.dense_layer else layer_number)
         if unsupported:
             raise ValueError(

@@ -54,14 +54,22 @@ def lighthouse_enabled(model: Model, enabled: bool) -> Iterator[int]:
 class LighthouseSchedule:
     """The paper's recipe: Lighthouse for iterations ``< dense_from_iteration``, dense from then on.
 
-    ``dense_from_iteration=None`` keeps Lighthouse on throughout. ``dense_every=N`` (not in the paper) also runs
-    every ``N``-th iteration of the Lighthouse stage densely (iterations with ``(iteration + 1) % N == 0``), so
-    the model keeps training its dense attention while Lighthouse does most steps. Call :meth:`apply` once per
-    iteration (cheap).
+    ``dense_from_iteration=None`` keeps Lighthouse on throughout. Two additions, not in the paper:
+
+    - ``dense_every=N`` also runs every ``N``-th iteration of the Lighthouse stage densely (iterations with
+      ``(iteration + 1) % N == 0``), so the model keeps training its dense attention while Lighthouse does most
+      steps.
+    - ``layer_interval=K`` switches the Lighthouse layers one at a time, lowest first, ``K`` iterations apart, the
+      last at ``dense_from_iteration``: of ``n`` Lighthouse layers, the ``j``-th (0-based, in layer order) runs
+      dense from ``dense_from_iteration - (n - 1 - j) * K``. Every layer is dense from ``dense_from_iteration`` on,
+      as without it.
+
+    Call :meth:`apply` once per iteration (cheap).
     """
 
     dense_from_iteration: Union[int, None] = None
     dense_every: Union[int, None] = None
+    layer_interval: int = 0
 
     def __post_init__(self) -> None:
         it = self.dense_from_iteration
@@ -71,18 +79,48 @@ class LighthouseSchedule:
         if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 2):
             raise ValueError(f"LighthouseSchedule.dense_every={every!r}: must be None or an int >= 2 (1 would make "
                              "every iteration dense)")
+        interval = self.layer_interval
+        if not isinstance(interval, int) or isinstance(interval, bool) or interval < 0:
+            raise ValueError(f"LighthouseSchedule.layer_interval={interval!r}: must be an int >= 0 (0: every layer "
+                             "switches at dense_from_iteration)")
+        if interval and it is None:
+            raise ValueError(f"LighthouseSchedule.layer_interval={interval}: needs dense_from_iteration (without a "
+                             "switch no layer goes dense)")
+
+    def check_layers(self, count: int) -> None:
+        """``ValueError`` unless ``count`` Lighthouse layers fit the schedule: the first one's switch,
+        ``dense_from_iteration - (count - 1) * layer_interval``, must not fall before iteration 0."""
+        if self.layer_interval and self.dense_from_iteration < (count - 1) * self.layer_interval:
+            raise ValueError(
+                f"LighthouseSchedule.layer_interval={self.layer_interval} with {count} Lighthouse layers and "
+                f"dense_from_iteration={self.dense_from_iteration}: the first layer would switch at iteration "
+                f"{self.dense_from_iteration - (count - 1) * self.layer_interval}; needs dense_from_iteration >= "
+                f"(layers - 1) * layer_interval = {(count - 1) * self.layer_interval}")
+
+    def switch_iteration(self, index: int = 0, count: int = 1) -> Union[int, None]:
+        """The first dense iteration of Lighthouse layer ``index`` of ``count`` (``None``: Lighthouse throughout)."""
+        if self.dense_from_iteration is None:
+            return None
+        return self.dense_from_iteration - (count - 1 - index) * self.layer_interval
 
     def in_lighthouse_stage(self, iteration: int) -> bool:
-        """Whether ``iteration`` is before the switch (``dense_every`` steps included)."""
+        """Whether ``iteration`` is before the switch of the last layer (``dense_every`` steps included)."""
         return self.dense_from_iteration is None or iteration < self.dense_from_iteration
 
-    def enabled_at(self, iteration: int) -> bool:
-        """Whether Lighthouse runs at ``iteration``."""
+    def enabled_at(self, iteration: int, index: int = 0, count: int = 1) -> bool:
+        """Whether Lighthouse layer ``index`` of ``count`` runs Lighthouse at ``iteration``."""
+        switch = self.switch_iteration(index, count)
         interleaved_dense = self.dense_every is not None and (iteration + 1) % self.dense_every == 0
-        return self.in_lighthouse_stage(iteration) and not interleaved_dense
+        return (switch is None or iteration < switch) and not interleaved_dense
 
-    def apply(self, model: Model, iteration: int) -> bool:
-        """Set ``model``'s Lighthouse layers for ``iteration``; returns whether Lighthouse is on."""
-        enabled = self.enabled_at(iteration)
-        set_lighthouse_enabled(model, enabled)
-        return enabled
+    def apply(self, model: Model, iteration: int) -> int:
+        """Set ``model``'s Lighthouse layers for ``iteration``; returns how many run Lighthouse (0: all dense).
+
+        A layer's place in the order is :attr:`LighthouseCoreAttention.lighthouse_position`, so each pipeline
+        stage, holding some of the layers, switches them when the whole model would."""
+        modules = lighthouse_modules(model)
+        for module in modules:
+            index, count = module.lighthouse_position
+            self.check_layers(count)
+            module.enabled = self.enabled_at(iteration, index, count)
+        return sum(module.enabled for module in modules)

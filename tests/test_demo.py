@@ -82,6 +82,23 @@ def test_dense_every_runs_dense_steps_inside_the_lighthouse_stage(runs, tmp_path
     assert metrics["train"][1]["loss"] != pytest.approx(plain[1], rel=1e-6)
 
 
+def test_layer_interval_switches_the_lighthouse_layers_one_at_a_time(tmp_path, caplog):
+    """Three layers, two of them Lighthouse, the switch at step 5: ``--layer-interval 2`` moves the lower one to
+    dense at step 3, the upper at 5. Steps 0-2 train as without it, step 3 does not; the stages stay the same."""
+    three = ["--layers", "3", "--steps", "6"]
+    assert _main(*three, "--mode", "two-stage", "--out", str(tmp_path / "plain")) == 0
+    with caplog.at_level(logging.INFO, logger="megatron_lighthouse.demo.train"):
+        assert _main(*three, "--mode", "two-stage", "--layer-interval", "2", "--out", str(tmp_path / "stagger")) == 0
+    assert "step 3: Lighthouse layer 1 of 2 switched to dense (--layer-interval 2)" in caplog.messages
+    assert "step 5: switching Lighthouse off, dense attention from here on" in caplog.messages
+    plain, stagger = (json.loads((tmp_path / name / "metrics.json").read_text())["train"]
+                      for name in ("plain", "stagger"))
+    assert [t["stage"] for t in stagger] == [t["stage"] for t in plain] == ["lighthouse"] * 5 + ["dense"]
+    assert [t["attention"] for t in stagger] == ["lighthouse"] * 5 + ["dense"]  # one layer still runs it
+    assert [t["loss"] for t in stagger[:3]] == pytest.approx([t["loss"] for t in plain[:3]], rel=1e-6)
+    assert stagger[3]["loss"] != pytest.approx(plain[3]["loss"], rel=1e-6)
+
+
 def test_summary_table_is_printed(tmp_path, capsys):
     assert _main("--steps", "3", "--out", str(tmp_path)) == 0
     out = capsys.readouterr().out
@@ -181,6 +198,10 @@ def test_out_of_memory_names_the_flags_to_lower(tmp_path, monkeypatch):
     (["--baseline", "--dense-rewarm", "5"], "--dense-rewarm 5: must be >= 0, and only with --mode two-stage"),
     (["--dense-every", "1"], "--dense-every 1: must be 0 (off) or >= 2, and not with --mode dense"),
     (["--baseline", "--dense-every", "4"], "--dense-every 4: must be 0 (off) or >= 2, and not with --mode dense"),
+    (["--mode", "lighthouse", "--layer-interval", "2"],
+     "--layer-interval 2: must be >= 0, and only with --mode two-stage"),
+    (["--layers", "3", "--layer-interval", "6"], "--layer-interval 6: 2 Lighthouse layers switching 6 steps apart, "
+                                                  "the last at step 5, would put the first at step -1"),
 ])
 def test_bad_settings_fail_clearly(args, message, capsys):
     assert _main(*args) == 2

@@ -319,12 +319,28 @@ def test_switch_schedule_and_wrappers():
     assert all(m.enabled for m in lighthouse_modules(light))
     schedule = LighthouseSchedule(dense_from_iteration=10)
     assert schedule.enabled_at(9) and not schedule.enabled_at(10)
-    assert schedule.apply(chunks, 12) is False and not any(m.enabled for m in lighthouse_modules(light))
-    assert schedule.apply(chunks, 3) is True and all(m.enabled for m in lighthouse_modules(light))
+    assert schedule.apply(chunks, 12) == 0 and not any(m.enabled for m in lighthouse_modules(light))
+    assert schedule.apply(chunks, 3) == 2 and all(m.enabled for m in lighthouse_modules(light))
+    staggered = LighthouseSchedule(dense_from_iteration=10, layer_interval=4)
+    assert [m.lighthouse_position for m in lighthouse_modules(light)] == [(0, 2), (1, 2)]
+    assert staggered.apply(chunks, 7) == 1 and [m.enabled for m in lighthouse_modules(light)] == [False, True]
     assert LighthouseSchedule().enabled_at(10**9)
     with pytest.raises(ValueError, match="dense_from_iteration"):
         LighthouseSchedule(dense_from_iteration=-1)
     assert dense_state_dict(Wrapper(light)).keys() == light.state_dict().keys()
+
+
+def test_staggered_switch_goes_by_the_layers_place_in_the_whole_model():
+    """``lighthouse_position`` counts the Lighthouse layers of the whole model (by layer number), so a pipeline
+    stage holding only some of them switches each one when the whole model would."""
+    cfg = tiny_config(lighthouse=LighthouseConfig(levels=2, pooling_factor=2, topk=128, dense_layers=(0, 3)))
+    positions = {n: _core(cfg, layer_number=n).lighthouse_position for n in (2, 3, 5, 6, 7)}
+    assert positions == {2: (0, 4), 3: (1, 4), 5: (2, 4), 6: (3, 4), 7: (3, 4)}  # 7: past num_layers (e.g. MTP)
+    last_stage = [_core(cfg, layer_number=n) for n in (5, 6)]  # 0-based layers 4 and 5
+    schedule = LighthouseSchedule(dense_from_iteration=9, layer_interval=2)  # the four switch at 3, 5, 7, 9
+    assert [schedule.apply(last_stage, it) for it in (6, 7, 8, 9)] == [2, 1, 1, 0]
+    with pytest.raises(ValueError, match=r"layer_interval=4 with 4 Lighthouse layers and dense_from_iteration=9"):
+        LighthouseSchedule(dense_from_iteration=9, layer_interval=4).apply(last_stage, 0)
 
 
 def test_dense_spec_for():

@@ -29,3 +29,33 @@ def test_dense_every_interleaves_dense_iterations_before_the_switch_only():
 def test_dense_every_below_two_or_not_an_int_is_refused(every):
     with pytest.raises(ValueError, match=r"LighthouseSchedule.dense_every=.*must be None or an int >= 2"):
         LighthouseSchedule(dense_every=every)
+
+
+def test_layer_interval_switches_layers_lowest_first_the_last_at_dense_from_iteration():
+    schedule = LighthouseSchedule(dense_from_iteration=10, layer_interval=3)
+    assert [schedule.switch_iteration(j, 3) for j in range(3)] == [4, 7, 10]
+    assert [[schedule.enabled_at(i, j, 3) for i in range(3, 11)] for j in range(3)] == [
+        [L, D, D, D, D, D, D, D], [L, L, L, L, D, D, D, D], [L, L, L, L, L, L, L, D]]
+    assert [schedule.in_lighthouse_stage(i) for i in (4, 9, 10)] == [True, True, False]  # until the last layer
+    assert LighthouseSchedule(dense_from_iteration=10).switch_iteration(0, 3) == 10  # 0: all at once
+    assert LighthouseSchedule(layer_interval=0).switch_iteration(1, 2) is None
+    interleaved = LighthouseSchedule(dense_from_iteration=6, dense_every=2, layer_interval=2)
+    assert [interleaved.enabled_at(i, 0, 2) for i in range(6)] == [L, D, L, D, D, D]
+
+
+def test_layer_interval_must_leave_the_first_layer_a_lighthouse_stage():
+    schedule = LighthouseSchedule(dense_from_iteration=6, layer_interval=3)
+    schedule.check_layers(3)  # the first layer switches at iteration 0: allowed
+    with pytest.raises(ValueError, match=r"layer_interval=3 with 4 Lighthouse layers and dense_from_iteration=6: "
+                                         r"the first layer would switch at iteration -3"):
+        schedule.check_layers(4)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(dense_from_iteration=5, layer_interval=-1), r"layer_interval=-1: must be an int >= 0"),
+    (dict(dense_from_iteration=5, layer_interval=True), r"layer_interval=True: must be an int >= 0"),
+    (dict(layer_interval=2), r"layer_interval=2: needs dense_from_iteration"),
+])
+def test_bad_layer_interval_is_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LighthouseSchedule(**kwargs)

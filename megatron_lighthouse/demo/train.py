@@ -26,7 +26,7 @@ CHECKPOINT = "checkpoint.pt"
 #: (Not ``device``: the model differs by device, learned positions and fp32 on CPU, RoPE and bf16 on CUDA.)
 RESUMABLE_CHANGES = ("steps", "out", "resume", "log_every", "eval_every", "eval_batches")
 #: Settings added after checkpoints were first written: the value an older checkpoint ran with.
-OLD_CHECKPOINT_SETTINGS = {"rope": "tokens", "dense_every": 0}
+OLD_CHECKPOINT_SETTINGS = {"rope": "tokens", "dense_every": 0, "layer_interval": 0}
 #: What to lower when memory runs out.
 MEMORY_HINT = "lower --batch-size, --seq-len, --layers or --hidden"
 
@@ -46,6 +46,9 @@ class DemoConfig:
     ``tokens``); it matters on CUDA only, where the model uses RoPE (on CPU it has learned positions).
     ``dense_every``: with ``N >= 2``, every ``N``-th step of the Lighthouse stage runs densely
     (:class:`~megatron_lighthouse.switch.LighthouseSchedule`; not in the paper); 0: off.
+    ``layer_interval``: with ``K >= 1``, a two-stage run switches its Lighthouse layers to dense one at a time,
+    lowest first, ``K`` steps apart, the last at the switch step (``LighthouseSchedule.layer_interval``; not in the
+    paper); 0: all at once.
     """
 
     mode: str = "two-stage"
@@ -66,6 +69,7 @@ class DemoConfig:
     warmup: int = 20
     dense_rewarm: int = 0
     dense_every: int = 0
+    layer_interval: int = 0
     eval_every: int = 25
     eval_batches: int = 4
     log_every: int = 10
@@ -98,6 +102,8 @@ class DemoConfig:
             raise ValueError(f"--dense-rewarm {self.dense_rewarm}: must be >= 0, and only with --mode two-stage")
         if self.dense_every < 0 or self.dense_every == 1 or (self.dense_every and self.mode == "dense"):
             raise ValueError(f"--dense-every {self.dense_every}: must be 0 (off) or >= 2, and not with --mode dense")
+        if self.layer_interval < 0 or (self.layer_interval and self.mode != "two-stage"):
+            raise ValueError(f"--layer-interval {self.layer_interval}: must be >= 0, and only with --mode two-stage")
         if self.mode != "dense":
             lighthouse = self.lighthouse()
             try:
@@ -108,6 +114,13 @@ class DemoConfig:
             if len(lighthouse.dense_layer_set(self.layers)) == self.layers:
                 raise ValueError(f"--dense-layers {self.dense_layers}: keeps all {self.layers} layers dense; "
                                  f"use more --layers or fewer dense layers")
+            if self.layer_interval:
+                count = self.layers - len(lighthouse.dense_layer_set(self.layers))
+                first = self.switch_step - (count - 1) * self.layer_interval
+                if first < 0:
+                    raise ValueError(f"--layer-interval {self.layer_interval}: {count} Lighthouse layers switching "
+                                     f"{self.layer_interval} steps apart, the last at step {self.switch_step}, "
+                                     f"would put the first at step {first}; lower it or --dense-fraction")
 
     @property
     def switch_step(self) -> Optional[int]:
@@ -253,7 +266,7 @@ def _resume(out: pathlib.Path, cfg: DemoConfig, model: torch.nn.Module, optimize
 
 def run_demo(cfg: DemoConfig) -> Dict:
     """Train, switch, evaluate; returns the metrics (also written to ``cfg.out/metrics.json`` by the CLI)."""
-    from ..switch import LighthouseSchedule
+    from ..switch import LighthouseSchedule, lighthouse_modules
 
     cfg.validate()
     device = torch.device(cfg.device)
@@ -265,7 +278,8 @@ def run_demo(cfg: DemoConfig) -> Dict:
                          f"{cfg.seq_len}; raise --corpus-bytes or lower --seq-len")
     _init_runtime(device)
     torch.manual_seed(cfg.seed)
-    schedule = LighthouseSchedule(dense_from_iteration=cfg.switch_step, dense_every=cfg.dense_every or None)
+    schedule = LighthouseSchedule(dense_from_iteration=cfg.switch_step, dense_every=cfg.dense_every or None,
+                                  layer_interval=cfg.layer_interval)
     out = pathlib.Path(cfg.out) if cfg.out else None
     state = dict(step=0, train=[], evals=[], seconds={"lighthouse": 0.0, "dense": 0.0},
                  tokens={"lighthouse": 0, "dense": 0})
@@ -279,9 +293,15 @@ def run_demo(cfg: DemoConfig) -> Dict:
             if cfg.resume:
                 state = _resume(out, cfg, model, optimizer, device) or state
                 saved_step = state["step"] or None
+        count = len(lighthouse_modules(model))
+        early_switches = {schedule.switch_iteration(j, count): j for j in range(count - 1)} if cfg.layer_interval \
+            else {}
         for step in range(state["step"], cfg.steps):
             attention = "lighthouse" if schedule.apply(model, step) else "dense"  # --mode dense: dense from step 0
             stage = "lighthouse" if schedule.in_lighthouse_stage(step) else "dense"
+            if step in early_switches:
+                logger.info("step %d: Lighthouse layer %d of %d switched to dense (--layer-interval %d)", step,
+                            early_switches[step] + 1, len(lighthouse_modules(model)), cfg.layer_interval)
             if step == cfg.switch_step and cfg.mode == "two-stage":
                 logger.info("step %d: switching Lighthouse off, dense attention from here on", step)
             for group in optimizer.param_groups:
