@@ -4,8 +4,9 @@ The patch in ``patches/`` wires three calls into Megatron-LM's ``pretrain_gpt.py
 
 1. arguments: ``parse_and_validate_args(extra_args_provider=lighthouse_args_provider(...))`` adds
    ``--lighthouse``, ``--lighthouse-topk``, ``--lighthouse-pooling-factor``, ``--lighthouse-levels``,
-   ``--lighthouse-dense-layers``, ``--lighthouse-rope``, ``--lighthouse-dense-from-iteration``
-   (:func:`add_lighthouse_args`) and the GPU-monitor flags after the provider Megatron-LM already passes (ModelOpt's);
+   ``--lighthouse-dense-layers``, ``--lighthouse-rope``, ``--lighthouse-dense-from-iteration``,
+   ``--lighthouse-dense-every``, ``--lighthouse-layer-interval`` (:func:`add_lighthouse_args`) and the GPU-monitor
+   flags after the provider Megatron-LM already passes (ModelOpt's);
 2. start-up: ``start_lighthouse(args, model_cfg, printer=print_rank_0)`` once the model config exists: checks the
    flags against ``--seq-length``, ``--num-layers``, ``--context-parallel-size`` and the other Megatron-LM flags
    (:func:`validate_lighthouse_args`), prints the effective subsequence length and attention-FLOP saving
@@ -114,6 +115,10 @@ def add_lighthouse_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                        default=None,
                        help="Not in the paper: before the switch, also run every N-th iteration with dense attention "
                             "(iterations with (iteration + 1) %% N == 0); default: none.")
+    group.add_argument("--lighthouse-layer-interval", type=_int_at_least(1, "iterations between two layers' switch"),
+                       default=None,
+                       help="Not in the paper: switch the Lighthouse layers to dense one at a time, lowest first, K "
+                            "iterations apart, the last at --lighthouse-dense-from-iteration; default: all at once.")
     add_monitor_args(parser)
     return parser
 
@@ -183,7 +188,7 @@ def validate_lighthouse_args(args: Any) -> Optional[LighthouseConfig]:
     """
     cfg = lighthouse_config_from_args(args)
     if cfg is None:
-        for flag in ("--lighthouse-dense-from-iteration", "--lighthouse-dense-every"):
+        for flag in ("--lighthouse-dense-from-iteration", "--lighthouse-dense-every", "--lighthouse-layer-interval"):
             value = getattr(args, flag[2:].replace("-", "_"), None)
             if value is not None:
                 raise ValueError(f"{flag} {value}: needs --lighthouse (without it every layer is dense from the "
@@ -203,6 +208,18 @@ def validate_lighthouse_args(args: Any) -> Optional[LighthouseConfig]:
     except ValueError as err:
         raise ValueError(f"--lighthouse-dense-layers {','.join(map(str, cfg.dense_layers))} with --num-layers "
                          f"{args.num_layers}: {err}") from None
+    interval = getattr(args, "lighthouse_layer_interval", None)
+    if interval is not None:
+        start = getattr(args, "lighthouse_dense_from_iteration", None)
+        count = args.num_layers - len(cfg.dense_layer_set(args.num_layers))
+        if start is None:
+            raise ValueError(f"--lighthouse-layer-interval {interval}: needs --lighthouse-dense-from-iteration (the "
+                             "iteration the last Lighthouse layer switches at)")
+        if start < (count - 1) * interval:
+            raise ValueError(f"--lighthouse-layer-interval {interval} with {count} Lighthouse layers and "
+                             f"--lighthouse-dense-from-iteration {start}: the first layer would switch at iteration "
+                             f"{start - (count - 1) * interval}; needs --lighthouse-dense-from-iteration >= "
+                             f"{(count - 1) * interval}")
     return cfg
 
 
@@ -223,12 +240,13 @@ def lighthouse_block_spec_from_args(args: Any, config: Any, vp_stage: Optional[i
 
 
 def lighthouse_schedule_from_args(args: Any) -> "LighthouseSchedule":
-    """The schedule of ``--lighthouse-dense-from-iteration`` (Lighthouse throughout when unset) and
-    ``--lighthouse-dense-every``."""
+    """The schedule of ``--lighthouse-dense-from-iteration`` (Lighthouse throughout when unset),
+    ``--lighthouse-dense-every`` and ``--lighthouse-layer-interval``."""
     from .switch import LighthouseSchedule
 
     return LighthouseSchedule(getattr(args, "lighthouse_dense_from_iteration", None),
-                              getattr(args, "lighthouse_dense_every", None))
+                              getattr(args, "lighthouse_dense_every", None),
+                              getattr(args, "lighthouse_layer_interval", None) or 0)
 
 
 #: Lighthouse layers that :func:`maybe_switch_to_dense` has already moved to the dense stage.
@@ -236,14 +254,15 @@ _IN_DENSE_STAGE: "weakref.WeakSet" = weakref.WeakSet()
 
 
 def maybe_switch_to_dense(model: "Model", args: Any, iteration: Optional[int] = None) -> bool:
-    """Apply the schedule of ``--lighthouse-dense-from-iteration`` and ``--lighthouse-dense-every`` to ``model`` (a
-    module or list of model chunks) at ``iteration``; call once per iteration (or micro-batch).
+    """Apply the schedule of ``--lighthouse-dense-from-iteration``, ``--lighthouse-dense-every`` and
+    ``--lighthouse-layer-interval`` to ``model`` (a module or list of model chunks) at ``iteration``; call once per
+    iteration (or micro-batch).
 
     ``iteration`` defaults to Megatron-LM's ``args.curr_iteration`` (set by the training loop), else
     ``args.iteration`` (the loaded checkpoint's, or 0; evaluation-only runs never set ``curr_iteration``).
-    Returns ``True`` when this call moved the model's Lighthouse layers to the dense stage: its first call at an
-    iteration ``>= --lighthouse-dense-from-iteration`` (logged, once). Interleaved dense iterations are not
-    switches.
+    Returns ``True`` when this call moved Lighthouse layers to their dense stage: the first call at or past a
+    layer's switch iteration (``--lighthouse-dense-from-iteration``, earlier for lower layers with
+    ``--lighthouse-layer-interval``), logged once per layer. Interleaved dense iterations are not switches.
     """
     from .switch import lighthouse_modules
 
@@ -253,14 +272,26 @@ def maybe_switch_to_dense(model: "Model", args: Any, iteration: Optional[int] = 
     modules = lighthouse_modules(model)
     schedule = lighthouse_schedule_from_args(args)
     schedule.apply(modules, iteration)
-    dense_stage = not schedule.in_lighthouse_stage(iteration)
-    switched = dense_stage and any(m not in _IN_DENSE_STAGE for m in modules)
+    moved = []
     for m in modules:
-        (_IN_DENSE_STAGE.add if dense_stage else _IN_DENSE_STAGE.discard)(m)
-    if switched:
-        logger.info("Lighthouse: iteration %d >= --lighthouse-dense-from-iteration %d: %d Lighthouse layers "
-                    "switched to dense attention", iteration, args.lighthouse_dense_from_iteration, len(modules))
-    return switched
+        switch = schedule.switch_iteration(*m.lighthouse_position)
+        if switch is not None and iteration >= switch:
+            if m not in _IN_DENSE_STAGE:
+                moved.append(m)
+            _IN_DENSE_STAGE.add(m)
+        else:
+            _IN_DENSE_STAGE.discard(m)
+    if moved:
+        layers = ", ".join(str(m.layer_number) for m in moved)
+        if not schedule.in_lighthouse_stage(iteration):
+            logger.info("Lighthouse: iteration %d >= --lighthouse-dense-from-iteration %d: %d Lighthouse layers "
+                        "switched to dense attention (layers %s)", iteration, args.lighthouse_dense_from_iteration,
+                        len(moved), layers)
+        else:
+            logger.info("Lighthouse: iteration %d: Lighthouse layers %s switched to dense attention "
+                        "(--lighthouse-layer-interval %d; every layer dense from iteration %d)", iteration, layers,
+                        args.lighthouse_layer_interval, args.lighthouse_dense_from_iteration)
+    return bool(moved)
 
 
 def _model_config_block_spec(args: Any, model_config: Any, vp_stage: Optional[int] = None):
@@ -296,6 +327,8 @@ def lighthouse_summary(args: Any, num_heads: int, head_dim: int) -> str:
                 f"{args.num_layers - len(dense_layers)}/{args.num_layers} layers Lighthouse, dense layers "
                 f"{dense_layers}; "
                 + ("Lighthouse throughout" if stage_two is None else f"dense from iteration {stage_two}")
+                + ("" if getattr(args, "lighthouse_layer_interval", None) is None
+                   else f", layers switching one at a time, {args.lighthouse_layer_interval} iterations apart")
                 + ("" if getattr(args, "lighthouse_dense_every", None) is None
                    else f"; before that, 1 in {args.lighthouse_dense_every} iterations dense"))
     return line

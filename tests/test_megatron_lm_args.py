@@ -55,6 +55,7 @@ def test_defaults():
     assert args.lighthouse_dense_layers == (0, 1, -2, -1)
     assert args.lighthouse_rope == "entries"
     assert args.lighthouse_dense_from_iteration is None and args.lighthouse_dense_every is None
+    assert args.lighthouse_layer_interval is None
     assert args.lighthouse_monitor is False  # the monitor flags come along
     assert lighthouse_config_from_args(args) is None
     assert validate_lighthouse_args(args) is None
@@ -65,10 +66,11 @@ def test_every_flag_parses():
     args = parse("--lighthouse", "--lighthouse-topk", "1024", "--lighthouse-pooling-factor", "8",
                  "--lighthouse-levels", "2", "--lighthouse-dense-layers", "0, -1", "--lighthouse-rope", "tokens",
                  "--lighthouse-dense-from-iteration", "500", "--lighthouse-dense-every", "8", "--lighthouse-monitor",
-                 "--lighthouse-monitor-interval", "0.5")
+                 "--lighthouse-monitor-interval", "0.5", "--lighthouse-layer-interval", "100")
     assert lighthouse_config_from_args(args) == LighthouseConfig(levels=2, pooling_factor=8, topk=1024,
                                                                  dense_layers=(0, -1), rope="tokens")
     assert args.lighthouse_dense_from_iteration == 500 and args.lighthouse_dense_every == 8
+    assert args.lighthouse_layer_interval == 100
     assert args.lighthouse_monitor and args.lighthouse_monitor_interval == 0.5
     assert parse("--lighthouse-dense-layers", "").lighthouse_dense_layers == ()
 
@@ -131,6 +133,8 @@ def test_dense_from_iteration_needs_lighthouse():
         validate_lighthouse_args(parse("--lighthouse-dense-from-iteration", "10"))
     with pytest.raises(ValueError, match=r"--lighthouse-dense-every 4: needs --lighthouse"):
         validate_lighthouse_args(parse("--lighthouse-dense-every", "4"))
+    with pytest.raises(ValueError, match=r"--lighthouse-layer-interval 5: needs --lighthouse \("):
+        validate_lighthouse_args(parse("--lighthouse-layer-interval", "5"))
     assert validate_lighthouse_args(parse("--lighthouse", "--lighthouse-dense-from-iteration", "10")) is not None
 
 
@@ -141,6 +145,23 @@ def test_schedule_from_args():
     schedule = lighthouse_schedule_from_args(parse("--lighthouse", "--lighthouse-dense-from-iteration", "5",
                                                    "--lighthouse-dense-every", "2"))
     assert [schedule.enabled_at(i) for i in range(6)] == [True, False, True, False, True, False]
+
+
+def test_layer_interval_needs_a_switch_that_leaves_every_layer_a_lighthouse_stage(capsys):
+    # 6 layers, 2 of them Lighthouse (2 and 3): the lower one switches 40 iterations before the upper.
+    ok = parse("--lighthouse", "--lighthouse-dense-from-iteration", "40", "--lighthouse-layer-interval", "40")
+    assert validate_lighthouse_args(ok) is not None
+    schedule = lighthouse_schedule_from_args(ok)
+    assert [schedule.switch_iteration(j, 2) for j in range(2)] == [0, 40]
+    with pytest.raises(ValueError, match=r"--lighthouse-layer-interval 40: needs --lighthouse-dense-from-iteration"):
+        validate_lighthouse_args(parse("--lighthouse", "--lighthouse-layer-interval", "40"))
+    with pytest.raises(ValueError, match=r"--lighthouse-layer-interval 41 with 2 Lighthouse layers and "
+                                         r"--lighthouse-dense-from-iteration 40: the first layer would switch at "
+                                         r"iteration -1; needs --lighthouse-dense-from-iteration >= 41"):
+        validate_lighthouse_args(parse("--lighthouse", "--lighthouse-dense-from-iteration", "40",
+                                       "--lighthouse-layer-interval", "41"))
+    err = parse_error(capsys, "--lighthouse", "--lighthouse-layer-interval", "0")
+    assert "--lighthouse-layer-interval" in err and "must be an int >= 1" in err
 
 
 @pytest.mark.parametrize("value", ["1", "0", "-3", "two"])
@@ -164,6 +185,9 @@ def test_summary_line(caplog):
     line = log_lighthouse_summary(parse("--lighthouse", "--lighthouse-dense-from-iteration", "100",
                                         "--lighthouse-dense-every", "4", seq_length=524288, num_layers=24), 32, 128)
     assert line.endswith("dense from iteration 100; before that, 1 in 4 iterations dense")
+    line = log_lighthouse_summary(parse("--lighthouse", "--lighthouse-dense-from-iteration", "100",
+                                        "--lighthouse-layer-interval", "5", seq_length=524288, num_layers=24), 32, 128)
+    assert line.endswith("dense from iteration 100, layers switching one at a time, 5 iterations apart")
 
 
 def _core_attention_names(spec):
@@ -243,6 +267,32 @@ def test_interleaved_dense_iterations_are_not_the_switch(megatron, caplog):
     assert switched == [False] * 8 + [True, False, False, False]
     assert states == [True, True, False, False, True, True, False, False, False, False, False, False]
     assert len(caplog.messages) == 1 and "iteration 4 >= --lighthouse-dense-from-iteration 4" in caplog.messages[0]
+
+
+def test_layer_interval_switches_and_reports_each_layer(megatron, caplog):
+    """``--lighthouse-layer-interval 2`` with the switch at 3: the lower Lighthouse layer (layer number 3) goes
+    dense at iteration 1, the upper (4) at 3, each reported once."""
+    from megatron_lighthouse.switch import lighthouse_modules
+
+    args = parse("--lighthouse", "--lighthouse-topk", "128", "--lighthouse-levels", "2",
+                 "--lighthouse-pooling-factor", "2", "--lighthouse-dense-from-iteration", "3",
+                 "--lighthouse-layer-interval", "2", seq_length=SEQ)
+    validate_lighthouse_args(args)
+    config = _config()
+    model = tiny_gpt(config, lighthouse_block_spec_from_args(args, config))
+    modules = lighthouse_modules(model)
+    with caplog.at_level(logging.INFO, logger="megatron_lighthouse.megatron_lm"):
+        switched, states = [], []
+        for it in range(5):
+            switched.append(maybe_switch_to_dense(model, args, it))
+            states.append([m.enabled for m in modules])
+    assert switched == [False, True, False, True, False]
+    assert states == [[True, True], [False, True], [False, True], [False, False], [False, False]]
+    assert caplog.messages == [
+        "Lighthouse: iteration 1: Lighthouse layers 3 switched to dense attention (--lighthouse-layer-interval 2; "
+        "every layer dense from iteration 3)",
+        "Lighthouse: iteration 3 >= --lighthouse-dense-from-iteration 3: 1 Lighthouse layers switched to dense "
+        "attention (layers 4)"]
 
 
 def test_args_provider_chains_the_previous_provider():
