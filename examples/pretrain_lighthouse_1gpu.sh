@@ -10,6 +10,8 @@
 #   NUM_LAYERS=30 HIDDEN=1024 HEADS=8 FFN=1536 TRANSFORMER_IMPL=transformer_engine|local   the model
 #   TRAIN_ITERS=10000 LR=2e-3
 #   DENSE_FROM_ITER   both stages in one run: dense from this iteration on (patched pretrain_gpt.py only)
+#   LAYER_INTERVAL    with DENSE_FROM_ITER: switch the Lighthouse layers one at a time, lowest first, this many
+#                     iterations apart, the last at DENSE_FROM_ITER (not in the paper; patched only)
 #   DRY_RUN=1         validate everything, then print the command instead of running it
 set -euo pipefail
 source "$(dirname "$0")/common.sh"

@@ -84,6 +84,8 @@ def test_one_gpu_unpatched_uses_the_spec_entry(tmp_path, megatron_lm):
     assert "--spec megatron_lighthouse.spec lighthouse_local_layer_spec --transformer-impl local" in local.stdout
     refused = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **_base(megatron_lm), DENSE_FROM_ITER="8000")
     assert refused.returncode == 2 and "DENSE_FROM_ITER needs the patched pretrain_gpt.py" in refused.stderr
+    refused = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **_base(megatron_lm), LAYER_INTERVAL="500")
+    assert refused.returncode == 2 and "LAYER_INTERVAL needs the patched pretrain_gpt.py" in refused.stderr
 
 
 def test_one_gpu_patched_passes_the_flags(tmp_path, patched):
@@ -92,6 +94,10 @@ def test_one_gpu_patched_passes_the_flags(tmp_path, patched):
     assert ("--lighthouse --lighthouse-topk 2048 --lighthouse-pooling-factor 4 --lighthouse-levels 3 "
             "--lighthouse-dense-layers 0 --lighthouse-dense-from-iteration 8000") in proc.stdout
     assert "--spec" not in proc.stdout
+    staggered = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **_base(patched), DENSE_FROM_ITER="8000",
+                     LAYER_INTERVAL="500")
+    assert staggered.returncode == 0, staggered.stderr
+    assert "--lighthouse-dense-from-iteration 8000 --lighthouse-layer-interval 500" in staggered.stdout
 
 
 @pytest.mark.parametrize("env, message", [
@@ -103,6 +109,8 @@ def test_one_gpu_patched_passes_the_flags(tmp_path, patched):
     (dict(HIDDEN="1000", HEADS="16"), "HIDDEN=1000 must be divisible by HEADS=16"),
     (dict(TRANSFORMER_IMPL="te"), "TRANSFORMER_IMPL=te: must be transformer_engine or local"),
     (dict(DENSE_FROM_ITER="soon"), "DENSE_FROM_ITER=soon: must be an integer >= 0"),
+    (dict(DENSE_FROM_ITER="8000", LAYER_INTERVAL="0"), "LAYER_INTERVAL=0: must be an integer >= 1"),
+    (dict(LAYER_INTERVAL="500"), "LAYER_INTERVAL=500 needs DENSE_FROM_ITER"),
     (dict(DATA_PATH=""), "DATA_PATH is not set"),
 ])
 def test_one_gpu_bad_variables_are_refused_before_launch(tmp_path, patched, env, message):
