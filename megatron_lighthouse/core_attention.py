@@ -121,10 +121,10 @@ class LighthouseCoreAttention(MegatronModule):
         self.layer_number = layer_number
         self.attn_mask_type = attn_mask_type
         self.softmax_scale = 1.0 / math.sqrt(config.kv_channels) if softmax_scale is None else softmax_scale
-        self.dense_layer = (layer_number - 1) in self.lighthouse.dense_layer_set(config.num_layers) \
-            if 1 <= layer_number <= config.num_layers else False
+        dense_layers = self.lighthouse.dense_layer_set(config.num_layers)
+        self.dense_layer = (layer_number - 1) in dense_layers if 1 <= layer_number <= config.num_layers else False
         self.enabled = not self.dense_layer
-        lighthouse_layers = sorted(set(range(config.num_layers)) - self.lighthouse.dense_layer_set(config.num_layers))
+        lighthouse_layers = sorted(set(range(config.num_layers)) - dense_layers)
         count = max(len(lighthouse_layers), 1)
         #: ``(index, count)``: this layer's place among the model's Lighthouse layers, in layer order, which a
         #: staggered switch goes by (:class:`~megatron_lighthouse.switch.LighthouseSchedule`); a layer numbered

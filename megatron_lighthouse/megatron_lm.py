@@ -215,11 +215,11 @@ def validate_lighthouse_args(args: Any) -> Optional[LighthouseConfig]:
         if start is None:
             raise ValueError(f"--lighthouse-layer-interval {interval}: needs --lighthouse-dense-from-iteration (the "
                              "iteration the last Lighthouse layer switches at)")
-        if start < (count - 1) * interval:
+        first = lighthouse_schedule_from_args(args).switch_iteration(0, count)
+        if first < 0:
             raise ValueError(f"--lighthouse-layer-interval {interval} with {count} Lighthouse layers and "
                              f"--lighthouse-dense-from-iteration {start}: the first layer would switch at iteration "
-                             f"{start - (count - 1) * interval}; needs --lighthouse-dense-from-iteration >= "
-                             f"{(count - 1) * interval}")
+                             f"{first}; needs --lighthouse-dense-from-iteration >= {(count - 1) * interval}")
     return cfg
 
 

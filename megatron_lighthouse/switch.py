@@ -90,12 +90,13 @@ class LighthouseSchedule:
     def check_layers(self, count: int) -> None:
         """``ValueError`` unless ``count`` Lighthouse layers fit the schedule: the first one's switch,
         ``dense_from_iteration - (count - 1) * layer_interval``, must not fall before iteration 0."""
-        if self.layer_interval and self.dense_from_iteration < (count - 1) * self.layer_interval:
+        first = self.switch_iteration(0, count)
+        if first is not None and first < 0:
             raise ValueError(
                 f"LighthouseSchedule.layer_interval={self.layer_interval} with {count} Lighthouse layers and "
                 f"dense_from_iteration={self.dense_from_iteration}: the first layer would switch at iteration "
-                f"{self.dense_from_iteration - (count - 1) * self.layer_interval}; needs dense_from_iteration >= "
-                f"(layers - 1) * layer_interval = {(count - 1) * self.layer_interval}")
+                f"{first}; needs dense_from_iteration >= (layers - 1) * layer_interval = "
+                f"{(count - 1) * self.layer_interval}")
 
     def switch_iteration(self, index: int = 0, count: int = 1) -> Union[int, None]:
         """The first dense iteration of Lighthouse layer ``index`` of ``count`` (``None``: Lighthouse throughout)."""
@@ -119,8 +120,8 @@ class LighthouseSchedule:
         A layer's place in the order is :attr:`LighthouseCoreAttention.lighthouse_position`, so each pipeline
         stage, holding some of the layers, switches them when the whole model would."""
         modules = lighthouse_modules(model)
-        for module in modules:
-            index, count = module.lighthouse_position
+        for count in {module.lighthouse_position[1] for module in modules}:
             self.check_layers(count)
-            module.enabled = self.enabled_at(iteration, index, count)
+        for module in modules:
+            module.enabled = self.enabled_at(iteration, *module.lighthouse_position)
         return sum(module.enabled for module in modules)

@@ -301,7 +301,7 @@ def run_demo(cfg: DemoConfig) -> Dict:
             stage = "lighthouse" if schedule.in_lighthouse_stage(step) else "dense"
             if step in early_switches:
                 logger.info("step %d: Lighthouse layer %d of %d switched to dense (--layer-interval %d)", step,
-                            early_switches[step] + 1, len(lighthouse_modules(model)), cfg.layer_interval)
+                            early_switches[step] + 1, count, cfg.layer_interval)
             if step == cfg.switch_step and cfg.mode == "two-stage":
                 logger.info("step %d: switching Lighthouse off, dense attention from here on", step)
             for group in optimizer.param_groups:
