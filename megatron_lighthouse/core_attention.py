@@ -28,7 +28,7 @@ from megatron.core.transformer.utils import sharded_state_dict_default
 
 from .attention import lighthouse_attention
 from .config import LighthouseConfig
-from .rotary import entry_rotary
+from .rotary import apply_rotary, entry_rotary
 from .transformer_config import context_parallel_group, resolve_lighthouse, unsupported_attention_settings
 
 #: Name of the inner core attention among this module's children (hidden from state-dict keys).
@@ -81,7 +81,9 @@ class LighthouseCoreAttention(MegatronModule):
     sequences, ``attention_bias`` and sequence lengths the settings cannot select from.
 
     :attr:`enabled` switches between Lighthouse and the plain inner attention on the full sequence (the dense
-    model) at run time; see :func:`megatron_lighthouse.switch.set_lighthouse_enabled`.
+    model) at run time; see :func:`megatron_lighthouse.switch.set_lighthouse_enabled`. While enabled, a
+    :attr:`dense_weight` ``w`` in ``(0, 1)`` returns ``(1 - w) * Lighthouse + w * dense`` (both computed: the
+    blended switch of :class:`~megatron_lighthouse.switch.LighthouseSchedule`).
 
     RoPE (``lighthouse.rope == "entries"``): inside
     :class:`~megatron_lighthouse.self_attention.LighthouseSelfAttention` (the spec provider's), q/k arrive
@@ -124,6 +126,8 @@ class LighthouseCoreAttention(MegatronModule):
         dense_layers = self.lighthouse.dense_layer_set(config.num_layers)
         self.dense_layer = (layer_number - 1) in dense_layers if 1 <= layer_number <= config.num_layers else False
         self.enabled = not self.dense_layer
+        #: While :attr:`enabled`: the weight of the dense attention in a blend with Lighthouse (0: Lighthouse only).
+        self.dense_weight = 0.0
         lighthouse_layers = sorted(set(range(config.num_layers)) - dense_layers)
         count = max(len(lighthouse_layers), 1)
         #: ``(index, count)``: this layer's place among the model's Lighthouse layers, in layer order, which a
@@ -217,12 +221,20 @@ class LighthouseCoreAttention(MegatronModule):
             except ValueError as err:
                 raise ValueError(f"LighthouseCoreAttention (layer {self.layer_number}, {s} tokens): {err}") from None
         q, k, v = (x.transpose(0, 1) for x in (query, key, value))  # [b, s, h|g, d]
+        rotary = self._entry_rotary(s)
         out = lighthouse_attention(
             q, k, v, levels=cfg.levels, pooling_factor=cfg.pooling_factor, topk=cfg.topk,
             softmax_scale=self.softmax_scale, attention=self._subsequence_attention, cp_group=self.cp_group,
-            rotary=self._entry_rotary(s),
+            rotary=rotary,
         )
-        return out.transpose(0, 1).reshape(s, b, h * d)
+        out = out.transpose(0, 1).reshape(s, b, h * d)
+        if self.dense_weight > 0.0:  # the blended switch: the dense model's attention, weighted in
+            if rotary is not None:  # q/k arrived un-rotated: rotate the tokens as Megatron would have
+                query, key = (apply_rotary(x, self.rotary_freqs.reshape(s, 1, 1, -1),
+                                           self.config.rotary_interleaved) for x in (query, key))
+            dense = self._dense(query, key, value, attention_mask, mask_type, **kwargs)
+            out = torch.lerp(out, dense.to(out.dtype), self.dense_weight)
+        return out
 
     def _entry_rotary(self, seq_len: int):
         """The RoPE of selected entries for this call (``None``: none to apply here)."""

@@ -34,6 +34,7 @@ def set_lighthouse_enabled(model: Model, enabled: bool) -> int:
     modules = lighthouse_modules(model)
     for module in modules:
         module.enabled = bool(enabled)
+        module.dense_weight = 0.0
     return len(modules)
 
 
@@ -42,12 +43,12 @@ def lighthouse_enabled(model: Model, enabled: bool) -> Iterator[int]:
     """Context manager: :func:`set_lighthouse_enabled` inside, each layer's previous state restored on exit.
     Yields the number of Lighthouse layers set."""
     modules = lighthouse_modules(model)
-    previous = [m.enabled for m in modules]
+    previous = [(m.enabled, m.dense_weight) for m in modules]
     try:
         yield set_lighthouse_enabled(modules, enabled)
     finally:
-        for module, state in zip(modules, previous):
-            module.enabled = state
+        for module, (state, weight) in zip(modules, previous):
+            module.enabled, module.dense_weight = state, weight
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +64,9 @@ class LighthouseSchedule:
       last at ``dense_from_iteration``: of ``n`` Lighthouse layers, the ``j``-th (0-based, in layer order) runs
       dense from ``dense_from_iteration - (n - 1 - j) * K``. Every layer is dense from ``dense_from_iteration`` on,
       as without it.
+    - ``blend_iterations=B`` blends each layer into dense attention over the ``B`` iterations before its switch:
+      at iteration ``switch - B + i`` (``i`` in ``0..B-1``) the layer returns ``(1 - w) * Lighthouse + w * dense``
+      with ``w = (i + 1) / (B + 1)`` (:attr:`LighthouseCoreAttention.dense_weight`), computing both.
 
     Call :meth:`apply` once per iteration (cheap).
     """
@@ -70,6 +74,7 @@ class LighthouseSchedule:
     dense_from_iteration: Union[int, None] = None
     dense_every: Union[int, None] = None
     layer_interval: int = 0
+    blend_iterations: int = 0
 
     def __post_init__(self) -> None:
         it = self.dense_from_iteration
@@ -86,17 +91,27 @@ class LighthouseSchedule:
         if interval and it is None:
             raise ValueError(f"LighthouseSchedule.layer_interval={interval}: needs dense_from_iteration (without a "
                              "switch no layer goes dense)")
+        blend = self.blend_iterations
+        if not isinstance(blend, int) or isinstance(blend, bool) or blend < 0:
+            raise ValueError(f"LighthouseSchedule.blend_iterations={blend!r}: must be an int >= 0 (0: no blend)")
+        if blend and it is None:
+            raise ValueError(f"LighthouseSchedule.blend_iterations={blend}: needs dense_from_iteration (the blend "
+                             "leads up to the switch)")
 
     def check_layers(self, count: int) -> None:
-        """``ValueError`` unless ``count`` Lighthouse layers fit the schedule: the first one's switch,
-        ``dense_from_iteration - (count - 1) * layer_interval``, must not fall before iteration 0."""
+        """``ValueError`` unless ``count`` Lighthouse layers fit the schedule: the first one's blend start,
+        ``dense_from_iteration - (count - 1) * layer_interval - blend_iterations``, must not fall before
+        iteration 0."""
         first = self.switch_iteration(0, count)
-        if first is not None and first < 0:
+        blend = self.blend_iterations
+        if first is not None and first - blend < 0:
             raise ValueError(
-                f"LighthouseSchedule.layer_interval={self.layer_interval} with {count} Lighthouse layers and "
+                f"LighthouseSchedule.layer_interval={self.layer_interval}"
+                f"{f', blend_iterations={blend}' if blend else ''} with {count} Lighthouse layers and "
                 f"dense_from_iteration={self.dense_from_iteration}: the first layer would switch at iteration "
-                f"{first}; needs dense_from_iteration >= (layers - 1) * layer_interval = "
-                f"{(count - 1) * self.layer_interval}")
+                f"{first}{f' and start its blend at {first - blend}' if blend else ''}; needs "
+                f"dense_from_iteration >= (layers - 1) * layer_interval{' + blend_iterations' if blend else ''} = "
+                f"{(count - 1) * self.layer_interval + blend}")
 
     def switch_iteration(self, index: int = 0, count: int = 1) -> Union[int, None]:
         """The first dense iteration of Lighthouse layer ``index`` of ``count`` (``None``: Lighthouse throughout)."""
@@ -114,6 +129,14 @@ class LighthouseSchedule:
         interleaved_dense = self.dense_every is not None and (iteration + 1) % self.dense_every == 0
         return (switch is None or iteration < switch) and not interleaved_dense
 
+    def dense_weight_at(self, iteration: int, index: int = 0, count: int = 1) -> float:
+        """The dense weight of Lighthouse layer ``index`` of ``count`` at ``iteration`` while it runs Lighthouse
+        (0 outside its blend; see ``blend_iterations``)."""
+        switch = self.switch_iteration(index, count)
+        if switch is None or not switch - self.blend_iterations <= iteration < switch:
+            return 0.0
+        return (iteration - switch + self.blend_iterations + 1) / (self.blend_iterations + 1)
+
     def apply(self, model: Model, iteration: int) -> int:
         """Set ``model``'s Lighthouse layers for ``iteration``; returns how many run Lighthouse (0: all dense).
 
@@ -124,4 +147,5 @@ class LighthouseSchedule:
             self.check_layers(count)
         for module in modules:
             module.enabled = self.enabled_at(iteration, *module.lighthouse_position)
+            module.dense_weight = self.dense_weight_at(iteration, *module.lighthouse_position)
         return sum(module.enabled for module in modules)

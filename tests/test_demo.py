@@ -99,6 +99,21 @@ def test_layer_interval_switches_the_lighthouse_layers_one_at_a_time(tmp_path, c
     assert stagger[3]["loss"] != pytest.approx(plain[3]["loss"], rel=1e-6)
 
 
+def test_blend_steps_blend_each_lighthouse_layer_into_dense_before_its_switch(tmp_path, caplog):
+    """Three layers, two of them Lighthouse, 1 step apart, the last switch at step 5: ``--blend-steps 2`` blends
+    the lower one over steps 2-3 and the upper over 3-4. Steps 0-1 train as without it, step 2 does not."""
+    three = ["--layers", "3", "--steps", "6", "--mode", "two-stage", "--layer-interval", "1"]
+    assert _main(*three, "--out", str(tmp_path / "plain")) == 0
+    with caplog.at_level(logging.INFO, logger="megatron_lighthouse.demo.train"):
+        assert _main(*three, "--blend-steps", "2", "--out", str(tmp_path / "blend")) == 0
+    assert "step 2: Lighthouse layer 1 of 2 blending into dense over 2 steps (--blend-steps)" in caplog.messages
+    assert "step 3: Lighthouse layer 2 of 2 blending into dense over 2 steps (--blend-steps)" in caplog.messages
+    plain, blend = (json.loads((tmp_path / name / "metrics.json").read_text())["train"] for name in ("plain", "blend"))
+    assert [t["stage"] for t in blend] == [t["stage"] for t in plain] == ["lighthouse"] * 5 + ["dense"]
+    assert [t["loss"] for t in blend[:2]] == pytest.approx([t["loss"] for t in plain[:2]], rel=1e-6)
+    assert blend[2]["loss"] != pytest.approx(plain[2]["loss"], rel=1e-6)
+
+
 def test_summary_table_is_printed(tmp_path, capsys):
     assert _main("--steps", "3", "--out", str(tmp_path)) == 0
     out = capsys.readouterr().out
@@ -202,6 +217,9 @@ def test_out_of_memory_names_the_flags_to_lower(tmp_path, monkeypatch):
      "--layer-interval 2: must be >= 0, and only with --mode two-stage"),
     (["--layers", "3", "--layer-interval", "6"], "--layer-interval 6: 2 Lighthouse layers switching 6 steps apart, "
                                                   "the last at step 5, would put the first at step -1"),
+    (["--mode", "dense", "--blend-steps", "2"], "--blend-steps 2: must be >= 0, and only with --mode two-stage"),
+    (["--layers", "3", "--layer-interval", "2", "--blend-steps", "4"],
+     "--blend-steps 4: the first Lighthouse layer switches at step 3, so its blend would start at step -1"),
 ])
 def test_bad_settings_fail_clearly(args, message, capsys):
     assert _main(*args) == 2

@@ -343,6 +343,18 @@ def test_staggered_switch_goes_by_the_layers_place_in_the_whole_model():
         LighthouseSchedule(dense_from_iteration=9, layer_interval=4).apply(last_stage, 0)
 
 
+def test_blended_switch_sets_each_layers_dense_weight_and_lighthouse_enabled_clears_it():
+    light, _ = _pair()
+    modules = lighthouse_modules(light)
+    schedule = LighthouseSchedule(dense_from_iteration=10, layer_interval=4, blend_iterations=3)  # blends 3-5, 7-9
+    assert schedule.apply(light, 4) == 2 and [m.dense_weight for m in modules] == [0.5, 0.0]
+    with lighthouse_enabled(light, True):  # the Lighthouse-mode read: no blend
+        assert [m.dense_weight for m in modules] == [0.0, 0.0] and all(m.enabled for m in modules)
+    assert [m.dense_weight for m in modules] == [0.5, 0.0]  # restored
+    assert schedule.apply(light, 9) == 1 and [m.dense_weight for m in modules] == [0.0, 0.75]
+    assert schedule.apply(light, 10) == 0 and [m.dense_weight for m in modules] == [0.0, 0.0]
+
+
 def test_dense_spec_for():
     cfg = tiny_config()
     block = dense_spec_for(get_gpt_decoder_block_with_lighthouse_spec(cfg, use_transformer_engine=False))

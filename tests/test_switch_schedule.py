@@ -59,3 +59,31 @@ def test_layer_interval_must_leave_the_first_layer_a_lighthouse_stage():
 def test_bad_layer_interval_is_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LighthouseSchedule(**kwargs)
+
+
+def test_blend_ramps_each_layers_dense_weight_over_the_iterations_before_its_switch():
+    schedule = LighthouseSchedule(dense_from_iteration=10, layer_interval=3, blend_iterations=3)
+    weights = [[schedule.dense_weight_at(i, j, 2) for i in range(3, 11)] for j in range(2)]
+    assert weights == [[0.0, 0.25, 0.5, 0.75, 0.0, 0.0, 0.0, 0.0],  # layer 0 switches at 7, blends over 4..6
+                       [0.0, 0.0, 0.0, 0.0, 0.25, 0.5, 0.75, 0.0]]  # layer 1 switches at 10, blends over 7..9
+    assert [schedule.enabled_at(i, 0, 2) for i in (6, 7)] == [L, D]  # a blending layer still runs Lighthouse
+    assert LighthouseSchedule(dense_from_iteration=4).dense_weight_at(3) == 0.0  # no blend by default
+    assert LighthouseSchedule().dense_weight_at(10**9) == 0.0
+
+
+def test_blend_must_start_at_iteration_zero_or_later():
+    LighthouseSchedule(dense_from_iteration=5, layer_interval=2, blend_iterations=3).check_layers(2)  # starts at 0
+    with pytest.raises(ValueError, match=r"layer_interval=2, blend_iterations=4 with 2 Lighthouse layers and "
+                                         r"dense_from_iteration=5: the first layer would switch at iteration 3 and "
+                                         r"start its blend at -1; needs .* = 6"):
+        LighthouseSchedule(dense_from_iteration=5, layer_interval=2, blend_iterations=4).check_layers(2)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(dense_from_iteration=5, blend_iterations=-1), r"blend_iterations=-1: must be an int >= 0"),
+    (dict(dense_from_iteration=5, blend_iterations=2.0), r"blend_iterations=2.0: must be an int >= 0"),
+    (dict(blend_iterations=2), r"blend_iterations=2: needs dense_from_iteration"),
+])
+def test_bad_blend_iterations_is_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LighthouseSchedule(**kwargs)

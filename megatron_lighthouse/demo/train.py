@@ -26,7 +26,7 @@ CHECKPOINT = "checkpoint.pt"
 #: (Not ``device``: the model differs by device, learned positions and fp32 on CPU, RoPE and bf16 on CUDA.)
 RESUMABLE_CHANGES = ("steps", "out", "resume", "log_every", "eval_every", "eval_batches")
 #: Settings added after checkpoints were first written: the value an older checkpoint ran with.
-OLD_CHECKPOINT_SETTINGS = {"rope": "tokens", "dense_every": 0, "layer_interval": 0}
+OLD_CHECKPOINT_SETTINGS = {"rope": "tokens", "dense_every": 0, "layer_interval": 0, "blend_steps": 0}
 #: What to lower when memory runs out.
 MEMORY_HINT = "lower --batch-size, --seq-len, --layers or --hidden"
 
@@ -49,6 +49,9 @@ class DemoConfig:
     ``layer_interval``: with ``K >= 1``, a two-stage run switches its Lighthouse layers to dense one at a time,
     lowest first, ``K`` steps apart, the last at the switch step (``LighthouseSchedule.layer_interval``; not in the
     paper); 0: all at once.
+    ``blend_steps``: with ``B >= 1``, each Lighthouse layer of a two-stage run blends into dense attention over
+    the ``B`` steps before its switch, the dense weight rising linearly (``LighthouseSchedule.blend_iterations``;
+    not in the paper); 0: off.
     """
 
     mode: str = "two-stage"
@@ -70,6 +73,7 @@ class DemoConfig:
     dense_rewarm: int = 0
     dense_every: int = 0
     layer_interval: int = 0
+    blend_steps: int = 0
     eval_every: int = 25
     eval_batches: int = 4
     log_every: int = 10
@@ -104,6 +108,8 @@ class DemoConfig:
             raise ValueError(f"--dense-every {self.dense_every}: must be 0 (off) or >= 2, and not with --mode dense")
         if self.layer_interval < 0 or (self.layer_interval and self.mode != "two-stage"):
             raise ValueError(f"--layer-interval {self.layer_interval}: must be >= 0, and only with --mode two-stage")
+        if self.blend_steps < 0 or (self.blend_steps and self.mode != "two-stage"):
+            raise ValueError(f"--blend-steps {self.blend_steps}: must be >= 0, and only with --mode two-stage")
         if self.mode != "dense":
             lighthouse = self.lighthouse()
             try:
@@ -114,13 +120,17 @@ class DemoConfig:
             if len(lighthouse.dense_layer_set(self.layers)) == self.layers:
                 raise ValueError(f"--dense-layers {self.dense_layers}: keeps all {self.layers} layers dense; "
                                  f"use more --layers or fewer dense layers")
-            if self.layer_interval:
+            if self.layer_interval or self.blend_steps:
                 count = self.layers - len(lighthouse.dense_layer_set(self.layers))
                 first = self.switch_step - (count - 1) * self.layer_interval
                 if first < 0:
                     raise ValueError(f"--layer-interval {self.layer_interval}: {count} Lighthouse layers switching "
                                      f"{self.layer_interval} steps apart, the last at step {self.switch_step}, "
                                      f"would put the first at step {first}; lower it or --dense-fraction")
+                if first - self.blend_steps < 0:
+                    raise ValueError(f"--blend-steps {self.blend_steps}: the first Lighthouse layer switches at step "
+                                     f"{first}, so its blend would start at step {first - self.blend_steps}; lower "
+                                     f"it, --layer-interval or --dense-fraction")
 
     @property
     def switch_step(self) -> Optional[int]:
@@ -279,7 +289,7 @@ def run_demo(cfg: DemoConfig) -> Dict:
     _init_runtime(device)
     torch.manual_seed(cfg.seed)
     schedule = LighthouseSchedule(dense_from_iteration=cfg.switch_step, dense_every=cfg.dense_every or None,
-                                  layer_interval=cfg.layer_interval)
+                                  layer_interval=cfg.layer_interval, blend_iterations=cfg.blend_steps)
     out = pathlib.Path(cfg.out) if cfg.out else None
     state = dict(step=0, train=[], evals=[], seconds={"lighthouse": 0.0, "dense": 0.0},
                  tokens={"lighthouse": 0, "dense": 0})
@@ -296,12 +306,17 @@ def run_demo(cfg: DemoConfig) -> Dict:
         count = len(lighthouse_modules(model))
         early_switches = {schedule.switch_iteration(j, count): j for j in range(count - 1)} if cfg.layer_interval \
             else {}
+        blend_starts = {schedule.switch_iteration(j, count) - cfg.blend_steps: j for j in range(count)} \
+            if cfg.blend_steps else {}
         for step in range(state["step"], cfg.steps):
             attention = "lighthouse" if schedule.apply(model, step) else "dense"  # --mode dense: dense from step 0
             stage = "lighthouse" if schedule.in_lighthouse_stage(step) else "dense"
             if step in early_switches:
                 logger.info("step %d: Lighthouse layer %d of %d switched to dense (--layer-interval %d)", step,
                             early_switches[step] + 1, count, cfg.layer_interval)
+            if step in blend_starts:
+                logger.info("step %d: Lighthouse layer %d of %d blending into dense over %d steps (--blend-steps)",
+                            step, blend_starts[step] + 1, count, cfg.blend_steps)
             if step == cfg.switch_step and cfg.mode == "two-stage":
                 logger.info("step %d: switching Lighthouse off, dense attention from here on", step)
             for group in optimizer.param_groups:
