@@ -5,8 +5,8 @@ The patch in ``patches/`` wires three calls into Megatron-LM's ``pretrain_gpt.py
 1. arguments: ``parse_and_validate_args(extra_args_provider=lighthouse_args_provider(...))`` adds
    ``--lighthouse``, ``--lighthouse-topk``, ``--lighthouse-pooling-factor``, ``--lighthouse-levels``,
    ``--lighthouse-dense-layers``, ``--lighthouse-rope``, ``--lighthouse-dense-from-iteration``,
-   ``--lighthouse-dense-every``, ``--lighthouse-layer-interval`` (:func:`add_lighthouse_args`) and the GPU-monitor
-   flags after the provider Megatron-LM already passes (ModelOpt's);
+   ``--lighthouse-dense-every``, ``--lighthouse-layer-interval``, ``--lighthouse-blend-iterations``
+   (:func:`add_lighthouse_args`) and the GPU-monitor flags after the provider Megatron-LM already passes (ModelOpt's);
 2. start-up: ``start_lighthouse(args, model_cfg, printer=print_rank_0)`` once the model config exists: checks the
    flags against ``--seq-length``, ``--num-layers``, ``--context-parallel-size`` and the other Megatron-LM flags
    (:func:`validate_lighthouse_args`), prints the effective subsequence length and attention-FLOP saving
@@ -119,6 +119,11 @@ def add_lighthouse_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                        default=None,
                        help="Not in the paper: switch the Lighthouse layers to dense one at a time, lowest first, K "
                             "iterations apart, the last at --lighthouse-dense-from-iteration; default: all at once.")
+    group.add_argument("--lighthouse-blend-iterations", type=_int_at_least(1, "iterations of each layer's blend"),
+                       default=None,
+                       help="Not in the paper: over the N iterations before its switch, each Lighthouse layer returns "
+                            "(1 - w) * Lighthouse + w * dense attention, w rising linearly (both computed); "
+                            "default: no blend.")
     add_monitor_args(parser)
     return parser
 
@@ -188,7 +193,8 @@ def validate_lighthouse_args(args: Any) -> Optional[LighthouseConfig]:
     """
     cfg = lighthouse_config_from_args(args)
     if cfg is None:
-        for flag in ("--lighthouse-dense-from-iteration", "--lighthouse-dense-every", "--lighthouse-layer-interval"):
+        for flag in ("--lighthouse-dense-from-iteration", "--lighthouse-dense-every", "--lighthouse-layer-interval",
+                     "--lighthouse-blend-iterations"):
             value = getattr(args, flag[2:].replace("-", "_"), None)
             if value is not None:
                 raise ValueError(f"{flag} {value}: needs --lighthouse (without it every layer is dense from the "
@@ -208,19 +214,31 @@ def validate_lighthouse_args(args: Any) -> Optional[LighthouseConfig]:
     except ValueError as err:
         raise ValueError(f"--lighthouse-dense-layers {','.join(map(str, cfg.dense_layers))} with --num-layers "
                          f"{args.num_layers}: {err}") from None
-    interval = getattr(args, "lighthouse_layer_interval", None)
-    if interval is not None:
-        start = getattr(args, "lighthouse_dense_from_iteration", None)
-        count = args.num_layers - len(cfg.dense_layer_set(args.num_layers))
-        if start is None:
-            raise ValueError(f"--lighthouse-layer-interval {interval}: needs --lighthouse-dense-from-iteration (the "
-                             "iteration the last Lighthouse layer switches at)")
-        first = lighthouse_schedule_from_args(args).switch_iteration(0, count)
-        if first < 0:
-            raise ValueError(f"--lighthouse-layer-interval {interval} with {count} Lighthouse layers and "
-                             f"--lighthouse-dense-from-iteration {start}: the first layer would switch at iteration "
-                             f"{first}; needs --lighthouse-dense-from-iteration >= {(count - 1) * interval}")
+    _check_switch_spacing(args, args.num_layers - len(cfg.dense_layer_set(args.num_layers)))
     return cfg
+
+
+def _check_switch_spacing(args: Any, count: int) -> None:
+    """``--lighthouse-layer-interval`` / ``--lighthouse-blend-iterations`` need the switch, and the first of
+    ``count`` Lighthouse layers must switch (and start its blend) at iteration 0 or later."""
+    given = {flag: getattr(args, flag[2:].replace("-", "_"), None)
+             for flag in ("--lighthouse-layer-interval", "--lighthouse-blend-iterations")}
+    given = {flag: value for flag, value in given.items() if value is not None}
+    if not given:
+        return
+    start = getattr(args, "lighthouse_dense_from_iteration", None)
+    if start is None:
+        flag, value = next(iter(given.items()))
+        raise ValueError(f"{flag} {value}: needs --lighthouse-dense-from-iteration (the iteration the last "
+                         "Lighthouse layer switches at)")
+    schedule = lighthouse_schedule_from_args(args)
+    first, blend = schedule.switch_iteration(0, count), schedule.blend_iterations
+    if first - blend < 0:
+        flags = " ".join(f"{flag} {value}" for flag, value in given.items())
+        raise ValueError(f"{flags} with {count} Lighthouse layers and --lighthouse-dense-from-iteration {start}: the "
+                         f"first layer would switch at iteration {first}"
+                         f"{f' and start its blend at {first - blend}' if blend else ''}; needs "
+                         f"--lighthouse-dense-from-iteration >= {(count - 1) * schedule.layer_interval + blend}")
 
 
 def lighthouse_block_spec_from_args(args: Any, config: Any, vp_stage: Optional[int] = None):
@@ -241,28 +259,31 @@ def lighthouse_block_spec_from_args(args: Any, config: Any, vp_stage: Optional[i
 
 def lighthouse_schedule_from_args(args: Any) -> "LighthouseSchedule":
     """The schedule of ``--lighthouse-dense-from-iteration`` (Lighthouse throughout when unset),
-    ``--lighthouse-dense-every`` and ``--lighthouse-layer-interval``."""
+    ``--lighthouse-dense-every``, ``--lighthouse-layer-interval`` and ``--lighthouse-blend-iterations``."""
     from .switch import LighthouseSchedule
 
     return LighthouseSchedule(getattr(args, "lighthouse_dense_from_iteration", None),
                               getattr(args, "lighthouse_dense_every", None),
-                              getattr(args, "lighthouse_layer_interval", None) or 0)
+                              getattr(args, "lighthouse_layer_interval", None) or 0,
+                              getattr(args, "lighthouse_blend_iterations", None) or 0)
 
 
-#: Lighthouse layers that :func:`maybe_switch_to_dense` has already moved to the dense stage.
+#: Lighthouse layers that :func:`maybe_switch_to_dense` has already moved to the dense stage / into their blend.
 _IN_DENSE_STAGE: "weakref.WeakSet" = weakref.WeakSet()
+_BLENDING: "weakref.WeakSet" = weakref.WeakSet()
 
 
 def maybe_switch_to_dense(model: "Model", args: Any, iteration: Optional[int] = None) -> bool:
-    """Apply the schedule of ``--lighthouse-dense-from-iteration``, ``--lighthouse-dense-every`` and
-    ``--lighthouse-layer-interval`` to ``model`` (a module or list of model chunks) at ``iteration``; call once per
-    iteration (or micro-batch).
+    """Apply the schedule of ``--lighthouse-dense-from-iteration``, ``--lighthouse-dense-every``,
+    ``--lighthouse-layer-interval`` and ``--lighthouse-blend-iterations`` to ``model`` (a module or list of model
+    chunks) at ``iteration``; call once per iteration (or micro-batch).
 
     ``iteration`` defaults to Megatron-LM's ``args.curr_iteration`` (set by the training loop), else
     ``args.iteration`` (the loaded checkpoint's, or 0; evaluation-only runs never set ``curr_iteration``).
     Returns ``True`` when this call moved Lighthouse layers to their dense stage: the first call at or past a
     layer's switch iteration (``--lighthouse-dense-from-iteration``, earlier for lower layers with
-    ``--lighthouse-layer-interval``), logged once per layer. Interleaved dense iterations are not switches.
+    ``--lighthouse-layer-interval``), logged once per layer. Interleaved dense iterations are not switches. The
+    start of each layer's blend is logged once too.
     """
     from .switch import lighthouse_modules
 
@@ -272,8 +293,14 @@ def maybe_switch_to_dense(model: "Model", args: Any, iteration: Optional[int] = 
     modules = lighthouse_modules(model)
     schedule = lighthouse_schedule_from_args(args)
     schedule.apply(modules, iteration)
-    moved = []
+    moved, blending = [], []
     for m in modules:
+        if m.dense_weight > 0.0:
+            if m not in _BLENDING:
+                blending.append(m)
+            _BLENDING.add(m)
+        else:
+            _BLENDING.discard(m)
         switch = schedule.switch_iteration(*m.lighthouse_position)
         if switch is not None and iteration >= switch:
             if m not in _IN_DENSE_STAGE:
@@ -281,6 +308,10 @@ def maybe_switch_to_dense(model: "Model", args: Any, iteration: Optional[int] = 
             _IN_DENSE_STAGE.add(m)
         else:
             _IN_DENSE_STAGE.discard(m)
+    if blending:
+        logger.info("Lighthouse: iteration %d: Lighthouse layers %s blending into dense attention over %d "
+                    "iterations (--lighthouse-blend-iterations)", iteration,
+                    ", ".join(str(m.layer_number) for m in blending), schedule.blend_iterations)
     if moved:
         layers = ", ".join(str(m.layer_number) for m in moved)
         if not schedule.in_lighthouse_stage(iteration):
@@ -329,6 +360,9 @@ def lighthouse_summary(args: Any, num_heads: int, head_dim: int) -> str:
                 + ("Lighthouse throughout" if stage_two is None else f"dense from iteration {stage_two}")
                 + ("" if getattr(args, "lighthouse_layer_interval", None) is None
                    else f", layers switching one at a time, {args.lighthouse_layer_interval} iterations apart")
+                + ("" if getattr(args, "lighthouse_blend_iterations", None) is None
+                   else f", each blending into dense over the {args.lighthouse_blend_iterations} iterations before "
+                        "its switch")
                 + ("" if getattr(args, "lighthouse_dense_every", None) is None
                    else f"; before that, 1 in {args.lighthouse_dense_every} iterations dense"))
     return line

@@ -55,7 +55,7 @@ def test_defaults():
     assert args.lighthouse_dense_layers == (0, 1, -2, -1)
     assert args.lighthouse_rope == "entries"
     assert args.lighthouse_dense_from_iteration is None and args.lighthouse_dense_every is None
-    assert args.lighthouse_layer_interval is None
+    assert args.lighthouse_layer_interval is None and args.lighthouse_blend_iterations is None
     assert args.lighthouse_monitor is False  # the monitor flags come along
     assert lighthouse_config_from_args(args) is None
     assert validate_lighthouse_args(args) is None
@@ -66,11 +66,12 @@ def test_every_flag_parses():
     args = parse("--lighthouse", "--lighthouse-topk", "1024", "--lighthouse-pooling-factor", "8",
                  "--lighthouse-levels", "2", "--lighthouse-dense-layers", "0, -1", "--lighthouse-rope", "tokens",
                  "--lighthouse-dense-from-iteration", "500", "--lighthouse-dense-every", "8", "--lighthouse-monitor",
-                 "--lighthouse-monitor-interval", "0.5", "--lighthouse-layer-interval", "100")
+                 "--lighthouse-monitor-interval", "0.5", "--lighthouse-layer-interval", "100",
+                 "--lighthouse-blend-iterations", "50")
     assert lighthouse_config_from_args(args) == LighthouseConfig(levels=2, pooling_factor=8, topk=1024,
                                                                  dense_layers=(0, -1), rope="tokens")
     assert args.lighthouse_dense_from_iteration == 500 and args.lighthouse_dense_every == 8
-    assert args.lighthouse_layer_interval == 100
+    assert args.lighthouse_layer_interval == 100 and args.lighthouse_blend_iterations == 50
     assert args.lighthouse_monitor and args.lighthouse_monitor_interval == 0.5
     assert parse("--lighthouse-dense-layers", "").lighthouse_dense_layers == ()
 
@@ -135,6 +136,8 @@ def test_dense_from_iteration_needs_lighthouse():
         validate_lighthouse_args(parse("--lighthouse-dense-every", "4"))
     with pytest.raises(ValueError, match=r"--lighthouse-layer-interval 5: needs --lighthouse \("):
         validate_lighthouse_args(parse("--lighthouse-layer-interval", "5"))
+    with pytest.raises(ValueError, match=r"--lighthouse-blend-iterations 5: needs --lighthouse \("):
+        validate_lighthouse_args(parse("--lighthouse-blend-iterations", "5"))
     assert validate_lighthouse_args(parse("--lighthouse", "--lighthouse-dense-from-iteration", "10")) is not None
 
 
@@ -164,6 +167,27 @@ def test_layer_interval_needs_a_switch_that_leaves_every_layer_a_lighthouse_stag
     assert "--lighthouse-layer-interval" in err and "must be an int >= 1" in err
 
 
+def test_blend_iterations_need_a_switch_and_room_before_the_first_layers_switch(capsys):
+    ok = parse("--lighthouse", "--lighthouse-dense-from-iteration", "40", "--lighthouse-layer-interval", "30",
+               "--lighthouse-blend-iterations", "10")  # layer 2 blends over 0-9, layer 3 over 30-39
+    assert validate_lighthouse_args(ok) is not None
+    schedule = lighthouse_schedule_from_args(ok)
+    assert schedule.blend_iterations == 10 and schedule.dense_weight_at(39, 1, 2) == 10 / 11
+    with pytest.raises(ValueError, match=r"--lighthouse-blend-iterations 10: needs --lighthouse-dense-from-"):
+        validate_lighthouse_args(parse("--lighthouse", "--lighthouse-blend-iterations", "10"))
+    with pytest.raises(ValueError, match=r"--lighthouse-layer-interval 30 --lighthouse-blend-iterations 11 with 2 "
+                                         r"Lighthouse layers and --lighthouse-dense-from-iteration 40: the first layer "
+                                         r"would switch at iteration 10 and start its blend at -1; needs "
+                                         r"--lighthouse-dense-from-iteration >= 41"):
+        validate_lighthouse_args(parse("--lighthouse", "--lighthouse-dense-from-iteration", "40",
+                                       "--lighthouse-layer-interval", "30", "--lighthouse-blend-iterations", "11"))
+    with pytest.raises(ValueError, match=r"--lighthouse-blend-iterations 41 with 2 Lighthouse layers .* >= 41"):
+        validate_lighthouse_args(parse("--lighthouse", "--lighthouse-dense-from-iteration", "40",
+                                       "--lighthouse-blend-iterations", "41"))
+    err = parse_error(capsys, "--lighthouse", "--lighthouse-blend-iterations", "0")
+    assert "--lighthouse-blend-iterations" in err and "must be an int >= 1" in err
+
+
 @pytest.mark.parametrize("value", ["1", "0", "-3", "two"])
 def test_dense_every_below_two_is_refused_by_the_parser(value, capsys):
     err = parse_error(capsys, "--lighthouse", "--lighthouse-dense-every", value)
@@ -188,6 +212,11 @@ def test_summary_line(caplog):
     line = log_lighthouse_summary(parse("--lighthouse", "--lighthouse-dense-from-iteration", "100",
                                         "--lighthouse-layer-interval", "5", seq_length=524288, num_layers=24), 32, 128)
     assert line.endswith("dense from iteration 100, layers switching one at a time, 5 iterations apart")
+    line = log_lighthouse_summary(parse("--lighthouse", "--lighthouse-dense-from-iteration", "100",
+                                        "--lighthouse-blend-iterations", "20", seq_length=524288, num_layers=24),
+                                  32, 128)
+    assert line.endswith("dense from iteration 100, each blending into dense over the 20 iterations before its "
+                         "switch")
 
 
 def _core_attention_names(spec):
@@ -293,6 +322,32 @@ def test_layer_interval_switches_and_reports_each_layer(megatron, caplog):
         "every layer dense from iteration 3)",
         "Lighthouse: iteration 3 >= --lighthouse-dense-from-iteration 3: 1 Lighthouse layers switched to dense "
         "attention (layers 4)"]
+
+
+def test_blend_iterations_blend_each_layer_and_report_its_start(megatron, caplog):
+    """``--lighthouse-blend-iterations 2`` with the switch at 4, layers 2 apart: layer 3 blends over iterations
+    0-1 and is dense from 2, layer 4 blends over 2-3 and is dense from 4."""
+    from megatron_lighthouse.switch import lighthouse_modules
+
+    args = parse("--lighthouse", "--lighthouse-topk", "128", "--lighthouse-levels", "2",
+                 "--lighthouse-pooling-factor", "2", "--lighthouse-dense-from-iteration", "4",
+                 "--lighthouse-layer-interval", "2", "--lighthouse-blend-iterations", "2", seq_length=SEQ)
+    validate_lighthouse_args(args)
+    config = _config()
+    model = tiny_gpt(config, lighthouse_block_spec_from_args(args, config))
+    modules = lighthouse_modules(model)
+    with caplog.at_level(logging.INFO, logger="megatron_lighthouse.megatron_lm"):
+        weights = []
+        for it in range(5):
+            maybe_switch_to_dense(model, args, it)
+            weights.append([round(m.dense_weight, 4) if m.enabled else "dense" for m in modules])
+    assert weights == [[0.3333, 0.0], [0.6667, 0.0], ["dense", 0.3333], ["dense", 0.6667], ["dense", "dense"]]
+    blends = [m for m in caplog.messages if "blending" in m]
+    assert blends == [
+        "Lighthouse: iteration 0: Lighthouse layers 3 blending into dense attention over 2 iterations "
+        "(--lighthouse-blend-iterations)",
+        "Lighthouse: iteration 2: Lighthouse layers 4 blending into dense attention over 2 iterations "
+        "(--lighthouse-blend-iterations)"]
 
 
 def test_args_provider_chains_the_previous_provider():
