@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Issue 7's quality runs on one GPU machine: one bench_quality.py invocation per variant, all side by side, each
 # running its seeds in parallel processes; then one report merged from every process's own (it survives an
-# invocation cut short by TIMEOUT_S). Reports, plots and logs (no checkpoints) land in $OUT/NAME, or in
-# benchmarks/results/NAME without $OUT.
+# invocation cut short by TIMEOUT_S). $OUT/NAME (benchmarks/results/NAME without $OUT) gets five files, within what
+# the device tool brings back: the merged quality.json, quality.png and merged.log, nvidia_smi.txt, and runs.tar.gz
+# with every process's report, plot and log (no checkpoints), refreshed every 30 s while the runs go.
 #
 #   bash benchmarks/run_quality_gpu.sh NAME "SEEDS" "VARIANT=DEMO FLAGS" ... [-- SHARED DEMO FLAGS]
 #   bash benchmarks/run_quality_gpu.sh stagger "0 1 2" "dense=--mode dense" \
@@ -36,11 +37,13 @@ DEST=${OUT:+$OUT/$NAME}
 DEST=${DEST:-benchmarks/results/$NAME}
 rm -rf "$WORK" && mkdir -p "$WORK" "$DEST"
 python3 -c 'import torch, megatron.core as m; print("torch", torch.__version__, "megatron-core", m.__version__)'
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$DEST/nvidia_smi.txt"
+if command -v nvidia-smi > /dev/null; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$DEST/nvidia_smi.txt"
+fi
 echo "$PROCESSES processes, OMP_NUM_THREADS=$OMP_NUM_THREADS, shared flags: ${SHARED[*]}"
-copy_back() {  # reports, plots and logs only: the checkpoints stay behind
-    (cd "$WORK" && find . \( -name '*.json' -o -name '*.png' -o -name '*.log' \) -print0 | tar --null -cf - -T -) \
-        | tar -xf - -C "$DEST"
+copy_back() {  # reports, plots and logs only, in one archive: the checkpoints stay behind
+    (cd "$WORK" && find . \( -name '*.json' -o -name '*.png' -o -name '*.log' \) -print0 \
+        | tar --null -czf "$DEST/runs.tar.gz.tmp" -T -) && mv "$DEST/runs.tar.gz.tmp" "$DEST/runs.tar.gz"
 }
 (while sleep 30; do copy_back; done) &  # so a call cut short still brings back what has run
 COPIER=$!
@@ -62,5 +65,6 @@ else
 fi
 kill "$COPIER" 2>/dev/null
 copy_back
+for file in quality.json quality.png merged.log; do [ -e "$WORK/$file" ] && cp "$WORK/$file" "$DEST/"; done
 tail -n 3 "$WORK"/*.log
 exit $status
