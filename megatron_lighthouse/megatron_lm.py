@@ -268,8 +268,9 @@ def lighthouse_schedule_from_args(args: Any) -> "LighthouseSchedule":
                               getattr(args, "lighthouse_blend_iterations", None) or 0)
 
 
-#: Lighthouse layers that :func:`maybe_switch_to_dense` has already moved to the dense stage / into their blend.
+#: Lighthouse layers that :func:`maybe_switch_to_dense` has already moved to the dense stage.
 _IN_DENSE_STAGE: "weakref.WeakSet" = weakref.WeakSet()
+#: Lighthouse layers that :func:`maybe_switch_to_dense` has seen start their blend (and not yet finish it).
 _BLENDING: "weakref.WeakSet" = weakref.WeakSet()
 
 
