@@ -4,11 +4,12 @@ from .attention import lighthouse_attention, select_indices
 from .config import LighthouseConfig
 from .context_parallel import cp_causal_attention
 from .cp_layout import gather_from_cp, split_for_cp
+from .schedule import LighthouseSchedule
 
 __version__ = "0.1.0"
 
-__all__ = ["lighthouse_attention", "select_indices", "LighthouseConfig", "cp_causal_attention", "split_for_cp",
-           "gather_from_cp", "__version__"]
+__all__ = ["lighthouse_attention", "select_indices", "LighthouseConfig", "LighthouseSchedule", "cp_causal_attention",
+           "split_for_cp", "gather_from_cp", "__version__"]
 
 #: Megatron-Core integration, imported on first use so that this package never needs megatron-core.
 _MEGATRON_EXPORTS = {
@@ -17,7 +18,6 @@ _MEGATRON_EXPORTS = {
     "LighthouseTransformerConfig": "transformer_config",
     "set_lighthouse_enabled": "switch",
     "lighthouse_enabled": "switch",
-    "LighthouseSchedule": "switch",
     "dense_state_dict": "export",
     "save_dense_checkpoint": "export",
     "dense_spec_for": "export",

@@ -83,7 +83,7 @@ class LighthouseCoreAttention(MegatronModule):
     :attr:`enabled` switches between Lighthouse and the plain inner attention on the full sequence (the dense
     model) at run time; see :func:`megatron_lighthouse.switch.set_lighthouse_enabled`. While enabled, a
     :attr:`dense_weight` ``w`` in ``(0, 1)`` returns ``(1 - w) * Lighthouse + w * dense`` (both computed: the
-    blended switch of :class:`~megatron_lighthouse.switch.LighthouseSchedule`).
+    blended switch of :class:`~megatron_lighthouse.schedule.LighthouseSchedule`).
 
     RoPE (``lighthouse.rope == "entries"``): inside
     :class:`~megatron_lighthouse.self_attention.LighthouseSelfAttention` (the spec provider's), q/k arrive
@@ -131,7 +131,7 @@ class LighthouseCoreAttention(MegatronModule):
         lighthouse_layers = sorted(set(range(config.num_layers)) - dense_layers)
         count = max(len(lighthouse_layers), 1)
         #: ``(index, count)``: this layer's place among the model's Lighthouse layers, in layer order, which a
-        #: staggered switch goes by (:class:`~megatron_lighthouse.switch.LighthouseSchedule`); a layer numbered
+        #: staggered switch goes by (:class:`~megatron_lighthouse.schedule.LighthouseSchedule`); a layer numbered
         #: past ``config.num_layers`` counts as the last.
         self.lighthouse_position: Tuple[int, int] = (
             lighthouse_layers.index(layer_number - 1) if layer_number - 1 in lighthouse_layers else count - 1, count)

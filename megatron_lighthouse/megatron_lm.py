@@ -32,9 +32,10 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Tuple
 
 from .config import ROPE_PLACEMENTS, LighthouseConfig
 from .monitor.config import add_monitor_args
+from .schedule import LighthouseSchedule
 
 if TYPE_CHECKING:
-    from .switch import LighthouseSchedule, Model
+    from .switch import Model
 
 logger = logging.getLogger(__name__)
 
@@ -257,11 +258,9 @@ def lighthouse_block_spec_from_args(args: Any, config: Any, vp_stage: Optional[i
     return get_gpt_decoder_block_with_lighthouse_spec(config, cfg, **kwargs)
 
 
-def lighthouse_schedule_from_args(args: Any) -> "LighthouseSchedule":
+def lighthouse_schedule_from_args(args: Any) -> LighthouseSchedule:
     """The schedule of ``--lighthouse-dense-from-iteration`` (Lighthouse throughout when unset),
     ``--lighthouse-dense-every``, ``--lighthouse-layer-interval`` and ``--lighthouse-blend-iterations``."""
-    from .switch import LighthouseSchedule
-
     return LighthouseSchedule(getattr(args, "lighthouse_dense_from_iteration", None),
                               getattr(args, "lighthouse_dense_every", None),
                               getattr(args, "lighthouse_layer_interval", None) or 0,

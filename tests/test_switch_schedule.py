@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_lighthouse.switch import LighthouseSchedule
+from megatron_lighthouse.schedule import LighthouseSchedule
 
 L, D = True, False
 
@@ -87,3 +87,16 @@ def test_blend_must_start_at_iteration_zero_or_later():
 def test_bad_blend_iterations_is_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LighthouseSchedule(**kwargs)
+
+
+def test_the_schedule_needs_no_megatron_core_and_the_switch_module_re_exports_it():
+    import subprocess
+    import sys
+
+    code = ("import sys; from megatron_lighthouse.schedule import LighthouseSchedule; "
+            "import megatron_lighthouse.demo.train, megatron_lighthouse.megatron_lm; "
+            "assert not any(m.split('.')[0] == 'megatron' for m in sys.modules), 'megatron-core imported'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    switch = pytest.importorskip("megatron_lighthouse.switch")
+    assert switch.LighthouseSchedule is LighthouseSchedule

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ROPE_PLACEMENTS, LighthouseConfig
+from ..schedule import LighthouseSchedule
 from .corpus import load_corpus
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ class DemoConfig:
     ``rope``: :attr:`LighthouseConfig.rope <megatron_lighthouse.config.LighthouseConfig>` (``entries`` or
     ``tokens``); it matters on CUDA only, where the model uses RoPE (on CPU it has learned positions).
     ``dense_every``: with ``N >= 2``, every ``N``-th step of the Lighthouse stage runs densely
-    (:class:`~megatron_lighthouse.switch.LighthouseSchedule`; not in the paper); 0: off.
+    (:class:`~megatron_lighthouse.schedule.LighthouseSchedule`; not in the paper); 0: off.
     ``layer_interval``: with ``K >= 1``, a two-stage run switches its Lighthouse layers to dense one at a time,
     lowest first, ``K`` steps apart, the last at the switch step (``LighthouseSchedule.layer_interval``; not in the
     paper); 0: all at once.
@@ -122,7 +123,7 @@ class DemoConfig:
                                  f"use more --layers or fewer dense layers")
             if self.layer_interval or self.blend_steps:
                 count = self.layers - len(lighthouse.dense_layer_set(self.layers))
-                first = self.switch_step - (count - 1) * self.layer_interval
+                first = self.schedule().switch_iteration(0, count)
                 if first < 0:
                     raise ValueError(f"--layer-interval {self.layer_interval}: {count} Lighthouse layers switching "
                                      f"{self.layer_interval} steps apart, the last at step {self.switch_step}, "
@@ -131,6 +132,11 @@ class DemoConfig:
                     raise ValueError(f"--blend-steps {self.blend_steps}: the first Lighthouse layer switches at step "
                                      f"{first}, so its blend would start at step {first - self.blend_steps}; lower "
                                      f"it, --layer-interval or --dense-fraction")
+
+    def schedule(self) -> LighthouseSchedule:
+        """The run's :class:`~megatron_lighthouse.schedule.LighthouseSchedule` (per step)."""
+        return LighthouseSchedule(dense_from_iteration=self.switch_step, dense_every=self.dense_every or None,
+                                  layer_interval=self.layer_interval, blend_iterations=self.blend_steps)
 
     @property
     def switch_step(self) -> Optional[int]:
@@ -276,7 +282,7 @@ def _resume(out: pathlib.Path, cfg: DemoConfig, model: torch.nn.Module, optimize
 
 def run_demo(cfg: DemoConfig) -> Dict:
     """Train, switch, evaluate; returns the metrics (also written to ``cfg.out/metrics.json`` by the CLI)."""
-    from ..switch import LighthouseSchedule, lighthouse_modules
+    from ..switch import lighthouse_modules
 
     cfg.validate()
     device = torch.device(cfg.device)
@@ -288,8 +294,7 @@ def run_demo(cfg: DemoConfig) -> Dict:
                          f"{cfg.seq_len}; raise --corpus-bytes or lower --seq-len")
     _init_runtime(device)
     torch.manual_seed(cfg.seed)
-    schedule = LighthouseSchedule(dense_from_iteration=cfg.switch_step, dense_every=cfg.dense_every or None,
-                                  layer_interval=cfg.layer_interval, blend_iterations=cfg.blend_steps)
+    schedule = cfg.schedule()
     out = pathlib.Path(cfg.out) if cfg.out else None
     state = dict(step=0, train=[], evals=[], seconds={"lighthouse": 0.0, "dense": 0.0},
                  tokens={"lighthouse": 0, "dense": 0})

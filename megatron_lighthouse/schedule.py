@@ -1,0 +1,115 @@
+"""``LighthouseSchedule``: which iterations each Lighthouse layer runs Lighthouse, blends, or runs dense.
+
+Pure arithmetic on iteration numbers, importable without megatron-core; :meth:`LighthouseSchedule.apply` sets a
+model's :class:`~megatron_lighthouse.core_attention.LighthouseCoreAttention` layers accordingly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Union
+
+if TYPE_CHECKING:
+    from .switch import Model
+
+
+@dataclasses.dataclass(frozen=True)
+class LighthouseSchedule:
+    """The paper's recipe: Lighthouse for iterations ``< dense_from_iteration``, dense from then on.
+
+    ``dense_from_iteration=None`` keeps Lighthouse on throughout. Two additions, not in the paper:
+
+    - ``dense_every=N`` also runs every ``N``-th iteration of the Lighthouse stage densely (iterations with
+      ``(iteration + 1) % N == 0``), so the model keeps training its dense attention while Lighthouse does most
+      steps.
+    - ``layer_interval=K`` switches the Lighthouse layers one at a time, lowest first, ``K`` iterations apart, the
+      last at ``dense_from_iteration``: of ``n`` Lighthouse layers, the ``j``-th (0-based, in layer order) runs
+      dense from ``dense_from_iteration - (n - 1 - j) * K``. Every layer is dense from ``dense_from_iteration`` on,
+      as without it.
+    - ``blend_iterations=B`` blends each layer into dense attention over the ``B`` iterations before its switch:
+      at iteration ``switch - B + i`` (``i`` in ``0..B-1``) the layer returns ``(1 - w) * Lighthouse + w * dense``
+      with ``w = (i + 1) / (B + 1)`` (:attr:`LighthouseCoreAttention.dense_weight`), computing both.
+
+    Call :meth:`apply` once per iteration (cheap).
+    """
+
+    dense_from_iteration: Union[int, None] = None
+    dense_every: Union[int, None] = None
+    layer_interval: int = 0
+    blend_iterations: int = 0
+
+    def __post_init__(self) -> None:
+        it = self.dense_from_iteration
+        if it is not None and (not isinstance(it, int) or isinstance(it, bool) or it < 0):
+            raise ValueError(f"LighthouseSchedule.dense_from_iteration={it!r}: must be None or an int >= 0")
+        every = self.dense_every
+        if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 2):
+            raise ValueError(f"LighthouseSchedule.dense_every={every!r}: must be None or an int >= 2 (1 would make "
+                             "every iteration dense)")
+        interval = self.layer_interval
+        if not isinstance(interval, int) or isinstance(interval, bool) or interval < 0:
+            raise ValueError(f"LighthouseSchedule.layer_interval={interval!r}: must be an int >= 0 (0: every layer "
+                             "switches at dense_from_iteration)")
+        if interval and it is None:
+            raise ValueError(f"LighthouseSchedule.layer_interval={interval}: needs dense_from_iteration (without a "
+                             "switch no layer goes dense)")
+        blend = self.blend_iterations
+        if not isinstance(blend, int) or isinstance(blend, bool) or blend < 0:
+            raise ValueError(f"LighthouseSchedule.blend_iterations={blend!r}: must be an int >= 0 (0: no blend)")
+        if blend and it is None:
+            raise ValueError(f"LighthouseSchedule.blend_iterations={blend}: needs dense_from_iteration (the blend "
+                             "leads up to the switch)")
+
+    def check_layers(self, count: int) -> None:
+        """``ValueError`` unless ``count`` Lighthouse layers fit the schedule: the first one's blend start,
+        ``dense_from_iteration - (count - 1) * layer_interval - blend_iterations``, must not fall before
+        iteration 0."""
+        first = self.switch_iteration(0, count)
+        blend = self.blend_iterations
+        if first is not None and first - blend < 0:
+            raise ValueError(
+                f"LighthouseSchedule.layer_interval={self.layer_interval}"
+                f"{f', blend_iterations={blend}' if blend else ''} with {count} Lighthouse layers and "
+                f"dense_from_iteration={self.dense_from_iteration}: the first layer would switch at iteration "
+                f"{first}{f' and start its blend at {first - blend}' if blend else ''}; needs "
+                f"dense_from_iteration >= (layers - 1) * layer_interval{' + blend_iterations' if blend else ''} = "
+                f"{(count - 1) * self.layer_interval + blend}")
+
+    def switch_iteration(self, index: int = 0, count: int = 1) -> Union[int, None]:
+        """The first dense iteration of Lighthouse layer ``index`` of ``count`` (``None``: Lighthouse throughout)."""
+        if self.dense_from_iteration is None:
+            return None
+        return self.dense_from_iteration - (count - 1 - index) * self.layer_interval
+
+    def in_lighthouse_stage(self, iteration: int) -> bool:
+        """Whether ``iteration`` is before the switch of the last layer (``dense_every`` steps included)."""
+        return self.dense_from_iteration is None or iteration < self.dense_from_iteration
+
+    def enabled_at(self, iteration: int, index: int = 0, count: int = 1) -> bool:
+        """Whether Lighthouse layer ``index`` of ``count`` runs Lighthouse at ``iteration``."""
+        switch = self.switch_iteration(index, count)
+        interleaved_dense = self.dense_every is not None and (iteration + 1) % self.dense_every == 0
+        return (switch is None or iteration < switch) and not interleaved_dense
+
+    def dense_weight_at(self, iteration: int, index: int = 0, count: int = 1) -> float:
+        """The dense weight of Lighthouse layer ``index`` of ``count`` at ``iteration`` while it runs Lighthouse
+        (0 outside its blend; see ``blend_iterations``)."""
+        switch = self.switch_iteration(index, count)
+        if switch is None or not switch - self.blend_iterations <= iteration < switch:
+            return 0.0
+        return (iteration - switch + self.blend_iterations + 1) / (self.blend_iterations + 1)
+
+    def apply(self, model: "Model", iteration: int) -> int:
+        """Set ``model``'s Lighthouse layers for ``iteration``; returns how many run Lighthouse (0: all dense).
+
+        A layer's place in the order is :attr:`LighthouseCoreAttention.lighthouse_position`, so each pipeline
+        stage, holding some of the layers, switches them when the whole model would."""
+        from .switch import lighthouse_modules  # megatron-core, on first use
+
+        modules = lighthouse_modules(model)
+        for count in {module.lighthouse_position[1] for module in modules}:
+            self.check_layers(count)
+        for module in modules:
+            module.enabled = self.enabled_at(iteration, *module.lighthouse_position)
+            module.dense_weight = self.dense_weight_at(iteration, *module.lighthouse_position)
+        return sum(module.enabled for module in modules)
