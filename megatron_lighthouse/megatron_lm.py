@@ -233,12 +233,13 @@ def _check_switch_spacing(args: Any, count: int) -> None:
         raise ValueError(f"{flag} {value}: needs --lighthouse-dense-from-iteration (the iteration the last "
                          "Lighthouse layer switches at)")
     schedule = lighthouse_schedule_from_args(args)
-    first, blend = schedule.switch_iteration(0, count), schedule.blend_iterations
-    if first - blend < 0:
+    first, blend_start = schedule.switch_iteration(0, count), schedule.blend_start(0, count)
+    blend = schedule.blend_iterations
+    if blend_start < 0:
         flags = " ".join(f"{flag} {value}" for flag, value in given.items())
         raise ValueError(f"{flags} with {count} Lighthouse layers and --lighthouse-dense-from-iteration {start}: the "
                          f"first layer would switch at iteration {first}"
-                         f"{f' and start its blend at {first - blend}' if blend else ''}; needs "
+                         f"{f' and start its blend at {blend_start}' if blend else ''}; needs "
                          f"--lighthouse-dense-from-iteration >= {(count - 1) * schedule.layer_interval + blend}")
 
 

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 class LighthouseSchedule:
     """The paper's recipe: Lighthouse for iterations ``< dense_from_iteration``, dense from then on.
 
-    ``dense_from_iteration=None`` keeps Lighthouse on throughout. Two additions, not in the paper:
+    ``dense_from_iteration=None`` keeps Lighthouse on throughout. Three additions, not in the paper:
 
     - ``dense_every=N`` also runs every ``N``-th iteration of the Lighthouse stage densely (iterations with
       ``(iteration + 1) % N == 0``), so the model keeps training its dense attention while Lighthouse does most
@@ -64,14 +64,13 @@ class LighthouseSchedule:
         """``ValueError`` unless ``count`` Lighthouse layers fit the schedule: the first one's blend start,
         ``dense_from_iteration - (count - 1) * layer_interval - blend_iterations``, must not fall before
         iteration 0."""
-        first = self.switch_iteration(0, count)
-        blend = self.blend_iterations
-        if first is not None and first - blend < 0:
+        first, start, blend = self.switch_iteration(0, count), self.blend_start(0, count), self.blend_iterations
+        if start is not None and start < 0:
             raise ValueError(
                 f"LighthouseSchedule.layer_interval={self.layer_interval}"
                 f"{f', blend_iterations={blend}' if blend else ''} with {count} Lighthouse layers and "
                 f"dense_from_iteration={self.dense_from_iteration}: the first layer would switch at iteration "
-                f"{first}{f' and start its blend at {first - blend}' if blend else ''}; needs "
+                f"{first}{f' and start its blend at {start}' if blend else ''}; needs "
                 f"dense_from_iteration >= (layers - 1) * layer_interval{' + blend_iterations' if blend else ''} = "
                 f"{(count - 1) * self.layer_interval + blend}")
 
@@ -80,6 +79,12 @@ class LighthouseSchedule:
         if self.dense_from_iteration is None:
             return None
         return self.dense_from_iteration - (count - 1 - index) * self.layer_interval
+
+    def blend_start(self, index: int = 0, count: int = 1) -> Union[int, None]:
+        """The first blending iteration of Lighthouse layer ``index`` of ``count``: its switch less
+        ``blend_iterations`` (its switch when there is no blend; ``None``: Lighthouse throughout)."""
+        switch = self.switch_iteration(index, count)
+        return None if switch is None else switch - self.blend_iterations
 
     def in_lighthouse_stage(self, iteration: int) -> bool:
         """Whether ``iteration`` is before the switch of the last layer (``dense_every`` steps included)."""
@@ -94,10 +99,10 @@ class LighthouseSchedule:
     def dense_weight_at(self, iteration: int, index: int = 0, count: int = 1) -> float:
         """The dense weight of Lighthouse layer ``index`` of ``count`` at ``iteration`` while it runs Lighthouse
         (0 outside its blend; see ``blend_iterations``)."""
-        switch = self.switch_iteration(index, count)
-        if switch is None or not switch - self.blend_iterations <= iteration < switch:
+        start = self.blend_start(index, count)
+        if start is None or not start <= iteration < self.switch_iteration(index, count):
             return 0.0
-        return (iteration - switch + self.blend_iterations + 1) / (self.blend_iterations + 1)
+        return (iteration - start + 1) / (self.blend_iterations + 1)
 
     def apply(self, model: "Model", iteration: int) -> int:
         """Set ``model``'s Lighthouse layers for ``iteration``; returns how many run Lighthouse (0: all dense).

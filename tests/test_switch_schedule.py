@@ -67,6 +67,7 @@ def test_blend_ramps_each_layers_dense_weight_over_the_iterations_before_its_swi
     assert weights == [[0.0, 0.25, 0.5, 0.75, 0.0, 0.0, 0.0, 0.0],  # layer 0 switches at 7, blends over 4..6
                        [0.0, 0.0, 0.0, 0.0, 0.25, 0.5, 0.75, 0.0]]  # layer 1 switches at 10, blends over 7..9
     assert [schedule.enabled_at(i, 0, 2) for i in (6, 7)] == [L, D]  # a blending layer still runs Lighthouse
+    assert [schedule.blend_start(j, 2) for j in range(2)] == [4, 7] and LighthouseSchedule().blend_start() is None
     assert LighthouseSchedule(dense_from_iteration=4).dense_weight_at(3) == 0.0  # no blend by default
     assert LighthouseSchedule().dense_weight_at(10**9) == 0.0
 

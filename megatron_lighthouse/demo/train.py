@@ -123,14 +123,15 @@ class DemoConfig:
                                  f"use more --layers or fewer dense layers")
             if self.layer_interval or self.blend_steps:
                 count = self.layers - len(lighthouse.dense_layer_set(self.layers))
-                first = self.schedule().switch_iteration(0, count)
+                schedule = self.schedule()
+                first, blend_start = schedule.switch_iteration(0, count), schedule.blend_start(0, count)
                 if first < 0:
                     raise ValueError(f"--layer-interval {self.layer_interval}: {count} Lighthouse layers switching "
                                      f"{self.layer_interval} steps apart, the last at step {self.switch_step}, "
                                      f"would put the first at step {first}; lower it or --dense-fraction")
-                if first - self.blend_steps < 0:
+                if blend_start < 0:
                     raise ValueError(f"--blend-steps {self.blend_steps}: the first Lighthouse layer switches at step "
-                                     f"{first}, so its blend would start at step {first - self.blend_steps}; lower "
+                                     f"{first}, so its blend would start at step {blend_start}; lower "
                                      f"it, --layer-interval or --dense-fraction")
 
     def schedule(self) -> LighthouseSchedule:
@@ -311,8 +312,7 @@ def run_demo(cfg: DemoConfig) -> Dict:
         count = len(lighthouse_modules(model))
         early_switches = {schedule.switch_iteration(j, count): j for j in range(count - 1)} if cfg.layer_interval \
             else {}
-        blend_starts = {schedule.switch_iteration(j, count) - cfg.blend_steps: j for j in range(count)} \
-            if cfg.blend_steps else {}
+        blend_starts = {schedule.blend_start(j, count): j for j in range(count)} if cfg.blend_steps else {}
         for step in range(state["step"], cfg.steps):
             attention = "lighthouse" if schedule.apply(model, step) else "dense"  # --mode dense: dense from step 0
             stage = "lighthouse" if schedule.in_lighthouse_stage(step) else "dense"
