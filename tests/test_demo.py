@@ -210,6 +210,11 @@ def test_out_of_memory_names_the_flags_to_lower(tmp_path, monkeypatch):
     (["--hidden", "33"], "--hidden 33: must be divisible by --heads 2"),
     (["--dense-fraction", "1.5"], "--dense-fraction 1.5: must be in [0, 1)"),
     (["--rope", "both"], "--rope 'both': must be one of ('entries', 'tokens')"),
+    (["--lr-decay-style", "linear"], "--lr-decay-style 'linear': must be one of ('cosine', 'constant', 'wsd')"),
+    (["--lr-decay-fraction", "0"], "--lr-decay-fraction 0.0: must be in (0, 1]"),
+    (["--lr-decay-style", "wsd", "--steps", "4", "--lr-decay-fraction", "0.1"],
+     "--lr-decay-fraction 0.1: must be in (0, 1], and with --lr-decay-style wsd give at least one decay step of "
+     "--steps 4"),
     (["--baseline", "--dense-rewarm", "5"], "--dense-rewarm 5: must be >= 0, and only with --mode two-stage"),
     (["--dense-every", "1"], "--dense-every 1: must be 0 (off) or >= 2, and not with --mode dense"),
     (["--baseline", "--dense-every", "4"], "--dense-every 4: must be 0 (off) or >= 2, and not with --mode dense"),
@@ -275,6 +280,27 @@ def test_dense_stage_schedule_of_its_own():
     assert lrs[6:8] == [0.5, 1.0] and lrs[9] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi / 2)))
     one = [train._lr_at(train.DemoConfig(steps=10, dense_fraction=0.4, warmup=2, lr=1.0), s) for s in range(10)]
     assert all(a > b for a, b in zip(one[2:], one[3:]))  # without it: one warm-up, one cosine, no restart
+
+
+def test_lr_decay_styles():
+    """cosine (the default) decays over the run; constant (the published recipe) holds --lr after the warm-up; wsd
+    holds it, then decays linearly to 10% over the last --lr-decay-fraction of the steps."""
+    def lrs(**kw):
+        cfg = train.DemoConfig(steps=10, warmup=2, lr=2.0, **kw)
+        cfg.validate()
+        return [train._lr_at(cfg, step) for step in range(10)]
+
+    cosine = lrs()
+    assert cosine[:2] == [1.0, 2.0] and all(a > b for a, b in zip(cosine[2:], cosine[3:]))
+    assert cosine[9] == pytest.approx(2.0 * (0.1 + 0.45 * (1 + math.cos(math.pi * 7 / 8))))
+    assert lrs(lr_decay_style="constant") == [1.0] + [2.0] * 9
+    wsd = lrs(lr_decay_style="wsd", lr_decay_fraction=0.4)
+    assert wsd[:6] == [1.0] + [2.0] * 5
+    assert wsd[6:] == pytest.approx([2.0 * (1 - 0.9 * i / 4) for i in (1, 2, 3, 4)])  # 10% at the last step
+    # --dense-rewarm: each stage its own schedule of that style
+    rewarm = lrs(lr_decay_style="wsd", lr_decay_fraction=0.5, dense_fraction=0.4, dense_rewarm=1)
+    assert rewarm[:6] == pytest.approx([1.0, 2.0, 2.0, 2.0 * 0.7, 2.0 * 0.4, 2.0 * 0.1])
+    assert rewarm[6:] == pytest.approx([2.0, 2.0, 2.0 * 0.55, 2.0 * 0.1])
 
 
 def test_progress_eta_from_the_mean_step_time():

@@ -20,6 +20,10 @@ from .corpus import load_corpus
 logger = logging.getLogger(__name__)
 
 MODES = ("two-stage", "dense", "lighthouse")
+#: Learning-rate decay after the warm-up: ``cosine`` to 10% at the last step; ``constant`` (the published recipe's:
+#: its torchtitan configs set ``decay_ratio = 0.0``, so the rate stays at ``lr`` after the warm-up); ``wsd``
+#: (warm-up, stable, decay): constant, then linear to 10% over the last ``lr_decay_fraction`` of the steps.
+LR_DECAY_STYLES = ("cosine", "constant", "wsd")
 VOCAB = 256  # bytes
 CHECKPOINT = "checkpoint.pt"
 #: Settings that may change when resuming (the run's length and its reporting); every other one must match the
@@ -27,7 +31,8 @@ CHECKPOINT = "checkpoint.pt"
 #: (Not ``device``: the model differs by device, learned positions and fp32 on CPU, RoPE and bf16 on CUDA.)
 RESUMABLE_CHANGES = ("steps", "out", "resume", "log_every", "eval_every", "eval_batches")
 #: Settings added after checkpoints were first written: the value an older checkpoint ran with.
-OLD_CHECKPOINT_SETTINGS = {"rope": "tokens", "dense_every": 0, "layer_interval": 0, "blend_steps": 0}
+OLD_CHECKPOINT_SETTINGS = {"rope": "tokens", "dense_every": 0, "layer_interval": 0, "blend_steps": 0,
+                           "lr_decay_style": "cosine", "lr_decay_fraction": 0.2}
 #: What to lower when memory runs out.
 MEMORY_HINT = "lower --batch-size, --seq-len, --layers or --hidden"
 
@@ -40,9 +45,11 @@ class DemoConfig:
     scratch, the baseline) or ``lighthouse`` (Lighthouse throughout). Validation loss is always measured densely;
     during the Lighthouse stage also with Lighthouse on (``val_loss_lighthouse`` in the evaluations).
     ``out``: directory of the checkpoints (``None``: keep nothing; the CLI writes its metrics and plot there too).
-    Learning rate: linear warm-up over ``warmup`` steps, then cosine decay to 10% of ``lr`` at the last step; with
-    ``dense_rewarm > 0`` a two-stage run's dense stage gets a schedule of its own, as when resuming from a
-    checkpoint: warm-up back to ``lr`` over ``dense_rewarm`` steps, then cosine to 10% over the rest of the stage.
+    Learning rate: linear warm-up over ``warmup`` steps, then ``lr_decay_style`` (:data:`LR_DECAY_STYLES`):
+    ``cosine`` to 10% of ``lr`` at the last step, ``constant`` (the published recipe) or ``wsd`` (constant, then
+    linear to 10% over the last ``lr_decay_fraction`` of the steps); with ``dense_rewarm > 0`` a two-stage run's
+    dense stage gets a schedule of its own, as when resuming from a checkpoint: warm-up back to ``lr`` over
+    ``dense_rewarm`` steps, then the same decay style over the rest of the stage.
     ``rope``: :attr:`LighthouseConfig.rope <megatron_lighthouse.config.LighthouseConfig>` (``entries`` or
     ``tokens``); it matters on CUDA only, where the model uses RoPE (on CPU it has learned positions).
     ``dense_every``: with ``N >= 2``, every ``N``-th step of the Lighthouse stage runs densely
@@ -71,6 +78,8 @@ class DemoConfig:
     rope: str = "entries"
     lr: float = 2e-3
     warmup: int = 20
+    lr_decay_style: str = "cosine"
+    lr_decay_fraction: float = 0.2
     dense_rewarm: int = 0
     dense_every: int = 0
     layer_interval: int = 0
@@ -103,6 +112,12 @@ class DemoConfig:
             raise ValueError(f"--dense-fraction {self.dense_fraction}: must be in [0, 1)")
         if self.rope not in ROPE_PLACEMENTS:
             raise ValueError(f"--rope {self.rope!r}: must be one of {ROPE_PLACEMENTS}")
+        if self.lr_decay_style not in LR_DECAY_STYLES:
+            raise ValueError(f"--lr-decay-style {self.lr_decay_style!r}: must be one of {LR_DECAY_STYLES}")
+        if not 0.0 < self.lr_decay_fraction <= 1.0 or (
+                self.lr_decay_style == "wsd" and self._decay_steps(self.steps) < 1):
+            raise ValueError(f"--lr-decay-fraction {self.lr_decay_fraction}: must be in (0, 1], and with "
+                             f"--lr-decay-style wsd give at least one decay step of --steps {self.steps}")
         if self.dense_rewarm < 0 or (self.dense_rewarm and self.mode != "two-stage"):
             raise ValueError(f"--dense-rewarm {self.dense_rewarm}: must be >= 0, and only with --mode two-stage")
         if self.dense_every < 0 or self.dense_every == 1 or (self.dense_every and self.mode == "dense"):
@@ -138,6 +153,10 @@ class DemoConfig:
         """The run's :class:`~megatron_lighthouse.schedule.LighthouseSchedule` (per step)."""
         return LighthouseSchedule(dense_from_iteration=self.switch_step, dense_every=self.dense_every or None,
                                   layer_interval=self.layer_interval, blend_iterations=self.blend_steps)
+
+    def _decay_steps(self, steps: int) -> int:
+        """Steps of a ``wsd`` decay over a schedule of ``steps`` steps (the last ``lr_decay_fraction`` of them)."""
+        return int(round(steps * self.lr_decay_fraction))
 
     @property
     def switch_step(self) -> Optional[int]:
@@ -185,20 +204,28 @@ def build_model(cfg: DemoConfig, device: torch.device) -> torch.nn.Module:
     return model.to(device=device, dtype=dtype)
 
 
-def _warmup_cosine(lr: float, step: int, warmup: int, steps: int) -> float:
-    """Step ``step`` of ``steps``: linear warm-up to ``lr`` over ``warmup`` steps, then cosine decay to ``lr / 10``."""
+def _lr_factor(style: str, step: int, warmup: int, steps: int, decay_steps: int) -> float:
+    """Multiplier of ``lr`` at step ``step`` of a schedule of ``steps`` steps: linear warm-up over ``warmup`` steps,
+    then ``style`` (:data:`LR_DECAY_STYLES`; ``decay_steps``: the length of a ``wsd`` decay)."""
     if step < warmup:
-        return lr * (step + 1) / warmup
+        return (step + 1) / warmup
+    if style == "constant":
+        return 1.0
+    if style == "wsd":
+        into_decay = step - (steps - decay_steps)
+        return 1.0 if into_decay < 0 else 1.0 - 0.9 * min(1.0, (into_decay + 1) / decay_steps)
     progress = (step - warmup) / max(1, steps - warmup)
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def _lr_at(cfg: DemoConfig, step: int) -> float:
-    """The run's schedule (see :class:`DemoConfig`): one warm-up + cosine, or a second one for the dense stage."""
+    """The run's learning rate (see :class:`DemoConfig`): one schedule, or a second one for the dense stage."""
     switch = cfg.switch_step
     if cfg.dense_rewarm and switch is not None and step >= switch:
-        return _warmup_cosine(cfg.lr, step - switch, cfg.dense_rewarm, cfg.steps - switch)
-    return _warmup_cosine(cfg.lr, step, cfg.warmup, cfg.steps if not cfg.dense_rewarm else switch)
+        step, warmup, steps = step - switch, cfg.dense_rewarm, cfg.steps - switch
+    else:
+        warmup, steps = cfg.warmup, (cfg.steps if not cfg.dense_rewarm else switch)
+    return cfg.lr * _lr_factor(cfg.lr_decay_style, step, warmup, steps, cfg._decay_steps(steps))
 
 
 def byte_windows(data: torch.Tensor, offsets: torch.Tensor, seq_len: int) -> torch.Tensor:
