@@ -27,6 +27,19 @@ model_flags() {
                  --position-embedding-type rope --disable-bias-linear
                  --seq-length "$SEQ_LEN" --max-position-embeddings "$SEQ_LEN")
 }
+# optimizer_flags: set the array OPT_FLAGS, the paper's AdamW settings, the same in every example: LR (default
+# 2e-3) after 2,000 warm-up iterations, betas 0.9/0.95, weight decay 0.1, gradient clipping 1.0; LR_DECAY_STYLE
+# cosine (to 2e-4, the default), constant (the published configs' schedule: no decay after the warm-up) or linear.
+optimizer_flags() {
+    : "${LR:=2e-3}" "${LR_DECAY_STYLE:=cosine}"
+    [[ "$LR" =~ ^[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$ ]] || die "LR=$LR: must be a decimal number such as 2e-3"
+    case "$LR_DECAY_STYLE" in
+        cosine|constant|linear) ;;
+        *) die "LR_DECAY_STYLE=$LR_DECAY_STYLE: must be cosine, constant or linear" ;;
+    esac
+    OPT_FLAGS=(--lr "$LR" --min-lr 2e-4 --lr-warmup-iters 2000 --lr-decay-style "$LR_DECAY_STYLE" --weight-decay 0.1
+               --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0)
+}
 # check_lighthouse SEQ_LEN CHUNKS: the Lighthouse settings (TOPK POOLING_FACTOR LEVELS DENSE_LAYERS) must fit the
 # (per-CP-chunk) sequence length and NUM_LAYERS.
 check_lighthouse() {

@@ -8,7 +8,9 @@
 #   CHECKPOINT_DIR    where checkpoints go (default ./checkpoints/lighthouse)
 #   SEQ_LEN=131072 TOPK=2048 POOLING_FACTOR=4 LEVELS=3 DENSE_LAYERS=0,1,-2,-1   Lighthouse settings
 #   NUM_LAYERS=30 HIDDEN=1024 HEADS=8 FFN=1536 TRANSFORMER_IMPL=transformer_engine|local   the model
-#   TRAIN_ITERS=10000 LR=2e-3
+#   TRAIN_ITERS=10000
+#   LR=2e-3 LR_DECAY_STYLE=cosine|constant|linear   the learning rate after 2,000 warm-up iterations, and its decay
+#                     (constant: the published configs' schedule)
 #   DENSE_FROM_ITER   both stages in one run: dense from this iteration on (patched pretrain_gpt.py only)
 #   LAYER_INTERVAL    with DENSE_FROM_ITER: switch the Lighthouse layers one at a time, lowest first, this many
 #                     iterations apart, the last at DENSE_FROM_ITER (not in the paper; patched only)
@@ -16,17 +18,17 @@
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 : "${SEQ_LEN:=131072}" "${TOPK:=2048}" "${POOLING_FACTOR:=4}" "${LEVELS:=3}" "${DENSE_LAYERS:=0,1,-2,-1}"
-: "${TRAIN_ITERS:=10000}" "${LR:=2e-3}" "${CHECKPOINT_DIR:=./checkpoints/lighthouse}"
+: "${TRAIN_ITERS:=10000}" "${CHECKPOINT_DIR:=./checkpoints/lighthouse}"
 require_megatron_lm
 require_set DATA_PATH TOKENIZER_MODEL
 require_int SEQ_LEN TOPK POOLING_FACTOR LEVELS TRAIN_ITERS
 model_flags
+optimizer_flags
 check_lighthouse "$SEQ_LEN" 1
 lighthouse_model_flags
 launch torchrun --nproc-per-node 1 "$MEGATRON_LM_DIR/pretrain_gpt.py" "${LH_FLAGS[@]}" "${MODEL_FLAGS[@]}" \
     --micro-batch-size 1 --global-batch-size 32 \
     --recompute-granularity full --recompute-method uniform --recompute-num-layers 1 \
-    --lr "$LR" --min-lr 2e-4 --lr-warmup-iters 2000 --lr-decay-style cosine --weight-decay 0.1 \
-    --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0 --bf16 --train-iters "$TRAIN_ITERS" \
+    "${OPT_FLAGS[@]}" --bf16 --train-iters "$TRAIN_ITERS" \
     --data-path "$DATA_PATH" --tokenizer-type HuggingFaceTokenizer --tokenizer-model "$TOKENIZER_MODEL" \
     --save "$CHECKPOINT_DIR" --save-interval 1000 --log-interval 10 --eval-interval 1000 --eval-iters 10

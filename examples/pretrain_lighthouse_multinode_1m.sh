@@ -8,6 +8,8 @@
 #   SEQ_LEN=1048576 TOPK=2048 POOLING_FACTOR=4 LEVELS=3 DENSE_LAYERS=0,1,-2,-1   Lighthouse settings
 #   NUM_LAYERS=30 HIDDEN=1024 HEADS=8 FFN=1536 TRANSFORMER_IMPL=transformer_engine|local   the model
 #   TRAIN_ITERS=10000 CHECKPOINT_DIR (default ./checkpoints/lighthouse_1m)
+#   LR=2e-3 LR_DECAY_STYLE=cosine|constant|linear   the learning rate after 2,000 warm-up iterations, and its decay
+#                     (constant: the published configs' schedule)
 #   MONITOR=1         per-rank GPU monitor (the --lighthouse-monitor flags need the patched pretrain_gpt.py)
 #   DENSE_FROM_ITER   both stages in one run: dense from this iteration on (patched pretrain_gpt.py only)
 #   LAYER_INTERVAL    with DENSE_FROM_ITER: switch the Lighthouse layers one at a time, lowest first, this many
@@ -26,6 +28,7 @@ require_set DATA_PATH TOKENIZER_MODEL NNODES MASTER_ADDR
 require_int NNODES GPUS_PER_NODE CP_SIZE SEQ_LEN TOPK POOLING_FACTOR LEVELS TRAIN_ITERS
 (( NNODES * GPUS_PER_NODE % CP_SIZE == 0 )) || die "CP_SIZE=$CP_SIZE must divide NNODES*GPUS_PER_NODE=$((NNODES * GPUS_PER_NODE))"
 model_flags
+optimizer_flags
 check_lighthouse "$SEQ_LEN" $((2 * CP_SIZE))  # each CP rank selects its two load-balanced chunks locally
 monitor_flags=()
 case "$MONITOR" in
@@ -40,7 +43,6 @@ launch srun --ntasks-per-node 1 torchrun --nnodes "$NNODES" --nproc-per-node "$G
     "${LH_FLAGS[@]}" "${MODEL_FLAGS[@]}" --context-parallel-size "$CP_SIZE" --cp-comm-type p2p \
     --micro-batch-size 1 --global-batch-size 32 \
     --recompute-granularity full --recompute-method uniform --recompute-num-layers 1 \
-    --lr 2e-3 --min-lr 2e-4 --lr-warmup-iters 2000 --lr-decay-style cosine --weight-decay 0.1 \
-    --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0 --bf16 --train-iters "$TRAIN_ITERS" \
+    "${OPT_FLAGS[@]}" --bf16 --train-iters "$TRAIN_ITERS" \
     --data-path "$DATA_PATH" --tokenizer-type HuggingFaceTokenizer --tokenizer-model "$TOKENIZER_MODEL" \
     --save "$CHECKPOINT_DIR" --save-interval 500 --log-interval 1 "${monitor_flags[@]}"

@@ -7,8 +7,8 @@
 #                            is rebuilt, the checkpoint keeps its structure;
 #   unpatched:               the dense spec with the same state-dict keys (TE: Megatron's own; local:
 #                            --spec megatron_lighthouse.spec dense_local_layer_spec).
-# The learning-rate schedule is this script's (--override-opt_param-scheduler): the cosine now runs to
-# TOTAL_ITERS, continuing from the checkpoint's iteration; without the flag Megatron refuses a checkpoint whose
+# The learning-rate schedule is this script's (--override-opt_param-scheduler): its decay (LR_DECAY_STYLE) now runs
+# to TOTAL_ITERS, continuing from the checkpoint's iteration; without the flag Megatron refuses a checkpoint whose
 # schedule was derived from stage one's --train-iters.
 # Variables (environment):
 #   MEGATRON_LM_DIR, DATA_PATH, TOKENIZER_MODEL   as in pretrain_lighthouse_1gpu.sh (required)
@@ -16,6 +16,8 @@
 #   CHECKPOINT_DIR (default ./checkpoints/dense)  TOTAL_ITERS=16000  GPUS_PER_NODE=1
 #   SEQ_LEN=131072 TOPK=2048 POOLING_FACTOR=4 LEVELS=3 DENSE_LAYERS=0,1,-2,-1 DENSE_FROM_ITER=0
 #   NUM_LAYERS=30 HIDDEN=1024 HEADS=8 FFN=1536 TRANSFORMER_IMPL=transformer_engine|local
+#   LR=2e-3 LR_DECAY_STYLE=cosine|constant|linear   the learning rate after 2,000 warm-up iterations, and its decay
+#                     (constant: the published configs' schedule)
 #   DRY_RUN=1         validate everything, then print the command instead of running it
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
@@ -26,6 +28,7 @@ require_set DATA_PATH TOKENIZER_MODEL LIGHTHOUSE_CHECKPOINT
 [ -d "$LIGHTHOUSE_CHECKPOINT" ] || die "LIGHTHOUSE_CHECKPOINT=$LIGHTHOUSE_CHECKPOINT: no such directory"
 require_int TOTAL_ITERS GPUS_PER_NODE SEQ_LEN TOPK POOLING_FACTOR LEVELS
 model_flags
+optimizer_flags
 if is_patched; then
     : "${DENSE_FROM_ITER:=0}"
     check_lighthouse "$SEQ_LEN" 1
@@ -41,8 +44,7 @@ fi
 launch torchrun --nproc-per-node "$GPUS_PER_NODE" "$MEGATRON_LM_DIR/pretrain_gpt.py" "${spec[@]}" "${MODEL_FLAGS[@]}" \
     --micro-batch-size 1 --global-batch-size 32 \
     --recompute-granularity full --recompute-method uniform --recompute-num-layers 1 \
-    --lr 2e-3 --min-lr 2e-4 --lr-warmup-iters 2000 --lr-decay-style cosine --weight-decay 0.1 \
-    --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0 --bf16 --train-iters "$TOTAL_ITERS" \
+    "${OPT_FLAGS[@]}" --bf16 --train-iters "$TOTAL_ITERS" \
     --override-opt_param-scheduler \
     --data-path "$DATA_PATH" --tokenizer-type HuggingFaceTokenizer --tokenizer-model "$TOKENIZER_MODEL" \
     --load "$LIGHTHOUSE_CHECKPOINT" --save "$CHECKPOINT_DIR" --save-interval 1000 --log-interval 10

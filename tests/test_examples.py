@@ -62,7 +62,7 @@ def test_scripts_document_their_variables(script):
     header = [line for line in (EXAMPLES / script).read_text().splitlines() if line.startswith("#")]
     text = "\n".join(header)
     for var in ("MEGATRON_LM_DIR", "DATA_PATH", "TOKENIZER_MODEL", "SEQ_LEN", "NUM_LAYERS", "TRANSFORMER_IMPL",
-                "DRY_RUN"):
+                "LR_DECAY_STYLE", "DRY_RUN"):
         assert var in text, f"{script} does not document {var}"
 
 
@@ -112,6 +112,8 @@ def test_one_gpu_patched_passes_the_flags(tmp_path, patched):
     (dict(DENSE_FROM_ITER="8000", LAYER_INTERVAL="0"), "LAYER_INTERVAL=0: must be an integer >= 1"),
     (dict(LAYER_INTERVAL="500"), "LAYER_INTERVAL=500 needs DENSE_FROM_ITER"),
     (dict(DATA_PATH=""), "DATA_PATH is not set"),
+    (dict(LR="fast"), "LR=fast: must be a decimal number such as 2e-3"),
+    (dict(LR_DECAY_STYLE="WSD"), "LR_DECAY_STYLE=WSD: must be cosine, constant or linear"),
 ])
 def test_one_gpu_bad_variables_are_refused_before_launch(tmp_path, patched, env, message):
     proc = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **{**_base(patched), **env})
@@ -162,6 +164,28 @@ def test_resume_dense(tmp_path, megatron_lm, patched):
     refused = _run("resume_dense.sh", tmp_path, **_base(megatron_lm), LIGHTHOUSE_CHECKPOINT=str(ckpt),
                    DENSE_FROM_ITER="5")
     assert refused.returncode == 2 and "DENSE_FROM_ITER needs the patched pretrain_gpt.py" in refused.stderr
+
+
+OPTIMIZER = ("--min-lr 2e-4 --lr-warmup-iters 2000 --lr-decay-style {} --weight-decay 0.1 --adam-beta1 0.9 "
+             "--adam-beta2 0.95 --clip-grad 1.0")
+
+
+@pytest.mark.parametrize("script, env", [
+    ("pretrain_lighthouse_1gpu.sh", {}),
+    ("pretrain_lighthouse_multinode_1m.sh", dict(NNODES="4", MASTER_ADDR="node0")),
+    ("resume_dense.sh", dict(LIGHTHOUSE_CHECKPOINT="ckpt")),
+])
+def test_every_example_takes_the_learning_rate_and_its_decay(tmp_path, patched, script, env):
+    """LR and LR_DECAY_STYLE reach Megatron in each example (default: 2e-3, cosine); constant is the published
+    configs' schedule."""
+    (tmp_path / "ckpt").mkdir()
+    env = {k: str(tmp_path / v) if k == "LIGHTHOUSE_CHECKPOINT" else v for k, v in env.items()}
+    default = _run(script, tmp_path, **_base(patched), **env)
+    assert default.returncode == 0, default.stderr
+    assert "--lr 2e-3 " + OPTIMIZER.format("cosine") in default.stdout
+    constant = _run(script, tmp_path, **_base(patched), **env, LR="1e-3", LR_DECAY_STYLE="constant")
+    assert constant.returncode == 0, constant.stderr
+    assert "--lr 1e-3 " + OPTIMIZER.format("constant") in constant.stdout
 
 
 def test_dry_run_only_prints(tmp_path, patched):
