@@ -213,7 +213,7 @@ def _lr_factor(style: str, step: int, warmup: int, steps: int, decay_steps: int)
         return 1.0
     if style == "wsd":
         into_decay = step - (steps - decay_steps)
-        return 1.0 if into_decay < 0 else 1.0 - 0.9 * min(1.0, (into_decay + 1) / decay_steps)
+        return 1.0 if into_decay < 0 else 1.0 - 0.9 * (into_decay + 1) / decay_steps  # 0.1 at the last step
     progress = (step - warmup) / max(1, steps - warmup)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
