@@ -364,7 +364,8 @@ def run_demo(cfg: DemoConfig) -> Dict:
             elapsed = time.perf_counter() - start
             state["seconds"][stage] += elapsed
             state["tokens"][stage] += tokens_per_step
-            state["train"].append(dict(step=step, loss=loss.item(), stage=stage, attention=attention))
+            state["train"].append(dict(step=step, loss=loss.item(), stage=stage, attention=attention,
+                                       seconds=elapsed))
             state["step"] = step + 1
             if (step + 1) % cfg.log_every == 0 or step == 0:
                 logger.info("%s  %-10s  loss %.4f  %8.0f tokens/s", _progress(state, cfg.steps), attention, loss.item(),
