@@ -23,7 +23,14 @@ def init_single_process_group(backend: str, prefix: str = "lighthouse_pg_") -> O
     directory = tempfile.mkdtemp(prefix=prefix)
     atexit.register(shutil.rmtree, directory, ignore_errors=True)
     dist.init_process_group(backend, init_method=f"file://{os.path.join(directory, 'store')}", rank=0, world_size=1)
+    atexit.register(_destroy_process_group)  # before the store goes (atexit runs last-registered first)
     return directory
+
+
+def _destroy_process_group() -> None:
+    """Tear the world down at exit: a process that leaves an NCCL world to the interpreter's teardown can hang."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def init_single_process_megatron(backend: str, prefix: str = "lighthouse_pg_") -> None:
@@ -34,3 +41,4 @@ def init_single_process_megatron(backend: str, prefix: str = "lighthouse_pg_") -
     init_single_process_group(backend, prefix)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel()
+        atexit.register(parallel_state.destroy_model_parallel)  # its groups first, then the world
