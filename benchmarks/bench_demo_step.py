@@ -104,7 +104,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             runs.append(dict(variant=name, repeat=repeat, flags=flags, tokens_per_step=cfg.batch_size * cfg.seq_len,
                              step_seconds=step_seconds(metrics["train"], args.skip)))
     rows = summarize(runs, [name for name, _ in args.variants])
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() and "cuda" in " ".join(args.shared) else "cpu"
+    device = torch.cuda.get_device_name() if torch.device(cfg.device).type == "cuda" else "cpu"
     report = dict(date=datetime.date.today().isoformat(), device=device, torch=torch.__version__,
                   shared=args.shared, steps=args.steps, skip=args.skip, repeats=args.repeats, rows=rows, runs=runs)
     with open(os.path.join(args.out_dir, "demo_step.json"), "w") as f:
