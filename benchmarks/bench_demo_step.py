@@ -36,19 +36,14 @@ from megatron_lighthouse.demo.__main__ import parse_args as parse_demo_args  # n
 from megatron_lighthouse.demo.train import run_demo  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_quality import parse_variant  # noqa: E402
+from bench_quality import demo_wrapper_parser, parse_variants  # noqa: E402
 
 #: Flags this script sets on every run (no checkpoints; one evaluation, at the end, outside the timed steps).
 FIXED_FLAGS = ("--no-save", "--log-every", "1000000", "--eval-every", "1000000", "--eval-batches", "1")
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    shared = argv[argv.index("--") + 1:] if "--" in argv else []
-    own = argv[:argv.index("--")] if "--" in argv else argv
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                epilog="Flags after -- go to every run of python -m megatron_lighthouse.demo.")
-    p.add_argument("--out-dir", required=True)
+    p, own, shared = demo_wrapper_parser(__doc__, argv)
     p.add_argument("--variant", action="append", required=True, help="NAME=DEMO FLAGS; repeatable; first = baseline")
     p.add_argument("--steps", type=int, default=120, help="training steps per run")
     p.add_argument("--skip", type=int, default=20, help="first steps of each run left out of the median")
@@ -58,13 +53,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         raise SystemExit(f"--steps {args.steps} / --skip {args.skip}: need skip >= 0 and at least 5 timed steps")
     if args.repeats < 1:
         raise SystemExit(f"--repeats {args.repeats}: must be at least 1")
-    args.variants = [parse_variant(v) for v in args.variant]
-    names = [name for name, _ in args.variants]
-    if len(set(names)) != len(names):
-        raise SystemExit(f"--variant names must differ: {names}")
-    for flag in ("--steps", "--out", "--resume", *(f for f in FIXED_FLAGS if f.startswith("--"))):
-        if flag in shared or any(flag in flags for _, flags in args.variants):
-            raise SystemExit(f"{flag}: set by this script")
+    args.variants = parse_variants(args.variant, shared,
+                                   ("--steps", "--out", "--resume", *(f for f in FIXED_FLAGS if f.startswith("--"))))
     args.shared = shared
     return args
 

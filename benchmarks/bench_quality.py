@@ -62,13 +62,34 @@ def parse_variant(text: str) -> Tuple[str, List[str]]:
     return name, shlex.split(flags)
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+def demo_wrapper_parser(doc: str, argv: Optional[List[str]]) -> Tuple[argparse.ArgumentParser, List[str], List[str]]:
+    """For a script that runs the demo with shared flags after ``--``: ``(parser with --out-dir, this script's own
+    arguments, the shared demo flags)``; ``argv`` ``None`` reads ``sys.argv``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     shared = argv[argv.index("--") + 1:] if "--" in argv else []
     own = argv[:argv.index("--")] if "--" in argv else argv
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(description=doc.split("\n")[0],
                                 epilog="Flags after -- go to every run of python -m megatron_lighthouse.demo.")
     p.add_argument("--out-dir", required=True)
+    return p, own, shared
+
+
+def parse_variants(texts: List[str], shared: List[str], reserved: Tuple[str, ...],
+                   hint: str = "") -> List[Tuple[str, List[str]]]:
+    """``--variant`` texts -> ``[(NAME, [flags])]``; ``SystemExit`` for a repeated name or a ``reserved`` flag
+    (one the script sets) in ``shared`` or a variant's flags, ``hint`` appended to that message."""
+    variants = [parse_variant(v) for v in texts]
+    names = [name for name, _ in variants]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"--variant names must differ: {names}")
+    for flag in reserved:
+        if flag in shared or any(flag in flags for _, flags in variants):
+            raise SystemExit(f"{flag}: set by this script{hint}")
+    return variants
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p, own, shared = demo_wrapper_parser(__doc__, argv)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--variant", action="append", default=None, help="NAME=DEMO FLAGS; repeatable; first = baseline")
     p.add_argument("--processes", type=int, default=1, help="run the seeds in this many processes side by side")
@@ -83,13 +104,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         raise SystemExit(f"--processes {args.processes}: must be between 1 and the number of --seeds "
                          f"({len(args.seeds)})")
     args.variant_texts = list(args.variant or DEFAULT_VARIANTS)
-    args.variants = [parse_variant(v) for v in args.variant_texts]
-    names = [name for name, _ in args.variants]
-    if len(set(names)) != len(names):
-        raise SystemExit(f"--variant names must differ: {names}")
-    for flag in ("--seed", "--out", "--resume", "--no-save"):
-        if flag in shared or any(flag in flags for _, flags in args.variants):
-            raise SystemExit(f"{flag}: set by this script (use --seeds / --out-dir)")
+    args.variants = parse_variants(args.variant_texts, shared, ("--seed", "--out", "--resume", "--no-save"),
+                                   " (use --seeds / --out-dir)")
     args.shared = shared
     return args
 
