@@ -17,7 +17,10 @@ if TYPE_CHECKING:
 class LighthouseSchedule:
     """The paper's recipe: Lighthouse for iterations ``< dense_from_iteration``, dense from then on.
 
-    ``dense_from_iteration=None`` keeps Lighthouse on throughout. Three additions, not in the paper:
+    ``dense_from_iteration=None`` keeps Lighthouse on throughout. Four additions, not in the paper:
+
+    - ``lighthouse_from_iteration=P`` runs the first ``P`` iterations densely (a dense prefix), Lighthouse from
+      iteration ``P`` on; the prefix is not part of the Lighthouse stage.
 
     - ``dense_every=N`` also runs every ``N``-th iteration of the Lighthouse stage densely (iterations with
       ``(iteration + 1) % N == 0``), so the model keeps training its dense attention while Lighthouse does most
@@ -37,6 +40,7 @@ class LighthouseSchedule:
     dense_every: Union[int, None] = None
     layer_interval: int = 0
     blend_iterations: int = 0
+    lighthouse_from_iteration: int = 0
 
     def __post_init__(self) -> None:
         it = self.dense_from_iteration
@@ -59,20 +63,29 @@ class LighthouseSchedule:
         if blend and it is None:
             raise ValueError(f"LighthouseSchedule.blend_iterations={blend}: needs dense_from_iteration (the blend "
                              "leads up to the switch)")
+        prefix = self.lighthouse_from_iteration
+        if not isinstance(prefix, int) or isinstance(prefix, bool) or prefix < 0:
+            raise ValueError(f"LighthouseSchedule.lighthouse_from_iteration={prefix!r}: must be an int >= 0 (0: "
+                             "Lighthouse from the first iteration)")
+        if prefix and it is not None and prefix >= it:
+            raise ValueError(f"LighthouseSchedule.lighthouse_from_iteration={prefix}: must be below "
+                             f"dense_from_iteration={it}, or no iteration would run Lighthouse")
 
     def check_layers(self, count: int) -> None:
         """``ValueError`` unless ``count`` Lighthouse layers fit the schedule: the first one's blend start,
         ``dense_from_iteration - (count - 1) * layer_interval - blend_iterations``, must not fall before
-        iteration 0."""
+        ``lighthouse_from_iteration`` (0 by default)."""
         first, start, blend = self.switch_iteration(0, count), self.blend_start(0, count), self.blend_iterations
-        if start is not None and start < 0:
+        prefix = self.lighthouse_from_iteration
+        if start is not None and start < prefix:
             raise ValueError(
                 f"LighthouseSchedule.layer_interval={self.layer_interval}"
                 f"{f', blend_iterations={blend}' if blend else ''} with {count} Lighthouse layers and "
                 f"dense_from_iteration={self.dense_from_iteration}: the first layer would switch at iteration "
                 f"{first}{f' and start its blend at {start}' if blend else ''}; needs "
-                f"dense_from_iteration >= (layers - 1) * layer_interval{' + blend_iterations' if blend else ''} = "
-                f"{(count - 1) * self.layer_interval + blend}")
+                f"dense_from_iteration >= {'lighthouse_from_iteration + ' if prefix else ''}"
+                f"(layers - 1) * layer_interval{' + blend_iterations' if blend else ''} = "
+                f"{prefix + (count - 1) * self.layer_interval + blend}")
 
     def switch_iteration(self, index: int = 0, count: int = 1) -> Union[int, None]:
         """The first dense iteration of Lighthouse layer ``index`` of ``count`` (``None``: Lighthouse throughout)."""
@@ -87,14 +100,17 @@ class LighthouseSchedule:
         return None if switch is None else switch - self.blend_iterations
 
     def in_lighthouse_stage(self, iteration: int) -> bool:
-        """Whether ``iteration`` is before the switch of the last layer (``dense_every`` steps included)."""
-        return self.dense_from_iteration is None or iteration < self.dense_from_iteration
+        """Whether ``iteration`` is past the dense prefix and before the switch of the last layer (``dense_every``
+        steps included)."""
+        return iteration >= self.lighthouse_from_iteration and (
+            self.dense_from_iteration is None or iteration < self.dense_from_iteration)
 
     def enabled_at(self, iteration: int, index: int = 0, count: int = 1) -> bool:
         """Whether Lighthouse layer ``index`` of ``count`` runs Lighthouse at ``iteration``."""
         switch = self.switch_iteration(index, count)
         interleaved_dense = self.dense_every is not None and (iteration + 1) % self.dense_every == 0
-        return (switch is None or iteration < switch) and not interleaved_dense
+        return (self.lighthouse_from_iteration <= iteration and (switch is None or iteration < switch)
+                and not interleaved_dense)
 
     def dense_weight_at(self, iteration: int, index: int = 0, count: int = 1) -> float:
         """The dense weight of Lighthouse layer ``index`` of ``count`` at ``iteration`` while it runs Lighthouse

@@ -99,6 +99,21 @@ def test_layer_interval_switches_the_lighthouse_layers_one_at_a_time(tmp_path, c
     assert stagger[3]["loss"] != pytest.approx(plain[3]["loss"], rel=1e-6)
 
 
+def test_dense_prefix_steps_train_densely_before_the_lighthouse_stage(runs, tmp_path, caplog):
+    """``--dense-prefix-steps 2``: steps 0-1 run dense and count as dense (they train as the dense run's), steps
+    2-4 run Lighthouse (step 2 trains unlike the dense run's), the switch stays at step 5."""
+    with caplog.at_level(logging.INFO, logger="megatron_lighthouse.demo.train"):
+        assert _main("--mode", "two-stage", "--dense-prefix-steps", "2", "--out", str(tmp_path)) == 0
+    assert "step 2: dense prefix done (--dense-prefix-steps), Lighthouse on" in caplog.messages
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert [t["attention"] for t in metrics["train"]] == ["dense"] * 2 + ["lighthouse"] * 3 + ["dense"]
+    assert [t["stage"] for t in metrics["train"]] == ["dense"] * 2 + ["lighthouse"] * 3 + ["dense"]
+    assert {s["stage"]: s["steps"] for s in metrics["stages"]} == {"lighthouse": 3, "dense": 3}
+    dense = [t["loss"] for t in runs["dense"][1]["train"]]
+    assert [t["loss"] for t in metrics["train"][:2]] == pytest.approx(dense[:2], rel=1e-5)
+    assert metrics["train"][2]["loss"] != pytest.approx(dense[2], rel=1e-6)
+
+
 def test_blend_steps_blend_each_lighthouse_layer_into_dense_before_its_switch(tmp_path, caplog):
     """Three layers, two of them Lighthouse, 1 step apart, the last switch at step 5: ``--blend-steps 2`` blends
     the lower one over steps 2-3 and the upper over 3-4. Steps 0-1 train as without it, step 2 does not."""
@@ -225,6 +240,15 @@ def test_out_of_memory_names_the_flags_to_lower(tmp_path, monkeypatch):
     (["--mode", "dense", "--blend-steps", "2"], "--blend-steps 2: must be >= 0, and only with --mode two-stage"),
     (["--layers", "3", "--layer-interval", "2", "--blend-steps", "4"],
      "--blend-steps 4: the first Lighthouse layer switches at step 3, so its blend would start at step -1"),
+    (["--baseline", "--dense-prefix-steps", "2"], "--dense-prefix-steps 2: must be >= 0, not with --mode dense"),
+    (["--dense-prefix-steps", "5"], "--dense-prefix-steps 5: must be >= 0, not with --mode dense, and below the "
+                                    "switch step 5 of a two-stage run"),
+    (["--layers", "3", "--layer-interval", "2", "--dense-prefix-steps", "4"],
+     "--layer-interval 2: 2 Lighthouse layers switching 2 steps apart, the last at step 5, would put the first at "
+     "step 3, before --dense-prefix-steps 4"),
+    (["--layers", "3", "--layer-interval", "1", "--blend-steps", "2", "--dense-prefix-steps", "3"],
+     "--blend-steps 2: the first Lighthouse layer switches at step 4, so its blend would start at step 2, before "
+     "--dense-prefix-steps 3"),
 ])
 def test_bad_settings_fail_clearly(args, message, capsys):
     assert _main(*args) == 2

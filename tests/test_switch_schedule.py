@@ -101,3 +101,31 @@ def test_the_schedule_needs_no_megatron_core_and_the_switch_module_re_exports_it
     assert proc.returncode == 0, proc.stderr
     switch = pytest.importorskip("megatron_lighthouse.switch")
     assert switch.LighthouseSchedule is LighthouseSchedule
+
+
+def test_lighthouse_from_iteration_runs_a_dense_prefix_outside_the_lighthouse_stage():
+    schedule = LighthouseSchedule(dense_from_iteration=5, lighthouse_from_iteration=2)
+    assert [schedule.enabled_at(i) for i in range(6)] == [D, D, L, L, L, D]
+    assert [schedule.in_lighthouse_stage(i) for i in range(6)] == [False, False, True, True, True, False]
+    throughout = LighthouseSchedule(lighthouse_from_iteration=3)
+    assert [throughout.enabled_at(i) for i in range(5)] == [D, D, D, L, L]
+    staggered = LighthouseSchedule(dense_from_iteration=8, layer_interval=3, lighthouse_from_iteration=2)
+    assert [[staggered.enabled_at(i, j, 2) for i in range(9)] for j in range(2)] == [
+        [D, D, L, L, L, D, D, D, D], [D, D, L, L, L, L, L, L, D]]
+    staggered.check_layers(2)  # the first layer switches at 5, after the prefix
+    LighthouseSchedule(dense_from_iteration=8, layer_interval=3, lighthouse_from_iteration=2).check_layers(3)
+    with pytest.raises(ValueError, match=r"layer_interval=3 with 3 Lighthouse layers and dense_from_iteration=7: the "
+                                         r"first layer would switch at iteration 1; needs dense_from_iteration >= "
+                                         r"lighthouse_from_iteration \+ \(layers - 1\) \* layer_interval = 8"):
+        LighthouseSchedule(dense_from_iteration=7, layer_interval=3, lighthouse_from_iteration=2).check_layers(3)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(lighthouse_from_iteration=-1), r"lighthouse_from_iteration=-1: must be an int >= 0"),
+    (dict(lighthouse_from_iteration=1.0), r"lighthouse_from_iteration=1.0: must be an int >= 0"),
+    (dict(dense_from_iteration=4, lighthouse_from_iteration=4),
+     r"lighthouse_from_iteration=4: must be below dense_from_iteration=4, or no iteration would run Lighthouse"),
+])
+def test_bad_lighthouse_from_iteration_is_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LighthouseSchedule(**kwargs)

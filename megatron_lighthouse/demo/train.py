@@ -32,7 +32,7 @@ CHECKPOINT = "checkpoint.pt"
 RESUMABLE_CHANGES = ("steps", "out", "resume", "log_every", "eval_every", "eval_batches")
 #: Settings added after checkpoints were first written: the value an older checkpoint ran with.
 OLD_CHECKPOINT_SETTINGS = {"rope": "tokens", "dense_every": 0, "layer_interval": 0, "blend_steps": 0,
-                           "lr_decay_style": "cosine", "lr_decay_fraction": 0.2}
+                           "dense_prefix_steps": 0, "lr_decay_style": "cosine", "lr_decay_fraction": 0.2}
 #: What to lower when memory runs out.
 MEMORY_HINT = "lower --batch-size, --seq-len, --layers or --hidden"
 
@@ -60,6 +60,9 @@ class DemoConfig:
     ``blend_steps``: with ``B >= 1``, each Lighthouse layer of a two-stage run blends into dense attention over
     the ``B`` steps before its switch, the dense weight rising linearly (``LighthouseSchedule.blend_iterations``;
     not in the paper); 0: off.
+    ``dense_prefix_steps``: with ``P >= 1``, a two-stage or Lighthouse run trains its first ``P`` steps densely and
+    starts Lighthouse at step ``P`` (``LighthouseSchedule.lighthouse_from_iteration``; not in the paper); the
+    prefix counts as dense in the stage totals. 0: Lighthouse from step 0.
     """
 
     mode: str = "two-stage"
@@ -84,6 +87,7 @@ class DemoConfig:
     dense_every: int = 0
     layer_interval: int = 0
     blend_steps: int = 0
+    dense_prefix_steps: int = 0
     eval_every: int = 25
     eval_batches: int = 4
     log_every: int = 10
@@ -126,6 +130,11 @@ class DemoConfig:
             raise ValueError(f"--layer-interval {self.layer_interval}: must be >= 0, and only with --mode two-stage")
         if self.blend_steps < 0 or (self.blend_steps and self.mode != "two-stage"):
             raise ValueError(f"--blend-steps {self.blend_steps}: must be >= 0, and only with --mode two-stage")
+        prefix = self.dense_prefix_steps
+        if prefix < 0 or (prefix and (self.mode == "dense" or (self.switch_step is not None
+                                                                and prefix >= self.switch_step))):
+            raise ValueError(f"--dense-prefix-steps {prefix}: must be >= 0, not with --mode dense, and below the "
+                             f"switch step {self.switch_step} of a two-stage run (lower it or --dense-fraction)")
         if self.mode != "dense":
             lighthouse = self.lighthouse()
             try:
@@ -140,19 +149,22 @@ class DemoConfig:
                 count = self.layers - len(lighthouse.dense_layer_set(self.layers))
                 schedule = self.schedule()
                 first, blend_start = schedule.switch_iteration(0, count), schedule.blend_start(0, count)
-                if first < 0:
+                start = f"--dense-prefix-steps {prefix}" if prefix else "step 0"
+                if first < prefix:
                     raise ValueError(f"--layer-interval {self.layer_interval}: {count} Lighthouse layers switching "
                                      f"{self.layer_interval} steps apart, the last at step {self.switch_step}, "
-                                     f"would put the first at step {first}; lower it or --dense-fraction")
-                if blend_start < 0:
+                                     f"would put the first at step {first}, before {start}; lower it or "
+                                     f"--dense-fraction")
+                if blend_start < prefix:
                     raise ValueError(f"--blend-steps {self.blend_steps}: the first Lighthouse layer switches at step "
-                                     f"{first}, so its blend would start at step {blend_start}; lower "
-                                     f"it, --layer-interval or --dense-fraction")
+                                     f"{first}, so its blend would start at step {blend_start}, before {start}; "
+                                     f"lower it, --layer-interval or --dense-fraction")
 
     def schedule(self) -> LighthouseSchedule:
         """The run's :class:`~megatron_lighthouse.schedule.LighthouseSchedule` (per step)."""
         return LighthouseSchedule(dense_from_iteration=self.switch_step, dense_every=self.dense_every or None,
-                                  layer_interval=self.layer_interval, blend_iterations=self.blend_steps)
+                                  layer_interval=self.layer_interval, blend_iterations=self.blend_steps,
+                                  lighthouse_from_iteration=self.dense_prefix_steps)
 
     def _decay_steps(self, steps: int) -> int:
         """Steps of a ``wsd`` decay over a schedule of ``steps`` steps (the last ``lr_decay_fraction`` of them)."""
@@ -349,6 +361,8 @@ def run_demo(cfg: DemoConfig) -> Dict:
             if step in blend_starts:
                 logger.info("step %d: Lighthouse layer %d of %d blending into dense over %d steps (--blend-steps)",
                             step, blend_starts[step] + 1, count, cfg.blend_steps)
+            if cfg.dense_prefix_steps and step == cfg.dense_prefix_steps:
+                logger.info("step %d: dense prefix done (--dense-prefix-steps), Lighthouse on", step)
             if step == cfg.switch_step and cfg.mode == "two-stage":
                 logger.info("step %d: switching Lighthouse off, dense attention from here on", step)
             for group in optimizer.param_groups:
