@@ -50,6 +50,9 @@ def test_modes_train_evaluate_and_write_outputs(runs, mode):
     assert all(s["tokens_per_s"] > 0 and s["seconds"] > 0 and s["final_val_loss"] > 0 for s in metrics["stages"])
     assert [e["step"] for e in metrics["evals"]] == [3, 6]
     assert metrics["final_val_loss"] == metrics["evals"][-1]["val_loss"]
+    for e in metrics["evals"]:  # 8 equal slices of the 256 positions: their mean is the loss
+        assert len(e["val_loss_by_position"]) == train.POSITION_BUCKETS == 8
+        assert sum(e["val_loss_by_position"]) / 8 == pytest.approx(e["val_loss"], rel=1e-5)
     for e in metrics["evals"]:  # the Lighthouse stage is also scored as it trains, and that is another model
         assert ("val_loss_lighthouse" in e) == (e["stage"] == "lighthouse")
         if e["stage"] == "lighthouse":
@@ -151,7 +154,7 @@ def test_dense_checkpoint_loads_into_the_dense_model(runs):
 
 
 def test_interrupted_run_resumes_to_the_same_result(runs, tmp_path, monkeypatch, capsys, caplog):
-    """Interrupted in step 3 (after the checkpoint of step 3; evaluation calls the loss too), ``--resume`` finishes
+    """Interrupted in step 3 (after the checkpoint of step 3; evaluation does not call the loss), ``--resume`` finishes
     the run with the losses of the uninterrupted one: batches depend on the step only, model and optimizer come
     from the checkpoint."""
     real_loss = train._loss
@@ -159,7 +162,7 @@ def test_interrupted_run_resumes_to_the_same_result(runs, tmp_path, monkeypatch,
 
     def interrupted(*args):
         calls.append(1)
-        if len(calls) == 6:  # 3 training steps, the dense and the Lighthouse evaluation of step 3, then step 3
+        if len(calls) == 4:  # 3 training steps, then step 3
             raise KeyboardInterrupt
         return real_loss(*args)
 
@@ -330,3 +333,9 @@ def test_lr_decay_styles():
 def test_progress_eta_from_the_mean_step_time():
     state = dict(step=5, train=[None] * 5, seconds={"lighthouse": 8.0, "dense": 2.0})
     assert train._progress(state, 200, width=10) == "step    5/200 [----------]   2% eta 0:06:30"
+
+
+def test_position_buckets_average_equal_slices_the_last_taking_the_remainder():
+    losses = torch.arange(10, dtype=torch.float32)
+    assert train.position_buckets(losses, 2) == [2.0, 7.0]
+    assert train.position_buckets(losses, 3) == pytest.approx([1.5, 5.0, 8.0])  # slices of 4, 3, 3

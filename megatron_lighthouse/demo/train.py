@@ -33,6 +33,8 @@ RESUMABLE_CHANGES = ("steps", "out", "resume", "log_every", "eval_every", "eval_
 #: Settings added after checkpoints were first written: the value an older checkpoint ran with.
 OLD_CHECKPOINT_SETTINGS = {"rope": "tokens", "dense_every": 0, "layer_interval": 0, "blend_steps": 0,
                            "dense_prefix_steps": 0, "lr_decay_style": "cosine", "lr_decay_fraction": 0.2}
+#: Equal slices of the sequence whose validation loss each evaluation also records (``val_loss_by_position``).
+POSITION_BUCKETS = 8
 #: What to lower when memory runs out.
 MEMORY_HINT = "lower --batch-size, --seq-len, --layers or --hidden"
 
@@ -43,7 +45,9 @@ class DemoConfig:
 
     ``mode``: ``two-stage`` (Lighthouse, then dense for the last ``dense_fraction`` of steps), ``dense`` (dense from
     scratch, the baseline) or ``lighthouse`` (Lighthouse throughout). Validation loss is always measured densely;
-    during the Lighthouse stage also with Lighthouse on (``val_loss_lighthouse`` in the evaluations).
+    during the Lighthouse stage also with Lighthouse on (``val_loss_lighthouse`` in the evaluations); each
+    evaluation also records the dense loss of :data:`POSITION_BUCKETS` equal slices of the sequence
+    (``val_loss_by_position``).
     ``out``: directory of the checkpoints (``None``: keep nothing; the CLI writes its metrics and plot there too).
     Learning rate: linear warm-up over ``warmup`` steps, then ``lr_decay_style`` (:data:`LR_DECAY_STYLES`):
     ``cosine`` to 10% of ``lr`` at the last step, ``constant`` (the published recipe) or ``wsd`` (constant, then
@@ -275,19 +279,33 @@ def validation_offsets(val_len: int, seq_len: int, windows: int) -> torch.Tensor
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, val: torch.Tensor, cfg: DemoConfig, device: torch.device,
-             dense: bool = True) -> float:
-    """Validation loss on fixed evenly spaced windows, with every layer dense (``dense=True``: the model the recipe
-    ships) or with the Lighthouse layers on (the model as the Lighthouse stage trains it)."""
+def validation_position_losses(model: torch.nn.Module, val: torch.Tensor, cfg: DemoConfig, device: torch.device,
+                               dense: bool = True) -> torch.Tensor:
+    """Validation loss of each position, averaged over the fixed evenly spaced windows: fp32 ``[seq_len]``. With
+    every layer dense (``dense=True``: the model the recipe ships) or with the Lighthouse layers on (the model as
+    the Lighthouse stage trains it)."""
     from ..switch import lighthouse_enabled
 
     offsets = validation_offsets(len(val), cfg.seq_len, cfg.eval_batches * cfg.batch_size)
+    total = torch.zeros(cfg.seq_len, dtype=torch.float32, device=device)
     model.eval()
     with lighthouse_enabled(model, not dense):
-        losses = [_loss(model, *_batch(val, chunk, cfg.seq_len, device)).item()
-                  for chunk in offsets.split(cfg.batch_size)]
+        for chunk in offsets.split(cfg.batch_size):
+            total += token_losses(model, *_batch(val, chunk, cfg.seq_len, device)).sum(0)
     model.train()
-    return sum(losses) / len(losses)
+    return total / len(offsets)
+
+
+def evaluate(model: torch.nn.Module, val: torch.Tensor, cfg: DemoConfig, device: torch.device,
+             dense: bool = True) -> float:
+    """Validation loss (see :func:`validation_position_losses`), averaged over positions."""
+    return validation_position_losses(model, val, cfg, device, dense).mean().item()
+
+
+def position_buckets(losses: torch.Tensor, buckets: int = POSITION_BUCKETS) -> List[float]:
+    """Mean of each of ``buckets`` equal consecutive slices of per-position ``losses`` (``[seq_len]``; the last
+    slice takes the remainder when ``seq_len`` does not divide)."""
+    return [chunk.mean().item() for chunk in losses.tensor_split(buckets)]
 
 
 def _save(path: pathlib.Path, payload: dict) -> None:
@@ -385,7 +403,9 @@ def run_demo(cfg: DemoConfig) -> Dict:
                 logger.info("%s  %-10s  loss %.4f  %8.0f tokens/s", _progress(state, cfg.steps), attention, loss.item(),
                             tokens_per_step / elapsed)
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-                record = dict(step=step + 1, val_loss=evaluate(model, val, cfg, device), stage=stage)
+                by_position = validation_position_losses(model, val, cfg, device)
+                record = dict(step=step + 1, val_loss=by_position.mean().item(), stage=stage,
+                              val_loss_by_position=position_buckets(by_position))
                 if stage == "lighthouse":  # and as it trains: how much of it the switch to dense has to relearn
                     record["val_loss_lighthouse"] = evaluate(model, val, cfg, device, dense=False)
                 state["evals"].append(record)
