@@ -207,7 +207,10 @@ def summarize(records: List[Dict], variants: List[str]) -> List[Dict]:
     """Per variant: seeds, losses by seed, mean, spread (max - min), and ``vs_baseline_pct``: the change (%) of its
     mean vs the first variant's mean over the same seeds (``None`` when the first variant lacks one of them);
     ``per_seed_pct``, each seed's change vs the first variant's run of that seed, and ``per_seed_stderr``, the
-    standard error of their mean (``None`` below 2 seeds, or without the pairs)."""
+    standard error of their mean (``None`` below 2 seeds, or without the pairs); ``by_position``, the mean over
+    seeds of the final evaluation's loss in each equal slice of the sequence, and ``by_position_vs_baseline``, its
+    difference (nats) from the first variant's over the same seeds (``None`` for reports written before the demo
+    recorded slices, or without the pairs)."""
     rows = []
     for name in variants:
         runs = sorted((r for r in records if r["variant"] == name), key=lambda r: r["seed"])
@@ -225,7 +228,21 @@ def summarize(records: List[Dict], variants: List[str]) -> List[Dict]:
                                if whole else None)
         row["per_seed_stderr"] = (statistics.stdev(row["per_seed_pct"]) / math.sqrt(len(row["per_seed_pct"]))
                                   if whole and len(row["seeds"]) > 1 else None)
+    slices = {(r["variant"], r["seed"]): (r.get("evals") or [{}])[-1].get("val_loss_by_position") for r in records}
+    for row in rows:
+        mine = [slices[(row["variant"], s)] for s in row["seeds"]]
+        theirs = [slices.get((rows[0]["variant"], s)) for s in row["seeds"]]
+        row["by_position"] = _mean_lists(mine)
+        row["by_position_vs_baseline"] = (None if row["by_position"] is None or None in theirs else
+                                          [a - b for a, b in zip(row["by_position"], _mean_lists(theirs))])
     return rows
+
+
+def _mean_lists(lists: List[Optional[List[float]]]) -> Optional[List[float]]:
+    """Element-wise mean of equal-length lists (``None`` when any is missing)."""
+    if not lists or any(x is None for x in lists):
+        return None
+    return [statistics.fmean(column) for column in zip(*lists)]
 
 
 def print_table(rows: List[Dict], records: List[Dict]) -> None:
@@ -240,6 +257,15 @@ def print_table(rows: List[Dict], records: List[Dict]) -> None:
         print(f"{row['variant']:<24}{','.join(map(str, row['seeds'])):>10}{losses:>{width}}{row['mean']:>9.4f}"
               f"{row['spread']:>9.4f}{change:>12}{row['train_seconds']:>9.1f}{row['tokens_per_s']:>11.0f}")
     print(f"(vs {rows[0]['variant']}: each mean against {rows[0]['variant']}'s mean over the same seeds)")
+    if all(row["by_position"] is not None for row in rows):
+        count = len(rows[0]["by_position"])
+        print(f"\nfinal val loss (dense) by position, {count} equal slices of the sequence; below each variant, "
+              f"its difference from {rows[0]['variant']} (nats, same seeds)")
+        print(f"{'variant':<24}" + "".join(f"{f'{i + 1}/{count}':>9}" for i in range(count)))
+        for row in rows:
+            print(f"{row['variant']:<24}" + "".join(f"{x:>9.4f}" for x in row["by_position"]))
+            if row is not rows[0] and row["by_position_vs_baseline"] is not None:
+                print(f"{'':<24}" + "".join(f"{x:>+9.4f}" for x in row["by_position_vs_baseline"]))
     modes = {row["variant"]: {r["mode"] for r in records if r["variant"] == row["variant"]} for row in rows}
     if modes[rows[0]["variant"]] != {"dense"}:
         return  # the bar compares with dense from scratch

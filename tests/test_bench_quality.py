@@ -183,6 +183,33 @@ def test_change_vs_baseline_is_paired_by_seed(capsys):
     assert "other" not in printed.split("bar (")[-1]
 
 
+def test_loss_by_position_is_averaged_over_seeds_and_paired_with_the_baseline(capsys):
+    """Each variant's final slices are the mean over its seeds; the difference is against the baseline's mean over
+    the same seeds. A run without slices (an older report) leaves its variant without them and the table out."""
+    bench = _bench()
+    run = dict(train_seconds=1.0, tokens_per_s=1.0)
+
+    def record(variant, seed, slices):
+        return dict(run, variant=variant, mode="dense" if variant == "dense" else "two-stage", seed=seed,
+                    final_val_loss=sum(slices) / 2, evals=[dict(step=9, val_loss=sum(slices) / 2,
+                                                                val_loss_by_position=slices)])
+
+    records = [record("dense", 0, [2.0, 1.0]), record("dense", 1, [3.0, 2.0]), record("dense", 2, [9.0, 9.0]),
+               record("two", 0, [2.5, 1.0]), record("two", 1, [3.1, 2.0])]
+    dense, two = bench.summarize(records, ["dense", "two"])
+    assert dense["by_position"] == pytest.approx([14 / 3, 4.0])
+    assert two["by_position"] == pytest.approx([2.8, 1.5])
+    assert two["by_position_vs_baseline"] == pytest.approx([0.3, 0.0])  # against seeds 0 and 1 only
+    bench.print_table([dense, two], records)
+    printed = capsys.readouterr().out
+    assert "by position, 2 equal slices" in printed and "  +0.3000  +0.0000" in printed
+    records[3]["evals"][-1].pop("val_loss_by_position")
+    dense, two = bench.summarize(records, ["dense", "two"])
+    assert two["by_position"] is None and two["by_position_vs_baseline"] is None
+    bench.print_table([dense, two], records)
+    assert "by position" not in capsys.readouterr().out
+
+
 def test_per_seed_change_and_its_standard_error():
     """Seeds +1%, +3%, -1% against their own baseline run: mean +1%, standard error stdev / sqrt(3)."""
     bench = _bench()
