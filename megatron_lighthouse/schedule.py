@@ -21,7 +21,6 @@ class LighthouseSchedule:
 
     - ``lighthouse_from_iteration=P`` runs the first ``P`` iterations densely (a dense prefix), Lighthouse from
       iteration ``P`` on; the prefix is not part of the Lighthouse stage.
-
     - ``dense_every=N`` also runs every ``N``-th iteration of the Lighthouse stage densely (iterations with
       ``(iteration + 1) % N == 0``), so the model keeps training its dense attention while Lighthouse does most
       steps.
