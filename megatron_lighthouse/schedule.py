@@ -7,7 +7,7 @@ model's :class:`~megatron_lighthouse.core_attention.LighthouseCoreAttention` lay
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Mapping, Union
 
 if TYPE_CHECKING:
     from .switch import Model
@@ -70,21 +70,32 @@ class LighthouseSchedule:
             raise ValueError(f"LighthouseSchedule.lighthouse_from_iteration={prefix}: must be below "
                              f"dense_from_iteration={it}, or no iteration would run Lighthouse")
 
-    def check_layers(self, count: int) -> None:
+    def check_layers(self, count: int, names: Union[Mapping[str, str], None] = None) -> None:
         """``ValueError`` unless ``count`` Lighthouse layers fit the schedule: the first one's blend start,
         ``dense_from_iteration - (count - 1) * layer_interval - blend_iterations``, must not fall before
-        ``lighthouse_from_iteration`` (0 by default)."""
+        ``lighthouse_from_iteration`` (0 by default).
+
+        ``names`` maps field names to what the caller calls those settings in the message (a launcher's flags, say:
+        ``{"layer_interval": "--layer-interval"}``); a name with a space or a leading ``-`` is followed by its value
+        after a space, any other by ``=``."""
         first, start, blend = self.switch_iteration(0, count), self.blend_start(0, count), self.blend_iterations
         prefix = self.lighthouse_from_iteration
-        if start is not None and start < prefix:
-            raise ValueError(
-                f"LighthouseSchedule.layer_interval={self.layer_interval}"
-                f"{f', blend_iterations={blend}' if blend else ''} with {count} Lighthouse layers and "
-                f"dense_from_iteration={self.dense_from_iteration}: the first layer would switch at iteration "
-                f"{first}{f' and start its blend at {start}' if blend else ''}; needs "
-                f"dense_from_iteration >= {'lighthouse_from_iteration + ' if prefix else ''}"
-                f"(layers - 1) * layer_interval{' + blend_iterations' if blend else ''} = "
-                f"{prefix + (count - 1) * self.layer_interval + blend}")
+        if start is None or start >= prefix:
+            return
+        def name(field: str) -> str:
+            return (names or {}).get(field, field)
+
+        def setting(field: str) -> str:
+            label = name(field)
+            return f"{label}{' ' if ' ' in label or label.startswith('-') else '='}{getattr(self, field)}"
+
+        raise ValueError(
+            f"{'' if names else 'LighthouseSchedule: '}{setting('layer_interval')}{', ' + setting('blend_iterations') if blend else ''}"
+            f"{', ' + setting('lighthouse_from_iteration') if prefix else ''} with {count} "
+            f"Lighthouse layers and {setting('dense_from_iteration')}: the first layer would switch at iteration "
+            f"{first}{f' and start its blend at {start}' if blend else ''}; needs {name('dense_from_iteration')} >= "
+            f"{name('lighthouse_from_iteration') + ' + ' if prefix else ''}(layers - 1) * {name('layer_interval')}"
+            f"{' + ' + name('blend_iterations') if blend else ''} = {prefix + (count - 1) * self.layer_interval + blend}")
 
     def switch_iteration(self, index: int = 0, count: int = 1) -> Union[int, None]:
         """The first dense iteration of Lighthouse layer ``index`` of ``count`` (``None``: Lighthouse throughout)."""

@@ -238,20 +238,27 @@ def test_out_of_memory_names_the_flags_to_lower(tmp_path, monkeypatch):
     (["--baseline", "--dense-every", "4"], "--dense-every 4: must be 0 (off) or >= 2, and not with --mode dense"),
     (["--mode", "lighthouse", "--layer-interval", "2"],
      "--layer-interval 2: must be >= 0, and only with --mode two-stage"),
-    (["--layers", "3", "--layer-interval", "6"], "--layer-interval 6: 2 Lighthouse layers switching 6 steps apart, "
-                                                  "the last at step 5, would put the first at step -1"),
+    (["--layers", "3", "--layer-interval", "6"], "--layer-interval 6 with 2 Lighthouse layers and the switch step 5: "
+                                                  "the first layer would switch at iteration -1; needs the switch "
+                                                  "step >= (layers - 1) * --layer-interval = 6; lower --layer-interval"),
     (["--mode", "dense", "--blend-steps", "2"], "--blend-steps 2: must be >= 0, and only with --mode two-stage"),
     (["--layers", "3", "--layer-interval", "2", "--blend-steps", "4"],
-     "--blend-steps 4: the first Lighthouse layer switches at step 3, so its blend would start at step -1"),
+     "--layer-interval 2, --blend-steps 4 with 2 Lighthouse layers and the switch step 5: the first layer would "
+     "switch at iteration 3 and start its blend at -1; needs the switch step >= (layers - 1) * --layer-interval + "
+     "--blend-steps = 6"),
     (["--baseline", "--dense-prefix-steps", "2"], "--dense-prefix-steps 2: must be >= 0, not with --mode dense"),
     (["--dense-prefix-steps", "5"], "--dense-prefix-steps 5: must be >= 0, not with --mode dense, and below the "
                                     "switch step 5 of a two-stage run"),
     (["--layers", "3", "--layer-interval", "2", "--dense-prefix-steps", "4"],
-     "--layer-interval 2: 2 Lighthouse layers switching 2 steps apart, the last at step 5, would put the first at "
-     "step 3, before --dense-prefix-steps 4"),
+     "--layer-interval 2, --dense-prefix-steps 4 with 2 Lighthouse layers and the switch step 5: the first layer "
+     "would switch at iteration 3; needs the switch step >= --dense-prefix-steps + (layers - 1) * --layer-interval "
+     "= 6"),
     (["--layers", "3", "--layer-interval", "1", "--blend-steps", "2", "--dense-prefix-steps", "3"],
-     "--blend-steps 2: the first Lighthouse layer switches at step 4, so its blend would start at step 2, before "
-     "--dense-prefix-steps 3"),
+     "--layer-interval 1, --blend-steps 2, --dense-prefix-steps 3 with 2 Lighthouse layers and the switch step 5: "
+     "the first layer would switch at iteration 4 and start its blend at 2; needs the switch step >= "
+     "--dense-prefix-steps + (layers - 1) * --layer-interval + --blend-steps = 6; lower --layer-interval, "
+     "--blend-steps or --dense-prefix-steps, or --dense-fraction (the switch step is --steps - round(--steps × "
+     "--dense-fraction))"),
 ])
 def test_bad_settings_fail_clearly(args, message, capsys):
     assert _main(*args) == 2

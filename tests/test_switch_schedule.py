@@ -114,11 +114,26 @@ def test_lighthouse_from_iteration_runs_a_dense_prefix_outside_the_lighthouse_st
         [D, D, L, L, L, D, D, D, D], [D, D, L, L, L, L, L, L, D]]
     staggered.check_layers(2)  # the first layer switches at 5, after the prefix
     LighthouseSchedule(dense_from_iteration=8, layer_interval=3, lighthouse_from_iteration=2).check_layers(3)
-    with pytest.raises(ValueError, match=r"layer_interval=3 with 3 Lighthouse layers and dense_from_iteration=7: the "
+    with pytest.raises(ValueError, match=r"layer_interval=3, lighthouse_from_iteration=2 with 3 Lighthouse layers and "
+                                         r"dense_from_iteration=7: the "
                                          r"first layer would switch at iteration 1; needs dense_from_iteration >= "
                                          r"lighthouse_from_iteration \+ \(layers - 1\) \* layer_interval = 8"):
         LighthouseSchedule(dense_from_iteration=7, layer_interval=3, lighthouse_from_iteration=2).check_layers(3)
 
+
+
+def test_check_layers_names_the_settings_as_the_caller_calls_them():
+    schedule = LighthouseSchedule(dense_from_iteration=6, layer_interval=2, blend_iterations=1,
+                                  lighthouse_from_iteration=2)
+    schedule.check_layers(2)  # the first layer blends from 3, after the prefix
+    names = {"dense_from_iteration": "the switch step", "layer_interval": "--layer-interval",
+             "blend_iterations": "--blend-steps"}
+    with pytest.raises(ValueError) as err:
+        schedule.check_layers(3, names=names)
+    assert str(err.value) == (
+        "--layer-interval 2, --blend-steps 1, lighthouse_from_iteration=2 with 3 Lighthouse layers and the switch "
+        "step 6: the first layer would switch at iteration 2 and start its blend at 1; needs the switch step >= "
+        "lighthouse_from_iteration + (layers - 1) * --layer-interval + --blend-steps = 7")
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(lighthouse_from_iteration=-1), r"lighthouse_from_iteration=-1: must be an int >= 0"),

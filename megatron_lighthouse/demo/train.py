@@ -30,6 +30,9 @@ CHECKPOINT = "checkpoint.pt"
 #: checkpoint, or the model, data or schedule would not be the ones it was trained with.
 #: (Not ``device``: the model differs by device, learned positions and fp32 on CPU, RoPE and bf16 on CUDA.)
 RESUMABLE_CHANGES = ("steps", "out", "resume", "log_every", "eval_every", "eval_batches")
+#: What :meth:`LighthouseSchedule.check_layers` calls the schedule's settings in the demo's error messages.
+SCHEDULE_FLAGS = {"dense_from_iteration": "the switch step", "layer_interval": "--layer-interval",
+                  "blend_iterations": "--blend-steps", "lighthouse_from_iteration": "--dense-prefix-steps"}
 #: Settings added after checkpoints were first written: the value an older checkpoint ran with.
 OLD_CHECKPOINT_SETTINGS = {"rope": "tokens", "dense_every": 0, "layer_interval": 0, "blend_steps": 0,
                            "dense_prefix_steps": 0, "lr_decay_style": "cosine", "lr_decay_fraction": 0.2}
@@ -150,19 +153,13 @@ class DemoConfig:
                 raise ValueError(f"--dense-layers {self.dense_layers}: keeps all {self.layers} layers dense; "
                                  f"use more --layers or fewer dense layers")
             if self.layer_interval or self.blend_steps:
-                count = self.layers - len(lighthouse.dense_layer_set(self.layers))
-                schedule = self.schedule()
-                first, blend_start = schedule.switch_iteration(0, count), schedule.blend_start(0, count)
-                start = f"--dense-prefix-steps {prefix}" if prefix else "step 0"
-                if first < prefix:
-                    raise ValueError(f"--layer-interval {self.layer_interval}: {count} Lighthouse layers switching "
-                                     f"{self.layer_interval} steps apart, the last at step {self.switch_step}, "
-                                     f"would put the first at step {first}, before {start}; lower it or "
-                                     f"--dense-fraction")
-                if blend_start < prefix:
-                    raise ValueError(f"--blend-steps {self.blend_steps}: the first Lighthouse layer switches at step "
-                                     f"{first}, so its blend would start at step {blend_start}, before {start}; "
-                                     f"lower it, --layer-interval or --dense-fraction")
+                try:
+                    self.schedule().check_layers(self.layers - len(lighthouse.dense_layer_set(self.layers)),
+                                                 names=SCHEDULE_FLAGS)
+                except ValueError as err:
+                    raise ValueError(f"{err}; lower --layer-interval, --blend-steps or --dense-prefix-steps, or "
+                                     "--dense-fraction (the switch step is --steps - round(--steps × "
+                                     "--dense-fraction))") from None
 
     def schedule(self) -> LighthouseSchedule:
         """The run's :class:`~megatron_lighthouse.schedule.LighthouseSchedule` (per step)."""
