@@ -89,13 +89,15 @@ class LighthouseSchedule:
             label = name(field)
             return f"{label}{' ' if ' ' in label or label.startswith('-') else '='}{getattr(self, field)}"
 
+        needed = prefix + (count - 1) * self.layer_interval + blend
         raise ValueError(
-            f"{'' if names else 'LighthouseSchedule: '}{setting('layer_interval')}{', ' + setting('blend_iterations') if blend else ''}"
+            f"{'' if names else 'LighthouseSchedule: '}{setting('layer_interval')}"
+            f"{', ' + setting('blend_iterations') if blend else ''}"
             f"{', ' + setting('lighthouse_from_iteration') if prefix else ''} with {count} "
             f"Lighthouse layers and {setting('dense_from_iteration')}: the first layer would switch at iteration "
             f"{first}{f' and start its blend at {start}' if blend else ''}; needs {name('dense_from_iteration')} >= "
             f"{name('lighthouse_from_iteration') + ' + ' if prefix else ''}(layers - 1) * {name('layer_interval')}"
-            f"{' + ' + name('blend_iterations') if blend else ''} = {prefix + (count - 1) * self.layer_interval + blend}")
+            f"{' + ' + name('blend_iterations') if blend else ''} = {needed}")
 
     def switch_iteration(self, index: int = 0, count: int = 1) -> Union[int, None]:
         """The first dense iteration of Lighthouse layer ``index`` of ``count`` (``None``: Lighthouse throughout)."""

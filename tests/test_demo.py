@@ -240,7 +240,8 @@ def test_out_of_memory_names_the_flags_to_lower(tmp_path, monkeypatch):
      "--layer-interval 2: must be >= 0, and only with --mode two-stage"),
     (["--layers", "3", "--layer-interval", "6"], "--layer-interval 6 with 2 Lighthouse layers and the switch step 5: "
                                                   "the first layer would switch at iteration -1; needs the switch "
-                                                  "step >= (layers - 1) * --layer-interval = 6; lower --layer-interval"),
+                                                  "step >= (layers - 1) * --layer-interval = 6; lower "
+                                                  "--layer-interval"),
     (["--mode", "dense", "--blend-steps", "2"], "--blend-steps 2: must be >= 0, and only with --mode two-stage"),
     (["--layers", "3", "--layer-interval", "2", "--blend-steps", "4"],
      "--layer-interval 2, --blend-steps 4 with 2 Lighthouse layers and the switch step 5: the first layer would "
