@@ -82,6 +82,7 @@ class LighthouseSchedule:
         prefix = self.lighthouse_from_iteration
         if start is None or start >= prefix:
             return
+
         def name(field: str) -> str:
             return (names or {}).get(field, field)
 
