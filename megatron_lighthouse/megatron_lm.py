@@ -62,6 +62,11 @@ _FLAGS = {
     "dense_layers": ("--lighthouse-dense-layers", "lighthouse_dense_layers"),
     "rope": ("--lighthouse-rope", "lighthouse_rope"),
 }
+#: ``LighthouseSchedule`` field -> its command-line flag (for the schedule's error messages).
+SCHEDULE_FLAGS = {"dense_from_iteration": "--lighthouse-dense-from-iteration",
+                  "dense_every": "--lighthouse-dense-every", "layer_interval": "--lighthouse-layer-interval",
+                  "blend_iterations": "--lighthouse-blend-iterations"}
+
 
 def _int_list(text: str) -> Tuple[int, ...]:
     """argparse type: ``"0,1,-2,-1"`` -> ``(0, 1, -2, -1)``; ``""`` -> ``()`` (no dense layers)."""
@@ -220,27 +225,9 @@ def validate_lighthouse_args(args: Any) -> Optional[LighthouseConfig]:
 
 
 def _check_switch_spacing(args: Any, count: int) -> None:
-    """``--lighthouse-layer-interval`` / ``--lighthouse-blend-iterations`` need the switch, and the first of
-    ``count`` Lighthouse layers must switch (and start its blend) at iteration 0 or later."""
-    given = {flag: getattr(args, flag[2:].replace("-", "_"), None)
-             for flag in ("--lighthouse-layer-interval", "--lighthouse-blend-iterations")}
-    given = {flag: value for flag, value in given.items() if value is not None}
-    if not given:
-        return
-    start = getattr(args, "lighthouse_dense_from_iteration", None)
-    if start is None:
-        flag, value = next(iter(given.items()))
-        raise ValueError(f"{flag} {value}: needs --lighthouse-dense-from-iteration (the iteration the last "
-                         "Lighthouse layer switches at)")
-    schedule = lighthouse_schedule_from_args(args)
-    first, blend_start = schedule.switch_iteration(0, count), schedule.blend_start(0, count)
-    blend = schedule.blend_iterations
-    if blend_start < 0:
-        flags = " ".join(f"{flag} {value}" for flag, value in given.items())
-        raise ValueError(f"{flags} with {count} Lighthouse layers and --lighthouse-dense-from-iteration {start}: the "
-                         f"first layer would switch at iteration {first}"
-                         f"{f' and start its blend at {blend_start}' if blend else ''}; needs "
-                         f"--lighthouse-dense-from-iteration >= {(count - 1) * schedule.layer_interval + blend}")
+    """The schedule flags' bounds, and the first of ``count`` Lighthouse layers must switch (and start its blend)
+    at iteration 0 or later (:meth:`LighthouseSchedule.check_layers`)."""
+    lighthouse_schedule_from_args(args).check_layers(count, names=SCHEDULE_FLAGS)
 
 
 def lighthouse_block_spec_from_args(args: Any, config: Any, vp_stage: Optional[int] = None):
@@ -265,7 +252,7 @@ def lighthouse_schedule_from_args(args: Any) -> LighthouseSchedule:
     return LighthouseSchedule(getattr(args, "lighthouse_dense_from_iteration", None),
                               getattr(args, "lighthouse_dense_every", None),
                               getattr(args, "lighthouse_layer_interval", None) or 0,
-                              getattr(args, "lighthouse_blend_iterations", None) or 0)
+                              getattr(args, "lighthouse_blend_iterations", None) or 0, names=SCHEDULE_FLAGS)
 
 
 #: Lighthouse layers that :func:`maybe_switch_to_dense` has already moved to the dense stage.

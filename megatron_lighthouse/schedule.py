@@ -41,64 +41,63 @@ class LighthouseSchedule:
     blend_iterations: int = 0
     lighthouse_from_iteration: int = 0
 
-    def __post_init__(self) -> None:
+    #: What the caller calls the fields in error messages (a launcher's flags, say: ``{"layer_interval":
+    #: "--layer-interval"}``); a name with a space or a leading ``-`` is followed by its value after a space, any
+    #: other by ``=``. Not stored; :meth:`check_layers` takes the same mapping.
+    names: dataclasses.InitVar[Union[Mapping[str, str], None]] = None
+
+    def __post_init__(self, names: Union[Mapping[str, str], None] = None) -> None:
+        def bad(field: str, rule: str) -> ValueError:
+            return ValueError(f"{'' if names else 'LighthouseSchedule.'}{_setting(names, field, getattr(self, field))}"
+                              f": {rule}")
+
+        def is_int(value: object) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
         it = self.dense_from_iteration
-        if it is not None and (not isinstance(it, int) or isinstance(it, bool) or it < 0):
-            raise ValueError(f"LighthouseSchedule.dense_from_iteration={it!r}: must be None or an int >= 0")
+        switch = _label(names, "dense_from_iteration")
+        if it is not None and (not is_int(it) or it < 0):
+            raise bad("dense_from_iteration", "must be None or an int >= 0")
         every = self.dense_every
-        if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 2):
-            raise ValueError(f"LighthouseSchedule.dense_every={every!r}: must be None or an int >= 2 (1 would make "
-                             "every iteration dense)")
+        if every is not None and (not is_int(every) or every < 2):
+            raise bad("dense_every", "must be None or an int >= 2 (1 would make every iteration dense)")
         interval = self.layer_interval
-        if not isinstance(interval, int) or isinstance(interval, bool) or interval < 0:
-            raise ValueError(f"LighthouseSchedule.layer_interval={interval!r}: must be an int >= 0 (0: every layer "
-                             "switches at dense_from_iteration)")
+        if not is_int(interval) or interval < 0:
+            raise bad("layer_interval", f"must be an int >= 0 (0: every layer switches at {switch})")
         if interval and it is None:
-            raise ValueError(f"LighthouseSchedule.layer_interval={interval}: needs dense_from_iteration (without a "
-                             "switch no layer goes dense)")
+            raise bad("layer_interval", f"needs {switch} (without a switch no layer goes dense)")
         blend = self.blend_iterations
-        if not isinstance(blend, int) or isinstance(blend, bool) or blend < 0:
-            raise ValueError(f"LighthouseSchedule.blend_iterations={blend!r}: must be an int >= 0 (0: no blend)")
+        if not is_int(blend) or blend < 0:
+            raise bad("blend_iterations", "must be an int >= 0 (0: no blend)")
         if blend and it is None:
-            raise ValueError(f"LighthouseSchedule.blend_iterations={blend}: needs dense_from_iteration (the blend "
-                             "leads up to the switch)")
+            raise bad("blend_iterations", f"needs {switch} (the blend leads up to the switch)")
         prefix = self.lighthouse_from_iteration
-        if not isinstance(prefix, int) or isinstance(prefix, bool) or prefix < 0:
-            raise ValueError(f"LighthouseSchedule.lighthouse_from_iteration={prefix!r}: must be an int >= 0 (0: "
-                             "Lighthouse from the first iteration)")
+        if not is_int(prefix) or prefix < 0:
+            raise bad("lighthouse_from_iteration", "must be an int >= 0 (0: Lighthouse from the first iteration)")
         if prefix and it is not None and prefix >= it:
-            raise ValueError(f"LighthouseSchedule.lighthouse_from_iteration={prefix}: must be below "
-                             f"dense_from_iteration={it}, or no iteration would run Lighthouse")
+            raise bad("lighthouse_from_iteration", f"must be below {_setting(names, 'dense_from_iteration', it)}, "
+                                                   "or no iteration would run Lighthouse")
 
     def check_layers(self, count: int, names: Union[Mapping[str, str], None] = None) -> None:
         """``ValueError`` unless ``count`` Lighthouse layers fit the schedule: the first one's blend start,
         ``dense_from_iteration - (count - 1) * layer_interval - blend_iterations``, must not fall before
-        ``lighthouse_from_iteration`` (0 by default).
-
-        ``names`` maps field names to what the caller calls those settings in the message (a launcher's flags, say:
-        ``{"layer_interval": "--layer-interval"}``); a name with a space or a leading ``-`` is followed by its value
-        after a space, any other by ``=``."""
-        first, start, blend = self.switch_iteration(0, count), self.blend_start(0, count), self.blend_iterations
+        ``lighthouse_from_iteration`` (0 by default). ``names``: as the constructor's."""
+        first, start = self.switch_iteration(0, count), self.blend_start(0, count)
         prefix = self.lighthouse_from_iteration
         if start is None or start >= prefix:
             return
-
-        def name(field: str) -> str:
-            return (names or {}).get(field, field)
-
-        def setting(field: str) -> str:
-            label = name(field)
-            return f"{label}{' ' if ' ' in label or label.startswith('-') else '='}{getattr(self, field)}"
-
-        needed = prefix + (count - 1) * self.layer_interval + blend
+        in_play = [f for f in ("layer_interval", "blend_iterations", "lighthouse_from_iteration") if getattr(self, f)]
+        terms = [_label(names, "lighthouse_from_iteration") if prefix else "",
+                 f"(layers - 1) * {_label(names, 'layer_interval')}" if self.layer_interval else "",
+                 _label(names, "blend_iterations") if self.blend_iterations else ""]
+        needed = prefix + (count - 1) * self.layer_interval + self.blend_iterations
+        given = ", ".join(_setting(names, f, getattr(self, f)) for f in in_play)
         raise ValueError(
-            f"{'' if names else 'LighthouseSchedule: '}{setting('layer_interval')}"
-            f"{', ' + setting('blend_iterations') if blend else ''}"
-            f"{', ' + setting('lighthouse_from_iteration') if prefix else ''} with {count} "
-            f"Lighthouse layers and {setting('dense_from_iteration')}: the first layer would switch at iteration "
-            f"{first}{f' and start its blend at {start}' if blend else ''}; needs {name('dense_from_iteration')} >= "
-            f"{name('lighthouse_from_iteration') + ' + ' if prefix else ''}(layers - 1) * {name('layer_interval')}"
-            f"{' + ' + name('blend_iterations') if blend else ''} = {needed}")
+            f"{'' if names else 'LighthouseSchedule: '}{given} with {count} Lighthouse layers and "
+            f"{_setting(names, 'dense_from_iteration', self.dense_from_iteration)}: the first layer would switch at "
+            f"iteration {first}"
+            f"{f' and start its blend at {start}' if self.blend_iterations else ''}; needs "
+            f"{_label(names, 'dense_from_iteration')} >= {' + '.join(t for t in terms if t)} = {needed}")
 
     def switch_iteration(self, index: int = 0, count: int = 1) -> Union[int, None]:
         """The first dense iteration of Lighthouse layer ``index`` of ``count`` (``None``: Lighthouse throughout)."""
@@ -147,3 +146,14 @@ class LighthouseSchedule:
             module.enabled = self.enabled_at(iteration, *module.lighthouse_position)
             module.dense_weight = self.dense_weight_at(iteration, *module.lighthouse_position)
         return sum(module.enabled for module in modules)
+
+
+def _label(names: Union[Mapping[str, str], None], field: str) -> str:
+    """What the caller calls ``field`` (the field's own name without a mapping)."""
+    return (names or {}).get(field, field)
+
+
+def _setting(names: Union[Mapping[str, str], None], field: str, value: object) -> str:
+    """``field=value`` in the caller's words: ``--layer-interval 3``, ``the switch step 5``, ``layer_interval=3``."""
+    label = _label(names, field)
+    return f"{label}{' ' if ' ' in label or label.startswith('-') else '='}{value!r}"

@@ -219,6 +219,10 @@ def test_out_of_memory_names_the_flags_to_lower(tmp_path, monkeypatch):
         _main()
 
 
+#: What the demo adds to a schedule error of a two-stage run with the test defaults (6 steps, --dense-fraction 0.2).
+SWITCH_STEP = "; the switch step is --steps - round(--steps × --dense-fraction) = 5"
+
+
 @pytest.mark.parametrize("args,message", [
     (["--seq-len", "200"], "--seq-len 200 does not fit the Lighthouse settings"),
     (["--seq-len", "200"], "use a sequence length >= 256"),
@@ -237,19 +241,23 @@ def test_out_of_memory_names_the_flags_to_lower(tmp_path, monkeypatch):
     (["--dense-every", "1"], "--dense-every 1: must be 0 (off) or >= 2, and not with --mode dense"),
     (["--baseline", "--dense-every", "4"], "--dense-every 4: must be 0 (off) or >= 2, and not with --mode dense"),
     (["--mode", "lighthouse", "--layer-interval", "2"],
-     "--layer-interval 2: must be >= 0, and only with --mode two-stage"),
+     "--layer-interval 2: only with --mode two-stage"),
+    (["--layer-interval", "-1"], "--layer-interval -1: must be an int >= 0 (0: every layer switches at the switch "
+                                 "step)" + SWITCH_STEP),
     (["--layers", "3", "--layer-interval", "6"], "--layer-interval 6 with 2 Lighthouse layers and the switch step 5: "
                                                   "the first layer would switch at iteration -1; needs the switch "
-                                                  "step >= (layers - 1) * --layer-interval = 6; lower "
-                                                  "--layer-interval"),
-    (["--mode", "dense", "--blend-steps", "2"], "--blend-steps 2: must be >= 0, and only with --mode two-stage"),
+                                                  "step >= (layers - 1) * --layer-interval = 6" + SWITCH_STEP),
+    (["--mode", "dense", "--blend-steps", "2"], "--blend-steps 2: only with --mode two-stage"),
+    (["--blend-steps", "-2"], "--blend-steps -2: must be an int >= 0 (0: no blend)" + SWITCH_STEP),
     (["--layers", "3", "--layer-interval", "2", "--blend-steps", "4"],
      "--layer-interval 2, --blend-steps 4 with 2 Lighthouse layers and the switch step 5: the first layer would "
      "switch at iteration 3 and start its blend at -1; needs the switch step >= (layers - 1) * --layer-interval + "
      "--blend-steps = 6"),
-    (["--baseline", "--dense-prefix-steps", "2"], "--dense-prefix-steps 2: must be >= 0, not with --mode dense"),
-    (["--dense-prefix-steps", "5"], "--dense-prefix-steps 5: must be >= 0, not with --mode dense, and below the "
-                                    "switch step 5 of a two-stage run"),
+    (["--baseline", "--dense-prefix-steps", "2"], "--dense-prefix-steps 2: not with --mode dense"),
+    (["--dense-prefix-steps", "5"], "--dense-prefix-steps 5: must be below the switch step 5, or no iteration would "
+                                    "run Lighthouse" + SWITCH_STEP),
+    (["--mode", "lighthouse", "--dense-prefix-steps", "-1"],
+     "--dense-prefix-steps -1: must be an int >= 0 (0: Lighthouse from the first iteration)\n"),
     (["--layers", "3", "--layer-interval", "2", "--dense-prefix-steps", "4"],
      "--layer-interval 2, --dense-prefix-steps 4 with 2 Lighthouse layers and the switch step 5: the first layer "
      "would switch at iteration 3; needs the switch step >= --dense-prefix-steps + (layers - 1) * --layer-interval "
@@ -257,9 +265,7 @@ def test_out_of_memory_names_the_flags_to_lower(tmp_path, monkeypatch):
     (["--layers", "3", "--layer-interval", "1", "--blend-steps", "2", "--dense-prefix-steps", "3"],
      "--layer-interval 1, --blend-steps 2, --dense-prefix-steps 3 with 2 Lighthouse layers and the switch step 5: "
      "the first layer would switch at iteration 4 and start its blend at 2; needs the switch step >= "
-     "--dense-prefix-steps + (layers - 1) * --layer-interval + --blend-steps = 6; lower --layer-interval, "
-     "--blend-steps or --dense-prefix-steps, or --dense-fraction (the switch step is --steps - round(--steps × "
-     "--dense-fraction))"),
+     "--dense-prefix-steps + (layers - 1) * --layer-interval + --blend-steps = 6" + SWITCH_STEP),
 ])
 def test_bad_settings_fail_clearly(args, message, capsys):
     assert _main(*args) == 2

@@ -160,7 +160,8 @@ def test_layer_interval_needs_a_switch_that_leaves_every_layer_a_lighthouse_stag
         validate_lighthouse_args(parse("--lighthouse", "--lighthouse-layer-interval", "40"))
     with pytest.raises(ValueError, match=r"--lighthouse-layer-interval 41 with 2 Lighthouse layers and "
                                          r"--lighthouse-dense-from-iteration 40: the first layer would switch at "
-                                         r"iteration -1; needs --lighthouse-dense-from-iteration >= 41"):
+                                         r"iteration -1; needs --lighthouse-dense-from-iteration >= \(layers - 1\) \* "
+                                         r"--lighthouse-layer-interval = 41"):
         validate_lighthouse_args(parse("--lighthouse", "--lighthouse-dense-from-iteration", "40",
                                        "--lighthouse-layer-interval", "41"))
     err = parse_error(capsys, "--lighthouse", "--lighthouse-layer-interval", "0")
@@ -175,13 +176,16 @@ def test_blend_iterations_need_a_switch_and_room_before_the_first_layers_switch(
     assert schedule.blend_iterations == 10 and schedule.dense_weight_at(39, 1, 2) == 10 / 11
     with pytest.raises(ValueError, match=r"--lighthouse-blend-iterations 10: needs --lighthouse-dense-from-"):
         validate_lighthouse_args(parse("--lighthouse", "--lighthouse-blend-iterations", "10"))
-    with pytest.raises(ValueError, match=r"--lighthouse-layer-interval 30 --lighthouse-blend-iterations 11 with 2 "
+    with pytest.raises(ValueError, match=r"--lighthouse-layer-interval 30, --lighthouse-blend-iterations 11 with 2 "
                                          r"Lighthouse layers and --lighthouse-dense-from-iteration 40: the first layer "
                                          r"would switch at iteration 10 and start its blend at -1; needs "
-                                         r"--lighthouse-dense-from-iteration >= 41"):
+                                         r"--lighthouse-dense-from-iteration >= \(layers - 1\) \* "
+                                         r"--lighthouse-layer-interval \+ --lighthouse-blend-iterations = 41"):
         validate_lighthouse_args(parse("--lighthouse", "--lighthouse-dense-from-iteration", "40",
                                        "--lighthouse-layer-interval", "30", "--lighthouse-blend-iterations", "11"))
-    with pytest.raises(ValueError, match=r"--lighthouse-blend-iterations 41 with 2 Lighthouse layers .* >= 41"):
+    with pytest.raises(ValueError, match=r"--lighthouse-blend-iterations 41 with 2 Lighthouse layers .* switch at "
+                                         r"iteration 40 and start its blend at -1; needs "
+                                         r"--lighthouse-dense-from-iteration >= --lighthouse-blend-iterations = 41"):
         validate_lighthouse_args(parse("--lighthouse", "--lighthouse-dense-from-iteration", "40",
                                        "--lighthouse-blend-iterations", "41"))
     err = parse_error(capsys, "--lighthouse", "--lighthouse-blend-iterations", "0")

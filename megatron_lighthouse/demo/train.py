@@ -133,15 +133,11 @@ class DemoConfig:
             raise ValueError(f"--dense-rewarm {self.dense_rewarm}: must be >= 0, and only with --mode two-stage")
         if self.dense_every < 0 or self.dense_every == 1 or (self.dense_every and self.mode == "dense"):
             raise ValueError(f"--dense-every {self.dense_every}: must be 0 (off) or >= 2, and not with --mode dense")
-        if self.layer_interval < 0 or (self.layer_interval and self.mode != "two-stage"):
-            raise ValueError(f"--layer-interval {self.layer_interval}: must be >= 0, and only with --mode two-stage")
-        if self.blend_steps < 0 or (self.blend_steps and self.mode != "two-stage"):
-            raise ValueError(f"--blend-steps {self.blend_steps}: must be >= 0, and only with --mode two-stage")
-        prefix = self.dense_prefix_steps
-        if prefix < 0 or (prefix and (self.mode == "dense" or (self.switch_step is not None
-                                                                and prefix >= self.switch_step))):
-            raise ValueError(f"--dense-prefix-steps {prefix}: must be >= 0, not with --mode dense, and below the "
-                             f"switch step {self.switch_step} of a two-stage run (lower it or --dense-fraction)")
+        for flag, value in (("--layer-interval", self.layer_interval), ("--blend-steps", self.blend_steps)):
+            if value and self.mode != "two-stage":
+                raise ValueError(f"{flag} {value}: only with --mode two-stage")
+        if self.dense_prefix_steps and self.mode == "dense":
+            raise ValueError(f"--dense-prefix-steps {self.dense_prefix_steps}: not with --mode dense")
         if self.mode != "dense":
             lighthouse = self.lighthouse()
             try:
@@ -152,20 +148,19 @@ class DemoConfig:
             if len(lighthouse.dense_layer_set(self.layers)) == self.layers:
                 raise ValueError(f"--dense-layers {self.dense_layers}: keeps all {self.layers} layers dense; "
                                  f"use more --layers or fewer dense layers")
-            if self.layer_interval or self.blend_steps:
-                try:
-                    self.schedule().check_layers(self.layers - len(lighthouse.dense_layer_set(self.layers)),
-                                                 names=SCHEDULE_FLAGS)
-                except ValueError as err:
-                    raise ValueError(f"{err}; lower --layer-interval, --blend-steps or --dense-prefix-steps, or "
-                                     "--dense-fraction (the switch step is --steps - round(--steps × "
-                                     "--dense-fraction))") from None
+            try:
+                self.schedule().check_layers(self.layers - len(lighthouse.dense_layer_set(self.layers)),
+                                             names=SCHEDULE_FLAGS)
+            except ValueError as err:  # the schedule's rule, in the demo's flags
+                switch = "" if self.switch_step is None else (
+                    f"; the switch step is --steps - round(--steps × --dense-fraction) = {self.switch_step}")
+                raise ValueError(f"{err}{switch}") from None
 
     def schedule(self) -> LighthouseSchedule:
         """The run's :class:`~megatron_lighthouse.schedule.LighthouseSchedule` (per step)."""
         return LighthouseSchedule(dense_from_iteration=self.switch_step, dense_every=self.dense_every or None,
                                   layer_interval=self.layer_interval, blend_iterations=self.blend_steps,
-                                  lighthouse_from_iteration=self.dense_prefix_steps)
+                                  lighthouse_from_iteration=self.dense_prefix_steps, names=SCHEDULE_FLAGS)
 
     def _decay_steps(self, steps: int) -> int:
         """Steps of a ``wsd`` decay over a schedule of ``steps`` steps (the last ``lr_decay_fraction`` of them)."""
