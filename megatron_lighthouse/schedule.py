@@ -32,7 +32,8 @@ class LighthouseSchedule:
       at iteration ``switch - B + i`` (``i`` in ``0..B-1``) the layer returns ``(1 - w) * Lighthouse + w * dense``
       with ``w = (i + 1) / (B + 1)`` (:attr:`LighthouseCoreAttention.dense_weight`), computing both.
 
-    Call :meth:`apply` once per iteration (cheap).
+    Call :meth:`apply` once per iteration (cheap). Invalid settings raise ``ValueError`` at construction, naming
+    the field and the rule, or the caller's own name for it when given ``names`` (see below).
     """
 
     dense_from_iteration: Union[int, None] = None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from megatron_lighthouse.schedule import LighthouseSchedule
@@ -134,6 +136,26 @@ def test_check_layers_names_the_settings_as_the_caller_calls_them():
         "--layer-interval 2, --blend-steps 1, lighthouse_from_iteration=2 with 3 Lighthouse layers and the switch "
         "step 6: the first layer would switch at iteration 2 and start its blend at 1; needs the switch step >= "
         "lighthouse_from_iteration + (layers - 1) * --layer-interval + --blend-steps = 7")
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(layer_interval=-1, dense_from_iteration=5), "--layer-interval -1: must be an int >= 0 (0: every layer "
+                                                      "switches at the switch step)"),
+    (dict(blend_iterations=2), "--blend-steps 2: needs the switch step (the blend leads up to the switch)"),
+    (dict(dense_from_iteration=4, lighthouse_from_iteration=4),
+     "lighthouse_from_iteration=4: must be below the switch step 4, or no iteration would run Lighthouse"),
+    (dict(dense_every=1), "dense_every=1: must be None or an int >= 2 (1 would make every iteration dense)"),
+])
+def test_the_constructor_names_the_settings_as_the_caller_calls_them(kwargs, message):
+    names = {"dense_from_iteration": "the switch step", "layer_interval": "--layer-interval",
+             "blend_iterations": "--blend-steps"}
+    with pytest.raises(ValueError) as err:
+        LighthouseSchedule(**kwargs, names=names)
+    assert str(err.value) == message  # no "LighthouseSchedule." prefix: the caller's words only
+    named = LighthouseSchedule(dense_from_iteration=5, layer_interval=2, names=names)
+    assert named == LighthouseSchedule(dense_from_iteration=5, layer_interval=2)  # the names are not stored
+    assert "names" not in {f.name for f in dataclasses.fields(named)}
+
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(lighthouse_from_iteration=-1), r"lighthouse_from_iteration=-1: must be an int >= 0"),
