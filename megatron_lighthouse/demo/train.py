@@ -30,7 +30,8 @@ CHECKPOINT = "checkpoint.pt"
 #: checkpoint, or the model, data or schedule would not be the ones it was trained with.
 #: (Not ``device``: the model differs by device, learned positions and fp32 on CPU, RoPE and bf16 on CUDA.)
 RESUMABLE_CHANGES = ("steps", "out", "resume", "log_every", "eval_every", "eval_batches")
-#: What :meth:`LighthouseSchedule.check_layers` calls the schedule's settings in the demo's error messages.
+#: What the schedule's errors (its constructor and :meth:`LighthouseSchedule.check_layers`) call its settings in the
+#: demo: the demo's flags.
 SCHEDULE_FLAGS = {"dense_from_iteration": "the switch step", "layer_interval": "--layer-interval",
                   "blend_iterations": "--blend-steps", "lighthouse_from_iteration": "--dense-prefix-steps"}
 #: Settings added after checkpoints were first written: the value an older checkpoint ran with.
