@@ -47,7 +47,8 @@ from megatron_lighthouse import (  # noqa: E402
     select_indices,
     split_for_cp,
 )
-from megatron_lighthouse.attention import resolve_backend, sdpa_causal  # noqa: E402
+from megatron_lighthouse.attention import resolve_backend  # noqa: E402
+from megatron_lighthouse.dense import sdpa_causal  # noqa: E402
 from megatron_lighthouse.cp_layout import cp_chunk_ids  # noqa: E402
 from megatron_lighthouse.lower_right_attention import kernel_family  # noqa: E402
 

@@ -72,9 +72,8 @@ PY
 # is_patched: pretrain_gpt.py carries the hook of patches/ (patches/apply.sh MEGATRON_LM_DIR).
 is_patched() { grep -q megatron_lighthouse "$MEGATRON_LM_DIR/pretrain_gpt.py"; }
 # lighthouse_model_flags: set the array LH_FLAGS. With the patched pretrain_gpt.py: the --lighthouse flags
-# (validated and summarized at start-up; DENSE_FROM_ITER switches to dense in the same run or on resume, and
-# LAYER_INTERVAL=K switches the lower Lighthouse layers earlier, one every K iterations).
-# Unpatched: --spec megatron_lighthouse.spec lighthouse_layer_spec (lighthouse_local_layer_spec with
+# (validated and summarized at start-up; DENSE_FROM_ITER switches to dense in the same run or on resume).
+# Unpatched: --spec megatron_lighthouse.env_spec lighthouse_layer_spec (lighthouse_local_layer_spec with
 # TRANSFORMER_IMPL=local), its settings in LIGHTHOUSE_* variables.
 lighthouse_model_flags() {
     if is_patched; then
@@ -84,17 +83,11 @@ lighthouse_model_flags() {
             [[ "$DENSE_FROM_ITER" =~ ^[0-9]+$ ]] || die "DENSE_FROM_ITER=$DENSE_FROM_ITER: must be an integer >= 0"
             LH_FLAGS+=(--lighthouse-dense-from-iteration "$DENSE_FROM_ITER")
         fi
-        if [ -n "${LAYER_INTERVAL:-}" ]; then
-            [[ "$LAYER_INTERVAL" =~ ^[1-9][0-9]*$ ]] || die "LAYER_INTERVAL=$LAYER_INTERVAL: must be an integer >= 1"
-            [ -n "${DENSE_FROM_ITER:-}" ] || die "LAYER_INTERVAL=$LAYER_INTERVAL needs DENSE_FROM_ITER (the iteration the last Lighthouse layer switches at)"
-            LH_FLAGS+=(--lighthouse-layer-interval "$LAYER_INTERVAL")
-        fi
     else
-        [ -z "${LAYER_INTERVAL:-}" ] || die "LAYER_INTERVAL needs the patched pretrain_gpt.py (patches/apply.sh $MEGATRON_LM_DIR)"
         [ -z "${DENSE_FROM_ITER:-}" ] || die "DENSE_FROM_ITER needs the patched pretrain_gpt.py (patches/apply.sh $MEGATRON_LM_DIR); or run examples/resume_dense.sh for stage two"
         export LIGHTHOUSE_LEVELS=$LEVELS LIGHTHOUSE_POOLING_FACTOR=$POOLING_FACTOR LIGHTHOUSE_TOPK=$TOPK \
                LIGHTHOUSE_DENSE_LAYERS=$DENSE_LAYERS
-        LH_FLAGS=(--spec megatron_lighthouse.spec "$([ "$TRANSFORMER_IMPL" = local ] && echo lighthouse_local_layer_spec || echo lighthouse_layer_spec)")
+        LH_FLAGS=(--spec megatron_lighthouse.env_spec "$([ "$TRANSFORMER_IMPL" = local ] && echo lighthouse_local_layer_spec || echo lighthouse_layer_spec)")
     fi
 }
 # launch CMD...: run it, or only print it when DRY_RUN=1.

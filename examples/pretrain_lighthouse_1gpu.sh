@@ -2,7 +2,7 @@
 # Stage one on one GPU: Megatron-LM pretrain_gpt.py with Lighthouse at 128K context.
 # Variables (environment):
 #   MEGATRON_LM_DIR   Megatron-LM checkout (required); patched with patches/apply.sh for the --lighthouse flags,
-#                     else the model comes from --spec megatron_lighthouse.spec (no switch, no monitor)
+#                     else the model comes from --spec megatron_lighthouse.env_spec (no switch, no monitor)
 #   DATA_PATH         Megatron indexed dataset prefix (required)
 #   TOKENIZER_MODEL   HuggingFace tokenizer name or path (required)
 #   CHECKPOINT_DIR    where checkpoints go (default ./checkpoints/lighthouse)
@@ -12,8 +12,6 @@
 #   LR=2e-3 LR_DECAY_STYLE=cosine|constant|linear   the learning rate after 2,000 warm-up iterations, and its decay
 #                     (constant: the published configs' schedule)
 #   DENSE_FROM_ITER   both stages in one run: dense from this iteration on (patched pretrain_gpt.py only)
-#   LAYER_INTERVAL    with DENSE_FROM_ITER: switch the Lighthouse layers one at a time, lowest first, this many
-#                     iterations apart, the last at DENSE_FROM_ITER (not in the paper; patched only)
 #   DRY_RUN=1         validate everything, then print the command instead of running it
 set -euo pipefail
 source "$(dirname "$0")/common.sh"

@@ -12,8 +12,6 @@
 #                     (constant: the published configs' schedule)
 #   MONITOR=1         per-rank GPU monitor (the --lighthouse-monitor flags need the patched pretrain_gpt.py)
 #   DENSE_FROM_ITER   both stages in one run: dense from this iteration on (patched pretrain_gpt.py only)
-#   LAYER_INTERVAL    with DENSE_FROM_ITER: switch the Lighthouse layers one at a time, lowest first, this many
-#                     iterations apart, the last at DENSE_FROM_ITER (not in the paper; patched only)
 #   DRY_RUN=1         validate everything, then print the command instead of running it
 set -euo pipefail
 source "$(dirname "$0")/common.sh"

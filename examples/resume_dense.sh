@@ -6,7 +6,7 @@
 #                            (default 0: every resumed iteration is dense); Lighthouse layers switch off, nothing
 #                            is rebuilt, the checkpoint keeps its structure;
 #   unpatched:               the dense spec with the same state-dict keys (TE: Megatron's own; local:
-#                            --spec megatron_lighthouse.spec dense_local_layer_spec).
+#                            --spec megatron_lighthouse.env_spec dense_local_layer_spec).
 # The learning-rate schedule is this script's (--override-opt_param-scheduler): its decay (LR_DECAY_STYLE) now runs
 # to TOTAL_ITERS, continuing from the checkpoint's iteration; without the flag Megatron refuses a checkpoint whose
 # schedule was derived from stage one's --train-iters.
@@ -37,7 +37,7 @@ if is_patched; then
 else
     [ -z "${DENSE_FROM_ITER:-}" ] || die "DENSE_FROM_ITER needs the patched pretrain_gpt.py (patches/apply.sh $MEGATRON_LM_DIR); unpatched, every resumed iteration is dense"
     case "$TRANSFORMER_IMPL" in
-        local) spec=(--spec megatron_lighthouse.spec dense_local_layer_spec) ;;
+        local) spec=(--spec megatron_lighthouse.env_spec dense_local_layer_spec) ;;
         transformer_engine) spec=() ;;  # Megatron's own TE spec: the keys of the Lighthouse TE spec
     esac
 fi

@@ -4,20 +4,18 @@ from .attention import lighthouse_attention, select_indices
 from .config import LighthouseConfig
 from .context_parallel import cp_causal_attention
 from .cp_layout import gather_from_cp, split_for_cp
-from .schedule import LighthouseSchedule
+from .schedule import LighthouseSchedule, lighthouse_enabled, set_lighthouse_enabled
 
 __version__ = "0.1.0"
 
 __all__ = ["lighthouse_attention", "select_indices", "LighthouseConfig", "LighthouseSchedule", "cp_causal_attention",
-           "split_for_cp", "gather_from_cp", "__version__"]
+           "split_for_cp", "gather_from_cp", "set_lighthouse_enabled", "lighthouse_enabled", "__version__"]
 
 #: Megatron-Core integration, imported on first use so that this package never needs megatron-core.
 _MEGATRON_EXPORTS = {
     "LighthouseCoreAttention": "core_attention",
     "SDPACoreAttention": "sdpa_core_attention",
     "LighthouseTransformerConfig": "transformer_config",
-    "set_lighthouse_enabled": "switch",
-    "lighthouse_enabled": "switch",
     "dense_state_dict": "export",
     "save_dense_checkpoint": "export",
     "dense_spec_for": "export",

@@ -1,28 +1,31 @@
-"""Functional entry points: :func:`lighthouse_attention` and :func:`select_indices`.
+"""The op: :func:`lighthouse_attention` and :func:`select_indices`.
 
 Layout contract: ``q`` is ``[B, N, H, D]``, ``k`` and ``v`` are ``[B, N, H_kv, D]`` with ``H % H_kv == 0``
 (grouped-query attention; kv head ``j`` serves query heads ``j*H/H_kv ... (j+1)*H/H_kv - 1``, and kv heads
 are expanded before selection, so every query head selects on its own). The result is ``[B, N, H, D]`` in
 ``q``'s dtype. Scores and selection run in float32.
+
+The four steps around the dense attention (pool and score, select, gather, scatter) come from one of two modules
+with the same functions: :mod:`megatron_lighthouse.naive` (pure PyTorch, the oracle) or ``lighthouse_kernels``
+(fused Triton); :func:`_steps` is the one place that picks.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Optional
+import os
+from types import ModuleType
+from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from .config import LighthouseConfig
-from .context_parallel import cp_causal_attention, cp_local_topk
-from .naive import build_pyramid, pyramid_last_tokens, pyramid_scores, scatter_to_tokens, select_pyramid_indices
+from .context_parallel import check_cp_call, cp_causal_attention
+from .dense import DenseAttention, dense_attention
+from .naive import pyramid_last_tokens
 from .rotary import EntryRotary
-
-#: ``attention(q, k, v, softmax_scale) -> out``, all ``[B, H, S, D]``, causal over ``S``.
-DenseAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 
 _BACKENDS = ("auto", "torch", "triton")
 
@@ -37,17 +40,34 @@ def _triton_kernels_available() -> bool:
 
 
 def resolve_backend(backend: str, q: torch.Tensor) -> str:
-    """``"torch"`` (the pure-PyTorch oracle) or ``"triton"`` (fused kernels); ``"auto"`` is triton for CUDA tensors."""
+    """``"torch"`` (the pure-PyTorch oracle) or ``"triton"`` (fused kernels); ``"auto"`` is triton for CUDA tensors
+    when Triton imports. ``ValueError`` for another name, or for ``"triton"`` on tensors Triton cannot run on
+    (not CUDA, outside the CPU interpreter ``TRITON_INTERPRET=1``)."""
     if backend not in _BACKENDS:
         raise ValueError(f"backend={backend!r}: must be one of {_BACKENDS}")
     if backend == "auto":
         return "triton" if q.is_cuda and _triton_kernels_available() else "torch"
+    if backend == "triton":
+        if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"backend='triton' on {q.device.type} tensors: the Triton kernels run on CUDA (or under "
+                             f"the CPU interpreter, TRITON_INTERPRET=1 set before triton is imported); use "
+                             f"backend='torch' or 'auto'")
+        if not _triton_kernels_available():
+            raise ValueError("backend='triton': the lighthouse_kernels package (Triton) is not importable; install "
+                             "triton, or use backend='torch'")
     return backend
 
 
-def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float) -> torch.Tensor:
-    """Stock causal attention on ``[B, H, S, D]`` tensors (torch SDPA picks flash / cuDNN / math)."""
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=softmax_scale)
+def _steps(backend: str) -> ModuleType:
+    """The module whose ``pool_scores``, ``select_entries``, ``gather_entries`` and ``scatter_to_tokens`` run the
+    op: the fused kernels for ``"triton"``, the naive oracle for ``"torch"``."""
+    if backend == "triton":
+        import lighthouse_kernels
+
+        return lighthouse_kernels
+    from . import naive
+
+    return naive
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -59,6 +79,9 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
             raise ValueError(f"{name} must be 4-D [B, N, H, D], got shape {tuple(t.shape)}")
         if not t.is_floating_point():
             raise ValueError(f"{name} must be floating point, got {t.dtype}")
+        if t.numel() == 0:
+            raise ValueError(f"{name} has a zero-sized dimension, shape {tuple(t.shape)} ([B, N, H, D]): every "
+                             f"dimension must be >= 1")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if q.shape[0] != k.shape[0] or q.shape[1] != k.shape[1] or q.shape[3] != k.shape[3]:
@@ -74,9 +97,41 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 
 
 def expand_kv_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """``[B, N, H_kv, D]`` -> ``[B, N, num_heads, D]``, each kv head repeated for its query group."""
+    """Key/value heads repeated for their query groups along dim 2: ``[B, N, H_kv, D]`` -> ``[B, N, num_heads, D]``
+    (Megatron's ``[s, b, g, d]`` alike). Head ``j`` serves query heads ``j * num_heads / H_kv`` to
+    ``(j + 1) * num_heads / H_kv - 1``, Megatron's GQA grouping."""
     groups = num_heads // x.shape[2]
     return x if groups == 1 else x.repeat_interleave(groups, dim=2)
+
+
+def resolve_config(config: Optional[LighthouseConfig], levels: Optional[int], pooling_factor: Optional[int],
+                   topk: Optional[int]) -> LighthouseConfig:
+    """The call's settings: ``config``, or a :class:`LighthouseConfig` of the keywords given (its defaults for the
+    others). ``ValueError`` for both at once, or a ``config`` that is not a ``LighthouseConfig``."""
+    keywords = {name: value for name, value in (("levels", levels), ("pooling_factor", pooling_factor),
+                                                ("topk", topk)) if value is not None}
+    if config is None:
+        return LighthouseConfig(**keywords)
+    if not isinstance(config, LighthouseConfig):
+        raise ValueError(f"config={config!r}: must be a LighthouseConfig")
+    if keywords:
+        raise ValueError(f"config= and {', '.join(keywords)}=: give the settings one way, not both")
+    return config
+
+
+def _softmax_scale(softmax_scale: Optional[float], head_dim: int) -> float:
+    """``softmax_scale``, or ``1/sqrt(head_dim)`` for ``None``; ``ValueError`` unless finite and > 0."""
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) or not (
+            math.isfinite(softmax_scale) and softmax_scale > 0):
+        raise ValueError(f"softmax_scale={softmax_scale!r}: must be a finite number > 0 (None: 1/sqrt(D))")
+    return float(softmax_scale)
+
+
+def _check_chunks(chunks: int) -> None:
+    if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
+        raise ValueError(f"chunks={chunks!r}: must be an int >= 1")
 
 
 def _split_chunks(x: torch.Tensor, chunks: int) -> torch.Tensor:
@@ -97,19 +152,14 @@ def _sequence_to_chunks(x: torch.Tensor, chunks: int) -> torch.Tensor:
     return x.view(b, h, chunks, s // chunks, d).transpose(1, 2).reshape(b * chunks, h, s // chunks, d)
 
 
-def _select_chunked(
-    q: torch.Tensor, k: torch.Tensor, cfg: LighthouseConfig, chunks: int, backend: str = "torch"
-) -> torch.Tensor:
-    """Pyramid scores and selection per chunk. q/k ``[B*chunks, N_c, H, D]``; returns indices ``[B*chunks, H, S_c]``."""
-    n_chunk = q.shape[1]
-    topk = cfg.topk // chunks
-    if backend == "triton":
-        import lighthouse_kernels as fused
-
-        score_q, score_k = fused.pool_scores(q, k, cfg.levels, cfg.pooling_factor)
-        return fused.select_indices_fused(score_q, score_k, n_chunk, cfg.levels, cfg.pooling_factor, topk)
-    score_q, score_k = pyramid_scores(q, k, cfg.levels, cfg.pooling_factor)
-    return select_pyramid_indices(score_q, score_k, n_chunk, cfg.levels, cfg.pooling_factor, topk)
+def _select(steps: ModuleType, q: torch.Tensor, k: torch.Tensor, config: LighthouseConfig, chunks: int,
+            chunk_topk: int) -> torch.Tensor:
+    """Scores and selection of each of ``chunks`` chunks alone, with budget ``chunk_topk`` each: q ``[B, N, H, D]``,
+    k expanded likewise -> chunk-local pyramid positions ``[B*chunks, H, S_c]`` int64."""
+    n_chunk = q.shape[1] // chunks
+    score_q, score_k = steps.pool_scores(_split_chunks(q, chunks), _split_chunks(k, chunks), config.levels,
+                                         config.pooling_factor)
+    return steps.select_entries(score_q, score_k, n_chunk, config.levels, config.pooling_factor, chunk_topk)
 
 
 def entry_positions(indices: torch.Tensor, seq_len: int, levels: int, pooling_factor: int,
@@ -122,66 +172,40 @@ def entry_positions(indices: torch.Tensor, seq_len: int, levels: int, pooling_fa
     return _chunks_to_sequence((last + offset.view(-1, 1, 1)).unsqueeze(-1), chunks).squeeze(-1)
 
 
-def attend_selected(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    indices: torch.Tensor,
-    *,
-    levels: int,
-    pooling_factor: int,
-    chunks: int = 1,
-    softmax_scale: Optional[float] = None,
-    attention: Optional[DenseAttention] = None,
-    backend: str = "auto",
-    rotary: Optional[EntryRotary] = None,
-) -> torch.Tensor:
+def _attend_selected(steps: ModuleType, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor,
+                     config: LighthouseConfig, chunks: int, scale: float, attention: DenseAttention,
+                     rotary: Optional[EntryRotary]) -> torch.Tensor:
     """Gather the selected entries, attend causally over them, scatter back (spec sections 4-6).
 
-    Differentiable in q/k/v; ``indices`` (``[B*chunks, H, S_c]``, from the selection) are constants.
-    q/k/v are ``[B, N, H, D]`` with kv heads already expanded. Returns ``[B, N, H, D]``.
-    ``backend="triton"`` gathers (pooling on the fly) and scatters with the fused deterministic kernels.
-    ``rotary`` rotates the gathered q and k entries at their last tokens' positions before the attention.
+    Differentiable in q/k/v (``[B, N, H, D]``, kv heads expanded); ``indices`` (``[B*chunks, H, S_c]``, from the
+    selection) are constants. ``rotary`` rotates the gathered q and k entries at their last tokens' positions
+    before the attention. Returns ``[B, N, H, D]``.
     """
     b, n, h, d = q.shape
-    scale = 1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale
-
-    def attend(picked_q: torch.Tensor, picked_k: torch.Tensor, picked_v: torch.Tensor) -> torch.Tensor:
-        if rotary is not None:
-            positions = entry_positions(indices, n, levels, pooling_factor, chunks)
-            picked_q, picked_k = rotary(picked_q, positions), rotary(picked_k, positions)
-        return attention(picked_q, picked_k, picked_v, scale)
-
-    if resolve_backend(backend, q) == "triton":
-        import lighthouse_kernels as fused
-
-        attention = attention or fused.dense_attention("auto", q.device.type)
-        indices = indices.contiguous()
-        inv = fused.inverse_map_for(indices, n // chunks, levels, pooling_factor)
-        split = [_split_chunks(x, chunks) for x in (q, k, v)]
-        picked = fused.gather_from_tokens(*split, indices, levels, pooling_factor, inv)
-        out_sub = attend(*(_chunks_to_sequence(x, chunks) for x in picked))
-        out_sub = _sequence_to_chunks(out_sub, chunks)
-        out = fused.scatter_to_tokens(out_sub, indices, n // chunks, levels, pooling_factor, inv)
-        return out.view(b, n, h, d)
-    attention = attention or sdpa_causal
-    index = indices.unsqueeze(-1).expand(-1, -1, -1, d)
-    picked = [
-        _chunks_to_sequence(build_pyramid(_split_chunks(x, chunks), levels, pooling_factor).gather(2, index), chunks)
-        for x in (q, k, v)
-    ]
-    out_sub = attend(*picked)
-    out = scatter_to_tokens(_sequence_to_chunks(out_sub, chunks), indices, n // chunks, levels, pooling_factor)
-    return out.view(b, chunks, h, n // chunks, d).permute(0, 1, 3, 2, 4).reshape(b, n, h, d)
+    levels, p = config.levels, config.pooling_factor
+    picked = steps.gather_entries(*(_split_chunks(x, chunks) for x in (q, k, v)), indices, levels, p)
+    sub_q, sub_k, sub_v = (_chunks_to_sequence(x, chunks) for x in picked)
+    if rotary is not None:
+        positions = entry_positions(indices, n, levels, p, chunks)
+        sub_q, sub_k = rotary(sub_q, positions), rotary(sub_k, positions)
+    out_sub = attention(sub_q, sub_k, sub_v, scale)
+    if not isinstance(out_sub, torch.Tensor) or out_sub.shape != sub_q.shape or out_sub.dtype != sub_q.dtype:
+        got = (f"{tuple(out_sub.shape)} {out_sub.dtype}" if isinstance(out_sub, torch.Tensor)
+               else type(out_sub).__name__)
+        raise ValueError(f"attention= returned {got}; a dense kernel must return its q's shape and dtype, "
+                         f"{tuple(sub_q.shape)} {sub_q.dtype} ([B, H, S, D])")
+    out = steps.scatter_to_tokens(_sequence_to_chunks(out_sub, chunks), indices, n // chunks, levels, p)
+    return out.view(b, chunks, n // chunks, h, d).reshape(b, n, h, d)
 
 
 def select_indices(
     q: torch.Tensor,
     k: torch.Tensor,
     *,
-    levels: int,
-    pooling_factor: int,
-    topk: int,
+    config: Optional[LighthouseConfig] = None,
+    levels: Optional[int] = None,
+    pooling_factor: Optional[int] = None,
+    topk: Optional[int] = None,
     chunks: int = 1,
     backend: str = "auto",
 ) -> torch.Tensor:
@@ -189,19 +213,18 @@ def select_indices(
 
     Args:
         q: ``[B, N, H, D]``; k: ``[B, N, H_kv, D]``.
+        config, levels, pooling_factor, topk, chunks, backend: as :func:`lighthouse_attention`.
     Returns:
         int64 ``[B, H, S]`` positions into the concatenated pyramid in causal order (``chunks == 1``), or
         ``[B, chunks, H, S_c]`` with chunk-local positions when ``chunks > 1``.
     """
+    config = resolve_config(config, levels, pooling_factor, topk)
     check_qkv(q, k, k)
-    cfg = LighthouseConfig(levels=levels, pooling_factor=pooling_factor, topk=topk)
-    cfg.validate(q.shape[1], chunks)
-    k = expand_kv_heads(k, q.shape[2])
-    backend = resolve_backend(backend, q)
-    indices = _select_chunked(_split_chunks(q, chunks), _split_chunks(k, chunks), cfg, chunks, backend)
-    if chunks == 1:
-        return indices
-    return indices.view(q.shape[0], chunks, *indices.shape[1:])
+    _check_chunks(chunks)
+    config.validate(q.shape[1], chunks)
+    steps = _steps(resolve_backend(backend, q))
+    indices = _select(steps, q, expand_kv_heads(k, q.shape[2]), config, chunks, config.topk // chunks)
+    return indices if chunks == 1 else indices.view(q.shape[0], chunks, *indices.shape[1:])
 
 
 def lighthouse_attention(
@@ -209,9 +232,10 @@ def lighthouse_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     *,
-    levels: int,
-    pooling_factor: int,
-    topk: int,
+    config: Optional[LighthouseConfig] = None,
+    levels: Optional[int] = None,
+    pooling_factor: Optional[int] = None,
+    topk: Optional[int] = None,
     chunks: int = 1,
     softmax_scale: Optional[float] = None,
     attention: Optional[DenseAttention] = None,
@@ -223,20 +247,23 @@ def lighthouse_attention(
 
     Args:
         q: ``[B, N, H, D]``; k, v: ``[B, N, H_kv, D]``, ``H % H_kv == 0``; one floating dtype, one device.
-        levels, pooling_factor, topk: see :class:`LighthouseConfig` (``topk`` is the budget of the whole
-            sequence; with ``chunks > 1`` each chunk gets ``topk // chunks``).
+        config: the settings as one :class:`LighthouseConfig`; or give ``levels``, ``pooling_factor`` and ``topk``
+            (any not given take the config's defaults), not both. ``topk`` is the budget of the whole sequence;
+            with ``chunks > 1`` each chunk gets ``topk // chunks``.
         chunks: split the sequence into this many equal chunks, each selected independently; one causal
             attention runs over the chunk subsequences concatenated in order (the context-parallel semantics).
-        softmax_scale: defaults to ``1/sqrt(D)``.
-        attention: dense kernel ``(q, k, v, softmax_scale) -> out`` on ``[B, H, S, D]``, causal; defaults
-            to torch SDPA.
-        backend: ``"torch"`` runs the pure-PyTorch reference; ``"triton"`` the fused kernels of
-            ``lighthouse_kernels`` (dense part still ``attention``, by default SDPA preferring cuDNN);
-            ``"auto"`` is ``"triton"`` for CUDA tensors when Triton imports, else ``"torch"``.
+        softmax_scale: a finite float > 0; defaults to ``1/sqrt(D)``.
+        attention: dense kernel ``(q, k, v, softmax_scale) -> out`` on ``[B, H, S, D]``, causal, returning q's
+            shape and dtype (checked); defaults to :func:`~megatron_lighthouse.dense.dense_attention` ``("auto")``:
+            on CUDA the fastest available stock kernel for the shape, timed once; torch SDPA elsewhere.
+        backend: ``"torch"`` runs the pure-PyTorch reference steps; ``"triton"`` the fused kernels of
+            ``lighthouse_kernels`` (CUDA tensors, or the CPU interpreter); ``"auto"`` is ``"triton"`` for CUDA
+            tensors when Triton imports, else ``"torch"``. The dense attention is ``attention`` either way.
         cp_group: context parallelism over this group of ``W`` ranks: q/k/v are the rank's load-balanced shard
             (global chunks ``r`` and ``2W-1-r`` of ``2W``, concatenated, as Megatron lays them out) and ``topk``
             is the global budget. Each local chunk is selected alone with ``topk // (2W)``; ``attention``
-            defaults to :func:`cp_causal_attention` over the group. ``chunks`` must stay 1.
+            defaults to :func:`cp_causal_attention` over the group. ``chunks`` must stay 1. All ranks check the
+            call together (:func:`~megatron_lighthouse.context_parallel.check_cp_call`).
         rotary: rotary position embedding of the selected entries (:data:`~megatron_lighthouse.rotary.EntryRotary`,
             e.g. :func:`~megatron_lighthouse.rotary.entry_rotary` of Megatron's table): q and k are then given
             *un-rotated*, pooled and selected as they are, and each selected entry is rotated at the position of
@@ -244,32 +271,26 @@ def lighthouse_attention(
             their positions, or the model has none).
     Returns:
         ``[B, N, H, D]`` in q's dtype.
+
+    Every bad argument is a ``ValueError`` naming it, raised before any kernel runs (a wrong ``attention`` result,
+    once it returns).
     """
+    config = resolve_config(config, levels, pooling_factor, topk)
     check_qkv(q, k, v)
-    backend = resolve_backend(backend, q)
+    _check_chunks(chunks)
+    scale = _softmax_scale(softmax_scale, q.shape[3])
+    steps = _steps(resolve_backend(backend, q))
     if cp_group is not None:
         if chunks != 1:
             raise ValueError(f"chunks={chunks}: must stay 1 with cp_group (each CP rank selects its 2 chunks)")
-        topk = cp_local_topk(
-            cp_group, q, k, levels=levels, pooling_factor=pooling_factor, topk=topk, softmax_scale=softmax_scale
-        )
-        chunks = 2
+        check_cp_call(cp_group, config, q, k, scale)
+        chunks, chunk_topk = 2, config.topk // (2 * dist.get_world_size(cp_group))  # the rank's two of 2W chunks
         attention = attention or functools.partial(cp_causal_attention, group=cp_group)
-    cfg = LighthouseConfig(levels=levels, pooling_factor=pooling_factor, topk=topk)
-    cfg.validate(q.shape[1], chunks)
+    else:
+        config.validate(q.shape[1], chunks)
+        chunk_topk = config.topk // chunks
+    attention = attention or dense_attention("auto", q.device.type)
     h = q.shape[2]
     k, v = expand_kv_heads(k, h), expand_kv_heads(v, h)
-    indices = _select_chunked(_split_chunks(q, chunks), _split_chunks(k, chunks), cfg, chunks, backend)
-    return attend_selected(
-        q,
-        k,
-        v,
-        indices,
-        levels=levels,
-        pooling_factor=pooling_factor,
-        chunks=chunks,
-        softmax_scale=softmax_scale,
-        attention=attention,
-        backend=backend,
-        rotary=rotary,
-    )
+    indices = _select(steps, q, k, config, chunks, chunk_topk)
+    return _attend_selected(steps, q, k, v, indices, config, chunks, scale, attention, rotary)

@@ -68,10 +68,36 @@ class LighthouseConfig:
             raise ValueError(f"LighthouseConfig.rope={self.rope!r}: must be one of {ROPE_PLACEMENTS}")
         if self.scorer not in _SCORERS:
             raise ValueError(f"LighthouseConfig.scorer={self.scorer!r}: must be one of {_SCORERS}")
-        dense = tuple(self.dense_layers)
-        if not all(isinstance(i, int) and not isinstance(i, bool) for i in dense):
-            raise ValueError(f"LighthouseConfig.dense_layers={self.dense_layers!r}: must be a sequence of ints")
-        object.__setattr__(self, "dense_layers", dense)
+        layers = self.dense_layers
+        if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__") or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in layers):
+            raise ValueError(f"LighthouseConfig.dense_layers={layers!r}: must be a sequence of ints (0-based layer "
+                             f"indices, negative from the end), e.g. (0, 1, -2, -1)")
+        object.__setattr__(self, "dense_layers", tuple(layers))
+
+    @classmethod
+    def for_sequence(cls, seq_len: int, *, chunks: int = 1, max_top_level: int = 16384,
+                     **fields) -> "LighthouseConfig":
+        """The settings with the fewest ``levels`` whose top level has at most ``max_top_level`` entries per chunk:
+        the pyramid grows with the sequence, so the subsequence ``S = N/p**(L-1) + (L-1)*p*k`` stays bounded and
+        the cost stays near-linear in ``N``. A fixed ``levels`` lets ``S`` grow as ``N/p**(L-1)``, and the dense
+        attention on it quadratically. (``p=4``, ``k=2048``: ``L=3`` up to 256K tokens, ``L=5`` at 4M.)
+
+        ``fields`` are the other settings (``pooling_factor``, ``topk``, ...); ``ValueError`` when no ``levels``
+        fits ``seq_len`` (see :meth:`validate`).
+        """
+        if "levels" in fields:
+            raise ValueError("LighthouseConfig.for_sequence chooses levels itself; give the other settings only")
+        if not isinstance(max_top_level, int) or max_top_level < 1:
+            raise ValueError(f"max_top_level={max_top_level!r}: must be a positive int")
+        base = cls(**fields)
+        chunk_len = seq_len // chunks if isinstance(seq_len, int) and isinstance(chunks, int) and chunks > 0 else 0
+        levels = 2
+        while chunk_len // base.pooling_factor ** (levels - 1) > max_top_level:
+            levels += 1
+        config = dataclasses.replace(base, levels=levels)
+        config.validate(seq_len, chunks)
+        return config
 
     # ------------------------------------------------------------------ geometry
     @property

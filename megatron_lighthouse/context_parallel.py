@@ -6,26 +6,23 @@ are themselves the load-balanced shard of one global subsequence, so any context
 run on them. :func:`cp_causal_attention` is the torch one: all-gather of the subsequence K/V over the CP group,
 then per local chunk causal attention against the gathered prefix, lower-right aligned, on SDPA's own fused
 kernels (:func:`lower_right_causal_attention`). That all-gather (and its gradient's
-reduce-scatter) is the only CP communication, apart from a one-time check that the ranks agree on the settings.
+reduce-scatter) is the only CP communication of the attention; :func:`check_cp_call` adds one all-gather of a few
+numbers per call, so that every rank agrees on the settings or all fail together.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-from .config import TILE_SELECT, LighthouseConfig
+from .config import LighthouseConfig
 from .cp_layout import cp_chunk_ids, gather_from_cp
 from .lower_right_attention import lower_right_causal_attention
 
 #: Backends whose reduce-scatter is missing in some torch versions: gradients use all-reduce + slice there.
 PORTABLE_REDUCE_SCATTER_BACKENDS = ("gloo",)
-
-#: ``(group, settings)`` pairs already checked for agreement across the group's ranks.
-_AGREED: set = set()
 
 _SETTING_NAMES = (
     "levels", "pooling_factor", "topk", "batch", "local_seq_len", "heads", "kv_heads", "head_dim",
@@ -102,60 +99,30 @@ def cp_causal_attention(
     return torch.cat(outs, dim=2)
 
 
-def cp_local_topk(
-    group: Optional[dist.ProcessGroup],
-    q: torch.Tensor,
-    k: torch.Tensor,
-    *,
-    levels: int,
-    pooling_factor: int,
-    topk: int,
-    softmax_scale: Optional[float],
-) -> int:
-    """Validate a context-parallel Lighthouse call; return the rank's budget ``topk // W`` for its two chunks.
+def check_cp_call(group: Optional[dist.ProcessGroup], config: LighthouseConfig, q: torch.Tensor, k: torch.Tensor,
+                  softmax_scale: float) -> None:
+    """Check a context-parallel Lighthouse call on every rank of ``group`` at once.
 
-    ``q`` ``[B, S_local, H, D]`` and ``k`` ``[B, S_local, H_kv, D]`` are the rank's shard; ``topk`` is the
-    global budget. Raises ``ValueError`` when the global sequence ``W * S_local`` cannot be cut into ``2W``
-    valid chunks with budget ``topk / (2W)`` each, or (checked the first time a group sees these settings, with
-    one small all-gather) when the ranks of ``group`` disagree on the settings or shapes.
+    ``q`` ``[B, S_local, H, D]`` and ``k`` ``[B, S_local, H_kv, D]`` are this rank's load-balanced shard and
+    ``config.topk`` is the global budget. Every call, each rank contributes its settings and shapes to one small
+    all-gather; then every rank checks all of them, so all ranks raise the same ``ValueError`` (naming the rank
+    and the setting) when any rank differs from the others, or when the global sequence ``W * S_local`` cannot be
+    cut into ``2W`` chunks valid for ``config`` (:meth:`LighthouseConfig.validate` with ``chunks=2W``). No rank
+    raises alone and leaves the others waiting in a collective. The cost is that all-gather of a few numbers and
+    one host synchronisation per call.
     """
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("cp_group is set but torch.distributed is not initialized")
-    if dist.get_rank(group) < 0:
+    try:
+        rank = dist.get_rank(group)
+    except (RuntimeError, ValueError) as err:
+        raise ValueError(f"cp_group={group!r}: not a torch.distributed process group ({err})") from None
+    if rank < 0:
         raise ValueError("cp_group: this process is not a member of the group")
     world = dist.get_world_size(group)
-    local_len = q.shape[1]
-    where = f"context parallelism over a cp_group of size {world} ({local_len} tokens per rank)"
-    if local_len % 2 != 0:
-        raise ValueError(
-            f"{where}: the global sequence of {world * local_len} tokens must split into 2*W = {2 * world} equal "
-            f"chunks, so the local length must be even (chunks r and 2W-1-r)"
-        )
-    chunks = 2 * world
-    if topk % chunks != 0 or topk // chunks < TILE_SELECT or (topk // chunks) % TILE_SELECT != 0:
-        raise ValueError(
-            f"{where}: topk={topk} gives each of the 2*W = {chunks} chunks a budget topk/(2W) = {topk / chunks:g}; "
-            f"it must be a multiple of the {TILE_SELECT}-entry selection tile (topk a multiple of "
-            f"{chunks * TILE_SELECT})"
-        )
-    try:
-        LighthouseConfig(levels=levels, pooling_factor=pooling_factor, topk=topk).validate(world * local_len, chunks)
-    except ValueError as err:
-        raise ValueError(f"{where}: {err}") from None
-    scale = 1.0 / math.sqrt(q.shape[3]) if softmax_scale is None else float(softmax_scale)
-    settings = (levels, pooling_factor, topk, q.shape[0], local_len, q.shape[2], k.shape[2], q.shape[3], scale,
-                torch.finfo(q.dtype).eps)
-    _check_agreement(group, settings, q)
-    return topk // world
-
-
-def _check_agreement(group: Optional[dist.ProcessGroup], settings: tuple, like: torch.Tensor) -> None:
-    """All-gather ``settings`` once per ``(group, settings)`` and raise ``ValueError`` if any rank differs."""
-    key = (group if group is not None else dist.group.WORLD, settings)
-    if key in _AGREED:
-        return
-    mine = torch.tensor(settings, dtype=torch.float64, device=_collective_device(group, like))
-    every = _all_gather(mine, group).cpu()
+    mine = (config.levels, config.pooling_factor, config.topk, q.shape[0], q.shape[1], q.shape[2], k.shape[2],
+            q.shape[3], softmax_scale, torch.finfo(q.dtype).eps)
+    every = _all_gather(torch.tensor(mine, dtype=torch.float64, device=_collective_device(group, q)), group).cpu()
     differ = [i for i in range(len(_SETTING_NAMES)) if not torch.all(every[:, i] == every[0, i])]
     if differ:
         table = "; ".join(
@@ -163,4 +130,12 @@ def _check_agreement(group: Optional[dist.ProcessGroup], settings: tuple, like: 
             for i in differ
         )
         raise ValueError(f"cp_group ranks disagree on Lighthouse settings or shapes (all must match): {table}")
-    _AGREED.add(key)
+    local_len = q.shape[1]
+    where = f"context parallelism over a cp_group of size {world} ({local_len} tokens per rank)"
+    if local_len % 2 != 0:
+        raise ValueError(f"{where}: the global sequence of {world * local_len} tokens must split into 2*W = "
+                         f"{2 * world} equal chunks, so the local length must be even (chunks r and 2W-1-r)")
+    try:
+        config.validate(world * local_len, 2 * world)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None

@@ -16,23 +16,27 @@ import dataclasses
 import functools
 import inspect
 import logging
-import math
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Optional, Union
 
 import torch
 from megatron.core.transformer.enums import AttnMaskType
-from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, get_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import sharded_state_dict_default
 
-from .attention import lighthouse_attention
+from .attention import expand_kv_heads, lighthouse_attention
+from .causal_core_attention import CausalCoreAttention, check_cp_comm_type
 from .config import LighthouseConfig
-from .rotary import apply_rotary, entry_rotary
-from .transformer_config import context_parallel_group, resolve_lighthouse, unsupported_attention_settings
+from .rotary import EntryRotary, entry_rotary
+from .transformer_config import resolve_lighthouse
 
 #: Name of the inner core attention among this module's children (hidden from state-dict keys).
 INNER = "inner"
+
+#: How a Lighthouse layer answers inference (a KV cache, or a prefill through Megatron's inference path).
+TRAINING_ONLY = ("Lighthouse is training-only: switch to dense attention for inference "
+                 "(megatron_lighthouse.set_lighthouse_enabled(model, False), or a model built from the dense spec: "
+                 "megatron_lighthouse.export.dense_spec_for / spec.get_gpt_decoder_block_dense_spec)")
 
 logger = logging.getLogger(__name__)
 
@@ -52,17 +56,17 @@ def _builder_class(builder: Union[ModuleSpec, type, functools.partial]) -> type:
     return get_module(builder)
 
 
-def _accepted_kwargs(cls: type, kwargs: dict) -> dict:
-    """The entries of ``kwargs`` that ``cls.__init__`` accepts (all of them if it takes ``**kwargs``)."""
-    params = inspect.signature(cls.__init__).parameters
-    if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return dict(kwargs)
-    return {k: v for k, v in kwargs.items() if k in params}
+def _is_dense_layer(config: TransformerConfig, lighthouse: LighthouseConfig, layer_number: Any) -> bool:
+    """Whether 1-based ``layer_number`` is one of ``lighthouse.dense_layers`` (a layer numbered past
+    ``config.num_layers``, e.g. a multi-token-prediction layer, is not)."""
+    if not isinstance(layer_number, int) or not 1 <= layer_number <= config.num_layers:
+        return False
+    return layer_number - 1 in lighthouse.dense_layer_set(config.num_layers)
 
 
-class LighthouseCoreAttention(MegatronModule):
+class LighthouseCoreAttention(CausalCoreAttention):
     """Lighthouse self-attention core: ``query`` ``[s, b, h, d]``, ``key``/``value`` ``[s, b, g, d]`` ->
-    ``[s, b, h*d]``.
+    ``[s, b, h*d]`` (``s``: this CP rank's load-balanced shard under context parallelism).
 
     Args:
         config: the layer's ``TransformerConfig``.
@@ -71,24 +75,26 @@ class LighthouseCoreAttention(MegatronModule):
             model's (``num_query_groups`` kv heads).
         attn_mask_type: must be ``AttnMaskType.causal``.
         attention_type: must be ``"self"``.
-        attention_dropout, softmax_scale, cp_comm_type, pg_collection, **kwargs: passed on to the inner core
-            attention where its constructor accepts them (megatron-core 0.16-0.19 pass different sets).
+        softmax_scale, cp_comm_type, pg_collection, **inner_kwargs: passed on to the inner core attention, exactly
+            as Megatron gives them; an argument the inner attention's constructor does not take is a ``ValueError``.
         submodules: :class:`LighthouseCoreAttentionSubmodules` naming the inner core attention.
-        lighthouse: the settings (a ``ModuleSpec`` param); default ``config.lighthouse``.
+        lighthouse: the settings (a ``ModuleSpec`` param); default ``config.lighthouse``. Fixed at construction
+            (:attr:`lighthouse` is read-only, :class:`LighthouseConfig` is frozen).
 
-    Raises ``ValueError`` at construction for cross-attention, non-causal masks, and (Lighthouse layers)
-    sliding-window attention, ``qk_clip`` and ``log_max_attention_logit``; at the first call for packed (THD)
-    sequences, ``attention_bias`` and sequence lengths the settings cannot select from.
+    Refuses (``ValueError``) at construction what
+    :class:`~megatron_lighthouse.causal_core_attention.CausalCoreAttention` refuses (for dense layers the sliding
+    window is left to the inner attention), a ``cp_comm_type`` TransformerEngine does not know, and with
+    ``rope="entries"`` ``fused_single_qkv_rope`` and YaRN; at a Lighthouse call packed (THD) sequences, padding or
+    document masks, inference (a KV cache) and sequence lengths the settings cannot select from.
 
     :attr:`enabled` switches between Lighthouse and the plain inner attention on the full sequence (the dense
-    model) at run time; see :func:`megatron_lighthouse.switch.set_lighthouse_enabled`. While enabled, a
-    :attr:`dense_weight` ``w`` in ``(0, 1)`` returns ``(1 - w) * Lighthouse + w * dense`` (both computed: the
-    blended switch of :class:`~megatron_lighthouse.schedule.LighthouseSchedule`).
+    model) at run time; see :func:`megatron_lighthouse.schedule.set_lighthouse_enabled`. Switched to dense, the
+    layer is the stock one: packed sequences, masks and inference go to the inner attention as they would.
 
     RoPE (``lighthouse.rope == "entries"``): inside
     :class:`~megatron_lighthouse.self_attention.LighthouseSelfAttention` (the spec provider's), q/k arrive
     un-rotated with Megatron's rotary table in :attr:`rotary_freqs`, and the selected entries are rotated at their
-    last tokens' positions. ``rope="entries"`` refuses ``fused_single_qkv_rope`` and YaRN at construction.
+    last tokens' positions.
     """
 
     def __init__(
@@ -97,60 +103,31 @@ class LighthouseCoreAttention(MegatronModule):
         layer_number: int,
         attn_mask_type: AttnMaskType,
         attention_type: str,
-        attention_dropout: Optional[float] = None,
         softmax_scale: Optional[float] = None,
         cp_comm_type: Optional[str] = None,
         pg_collection: Optional[Any] = None,
         submodules: Optional[LighthouseCoreAttentionSubmodules] = None,
         lighthouse: Optional[LighthouseConfig] = None,
-        **kwargs: Any,
+        **inner_kwargs: Any,
     ) -> None:
-        super().__init__(config=config)
-        if attention_type != "self":
-            raise ValueError(
-                f"LighthouseCoreAttention: attention_type={attention_type!r}: only self-attention is supported "
-                f"(Lighthouse selects within one causal sequence; cross-attention has no such order)"
-            )
-        if attn_mask_type != AttnMaskType.causal:
-            raise ValueError(
-                f"LighthouseCoreAttention: attn_mask_type={attn_mask_type}: only causal attention is supported"
-            )
+        lighthouse = resolve_lighthouse(config, lighthouse)
+        dense_layer = _is_dense_layer(config, lighthouse, layer_number)
+        super().__init__(config, layer_number, attn_mask_type, attention_type, softmax_scale, pg_collection,
+                         check_window=not dense_layer)
         if submodules is None or submodules.core_attention is None:
-            raise ValueError(
-                "LighthouseCoreAttention: submodules.core_attention (the inner core attention) is required"
-            )
-        self.lighthouse = resolve_lighthouse(config, lighthouse)
-        self.layer_number = layer_number
-        self.attn_mask_type = attn_mask_type
-        self.softmax_scale = 1.0 / math.sqrt(config.kv_channels) if softmax_scale is None else softmax_scale
-        dense_layers = self.lighthouse.dense_layer_set(config.num_layers)
-        self.dense_layer = (layer_number - 1) in dense_layers if 1 <= layer_number <= config.num_layers else False
-        self.enabled = not self.dense_layer
-        #: While :attr:`enabled`: the weight of the dense attention in a blend with Lighthouse (0: Lighthouse only).
-        self.dense_weight = 0.0
-        lighthouse_layers = sorted(set(range(config.num_layers)) - dense_layers)
-        count = max(len(lighthouse_layers), 1)
-        #: ``(index, count)``: this layer's place among the model's Lighthouse layers, in layer order, which a
-        #: staggered switch goes by (:class:`~megatron_lighthouse.schedule.LighthouseSchedule`); a layer numbered
-        #: past ``config.num_layers`` counts as the last.
-        self.lighthouse_position: Tuple[int, int] = (
-            lighthouse_layers.index(layer_number - 1) if layer_number - 1 in lighthouse_layers else count - 1, count)
-        unsupported = unsupported_attention_settings(config, None if self.dense_layer else layer_number)
-        if unsupported:
-            raise ValueError(
-                f"LighthouseCoreAttention (layer {layer_number}): {', '.join(unsupported)}: not supported (a "
-                f"Lighthouse layer attends over a selected pyramid subsequence, not a token window, and reports no "
-                f"max attention logit)"
-            )
-        self.cp_group = context_parallel_group(config, pg_collection, f"LighthouseCoreAttention (layer {layer_number})")
-        if not self.dense_layer and self.lighthouse.rope == "entries":
+            raise ValueError(f"{self.where}: submodules.core_attention (the inner core attention) is required")
+        check_cp_comm_type(cp_comm_type, self.where)
+        self._lighthouse = lighthouse
+        #: Kept dense by ``lighthouse.dense_layers``: never runs Lighthouse.
+        self.dense_layer = dense_layer
+        #: Run Lighthouse (``True``) or the inner attention on the whole sequence (the dense model).
+        self.enabled = not dense_layer
+        if not dense_layer and lighthouse.rope == "entries":
             for name in ("fused_single_qkv_rope", "yarn_rotary_scaling_factor"):
                 if getattr(config, name, None):
-                    raise ValueError(
-                        f"LighthouseCoreAttention (layer {layer_number}): {name}={getattr(config, name)!r} with "
-                        f"lighthouse.rope='entries': not supported (the entries are rotated with plain RoPE after "
-                        f"selection); set it off, or use LighthouseConfig(rope='tokens')"
-                    )
+                    raise ValueError(f"{self.where}: {name}={getattr(config, name)!r} with lighthouse.rope='entries': "
+                                     f"not supported (the entries are rotated with plain RoPE after selection); set "
+                                     f"it off, or use LighthouseConfig(rope='tokens')")
         #: Megatron's rotary table for the current call, handed over by ``LighthouseSelfAttention`` (``None``:
         #: the model has no RoPE here). :attr:`rotary_handoff`: built inside one (set by it).
         self.rotary_freqs: Optional[torch.Tensor] = None
@@ -158,30 +135,31 @@ class LighthouseCoreAttention(MegatronModule):
         self._warned_no_handoff = False
 
         inner_config = config
-        if not self.dense_layer:  # selection is per query head: the subsequence has one kv head per query head
+        if not dense_layer:  # selection is per query head: the subsequence has one kv head per query head
             inner_config = copy.copy(config)
             inner_config.num_query_groups = config.num_attention_heads
-        optional = dict(attention_dropout=attention_dropout, softmax_scale=softmax_scale, cp_comm_type=cp_comm_type,
-                        pg_collection=pg_collection, **kwargs)
-        optional = _accepted_kwargs(_builder_class(submodules.core_attention), optional)
+        given = dict(softmax_scale=softmax_scale, cp_comm_type=cp_comm_type, pg_collection=pg_collection,
+                     **inner_kwargs)
+        inner_class = _builder_class(submodules.core_attention)
+        params = inspect.signature(inner_class.__init__).parameters
+        if not any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            unknown = sorted(k for k, v in given.items() if k not in params and (k in inner_kwargs or v is not None))
+            if unknown:
+                raise ValueError(f"{self.where}: {', '.join(f'{k}={given[k]!r}' for k in unknown)}: not an argument "
+                                 f"of the inner core attention {inner_class.__name__}")
+            given = {k: v for k, v in given.items() if k in params}
         #: The stock core attention (``num_query_groups == num_attention_heads`` unless :attr:`dense_layer`),
         #: built the way Megatron's ``Attention`` builds a core attention; registered as child ``INNER``, whose
         #: name the state-dict hooks below hide.
-        self.inner = submodules.core_attention(
-            config=inner_config, layer_number=layer_number, attn_mask_type=attn_mask_type,
-            attention_type=attention_type, **optional,
-        )
-        self._expand_kv = not self.dense_layer
+        self.inner = submodules.core_attention(config=inner_config, layer_number=layer_number,
+                                               attn_mask_type=attn_mask_type, attention_type=attention_type, **given)
         self._register_state_dict_hook(_drop_inner_prefix)
         self._register_load_state_dict_pre_hook(_add_inner_prefix, with_module=True)
 
-    def _dense(self, query, key, value, attention_mask, attn_mask_type, **kwargs) -> torch.Tensor:
-        """The inner attention on the full sequence: the dense model (kv heads expanded first when the inner
-        attention was built for one kv head per query head)."""
-        groups = query.shape[2] // key.shape[2]
-        if self._expand_kv and groups > 1:
-            key, value = key.repeat_interleave(groups, dim=2), value.repeat_interleave(groups, dim=2)
-        return self.inner(query, key, value, attention_mask, attn_mask_type=attn_mask_type, **kwargs)
+    @property
+    def lighthouse(self) -> LighthouseConfig:
+        """The settings, fixed at construction."""
+        return self._lighthouse
 
     def _subsequence_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """Dense kernel for :func:`lighthouse_attention`: ``[B, H, S, D]`` q/k/v -> ``[B, H, S, D]`` via the inner."""
@@ -202,57 +180,46 @@ class LighthouseCoreAttention(MegatronModule):
         packed_seq_params: Optional[Any] = None,
         **kwargs: Any,
     ) -> torch.Tensor:
-        """``query`` ``[s, b, h, d]``, ``key``/``value`` ``[s, b, g, d]`` -> ``[s, b, h*d]`` (``s``: this CP rank's
-        load-balanced shard when context parallel)."""
-        if packed_seq_params is not None:
-            raise ValueError("LighthouseCoreAttention: packed (THD) sequences are not supported; use sbhd batches")
-        if attention_bias is not None:
-            raise ValueError("LighthouseCoreAttention: attention_bias is not supported")
-        mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
-        if mask_type != AttnMaskType.causal:
-            raise ValueError(f"LighthouseCoreAttention: attn_mask_type={mask_type}: only causal attention is supported")
+        """``query`` ``[s, b, h, d]``, ``key``/``value`` ``[s, b, g, d]`` -> ``[s, b, h*d]`` in ``query``'s dtype;
+        ``kwargs`` (other arguments Megatron versions pass) go to the inner attention when switched to dense."""
         if not self.enabled:
-            return self._dense(query, key, value, attention_mask, mask_type, **kwargs)
+            if not self.dense_layer:  # the inner attention was built with one kv head per query head
+                key, value = (expand_kv_heads(x, query.shape[2]) for x in (key, value))
+            return self.inner(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
+                              attention_bias=attention_bias, packed_seq_params=packed_seq_params, **kwargs)
+        if packed_seq_params is not None:
+            raise ValueError(f"{self.where}: packed (THD) sequences are not supported while Lighthouse runs "
+                             f"(it selects within one sbhd sequence); use sbhd batches")
+        mask_type = self.check_call(query, key, attention_mask, attn_mask_type, attention_bias)
+        if mask_type != AttnMaskType.causal or key.shape[0] != query.shape[0]:
+            raise ValueError(f"{self.where}: {query.shape[0]} queries against {key.shape[0]} keys "
+                             f"(attn_mask_type={mask_type}): {TRAINING_ONLY}")
         s, b, h, d = query.shape
-        cfg = self.lighthouse
-        if self.cp_group is None:
-            try:
-                cfg.validate(s)
-            except ValueError as err:
-                raise ValueError(f"LighthouseCoreAttention (layer {self.layer_number}, {s} tokens): {err}") from None
         q, k, v = (x.transpose(0, 1) for x in (query, key, value))  # [b, s, h|g, d]
-        rotary = self._entry_rotary(s)
-        out = lighthouse_attention(
-            q, k, v, levels=cfg.levels, pooling_factor=cfg.pooling_factor, topk=cfg.topk,
-            softmax_scale=self.softmax_scale, attention=self._subsequence_attention, cp_group=self.cp_group,
-            rotary=rotary,
-        )
-        out = out.transpose(0, 1).reshape(s, b, h * d)
-        if self.dense_weight > 0.0:  # the blended switch: the dense model's attention, weighted in
-            if rotary is not None:  # q/k arrived un-rotated: rotate the tokens as Megatron would have
-                query, key = (apply_rotary(x, self.rotary_freqs.reshape(s, 1, 1, -1),
-                                           self.config.rotary_interleaved) for x in (query, key))
-            dense = self._dense(query, key, value, attention_mask, mask_type, **kwargs)
-            out = torch.lerp(out, dense.to(out.dtype), self.dense_weight)
-        return out
+        try:
+            out = lighthouse_attention(q, k, v, config=self.lighthouse, softmax_scale=self.softmax_scale,
+                                       attention=self._subsequence_attention, cp_group=self.cp_group,
+                                       rotary=self._entry_rotary(s))
+        except ValueError as err:
+            raise ValueError(f"{self.where}, {s} tokens: {err}") from None
+        return out.transpose(0, 1).reshape(s, b, h * d)
 
-    def _entry_rotary(self, seq_len: int):
+    def _entry_rotary(self, seq_len: int) -> Optional[EntryRotary]:
         """The RoPE of selected entries for this call (``None``: none to apply here)."""
         if self.lighthouse.rope != "entries":
             return None
         if not self.rotary_handoff:
             if not self._warned_no_handoff:
-                logger.warning("LighthouseCoreAttention (layer %d) is not inside LighthouseSelfAttention: in a RoPE "
-                               "model its q/k arrive rotated and are pooled so (rope='tokens'); build the layer "
-                               "with the spec provider of megatron_lighthouse.spec", self.layer_number)
+                logger.warning("%s is not inside LighthouseSelfAttention: in a RoPE model its q/k arrive rotated and "
+                               "are pooled so (rope='tokens'); build the layer with the spec provider of "
+                               "megatron_lighthouse.spec", self.where)
                 self._warned_no_handoff = True
             return None
         freqs = self.rotary_freqs
         if freqs is None:
             return None
         if freqs.shape[0] != seq_len:
-            raise ValueError(f"LighthouseCoreAttention (layer {self.layer_number}): rotary table of {freqs.shape[0]} "
-                             f"positions for {seq_len} tokens")
+            raise ValueError(f"{self.where}: rotary table of {freqs.shape[0]} positions for {seq_len} tokens")
         return entry_rotary(freqs, interleaved=self.config.rotary_interleaved)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):

@@ -4,20 +4,19 @@ The patch in ``patches/`` wires three calls into Megatron-LM's ``pretrain_gpt.py
 
 1. arguments: ``parse_and_validate_args(extra_args_provider=lighthouse_args_provider(...))`` adds
    ``--lighthouse``, ``--lighthouse-topk``, ``--lighthouse-pooling-factor``, ``--lighthouse-levels``,
-   ``--lighthouse-dense-layers``, ``--lighthouse-rope``, ``--lighthouse-dense-from-iteration``,
-   ``--lighthouse-dense-every``, ``--lighthouse-layer-interval``, ``--lighthouse-blend-iterations``
+   ``--lighthouse-dense-layers``, ``--lighthouse-rope``, ``--lighthouse-dense-from-iteration``
    (:func:`add_lighthouse_args`) and the GPU-monitor flags after the provider Megatron-LM already passes (ModelOpt's);
-2. start-up: ``start_lighthouse(args, model_cfg, printer=print_rank_0)`` once the model config exists: checks the
-   flags against ``--seq-length``, ``--num-layers``, ``--context-parallel-size`` and the other Megatron-LM flags
-   (:func:`validate_lighthouse_args`), prints the effective subsequence length and attention-FLOP saving
-   (:func:`lighthouse_summary`), makes the model config build the Lighthouse decoder block spec per (virtual)
-   pipeline stage (:func:`lighthouse_block_spec_from_args`), and registers the GPU monitor;
-3. training loop: ``maybe_switch_to_dense(model, args)`` at the top of ``forward_step``
-   flips the Lighthouse layers to dense attention from ``--lighthouse-dense-from-iteration`` on, in the same run
-   or after resuming from a checkpoint (nothing is rebuilt; parameters, optimizer state and checkpoint format
-   are unchanged).
+2. start-up: ``start_lighthouse(args, model_cfg, printer=print_rank_0)`` once the model config exists: builds the
+   :class:`LighthouseConfig` once and checks it against ``--seq-length``, ``--num-layers``,
+   ``--context-parallel-size`` and the Megatron-LM flags that cannot work with it (:func:`validate_lighthouse_args`),
+   prints the subsequence length and attention-FLOP saving (:func:`lighthouse_summary`), makes the model config
+   build the Lighthouse decoder block spec per (virtual) pipeline stage from that config, and registers the GPU
+   monitor;
+3. training loop: ``maybe_switch_to_dense(model, args)`` at the top of ``forward_step`` flips the Lighthouse
+   layers to dense attention from ``--lighthouse-dense-from-iteration`` on, in the same run or after resuming from
+   a checkpoint (nothing is rebuilt; parameters, optimizer state and checkpoint format are unchanged).
 
-Importing this module does not import megatron-core; the spec and switch modules are imported on first use.
+Importing this module does not import megatron-core; the spec module is imported on first use.
 """
 
 from __future__ import annotations
@@ -27,15 +26,11 @@ import atexit
 import dataclasses
 import functools
 import logging
-import weakref
-from typing import TYPE_CHECKING, Any, Callable, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 from .config import ROPE_PLACEMENTS, LighthouseConfig
 from .monitor.config import add_monitor_args
-from .schedule import LighthouseSchedule
-
-if TYPE_CHECKING:
-    from .switch import Model
+from .schedule import LighthouseSchedule, Model, lighthouse_modules, set_lighthouse_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +44,6 @@ __all__ = [
     "lighthouse_schedule_from_args",
     "maybe_switch_to_dense",
     "lighthouse_summary",
-    "log_lighthouse_summary",
 ]
 
 _DEFAULTS = LighthouseConfig()
@@ -62,10 +56,6 @@ _FLAGS = {
     "dense_layers": ("--lighthouse-dense-layers", "lighthouse_dense_layers"),
     "rope": ("--lighthouse-rope", "lighthouse_rope"),
 }
-#: ``LighthouseSchedule`` field -> its command-line flag (for the schedule's error messages).
-SCHEDULE_FLAGS = {"dense_from_iteration": "--lighthouse-dense-from-iteration",
-                  "dense_every": "--lighthouse-dense-every", "layer_interval": "--lighthouse-layer-interval",
-                  "blend_iterations": "--lighthouse-blend-iterations"}
 
 
 def _int_list(text: str) -> Tuple[int, ...]:
@@ -79,19 +69,15 @@ def _int_list(text: str) -> Tuple[int, ...]:
         ) from None
 
 
-def _int_at_least(minimum: int, why: str) -> Callable[[str], int]:
-    """argparse type: an int ``>= minimum``; the error names the rule and ``why``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = minimum - 1
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{text!r}: must be an int >= {minimum} ({why})")
-        return value
-
-    return parse
+def _iteration(text: str) -> int:
+    """argparse type: an iteration number, an int >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be an int >= 0 (the first dense iteration)")
+    return value
 
 
 def add_lighthouse_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -113,23 +99,9 @@ def add_lighthouse_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                        help="Where Lighthouse layers apply RoPE: 'entries' rotates each selected entry at its last "
                             "token's position (the published model); 'tokens' rotates tokens before pooling "
                             f"(default: {_DEFAULTS.rope}).")
-    group.add_argument("--lighthouse-dense-from-iteration", type=_int_at_least(0, "the first dense iteration"),
-                       default=None,
+    group.add_argument("--lighthouse-dense-from-iteration", type=_iteration, default=None,
                        help="Two-stage recipe: switch every Lighthouse layer to dense attention from this iteration "
                             "on (same run or on resume); default: Lighthouse throughout.")
-    group.add_argument("--lighthouse-dense-every", type=_int_at_least(2, "1 would make every iteration dense"),
-                       default=None,
-                       help="Not in the paper: before the switch, also run every N-th iteration with dense attention "
-                            "(iterations with (iteration + 1) %% N == 0); default: none.")
-    group.add_argument("--lighthouse-layer-interval", type=_int_at_least(1, "iterations between two layers' switch"),
-                       default=None,
-                       help="Not in the paper: switch the Lighthouse layers to dense one at a time, lowest first, K "
-                            "iterations apart, the last at --lighthouse-dense-from-iteration; default: all at once.")
-    group.add_argument("--lighthouse-blend-iterations", type=_int_at_least(1, "iterations of each layer's blend"),
-                       default=None,
-                       help="Not in the paper: over the N iterations before its switch, each Lighthouse layer returns "
-                            "(1 - w) * Lighthouse + w * dense attention, w rising linearly (both computed); "
-                            "default: no blend.")
     add_monitor_args(parser)
     return parser
 
@@ -148,20 +120,21 @@ def lighthouse_args_provider(
 
 
 def lighthouse_config_from_args(args: Any) -> Optional[LighthouseConfig]:
-    """:class:`LighthouseConfig` from the parsed flags; ``None`` without ``--lighthouse``.
+    """:class:`LighthouseConfig` from the parsed flags, built once; ``None`` without ``--lighthouse``.
 
     ``ValueError`` names the offending flag, its value and the rule.
     """
     if not getattr(args, "lighthouse", False):
         return None
     values = {field: getattr(args, attr) for field, (_, attr) in _FLAGS.items()}
-    for field, (flag, _) in _FLAGS.items():
-        try:
-            LighthouseConfig(**{field: values[field]})
-        except ValueError as err:
-            shown = ",".join(map(str, values[field])) if field == "dense_layers" else values[field]
-            raise ValueError(f"{flag} {shown}: {err}") from None
-    return LighthouseConfig(**values)
+    try:
+        return LighthouseConfig(**values)
+    except ValueError as err:
+        field = next((f for f in _FLAGS if f"LighthouseConfig.{f}=" in str(err)), None)
+        if field is None:
+            raise
+        shown = ",".join(map(str, values[field])) if field == "dense_layers" else values[field]
+        raise ValueError(f"{_FLAGS[field][0]} {shown}: {err}") from None
 
 
 def _cp_size(args: Any) -> int:
@@ -181,32 +154,46 @@ def _chunks(args: Any) -> int:
 _OTHER_SPEC_FLAGS = (("spec", "--spec"), ("heterogeneous_layers_config_path", "--heterogeneous-layers-config-path"))
 
 
-def _check_other_spec_flags(args: Any) -> None:
-    """``--lighthouse`` builds the decoder block spec itself: refuse flags that pick another one."""
+def _check_megatron_flags(args: Any) -> None:
+    """Refuse Megatron-LM flags that cannot work with ``--lighthouse``: flags that pick another layer spec, and the
+    data loader's attention mask (Megatron-LM's default), which is ``[1, s, s]`` booleans per sample."""
     for attr, flag in _OTHER_SPEC_FLAGS:
         value = getattr(args, attr, None)
         if value:
             shown = " ".join(value) if isinstance(value, (list, tuple)) else value
             raise ValueError(f"--lighthouse with {flag} {shown}: --lighthouse builds the decoder layer specs itself; "
                              "drop one of the two")
+    if getattr(args, "create_attention_mask_in_dataloader", False):
+        seq = args.seq_length
+        raise ValueError(f"--create-attention-mask-in-dataloader (Megatron-LM's default) with --lighthouse: the data "
+                         f"loader would build a [1, {seq}, {seq}] boolean mask for every sample, "
+                         f"{_size(seq * seq)} each at --seq-length {seq}, which Lighthouse layers and the stock causal "
+                         f"kernels never read; pass --no-create-attention-mask-in-dataloader")
+
+
+def _size(num_bytes: float) -> str:
+    """``17.2 GB`` (decimal units)."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if num_bytes < 1000 or unit == "TB":
+            return f"{num_bytes:.3g} {unit}"
+        num_bytes /= 1000
+    raise AssertionError("unreachable")
 
 
 def validate_lighthouse_args(args: Any) -> Optional[LighthouseConfig]:
-    """Check the Lighthouse flags against ``--seq-length``, ``--num-layers``, ``--context-parallel-size`` and the
-    Megatron-LM flags that choose a layer spec of their own (``--spec``, ``--heterogeneous-layers-config-path``).
+    """Build the :class:`LighthouseConfig` of the flags and check it against ``--seq-length``, ``--num-layers``,
+    ``--context-parallel-size`` and the Megatron-LM flags that cannot work with it (:func:`_check_megatron_flags`).
 
-    Returns the :class:`LighthouseConfig` (``None`` without ``--lighthouse``); ``ValueError`` names the flag.
+    Returns the config (``None`` without ``--lighthouse``); ``ValueError`` names the flag.
     """
     cfg = lighthouse_config_from_args(args)
     if cfg is None:
-        for flag in ("--lighthouse-dense-from-iteration", "--lighthouse-dense-every", "--lighthouse-layer-interval",
-                     "--lighthouse-blend-iterations"):
-            value = getattr(args, flag[2:].replace("-", "_"), None)
-            if value is not None:
-                raise ValueError(f"{flag} {value}: needs --lighthouse (without it every layer is dense from the "
-                                 "start)")
+        value = getattr(args, "lighthouse_dense_from_iteration", None)
+        if value is not None:
+            raise ValueError(f"--lighthouse-dense-from-iteration {value}: needs --lighthouse (without it every layer "
+                             "is dense from the start)")
         return None
-    _check_other_spec_flags(args)
+    _check_megatron_flags(args)
     cp = _cp_size(args)
     try:
         cfg.validate(args.seq_length, chunks=_chunks(args))
@@ -216,157 +203,99 @@ def validate_lighthouse_args(args: Any) -> Optional[LighthouseConfig]:
                          f"--lighthouse-pooling-factor {cfg.pooling_factor} --lighthouse-levels {cfg.levels}: "
                          f"{err}") from None
     try:
-        cfg.dense_layer_set(args.num_layers)
+        dense = cfg.dense_layer_set(args.num_layers)
     except ValueError as err:
         raise ValueError(f"--lighthouse-dense-layers {','.join(map(str, cfg.dense_layers))} with --num-layers "
                          f"{args.num_layers}: {err}") from None
-    _check_switch_spacing(args, args.num_layers - len(cfg.dense_layer_set(args.num_layers)))
+    if len(dense) == args.num_layers:
+        raise ValueError(f"--lighthouse-dense-layers {','.join(map(str, cfg.dense_layers))} keeps all "
+                         f"{args.num_layers} layers (--num-layers) dense: no layer would run Lighthouse")
     return cfg
 
 
-def _check_switch_spacing(args: Any, count: int) -> None:
-    """The schedule flags' bounds, and the first of ``count`` Lighthouse layers must switch (and start its blend)
-    at iteration 0 or later (:meth:`LighthouseSchedule.check_layers`)."""
-    lighthouse_schedule_from_args(args).check_layers(count, names=SCHEDULE_FLAGS)
+def lighthouse_block_spec_from_args(args: Any, lighthouse: Optional[LighthouseConfig], config: Any,
+                                    vp_stage: Optional[int] = None):
+    """Decoder block spec for this (virtual) pipeline stage: Lighthouse with the settings ``lighthouse``, dense for
+    ``None``.
 
-
-def lighthouse_block_spec_from_args(args: Any, config: Any, vp_stage: Optional[int] = None):
-    """Decoder block spec for this (virtual) pipeline stage: Lighthouse with ``--lighthouse``, else dense.
-
-    ``config`` is Megatron's ``TransformerConfig``; TransformerEngine is used unless ``--transformer-impl local``.
-    Returns Megatron's ``TransformerBlockSubmodules``.
+    ``config`` is Megatron's ``TransformerConfig``; TransformerEngine is used unless ``--transformer-impl local``;
+    Megatron-LM's layer-spec options (``--qk-layernorm``, MoE, ...) come from ``args``. Returns Megatron's
+    ``TransformerBlockSubmodules``.
     """
     from .spec import get_gpt_decoder_block_dense_spec, get_gpt_decoder_block_with_lighthouse_spec, layer_spec_kwargs
 
     use_te = getattr(args, "transformer_impl", "transformer_engine") == "transformer_engine"
     kwargs = dict(use_transformer_engine=use_te, vp_stage=vp_stage, **layer_spec_kwargs(args))
-    cfg = lighthouse_config_from_args(args)
-    if cfg is None:
+    if lighthouse is None:
         return get_gpt_decoder_block_dense_spec(config, **kwargs)
-    return get_gpt_decoder_block_with_lighthouse_spec(config, cfg, **kwargs)
+    return get_gpt_decoder_block_with_lighthouse_spec(config, lighthouse, **kwargs)
 
 
 def lighthouse_schedule_from_args(args: Any) -> LighthouseSchedule:
-    """The schedule of ``--lighthouse-dense-from-iteration`` (Lighthouse throughout when unset),
-    ``--lighthouse-dense-every``, ``--lighthouse-layer-interval`` and ``--lighthouse-blend-iterations``."""
-    return LighthouseSchedule(getattr(args, "lighthouse_dense_from_iteration", None),
-                              getattr(args, "lighthouse_dense_every", None),
-                              getattr(args, "lighthouse_layer_interval", None) or 0,
-                              getattr(args, "lighthouse_blend_iterations", None) or 0, names=SCHEDULE_FLAGS)
+    """The schedule of ``--lighthouse-dense-from-iteration`` (Lighthouse throughout when unset)."""
+    return LighthouseSchedule(getattr(args, "lighthouse_dense_from_iteration", None))
 
 
-#: Lighthouse layers that :func:`maybe_switch_to_dense` has already moved to the dense stage.
-_IN_DENSE_STAGE: "weakref.WeakSet" = weakref.WeakSet()
-#: Lighthouse layers that :func:`maybe_switch_to_dense` has seen start their blend (and not yet finish it).
-_BLENDING: "weakref.WeakSet" = weakref.WeakSet()
-
-
-def maybe_switch_to_dense(model: "Model", args: Any, iteration: Optional[int] = None) -> bool:
-    """Apply the schedule of ``--lighthouse-dense-from-iteration``, ``--lighthouse-dense-every``,
-    ``--lighthouse-layer-interval`` and ``--lighthouse-blend-iterations`` to ``model`` (a module or list of model
-    chunks) at ``iteration``; call once per iteration (or micro-batch).
+def maybe_switch_to_dense(model: Model, args: Any, iteration: Optional[int] = None) -> bool:
+    """Apply ``--lighthouse-dense-from-iteration`` to ``model`` (a module or list of model chunks) at
+    ``iteration``; call once per iteration (or micro-batch).
 
     ``iteration`` defaults to Megatron-LM's ``args.curr_iteration`` (set by the training loop), else
     ``args.iteration`` (the loaded checkpoint's, or 0; evaluation-only runs never set ``curr_iteration``).
-    Returns ``True`` when this call moved Lighthouse layers to their dense stage: the first call at or past a
-    layer's switch iteration (``--lighthouse-dense-from-iteration``, earlier for lower layers with
-    ``--lighthouse-layer-interval``), logged once per layer. Interleaved dense iterations are not switches. The
-    start of each layer's blend is logged once too.
+    Returns ``True`` when this call moved Lighthouse layers to dense attention (logged once, with the layers).
     """
-    from .switch import lighthouse_modules
-
     if iteration is None:
         iteration = getattr(args, "curr_iteration", getattr(args, "iteration", 0))
-
     modules = lighthouse_modules(model)
+    running = [m for m in modules if m.enabled]
     schedule = lighthouse_schedule_from_args(args)
-    schedule.apply(modules, iteration)
-    moved, blending = [], []
-    for m in modules:
-        if m.dense_weight > 0.0:
-            if m not in _BLENDING:
-                blending.append(m)
-            _BLENDING.add(m)
-        else:
-            _BLENDING.discard(m)
-        switch = schedule.switch_iteration(*m.lighthouse_position)
-        if switch is not None and iteration >= switch:
-            if m not in _IN_DENSE_STAGE:
-                moved.append(m)
-            _IN_DENSE_STAGE.add(m)
-        else:
-            _IN_DENSE_STAGE.discard(m)
-    if blending:
-        logger.info("Lighthouse: iteration %d: Lighthouse layers %s blending into dense attention over %d "
-                    "iterations (--lighthouse-blend-iterations)", iteration,
-                    ", ".join(str(m.layer_number) for m in blending), schedule.blend_iterations)
+    set_lighthouse_enabled(modules, schedule.enabled_at(iteration))
+    moved = [m for m in running if not m.enabled]
     if moved:
-        layers = ", ".join(str(m.layer_number) for m in moved)
-        if not schedule.in_lighthouse_stage(iteration):
-            logger.info("Lighthouse: iteration %d >= --lighthouse-dense-from-iteration %d: %d Lighthouse layers "
-                        "switched to dense attention (layers %s)", iteration, args.lighthouse_dense_from_iteration,
-                        len(moved), layers)
-        else:
-            logger.info("Lighthouse: iteration %d: Lighthouse layers %s switched to dense attention "
-                        "(--lighthouse-layer-interval %d; every layer dense from iteration %d)", iteration, layers,
-                        args.lighthouse_layer_interval, args.lighthouse_dense_from_iteration)
+        logger.info("Lighthouse: iteration %d >= --lighthouse-dense-from-iteration %d: %d Lighthouse layers "
+                    "switched to dense attention (layers %s)", iteration, schedule.dense_from_iteration, len(moved),
+                    ", ".join(str(m.layer_number) for m in moved))
     return bool(moved)
 
 
-def _model_config_block_spec(args: Any, model_config: Any, vp_stage: Optional[int] = None):
+def _model_config_block_spec(args: Any, lighthouse: LighthouseConfig, model_config: Any,
+                             vp_stage: Optional[int] = None):
     """``GPTModelConfig.transformer_layer_spec`` callable: the block spec of :func:`lighthouse_block_spec_from_args`
     for the ``TransformerConfig`` that Megatron-LM's model builder passes (inside ``model_config.transformer``)."""
-    return lighthouse_block_spec_from_args(args, getattr(model_config, "transformer", model_config), vp_stage)
+    return lighthouse_block_spec_from_args(args, lighthouse, getattr(model_config, "transformer", model_config),
+                                           vp_stage)
 
 
-def _set_layer_spec(args: Any, model_config: Any) -> None:
+def _set_layer_spec(args: Any, lighthouse: LighthouseConfig, model_config: Any) -> None:
     """Make Megatron-LM's model config (``GPTModelConfig``) build the Lighthouse decoder block spec."""
     fields = {f.name for f in dataclasses.fields(model_config)} if dataclasses.is_dataclass(model_config) else ()
     if "transformer_layer_spec" not in fields:
         raise ValueError(f"--lighthouse: the model config {type(model_config).__name__} has no transformer_layer_spec "
                          "field; this Megatron-LM does not build its GPT through GPTModelConfig (see patches/README.md "
                          "for the commit the hook is verified on)")
-    model_config.transformer_layer_spec = functools.partial(_model_config_block_spec, args)
+    model_config.transformer_layer_spec = functools.partial(_model_config_block_spec, args, lighthouse)
 
 
-def lighthouse_summary(args: Any, num_heads: int, head_dim: int) -> str:
-    """One line: the effective subsequence length and the attention-FLOP ratio of a Lighthouse layer vs. dense at
-    ``--seq-length`` (``num_heads`` heads of ``head_dim``). Validates the flags first (``ValueError``)."""
-    cfg = validate_lighthouse_args(args)
-    if cfg is None:
-        line = f"Lighthouse: off (dense attention at --seq-length {args.seq_length})"
-    else:
-        cost = cfg.attention_cost(args.seq_length, num_heads, head_dim, chunks=_chunks(args))
-        dense_layers = sorted(cfg.dense_layer_set(args.num_layers))
-        stage_two = args.lighthouse_dense_from_iteration
-        line = (f"Lighthouse: seq_length {args.seq_length} -> subsequence {cost['subsequence_length']} "
-                f"(levels {cfg.levels}, pooling_factor {cfg.pooling_factor}, topk {cfg.topk}, "
-                f"context_parallel {_cp_size(args)}); attention FLOPs per Lighthouse layer {cost['ratio']:.2%} of "
-                f"dense ({_saving(cost['ratio'])}); "
-                f"{args.num_layers - len(dense_layers)}/{args.num_layers} layers Lighthouse, dense layers "
-                f"{dense_layers}; "
-                + ("Lighthouse throughout" if stage_two is None else f"dense from iteration {stage_two}")
-                + ("" if getattr(args, "lighthouse_layer_interval", None) is None
-                   else f", layers switching one at a time, {args.lighthouse_layer_interval} iterations apart")
-                + ("" if getattr(args, "lighthouse_blend_iterations", None) is None
-                   else f", each blending into dense over the {args.lighthouse_blend_iterations} iterations before "
-                        "its switch")
-                + ("" if getattr(args, "lighthouse_dense_every", None) is None
-                   else f"; before that, 1 in {args.lighthouse_dense_every} iterations dense"))
-    return line
+def lighthouse_summary(args: Any, lighthouse: Optional[LighthouseConfig], num_heads: int, head_dim: int) -> str:
+    """One line: the subsequence length and the attention-FLOP ratio of a Lighthouse layer vs. dense at
+    ``--seq-length`` (``num_heads`` heads of ``head_dim``), for the validated settings ``lighthouse``."""
+    if lighthouse is None:
+        return f"Lighthouse: off (dense attention at --seq-length {args.seq_length})"
+    cost = lighthouse.attention_cost(args.seq_length, num_heads, head_dim, chunks=_chunks(args))
+    dense_layers = sorted(lighthouse.dense_layer_set(args.num_layers))
+    stage_two = args.lighthouse_dense_from_iteration
+    return (f"Lighthouse: seq_length {args.seq_length} -> subsequence {cost['subsequence_length']} "
+            f"(levels {lighthouse.levels}, pooling_factor {lighthouse.pooling_factor}, topk {lighthouse.topk}, "
+            f"context_parallel {_cp_size(args)}); attention FLOPs per Lighthouse layer {cost['ratio']:.2%} of dense "
+            f"({_saving(cost['ratio'])}); {args.num_layers - len(dense_layers)}/{args.num_layers} layers Lighthouse, "
+            f"dense layers {dense_layers}; "
+            + ("Lighthouse throughout" if stage_two is None else f"dense from iteration {stage_two}"))
 
 
 def _saving(ratio: float) -> str:
     if ratio < 1.0:
         return f"{1.0 / ratio:.1f}x fewer"
     return f"{ratio:.1f}x more: the subsequence is not shorter than the sequence, Lighthouse does not pay off here"
-
-
-def log_lighthouse_summary(args: Any, num_heads: int, head_dim: int) -> str:
-    """:func:`lighthouse_summary`, logged (``logging.info``) and returned."""
-    line = lighthouse_summary(args, num_heads, head_dim)
-    logger.info(line)
-    return line
 
 
 def _monitor_step_hook(args: Any) -> Callable[..., None]:
@@ -399,20 +328,19 @@ def start_lighthouse(args: Any, model_config: Any, printer: Optional[Callable[[s
                      ) -> Optional[LighthouseConfig]:
     """Megatron-LM start-up, once the model config exists (before ``pretrain``).
 
-    Validates the flags (``ValueError`` names the flag), reports the subsequence length and attention-FLOP saving
-    through ``printer`` (e.g. Megatron-LM's ``print_rank_0``; default ``logging.info``), makes ``model_config``
-    (Megatron-LM's ``GPTModelConfig``) build the Lighthouse decoder block spec for each (virtual) pipeline stage
-    with ``--lighthouse``, and with ``--lighthouse-monitor`` registers the per-iteration GPU monitor (see
-    :func:`_monitor_step_hook`).
+    Validates the flags (:func:`validate_lighthouse_args`; ``ValueError`` names the flag), reports the subsequence
+    length and attention-FLOP saving through ``printer`` (e.g. Megatron-LM's ``print_rank_0``; default
+    ``logging.info``), makes ``model_config`` (Megatron-LM's ``GPTModelConfig``) build the Lighthouse decoder block
+    spec for each (virtual) pipeline stage with ``--lighthouse``, and with ``--lighthouse-monitor`` registers the
+    per-iteration GPU monitor (see :func:`_monitor_step_hook`).
 
     Returns the :class:`LighthouseConfig` (``None`` without ``--lighthouse``).
     """
+    cfg = validate_lighthouse_args(args)
     head_dim = getattr(args, "kv_channels", None) or args.hidden_size // args.num_attention_heads
-    line = lighthouse_summary(args, args.num_attention_heads, head_dim)
-    (printer or logger.info)(line)
-    cfg = lighthouse_config_from_args(args)
+    (printer or logger.info)(lighthouse_summary(args, cfg, args.num_attention_heads, head_dim))
     if cfg is not None:
-        _set_layer_spec(args, model_config)
+        _set_layer_spec(args, cfg, model_config)
     if getattr(args, "lighthouse_monitor", False):
         from torch.optim.optimizer import register_optimizer_step_post_hook
 

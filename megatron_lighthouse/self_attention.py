@@ -5,8 +5,8 @@ them un-rotated and rotates each selected entry at its last token's position (``
 "entries"``). While its core attention is a :class:`~megatron_lighthouse.core_attention.LighthouseCoreAttention`
 running Lighthouse with that setting, this module hands Megatron's rotary table to the core attention and runs
 ``SelfAttention.forward`` without it; in every other case (dense layers, the dense stage, ``rope == "tokens"``, no
-RoPE) it is ``SelfAttention`` unchanged. It has no parameters or state of its own: checkpoints are the dense
-model's.
+RoPE) it is ``SelfAttention`` unchanged. Inference through Megatron's ``inference_context`` is refused while
+Lighthouse runs (it is training-only). It has no parameters or state of its own: checkpoints are the dense model's.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 from megatron.core.transformer.attention import SelfAttention
 
-from .core_attention import LighthouseCoreAttention
+from .core_attention import TRAINING_ONLY, LighthouseCoreAttention
 
 _FORWARD = inspect.signature(SelfAttention.forward)
 
@@ -38,9 +38,13 @@ class LighthouseSelfAttention(SelfAttention):
     def forward(self, *args: Any, **kwargs: Any):
         """``SelfAttention.forward``; see the module docstring for what happens to ``rotary_pos_emb``."""
         core = self.core_attention
-        if not (isinstance(core, LighthouseCoreAttention) and core.enabled and core.lighthouse.rope == "entries"):
+        if not (isinstance(core, LighthouseCoreAttention) and core.enabled):
             return super().forward(*args, **kwargs)
         call = _FORWARD.bind(self, *args, **kwargs)
+        if call.arguments.get("inference_context") is not None or call.arguments.get("inference_params") is not None:
+            raise ValueError(f"LighthouseSelfAttention (layer {self.layer_number}): {TRAINING_ONLY}")
+        if core.lighthouse.rope != "entries":
+            return super().forward(*args, **kwargs)
         rotary = call.arguments.get("rotary_pos_emb")
         if isinstance(rotary, tuple):
             q_emb, k_emb = rotary

@@ -11,19 +11,16 @@ and the rest follow the config exactly as in ``get_gpt_decoder_block_spec``) and
 - Lighthouse layers get :class:`~megatron_lighthouse.core_attention.LighthouseCoreAttention` with that same
   core attention as its inner one.
 
-Megatron-LM: ``pretrain_gpt.py --spec megatron_lighthouse.spec lighthouse_layer_spec`` (or
-``lighthouse_local_layer_spec``). ``--spec MODULE NAME`` takes the module attribute ``NAME`` as the layer spec
-without calling it, so these two are ``ModuleSpec`` objects built when this module is first imported, from the
-``LIGHTHOUSE_*`` environment variables and Megatron-LM's parsed arguments (qk-layernorm, MoE, normalization).
-Their Lighthouse core attention keeps the layers of ``dense_layers`` dense by their global layer number, so
-pipeline and virtual pipeline stages need nothing more.
+Nothing is built at import: every spec is built when one of these functions is called. Megatron-LM's unpatched
+``pretrain_gpt.py --spec`` takes ready-made specs from :mod:`megatron_lighthouse.env_spec` instead. Lighthouse
+core attentions keep the layers of ``dense_layers`` dense by their global layer number, so pipeline and virtual
+pipeline stages need nothing more.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
-import logging
 from typing import Any, Callable, List, Optional, Union
 
 from megatron.core.models.gpt import gpt_layer_specs
@@ -37,18 +34,13 @@ from .config import LighthouseConfig
 from .core_attention import LighthouseCoreAttention, LighthouseCoreAttentionSubmodules
 from .sdpa_core_attention import SDPACoreAttention
 from .self_attention import LighthouseSelfAttention
-from .transformer_config import lighthouse_config_from_env, resolve_lighthouse
-
-logger = logging.getLogger(__name__)
+from .transformer_config import resolve_lighthouse
 
 __all__ = [
     "get_gpt_layer_dense_spec",
     "get_gpt_layer_with_lighthouse_spec",
     "get_gpt_decoder_block_with_lighthouse_spec",
     "get_gpt_decoder_block_dense_spec",
-    "lighthouse_layer_spec",
-    "lighthouse_local_layer_spec",
-    "dense_local_layer_spec",
 ]
 
 
@@ -81,7 +73,7 @@ def replace_core_attention(layer_spec: ModuleSpec, core_attention: Union[ModuleS
 def _check_transformer_engine(use_transformer_engine: bool) -> None:
     """``ImportError`` naming the setting when the TE variant is asked for without TransformerEngine (Megatron's
     TE spec functions would fail deep inside with a ``NameError``)."""
-    if use_transformer_engine and not _have_transformer_engine():
+    if use_transformer_engine and not have_transformer_engine():
         raise ImportError("use_transformer_engine=True needs TransformerEngine (transformer_engine[pytorch]), which "
                           "is not importable here: install it, or pass use_transformer_engine=False for the local "
                           "spec (SDPACoreAttention inner attention)")
@@ -279,35 +271,5 @@ def layer_spec_kwargs(args: Any) -> dict:
     return {name: getattr(args, name) for name in LAYER_SPEC_ARGS if hasattr(args, name)}
 
 
-def _megatron_lm_layer_kwargs() -> dict:
-    """Layer-spec options from Megatron-LM's parsed arguments, when Megatron-LM has parsed them."""
-    try:
-        from megatron.training import global_vars
-    except ImportError:
-        return {}
-    args = getattr(global_vars, "_GLOBAL_ARGS", None)
-    return {} if args is None else layer_spec_kwargs(args)
-
-
-def _have_transformer_engine() -> bool:
+def have_transformer_engine() -> bool:
     return bool(getattr(gpt_layer_specs, "HAVE_TE", False))
-
-
-def _entry_specs() -> tuple:
-    """The two ``--spec`` entry points, built once at import."""
-    lighthouse = lighthouse_config_from_env()
-    layer_kwargs = _megatron_lm_layer_kwargs()
-    logger.info("--spec entries built with %s and layer-spec options %s (TE: %s)",
-                lighthouse, layer_kwargs or "{} (Megatron-LM arguments not parsed yet)", _have_transformer_engine())
-    local = get_gpt_layer_with_lighthouse_spec(lighthouse=lighthouse, use_transformer_engine=False, **layer_kwargs)
-    if not _have_transformer_engine():
-        return local, local
-    return get_gpt_layer_with_lighthouse_spec(lighthouse=lighthouse, use_transformer_engine=True, **layer_kwargs), local
-
-
-#: ``--spec megatron_lighthouse.spec lighthouse_layer_spec``: TE layer spec (local when TE is not installed).
-#: ``--spec megatron_lighthouse.spec lighthouse_local_layer_spec``: local layer spec (SDPA inner attention).
-lighthouse_layer_spec, lighthouse_local_layer_spec = _entry_specs()
-#: ``--spec megatron_lighthouse.spec dense_local_layer_spec``: the dense local counterpart (SDPA core attention),
-#: for the dense stage without TransformerEngine (with TE, the stage-2 run simply drops ``--spec``).
-dense_local_layer_spec = get_gpt_layer_dense_spec(use_transformer_engine=False, **_megatron_lm_layer_kwargs())

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, List, Mapping, Optional
+from typing import Mapping, Optional
 
-from megatron.core import parallel_state
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.transformer.utils import is_layer_window_attention
 
 from .config import LighthouseConfig
 
@@ -74,38 +72,3 @@ def resolve_lighthouse(config: TransformerConfig, lighthouse: Optional[Lighthous
     if not isinstance(lighthouse, LighthouseConfig):
         raise ValueError(f"lighthouse={lighthouse!r}: must be a LighthouseConfig")
     return lighthouse
-
-
-def unsupported_attention_settings(config: TransformerConfig, layer_number: Optional[int]) -> List[str]:
-    """The ``config`` settings a causal core attention of this package cannot honour at (1-based)
-    ``layer_number``: sliding-window attention on that layer (not checked when ``layer_number`` is ``None``), and
-    ``qk_clip`` / ``log_max_attention_logit`` (Megatron reads the max logit back from the core attention, which
-    these modules do not compute). Returns ``"name=value"`` strings, empty when all is supported."""
-    found = []
-    window = getattr(config, "window_size", None)
-    if window and layer_number is not None and is_layer_window_attention(
-        window, getattr(config, "window_attn_skip_freq", None), layer_number
-    ):
-        found.append(f"window_size={window}")
-    found += [f"{name}=True" for name in ("qk_clip", "log_max_attention_logit") if getattr(config, name, False)]
-    return found
-
-
-def context_parallel_group(config: TransformerConfig, pg_collection: Optional[Any], owner: str) -> Optional[Any]:
-    """The CP process group a core attention runs over (``None`` without context parallelism):
-    ``pg_collection.cp`` when given, else Megatron's global CP group.
-
-    ``ValueError`` naming ``owner`` when the group's size is not ``config.context_parallel_size`` (each rank would
-    hold a shard of another layout: a wrong answer, or a hang in the inner attention's collectives).
-    """
-    group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
-    if group is None and config.context_parallel_size > 1:
-        group = parallel_state.get_context_parallel_group()
-    size = 1 if group is None else group.size()
-    if size != config.context_parallel_size:
-        raise ValueError(
-            f"{owner}: the context-parallel group has {size} ranks but config.context_parallel_size="
-            f"{config.context_parallel_size}: they must be equal (pass pg_collection.cp of that size, or set "
-            f"context_parallel_size to the group's size)"
-        )
-    return group if size > 1 else None

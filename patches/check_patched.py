@@ -27,7 +27,7 @@ FLAGS = [
     "--seq-length", "256", "--max-position-embeddings", "256", "--micro-batch-size", "2",
     "--global-batch-size", "2", "--train-iters", "4", "--lr", "1e-3", "--transformer-impl", "local",
     "--use-cpu-initialization", "--no-gradient-accumulation-fusion", "--no-persist-layer-norm",
-    "--tokenizer-type", "NullTokenizer", "--vocab-size", "256", "--mock-data",
+    "--tokenizer-type", "NullTokenizer", "--vocab-size", "256", "--mock-data", "--no-create-attention-mask-in-dataloader",
     "--lighthouse", "--lighthouse-topk", "128", "--lighthouse-levels", "2", "--lighthouse-pooling-factor", "2",
     "--lighthouse-dense-layers", "0,-1", "--lighthouse-dense-from-iteration", "2",
 ]
@@ -57,7 +57,7 @@ def check(mlm: str) -> None:
 
     from megatron_lighthouse.core_attention import LighthouseCoreAttention
     from megatron_lighthouse.process_group import init_single_process_megatron
-    from megatron_lighthouse.switch import lighthouse_modules
+    from megatron_lighthouse.schedule import lighthouse_modules
 
     captured = run_main(mlm, FLAGS)
     args = get_args()

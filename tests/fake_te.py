@@ -46,7 +46,7 @@ class FakeDotProductAttention(torch.nn.Module):
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: Optional[torch.Tensor] = None, **kwargs: Any) -> torch.Tensor:
-        from megatron_lighthouse.attention import sdpa_causal
+        from megatron_lighthouse.dense import sdpa_causal
         from megatron_lighthouse.context_parallel import cp_causal_attention
 
         info: Dict[str, Any] = dict(query=tuple(query.shape), key=tuple(key.shape), value=tuple(value.shape),

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import inspect
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -50,3 +51,16 @@ def batch(batch_size: int = 2, seq: int = SEQ, seed: int = 1):
     tokens = (start + torch.arange(seq + 1) * 3) % VOCAB
     position_ids = torch.arange(seq).expand(batch_size, seq)
     return tokens[:, :-1].contiguous(), position_ids, tokens[:, 1:].contiguous()
+
+
+def megatron_cp_batch(batch: Dict[str, torch.Tensor], group: Any = None) -> Dict[str, torch.Tensor]:
+    """Megatron's own load-balanced split of ``batch`` for this context-parallel rank
+    (``megatron.core.utils.get_batch_on_this_cp_rank``), called as each megatron-core version takes it: 0.19 added
+    a required ``is_hybrid_cp`` and reads ``batch["cu_seqlens"]`` (``None``: plain sequences)."""
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    kwargs = {} if group is None else {"cp_group": group}
+    if "is_hybrid_cp" not in inspect.signature(get_batch_on_this_cp_rank).parameters:
+        return get_batch_on_this_cp_rank(dict(batch), **kwargs)
+    out = get_batch_on_this_cp_rank({**batch, "cu_seqlens": None}, is_hybrid_cp=False, **kwargs)
+    return {key: out[key] for key in batch}

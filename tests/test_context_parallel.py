@@ -88,7 +88,7 @@ def test_golden_through_distributed_path(name):
 
 
 def _check_communication(rank, world, force_reduce_scatter):
-    """Only the inner attention communicates (plus the first call's settings check); both gradient paths agree."""
+    """Only the inner attention communicates, plus each call's settings check; both gradient paths agree."""
     calls = []
     originals = {name: getattr(dist, name) for name in _COLLECTIVES if hasattr(dist, name)}
     portable = context_parallel.PORTABLE_REDUCE_SCATTER_BACKENDS
@@ -96,7 +96,6 @@ def _check_communication(rank, world, force_reduce_scatter):
         setattr(dist, name, lambda *a, _n=name, _f=original, **kw: (calls.append(_n), _f(*a, **kw))[1])
     if force_reduce_scatter:
         context_parallel.PORTABLE_REDUCE_SCATTER_BACKENDS = ()
-    context_parallel._AGREED.clear()
     try:
         settings = dict(levels=2, pooling_factor=2, topk=512)
         full = _inputs(3, 1, 1024, 2, 2, 8)
@@ -114,7 +113,7 @@ def _check_communication(rank, world, force_reduce_scatter):
     reduce_scatter = "reduce_scatter_single" if "reduce_scatter_single" in originals else "reduce_scatter_tensor"
     grad_sync = reduce_scatter if force_reduce_scatter else "all_reduce"
     assert first == [gather, gather, grad_sync], first  # settings check, K/V gather, K/V gradient
-    assert second == [gather, grad_sync], second  # settings already agreed: only the attention's collectives
+    assert second == first, second  # every call checks the settings: no rank can skip a collective another joins
     want = _forward_backward(*full, chunks=2 * world, **settings)
     for g, a, w in zip(got, again, want):
         torch.testing.assert_close(g, a, rtol=0, atol=0)
@@ -137,18 +136,22 @@ def _check_errors(rank, world):
 
     odd = q[:, :1023], k[:, :1023], v[:, :1023]
     fails(r"size 2 \(1023 tokens per rank\): .*split into 2\*W = 4 equal chunks", *odd)
-    fails(r"topk=256 gives each of the 2\*W = 4 chunks a budget topk/\(2W\) = 64; .*128-entry", topk=256)
-    fails(r"topk=640 gives .* = 160; .*multiple of 512", topk=640)
+    fails(r"size 2 .*topk=256 with chunks=4: the per-chunk budget topk/chunks must be a multiple of 128", topk=256)
+    fails(r"topk=640 with chunks=4: .*topk must be a multiple of 512", topk=640)
     fails(r"size 2 .*owns 64 coarsest-level entries", levels=4)
     fails(r"chunks=4: must stay 1 with cp_group", chunks=4)
     # the ranks disagree: every rank raises, naming the setting and each rank's value
     fails(r"disagree .*topk: rank 0=512, rank 1=1024", topk=512 if rank == 0 else 1024)
+    # one rank's shard cannot be selected (rank 1 got 1000 tokens): both raise, the healthy rank too, naming rank 1
+    short = (q, k, v) if rank == 0 else (q[:, :1000], k[:, :1000], v[:, :1000])
+    fails(r"disagree .*local_seq_len: rank 0=1024, rank 1=1000", *short)
     fails(r"disagree .*softmax_scale: rank 0=0\.5, rank 1=0\.25", softmax_scale=0.5 if rank == 0 else 0.25)
     # a process outside the group
     solo = dist.new_group([0])
     if rank == 1:
         fails(r"not a member", cp_group=solo)
-    # torch.distributed needed
+    # after every refusal the ranks are still in step: a good call works on both
+    assert lighthouse_attention(q, k, v, backend="torch", cp_group=group, **good).shape == q.shape
     with pytest.raises(ValueError, match=r"cp_causal_attention: local sequence length 3 must be even"):
         context_parallel.cp_causal_attention(*(torch.zeros(1, 1, 3, 4),) * 3, 0.5, group)
 
@@ -157,9 +160,13 @@ def test_errors():
     run_on_ranks(_check_errors, 2)
 
 
-def test_not_initialized_error():
+def test_cp_group_that_cannot_be_used():
+    """Without torch.distributed, or with an object that is no process group (whichever this test process has:
+    other tests may have set up a world), the call is refused before any work."""
     q = torch.randn(1, 1024, 1, 8)
-    with pytest.raises(ValueError, match="torch.distributed is not initialized"):
+    match = ("not a torch.distributed process group" if dist.is_initialized()
+             else "torch.distributed is not initialized")
+    with pytest.raises(ValueError, match=match):
         lighthouse_attention(q, q, q, levels=2, pooling_factor=2, topk=512, cp_group=object())
 
 
@@ -183,11 +190,11 @@ def test_layout_errors():
 
 
 def _check_layout_is_megatrons(rank, world):
-    from megatron.core.utils import get_batch_on_this_cp_rank
+    from megatron_utils import megatron_cp_batch
 
     batch = {"tokens": torch.arange(3 * 8 * world).view(3, -1),
              "attention_mask": torch.arange(8 * world).view(1, 1, -1)}
-    want = get_batch_on_this_cp_rank(dict(batch), cp_group=dist.group.WORLD)
+    want = megatron_cp_batch(batch, dist.group.WORLD)
     assert torch.equal(split_for_cp(batch["tokens"], rank, world, seq_dim=1), want["tokens"])
     assert torch.equal(split_for_cp(batch["attention_mask"], rank, world, seq_dim=2), want["attention_mask"])
 

@@ -101,26 +101,23 @@ def _check_te_inner(rank, world, cp_comm_type):
         parallel_state.destroy_model_parallel()
 
 
-@pytest.mark.parametrize("cp_comm_type", [None, "p2p", "a2a", "allgather", "a2a+p2p"])
+@pytest.mark.parametrize("cp_comm_type", [None, "p2p", "a2a", "all_gather", "a2a+p2p"])
 def test_te_inner_gets_megatron_cp_arguments(cp_comm_type):
     run_on_ranks(_check_te_inner, WORLD, cp_comm_type, pool="fake_te")
 
 
 # ------------------------------------------------------------------------------------------------ GPT training
-def _train_losses(rank, world, cp, steps, positions="learned_absolute", dense_weight=0.0):
-    """Per-step mean token loss of a tiny Lighthouse GPT (CP=``cp``, ``positions``: its position embedding type;
-    ``dense_weight``: every Lighthouse layer blending in that much dense attention) trained with AdamW on a fixed
-    batch."""
+def _train_losses(rank, world, cp, steps, positions="learned_absolute"):
+    """Per-step mean token loss of a tiny Lighthouse GPT (CP=``cp``, ``positions``: its position embedding type)
+    trained with AdamW on a fixed batch."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.utils import get_batch_on_this_cp_rank
-
     from megatron_lighthouse.spec import get_gpt_decoder_block_with_lighthouse_spec
 
     from megatron.core.models.common.embeddings import rotary_pos_embedding
 
     from megatron_lighthouse.cp_layout import split_for_cp
-    from megatron_lighthouse.switch import lighthouse_modules
+    from megatron_utils import megatron_cp_batch
 
     parallel_state.initialize_model_parallel(context_parallel_size=cp)
     # Two CUDA assumptions of Megatron's RotaryEmbedding, replaced on CPU: it moves its frequencies to the current
@@ -135,13 +132,11 @@ def _train_losses(rank, world, cp, steps, positions="learned_absolute", dense_we
         model = GPTModel(config=cfg, transformer_layer_spec=get_gpt_decoder_block_with_lighthouse_spec(
             cfg, use_transformer_engine=False), vocab_size=64, max_sequence_length=SEQ,
             position_embedding_type=positions, share_embeddings_and_output_weights=False)
-        for module in lighthouse_modules(model):
-            module.dense_weight = dense_weight
         optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
         gen = torch.Generator().manual_seed(1)
         tokens = (torch.randint(0, 64, (2, 1), generator=gen) + torch.arange(SEQ + 1) * 3) % 64
         batch = dict(tokens=tokens[:, :-1], labels=tokens[:, 1:], position_ids=torch.arange(SEQ).expand(2, SEQ))
-        batch = get_batch_on_this_cp_rank(batch)  # identity when cp == 1
+        batch = megatron_cp_batch(batch)  # identity when cp == 1
         group = parallel_state.get_context_parallel_group()
         losses = []
         for _ in range(steps):
@@ -160,24 +155,23 @@ def _train_losses(rank, world, cp, steps, positions="learned_absolute", dense_we
         parallel_state.destroy_model_parallel()
 
 
-def _check_gpt_cp_matches_chunked_cp1(rank, world, steps, positions, dense_weight):
+def _check_gpt_cp_matches_chunked_cp1(rank, world, steps, positions):
     import megatron_lighthouse.core_attention as core_attention
 
-    cp_losses = _train_losses(rank, world, world, steps, positions, dense_weight)
+    cp_losses = _train_losses(rank, world, world, steps, positions)
     # CP=1 with the same semantics: the core attention selects the full sequence in 2*W chunks (with RoPE, each
     # rank's entries are rotated at global positions, through its own slice of Megatron's rotary table)
     original = core_attention.lighthouse_attention
     core_attention.lighthouse_attention = functools.partial(original, chunks=2 * world)
     try:
-        reference = _train_losses(rank, world, 1, steps, positions, dense_weight)
+        reference = _train_losses(rank, world, 1, steps, positions)
     finally:
         core_attention.lighthouse_attention = original
     assert reference[-1] < reference[0] - 0.05, reference  # it trains
     torch.testing.assert_close(torch.tensor(cp_losses), torch.tensor(reference), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("positions,dense_weight", [("learned_absolute", 0.0), ("rope", 0.0), ("rope", 0.5)])
-def test_gpt_context_parallel_2_trains_like_chunked_cp1(positions, dense_weight):
-    """(``dense_weight=0.5``: a blended switch, the dense part through Megatron's ring attention and, with RoPE,
-    each rank's tokens rotated through its own slice of the rotary table.)"""
-    run_on_ranks(_check_gpt_cp_matches_chunked_cp1, WORLD, 4, positions, dense_weight, pool="megatron")
+@pytest.mark.parametrize("positions", ["learned_absolute", "rope"])
+def test_gpt_context_parallel_2_trains_like_chunked_cp1(positions):
+    """(With RoPE, each rank's entries are rotated through its own slice of Megatron's rotary table.)"""
+    run_on_ranks(_check_gpt_cp_matches_chunked_cp1, WORLD, 4, positions, pool="megatron")

@@ -50,9 +50,6 @@ def test_modes_train_evaluate_and_write_outputs(runs, mode):
     assert all(s["tokens_per_s"] > 0 and s["seconds"] > 0 and s["final_val_loss"] > 0 for s in metrics["stages"])
     assert [e["step"] for e in metrics["evals"]] == [3, 6]
     assert metrics["final_val_loss"] == metrics["evals"][-1]["val_loss"]
-    for e in metrics["evals"]:  # 8 equal slices of the 256 positions: their mean is the loss
-        assert len(e["val_loss_by_position"]) == train.POSITION_BUCKETS == 8
-        assert sum(e["val_loss_by_position"]) / 8 == pytest.approx(e["val_loss"], rel=1e-5)
     for e in metrics["evals"]:  # the Lighthouse stage is also scored as it trains, and that is another model
         assert ("val_loss_lighthouse" in e) == (e["stage"] == "lighthouse")
         if e["stage"] == "lighthouse":
@@ -69,67 +66,6 @@ def test_same_start_then_lighthouse_changes_the_training(runs):
     losses = {mode: [t["loss"] for t in metrics["train"]] for mode, (_, metrics) in runs.items()}
     assert losses["two-stage"][:5] == pytest.approx(losses["lighthouse"][:5], rel=1e-5)
     assert losses["two-stage"][1] != pytest.approx(losses["dense"][1], rel=1e-6)
-
-
-def test_dense_every_runs_dense_steps_inside_the_lighthouse_stage(runs, tmp_path):
-    """``--dense-every 2``: steps 1 and 3 of the Lighthouse stage (steps 0-4) run densely, the stage itself and
-    its bookkeeping stay; step 0 is the plain two-stage run's, step 1 is not (it ran dense)."""
-    assert _main("--mode", "two-stage", "--dense-every", "2", "--out", str(tmp_path)) == 0
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert [t["attention"] for t in metrics["train"]] == ["lighthouse", "dense"] * 3
-    assert [t["stage"] for t in metrics["train"]] == ["lighthouse"] * 5 + ["dense"]
-    assert [s["steps"] for s in metrics["stages"]] == [5, 1]
-    plain = [t["loss"] for t in runs["two-stage"][1]["train"]]
-    assert [t["attention"] for t in runs["two-stage"][1]["train"]] == ["lighthouse"] * 5 + ["dense"]
-    assert metrics["train"][0]["loss"] == pytest.approx(plain[0], rel=1e-6)
-    assert metrics["train"][1]["loss"] != pytest.approx(plain[1], rel=1e-6)
-
-
-def test_layer_interval_switches_the_lighthouse_layers_one_at_a_time(tmp_path, caplog):
-    """Three layers, two of them Lighthouse, the switch at step 5: ``--layer-interval 2`` moves the lower one to
-    dense at step 3, the upper at 5. Steps 0-2 train as without it, step 3 does not; the stages stay the same."""
-    three = ["--layers", "3", "--steps", "6"]
-    assert _main(*three, "--mode", "two-stage", "--out", str(tmp_path / "plain")) == 0
-    with caplog.at_level(logging.INFO, logger="megatron_lighthouse.demo.train"):
-        assert _main(*three, "--mode", "two-stage", "--layer-interval", "2", "--out", str(tmp_path / "stagger")) == 0
-    assert "step 3: Lighthouse layer 1 of 2 switched to dense (--layer-interval 2)" in caplog.messages
-    assert "step 5: switching Lighthouse off, dense attention from here on" in caplog.messages
-    plain, stagger = (json.loads((tmp_path / name / "metrics.json").read_text())["train"]
-                      for name in ("plain", "stagger"))
-    assert [t["stage"] for t in stagger] == [t["stage"] for t in plain] == ["lighthouse"] * 5 + ["dense"]
-    assert [t["attention"] for t in stagger] == ["lighthouse"] * 5 + ["dense"]  # one layer still runs it
-    assert [t["loss"] for t in stagger[:3]] == pytest.approx([t["loss"] for t in plain[:3]], rel=1e-6)
-    assert stagger[3]["loss"] != pytest.approx(plain[3]["loss"], rel=1e-6)
-
-
-def test_dense_prefix_steps_train_densely_before_the_lighthouse_stage(runs, tmp_path, caplog):
-    """``--dense-prefix-steps 2``: steps 0-1 run dense and count as dense (they train as the dense run's), steps
-    2-4 run Lighthouse (step 2 trains unlike the dense run's), the switch stays at step 5."""
-    with caplog.at_level(logging.INFO, logger="megatron_lighthouse.demo.train"):
-        assert _main("--mode", "two-stage", "--dense-prefix-steps", "2", "--out", str(tmp_path)) == 0
-    assert "step 2: dense prefix done (--dense-prefix-steps), Lighthouse on" in caplog.messages
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert [t["attention"] for t in metrics["train"]] == ["dense"] * 2 + ["lighthouse"] * 3 + ["dense"]
-    assert [t["stage"] for t in metrics["train"]] == ["dense"] * 2 + ["lighthouse"] * 3 + ["dense"]
-    assert {s["stage"]: s["steps"] for s in metrics["stages"]} == {"lighthouse": 3, "dense": 3}
-    dense = [t["loss"] for t in runs["dense"][1]["train"]]
-    assert [t["loss"] for t in metrics["train"][:2]] == pytest.approx(dense[:2], rel=1e-5)
-    assert metrics["train"][2]["loss"] != pytest.approx(dense[2], rel=1e-6)
-
-
-def test_blend_steps_blend_each_lighthouse_layer_into_dense_before_its_switch(tmp_path, caplog):
-    """Three layers, two of them Lighthouse, 1 step apart, the last switch at step 5: ``--blend-steps 2`` blends
-    the lower one over steps 2-3 and the upper over 3-4. Steps 0-1 train as without it, step 2 does not."""
-    three = ["--layers", "3", "--steps", "6", "--mode", "two-stage", "--layer-interval", "1"]
-    assert _main(*three, "--out", str(tmp_path / "plain")) == 0
-    with caplog.at_level(logging.INFO, logger="megatron_lighthouse.demo.train"):
-        assert _main(*three, "--blend-steps", "2", "--out", str(tmp_path / "blend")) == 0
-    assert "step 2: Lighthouse layer 1 of 2 blending into dense over 2 steps (--blend-steps)" in caplog.messages
-    assert "step 3: Lighthouse layer 2 of 2 blending into dense over 2 steps (--blend-steps)" in caplog.messages
-    plain, blend = (json.loads((tmp_path / name / "metrics.json").read_text())["train"] for name in ("plain", "blend"))
-    assert [t["stage"] for t in blend] == [t["stage"] for t in plain] == ["lighthouse"] * 5 + ["dense"]
-    assert [t["loss"] for t in blend[:2]] == pytest.approx([t["loss"] for t in plain[:2]], rel=1e-6)
-    assert blend[2]["loss"] != pytest.approx(plain[2]["loss"], rel=1e-6)
 
 
 def test_summary_table_is_printed(tmp_path, capsys):
@@ -189,11 +125,11 @@ def test_interrupted_run_resumes_to_the_same_result(runs, tmp_path, monkeypatch,
 
 
 def test_resume_from_a_checkpoint_older_than_a_setting(tmp_path, capsys):
-    """A checkpoint written before ``dense_every`` and ``rope`` existed ran with 0 and ``tokens``: it resumes with
-    those, and resuming it with ``--rope entries`` (the default now) is refused as a change."""
+    """A checkpoint written before ``rope`` existed ran with ``tokens``: it resumes with that, and resuming it with
+    ``--rope entries`` (the default now) is refused as a change."""
     assert _main("--steps", "3", "--out", str(tmp_path)) == 0
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
-    del ckpt["config"]["dense_every"], ckpt["config"]["rope"]
+    del ckpt["config"]["rope"]
     torch.save(ckpt, tmp_path / "checkpoint.pt")
     assert _main("--out", str(tmp_path), "--resume") == 2
     assert "--rope tokens -> entries" in capsys.readouterr().err
@@ -219,10 +155,6 @@ def test_out_of_memory_names_the_flags_to_lower(tmp_path, monkeypatch):
         _main()
 
 
-#: What the demo adds to a schedule error of a two-stage run with the test defaults (6 steps, --dense-fraction 0.2).
-SWITCH_STEP = "; the switch step is --steps - round(--steps × --dense-fraction) = 5"
-
-
 @pytest.mark.parametrize("args,message", [
     (["--seq-len", "200"], "--seq-len 200 does not fit the Lighthouse settings"),
     (["--seq-len", "200"], "use a sequence length >= 256"),
@@ -237,35 +169,6 @@ SWITCH_STEP = "; the switch step is --steps - round(--steps × --dense-fraction)
     (["--lr-decay-style", "wsd", "--steps", "4", "--lr-decay-fraction", "0.1"],
      "--lr-decay-fraction 0.1: must be in (0, 1], and with --lr-decay-style wsd give at least one decay step of "
      "--steps 4"),
-    (["--baseline", "--dense-rewarm", "5"], "--dense-rewarm 5: must be >= 0, and only with --mode two-stage"),
-    (["--dense-every", "1"], "--dense-every 1: must be 0 (off) or >= 2, and not with --mode dense"),
-    (["--baseline", "--dense-every", "4"], "--dense-every 4: must be 0 (off) or >= 2, and not with --mode dense"),
-    (["--mode", "lighthouse", "--layer-interval", "2"],
-     "--layer-interval 2: only with --mode two-stage"),
-    (["--layer-interval", "-1"], "--layer-interval -1: must be an int >= 0 (0: every layer switches at the switch "
-                                 "step)" + SWITCH_STEP),
-    (["--layers", "3", "--layer-interval", "6"], "--layer-interval 6 with 2 Lighthouse layers and the switch step 5: "
-                                                  "the first layer would switch at iteration -1; needs the switch "
-                                                  "step >= (layers - 1) * --layer-interval = 6" + SWITCH_STEP),
-    (["--mode", "dense", "--blend-steps", "2"], "--blend-steps 2: only with --mode two-stage"),
-    (["--blend-steps", "-2"], "--blend-steps -2: must be an int >= 0 (0: no blend)" + SWITCH_STEP),
-    (["--layers", "3", "--layer-interval", "2", "--blend-steps", "4"],
-     "--layer-interval 2, --blend-steps 4 with 2 Lighthouse layers and the switch step 5: the first layer would "
-     "switch at iteration 3 and start its blend at -1; needs the switch step >= (layers - 1) * --layer-interval + "
-     "--blend-steps = 6"),
-    (["--baseline", "--dense-prefix-steps", "2"], "--dense-prefix-steps 2: not with --mode dense"),
-    (["--dense-prefix-steps", "5"], "--dense-prefix-steps 5: must be below the switch step 5, or no iteration would "
-                                    "run Lighthouse" + SWITCH_STEP),
-    (["--mode", "lighthouse", "--dense-prefix-steps", "-1"],
-     "--dense-prefix-steps -1: must be an int >= 0 (0: Lighthouse from the first iteration)\n"),
-    (["--layers", "3", "--layer-interval", "2", "--dense-prefix-steps", "4"],
-     "--layer-interval 2, --dense-prefix-steps 4 with 2 Lighthouse layers and the switch step 5: the first layer "
-     "would switch at iteration 3; needs the switch step >= --dense-prefix-steps + (layers - 1) * --layer-interval "
-     "= 6"),
-    (["--layers", "3", "--layer-interval", "1", "--blend-steps", "2", "--dense-prefix-steps", "3"],
-     "--layer-interval 1, --blend-steps 2, --dense-prefix-steps 3 with 2 Lighthouse layers and the switch step 5: "
-     "the first layer would switch at iteration 4 and start its blend at 2; needs the switch step >= "
-     "--dense-prefix-steps + (layers - 1) * --layer-interval + --blend-steps = 6" + SWITCH_STEP),
 ])
 def test_bad_settings_fail_clearly(args, message, capsys):
     assert _main(*args) == 2
@@ -312,17 +215,6 @@ def test_progress_lines_show_a_bar_tokens_per_second_and_loss(tmp_path, caplog):
     assert re.match(r"step    3/3 \[#{20}\] 100% eta 0:00:00  dense ", lines[-1]), lines[-1]
 
 
-def test_dense_stage_schedule_of_its_own():
-    """--dense-rewarm: the Lighthouse stage decays over its own steps, the dense stage warms up again to --lr."""
-    cfg = train.DemoConfig(steps=10, dense_fraction=0.4, warmup=2, lr=1.0, dense_rewarm=2)
-    lrs = [train._lr_at(cfg, step) for step in range(10)]
-    assert cfg.switch_step == 6
-    assert lrs[:2] == [0.5, 1.0] and lrs[5] == pytest.approx(0.1 + 0.45 * (1 - 2**-0.5))
-    assert lrs[6:8] == [0.5, 1.0] and lrs[9] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi / 2)))
-    one = [train._lr_at(train.DemoConfig(steps=10, dense_fraction=0.4, warmup=2, lr=1.0), s) for s in range(10)]
-    assert all(a > b for a, b in zip(one[2:], one[3:]))  # without it: one warm-up, one cosine, no restart
-
-
 def test_lr_decay_styles():
     """cosine (the default) decays over the run; constant (the published recipe) holds --lr after the warm-up; wsd
     holds it, then decays linearly to 10% over the last --lr-decay-fraction of the steps."""
@@ -338,18 +230,8 @@ def test_lr_decay_styles():
     wsd = lrs(lr_decay_style="wsd", lr_decay_fraction=0.4)
     assert wsd[:6] == [1.0] + [2.0] * 5
     assert wsd[6:] == pytest.approx([2.0 * (1 - 0.9 * i / 4) for i in (1, 2, 3, 4)])  # 10% at the last step
-    # --dense-rewarm: each stage its own schedule of that style
-    rewarm = lrs(lr_decay_style="wsd", lr_decay_fraction=0.5, dense_fraction=0.4, dense_rewarm=1)
-    assert rewarm[:6] == pytest.approx([1.0, 2.0, 2.0, 2.0 * 0.7, 2.0 * 0.4, 2.0 * 0.1])
-    assert rewarm[6:] == pytest.approx([2.0, 2.0, 2.0 * 0.55, 2.0 * 0.1])
 
 
 def test_progress_eta_from_the_mean_step_time():
     state = dict(step=5, train=[None] * 5, seconds={"lighthouse": 8.0, "dense": 2.0})
     assert train._progress(state, 200, width=10) == "step    5/200 [----------]   2% eta 0:06:30"
-
-
-def test_position_buckets_average_equal_slices_the_last_taking_the_remainder():
-    losses = torch.arange(10, dtype=torch.float32)
-    assert train.position_buckets(losses, 2) == [2.0, 7.0]
-    assert train.position_buckets(losses, 3) == pytest.approx([1.5, 5.0, 8.0])  # slices of 4, 3, 3

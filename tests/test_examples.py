@@ -78,14 +78,12 @@ def test_one_gpu_unpatched_uses_the_spec_entry(tmp_path, megatron_lm):
     proc = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **_base(megatron_lm))
     assert proc.returncode == 0, proc.stderr
     assert "lighthouse: subsequence 24576 of 131072 tokens" in proc.stdout
-    assert "--spec megatron_lighthouse.spec lighthouse_layer_spec --transformer-impl transformer_engine" in proc.stdout
+    assert "--spec megatron_lighthouse.env_spec lighthouse_layer_spec --transformer-impl transformer_engine" in proc.stdout
     assert MODEL in proc.stdout and "--seq-length 131072 --max-position-embeddings 131072" in proc.stdout
     local = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **_base(megatron_lm), TRANSFORMER_IMPL="local")
-    assert "--spec megatron_lighthouse.spec lighthouse_local_layer_spec --transformer-impl local" in local.stdout
+    assert "--spec megatron_lighthouse.env_spec lighthouse_local_layer_spec --transformer-impl local" in local.stdout
     refused = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **_base(megatron_lm), DENSE_FROM_ITER="8000")
     assert refused.returncode == 2 and "DENSE_FROM_ITER needs the patched pretrain_gpt.py" in refused.stderr
-    refused = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **_base(megatron_lm), LAYER_INTERVAL="500")
-    assert refused.returncode == 2 and "LAYER_INTERVAL needs the patched pretrain_gpt.py" in refused.stderr
 
 
 def test_one_gpu_patched_passes_the_flags(tmp_path, patched):
@@ -94,10 +92,6 @@ def test_one_gpu_patched_passes_the_flags(tmp_path, patched):
     assert ("--lighthouse --lighthouse-topk 2048 --lighthouse-pooling-factor 4 --lighthouse-levels 3 "
             "--lighthouse-dense-layers 0 --lighthouse-dense-from-iteration 8000") in proc.stdout
     assert "--spec" not in proc.stdout
-    staggered = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **_base(patched), DENSE_FROM_ITER="8000",
-                     LAYER_INTERVAL="500")
-    assert staggered.returncode == 0, staggered.stderr
-    assert "--lighthouse-dense-from-iteration 8000 --lighthouse-layer-interval 500" in staggered.stdout
 
 
 @pytest.mark.parametrize("env, message", [
@@ -109,8 +103,6 @@ def test_one_gpu_patched_passes_the_flags(tmp_path, patched):
     (dict(HIDDEN="1000", HEADS="16"), "HIDDEN=1000 must be divisible by HEADS=16"),
     (dict(TRANSFORMER_IMPL="te"), "TRANSFORMER_IMPL=te: must be transformer_engine or local"),
     (dict(DENSE_FROM_ITER="soon"), "DENSE_FROM_ITER=soon: must be an integer >= 0"),
-    (dict(DENSE_FROM_ITER="8000", LAYER_INTERVAL="0"), "LAYER_INTERVAL=0: must be an integer >= 1"),
-    (dict(LAYER_INTERVAL="500"), "LAYER_INTERVAL=500 needs DENSE_FROM_ITER"),
     (dict(DATA_PATH=""), "DATA_PATH is not set"),
     (dict(LR="fast"), "LR=fast: must be a decimal number such as 2e-3"),
     (dict(LR_DECAY_STYLE="WSD"), "LR_DECAY_STYLE=WSD: must be cosine, constant or linear"),
@@ -160,7 +152,7 @@ def test_resume_dense(tmp_path, megatron_lm, patched):
     assert "--spec" not in te.stdout and "--lighthouse" not in te.stdout and MODEL in te.stdout
     local = _run("resume_dense.sh", tmp_path, **_base(megatron_lm), LIGHTHOUSE_CHECKPOINT=str(ckpt),
                  TRANSFORMER_IMPL="local")
-    assert "--spec megatron_lighthouse.spec dense_local_layer_spec --transformer-impl local" in local.stdout
+    assert "--spec megatron_lighthouse.env_spec dense_local_layer_spec --transformer-impl local" in local.stdout
     refused = _run("resume_dense.sh", tmp_path, **_base(megatron_lm), LIGHTHOUSE_CHECKPOINT=str(ckpt),
                    DENSE_FROM_ITER="5")
     assert refused.returncode == 2 and "DENSE_FROM_ITER needs the patched pretrain_gpt.py" in refused.stderr

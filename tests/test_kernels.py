@@ -1,15 +1,19 @@
-"""Fused Triton kernels (``lighthouse_kernels``) against the pure-PyTorch oracle; TRITON_INTERPRET=1 on CPU."""
+"""Fused Triton kernels (``lighthouse_kernels``) against the pure-PyTorch oracle (``megatron_lighthouse.naive``),
+step by step through their shared signatures; TRITON_INTERPRET=1 on CPU."""
 
 from __future__ import annotations
 
+import inspect
+import os
+import subprocess
+import sys
+
+import lighthouse_kernels as fused
 import pytest
 import torch
 
 from conftest import GOLDENS, golden_names, rel_l2
-from lighthouse_kernels import gather_from_tokens, pool_scores, scatter_to_tokens, select_indices_fused
-from megatron_lighthouse import lighthouse_attention, select_indices
-from megatron_lighthouse.naive import build_pyramid, pyramid_scores, select_pyramid_indices
-from megatron_lighthouse.naive import scatter_to_tokens as naive_scatter
+from megatron_lighthouse import config, lighthouse_attention, naive, select_indices
 
 #: Golden cases small enough for the interpreter.
 TRITON_GOLDENS = golden_names(["a", "b", "c", "f", "cp2"], max_tokens=4096)
@@ -23,16 +27,41 @@ def _inputs(n: int, dtype=torch.float32, b: int = 1, h: int = 2, d: int = 16, se
 
 
 def _oracle_indices(q, k, n, levels, p, topk):
-    sq, sk = pyramid_scores(q, k, levels, p)
-    return select_pyramid_indices(sq, sk, n, levels, p, topk)
+    sq, sk = naive.pool_scores(q, k, levels, p)
+    return naive.select_entries(sq, sk, n, levels, p, topk)
+
+
+STEPS = ("pool_scores", "select_entries", "gather_entries", "scatter_to_tokens")
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_fused_steps_share_the_oracles_signatures(step):
+    """The op dispatches to either module through one point: same names, same parameters."""
+    assert list(inspect.signature(getattr(fused, step)).parameters) == \
+        list(inspect.signature(getattr(naive, step)).parameters)
+
+
+def test_kernels_package_imports_no_megatron_lighthouse():
+    """The kernels are the layer below the op: importing them must not import the package they serve."""
+    code = ("import sys, lighthouse_kernels; bad = sorted(m for m in sys.modules if m.startswith('megatron_lighthouse'));"
+            " print(bad); sys.exit(1 if bad else 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_kernel_tile_equals_the_config_tile():
+    from lighthouse_kernels import select
+
+    assert (select.TILE_SELECT, select.TILE_HALF) == (config.TILE_SELECT, config.TILE_HALF)
 
 
 @pytest.mark.parametrize("n,levels,p,topk", SETTINGS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_pool_scores_match_oracle(n, levels, p, topk, dtype):
     q, k, _ = _inputs(n, dtype, d=24)  # a head dim that is not a power of two exercises the masks
-    got = pool_scores(q, k, levels, p)
-    want = pyramid_scores(q, k, levels, p)
+    got = fused.pool_scores(q, k, levels, p)
+    want = naive.pool_scores(q, k, levels, p)
     for g, w in zip(got, want):
         assert g.dtype == torch.float32 and g.shape == w.shape
         torch.testing.assert_close(g, w, rtol=2e-6, atol=0)
@@ -43,30 +72,28 @@ def test_pool_scores_match_oracle(n, levels, p, topk, dtype):
 def test_selection_matches_oracle_with_ties(n, levels, p, topk):
     gen = torch.Generator().manual_seed(n)
     sq, sk = (torch.randn(2, 3, n, generator=gen) for _ in range(2))
-    sq, sk = pyramid_scores(sq.view(2, n, 3, 1), sk.view(2, n, 3, 1), levels, p)
+    sq, sk = naive.pool_scores(sq.view(2, n, 3, 1), sk.view(2, n, 3, 1), levels, p)
     sq[..., ::3] = 1.0  # many exact ties: the lower candidate position must win, as in the oracle
     sk[..., ::5] = 2.0
-    got = select_indices_fused(sq, sk, n, levels, p, topk)
-    assert torch.equal(got, select_pyramid_indices(sq, sk, n, levels, p, topk))
+    got = fused.select_entries(sq, sk, n, levels, p, topk)
+    assert torch.equal(got, naive.select_entries(sq, sk, n, levels, p, topk))
 
 
 @pytest.mark.parametrize("n,levels,p,topk", SETTINGS)
 def test_gather_and_scatter_match_oracle(n, levels, p, topk):
     q, k, v = (x.requires_grad_(True) for x in _inputs(n))
     indices = _oracle_indices(q.detach(), k.detach(), n, levels, p, topk)
-    d = q.shape[-1]
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
 
-    picked = gather_from_tokens(q, k, v, indices, levels, p)
-    out = scatter_to_tokens(picked[0] * picked[1] + picked[2], indices, n, levels, p)
+    picked = fused.gather_entries(q, k, v, indices, levels, p)
+    out = fused.scatter_to_tokens(picked[0] * picked[1] + picked[2], indices, n, levels, p)
     out.backward(dout)
     got_grads = [x.grad.clone() for x in (q, k, v)]
     for x in (q, k, v):
         x.grad = None
 
-    index = indices.unsqueeze(-1).expand(-1, -1, -1, d)
-    want_picked = [build_pyramid(x, levels, p).gather(2, index) for x in (q, k, v)]
-    want = naive_scatter(want_picked[0] * want_picked[1] + want_picked[2], indices, n, levels, p).transpose(1, 2)
+    want_picked = naive.gather_entries(q, k, v, indices, levels, p)
+    want = naive.scatter_to_tokens(want_picked[0] * want_picked[1] + want_picked[2], indices, n, levels, p)
     want.backward(dout)
 
     for g, w in zip(picked, want_picked):
@@ -81,10 +108,10 @@ def test_scatter_bf16_matches_oracle():
     q, k, _ = _inputs(n)
     indices = _oracle_indices(q, k, n, levels, p, topk)
     sub = torch.randn(1, 2, indices.shape[-1], 16).to(torch.bfloat16)
-    got = scatter_to_tokens(sub, indices, n, levels, p)
+    got = fused.scatter_to_tokens(sub, indices, n, levels, p)
     assert got.dtype == torch.bfloat16
     # Both sum the levels in fp32 and round once to bf16: at most one bf16 ulp apart (rounding mode).
-    want = naive_scatter(sub, indices, n, levels, p).transpose(1, 2)
+    want = naive.scatter_to_tokens(sub, indices, n, levels, p)
     torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=1e-6)
 
 

@@ -26,7 +26,8 @@ from megatron_lighthouse.spec import (  # noqa: E402
     get_gpt_decoder_block_with_lighthouse_spec,
     get_gpt_layer_with_lighthouse_spec,
 )
-from megatron_lighthouse.switch import (  # noqa: E402
+from megatron_lighthouse.core_attention import TRAINING_ONLY  # noqa: E402
+from megatron_lighthouse.schedule import (  # noqa: E402
     LighthouseSchedule,
     lighthouse_enabled,
     lighthouse_modules,
@@ -199,25 +200,32 @@ def test_inner_state_keys_hidden():
     assert torch.equal(dense.core_attention.meta, torch.tensor([1.0, 2.0]))
 
 
-def test_inner_built_with_query_heads_as_kv_heads_and_kwargs_filtered():
+def test_inner_built_with_query_heads_as_kv_heads_and_unknown_arguments_refused():
     cfg = tiny_config(num_query_groups=2)
     seen = {}
 
     class Recording(SDPACoreAttention):
-        def __init__(self, config, layer_number, attn_mask_type, attention_type, softmax_scale=None):
-            seen.update(groups=config.num_query_groups, softmax_scale=softmax_scale)
+        def __init__(self, config, layer_number, attn_mask_type, attention_type, softmax_scale=None,
+                     cp_comm_type=None):
+            seen.update(groups=config.num_query_groups, softmax_scale=softmax_scale, cp_comm_type=cp_comm_type)
             super().__init__(config, layer_number, attn_mask_type, attention_type, softmax_scale=softmax_scale)
 
-    _core(cfg, inner=Recording, softmax_scale=0.5, cp_comm_type="p2p", pg_collection=None, model_comm_pgs=None)
-    assert seen == {"groups": 4, "softmax_scale": 0.5}
+    _core(cfg, inner=Recording, softmax_scale=0.5, cp_comm_type="p2p", pg_collection=None)
+    assert seen == {"groups": 4, "softmax_scale": 0.5, "cp_comm_type": "p2p"}
     assert cfg.num_query_groups == 2
+    # an argument the inner attention does not take is an error, not silently dropped
+    with pytest.raises(ValueError, match=r"LighthouseCoreAttention \(layer 3\): fp8='e4m3': not an argument of the "
+                                         r"inner core attention Recording"):
+        _core(cfg, inner=Recording, fp8="e4m3")
+    with pytest.raises(ValueError, match=r"pg_collection=.*: not an argument of the inner core attention Recording"):
+        _core(cfg, inner=Recording, pg_collection=types.SimpleNamespace(cp=None))
     # a layer kept dense builds its inner exactly as the dense model does, and takes the kv heads as they are;
     # the inner may also be given as a functools.partial (megatron-core >= 0.17 style builders)
     dense_core = LighthouseCoreAttention(
         cfg, 1, AttnMaskType.causal, "self", softmax_scale=0.25,
         submodules=LighthouseCoreAttentionSubmodules(core_attention=functools.partial(Recording)),
     )
-    assert dense_core.dense_layer and seen == {"groups": 2, "softmax_scale": 0.25}
+    assert dense_core.dense_layer and seen == {"groups": 2, "softmax_scale": 0.25, "cp_comm_type": None}
     q, kv = torch.randn(SEQ, 1, 4, 16), torch.randn(SEQ, 1, 2, 16)
     keys = []
     dense_core.inner.register_forward_pre_hook(lambda mod, args: keys.append(tuple(args[1].shape)))
@@ -244,7 +252,7 @@ def test_gqa_training_loop_loss_decreases():
 def test_bad_sequence_length_clear_error():
     light, _ = _pair()
     tokens, pos, _ = batch(seq=192)
-    with pytest.raises(ValueError, match=r"layer 3, 192 tokens\): sequence length 192: each tile owns 96"):
+    with pytest.raises(ValueError, match=r"\(layer 3\), 192 tokens: sequence length 192: each tile owns 96"):
         _logits(light, tokens, pos)
 
 
@@ -265,16 +273,100 @@ def test_unsupported_inputs_raise():
         core(q, q, q, None, packed_seq_params=object())
     with pytest.raises(ValueError, match="attention_bias"):
         core(q, q, q, None, attention_bias=torch.zeros(1))
-    with pytest.raises(ValueError, match="only causal"):
+    with pytest.raises(ValueError, match="training-only"):  # Megatron's inference after the prompt
         core(q, q, q, None, attn_mask_type=AttnMaskType.no_mask)
+    with pytest.raises(ValueError, match="training-only"):  # decode: one query against a KV cache
+        core(q[:1], q, q, None)
+    for number in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match=r"layer_number=.*: must be an int >= 1"):
+            _core(cfg, layer_number=number)
+    for scale in (-1.0, 0.0, float("nan")):
+        with pytest.raises(ValueError, match=r"softmax_scale=.*: must be a finite number > 0"):
+            _core(cfg, softmax_scale=scale)
+
+
+def test_lighthouse_is_never_settable_after_construction():
+    core = _core(tiny_config())
+    with pytest.raises(AttributeError):
+        core.lighthouse = LighthouseConfig(levels=3, pooling_factor=2, topk=128)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        core.lighthouse.topk = 256
+
+
+def _causal_mask(batch_size, seq=SEQ):
+    return torch.ones(batch_size, 1, seq, seq, dtype=torch.bool).triu(1)
+
+
+def test_attention_masks_other_than_causal_are_refused():
+    """Padding and document masks change who may attend to whom: a Lighthouse layer refuses them (so does the
+    SDPA core attention), Megatron's plain causal mask passes, also through a whole GPTModel."""
+    cfg = tiny_config()
+    core = _core(cfg)
+    q = torch.randn(SEQ, 2, 4, 16)
+    torch.testing.assert_close(core(q, q, q, _causal_mask(2)), core(q, q, q, None))
+    padding = _causal_mask(2)
+    padding[1, :, :, SEQ - 8:] = True  # the last 8 tokens of row 1 are padding
+    document = _causal_mask(2)
+    document[:, :, SEQ // 2:, :SEQ // 2] = True  # --reset-attention-mask: two documents per row
+    for mask in (padding, document, _causal_mask(2)[..., :-1], torch.zeros(2, 1, SEQ, SEQ, dtype=torch.bool)):
+        with pytest.raises(ValueError, match=r"is not the plain causal mask: padding and document masks"):
+            core(q, q, q, mask)
+        with pytest.raises(ValueError, match=r"SDPACoreAttention \(layer 3\): attention_mask .* not the plain causal"):
+            SDPACoreAttention(cfg, 3, AttnMaskType.causal, "self")(q, q, q, mask)
+    light, _ = _pair()
+    tokens, pos, _ = batch()
+    with pytest.raises(ValueError, match=r"\(layer 1\): attention_mask .* not the plain causal mask"):
+        light(tokens, pos, document)  # layer 1 is kept dense: its SDPA core attention refuses it first
+    light(tokens, pos, _causal_mask(2))
+
+
+def test_a_switched_layer_is_the_stock_one_for_packed_sequences_and_inference():
+    """Switched to dense, packed sequences, masks and decoding go to the inner attention as in the dense model."""
+    calls = []
+
+    class Recording(SDPACoreAttention):
+        def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                    packed_seq_params=None):
+            calls.append((tuple(key.shape), attn_mask_type, packed_seq_params))
+            return torch.zeros(query.shape[0], query.shape[1], query.shape[2] * query.shape[3])
+
+    core = _core(tiny_config(num_query_groups=2), inner=Recording)
+    core.enabled = False
+    q, kv = torch.randn(SEQ, 1, 4, 16), torch.randn(SEQ, 1, 2, 16)
+    packed = object()
+    core(q, kv, kv, None, packed_seq_params=packed)
+    core(q[:1], kv, kv, None, attn_mask_type=AttnMaskType.no_mask)
+    assert calls == [((SEQ, 1, 4, 16), None, packed), ((SEQ, 1, 4, 16), AttnMaskType.no_mask, None)]
+
+
+def test_sdpa_core_attention_decodes_against_a_kv_cache():
+    """Megatron's static-batching inference: after the prompt (no_mask) one query attends to every cached key;
+    a shorter query block continues the cache causally. Both equal the matching rows of full causal attention."""
+    cfg = tiny_config(num_query_groups=2)
+    core = SDPACoreAttention(cfg, 3, AttnMaskType.causal, "self")
+    q, kv = torch.randn(SEQ, 2, 4, 16), torch.randn(SEQ, 2, 2, 16)
+    full = core(q, kv, kv, None)
+    torch.testing.assert_close(core(q[-1:], kv, kv, None, attn_mask_type=AttnMaskType.no_mask), full[-1:])
+    torch.testing.assert_close(core(q[-5:], kv, kv, None), full[-5:], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"no_mask with 256 queries for 256 keys"):
+        core(q, kv, kv, None, attn_mask_type=AttnMaskType.no_mask)
+
+
+def test_inference_through_megatron_is_refused_while_lighthouse_runs():
+    light, _ = _pair()
+    attention = light.decoder.layers[3].self_attention
+    hidden = torch.randn(SEQ, 1, 64)
+    with pytest.raises(ValueError, match=r"LighthouseSelfAttention \(layer 4\): Lighthouse is training-only"):
+        attention(hidden, None, inference_context=object())
+    assert TRAINING_ONLY.startswith("Lighthouse is training-only: switch to dense attention")
 
 
 def test_unsupported_config_settings_raise():
     window = tiny_config(window_size=(64, 0))
     with pytest.raises(ValueError, match=r"LighthouseCoreAttention \(layer 3\): window_size=\(64, 0\)"):
         _core(window)
-    with pytest.raises(ValueError, match=r"SDPACoreAttention \(layer 1\): window_size"):
-        _core(window, layer_number=1)  # kept dense: the inner attention decides, and SDPA has no window
+    with pytest.raises(ValueError, match=r"_StatefulInner \(layer 1\): window_size"):
+        _core(window, layer_number=1)  # kept dense: the inner attention (SDPA-based here) decides
     with pytest.raises(ValueError, match=r"qk_clip=True"):
         _core(tiny_config(qk_clip=True, qk_clip_alpha=0.5, qk_clip_threshold=100.0), layer_number=1)
     with pytest.raises(ValueError, match=r"softmax_type='learnable'"):
@@ -321,38 +413,10 @@ def test_switch_schedule_and_wrappers():
     assert schedule.enabled_at(9) and not schedule.enabled_at(10)
     assert schedule.apply(chunks, 12) == 0 and not any(m.enabled for m in lighthouse_modules(light))
     assert schedule.apply(chunks, 3) == 2 and all(m.enabled for m in lighthouse_modules(light))
-    staggered = LighthouseSchedule(dense_from_iteration=10, layer_interval=4)
-    assert [m.lighthouse_position for m in lighthouse_modules(light)] == [(0, 2), (1, 2)]
-    assert staggered.apply(chunks, 7) == 1 and [m.enabled for m in lighthouse_modules(light)] == [False, True]
     assert LighthouseSchedule().enabled_at(10**9)
     with pytest.raises(ValueError, match="dense_from_iteration"):
         LighthouseSchedule(dense_from_iteration=-1)
     assert dense_state_dict(Wrapper(light)).keys() == light.state_dict().keys()
-
-
-def test_staggered_switch_goes_by_the_layers_place_in_the_whole_model():
-    """``lighthouse_position`` counts the Lighthouse layers of the whole model (by layer number), so a pipeline
-    stage holding only some of them switches each one when the whole model would."""
-    cfg = tiny_config(lighthouse=LighthouseConfig(levels=2, pooling_factor=2, topk=128, dense_layers=(0, 3)))
-    positions = {n: _core(cfg, layer_number=n).lighthouse_position for n in (2, 3, 5, 6, 7)}
-    assert positions == {2: (0, 4), 3: (1, 4), 5: (2, 4), 6: (3, 4), 7: (3, 4)}  # 7: past num_layers (e.g. MTP)
-    last_stage = [_core(cfg, layer_number=n) for n in (5, 6)]  # 0-based layers 4 and 5
-    schedule = LighthouseSchedule(dense_from_iteration=9, layer_interval=2)  # the four switch at 3, 5, 7, 9
-    assert [schedule.apply(last_stage, it) for it in (6, 7, 8, 9)] == [2, 1, 1, 0]
-    with pytest.raises(ValueError, match=r"layer_interval=4 with 4 Lighthouse layers and dense_from_iteration=9"):
-        LighthouseSchedule(dense_from_iteration=9, layer_interval=4).apply(last_stage, 0)
-
-
-def test_blended_switch_sets_each_layers_dense_weight_and_lighthouse_enabled_clears_it():
-    light, _ = _pair()
-    modules = lighthouse_modules(light)
-    schedule = LighthouseSchedule(dense_from_iteration=10, layer_interval=4, blend_iterations=3)  # blends 3-5, 7-9
-    assert schedule.apply(light, 4) == 2 and [m.dense_weight for m in modules] == [0.5, 0.0]
-    with lighthouse_enabled(light, True):  # the Lighthouse-mode read: no blend
-        assert [m.dense_weight for m in modules] == [0.0, 0.0] and all(m.enabled for m in modules)
-    assert [m.dense_weight for m in modules] == [0.5, 0.0]  # restored
-    assert schedule.apply(light, 9) == 1 and [m.dense_weight for m in modules] == [0.0, 0.75]
-    assert schedule.apply(light, 10) == 0 and [m.dense_weight for m in modules] == [0.0, 0.0]
 
 
 def test_dense_spec_for():
@@ -408,8 +472,12 @@ def test_pipeline_stages_map_global_layers():
 
 
 def test_megatron_lm_spec_entry_point(monkeypatch):
-    """``--spec megatron_lighthouse.spec lighthouse_local_layer_spec`` resolves as Megatron-LM resolves it."""
-    spec = import_module(("megatron_lighthouse.spec", "lighthouse_local_layer_spec"))
+    """``--spec megatron_lighthouse.env_spec lighthouse_local_layer_spec`` resolves as Megatron-LM resolves it;
+    ``megatron_lighthouse.spec`` itself builds nothing when imported."""
+    import megatron_lighthouse.spec as spec_module
+
+    assert not hasattr(spec_module, "lighthouse_local_layer_spec")
+    spec = import_module(("megatron_lighthouse.env_spec", "lighthouse_local_layer_spec"))
     assert isinstance(spec, ModuleSpec)
     cfg = tiny_config(lighthouse=None)
     model = tiny_gpt(cfg, spec)
@@ -417,7 +485,7 @@ def test_megatron_lm_spec_entry_point(monkeypatch):
     assert all(type(c) is LighthouseCoreAttention for c in cores)
     assert [c.dense_layer for c in cores] == [i in DENSE_LAYERS for i in range(6)]
     assert set_lighthouse_enabled(model, False) == 2
-    dense = tiny_gpt(cfg, import_module(("megatron_lighthouse.spec", "dense_local_layer_spec")))
+    dense = tiny_gpt(cfg, import_module(("megatron_lighthouse.env_spec", "dense_local_layer_spec")))
     assert all(type(layer.self_attention.core_attention) is SDPACoreAttention for layer in dense.decoder.layers)
     dense.load_state_dict(model.state_dict())
     env = {"LIGHTHOUSE_LEVELS": "2", "LIGHTHOUSE_POOLING_FACTOR": "2", "LIGHTHOUSE_TOPK": "256",

@@ -19,7 +19,7 @@ from megatron_lighthouse.megatron_lm import (
     lighthouse_block_spec_from_args,
     lighthouse_config_from_args,
     lighthouse_schedule_from_args,
-    log_lighthouse_summary,
+    lighthouse_summary,
     maybe_switch_to_dense,
     start_lighthouse,
     validate_lighthouse_args,
@@ -54,8 +54,7 @@ def test_defaults():
     assert (args.lighthouse_topk, args.lighthouse_pooling_factor, args.lighthouse_levels) == (2048, 4, 3)
     assert args.lighthouse_dense_layers == (0, 1, -2, -1)
     assert args.lighthouse_rope == "entries"
-    assert args.lighthouse_dense_from_iteration is None and args.lighthouse_dense_every is None
-    assert args.lighthouse_layer_interval is None and args.lighthouse_blend_iterations is None
+    assert args.lighthouse_dense_from_iteration is None
     assert args.lighthouse_monitor is False  # the monitor flags come along
     assert lighthouse_config_from_args(args) is None
     assert validate_lighthouse_args(args) is None
@@ -65,13 +64,11 @@ def test_defaults():
 def test_every_flag_parses():
     args = parse("--lighthouse", "--lighthouse-topk", "1024", "--lighthouse-pooling-factor", "8",
                  "--lighthouse-levels", "2", "--lighthouse-dense-layers", "0, -1", "--lighthouse-rope", "tokens",
-                 "--lighthouse-dense-from-iteration", "500", "--lighthouse-dense-every", "8", "--lighthouse-monitor",
-                 "--lighthouse-monitor-interval", "0.5", "--lighthouse-layer-interval", "100",
-                 "--lighthouse-blend-iterations", "50")
+                 "--lighthouse-dense-from-iteration", "500", "--lighthouse-monitor",
+                 "--lighthouse-monitor-interval", "0.5")
     assert lighthouse_config_from_args(args) == LighthouseConfig(levels=2, pooling_factor=8, topk=1024,
                                                                  dense_layers=(0, -1), rope="tokens")
-    assert args.lighthouse_dense_from_iteration == 500 and args.lighthouse_dense_every == 8
-    assert args.lighthouse_layer_interval == 100 and args.lighthouse_blend_iterations == 50
+    assert args.lighthouse_dense_from_iteration == 500
     assert args.lighthouse_monitor and args.lighthouse_monitor_interval == 0.5
     assert parse("--lighthouse-dense-layers", "").lighthouse_dense_layers == ()
 
@@ -127,17 +124,27 @@ def test_dense_layers_out_of_range():
         validate_lighthouse_args(parse("--lighthouse", num_layers=1))
     with pytest.raises(ValueError, match=r"--lighthouse-dense-layers 6 with --num-layers 6"):
         validate_lighthouse_args(parse("--lighthouse", "--lighthouse-dense-layers", "6"))
+    with pytest.raises(ValueError, match=r"--lighthouse-dense-layers 0,1 keeps all 2 layers \(--num-layers\) dense"):
+        validate_lighthouse_args(parse("--lighthouse", "--lighthouse-dense-layers", "0,1", num_layers=2))
+
+
+def test_the_data_loaders_attention_mask_is_refused_with_its_size():
+    """Megatron-LM builds a [1, s, s] boolean mask per sample by default: 17.2 GB at 128K tokens."""
+    args = parse("--lighthouse", seq_length=131072)
+    args.create_attention_mask_in_dataloader = True
+    with pytest.raises(ValueError) as err:
+        validate_lighthouse_args(args)
+    assert str(err.value) == (
+        "--create-attention-mask-in-dataloader (Megatron-LM's default) with --lighthouse: the data loader would build "
+        "a [1, 131072, 131072] boolean mask for every sample, 17.2 GB each at --seq-length 131072, which Lighthouse "
+        "layers and the stock causal kernels never read; pass --no-create-attention-mask-in-dataloader")
+    args.create_attention_mask_in_dataloader = False
+    assert validate_lighthouse_args(args) == LighthouseConfig()
 
 
 def test_dense_from_iteration_needs_lighthouse():
     with pytest.raises(ValueError, match=r"--lighthouse-dense-from-iteration 10: needs --lighthouse"):
         validate_lighthouse_args(parse("--lighthouse-dense-from-iteration", "10"))
-    with pytest.raises(ValueError, match=r"--lighthouse-dense-every 4: needs --lighthouse"):
-        validate_lighthouse_args(parse("--lighthouse-dense-every", "4"))
-    with pytest.raises(ValueError, match=r"--lighthouse-layer-interval 5: needs --lighthouse \("):
-        validate_lighthouse_args(parse("--lighthouse-layer-interval", "5"))
-    with pytest.raises(ValueError, match=r"--lighthouse-blend-iterations 5: needs --lighthouse \("):
-        validate_lighthouse_args(parse("--lighthouse-blend-iterations", "5"))
     assert validate_lighthouse_args(parse("--lighthouse", "--lighthouse-dense-from-iteration", "10")) is not None
 
 
@@ -145,82 +152,25 @@ def test_schedule_from_args():
     schedule = lighthouse_schedule_from_args(parse("--lighthouse", "--lighthouse-dense-from-iteration", "3"))
     assert [schedule.enabled_at(i) for i in range(5)] == [True, True, True, False, False]
     assert all(lighthouse_schedule_from_args(parse("--lighthouse")).enabled_at(i) for i in (0, 10**9))
-    schedule = lighthouse_schedule_from_args(parse("--lighthouse", "--lighthouse-dense-from-iteration", "5",
-                                                   "--lighthouse-dense-every", "2"))
-    assert [schedule.enabled_at(i) for i in range(6)] == [True, False, True, False, True, False]
 
 
-def test_layer_interval_needs_a_switch_that_leaves_every_layer_a_lighthouse_stage(capsys):
-    # 6 layers, 2 of them Lighthouse (2 and 3): the lower one switches 40 iterations before the upper.
-    ok = parse("--lighthouse", "--lighthouse-dense-from-iteration", "40", "--lighthouse-layer-interval", "40")
-    assert validate_lighthouse_args(ok) is not None
-    schedule = lighthouse_schedule_from_args(ok)
-    assert [schedule.switch_iteration(j, 2) for j in range(2)] == [0, 40]
-    with pytest.raises(ValueError, match=r"--lighthouse-layer-interval 40: needs --lighthouse-dense-from-iteration"):
-        validate_lighthouse_args(parse("--lighthouse", "--lighthouse-layer-interval", "40"))
-    with pytest.raises(ValueError, match=r"--lighthouse-layer-interval 41 with 2 Lighthouse layers and "
-                                         r"--lighthouse-dense-from-iteration 40: the first layer would switch at "
-                                         r"iteration -1; needs --lighthouse-dense-from-iteration >= \(layers - 1\) \* "
-                                         r"--lighthouse-layer-interval = 41"):
-        validate_lighthouse_args(parse("--lighthouse", "--lighthouse-dense-from-iteration", "40",
-                                       "--lighthouse-layer-interval", "41"))
-    err = parse_error(capsys, "--lighthouse", "--lighthouse-layer-interval", "0")
-    assert "--lighthouse-layer-interval" in err and "must be an int >= 1" in err
+def summary(args, num_heads=32, head_dim=128):
+    return lighthouse_summary(args, validate_lighthouse_args(args), num_heads, head_dim)
 
 
-def test_blend_iterations_need_a_switch_and_room_before_the_first_layers_switch(capsys):
-    ok = parse("--lighthouse", "--lighthouse-dense-from-iteration", "40", "--lighthouse-layer-interval", "30",
-               "--lighthouse-blend-iterations", "10")  # layer 2 blends over 0-9, layer 3 over 30-39
-    assert validate_lighthouse_args(ok) is not None
-    schedule = lighthouse_schedule_from_args(ok)
-    assert schedule.blend_iterations == 10 and schedule.dense_weight_at(39, 1, 2) == 10 / 11
-    with pytest.raises(ValueError, match=r"--lighthouse-blend-iterations 10: needs --lighthouse-dense-from-"):
-        validate_lighthouse_args(parse("--lighthouse", "--lighthouse-blend-iterations", "10"))
-    with pytest.raises(ValueError, match=r"--lighthouse-layer-interval 30, --lighthouse-blend-iterations 11 with 2 "
-                                         r"Lighthouse layers and --lighthouse-dense-from-iteration 40: the first layer "
-                                         r"would switch at iteration 10 and start its blend at -1; needs "
-                                         r"--lighthouse-dense-from-iteration >= \(layers - 1\) \* "
-                                         r"--lighthouse-layer-interval \+ --lighthouse-blend-iterations = 41"):
-        validate_lighthouse_args(parse("--lighthouse", "--lighthouse-dense-from-iteration", "40",
-                                       "--lighthouse-layer-interval", "30", "--lighthouse-blend-iterations", "11"))
-    with pytest.raises(ValueError, match=r"--lighthouse-blend-iterations 41 with 2 Lighthouse layers .* switch at "
-                                         r"iteration 40 and start its blend at -1; needs "
-                                         r"--lighthouse-dense-from-iteration >= --lighthouse-blend-iterations = 41"):
-        validate_lighthouse_args(parse("--lighthouse", "--lighthouse-dense-from-iteration", "40",
-                                       "--lighthouse-blend-iterations", "41"))
-    err = parse_error(capsys, "--lighthouse", "--lighthouse-blend-iterations", "0")
-    assert "--lighthouse-blend-iterations" in err and "must be an int >= 1" in err
-
-
-@pytest.mark.parametrize("value", ["1", "0", "-3", "two"])
-def test_dense_every_below_two_is_refused_by_the_parser(value, capsys):
-    err = parse_error(capsys, "--lighthouse", "--lighthouse-dense-every", value)
-    assert "--lighthouse-dense-every" in err and "must be an int >= 2" in err
-
-
-def test_summary_line(caplog):
-    args = parse("--lighthouse", seq_length=524288, num_layers=24)
-    with caplog.at_level(logging.INFO, logger="megatron_lighthouse.megatron_lm"):
-        line = log_lighthouse_summary(args, num_heads=32, head_dim=128)
+def test_summary_line():
+    line = summary(parse("--lighthouse", seq_length=524288, num_layers=24))
     assert "seq_length 524288 -> subsequence 49152" in line  # 524288/16 + 2*4*2048
     ratio = (49152 / 524288) ** 2
     assert f"{ratio:.2%} of dense ({1 / ratio:.1f}x fewer)" in line
     assert "20/24 layers Lighthouse, dense layers [0, 1, 22, 23]" in line
-    assert caplog.messages == [line]
+    assert line.endswith("Lighthouse throughout")
     # With CP 2 the subsequence length is the same, summed over the 4 chunks.
-    assert "-> subsequence 49152" in log_lighthouse_summary(parse("--lighthouse", seq_length=524288, cp=2), 32, 128)
-    assert "off" in log_lighthouse_summary(parse(), 32, 128)
-    line = log_lighthouse_summary(parse("--lighthouse", "--lighthouse-dense-from-iteration", "100",
-                                        "--lighthouse-dense-every", "4", seq_length=524288, num_layers=24), 32, 128)
-    assert line.endswith("dense from iteration 100; before that, 1 in 4 iterations dense")
-    line = log_lighthouse_summary(parse("--lighthouse", "--lighthouse-dense-from-iteration", "100",
-                                        "--lighthouse-layer-interval", "5", seq_length=524288, num_layers=24), 32, 128)
-    assert line.endswith("dense from iteration 100, layers switching one at a time, 5 iterations apart")
-    line = log_lighthouse_summary(parse("--lighthouse", "--lighthouse-dense-from-iteration", "100",
-                                        "--lighthouse-blend-iterations", "20", seq_length=524288, num_layers=24),
-                                  32, 128)
-    assert line.endswith("dense from iteration 100, each blending into dense over the 20 iterations before its "
-                         "switch")
+    assert "-> subsequence 49152" in summary(parse("--lighthouse", seq_length=524288, cp=2))
+    assert "off" in summary(parse())
+    line = summary(parse("--lighthouse", "--lighthouse-dense-from-iteration", "100", seq_length=524288,
+                         num_layers=24))
+    assert line.endswith("dense from iteration 100")
 
 
 def _core_attention_names(spec):
@@ -242,22 +192,27 @@ def _config(num_layers: int = 6):
 
 def test_block_spec_from_args(megatron):
     config = _config()
-    names = _core_attention_names(lighthouse_block_spec_from_args(parse("--lighthouse"), config))
+    args = parse("--lighthouse")
+    names = _core_attention_names(lighthouse_block_spec_from_args(args, lighthouse_config_from_args(args), config))
     assert names == ["SDPACoreAttention"] * 2 + ["LighthouseCoreAttention"] * 2 + ["SDPACoreAttention"] * 2
-    names = _core_attention_names(
-        lighthouse_block_spec_from_args(parse("--lighthouse", "--lighthouse-dense-layers", "3"), config))
+    args = parse("--lighthouse", "--lighthouse-dense-layers", "3")
+    names = _core_attention_names(lighthouse_block_spec_from_args(args, lighthouse_config_from_args(args), config))
     assert names == ["LighthouseCoreAttention"] * 3 + ["SDPACoreAttention"] + ["LighthouseCoreAttention"] * 2
-    assert _core_attention_names(lighthouse_block_spec_from_args(parse(), config)) == ["SDPACoreAttention"] * 6
+    assert _core_attention_names(lighthouse_block_spec_from_args(parse(), None, config)) == ["SDPACoreAttention"] * 6
 
 
 def test_maybe_switch_to_dense(megatron, caplog):
-    from megatron_lighthouse.switch import lighthouse_modules
+    from megatron_lighthouse.schedule import lighthouse_modules
 
     args = parse("--lighthouse", "--lighthouse-topk", "128", "--lighthouse-levels", "2",
                  "--lighthouse-pooling-factor", "2", "--lighthouse-dense-from-iteration", "2", seq_length=SEQ)
-    validate_lighthouse_args(args)
+    cfg = validate_lighthouse_args(args)
     config = _config()
-    model = tiny_gpt(config, lighthouse_block_spec_from_args(args, config))
+
+    def build():
+        return tiny_gpt(config, lighthouse_block_spec_from_args(args, cfg, config))
+
+    model = build()
     modules = lighthouse_modules(model)
     assert len(modules) == 2
     with caplog.at_level(logging.INFO, logger="megatron_lighthouse.megatron_lm"):
@@ -265,93 +220,20 @@ def test_maybe_switch_to_dense(megatron, caplog):
         states = [m.enabled for m in modules]
     assert switched == [False, False, True, False]
     assert states == [False, False]
-    assert len(caplog.messages) == 1 and "iteration 2 >= --lighthouse-dense-from-iteration 2" in caplog.messages[0]
+    assert caplog.messages == ["Lighthouse: iteration 2 >= --lighthouse-dense-from-iteration 2: 2 Lighthouse layers "
+                               "switched to dense attention (layers 3, 4)"]
     # Resuming past the switch point: the fresh model is switched at its first iteration.
-    resumed = tiny_gpt(config, lighthouse_block_spec_from_args(args, config))
+    resumed = build()
     assert maybe_switch_to_dense(resumed, args, 7) is True
     assert not any(m.enabled for m in lighthouse_modules(resumed))
     # The patch's call passes no iteration: the training loop's args.curr_iteration, else (evaluation-only runs,
     # which never set it) the loaded checkpoint's args.iteration.
     args.iteration = 5
-    fresh = tiny_gpt(config, lighthouse_block_spec_from_args(args, config))
+    fresh = build()
     assert maybe_switch_to_dense(fresh, args) is True
     args.iteration, args.curr_iteration = 5, 1
-    fresh = tiny_gpt(config, lighthouse_block_spec_from_args(args, config))
+    fresh = build()
     assert maybe_switch_to_dense(fresh, args) is False and all(m.enabled for m in lighthouse_modules(fresh))
-
-
-def test_interleaved_dense_iterations_are_not_the_switch(megatron, caplog):
-    """``--lighthouse-dense-every 2`` with the switch at 4: iterations 1 and 3 run dense but only iteration 4 is
-    the switch, reported once however many micro-batches call it, even right after a dense iteration."""
-    from megatron_lighthouse.switch import lighthouse_modules
-
-    args = parse("--lighthouse", "--lighthouse-topk", "128", "--lighthouse-levels", "2",
-                 "--lighthouse-pooling-factor", "2", "--lighthouse-dense-from-iteration", "4",
-                 "--lighthouse-dense-every", "2", seq_length=SEQ)
-    config = _config()
-    model = tiny_gpt(config, lighthouse_block_spec_from_args(args, config))
-    modules = lighthouse_modules(model)
-    switched, states = [], []
-    with caplog.at_level(logging.INFO, logger="megatron_lighthouse.megatron_lm"):
-        for it in range(6):
-            for _ in range(2):  # two micro-batches per iteration
-                switched.append(maybe_switch_to_dense(model, args, it))
-                states.append(all(m.enabled for m in modules))
-    assert switched == [False] * 8 + [True, False, False, False]
-    assert states == [True, True, False, False, True, True, False, False, False, False, False, False]
-    assert len(caplog.messages) == 1 and "iteration 4 >= --lighthouse-dense-from-iteration 4" in caplog.messages[0]
-
-
-def test_layer_interval_switches_and_reports_each_layer(megatron, caplog):
-    """``--lighthouse-layer-interval 2`` with the switch at 3: the lower Lighthouse layer (layer number 3) goes
-    dense at iteration 1, the upper (4) at 3, each reported once."""
-    from megatron_lighthouse.switch import lighthouse_modules
-
-    args = parse("--lighthouse", "--lighthouse-topk", "128", "--lighthouse-levels", "2",
-                 "--lighthouse-pooling-factor", "2", "--lighthouse-dense-from-iteration", "3",
-                 "--lighthouse-layer-interval", "2", seq_length=SEQ)
-    validate_lighthouse_args(args)
-    config = _config()
-    model = tiny_gpt(config, lighthouse_block_spec_from_args(args, config))
-    modules = lighthouse_modules(model)
-    with caplog.at_level(logging.INFO, logger="megatron_lighthouse.megatron_lm"):
-        switched, states = [], []
-        for it in range(5):
-            switched.append(maybe_switch_to_dense(model, args, it))
-            states.append([m.enabled for m in modules])
-    assert switched == [False, True, False, True, False]
-    assert states == [[True, True], [False, True], [False, True], [False, False], [False, False]]
-    assert caplog.messages == [
-        "Lighthouse: iteration 1: Lighthouse layers 3 switched to dense attention (--lighthouse-layer-interval 2; "
-        "every layer dense from iteration 3)",
-        "Lighthouse: iteration 3 >= --lighthouse-dense-from-iteration 3: 1 Lighthouse layers switched to dense "
-        "attention (layers 4)"]
-
-
-def test_blend_iterations_blend_each_layer_and_report_its_start(megatron, caplog):
-    """``--lighthouse-blend-iterations 2`` with the switch at 4, layers 2 apart: layer 3 blends over iterations
-    0-1 and is dense from 2, layer 4 blends over 2-3 and is dense from 4."""
-    from megatron_lighthouse.switch import lighthouse_modules
-
-    args = parse("--lighthouse", "--lighthouse-topk", "128", "--lighthouse-levels", "2",
-                 "--lighthouse-pooling-factor", "2", "--lighthouse-dense-from-iteration", "4",
-                 "--lighthouse-layer-interval", "2", "--lighthouse-blend-iterations", "2", seq_length=SEQ)
-    validate_lighthouse_args(args)
-    config = _config()
-    model = tiny_gpt(config, lighthouse_block_spec_from_args(args, config))
-    modules = lighthouse_modules(model)
-    with caplog.at_level(logging.INFO, logger="megatron_lighthouse.megatron_lm"):
-        weights = []
-        for it in range(5):
-            maybe_switch_to_dense(model, args, it)
-            weights.append([round(m.dense_weight, 4) if m.enabled else "dense" for m in modules])
-    assert weights == [[0.3333, 0.0], [0.6667, 0.0], ["dense", 0.3333], ["dense", 0.6667], ["dense", "dense"]]
-    blends = [m for m in caplog.messages if "blending" in m]
-    assert blends == [
-        "Lighthouse: iteration 0: Lighthouse layers 3 blending into dense attention over 2 iterations "
-        "(--lighthouse-blend-iterations)",
-        "Lighthouse: iteration 2: Lighthouse layers 4 blending into dense attention over 2 iterations "
-        "(--lighthouse-blend-iterations)"]
 
 
 def test_args_provider_chains_the_previous_provider():
@@ -379,6 +261,17 @@ def _startup_args(*argv: str, **kw) -> argparse.Namespace:
     args.hidden_size, args.num_attention_heads, args.kv_channels, args.curr_iteration = 1024, 8, None, 0
     args.log_interval = 1
     return args
+
+
+def test_the_config_is_built_once_at_start_up(monkeypatch):
+    """start_lighthouse builds one LighthouseConfig from the flags and passes it whole to the summary and the spec."""
+    import megatron_lighthouse.megatron_lm as megatron_lm
+
+    built = []
+    monkeypatch.setattr(megatron_lm, "LighthouseConfig", lambda **kw: built.append(kw) or LighthouseConfig(**kw))
+    model_config = ModelConfig()
+    cfg = start_lighthouse(_startup_args("--lighthouse", seq_length=131072), model_config, printer=lambda line: None)
+    assert len(built) == 1 and model_config.transformer_layer_spec.args[1] is cfg
 
 
 def test_start_lighthouse_validates_and_reports(monkeypatch):
@@ -415,8 +308,8 @@ def test_start_lighthouse_refuses_what_it_cannot_wire():
 
 
 def test_summary_when_the_sequence_is_too_short_to_gain():
-    line = log_lighthouse_summary(parse("--lighthouse", "--lighthouse-topk", "128", "--lighthouse-levels", "2",
-                                        "--lighthouse-pooling-factor", "2", seq_length=256), 4, 16)
+    line = summary(parse("--lighthouse", "--lighthouse-topk", "128", "--lighthouse-levels", "2",
+                         "--lighthouse-pooling-factor", "2", seq_length=256), 4, 16)
     assert "-> subsequence 384" in line and "225.00% of dense (2.2x more: " in line
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_lighthouse import LighthouseConfig, lighthouse_attention, select_indices
-from megatron_lighthouse.attention import attend_selected
+from megatron_lighthouse import LighthouseConfig, lighthouse_attention, naive, select_indices
+from megatron_lighthouse.attention import _attend_selected
+from megatron_lighthouse.dense import sdpa_causal
 
 # (N, levels, pooling_factor, topk): every one selects (tiles own more than 128 coarsest entries).
 CONFIGS = [(1024, 2, 2, 128), (2048, 3, 2, 256), (4096, 3, 4, 128), (2048, 2, 4, 128)]
@@ -22,6 +23,12 @@ def _qkv(n, h=2, d=8, b=1, h_kv=None, seed=0, dtype=torch.float32):
 
 def _settings(levels, p, topk):
     return dict(levels=levels, pooling_factor=p, topk=topk)
+
+
+def attend_selected(q, k, v, idx, *, levels, pooling_factor, chunks=1):
+    """The op's gather -> dense attention -> scatter for a fixed selection ``idx`` (oracle steps, SDPA)."""
+    config = LighthouseConfig(levels=levels, pooling_factor=pooling_factor)
+    return _attend_selected(naive, q, k, v, idx, config, chunks, q.shape[-1] ** -0.5, sdpa_causal, None)
 
 
 @pytest.mark.parametrize("n,levels,p,topk", CONFIGS)

@@ -20,7 +20,7 @@ from megatron_lighthouse.spec import (  # noqa: E402
     get_gpt_decoder_block_with_lighthouse_spec,
     get_gpt_layer_with_lighthouse_spec,
 )
-from megatron_lighthouse.switch import lighthouse_enabled  # noqa: E402
+from megatron_lighthouse.schedule import lighthouse_enabled  # noqa: E402
 
 from megatron_utils import LIGHTHOUSE, SEQ, batch, init_megatron, tiny_config, tiny_gpt  # noqa: E402
 
@@ -91,21 +91,6 @@ def test_switched_off_it_is_megatrons_dense_rope_model():
         want = dense(tokens_in, pos, None)
         torch.testing.assert_close(entries(tokens_in, pos, None), want, rtol=0, atol=0)
         torch.testing.assert_close(tokens(tokens_in, pos, None), want, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("rope", ["entries", "tokens"])
-def test_a_blending_layer_returns_the_weighted_sum_of_lighthouse_and_the_dense_models_attention(rope):
-    """``dense_weight`` (the blended switch): the core's output is ``(1 - w) * Lighthouse + w * dense``, the dense
-    part exactly what the layer gives switched off (so under ``rope="entries"`` with the tokens rotated)."""
-    model = _model(rope)
-    core = model.decoder.layers[FIRST_LIGHTHOUSE].self_attention.core_attention
-    lighthouse = _core_call(model)["out"]
-    core.enabled = False
-    dense = _core_call(model)["out"]
-    core.enabled, core.dense_weight = True, 0.25
-    blended = _core_call(model)["out"]
-    torch.testing.assert_close(blended, torch.lerp(lighthouse, dense, 0.25), rtol=1e-5, atol=1e-6)
-    assert (blended - lighthouse).abs().max() > 1e-3 and (blended - dense).abs().max() > 1e-3
 
 
 def test_entries_model_trains():

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .launch import rows_per_program
-from .pyramid_index import entry_of
+from .pyramid_index import entry_of, next_level, program_block
 
 
 @triton.jit
@@ -35,14 +35,7 @@ def _gather_fwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, qs_ptr, ks_ptr, vs_ptr, seq
                        sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
                        BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, P: tl.constexpr, LEVELS: tl.constexpr,
                        MAX_SPAN: tl.constexpr):
-    row = tl.program_id(0)
-    blk = tl.program_id(1)
-    b = row // H
-    h = row % H
-    j = blk * BLOCK_S + tl.arange(0, BLOCK_S)
-    j_ok = j < S
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < D
+    row, b, h, j, j_ok, d, d_ok = program_block(H, S, D, BLOCK_S, BLOCK_D)
     pos = tl.load(idx_ptr + row * S + j, mask=j_ok, other=0)
     local, span = entry_of(pos, seq_len, P, LEVELS)
     first = local * span
@@ -69,9 +62,7 @@ def _unpool_tokens(g_ptr, dx_ptr, row, b, h, tok, tok_ok, d, d_ok, inv_ptr, seq_
         g = tl.load(g_ptr + (row * S + sub_row)[:, None].to(tl.int64) * D + d[None, :],
                     mask=hit[:, None] & d_ok[None, :], other=0.0)
         acc += g.to(tl.float32) / span
-        offset += width
-        width = width // P
-        span = span * P
+        offset, width, span = next_level(offset, width, span, P)
     dst = dx_ptr + b * sdb + h * sdh + tok[:, None].to(tl.int64) * sdn + d[None, :]
     tl.store(dst, acc.to(dx_ptr.dtype.element_ty), mask=tok_ok[:, None] & d_ok[None, :])
 
@@ -80,14 +71,7 @@ def _unpool_tokens(g_ptr, dx_ptr, row, b, h, tok, tok_ok, d, d_ok, inv_ptr, seq_
 def _gather_bwd_kernel(gq_ptr, gk_ptr, gv_ptr, inv_ptr, dq_ptr, dk_ptr, dv_ptr, seq_len, total, S, H, D,
                        sdb, sdn, sdh,
                        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, P: tl.constexpr, LEVELS: tl.constexpr):
-    row = tl.program_id(0)
-    blk = tl.program_id(1)
-    b = row // H
-    h = row % H
-    tok = blk * BLOCK_T + tl.arange(0, BLOCK_T)
-    tok_ok = tok < seq_len
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < D
+    row, b, h, tok, tok_ok, d, d_ok = program_block(H, seq_len, D, BLOCK_T, BLOCK_D)
     _unpool_tokens(gq_ptr, dq_ptr, row, b, h, tok, tok_ok, d, d_ok, inv_ptr, seq_len, total, S, D, sdb, sdn, sdh,
                    BLOCK_T, BLOCK_D, P, LEVELS)
     _unpool_tokens(gk_ptr, dk_ptr, row, b, h, tok, tok_ok, d, d_ok, inv_ptr, seq_len, total, S, D, sdb, sdn, sdh,

@@ -8,33 +8,30 @@ import torch
 import triton
 import triton.language as tl
 
-from megatron_lighthouse.config import level_offsets
-
 from .launch import rows_per_program
+from .pyramid_index import next_level, program_block, pyramid_size
 
 
 @triton.jit
-def _token_norms(x_ptr, b, h, tok, tok_mask, stride_b, stride_n, stride_h, D, BLOCK_D: tl.constexpr):
-    d = tl.arange(0, BLOCK_D)
+def _token_norms(x_ptr, b, h, tok, tok_mask, d, d_ok, stride_b, stride_n, stride_h):
     ptrs = x_ptr + b * stride_b + h * stride_h + tok[:, None] * stride_n + d[None, :]
-    x = tl.load(ptrs, mask=tok_mask[:, None] & (d[None, :] < D), other=0.0).to(tl.float32)
+    x = tl.load(ptrs, mask=tok_mask[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
     return tl.sqrt(tl.sum(x * x, axis=1))
 
 
 @triton.jit
-def _store_levels(norm, out_ptr, row, blk, seq_len, total,
-                  BLOCK_T: tl.constexpr, P: tl.constexpr, LEVELS: tl.constexpr):
+def _store_levels(norm, out_ptr, row, tok, seq_len, total, BLOCK_T: tl.constexpr, P: tl.constexpr,
+                  LEVELS: tl.constexpr):
     base = out_ptr + row * total
-    tok = blk * BLOCK_T + tl.arange(0, BLOCK_T)
     tl.store(base + tok, norm, mask=tok < seq_len)
     offset = 0
     width = seq_len
+    span = 1
     cur = norm
     for level in tl.static_range(1, LEVELS):
-        offset += width
-        width = width // P
+        offset, width, span = next_level(offset, width, span, P)
         cur = tl.max(tl.reshape(cur, (BLOCK_T // P**level, P)), axis=1)
-        entry = blk * (BLOCK_T // P**level) + tl.arange(0, BLOCK_T // P**level)
+        entry = tl.program_id(1) * (BLOCK_T // P**level) + tl.arange(0, BLOCK_T // P**level)
         tl.store(base + offset + entry, cur, mask=entry < width)
 
 
@@ -42,21 +39,16 @@ def _store_levels(norm, out_ptr, row, blk, seq_len, total,
 def _pool_score_kernel(q_ptr, k_ptr, sq_ptr, sk_ptr, seq_len, total, H, D,
                        sqb, sqn, sqh, skb, skn, skh,
                        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, P: tl.constexpr, LEVELS: tl.constexpr):
-    row = tl.program_id(0)
-    blk = tl.program_id(1)
-    b = row // H
-    h = row % H
-    tok = blk * BLOCK_T + tl.arange(0, BLOCK_T)
-    mask = tok < seq_len
-    nq = _token_norms(q_ptr, b, h, tok, mask, sqb, sqn, sqh, D, BLOCK_D)
-    _store_levels(nq, sq_ptr, row, blk, seq_len, total, BLOCK_T, P, LEVELS)
-    nk = _token_norms(k_ptr, b, h, tok, mask, skb, skn, skh, D, BLOCK_D)
-    _store_levels(nk, sk_ptr, row, blk, seq_len, total, BLOCK_T, P, LEVELS)
+    row, b, h, tok, mask, d, d_ok = program_block(H, seq_len, D, BLOCK_T, BLOCK_D)
+    nq = _token_norms(q_ptr, b, h, tok, mask, d, d_ok, sqb, sqn, sqh)
+    _store_levels(nq, sq_ptr, row, tok, seq_len, total, BLOCK_T, P, LEVELS)
+    nk = _token_norms(k_ptr, b, h, tok, mask, d, d_ok, skb, skn, skh)
+    _store_levels(nk, sk_ptr, row, tok, seq_len, total, BLOCK_T, P, LEVELS)
 
 
 def pool_scores(q: torch.Tensor, k: torch.Tensor, levels: int,
                 pooling_factor: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Norm scores of all pyramid entries, as :func:`megatron_lighthouse.naive.pyramid_scores`.
+    """Norm scores of all pyramid entries (the naive oracle's ``pool_scores``, same signature).
 
     Args:
         q, k: ``[B, N, H, D]`` (same shape; last dim contiguous), bf16/fp16/fp32.
@@ -66,7 +58,7 @@ def pool_scores(q: torch.Tensor, k: torch.Tensor, levels: int,
     b, n, h, d = q.shape
     q = q if q.stride(-1) == 1 else q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()
-    total = level_offsets(n, levels, pooling_factor)[-1]
+    total = pyramid_size(n, levels, pooling_factor)
     sq = torch.empty(b, h, total, dtype=torch.float32, device=q.device)
     sk = torch.empty_like(sq)
     block_t = max(pooling_factor ** (levels - 1), rows_per_program(q.device, 64))

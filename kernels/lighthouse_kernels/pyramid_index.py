@@ -1,4 +1,5 @@
-"""Pyramid positions <-> (level, entry) inside kernels, and the inverse map pyramid entry -> subsequence row.
+"""Pyramid geometry shared by the kernels: program prologue, level walk, positions <-> (level, entry), and the
+inverse map pyramid entry -> subsequence row.
 
 The concatenated pyramid of a sequence of ``N`` tokens puts level ``l`` (entries of ``p**l`` tokens) at offset
 ``sum_{m<l} N / p**m``. The inverse map ``[B*H, N_tot]`` int32 holds, for every pyramid entry, the subsequence
@@ -12,6 +13,30 @@ import triton
 import triton.language as tl
 
 
+def pyramid_size(seq_len: int, levels: int, pooling_factor: int) -> int:
+    """Entries of the concatenated pyramid of ``seq_len`` tokens: ``sum_l seq_len / p**l``."""
+    return sum(seq_len // pooling_factor**level for level in range(levels))
+
+
+@triton.jit
+def program_block(H, limit, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The prologue of every per-(batch, head) kernel of this package, launched on grid ``(B*H, blocks)``.
+
+    Returns this program's row ``b*H + h``, ``b``, ``h``, its block of ``BLOCK`` positions along a dimension of
+    length ``limit`` with their in-range mask, and the ``BLOCK_D`` head-dim lanes with theirs (``< D``).
+    """
+    row = tl.program_id(0)
+    idx = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    d = tl.arange(0, BLOCK_D)
+    return row, row // H, row % H, idx, idx < limit, d, d < D
+
+
+@triton.jit
+def next_level(offset, width, span, P: tl.constexpr):
+    """One step up the pyramid: the next level's offset in the concatenation, its entry count and its span."""
+    return offset + width, width // P, span * P
+
+
 @triton.jit
 def entry_of(pos, seq_len, P: tl.constexpr, LEVELS: tl.constexpr):
     """Split pyramid positions ``pos`` into ``(local entry, span p**level)`` (both int tensors like ``pos``)."""
@@ -19,12 +44,12 @@ def entry_of(pos, seq_len, P: tl.constexpr, LEVELS: tl.constexpr):
     span = pos * 0 + 1
     offset = 0
     width = seq_len
+    level_span = 1
     for _ in tl.static_range(1, LEVELS):
-        offset += width
-        width = width // P
+        offset, width, level_span = next_level(offset, width, level_span, P)
         above = pos >= offset
         local = tl.where(above, pos - offset, local)
-        span = tl.where(above, span * P, span)
+        span = tl.where(above, level_span, span)
     return local, span
 
 

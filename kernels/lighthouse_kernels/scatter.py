@@ -12,21 +12,14 @@ import triton
 import triton.language as tl
 
 from .launch import rows_per_program
-from .pyramid_index import entry_of
+from .pyramid_index import entry_of, next_level, program_block
 
 
 @triton.jit
 def _scatter_fwd_kernel(sub_ptr, inv_ptr, out_ptr, seq_len, total, S, H, D,
                         sob, soh, son,
                         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, P: tl.constexpr, LEVELS: tl.constexpr):
-    row = tl.program_id(0)
-    blk = tl.program_id(1)
-    b = row // H
-    h = row % H
-    tok = blk * BLOCK_T + tl.arange(0, BLOCK_T)
-    d = tl.arange(0, BLOCK_D)
-    tok_ok = tok < seq_len
-    d_ok = d < D
+    row, b, h, tok, tok_ok, d, d_ok = program_block(H, seq_len, D, BLOCK_T, BLOCK_D)
     acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
     offset = 0
     width = seq_len
@@ -39,9 +32,7 @@ def _scatter_fwd_kernel(sub_ptr, inv_ptr, out_ptr, seq_len, total, S, H, D,
         vals = tl.load(sub_ptr + (row * S + sub_row)[:, None].to(tl.int64) * D + d[None, :],
                        mask=hit[:, None] & d_ok[None, :], other=0.0)
         acc += vals.to(tl.float32)
-        offset += width
-        width = width // P
-        span = span * P
+        offset, width, span = next_level(offset, width, span, P)
     out = out_ptr + b * sob + h * soh + tok[:, None].to(tl.int64) * son + d[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=tok_ok[:, None] & d_ok[None, :])
 
@@ -51,14 +42,7 @@ def _scatter_bwd_kernel(dout_ptr, idx_ptr, dsub_ptr, seq_len, S, H, D,
                         sdb, sdn, sdh,
                         BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, P: tl.constexpr, LEVELS: tl.constexpr,
                         MAX_SPAN: tl.constexpr):
-    row = tl.program_id(0)
-    blk = tl.program_id(1)
-    b = row // H
-    h = row % H
-    j = blk * BLOCK_S + tl.arange(0, BLOCK_S)
-    j_ok = j < S
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < D
+    row, b, h, j, j_ok, d, d_ok = program_block(H, S, D, BLOCK_S, BLOCK_D)
     pos = tl.load(idx_ptr + row * S + j, mask=j_ok, other=0)
     local, span = entry_of(pos, seq_len, P, LEVELS)
     first = (local + 1) * span - 1

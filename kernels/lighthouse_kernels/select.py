@@ -1,6 +1,6 @@
 """Tile-local bidirectional hierarchical top-K (spec section 3) as one Triton program per (batch*head, tile).
 
-Same result as :func:`megatron_lighthouse.naive.select_pyramid_indices` (ties toward the lower candidate position),
+Same result as the naive oracle's ``select_entries`` (ties toward the lower candidate position),
 with no sort at all. Inside its tile a program:
 
 1. selects level by level, coarsest first: the 64 candidates with the largest query score, then the 64 largest key
@@ -22,7 +22,12 @@ import torch
 import triton
 import triton.language as tl
 
-from megatron_lighthouse.config import TILE_HALF, TILE_SELECT, level_offsets
+from .pyramid_index import next_level, pyramid_size
+
+#: Entries one selection tile picks per level: 64 by query score, then 64 by key score (the published method's
+#: tile; ``megatron_lighthouse.config.TILE_SELECT`` is the same number, checked by the tests).
+TILE_SELECT = 128
+TILE_HALF = TILE_SELECT // 2
 
 
 @triton.jit
@@ -65,9 +70,9 @@ def _level_offset(seq_len, level: tl.constexpr, P: tl.constexpr):
     """Offset of ``level`` in the concatenated pyramid of ``seq_len`` tokens."""
     offset = 0
     width = seq_len
+    span = 1
     for _ in tl.static_range(level):
-        offset += width
-        width = width // P
+        offset, width, span = next_level(offset, width, span, P)
     return offset
 
 
@@ -150,15 +155,16 @@ def _select_kernel(sq_ptr, sk_ptr, out_ptr, work_ptr, seq_len, total, per_tile, 
 
 
 @torch.no_grad()
-def select_indices_fused(score_q: torch.Tensor, score_k: torch.Tensor, seq_len: int, levels: int,
+def select_entries(score_q: torch.Tensor, score_k: torch.Tensor, seq_len: int, levels: int,
                          pooling_factor: int, topk: int) -> torch.Tensor:
     """``[B, H, N_tot]`` float32 scores -> ``[B, H, S]`` int64 pyramid positions in causal order.
 
-    The settings must be valid for ``seq_len`` (:meth:`LighthouseConfig.validate`).
+    The naive oracle's ``select_entries``, same signature; the settings must be valid for ``seq_len``
+    (``LighthouseConfig.validate``).
     """
     b, h, total = score_q.shape
     p = pooling_factor
-    if total != level_offsets(seq_len, levels, p)[-1]:
+    if total != pyramid_size(seq_len, levels, p):
         raise ValueError(f"scores of {total} pyramid entries do not match seq_len={seq_len}, levels={levels}, p={p}")
     tiles = topk // TILE_SELECT
     per_tile = seq_len // p ** (levels - 1) // tiles

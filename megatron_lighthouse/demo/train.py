@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ROPE_PLACEMENTS, LighthouseConfig
-from ..schedule import LighthouseSchedule
+from ..schedule import LighthouseSchedule, lighthouse_enabled
 from .corpus import load_corpus
 
 logger = logging.getLogger(__name__)
@@ -30,15 +30,8 @@ CHECKPOINT = "checkpoint.pt"
 #: checkpoint, or the model, data or schedule would not be the ones it was trained with.
 #: (Not ``device``: the model differs by device, learned positions and fp32 on CPU, RoPE and bf16 on CUDA.)
 RESUMABLE_CHANGES = ("steps", "out", "resume", "log_every", "eval_every", "eval_batches")
-#: What the schedule's errors (its constructor and :meth:`LighthouseSchedule.check_layers`) call its settings in the
-#: demo: the demo's flags.
-SCHEDULE_FLAGS = {"dense_from_iteration": "the switch step", "layer_interval": "--layer-interval",
-                  "blend_iterations": "--blend-steps", "lighthouse_from_iteration": "--dense-prefix-steps"}
 #: Settings added after checkpoints were first written: the value an older checkpoint ran with.
-OLD_CHECKPOINT_SETTINGS = {"rope": "tokens", "dense_every": 0, "layer_interval": 0, "blend_steps": 0,
-                           "dense_prefix_steps": 0, "lr_decay_style": "cosine", "lr_decay_fraction": 0.2}
-#: Equal slices of the sequence whose validation loss each evaluation also records (``val_loss_by_position``).
-POSITION_BUCKETS = 8
+OLD_CHECKPOINT_SETTINGS = {"rope": "tokens", "lr_decay_style": "cosine", "lr_decay_fraction": 0.2}
 #: What to lower when memory runs out.
 MEMORY_HINT = "lower --batch-size, --seq-len, --layers or --hidden"
 
@@ -49,28 +42,13 @@ class DemoConfig:
 
     ``mode``: ``two-stage`` (Lighthouse, then dense for the last ``dense_fraction`` of steps), ``dense`` (dense from
     scratch, the baseline) or ``lighthouse`` (Lighthouse throughout). Validation loss is always measured densely;
-    during the Lighthouse stage also with Lighthouse on (``val_loss_lighthouse`` in the evaluations); each
-    evaluation also records the dense loss of :data:`POSITION_BUCKETS` equal slices of the sequence
-    (``val_loss_by_position``).
+    during the Lighthouse stage also with Lighthouse on (``val_loss_lighthouse`` in the evaluations).
     ``out``: directory of the checkpoints (``None``: keep nothing; the CLI writes its metrics and plot there too).
     Learning rate: linear warm-up over ``warmup`` steps, then ``lr_decay_style`` (:data:`LR_DECAY_STYLES`):
     ``cosine`` to 10% of ``lr`` at the last step, ``constant`` (the published recipe) or ``wsd`` (constant, then
-    linear to 10% over the last ``lr_decay_fraction`` of the steps); with ``dense_rewarm > 0`` a two-stage run's
-    dense stage gets a schedule of its own, as when resuming from a checkpoint: warm-up back to ``lr`` over
-    ``dense_rewarm`` steps, then the same decay style over the rest of the stage.
+    linear to 10% over the last ``lr_decay_fraction`` of the steps).
     ``rope``: :attr:`LighthouseConfig.rope <megatron_lighthouse.config.LighthouseConfig>` (``entries`` or
     ``tokens``); it matters on CUDA only, where the model uses RoPE (on CPU it has learned positions).
-    ``dense_every``: with ``N >= 2``, every ``N``-th step of the Lighthouse stage runs densely
-    (:class:`~megatron_lighthouse.schedule.LighthouseSchedule`; not in the paper); 0: off.
-    ``layer_interval``: with ``K >= 1``, a two-stage run switches its Lighthouse layers to dense one at a time,
-    lowest first, ``K`` steps apart, the last at the switch step (``LighthouseSchedule.layer_interval``; not in the
-    paper); 0: all at once.
-    ``blend_steps``: with ``B >= 1``, each Lighthouse layer of a two-stage run blends into dense attention over
-    the ``B`` steps before its switch, the dense weight rising linearly (``LighthouseSchedule.blend_iterations``;
-    not in the paper); 0: off.
-    ``dense_prefix_steps``: with ``P >= 1``, a two-stage or Lighthouse run trains its first ``P`` steps densely and
-    starts Lighthouse at step ``P`` (``LighthouseSchedule.lighthouse_from_iteration``; not in the paper); the
-    prefix counts as dense in the stage totals. 0: Lighthouse from step 0.
     """
 
     mode: str = "two-stage"
@@ -91,11 +69,6 @@ class DemoConfig:
     warmup: int = 20
     lr_decay_style: str = "cosine"
     lr_decay_fraction: float = 0.2
-    dense_rewarm: int = 0
-    dense_every: int = 0
-    layer_interval: int = 0
-    blend_steps: int = 0
-    dense_prefix_steps: int = 0
     eval_every: int = 25
     eval_batches: int = 4
     log_every: int = 10
@@ -130,15 +103,6 @@ class DemoConfig:
                 self.lr_decay_style == "wsd" and self._decay_steps(self.steps) < 1):
             raise ValueError(f"--lr-decay-fraction {self.lr_decay_fraction}: must be in (0, 1], and with "
                              f"--lr-decay-style wsd give at least one decay step of --steps {self.steps}")
-        if self.dense_rewarm < 0 or (self.dense_rewarm and self.mode != "two-stage"):
-            raise ValueError(f"--dense-rewarm {self.dense_rewarm}: must be >= 0, and only with --mode two-stage")
-        if self.dense_every < 0 or self.dense_every == 1 or (self.dense_every and self.mode == "dense"):
-            raise ValueError(f"--dense-every {self.dense_every}: must be 0 (off) or >= 2, and not with --mode dense")
-        for flag, value in (("--layer-interval", self.layer_interval), ("--blend-steps", self.blend_steps)):
-            if value and self.mode != "two-stage":
-                raise ValueError(f"{flag} {value}: only with --mode two-stage")
-        if self.dense_prefix_steps and self.mode == "dense":
-            raise ValueError(f"--dense-prefix-steps {self.dense_prefix_steps}: not with --mode dense")
         if self.mode != "dense":
             lighthouse = self.lighthouse()
             try:
@@ -149,19 +113,10 @@ class DemoConfig:
             if len(lighthouse.dense_layer_set(self.layers)) == self.layers:
                 raise ValueError(f"--dense-layers {self.dense_layers}: keeps all {self.layers} layers dense; "
                                  f"use more --layers or fewer dense layers")
-            try:
-                self.schedule().check_layers(self.layers - len(lighthouse.dense_layer_set(self.layers)),
-                                             names=SCHEDULE_FLAGS)
-            except ValueError as err:  # the schedule's rule, in the demo's flags
-                switch = "" if self.switch_step is None else (
-                    f"; the switch step is --steps - round(--steps × --dense-fraction) = {self.switch_step}")
-                raise ValueError(f"{err}{switch}") from None
 
     def schedule(self) -> LighthouseSchedule:
         """The run's :class:`~megatron_lighthouse.schedule.LighthouseSchedule` (per step)."""
-        return LighthouseSchedule(dense_from_iteration=self.switch_step, dense_every=self.dense_every or None,
-                                  layer_interval=self.layer_interval, blend_iterations=self.blend_steps,
-                                  lighthouse_from_iteration=self.dense_prefix_steps, names=SCHEDULE_FLAGS)
+        return LighthouseSchedule(dense_from_iteration=self.switch_step)
 
     def _decay_steps(self, steps: int) -> int:
         """Steps of a ``wsd`` decay over a schedule of ``steps`` steps (the last ``lr_decay_fraction`` of them)."""
@@ -228,13 +183,8 @@ def _lr_factor(style: str, step: int, warmup: int, steps: int, decay_steps: int)
 
 
 def _lr_at(cfg: DemoConfig, step: int) -> float:
-    """The run's learning rate (see :class:`DemoConfig`): one schedule, or a second one for the dense stage."""
-    switch = cfg.switch_step
-    if cfg.dense_rewarm and switch is not None and step >= switch:
-        step, warmup, steps = step - switch, cfg.dense_rewarm, cfg.steps - switch
-    else:
-        warmup, steps = cfg.warmup, (cfg.steps if not cfg.dense_rewarm else switch)
-    return cfg.lr * _lr_factor(cfg.lr_decay_style, step, warmup, steps, cfg._decay_steps(steps))
+    """The run's learning rate at ``step`` (see :class:`DemoConfig`)."""
+    return cfg.lr * _lr_factor(cfg.lr_decay_style, step, cfg.warmup, cfg.steps, cfg._decay_steps(cfg.steps))
 
 
 def byte_windows(data: torch.Tensor, offsets: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -255,14 +205,15 @@ def _train_offsets(cfg: DemoConfig, step: int, train_len: int) -> torch.Tensor:
     return torch.randint(0, train_len - cfg.seq_len - 1, (cfg.batch_size,), generator=gen)
 
 
-def token_losses(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-byte loss of every position: ``[b, s]`` tokens and labels -> ``[b, s]`` fp32."""
+def _token_losses(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-byte loss of every position: ``[b, s]`` tokens and labels -> ``[b, s]`` float32."""
     positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
     return model(tokens, positions, None, labels=labels).float()
 
 
 def _loss(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return token_losses(model, tokens, labels).mean()
+    """The training step's loss: the mean of :func:`_token_losses`."""
+    return _token_losses(model, tokens, labels).mean()
 
 
 def validation_offsets(val_len: int, seq_len: int, windows: int) -> torch.Tensor:
@@ -272,33 +223,18 @@ def validation_offsets(val_len: int, seq_len: int, windows: int) -> torch.Tensor
 
 
 @torch.no_grad()
-def validation_position_losses(model: torch.nn.Module, val: torch.Tensor, cfg: DemoConfig, device: torch.device,
-                               dense: bool = True) -> torch.Tensor:
-    """Validation loss of each position, averaged over the fixed evenly spaced windows: fp32 ``[seq_len]``. With
-    every layer dense (``dense=True``: the model the recipe ships) or with the Lighthouse layers on (the model as
-    the Lighthouse stage trains it)."""
-    from ..switch import lighthouse_enabled
-
+def evaluate(model: torch.nn.Module, val: torch.Tensor, cfg: DemoConfig, device: torch.device,
+             dense: bool = True) -> float:
+    """Validation loss over the fixed evenly spaced windows: with every layer dense (``dense=True``: the model the
+    recipe ships) or with the Lighthouse layers on (the model as the Lighthouse stage trains it)."""
     offsets = validation_offsets(len(val), cfg.seq_len, cfg.eval_batches * cfg.batch_size)
-    total = torch.zeros(cfg.seq_len, dtype=torch.float32, device=device)
+    total = 0.0
     model.eval()
     with lighthouse_enabled(model, not dense):
         for chunk in offsets.split(cfg.batch_size):
-            total += token_losses(model, *_batch(val, chunk, cfg.seq_len, device)).sum(0)
+            total += _token_losses(model, *_batch(val, chunk, cfg.seq_len, device)).mean(1).sum().item()
     model.train()
     return total / len(offsets)
-
-
-def evaluate(model: torch.nn.Module, val: torch.Tensor, cfg: DemoConfig, device: torch.device,
-             dense: bool = True) -> float:
-    """Validation loss (see :func:`validation_position_losses`), averaged over positions."""
-    return validation_position_losses(model, val, cfg, device, dense).mean().item()
-
-
-def position_buckets(losses: torch.Tensor, buckets: int = POSITION_BUCKETS) -> List[float]:
-    """Mean of each of ``buckets`` equal consecutive slices of per-position ``losses`` (``[seq_len]``; the last
-    slice takes the remainder when ``seq_len`` does not divide)."""
-    return [chunk.mean().item() for chunk in losses.tensor_split(buckets)]
 
 
 def _save(path: pathlib.Path, payload: dict) -> None:
@@ -333,8 +269,6 @@ def _resume(out: pathlib.Path, cfg: DemoConfig, model: torch.nn.Module, optimize
 
 def run_demo(cfg: DemoConfig) -> Dict:
     """Train, switch, evaluate; returns the metrics (also written to ``cfg.out/metrics.json`` by the CLI)."""
-    from ..switch import lighthouse_modules
-
     cfg.validate()
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -359,21 +293,8 @@ def run_demo(cfg: DemoConfig) -> Dict:
             if cfg.resume:
                 state = _resume(out, cfg, model, optimizer, device) or state
                 saved_step = state["step"] or None
-        count = len(lighthouse_modules(model))
-        early_switches = {schedule.switch_iteration(j, count): j for j in range(count - 1)} if cfg.layer_interval \
-            else {}
-        blend_starts = {schedule.blend_start(j, count): j for j in range(count)} if cfg.blend_steps else {}
         for step in range(state["step"], cfg.steps):
-            attention = "lighthouse" if schedule.apply(model, step) else "dense"  # --mode dense: dense from step 0
-            stage = "lighthouse" if schedule.in_lighthouse_stage(step) else "dense"
-            if step in early_switches:
-                logger.info("step %d: Lighthouse layer %d of %d switched to dense (--layer-interval %d)", step,
-                            early_switches[step] + 1, count, cfg.layer_interval)
-            if step in blend_starts:
-                logger.info("step %d: Lighthouse layer %d of %d blending into dense over %d steps (--blend-steps)",
-                            step, blend_starts[step] + 1, count, cfg.blend_steps)
-            if cfg.dense_prefix_steps and step == cfg.dense_prefix_steps:
-                logger.info("step %d: dense prefix done (--dense-prefix-steps), Lighthouse on", step)
+            stage = "lighthouse" if schedule.apply(model, step) else "dense"  # --mode dense: dense from step 0
             if step == cfg.switch_step and cfg.mode == "two-stage":
                 logger.info("step %d: switching Lighthouse off, dense attention from here on", step)
             for group in optimizer.param_groups:
@@ -389,16 +310,13 @@ def run_demo(cfg: DemoConfig) -> Dict:
             elapsed = time.perf_counter() - start
             state["seconds"][stage] += elapsed
             state["tokens"][stage] += tokens_per_step
-            state["train"].append(dict(step=step, loss=loss.item(), stage=stage, attention=attention,
-                                       seconds=elapsed))
+            state["train"].append(dict(step=step, loss=loss.item(), stage=stage, seconds=elapsed))
             state["step"] = step + 1
             if (step + 1) % cfg.log_every == 0 or step == 0:
-                logger.info("%s  %-10s  loss %.4f  %8.0f tokens/s", _progress(state, cfg.steps), attention, loss.item(),
+                logger.info("%s  %-10s  loss %.4f  %8.0f tokens/s", _progress(state, cfg.steps), stage, loss.item(),
                             tokens_per_step / elapsed)
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-                by_position = validation_position_losses(model, val, cfg, device)
-                record = dict(step=step + 1, val_loss=by_position.mean().item(), stage=stage,
-                              val_loss_by_position=position_buckets(by_position))
+                record = dict(step=step + 1, val_loss=evaluate(model, val, cfg, device), stage=stage)
                 if stage == "lighthouse":  # and as it trains: how much of it the switch to dense has to relearn
                     record["val_loss_lighthouse"] = evaluate(model, val, cfg, device, dense=False)
                 state["evals"].append(record)

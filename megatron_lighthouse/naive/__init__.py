@@ -1,7 +1,18 @@
-"""Readable pure-PyTorch reference of every Lighthouse step: the oracle the fused kernels are tested against."""
+"""Readable pure-PyTorch reference of every Lighthouse step: the oracle the fused kernels are tested against.
 
-from .pyramid import build_pyramid, pyramid_last_tokens, pyramid_scores
+The four steps have the same names, signatures and layouts as those of the fused kernels (``lighthouse_kernels``),
+so the op runs either through one dispatch point:
+
+- ``pool_scores(q, k, levels, pooling_factor)``: q/k ``[B, N, H, D]`` -> two ``[B, H, N_tot]`` float32 scores;
+- ``select_entries(score_q, score_k, seq_len, levels, pooling_factor, topk)`` -> ``[B, H, S]`` int64 indices;
+- ``gather_entries(q, k, v, indices, levels, pooling_factor)`` -> three ``[B, H, S, D]`` (differentiable);
+- ``scatter_to_tokens(out_sub, indices, seq_len, levels, pooling_factor)``: ``[B, H, S, D]`` -> ``[B, N, H, D]``
+  (differentiable).
+"""
+
+from .pyramid import build_pyramid, gather_entries, pool_scores, pyramid_last_tokens
 from .scatter import scatter_to_tokens
-from .selection import select_pyramid_indices
+from .selection import select_entries
 
-__all__ = ["build_pyramid", "pyramid_last_tokens", "pyramid_scores", "select_pyramid_indices", "scatter_to_tokens"]
+__all__ = ["build_pyramid", "gather_entries", "pool_scores", "pyramid_last_tokens", "scatter_to_tokens",
+           "select_entries"]

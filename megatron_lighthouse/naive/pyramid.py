@@ -1,4 +1,5 @@
-"""Pyramid pooling of q/k/v and the norm scores of every pyramid entry (spec sections 1-2)."""
+"""Pyramid pooling of q/k/v, the norm scores of every pyramid entry, and the gather of selected entries (spec
+sections 1, 2 and 4)."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def pyramid_last_tokens(seq_len: int, levels: int, pooling_factor: int, device=N
     return torch.cat(parts)
 
 
-def pyramid_scores(
+def pool_scores(
     q: torch.Tensor, k: torch.Tensor, levels: int, pooling_factor: int
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Norm scores of every pyramid entry: the max over covered tokens of ``||q_t||`` (resp. ``||k_t||``).
@@ -55,3 +56,18 @@ def pyramid_scores(
         return torch.cat(parts, dim=1).transpose(1, 2).contiguous()
 
     return one(q), one(k)
+
+
+def gather_entries(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, levels: int,
+                   pooling_factor: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The selected pyramid entries of q, k and v (differentiable in q/k/v; ``indices`` are constants).
+
+    Args:
+        q, k, v: ``[B, N, H, D]`` (kv heads already expanded), one dtype.
+        indices: ``[B, H, S]`` int64 positions in the concatenated pyramid (from :func:`select_entries`).
+    Returns:
+        three ``[B, H, S, D]`` in the inputs' dtype: row ``j`` is the mean of the tokens entry ``indices[..., j]``
+        covers.
+    """
+    index = indices.unsqueeze(-1).expand(-1, -1, -1, q.shape[-1])
+    return tuple(build_pyramid(x, levels, pooling_factor).gather(2, index) for x in (q, k, v))

@@ -18,9 +18,9 @@ def scatter_to_tokens(
 
     Args:
         out_sub: ``[B, H, S, D]`` subsequence outputs.
-        indices: ``[B, H, S]`` pyramid positions (from :func:`select_pyramid_indices`).
+        indices: ``[B, H, S]`` pyramid positions (from :func:`~megatron_lighthouse.naive.selection.select_entries`).
     Returns:
-        ``[B, H, N, D]`` in ``out_sub``'s dtype (levels summed in at least float32).
+        ``[B, N, H, D]`` in ``out_sub``'s dtype (levels summed in at least float32).
     """
     b, h, s, d = out_sub.shape
     offsets = torch.tensor(level_offsets(seq_len, levels, pooling_factor), device=indices.device)
@@ -44,4 +44,4 @@ def scatter_to_tokens(
         rows = where.gather(2, source)
         term = padded.gather(2, rows.unsqueeze(-1).expand(-1, -1, -1, d))
         result = term if result is None else result + term
-    return result.to(out_sub.dtype)
+    return result.to(out_sub.dtype).transpose(1, 2)

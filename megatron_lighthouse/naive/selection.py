@@ -13,7 +13,7 @@ def _top_half(scores: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def select_pyramid_indices(
+def select_entries(
     score_q: torch.Tensor,
     score_k: torch.Tensor,
     seq_len: int,
@@ -24,7 +24,7 @@ def select_pyramid_indices(
     """Select the causal-ordered subsequence of pyramid entries.
 
     Args:
-        score_q, score_k: ``[B, H, N_tot]`` float32 pyramid scores (see :func:`pyramid_scores`).
+        score_q, score_k: ``[B, H, N_tot]`` float32 pyramid scores (see :func:`~megatron_lighthouse.naive.pyramid.pool_scores`).
         seq_len: ``N``, tokens per sequence (the settings must be valid for it).
     Returns:
         ``[B, H, S]`` int64 positions in the concatenated pyramid, sorted by the spec's causal key,

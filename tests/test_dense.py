@@ -1,4 +1,4 @@
-"""Dense-kernel choice of ``lighthouse_kernels.dense``: names, and the timed ``"auto"`` pick (CPU-timed here)."""
+"""Dense-kernel choice of ``megatron_lighthouse.dense``: names, and the timed ``"auto"`` pick (CPU-timed here)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,8 @@ import time
 import pytest
 import torch
 
-from lighthouse_kernels import DENSE_KERNELS, dense_attention, pick_fastest
-from lighthouse_kernels.dense import available_kernels
 from megatron_lighthouse import lighthouse_attention
-from megatron_lighthouse.attention import sdpa_causal
+from megatron_lighthouse.dense import DENSE_KERNELS, available_kernels, dense_attention, pick_fastest, sdpa_causal
 
 
 def _qkv(s: int = 64):

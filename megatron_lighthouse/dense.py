@@ -1,4 +1,4 @@
-"""Stock dense causal attention on the subsequence: torch SDPA (cuDNN / flash backends), FlashAttention 2 / 3.
+"""Stock dense causal attention for the subsequence: torch SDPA (cuDNN / flash backends), FlashAttention 2 / 3.
 
 Every kernel here follows the contract ``attention(q, k, v, softmax_scale) -> out``, all ``[B, H, S, D]``,
 causal over ``S``. ``"auto"`` times the kernels available for a shape once and keeps the fastest.
@@ -20,6 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 logger = logging.getLogger(__name__)
 
+#: ``attention(q, k, v, softmax_scale) -> out``, all ``[B, H, S, D]`` of one dtype, causal over ``S``.
 DenseAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 
 #: Accepted ``dense`` names: ``"auto"`` (on CUDA the fastest of the kernels available, timed once per shape; plain
@@ -37,7 +38,8 @@ def _sdpa_with(backend: SDPBackend) -> DenseAttention:
     return attention
 
 
-def _sdpa(q, k, v, softmax_scale):
+def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+    """Stock causal attention on ``[B, H, S, D]`` tensors (torch SDPA picks cuDNN / flash / efficient / math)."""
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=softmax_scale)
 
 
@@ -107,7 +109,7 @@ def available_kernels(dtype: torch.dtype) -> Dict[str, DenseAttention]:
         for name, module in _FLASH_MODULES.items():
             if importlib.util.find_spec(module) is not None:
                 kernels[name] = _flash_attn(module)
-    kernels["sdpa"] = _sdpa
+    kernels["sdpa"] = sdpa_causal
     return kernels
 
 
@@ -121,7 +123,7 @@ class FastestDense:
 
     def __call__(self, q, k, v, softmax_scale):
         if not q.is_cuda or torch.cuda.is_current_stream_capturing():
-            return _sdpa(q, k, v, softmax_scale)
+            return sdpa_causal(q, k, v, softmax_scale)
         kernels = available_kernels(q.dtype)
         key = (tuple(q.shape), tuple(k.shape), q.dtype, q.device)
         if key not in self.choices:
@@ -140,7 +142,7 @@ def dense_attention(name: str = "auto", device_type: str = "cuda") -> DenseAtten
     if name in _FLASH_MODULES:
         return _flash_attn(_FLASH_MODULES[name])
     if name == "sdpa" or (name == "auto" and device_type != "cuda"):
-        return _sdpa
+        return sdpa_causal
     if name == "auto":
         return _AUTO
     return _sdpa_with(SDPBackend.CUDNN_ATTENTION if name == "cudnn" else SDPBackend.FLASH_ATTENTION)
