@@ -1,18 +1,21 @@
-"""Op benchmark of Lighthouse attention with the fused Triton kernels vs dense causal SDPA (issue 3).
+"""How the op's cost grows with the sequence: Lighthouse (fused kernels) vs dense causal cuDNN SDPA, one GPU.
 
-One run, on the GPU it is given: B=1, H=8, D=128, bf16, levels=3, pooling_factor=4, topk=2048, N in 32K..1M
-(``--lengths``). For each N: forward and forward+backward medians (``triton.testing.do_bench`` after warm-up; a
-median of CUDA-event timings for calls over ``--slow-ms``), peak memory of forward+backward, dense causal SDPA with the
-cuDNN and the flash backends (up to ``--dense-max``), and a forward stage breakdown (pool/score, select, gather,
-dense, scatter; backward = fwd+bwd minus fwd); the dense kernel on the subsequence is ``"auto"`` (the fastest
-available, timed once; the choice is recorded). Before timing, ``--check`` verifies on the device: goldens in fp32,
-bf16 agreement with the oracle, bitwise determinism of outputs and gradients, and the Triton selection equal to the
-oracle's up to 512K.
+B=1, H=8, D=128, bf16, topk=2048, pooling_factor=4, forward+backward at every length of ``--lengths`` (32K up to
+4M by default; a length that runs out of memory ends the series), Lighthouse two ways:
 
-Prints a table; writes ``<out-dir>/op_<gpu>.json`` and ``op_<gpu>.png`` (time vs N, log-log).
+- ``fixed``: the paper's pyramid, levels=3. The subsequence grows as ``N/p**(L-1)``, so the cost turns quadratic
+  again at long lengths (256x smaller than dense);
+- ``growing``: ``LighthouseConfig.for_sequence(N)``, the fewest levels whose top level has at most 16,384 entries
+  (L=3 up to 256K, L=5 at 4M), so the subsequence stays bounded and the cost near-linear;
 
-    PYTHONPATH=$PWD:$PWD/kernels python3 benchmarks/bench_op.py --check --golden-dir .golden
-Needs torch, triton and this package (no megatron-core).
+and dense cuDNN SDPA until a length takes over ``--dense-limit-s`` (10 s) or runs out of memory. Reports time and
+peak memory per length, the subsequence length S, the forward stage breakdown of the fixed pyramid, and the fitted
+growth exponent ``a`` of ``time ∝ N**a`` (dense over the lengths it ran, Lighthouse over 128K-4M). ``--check``
+first verifies on the device: goldens in fp32, bf16 against the oracle, bitwise determinism of the fused kernels,
+the Triton selection equal to the oracle's. Prints a table; writes ``op_<gpu>.json`` and ``op_<gpu>.png``
+(log-log time against length) under ``--out-dir``.
+
+    PYTHONPATH=$PWD:$PWD/kernels python3 benchmarks/bench_op.py --check --golden-dir .golden --out-dir $OUT
 """
 
 from __future__ import annotations
@@ -24,45 +27,56 @@ import json
 import math
 import os
 import statistics
-import sys
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels"))
+import torch
 
-import torch  # noqa: E402
-import triton.testing  # noqa: E402
+from megatron_lighthouse import LighthouseConfig, lighthouse_attention, naive, select_indices
+from megatron_lighthouse.dense import dense_attention
 
-import lighthouse_kernels as fused  # noqa: E402
-from megatron_lighthouse import lighthouse_attention  # noqa: E402
-from megatron_lighthouse.naive import select_pyramid_indices  # noqa: E402
-
-LEVELS, P, TOPK, B, H, D = 3, 4, 2048, 1, 8, 128
+B, H, D, P, TOPK, FIXED_LEVELS = 1, 8, 128, 4, 2048, 3
 DTYPE = torch.bfloat16
+FIT_FROM = 131072  # Lighthouse exponents are fitted from here up
+
+
+def pyramid(n: int, kind: str) -> LighthouseConfig:
+    """The settings of one series at length ``n``: ``"fixed"`` (levels=3) or ``"growing"``."""
+    if kind == "fixed":
+        return LighthouseConfig(levels=FIXED_LEVELS, pooling_factor=P, topk=TOPK)
+    return LighthouseConfig.for_sequence(n, pooling_factor=P, topk=TOPK)
+
+
+def fit_exponent(lengths: Sequence[float], times: Sequence[float]) -> float:
+    """Least-squares slope of ``log(time)`` against ``log(length)``: the ``a`` of ``time ∝ N**a``."""
+    if len(lengths) < 2:
+        return float("nan")
+    xs, ys = [math.log(n) for n in lengths], [math.log(t) for t in times]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def median_ms(fn: Callable[[], object], slow_ms: float) -> float:
-    """Median time of ``fn`` in ms: do_bench for fast calls, 3 CUDA-event timings after one warm-up for slow ones."""
+def median_ms(fn: Callable[[], object], slow_ms: float = 200.0) -> float:
+    """Median time of ``fn`` in ms: ``triton.testing.do_bench`` for fast calls; one warm-up and the median of 3
+    CUDA-event timings for calls over ``slow_ms`` (a single one over 5 s)."""
+    import triton.testing
+
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times: List[float] = []
     fn()
-    start.record()
-    fn()
-    end.record()
-    torch.cuda.synchronize()
-    once = start.elapsed_time(end)
-    if once < slow_ms:
-        return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
-    times = []
     for _ in range(3):
         start.record()
         fn()
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
+        if times[0] < slow_ms:
+            return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
+        if times[0] > 5000:
+            break
     return statistics.median(times)
 
 
@@ -74,9 +88,17 @@ def peak_gib(fn: Callable[[], object]) -> float:
     return torch.cuda.max_memory_allocated() / 2**30
 
 
+def _qkv(n: int, seed: int, grad: bool = True) -> List[torch.Tensor]:
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    return [torch.randn(B, n, H, D, device="cuda", generator=gen, dtype=DTYPE).requires_grad_(grad)
+            for _ in range(4)]
+
+
 # ----------------------------------------------------------------------------------------------- device checks
 def check(golden_dir: str) -> Dict[str, object]:
     """Goldens (fp32), bf16 agreement with the oracle, bitwise determinism; raises on failure."""
+    import lighthouse_kernels as fused
+
     results: Dict[str, object] = {}
     for path in sorted(os.listdir(golden_dir)):
         for name, rec in torch.load(os.path.join(golden_dir, path)).items():
@@ -88,173 +110,169 @@ def check(golden_dir: str) -> Dict[str, object]:
             out.transpose(1, 2).backward(rec["dout"].cuda())
             errs = [rel_l2(out.detach().transpose(1, 2).cpu(), rec["out"])] + [
                 rel_l2(x.grad.cpu(), rec["d" + n]) for x, n in zip((q, k, v), "qkv")]
-            idx = fused_indices(q.detach(), k.detach(), settings)
+            idx = select_indices(q.detach(), k.detach(), backend="triton", **settings)
+            idx = [idx] if cfg["chunks"] == 1 else list(idx.unbind(1))
             same = all(torch.equal(a.cpu(), b.long()) for a, b in zip(idx, rec["indices"]))
             results[f"golden_{name}"] = {"indices_exact": same, "rel_l2_out_dq_dk_dv": errs}
             print(f"golden {name}: indices exact {same}, rel-L2 out/dq/dk/dv {['%.1e' % e for e in errs]}")
             assert same and max(errs) < 1e-4, name
     n = 32768
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    base = [torch.randn(B, n, H, D, device="cuda", generator=gen, dtype=DTYPE) for _ in range(3)]
-    dout = torch.randn(B, n, H, D, device="cuda", generator=gen, dtype=DTYPE)
-    settings = dict(levels=LEVELS, pooling_factor=P, topk=TOPK)
+    *base, dout = _qkv(n, 0, grad=False)
+    config = pyramid(n, "fixed")
     runs = {}
-    for tag, backend in (("triton1", "triton"), ("triton2", "triton"), ("torch", "torch")):
+    for backend in ("triton", "torch"):
         q, k, v = (x.clone().requires_grad_(True) for x in base)
-        out = lighthouse_attention(q, k, v, backend=backend, **settings)
+        out = lighthouse_attention(q, k, v, config=config, backend=backend)
         out.backward(dout)
-        runs[tag] = [out.detach(), q.grad, k.grad, v.grad]
-    same = [torch.equal(a, b) for a, b in zip(runs["triton1"], runs["triton2"])]
-    bf16 = [rel_l2(a, b) for a, b in zip(runs["triton1"], runs["torch"])]
-    print(f"bf16 N={n}: whole op bitwise equal out/dq/dk/dv {same} (the dense kernel's backward may not be "
-          f"deterministic); rel-L2 vs oracle out/dq/dk/dv {['%.1e' % e for e in bf16]}")
-    # Our kernels alone (pool/score, gather fwd+bwd, scatter fwd+bwd), twice on the same inputs: bitwise equal.
-    kernel_runs = []
+        runs[backend] = [out.detach(), q.grad, k.grad, v.grad]
+    bf16 = [rel_l2(a, b) for a, b in zip(runs["triton"], runs["torch"])]
+    steps = []  # our kernels alone, twice on the same inputs: bitwise equal
     for _ in range(2):
         q, k, v = (x.clone().requires_grad_(True) for x in base)
-        sq, sk = fused.pool_scores(q.detach(), k.detach(), LEVELS, P)
-        idx = fused.select_indices_fused(sq, sk, n, LEVELS, P, TOPK)
-        qs, ks, vs = fused.gather_from_tokens(q, k, v, idx, LEVELS, P)
-        out = fused.scatter_to_tokens(qs * ks + vs, idx, n, LEVELS, P)
+        sq, sk = fused.pool_scores(q.detach(), k.detach(), FIXED_LEVELS, P)
+        idx = fused.select_entries(sq, sk, n, FIXED_LEVELS, P, TOPK)
+        qs, ks, vs = fused.gather_entries(q, k, v, idx, FIXED_LEVELS, P)
+        out = fused.scatter_to_tokens(qs * ks + vs, idx, n, FIXED_LEVELS, P)
         out.backward(dout)
-        kernel_runs.append([sq, sk, idx, out.detach(), q.grad, k.grad, v.grad])
-    det = all(torch.equal(a, b) for a, b in zip(*kernel_runs))
-    print(f"fused kernels bitwise deterministic (scores, indices, out, dq, dk, dv): {det}")
-    assert det and same[0] and max(bf16) < 2e-2
-    results["bf16_32k"] = {"kernels_deterministic": det, "whole_op_bitwise_equal_out_dq_dk_dv": same,
-                           "rel_l2_vs_oracle": bf16}
-    # The Triton selection equals the oracle's on the same scores, up to the longest benchmarked length.
-    for n in (32768, 131072, 524288):
-        q, k = (torch.randn(B, n, H, D, device="cuda", generator=gen, dtype=DTYPE) for _ in range(2))
-        sq, sk = fused.pool_scores(q, k, LEVELS, P)
-        exact = torch.equal(fused.select_indices_fused(sq, sk, n, LEVELS, P, TOPK),
-                            select_pyramid_indices(sq, sk, n, LEVELS, P, TOPK))
+        steps.append([sq, sk, idx, out.detach(), q.grad, k.grad, v.grad])
+    deterministic = all(torch.equal(a, b) for a, b in zip(*steps))
+    print(f"bf16 N={n}: rel-L2 vs oracle out/dq/dk/dv {['%.1e' % e for e in bf16]}; fused kernels bitwise "
+          f"deterministic {deterministic}")
+    assert deterministic and max(bf16) < 2e-2
+    results["bf16_32k"] = {"kernels_deterministic": deterministic, "rel_l2_vs_oracle": bf16}
+    for n in (32768, 131072, 524288):  # the Triton selection equals the oracle's on the same scores
+        q, k, *_ = _qkv(n, n, grad=False)
+        sq, sk = fused.pool_scores(q, k, FIXED_LEVELS, P)
+        exact = torch.equal(fused.select_entries(sq, sk, n, FIXED_LEVELS, P, TOPK),
+                            naive.select_entries(sq, sk, n, FIXED_LEVELS, P, TOPK))
         print(f"selection N={n}: equal to the oracle {exact}")
         results[f"selection_exact_{n}"] = exact
         assert exact, n
-        del q, k, sq, sk
     return results
 
 
-def fused_indices(q, k, settings):
-    from megatron_lighthouse import select_indices
-
-    idx = select_indices(q, k, backend="triton", **settings)
-    return [idx] if settings["chunks"] == 1 else list(idx.unbind(1))
-
-
 # ----------------------------------------------------------------------------------------------- timing
-def bench_length(n: int, slow_ms: float, dense: bool) -> Dict[str, float]:
-    """One row of the table: Lighthouse at length ``n`` (and the dense kernels when ``dense``)."""
-    row: Dict[str, float] = {"N": n, **bench_lighthouse(n, slow_ms)}
-    torch.cuda.empty_cache()  # the Lighthouse tensors died with bench_lighthouse's frame
-    if dense:
-        row.update(bench_dense(n, slow_ms))
-        torch.cuda.empty_cache()
-    return row
+def bench_lighthouse(n: int, config: LighthouseConfig, stages: bool) -> Dict[str, float]:
+    """Lighthouse forward, forward+backward and peak memory at length ``n`` (and the forward's stages)."""
+    import lighthouse_kernels as fused
 
-
-def bench_lighthouse(n: int, slow_ms: float) -> Dict[str, float]:
-    """Lighthouse forward, forward+backward, peak memory and the forward's stage breakdown at length ``n``."""
-    row: Dict[str, float] = {}
-    gen = torch.Generator(device="cuda").manual_seed(n)
-    q, k, v = (torch.randn(B, n, H, D, device="cuda", generator=gen, dtype=DTYPE).requires_grad_(True)
-               for _ in range(3))
-    dout = torch.randn(B, n, H, D, device="cuda", generator=gen, dtype=DTYPE)
-    scale = 1.0 / math.sqrt(D)
-    attn = fused.dense_attention("auto", "cuda")
-    run = functools.partial(lighthouse_attention, q, k, v, levels=LEVELS, pooling_factor=P, topk=TOPK,
-                            attention=attn, backend="triton")
-
-    def fwd():
-        with torch.no_grad():
-            return run()
+    q, k, v, dout = _qkv(n, n)
+    attn = dense_attention("auto", "cuda")
+    run = functools.partial(lighthouse_attention, q, k, v, config=config, attention=attn, backend="triton")
 
     def fwd_bwd():
-        out = run()
-        out.backward(dout)
+        run().backward(dout)
         q.grad = k.grad = v.grad = None
 
-    row["lighthouse_fwd_ms"] = median_ms(fwd, slow_ms)
-    row["lighthouse_fwd_bwd_ms"] = median_ms(fwd_bwd, slow_ms)
-    row["lighthouse_peak_gib"] = peak_gib(fwd_bwd)
-
-    # Forward stage breakdown.
     with torch.no_grad():
-        sq, sk = fused.pool_scores(q, k, LEVELS, P)
-        idx = fused.select_indices_fused(sq, sk, n, LEVELS, P, TOPK)
-        inv = fused.inverse_map_for(idx, n, LEVELS, P)
-        picked = fused.gather_from_tokens(q, k, v, idx, LEVELS, P, inv)
-        sub_out = attn(*picked, scale)
-        row["stage_pool_score_ms"] = median_ms(lambda: fused.pool_scores(q, k, LEVELS, P), slow_ms)
-        row["stage_select_ms"] = median_ms(lambda: fused.select_indices_fused(sq, sk, n, LEVELS, P, TOPK), slow_ms)
-        row["stage_gather_ms"] = median_ms(
-            lambda: fused.gather_from_tokens(q, k, v, idx, LEVELS, P, fused.inverse_map_for(idx, n, LEVELS, P)),
-            slow_ms)
-        row["stage_dense_ms"] = median_ms(lambda: attn(*picked, scale), slow_ms)
-        row["stage_scatter_ms"] = median_ms(lambda: fused.scatter_to_tokens(sub_out, idx, n, LEVELS, P, inv), slow_ms)
-    sub = [x.detach().clone().requires_grad_(True) for x in picked]
-    d_sub = torch.randn_like(sub_out)
-
-    def dense_sub_fwd_bwd():
-        attn(*sub, scale).backward(d_sub)
-        for x in sub:
-            x.grad = None
-
-    row["stage_dense_fwd_bwd_ms"] = median_ms(dense_sub_fwd_bwd, slow_ms)
-    row["stage_backward_ms"] = row["lighthouse_fwd_bwd_ms"] - row["lighthouse_fwd_ms"]
-    row["subsequence_length"] = idx.shape[-1]
-    row["dense_kernel_auto_choice"] = attn.choices[(tuple(picked[0].shape), tuple(picked[1].shape), DTYPE,
-                                                    picked[0].device)]
-    row["around_attention_fraction_fwd_bwd"] = 1 - row["stage_dense_fwd_bwd_ms"] / row["lighthouse_fwd_bwd_ms"]
+        row = {"levels": config.levels, "S": config.subsequence_length(n), "fwd_ms": median_ms(run)}
+    row["fwd_bwd_ms"] = median_ms(fwd_bwd)
+    row["peak_gib"] = peak_gib(fwd_bwd)
+    if stages:
+        levels, scale = config.levels, 1.0 / math.sqrt(D)
+        with torch.no_grad():
+            sq, sk = fused.pool_scores(q, k, levels, P)
+            idx = fused.select_entries(sq, sk, n, levels, P, TOPK)
+            picked = fused.gather_entries(q, k, v, idx, levels, P)
+            sub_out = attn(*picked, scale)
+            row.update(
+                pool_score_ms=median_ms(lambda: fused.pool_scores(q, k, levels, P)),
+                select_ms=median_ms(lambda: fused.select_entries(sq, sk, n, levels, P, TOPK)),
+                gather_ms=median_ms(lambda: fused.gather_entries(q, k, v, idx, levels, P)),
+                dense_sub_ms=median_ms(lambda: attn(*picked, scale)),
+                scatter_ms=median_ms(lambda: fused.scatter_to_tokens(sub_out, idx, n, levels, P)))
     return row
 
 
-def bench_dense(n: int, slow_ms: float) -> Dict[str, float]:
-    """Causal dense attention over all ``n`` tokens, cuDNN and flash SDPA: forward, forward+backward, peak memory."""
-    row: Dict[str, float] = {}
-    gen = torch.Generator(device="cuda").manual_seed(n)
-    dq, dk, dv = (torch.randn(B, H, n, D, device="cuda", generator=gen, dtype=DTYPE).requires_grad_(True)
-                  for _ in range(3))
-    ddo = torch.randn(B, H, n, D, device="cuda", generator=gen, dtype=DTYPE)
-    scale = 1.0 / math.sqrt(D)
-    for name in ("cudnn", "flash"):
-        kernel = fused.dense_attention(name, "cuda")
+def bench_dense(n: int) -> Dict[str, float]:
+    """Causal cuDNN SDPA over all ``n`` tokens: forward+backward and peak memory."""
+    q, k, v, dout = (x.transpose(1, 2) for x in _qkv(n, n))
+    kernel = dense_attention("cudnn", "cuda")
 
-        def dfwd():
-            with torch.no_grad():
-                return kernel(dq, dk, dv, scale)
+    def fwd_bwd():
+        kernel(q, k, v, 1.0 / math.sqrt(D)).backward(dout)
 
-        def dfwd_bwd():
-            kernel(dq, dk, dv, scale).backward(ddo)
-            dq.grad = dk.grad = dv.grad = None
-
-        row[f"dense_{name}_fwd_ms"] = median_ms(dfwd, slow_ms)
-        row[f"dense_{name}_fwd_bwd_ms"] = median_ms(dfwd_bwd, slow_ms)
-        row[f"dense_{name}_peak_gib"] = peak_gib(dfwd_bwd)
-    return row
+    return {"fwd_bwd_ms": median_ms(fwd_bwd), "peak_gib": peak_gib(fwd_bwd)}
 
 
-def plot(rows: List[Dict[str, float]], path: str, gpu: str) -> None:
+def _attempt(fn: Callable[[], Dict[str, float]], what: str) -> Dict[str, float]:
+    """``fn()``, or ``{"oom": True}`` when the GPU runs out of memory (printed)."""
+    try:
+        return fn()
+    except torch.cuda.OutOfMemoryError as err:
+        print(f"[bench_op] {what}: out of memory ({str(err).splitlines()[0]})", flush=True)
+        return {"oom": True}
+    finally:
+        torch.cuda.empty_cache()
+
+
+def run_series(lengths: Sequence[int], dense_limit_ms: float) -> Dict[str, List[Dict[str, float]]]:
+    """Every series over ``lengths``; a series stops at its first out-of-memory (dense also past its limit)."""
+    series: Dict[str, List[Dict[str, float]]] = {"fixed": [], "growing": [], "dense": []}
+    for n in lengths:
+        for kind in ("fixed", "growing"):
+            if series[kind] and series[kind][-1].get("oom"):
+                continue
+            config = pyramid(n, kind)
+            if kind == "growing" and config.levels == FIXED_LEVELS and series["fixed"][-1]["N"] == n:
+                row = {k: v for k, v in series["fixed"][-1].items() if not k.endswith("_ms") or "fwd" in k}
+            else:
+                row = {"N": n, **_attempt(lambda: bench_lighthouse(n, config, kind == "fixed"), f"{kind} {n}")}
+            series[kind].append(row)
+            print(json.dumps({"series": kind, **row}), flush=True)
+        last = series["dense"][-1] if series["dense"] else {}
+        if not last.get("oom") and last.get("fwd_bwd_ms", 0.0) <= dense_limit_ms:
+            series["dense"].append({"N": n, **_attempt(lambda: bench_dense(n), f"dense {n}")})
+            print(json.dumps({"series": "dense", **series["dense"][-1]}), flush=True)
+    return series
+
+
+def exponents(series: Dict[str, List[Dict[str, float]]]) -> Dict[str, float]:
+    """The growth exponent of each series: dense over every length it ran, Lighthouse from ``FIT_FROM`` up."""
+    out = {}
+    for kind, rows in series.items():
+        ran = [r for r in rows if "fwd_bwd_ms" in r and (kind == "dense" or r["N"] >= FIT_FROM)]
+        out[kind] = fit_exponent([r["N"] for r in ran], [r["fwd_bwd_ms"] for r in ran])
+    return out
+
+
+def print_table(series: Dict[str, List[Dict[str, float]]], fits: Dict[str, float]) -> None:
+    print("| N | fixed L | fixed S | fixed f+b ms | fixed GiB | growing L | growing S | growing f+b ms | growing GiB "
+          "| dense f+b ms | dense GiB |")
+    print("|" + " --- |" * 11)
+    by_n = {kind: {r["N"]: r for r in rows} for kind, rows in series.items()}
+
+    def cells(kind, n, keys):
+        row = by_n[kind].get(n)
+        if row is None:
+            return ["-"] * len(keys)
+        if row.get("oom"):
+            return ["OOM"] + ["-"] * (len(keys) - 1)
+        return ["%.4g" % row[k] if isinstance(row[k], float) else str(row[k]) for k in keys]
+
+    for n in sorted({r["N"] for rows in series.values() for r in rows}):
+        print("| " + " | ".join([str(n)] + cells("fixed", n, ("levels", "S", "fwd_bwd_ms", "peak_gib"))
+                                + cells("growing", n, ("levels", "S", "fwd_bwd_ms", "peak_gib"))
+                                + cells("dense", n, ("fwd_bwd_ms", "peak_gib"))) + " |")
+    print("growth exponent a (time ∝ N^a): " + ", ".join(f"{k} {v:.3f}" for k, v in fits.items()))
+
+
+def plot(series: Dict[str, List[Dict[str, float]]], fits: Dict[str, float], path: str, gpu: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 5))
-    for key, label in (("lighthouse_fwd_bwd_ms", "Lighthouse (Triton) fwd+bwd"),
-                       ("lighthouse_fwd_ms", "Lighthouse fwd"),
-                       ("dense_cudnn_fwd_bwd_ms", "dense SDPA cuDNN fwd+bwd"),
-                       ("dense_flash_fwd_bwd_ms", "dense SDPA flash fwd+bwd"),
-                       ("dense_cudnn_fwd_ms", "dense cuDNN fwd")):
-        pts = [(r["N"], r[key]) for r in rows if key in r]
+    labels = {"fixed": "Lighthouse, fixed pyramid (L=3)", "growing": "Lighthouse, growing pyramid",
+              "dense": "dense causal cuDNN SDPA"}
+    for kind, rows in series.items():
+        pts = [(r["N"], r["fwd_bwd_ms"]) for r in rows if "fwd_bwd_ms" in r]
         if pts:
-            ax.plot(*zip(*pts), marker="o", label=label)
+            ax.plot(*zip(*pts), marker="o", label=f"{labels[kind]} (a = {fits[kind]:.2f})")
+    ax.set(xscale="log", yscale="log", xlabel="sequence length N", ylabel="forward+backward (ms, median)",
+           title=f"Lighthouse op vs dense, {gpu}\nB={B} H={H} D={D} bf16 p={P} k={TOPK}")
     ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("sequence length N")
-    ax.set_ylabel("median time (ms)")
-    ax.set_title(f"Lighthouse op vs dense causal attention, {gpu}\nB={B} H={H} D={D} bf16 L={LEVELS} p={P} k={TOPK}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -263,45 +281,32 @@ def plot(rows: List[Dict[str, float]], path: str, gpu: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", default="32768,65536,131072,262144,524288,1048576")
+    parser.add_argument("--lengths", default=",".join(str(2**i) for i in range(15, 24)),
+                        help="comma-separated sequence lengths (default: 32K to 8M, powers of two)")
     parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--check", action="store_true", help="device correctness checks first")
     parser.add_argument("--golden-dir", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "golden"))
-    parser.add_argument("--dense-max", type=int, default=524288,
-                        help="dense baselines only up to this N (dense at 1M costs ~15 s per call)")
-    parser.add_argument("--slow-ms", type=float, default=200.0)
+    parser.add_argument("--dense-limit-s", type=float, default=10.0,
+                        help="dense runs until a length takes longer than this (default: 10 s)")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_op.py needs a CUDA GPU (the fused kernels and cuDNN); none is visible")
+    import triton
 
     gpu = torch.cuda.get_device_name()
-    tag = gpu.replace(" ", "_").replace("/", "_")
     report = {"date": datetime.date.today().isoformat(), "gpu": gpu, "torch": torch.__version__,
-              "triton": triton.__version__, "config": dict(B=B, H=H, D=D, dtype="bf16", levels=LEVELS,
-                                                           pooling_factor=P, topk=TOPK)}
+              "triton": triton.__version__, "config": dict(B=B, H=H, D=D, dtype="bf16", pooling_factor=P, topk=TOPK,
+                                                           fixed_levels=FIXED_LEVELS, fit_from=FIT_FROM)}
     if args.check:
         report["checks"] = check(args.golden_dir)
-    rows = []
-    for n in (int(x) for x in args.lengths.split(",")):
-        row = bench_length(n, args.slow_ms, n <= args.dense_max)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    report["rows"] = rows
-
-    cols = [("N", "N"), ("lighthouse_fwd_ms", "LH fwd"), ("lighthouse_fwd_bwd_ms", "LH f+b"),
-            ("lighthouse_peak_gib", "LH GiB"), ("dense_cudnn_fwd_ms", "cuDNN fwd"),
-            ("dense_cudnn_fwd_bwd_ms", "cuDNN f+b"),
-            ("dense_cudnn_peak_gib", "cuDNN GiB"), ("dense_flash_fwd_bwd_ms", "flash f+b"),
-            ("stage_pool_score_ms", "pool/score"), ("stage_select_ms", "select"), ("stage_gather_ms", "gather"),
-            ("stage_dense_ms", "dense sub fwd"), ("stage_scatter_ms", "scatter"),
-            ("stage_dense_fwd_bwd_ms", "dense sub f+b"), ("stage_backward_ms", "backward"),
-            ("around_attention_fraction_fwd_bwd", "around %")]
-    print("| " + " | ".join(c[1] for c in cols) + " |")
-    print("|" + " --- |" * len(cols))
-    for r in rows:
-        print("| " + " | ".join(("%.3g" % r[c[0]]) if c[0] in r else "-" for c in cols) + " |")
+    report["series"] = run_series([int(x) for x in args.lengths.split(",")], args.dense_limit_s * 1e3)
+    report["exponents"] = exponents(report["series"])
+    print_table(report["series"], report["exponents"])
     os.makedirs(args.out_dir, exist_ok=True)
+    tag = gpu.replace(" ", "_").replace("/", "_")
     with open(os.path.join(args.out_dir, f"op_{tag}.json"), "w") as f:
         json.dump(report, f, indent=1)
-    plot(rows, os.path.join(args.out_dir, f"op_{tag}.png"), gpu)
+    plot(report["series"], report["exponents"], os.path.join(args.out_dir, f"op_{tag}.png"), gpu)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,21 @@
-"""Megatron-Core GPT training step, dense vs. Lighthouse, in one run (issue 7).
+"""Megatron-Core GPT training step, dense vs. Lighthouse, in one run.
 
 Builds the paper's layer shape (hidden 1024, 8 heads of 128, SwiGLU FFN 1536, RMSNorm, RoPE, no biases) as a
 Megatron-Core ``GPTModel`` twice per sequence length: from the dense block spec (stock core attention = torch SDPA,
 cuDNN backend by default) and from the Lighthouse block spec (k=2048, p=4, L=3; first two and last two layers
 dense). Times forward + backward + optimizer step at micro-batch 1; reports step time, tokens/s, peak memory and
-model TFLOP/s (dense-model FLOPs for both, so the ratio is the speedup). Prints a table, writes JSON (and a PNG
-when matplotlib is installed) under ``--out-dir``.
+model TFLOP/s (dense-model FLOPs for both, so the ratio is the speedup), and what holds the memory: the
+parameters, gradients and AdamW state (``static_gib``) against the peak. ``--loss-chunk N`` computes the loss N
+positions at a time (:func:`~megatron_lighthouse.chunked_loss.chunked_lm_loss`): at 1M tokens the full logits
+alone are 64 GiB. A length that runs out of memory is reported and the run goes on. Prints a table, writes JSON
+(and PNGs when matplotlib is installed: the step times, and the GPU monitor's report with ``--monitor-dir``)
+under ``--out-dir``.
 
-GPU (one H100):  python3 benchmarks/bench_train.py --layers 30 --seq-lens 32768 65536 131072
-1M tokens, context parallel over 2 GPUs, GPU monitor on (torchrun, one process per GPU):
+GPU (one H200):  python3 benchmarks/bench_train.py --layers 30 --seq-lens 32768 65536 131072
+1M tokens on one GPU, monitor on:
+    python3 benchmarks/bench_train.py --seq-lens 1048576 2097152 --layers 8 --loss-chunk 16384 \
+        --monitor-dir $OUT/monitor --out-dir $OUT
+1M tokens, context parallel over 2 GPUs (torchrun, one process per GPU):
     torchrun --nproc-per-node 2 benchmarks/bench_train.py --context-parallel 2 --seq-lens 1048576 --layers 8 \
         --vocab 8192 --modes lighthouse --monitor-dir $OUT/monitor
 CPU logic check: python benchmarks/bench_train.py --device cpu --tiny
@@ -32,6 +39,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from megatron_lighthouse import LighthouseConfig  # noqa: E402
+from megatron_lighthouse.chunked_loss import chunked_lm_loss  # noqa: E402
 from megatron_lighthouse.config import ROPE_PLACEMENTS  # noqa: E402
 
 #: ``--tiny``: a CPU-sized model and sequence valid for levels=2, p=2, topk=128.
@@ -64,12 +72,20 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--context-parallel", type=int, default=1,
                    help="CP size (launch with torchrun, one process per GPU; world size must equal it)")
     p.add_argument("--monitor-dir", default=None, help="run the per-rank GPU monitor, JSONL + TensorBoard here")
+    p.add_argument("--loss-chunk", type=int, default=0,
+                   help="compute the loss this many positions at a time (0: the model's own loss, all logits at once)")
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     if p.parse_known_args(argv)[0].tiny:  # tiny sizes become the defaults; explicit flags still win
         p.set_defaults(**_TINY)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ("layers", "hidden", "heads", "ffn", "vocab", "iters", "context_parallel"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    if args.loss_chunk < 0 or args.warmup < 0:
+        p.error("--loss-chunk and --warmup must be >= 0")
+    return args
 
 
 def init_megatron(device: torch.device, context_parallel: int) -> torch.device:
@@ -169,18 +185,24 @@ def time_training(args: argparse.Namespace, mode: str, seq_len: int, device: tor
     if args.context_parallel > 1:  # Megatron's load-balanced layout: chunks r and 2W-1-r of the sequence
         rank = parallel_state.get_context_parallel_rank()
         tokens, labels, positions = (split_for_cp(x, rank, args.context_parallel) for x in (tokens, labels, positions))
+    static = None
     times, losses = [], []
     with sdpa_context(args.sdpa_backend if device.type == "cuda" else "auto"):
         for i in range(args.warmup + args.iters):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             start = time.perf_counter()
-            loss = model(tokens, positions, None, labels=labels).float().mean()
+            if args.loss_chunk:
+                loss = chunked_lm_loss(model, tokens, positions, labels, args.loss_chunk).mean()
+            else:
+                loss = model(tokens, positions, None, labels=labels).float().mean()
             loss.backward()
             if args.context_parallel > 1:
                 for param in model.parameters():
                     dist.all_reduce(param.grad, group=cp_group)
             optimizer.step()
+            if static is None:  # parameters, gradients and AdamW state: what stays between steps
+                static = sum(t.numel() * t.element_size() for t in _static_tensors(model, optimizer)) / 2**30
             optimizer.zero_grad(set_to_none=True)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -195,18 +217,28 @@ def time_training(args: argparse.Namespace, mode: str, seq_len: int, device: tor
     dist.all_reduce(stats, op=dist.ReduceOp.MAX)
     step, peak = stats.tolist()
     del model, optimizer
-    return dict(mode=mode, seq_len=seq_len, context_parallel=args.context_parallel, step_s=step, times_s=times,
-                tokens_per_s=seq_len / step,
-                model_tflops=model_flops_per_step(args, seq_len) / step / 1e12, peak_gib=peak, losses=losses)
+    return dict(mode=mode, seq_len=seq_len, context_parallel=args.context_parallel, layers=args.layers, step_s=step,
+                times_s=times, tokens_per_s=seq_len / step, model_tflops=model_flops_per_step(args, seq_len) / step / 1e12,
+                peak_gib=peak, static_gib=static, losses=losses)
+
+
+def _static_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> List[torch.Tensor]:
+    """The parameters, their gradients and the optimizer's state tensors."""
+    tensors = [p for p in model.parameters()] + [p.grad for p in model.parameters() if p.grad is not None]
+    return tensors + [t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
 
 
 def print_table(rows: List[Dict]) -> None:
-    print(f"{'seq':>8} {'mode':<11} {'step ms':>10} {'tokens/s':>10} {'TFLOP/s*':>8} {'peak GiB':>9} {'speedup':>8}")
-    dense = {r["seq_len"]: r["step_s"] for r in rows if r["mode"] == "dense"}
+    print(f"{'seq':>8} {'mode':<11} {'step ms':>10} {'tokens/s':>10} {'TFLOP/s*':>8} {'peak GiB':>9} "
+          f"{'static GiB':>10} {'speedup':>8}")
+    dense = {r["seq_len"]: r["step_s"] for r in rows if r["mode"] == "dense" and not r.get("oom")}
     for r in rows:
+        if r.get("oom"):
+            print(f"{r['seq_len']:>8} {r['mode']:<11} {'out of memory':>10}")
+            continue
         speed = f"{dense[r['seq_len']] / r['step_s']:.2f}x" if r["seq_len"] in dense else ""
         print(f"{r['seq_len']:>8} {r['mode']:<11} {r['step_s'] * 1e3:>10.1f} {r['tokens_per_s']:>10.0f} "
-              f"{r['model_tflops']:>8.1f} {r['peak_gib']:>9.2f} {speed:>8}")
+              f"{r['model_tflops']:>8.1f} {r['peak_gib']:>9.2f} {r['static_gib']:>10.2f} {speed:>8}")
 
 
 def plot(rows: List[Dict], path: str) -> Optional[str]:
@@ -219,7 +251,7 @@ def plot(rows: List[Dict], path: str) -> Optional[str]:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
     for mode in ("dense", "lighthouse"):
-        pts = [(r["seq_len"], r["step_s"] * 1e3) for r in rows if r["mode"] == mode]
+        pts = [(r["seq_len"], r["step_s"] * 1e3) for r in rows if r["mode"] == mode and not r.get("oom")]
         if pts:
             ax.plot(*zip(*pts), marker="o", label=mode)
     ax.set(xscale="log", yscale="log", xlabel="tokens per sequence", ylabel="training step (ms)",
@@ -256,16 +288,20 @@ def main(argv: Optional[List[str]] = None) -> int:
                 rows.append(time_training(args, mode, seq_len, device, monitor))
             except torch.cuda.OutOfMemoryError as err:  # report, keep going with the other rows
                 print(f"[bench_train] {mode} at {seq_len}: out of memory ({str(err).splitlines()[0]})", flush=True)
-                rows.append(dict(mode=mode, seq_len=seq_len, step_s=float("nan"), oom=True, tokens_per_s=0.0,
-                                 model_tflops=0.0, peak_gib=float("nan")))
+                rows.append(dict(mode=mode, seq_len=seq_len, layers=args.layers, oom=True,
+                                 error=str(err).splitlines()[0]))
                 torch.cuda.empty_cache()
     if monitor is not None:
         monitor.stop()
     if not is_main:
         return 0
+    os.makedirs(args.out_dir, exist_ok=True)
+    if monitor is not None and monitor.config.jsonl_path and os.path.exists(monitor.config.jsonl_path):
+        from megatron_lighthouse.monitor.report import load_run, render_timeline
+
+        render_timeline(load_run(monitor.config.jsonl_path), os.path.join(args.out_dir, "monitor_report.png"))
     print_table(rows)
     print("* TFLOP/s of the dense model's FLOPs per step for both modes, so the ratio is the speed-up")
-    os.makedirs(args.out_dir, exist_ok=True)
     tag = ("cpu_tiny" if args.tiny else torch.cuda.get_device_name(device).replace(" ", "_") if device.type == "cuda"
            else "cpu")
     if args.context_parallel > 1:
