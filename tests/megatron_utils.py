@@ -55,11 +55,13 @@ def batch(batch_size: int = 2, seq: int = SEQ, seed: int = 1):
 
 def megatron_cp_batch(batch: Dict[str, torch.Tensor], group: Any = None) -> Dict[str, torch.Tensor]:
     """Megatron's own load-balanced split of ``batch`` for this context-parallel rank
-    (``megatron.core.utils.get_batch_on_this_cp_rank``), called as each megatron-core version takes it: 0.19 added
-    a required ``is_hybrid_cp`` and reads ``batch["cu_seqlens"]`` (``None``: plain sequences)."""
+    (``megatron.core.utils.get_batch_on_this_cp_rank``) over ``group`` (default: Megatron's CP group), called as each
+    megatron-core version takes it: 0.19 added a required ``is_hybrid_cp``, reads ``batch["cu_seqlens"]`` (``None``:
+    plain sequences) and, given no group, splits over the whole world."""
+    from megatron.core import parallel_state
     from megatron.core.utils import get_batch_on_this_cp_rank
 
-    kwargs = {} if group is None else {"cp_group": group}
+    kwargs = {"cp_group": parallel_state.get_context_parallel_group() if group is None else group}
     if "is_hybrid_cp" not in inspect.signature(get_batch_on_this_cp_rank).parameters:
         return get_batch_on_this_cp_rank(dict(batch), **kwargs)
     out = get_batch_on_this_cp_rank({**batch, "cu_seqlens": None}, is_hybrid_cp=False, **kwargs)
