@@ -31,11 +31,18 @@ def test_jsonl_stays_valid_when_the_process_is_killed(tmp_path):
     path = tmp_path / "run.jsonl"
     script = textwrap.dedent(
         f"""
-        import os, signal
+        import os, signal, time
         from megatron_lighthouse.monitor import FakeGPU, FakeNVMLBackend, GPUMonitor, MonitorConfig
         config = MonitorConfig(interval_s=0.001, log_interval=1, jsonl_path={str(path)!r}, console=False, wandb=False)
         monitor = GPUMonitor(config, backend=FakeNVMLBackend([FakeGPU(wobble=5.0)]), device=0).start()
         for it in range(1, 13):
+            monitor.step(it, step_time=0.01)
+        def lines():
+            return open({str(path)!r}).read().count("\\n") if os.path.exists({str(path)!r}) else 0
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and lines() < 13:
+            time.sleep(0.01)  # the writer thread catches up
+        for it in range(13, 301):  # the writer thread is busy with these when the kill comes
             monitor.step(it, step_time=0.01)
         os.kill(os.getpid(), signal.SIGKILL)  # no stop(), no close(), no interpreter exit
         """
@@ -45,8 +52,9 @@ def test_jsonl_stays_valid_when_the_process_is_killed(tmp_path):
     text = path.read_text()
     assert text.endswith("\n")
     records = [json.loads(line) for line in text.splitlines()]  # every line is a whole JSON record
-    assert [r["kind"] for r in records] == ["run"] + ["interval"] * 12
-    assert [r["iteration"] for r in records[1:]] == list(range(1, 13))
+    assert [r["kind"] for r in records] == ["run"] + ["interval"] * (len(records) - 1)
+    assert [r["iteration"] for r in records[1:]] == list(range(1, len(records)))  # in order, none lost between
+    assert len(records) >= 13
 
 
 def test_report_skips_a_torn_last_line(tmp_path):

@@ -30,6 +30,9 @@ class MonitorConfig:
         clock_threshold: a rank whose mean SM clock is below the median of the other ranks by more
             than this fraction is a straggler (a slowed GPU in synchronous training, where step times look alike).
         write_rank: the rank that writes JSONL, TensorBoard, W&B and console output.
+        stale_after_s: a rank whose newest sample is older than this many seconds at an aggregation (its
+            sampler died or NVML stalls) is marked ``"stale": true`` in the record and warned about once;
+            ``None``: three sampling intervals, at least 1 s (:attr:`stale_threshold_s`).
     """
 
     enabled: bool = True
@@ -43,6 +46,7 @@ class MonitorConfig:
     util_threshold_pct: float = 15.0
     clock_threshold: float = 0.15
     write_rank: int = 0
+    stale_after_s: Optional[float] = None
 
     def __post_init__(self) -> None:
         if not self.interval_s > 0:
@@ -63,6 +67,16 @@ class MonitorConfig:
             )
         if self.write_rank < 0:
             raise ValueError(f"MonitorConfig.write_rank={self.write_rank}: must be >= 0")
+        if self.stale_after_s is not None and not self.stale_after_s > self.interval_s:
+            raise ValueError(
+                f"MonitorConfig.stale_after_s={self.stale_after_s}: must be > interval_s={self.interval_s} "
+                "(a sample is up to one sampling interval old by design), or None for the default"
+            )
+
+    @property
+    def stale_threshold_s(self) -> float:
+        """Seconds without a fresh sample after which a rank's samples are stale (see ``stale_after_s``)."""
+        return self.stale_after_s if self.stale_after_s is not None else max(3.0 * self.interval_s, 1.0)
 
 
 def add_monitor_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
