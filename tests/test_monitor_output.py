@@ -88,6 +88,19 @@ def test_tensorboard_event_file_reads_back(tmp_path):
     assert [e.value for e in acc.Scalars("gpu_monitor/step_time_s/rank0")] == pytest.approx([0.25] * 3)
 
 
+def test_without_tensorboard_the_tensorboard_output_is_skipped_with_one_warning(monkeypatch, tmp_path, caplog):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails: tensorboard not installed
+    config = _quiet(tensorboard_dir=str(tmp_path / "tb"), jsonl_path=str(tmp_path / "run.jsonl"))
+    with caplog.at_level(logging.WARNING, logger="megatron_lighthouse.monitor"):
+        with GPUMonitor(config, backend=FakeNVMLBackend(), device=0) as monitor:
+            records = [r for r in (monitor.step(it, step_time=0.1) for it in range(1, 11)) if r]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "pip install tensorboard" in warnings[0] and "tensorboard_dir" in warnings[0]
+    assert len(records) == 2 and not (tmp_path / "tb").exists()
+    lines = (tmp_path / "run.jsonl").read_text().splitlines()  # the other outputs are unaffected
+    assert [json.loads(line)["kind"] for line in lines] == ["run", "interval", "interval"]
+
+
 class _FakeWandbRun:
     def __init__(self) -> None:
         self.logged = []

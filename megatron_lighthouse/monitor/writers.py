@@ -92,33 +92,45 @@ def scalars(record: Dict[str, Any]) -> Dict[str, float]:
     return out
 
 
+def summary_writer_class() -> type:
+    """``torch.utils.tensorboard.SummaryWriter``; ``ImportError`` that says ``pip install tensorboard`` when
+    tensorboard is not installed (it is optional)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise ImportError(f"TensorBoard output needs tensorboard ({exc}): pip install tensorboard") from exc
+    return SummaryWriter
+
+
 class TensorBoardWriter:
     """Scalars of each interval record (see :func:`scalars`) at step = iteration.
 
     Pass ``writer`` to add to an existing ``SummaryWriter`` (e.g. Megatron's, left open on close), or
-    ``log_dir`` to open a new one.
+    ``log_dir`` to have one opened there at the first record (on the writer's thread). With ``log_dir`` and
+    no tensorboard installed, the constructor raises ``ImportError`` (see :func:`summary_writer_class`).
     """
 
     def __init__(self, log_dir: Optional[str] = None, writer: Any = None) -> None:
         if (log_dir is None) == (writer is None):
             raise ValueError("TensorBoardWriter needs exactly one of log_dir and writer")
-        self._owned = writer is None
-        if writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(log_dir=log_dir)
+        self.log_dir = log_dir
+        #: ``SummaryWriter`` to open ``log_dir`` with (and close on :meth:`close`); ``None`` for a given ``writer``.
+        self._owned_class = summary_writer_class() if writer is None else None
         self.writer = writer
 
     def write(self, record: Dict[str, Any]) -> None:
         if record.get("kind") != "interval":
             return
+        if self.writer is None:
+            self.writer = self._owned_class(log_dir=self.log_dir)
         for tag, value in scalars(record).items():
             self.writer.add_scalar(tag, value, record["iteration"])
         self.writer.flush()
 
     def close(self) -> None:
-        if self._owned:
+        if self._owned_class is not None and self.writer is not None:
             self.writer.close()
+            self.writer = None
 
 
 class WandbWriter:
@@ -195,10 +207,10 @@ def default_writers(config: MonitorConfig) -> List[MonitorWriter]:
     if config.jsonl_path:
         writers.append(JSONLWriter(config.jsonl_path))
     if config.tensorboard_dir:
-        if importlib.util.find_spec("tensorboard") is None:
-            logger.warning("GPU monitor: tensorboard is not installed; no TensorBoard output")
-        else:
+        try:
             writers.append(TensorBoardWriter(log_dir=config.tensorboard_dir))
+        except ImportError as exc:
+            logger.warning("GPU monitor: no TensorBoard output in tensorboard_dir=%s: %s", config.tensorboard_dir, exc)
     if config.wandb:
         run = active_wandb_run()
         if run is not None:
