@@ -67,7 +67,7 @@ def test_report_skips_a_torn_last_line(tmp_path):
     with open(path, "a") as f:
         f.write('{"kind": "interval", "iteration": 15, "ran')  # what a kill in the middle of a write leaves
     run = load_run(str(path))
-    assert run.skipped_lines == 1 and len(run.intervals) == 2 and run.header["world_size"] == 1
+    assert run.skipped_lines == [4] and len(run.intervals) == 2 and run.header["world_size"] == 1
 
 
 def test_tensorboard_event_file_reads_back(tmp_path):
@@ -200,7 +200,7 @@ def test_report_cli(tmp_path, capsys):
     assert os.path.getsize(str(tmp_path / "run.png")) > 20_000
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    assert main(["report", str(empty)]) == 1
+    assert main(["report", str(empty)]) == 2
 
 
 def test_live_table(capsys):
