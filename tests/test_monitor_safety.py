@@ -315,9 +315,23 @@ def test_writer_thread_close_gives_up_on_a_stuck_writer(caplog):
     assert len(_warnings(caplog, "did not finish within")) == 1
 
 
-def test_config_names_a_bad_stale_after_s():
-    with pytest.raises(ValueError, match=r"stale_after_s=0\.5: must be > interval_s=1\.0"):
-        MonitorConfig(stale_after_s=0.5)
+@pytest.mark.parametrize("setting,value,rule", [
+    ("stale_after_s", 0.5, "must be a number > interval_s=1.0"),
+    ("stale_after_s", "2", "must be a number > interval_s=1.0"),
+    ("interval_s", "1", "must be a number > 0 (seconds)"),
+    ("interval_s", math.nan, "must be a number > 0 (seconds)"),
+    ("log_interval", 2.0, "must be an int >= 1 (steps)"),
+    ("log_interval", True, "must be an int >= 1 (steps)"),
+    ("write_rank", "0", "must be an int >= 0"),
+    ("clock_threshold", None, "must be a number in (0, 1)"),
+])
+def test_config_names_the_bad_setting_and_its_rule(setting, value, rule):
+    with pytest.raises(ValueError) as error:
+        MonitorConfig(**{setting: value})
+    assert str(error.value).startswith(f"MonitorConfig.{setting}={value!r}: {rule}")
+
+
+def test_config_stale_threshold():
     assert MonitorConfig(interval_s=0.01).stale_threshold_s == 1.0
     assert MonitorConfig(interval_s=2.0).stale_threshold_s == 6.0
     assert MonitorConfig(interval_s=0.01, stale_after_s=0.1).stale_threshold_s == 0.1

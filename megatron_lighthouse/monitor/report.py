@@ -8,6 +8,8 @@ import json
 import math
 from typing import Any, Dict, List, Optional
 
+from .config import is_int, is_number
+
 #: Timeline panels: (record field, axis label, scale applied to the value).
 PANELS = (
     ("gpu_util_pct", "GPU util (%)", 1.0),
@@ -45,28 +47,24 @@ class RunLog:
         return {e["rank"]: f"{e['host']}:gpu{e['local_gpu']}" for r in self.intervals for e in r["ranks"]}
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _interval_problem(record: Dict[str, Any]) -> Optional[str]:
     """What makes ``record`` (``"kind": "interval"``) unusable for the report, or ``None``."""
-    if not isinstance(record.get("iteration"), int) or not _is_number(record.get("time")):
+    if not is_int(record.get("iteration")) or not is_number(record.get("time")):
         return "an interval record needs an int 'iteration' and a number 'time'"
     ranks = record.get("ranks")
     if not isinstance(ranks, list) or not ranks or not all(isinstance(e, dict) for e in ranks):
         return "an interval record needs 'ranks', a non-empty list of objects"
     for entry in ranks:
-        if not isinstance(entry.get("rank"), int) or "host" not in entry or "local_gpu" not in entry:
+        if not is_int(entry.get("rank")) or "host" not in entry or "local_gpu" not in entry:
             return "each entry of 'ranks' needs 'rank' (an int), 'host' and 'local_gpu'"
-        bad = [f for f in _NUMBER_FIELDS if not (entry.get(f) is None or _is_number(entry[f]))]
+        bad = [f for f in _NUMBER_FIELDS if not (entry.get(f) is None or is_number(entry[f]))]
         if bad:
             return f"rank {entry['rank']}: {bad[0]}={entry[bad[0]]!r} is not a number"
         if not isinstance(entry.get("throttle_reasons", []), list):
             return f"rank {entry['rank']}: 'throttle_reasons' is not a list"
     stragglers = record.get("stragglers")
     if not isinstance(stragglers, list) or not all(
-        isinstance(s, dict) and isinstance(s.get("rank"), int) and 0 <= s["rank"] < len(ranks) and "reason" in s
+        isinstance(s, dict) and is_int(s.get("rank")) and 0 <= s["rank"] < len(ranks) and "reason" in s
         for s in stragglers
     ):
         return "an interval record needs 'stragglers', a list of objects with a 'reason' and a 'rank' in 'ranks'"

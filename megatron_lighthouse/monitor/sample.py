@@ -5,11 +5,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import numbers
 import time
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from .backend import METRICS, GPUBackend, MetricUnsupported, decode_throttle
+from .config import is_int, is_number
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ SAMPLE_FIELDS = tuple(f.name for f in dataclasses.fields(GPUSample) if f.name no
 def _number(value: Any) -> float:
     """``value`` (an int or float from a backend) as a float; ``ValueError`` unless it is a finite number >= 0
     (a string, ``None``, a bool, NaN, an infinity or a negative number is a bad reading)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not is_number(value):
         raise ValueError(f"bad value {value!r}: not a number")
     out = float(value)
     if not (math.isfinite(out) and out >= 0):
@@ -72,7 +72,7 @@ def _pair(value: Any) -> Tuple[float, float]:
 
 def _mask(value: Any) -> int:
     """``value`` as a throttle bit mask; ``ValueError`` unless it is an int >= 0."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+    if not is_int(value) or value < 0:
         raise ValueError(f"bad value {value!r}: not a bit mask (an int >= 0)")
     return int(value)
 
