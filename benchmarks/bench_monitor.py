@@ -4,16 +4,18 @@ Measures, per rank:
   * the cost of one NVML sample (all metrics) and of each metric query, idle and under load;
   * the mean step time of a matmul loop with the monitor off, on (``--interval``, default 1 s) and
     stressed (``--stress-interval``, default 10 ms), phases interleaved ``--repeats`` times;
-  * the cost of an aggregation (one all_gather + writing) at each log interval;
+  * the cost of an aggregation (one all_gather; the writing runs on the monitor's writer thread) at each
+    log interval;
   * with more than one rank, a final phase where the last rank's steps take 50 % longer: is it named?
 
-Writes to ``--out``: ``run.jsonl`` (the monitor's log), ``tb/`` (TensorBoard), ``report.png`` and
-``report.txt`` (the ``report`` command's output) and ``summary.json``; prints a table.
+Writes to ``--out``: ``run.jsonl`` (the monitor's log), ``tb/`` (TensorBoard, when tensorboard is
+installed), ``report.png`` and ``report.txt`` (the ``report`` command's output) and ``summary.json``; prints
+a table.
 
 GPU:  python3 benchmarks/bench_monitor.py --out benchmarks/results/monitor
 CPU (logic check with the fake NVML backend; also chosen automatically without CUDA):
       python benchmarks/bench_monitor.py --fake --out /tmp/monitor_fake
-Needs torch and this package only (no megatron-core).
+Needs torch and this package only (no megatron-core; tensorboard optional).
 """
 
 from __future__ import annotations
@@ -47,7 +49,12 @@ from megatron_lighthouse.monitor import (  # noqa: E402
 )
 from megatron_lighthouse.monitor.backend import METRICS, resolve_nvml_index, torch_uuid  # noqa: E402
 from megatron_lighthouse.monitor.report import format_table, load_run, render_timeline  # noqa: E402
-from megatron_lighthouse.monitor.writers import ConsoleWriter, JSONLWriter, TensorBoardWriter  # noqa: E402
+from megatron_lighthouse.monitor.writers import (  # noqa: E402
+    ConsoleWriter,
+    JSONLWriter,
+    TensorBoardWriter,
+    summary_writer_class,
+)
 
 PHASES = ("off", "on", "stress")
 
@@ -188,17 +195,19 @@ def rank_main(rank: int, world: int, args: argparse.Namespace, store: str) -> No
     # One monitor per monitored phase (a monitor's writers close with it); rank 0 appends to one log.
     shared_tb = None
     if rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-
-        shared_tb = SummaryWriter(os.path.join(args.out, "tb"))
+        try:
+            shared_tb = summary_writer_class()(os.path.join(args.out, "tb"))
+        except ImportError as exc:
+            logging.warning("no TensorBoard output: %s", exc)
 
     def monitor_for(phase: str) -> GPUMonitor:
         interval = args.interval if phase == "on" else args.stress_interval
         config = MonitorConfig(interval_s=interval, log_interval=log_interval, wandb=False)
         writers = []
         if rank == 0 and phase == "on":
-            writers = [JSONLWriter(os.path.join(args.out, "run.jsonl")), TensorBoardWriter(writer=shared_tb),
-                       ConsoleWriter()]
+            writers = [JSONLWriter(os.path.join(args.out, "run.jsonl")), ConsoleWriter()]
+            if shared_tb is not None:
+                writers.append(TensorBoardWriter(writer=shared_tb))
         monitor = GPUMonitor(config, backend=make_backend(), device=rank, writers=writers).start()
         if monitor.sampler is None:
             raise RuntimeError(f"rank {rank}: the monitor did not start sampling")
@@ -280,6 +289,7 @@ def write_outputs(args: argparse.Namespace, results: List[Dict[str, Any]], dist_
         "interval_s": args.interval,
         "stress_interval_s": args.stress_interval,
         "repeats": args.repeats,
+        "tensorboard": os.path.isdir(os.path.join(args.out, "tb")),  # main() removed any earlier tb/
         "worst_overhead_pct": {p: max(r["overhead_pct"][p] for r in results) for p in ("on", "stress")},
         "ranks": results,
     }
@@ -304,8 +314,8 @@ def write_outputs(args: argparse.Namespace, results: List[Dict[str, Any]], dist_
         print("  ".join(cell.rjust(w) for cell, w in zip(row, widths)))
     print(f"sample us: one full sample with the GPU idle; in-loop us: the same inside the stressed loop; off/on/stress "
           f"ms: mean step with no monitor / sampling every {args.interval:g} s / every {args.stress_interval:g} s "
-          f"(% vs off); spread %: max-min of the off repeats (noise); agg ms: one aggregation (gather + write, "
-          f"including the wait for the slowest rank)")
+          f"(% vs off); spread %: max-min of the off repeats (noise); agg ms: one aggregation (gather + queueing "
+          f"the record for the writer thread, including the wait for the slowest rank)")
     print("\nper-metric query cost, rank 0 (us):",
           ", ".join(f"{m}={v:.1f}" if isinstance(v, float) else f"{m}={v}"
                     for m, v in results[0]["metric_cost_idle_us"].items()))
@@ -314,7 +324,8 @@ def write_outputs(args: argparse.Namespace, results: List[Dict[str, Any]], dist_
         print(f"straggler: rank {strag['injected_rank']} slowed by {100 * strag['slowdown']:.0f}% -> named in "
               f"{strag['named_in']} ({strag['where']})")
     print("\nper-rank table of the run log:\n" + table)
-    print(f"\nwrote {args.out}/summary.json, run.jsonl, report.png, report.txt, tb/")
+    tb = ", tb/" if summary["tensorboard"] else " (no tb/: tensorboard is not installed)"
+    print(f"\nwrote {args.out}/summary.json, run.jsonl, report.png, report.txt{tb}")
 
 
 def main() -> None:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
+import os
 import pathlib
 import subprocess
 import sys
+
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -31,3 +36,28 @@ def test_bench_monitor_fake_two_ranks(tmp_path):
     assert (tmp_path / "report.png").stat().st_size > 20_000
     assert (tmp_path / "report.txt").read_text().splitlines()[0].split()[0] == "rank"
     assert len(list((tmp_path / "tb").glob("events.out.tfevents.*"))) == 1
+
+
+def test_bench_monitor_fake_without_tensorboard(tmp_path, monkeypatch, capsys, caplog):
+    """One rank, in this process (no spawn, imports already done), with tensorboard's import failing."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the benchmark puts the repository on it
+    for name in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST"):  # the benchmark sets these
+        monkeypatch.setenv(name, os.environ.get(name, "0"))
+    spec = importlib.util.spec_from_file_location("bench_monitor", ROOT / "benchmarks" / "bench_monitor.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", ["bench_monitor.py", "--fake", "--out", str(out), "--world-size", "1",
+                                      "--seconds", "0.1", "--repeats", "1", "--warmup", "0", "--cost-repeats", "5",
+                                      "--size", "32", "--inner", "1"])
+    threads = torch.get_num_threads()
+    try:
+        bench.main()
+    finally:
+        torch.set_num_threads(threads)
+    assert any("pip install tensorboard" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert "no tb/: tensorboard is not installed" in capsys.readouterr().out
+    assert json.loads((out / "summary.json").read_text())["tensorboard"] is False
+    assert not (out / "tb").exists() and (out / "report.png").exists()

@@ -21,12 +21,13 @@ from .backend import SLOWDOWN_REASONS, decode_throttle
 from .config import MonitorConfig
 from .sample import SAMPLE_FIELDS, GPUSample
 
-#: Per-rank values of one log interval, in the order they travel in the collective.
-SUMMARY_FIELDS = ("step_time_s", "steps", "samples") + SAMPLE_FIELDS + ("throttle_mask",)
+#: Per-rank values of one log interval, in the order they travel in the collective. ``sample_age_s``: seconds
+#: since the rank's newest sample; ``stale``: 1.0 when that is too old (see ``MonitorConfig.stale_after_s``).
+SUMMARY_FIELDS = ("step_time_s", "steps", "samples") + SAMPLE_FIELDS + ("throttle_mask", "sample_age_s", "stale")
 #: Sample fields reduced by their maximum over the interval (the rest by their mean).
 _MAX_FIELDS = frozenset({"mem_used_mib", "mem_total_mib", "temperature_c"})
 #: Fields that get min/mean/max statistics over ranks.
-STAT_FIELDS = tuple(f for f in SUMMARY_FIELDS if f not in ("steps", "samples", "throttle_mask"))
+STAT_FIELDS = tuple(f for f in SUMMARY_FIELDS if f not in ("steps", "samples", "throttle_mask", "stale"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,11 +53,22 @@ def local_identity(
     return RankIdentity(rank, socket.gethostname(), local_gpu, gpu_index, gpu_name, has_metrics)
 
 
-def summarize_interval(samples: Sequence[GPUSample], step_times: Sequence[float]) -> Dict[str, float]:
-    """Reduce one rank's samples and step times of an interval to :data:`SUMMARY_FIELDS` (NaN = none)."""
+def summarize_interval(
+    samples: Sequence[GPUSample],
+    step_times: Sequence[float],
+    sample_age_s: float = math.nan,
+    stale: bool = False,
+) -> Dict[str, float]:
+    """Reduce one rank's samples and step times (seconds) of an interval to :data:`SUMMARY_FIELDS`.
+
+    ``sample_age_s`` (seconds since the rank's newest sample; NaN for a rank without NVML) and ``stale``
+    pass through. Returns ``{field: float}``, NaN where the rank has no value.
+    """
     out: Dict[str, float] = {name: math.nan for name in SUMMARY_FIELDS}
     out["steps"] = float(len(step_times))
     out["samples"] = float(len(samples))
+    out["sample_age_s"] = float(sample_age_s)
+    out["stale"] = float(stale)
     if step_times:
         out["step_time_s"] = sum(step_times) / len(step_times)
     for name in SAMPLE_FIELDS:
@@ -219,7 +231,12 @@ def build_record(
     identities: Sequence[RankIdentity],
     config: MonitorConfig,
 ) -> Dict[str, Any]:
-    """The JSON record of one log interval: per-rank values, statistics over ranks and stragglers."""
+    """The JSON record of one log interval: per-rank values, statistics over ranks and stragglers.
+
+    Each per-rank entry carries ``sample_age_s`` (seconds since that rank's newest sample) and ``stale``
+    (``True`` when its metrics repeat a sample older than ``config.stale_threshold_s``: a dead sampler
+    thread or a stalled NVML).
+    """
     ranks = []
     for rank, (summary, who) in enumerate(zip(summaries, identities)):
         entry: Dict[str, Any] = {"rank": rank, "host": who.host, "local_gpu": who.local_gpu}
@@ -227,6 +244,7 @@ def build_record(
             entry[name] = _json_value(summary[name])
         for name in ("steps", "samples"):
             entry[name] = int(summary[name])
+        entry["stale"] = summary["stale"] == 1.0
         mask = entry.pop("throttle_mask")
         entry["throttle_reasons"] = [] if mask is None else decode_throttle(int(mask))
         ranks.append(entry)

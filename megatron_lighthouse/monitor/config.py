@@ -4,11 +4,28 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import numbers
 import os
 from typing import Any, Optional
 
 #: File name of the run log that :class:`~megatron_lighthouse.monitor.GPUMonitor` writes in its directory.
 JSONL_NAME = "gpu_monitor.jsonl"
+
+
+def is_number(value: Any) -> bool:
+    """Whether ``value`` is a real number and not a bool (an int, a float, a numpy scalar)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_int(value: Any) -> bool:
+    """Whether ``value`` is an integer and not a bool (an int, a numpy integer)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _require(config: "MonitorConfig", name: str, ok: bool, rule: str) -> None:
+    """``ValueError`` naming the setting, its value and ``rule`` unless ``ok``."""
+    if not ok:
+        raise ValueError(f"MonitorConfig.{name}={getattr(config, name)!r}: {rule}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +47,9 @@ class MonitorConfig:
         clock_threshold: a rank whose mean SM clock is below the median of the other ranks by more
             than this fraction is a straggler (a slowed GPU in synchronous training, where step times look alike).
         write_rank: the rank that writes JSONL, TensorBoard, W&B and console output.
+        stale_after_s: a rank whose newest sample is older than this many seconds at an aggregation (its
+            sampler died or NVML stalls) is marked ``"stale": true`` in the record and warned about once;
+            ``None``: three sampling intervals, at least 1 s (:attr:`stale_threshold_s`).
     """
 
     enabled: bool = True
@@ -43,26 +63,31 @@ class MonitorConfig:
     util_threshold_pct: float = 15.0
     clock_threshold: float = 0.15
     write_rank: int = 0
+    stale_after_s: Optional[float] = None
 
     def __post_init__(self) -> None:
-        if not self.interval_s > 0:
-            raise ValueError(f"MonitorConfig.interval_s={self.interval_s}: the sampling interval must be > 0 seconds")
-        if not isinstance(self.log_interval, int) or self.log_interval < 1:
-            raise ValueError(f"MonitorConfig.log_interval={self.log_interval!r}: must be an int >= 1 (steps)")
-        if not self.step_time_threshold > 0:
-            raise ValueError(
-                f"MonitorConfig.step_time_threshold={self.step_time_threshold}: must be > 0 (a fraction of the median)"
-            )
-        if not self.util_threshold_pct > 0:
-            raise ValueError(
-                f"MonitorConfig.util_threshold_pct={self.util_threshold_pct}: must be > 0 (percentage points)"
-            )
-        if not 0 < self.clock_threshold < 1:
-            raise ValueError(
-                f"MonitorConfig.clock_threshold={self.clock_threshold}: must be in (0, 1) (a fraction of the median)"
-            )
-        if self.write_rank < 0:
-            raise ValueError(f"MonitorConfig.write_rank={self.write_rank}: must be >= 0")
+        _require(self, "interval_s", is_number(self.interval_s) and self.interval_s > 0,
+                 "must be a number > 0 (seconds)")
+        _require(self, "log_interval", is_int(self.log_interval) and self.log_interval >= 1,
+                 "must be an int >= 1 (steps)")
+        _require(self, "step_time_threshold", is_number(self.step_time_threshold) and self.step_time_threshold > 0,
+                 "must be a number > 0 (a fraction of the median)")
+        _require(self, "util_threshold_pct", is_number(self.util_threshold_pct) and self.util_threshold_pct > 0,
+                 "must be a number > 0 (percentage points)")
+        _require(self, "clock_threshold", is_number(self.clock_threshold) and 0 < self.clock_threshold < 1,
+                 "must be a number in (0, 1) (a fraction of the median)")
+        _require(self, "write_rank", is_int(self.write_rank) and self.write_rank >= 0, "must be an int >= 0 (a rank)")
+        _require(
+            self, "stale_after_s",
+            self.stale_after_s is None or is_number(self.stale_after_s) and self.stale_after_s > self.interval_s,
+            f"must be a number > interval_s={self.interval_s!r} (a sample is up to one sampling interval old by "
+            "design), or None for the default",
+        )
+
+    @property
+    def stale_threshold_s(self) -> float:
+        """Seconds without a fresh sample after which a rank's samples are stale (see ``stale_after_s``)."""
+        return self.stale_after_s if self.stale_after_s is not None else max(3.0 * self.interval_s, 1.0)
 
 
 def add_monitor_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -6,14 +6,14 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from . import aggregate
 from .backend import GPUBackend, NVMLBackend, resolve_nvml_index
 from .config import MonitorConfig, config_from_args
 from .sample import DeviceReader
 from .sampler import GPUSampler
-from .writers import MonitorWriter, TensorBoardWriter, WandbWriter, default_writers
+from .writers import MonitorWriter, TensorBoardWriter, WandbWriter, WriterThread, default_writers
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,13 @@ class GPUMonitor:
     gradient reduction, so wall-clock step times look alike: pass ``step_time`` measured before that wait
     where the loop has it; otherwise utilization, SM clock and throttle reasons single out the slow rank.
 
+    Nothing the GPU or the disk does raises out of :meth:`step`: NVML is only read on the sampler thread
+    (a failing metric is left out of the sample), and the writers' file I/O (JSONL lines and their fsync,
+    TensorBoard events, console lines) runs on a :class:`~megatron_lighthouse.monitor.writers.WriterThread`
+    that :meth:`stop` drains and joins. A rank whose newest sample is older than
+    ``config.stale_threshold_s`` (its sampler thread died, or NVML stalls) is warned about once and marked
+    ``"stale": true`` (with ``"sample_age_s"``) in each record while its metrics repeat that old sample.
+
     Without NVML (no library, no driver, no permission) a single warning is logged and the monitor does
     nothing; if only some ranks lack it, those ranks still join the collective with step times only.
 
@@ -81,12 +88,13 @@ class GPUMonitor:
         self.last_record: Optional[Dict[str, Any]] = None
         self._writers: Optional[List[MonitorWriter]] = None if writers is None else list(writers)
         self._extra_writers = list(extra_writers)
+        self._output: Optional[WriterThread] = None
+        self._stale_warned = False
         self._identity: Optional[aggregate.RankIdentity] = None
         self._identities: Optional[List[aggregate.RankIdentity]] = None
         self._step_times: List[float] = []
         self._last_step: Optional[float] = None
         self._t0 = 0.0
-        self._warned_writers: set = set()
 
     @classmethod
     def from_args(cls, args: Any, **kwargs: Any) -> "GPUMonitor":
@@ -137,7 +145,8 @@ class GPUMonitor:
         return self
 
     def stop(self) -> None:
-        """Stop sampling and close the writers (no collective: safe on any rank at any time).
+        """Stop sampling, write the queued records and close the writers (no collective: safe on any rank
+        at any time).
 
         A stopped monitor can be started again; it then opens the default and extra writers anew.
         """
@@ -145,9 +154,11 @@ class GPUMonitor:
             self.sampler.stop()
             self.sampler = None
             self._shutdown_backend()
-        for writer in self._writers or []:
-            self._guarded(writer, "close")
+        if self._output is not None:
+            self._output.close()
+            self._output = None
         self._writers = None
+        self._stale_warned = False
         self.active = False
 
     def __enter__(self) -> "GPUMonitor":
@@ -192,19 +203,13 @@ class GPUMonitor:
             if not any(who.has_metrics for who in self._identities):
                 self.active = False  # no rank has NVML: nothing to report, ever
                 return None
-        if self._writers is None:  # opened at the first report: a monitor with nothing to say leaves no files
-            self._writers = self._open_writers()
+        if self._output is None:  # opened at the first report: a monitor with nothing to say leaves no files
+            self._output = WriterThread(self._open_writers())
         if first:
-            self._write(
+            self._output.write(
                 aggregate.run_record(self._identities, self.config.interval_s, self.config.log_interval, self._t0)
             )
-        samples = []
-        if self.sampler is not None:
-            samples = self.sampler.drain()
-            if not samples:  # log interval shorter than the sampling interval: reuse the newest sample
-                samples = [self.sampler.latest or self.sampler.sample_now()]
-        summary = aggregate.summarize_interval(samples, self._step_times)
-        self._step_times = []
+        summary = self._summarize()
         summaries = aggregate.gather_summaries(summary, self.group)
         now = time.time()
         record = aggregate.build_record(
@@ -215,20 +220,46 @@ class GPUMonitor:
             self._identities,
             self.config,
         )
-        self._write(record)
+        self._output.write(record)
         self.last_record = record
         return record
 
-    # -- output ------------------------------------------------------------------------------------
+    def _summarize(self) -> Dict[str, float]:
+        """This rank's interval summary (see :func:`aggregate.summarize_interval`); never samples here."""
+        sampler = self.sampler
+        if sampler is None:  # a rank without NVML joins with step times only
+            summary = aggregate.summarize_interval([], self._step_times)
+        else:
+            samples = sampler.drain()
+            latest = sampler.latest
+            if not samples and latest is not None:  # log interval shorter than the sampling interval
+                samples = [latest]
+            summary = aggregate.summarize_interval(samples, self._step_times, *self._freshness())
+        self._step_times = []
+        return summary
 
-    def _guarded(self, writer: MonitorWriter, method: str, *args: Any) -> None:
-        try:
-            getattr(writer, method)(*args)
-        except Exception as exc:  # noqa: BLE001 - a broken writer must never stop training
-            key = (type(writer).__name__, method)
-            if key not in self._warned_writers:
-                self._warned_writers.add(key)
-                logger.warning("GPU monitor: %s.%s failed: %r", *key, exc)
+    def _freshness(self) -> Tuple[float, bool]:
+        """``(seconds since this rank's newest sample, whether that is stale)``; warns once when samples turn
+        stale (the sampler thread died, or no fresh sample within ``config.stale_threshold_s``)."""
+        age = self.sampler.sample_age_s()
+        if not self.sampler.running:
+            problem = "its sampler thread has died"
+        elif age > self.config.stale_threshold_s:
+            problem = f"no fresh sample for {age:.1f} s (NVML stalled?)"
+        else:
+            problem = None
+        who = self._identity
+        if problem is not None and not self._stale_warned:
+            logger.warning(
+                "GPU monitor: rank %d (%s, NVML GPU %s): %s; its records are marked stale and repeat its last "
+                "sample", who.rank, who.where, who.gpu_index, problem,
+            )
+        elif problem is None and self._stale_warned:
+            logger.info("GPU monitor: rank %d (%s): samples are fresh again", who.rank, who.where)
+        self._stale_warned = problem is not None
+        return age, problem is not None
+
+    # -- output ------------------------------------------------------------------------------------
 
     def _shutdown_backend(self) -> None:
         try:
@@ -237,17 +268,16 @@ class GPUMonitor:
             logger.debug("GPU monitor: backend shutdown failed: %r", exc)
 
     def _open_writers(self) -> List[MonitorWriter]:
+        """The given writers, or the defaults of ``config`` on ``config.write_rank``; plus the extra writers."""
+        if self._writers is not None:
+            return self._writers + self._extra_writers
         writers: List[MonitorWriter] = []
         if self._identity.rank == self.config.write_rank:
             try:
                 writers = default_writers(self.config)
-            except Exception as exc:  # noqa: BLE001 - e.g. an unwritable directory must never stop training
-                logger.warning("GPU monitor: cannot open its outputs (%r); the defaults write nothing", exc)
+            except Exception as exc:  # noqa: BLE001 - e.g. a broken wandb install must never stop training
+                logger.warning("GPU monitor: cannot set up its outputs (%r); the defaults write nothing", exc)
         return writers + self._extra_writers
-
-    def _write(self, record: Dict[str, Any]) -> None:
-        for writer in self._writers or []:
-            self._guarded(writer, "write", record)
 
 
 def _megatron_writers() -> Optional[List[MonitorWriter]]:

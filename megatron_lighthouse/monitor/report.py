@@ -5,11 +5,10 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import logging
 import math
 from typing import Any, Dict, List, Optional
 
-logger = logging.getLogger(__name__)
+from .config import is_int, is_number
 
 #: Timeline panels: (record field, axis label, scale applied to the value).
 PANELS = (
@@ -22,14 +21,22 @@ PANELS = (
 MAX_LEGEND_RANKS = 16
 
 
+#: Per-rank fields of an interval record that the report reads as numbers (``None`` where not measured).
+_NUMBER_FIELDS = tuple(field for field, _, _ in PANELS) + ("sm_clock_mhz", "temperature_c", "sample_age_s")
+
+
+class LogFormatError(ValueError):
+    """A file that is not a monitor log; the message names the file, the line and what is wrong."""
+
+
 @dataclasses.dataclass
 class RunLog:
     """A monitor log: the ``"run"`` header (``None`` if absent), the interval records in file order and
-    the number of lines that were not whole JSON records (e.g. a torn last line of a killed rank)."""
+    the numbers (1-based) of the torn lines that were skipped (a job killed in the middle of a write)."""
 
     header: Optional[Dict[str, Any]]
     intervals: List[Dict[str, Any]]
-    skipped_lines: int = 0
+    skipped_lines: List[int] = dataclasses.field(default_factory=list)
 
     @property
     def ranks(self) -> List[int]:
@@ -40,25 +47,82 @@ class RunLog:
         return {e["rank"]: f"{e['host']}:gpu{e['local_gpu']}" for r in self.intervals for e in r["ranks"]}
 
 
+def _interval_problem(record: Dict[str, Any]) -> Optional[str]:
+    """What makes ``record`` (``"kind": "interval"``) unusable for the report, or ``None``."""
+    if not is_int(record.get("iteration")) or not is_number(record.get("time")):
+        return "an interval record needs an int 'iteration' and a number 'time'"
+    ranks = record.get("ranks")
+    if not isinstance(ranks, list) or not ranks or not all(isinstance(e, dict) for e in ranks):
+        return "an interval record needs 'ranks', a non-empty list of objects"
+    for entry in ranks:
+        if not is_int(entry.get("rank")) or "host" not in entry or "local_gpu" not in entry:
+            return "each entry of 'ranks' needs 'rank' (an int), 'host' and 'local_gpu'"
+        bad = [f for f in _NUMBER_FIELDS if not (entry.get(f) is None or is_number(entry[f]))]
+        if bad:
+            return f"rank {entry['rank']}: {bad[0]}={entry[bad[0]]!r} is not a number"
+        if not isinstance(entry.get("throttle_reasons", []), list):
+            return f"rank {entry['rank']}: 'throttle_reasons' is not a list"
+    stragglers = record.get("stragglers")
+    if not isinstance(stragglers, list) or not all(
+        isinstance(s, dict) and is_int(s.get("rank")) and 0 <= s["rank"] < len(ranks) and "reason" in s
+        for s in stragglers
+    ):
+        return "an interval record needs 'stragglers', a list of objects with a 'reason' and a 'rank' in 'ranks'"
+    return None
+
+
 def load_run(path: str) -> RunLog:
-    """Read a monitor JSONL file, skipping (and counting) lines that are not whole JSON records."""
-    header, intervals, skipped = None, [], 0
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                skipped += 1
-                continue
-            if record.get("kind") == "run" and header is None:
-                header = record
-            elif record.get("kind") == "interval":
-                intervals.append(record)
-    if skipped:
-        logger.warning("%s: skipped %d line(s) that are not whole JSON records", path, skipped)
-    return RunLog(header, intervals, skipped)
+    """Read a monitor JSONL file (one JSON record per line, as
+    :class:`~megatron_lighthouse.monitor.writers.JSONLWriter` writes it).
+
+    A line that is not JSON is taken for a line torn by a killed job and skipped (listed in
+    :attr:`RunLog.skipped_lines`) when it is the last line or a new run's header follows it (the job was
+    restarted on the same log). Raises ``OSError`` when the file cannot be read and
+    :class:`LogFormatError` (naming the file and line) when it is not a monitor log: empty, not UTF-8 text,
+    a line that is not JSON elsewhere, or a record of another shape.
+    """
+    header, intervals, torn = None, [], []
+    pending: Optional[int] = None  # a line that is not JSON: torn if the file ends or a new run follows
+
+    def not_json(number: int) -> LogFormatError:
+        return LogFormatError(f"{path}: line {number} is not JSON; not a monitor log")
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    if pending is not None:
+                        raise not_json(pending) from None
+                    pending = number
+                    continue
+                kind = record.get("kind") if isinstance(record, dict) else None
+                if pending is not None:
+                    if kind != "run":
+                        raise not_json(pending)
+                    torn.append(pending)
+                    pending = None
+                if kind == "run":
+                    header = header or record
+                elif kind == "interval":
+                    problem = _interval_problem(record)
+                    if problem:
+                        raise LogFormatError(f"{path}: line {number}: {problem}; not a monitor log")
+                    intervals.append(record)
+                else:
+                    shape = f"'kind': {kind!r}" if isinstance(record, dict) else f"a JSON {type(record).__name__}"
+                    raise LogFormatError(f"{path}: line {number} is not a monitor record ({shape}); not a monitor log")
+    except UnicodeDecodeError as exc:
+        raise LogFormatError(f"{path}: not UTF-8 text ({exc.reason}); not a monitor log") from exc
+    if pending is not None:
+        torn.append(pending)
+    if header is None and not intervals:
+        what = "only a torn line" if torn else "an empty file"
+        raise LogFormatError(f"{path}: {what}, no monitor records")
+    return RunLog(header, intervals, torn)
 
 
 def series(run: RunLog, field: str) -> Dict[int, tuple]:
@@ -156,7 +220,8 @@ def _cell(value: Optional[float], fmt: str) -> str:
 
 def format_table(run: RunLog) -> str:
     """Per-rank summary over the whole run: mean/min utilization, peak memory, mean power and SM clock,
-    peak temperature, mean step time, straggler flags and the throttle reasons seen."""
+    peak temperature, mean step time, straggler flags, intervals whose samples were stale (the rank's
+    sampler died or NVML stalled, so its values repeat an old sample) and the throttle reasons seen."""
     where = run.where()
     flags = collections.Counter(s["rank"] for r in run.intervals for s in r["stragglers"])
     per_rank: Dict[int, Dict[str, List[Any]]] = collections.defaultdict(lambda: collections.defaultdict(list))
@@ -165,7 +230,8 @@ def format_table(run: RunLog) -> str:
             for key, value in entry.items():
                 if value is not None:
                     per_rank[entry["rank"]][key].append(value)
-    head = ("rank", "where", "util%", "min%", "memGiB", "power W", "SM MHz", "temp C", "step s", "flags", "throttle")
+    head = ("rank", "where", "util%", "min%", "memGiB", "power W", "SM MHz", "temp C", "step s", "flags", "stale",
+            "throttle")
     rows = [head]
     for rank in run.ranks:
         v = per_rank[rank]
@@ -183,6 +249,7 @@ def format_table(run: RunLog) -> str:
                 _cell(max(v["temperature_c"], default=None), ".0f"),
                 _cell(_mean(v["step_time_s"]), ".4f"),
                 str(flags.get(rank, 0)),
+                str(sum(v["stale"])),
                 ",".join(reasons) or "-",
             )
         )

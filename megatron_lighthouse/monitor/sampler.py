@@ -17,7 +17,9 @@ class GPUSampler:
     """Reads a :class:`DeviceReader` on a daemon thread and buffers the samples until :meth:`drain`.
 
     NVML calls go through ctypes, which releases the GIL, so the thread does not hold up the training
-    loop while the driver answers. The buffer keeps the newest ``max_buffered`` samples.
+    loop while the driver answers. The buffer keeps the newest ``max_buffered`` samples. An error of a
+    sample is logged (once, with its traceback) and the thread samples again at the next tick: nothing the
+    backend does reaches the caller. Whether samples are fresh: :attr:`running` and :meth:`sample_age_s`.
 
     Use as a context manager (``with GPUSampler(reader) as s: ...``) or with :meth:`start` / :meth:`stop`.
     """
@@ -34,13 +36,21 @@ class GPUSampler:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self.latest: Optional[GPUSample] = None
+        self._started_at = time.time()
+        self._failed = False
         #: Samples taken and seconds spent taking them (the sampler's own cost).
         self.samples_taken = 0
         self.seconds_sampling = 0.0
 
     @property
     def running(self) -> bool:
+        """Whether the thread is alive (``False`` before :meth:`start`, after :meth:`stop`, or once it died)."""
         return self._thread is not None and self._thread.is_alive()
+
+    def sample_age_s(self) -> float:
+        """Seconds since the newest sample was taken (since :meth:`start` while there is none)."""
+        latest = self.latest
+        return time.time() - (self._started_at if latest is None else latest.time)
 
     def sample_now(self) -> GPUSample:
         """Take one sample on the calling thread, buffer it and return it."""
@@ -67,8 +77,10 @@ class GPUSampler:
             try:
                 self.sample_now()
             except Exception:  # noqa: BLE001 - the sampler must outlive any backend surprise
-                logger.exception("GPU monitor: sampling failed; the sampler stops")
-                return
+                if not self._failed:
+                    self._failed = True
+                    logger.exception("GPU monitor: sampling GPU %d failed; retrying every tick (logged once)",
+                                     self.reader.index)
             now = time.monotonic()
             deadline += self.interval_s
             if deadline <= now:  # a late sample skips the missed ticks rather than catching up in a burst
@@ -79,6 +91,7 @@ class GPUSampler:
         """Start the thread (no-op when already running)."""
         if not self.running:
             self._stop.clear()
+            self._started_at = time.time()
             self._thread = threading.Thread(target=self._run, name="lighthouse-gpu-sampler", daemon=True)
             self._thread.start()
         return self
