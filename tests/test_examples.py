@@ -11,10 +11,19 @@ import sys
 
 import pytest
 
-EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
 SCRIPTS = ["pretrain_lighthouse_1gpu.sh", "pretrain_lighthouse_multinode_1m.sh", "resume_dense.sh"]
 MODEL = ("--num-layers 30 --hidden-size 1024 --num-attention-heads 8 --ffn-hidden-size 1536 --swiglu "
-         "--normalization RMSNorm --position-embedding-type rope --disable-bias-linear")
+         "--normalization RMSNorm --position-embedding-type rope --disable-bias-linear --attention-dropout 0 "
+         "--hidden-dropout 0")
+#: What TRANSFORMER_IMPL=local adds: Megatron-LM's defaults that need TransformerEngine or Apex, off.
+LOCAL = "--no-rope-fusion --no-persist-layer-norm --no-gradient-accumulation-fusion"
+MOCK = "--mock-data --tokenizer-type NullTokenizer --vocab-size 32000 --no-create-attention-mask-in-dataloader"
+NO_MASK = "--no-create-attention-mask-in-dataloader"
+#: Extra variables each example needs besides MEGATRON_LM_DIR and the data (LIGHTHOUSE_CHECKPOINT: made by _env).
+NEEDS = {"pretrain_lighthouse_1gpu.sh": {}, "pretrain_lighthouse_multinode_1m.sh": dict(NNODES="4", MASTER_ADDR="node0"),
+         "resume_dense.sh": dict(LIGHTHOUSE_CHECKPOINT="ckpt")}
 LIGHTHOUSE = ("--lighthouse --lighthouse-topk 2048 --lighthouse-pooling-factor 4 --lighthouse-levels 3 "
               "--lighthouse-dense-layers 0,1,-2,-1")
 
@@ -52,6 +61,17 @@ def _base(root: pathlib.Path, **env: str) -> dict:
     return dict(MEGATRON_LM_DIR=str(root), DATA_PATH="/data/x", TOKENIZER_MODEL="tok", DRY_RUN="1", **env)
 
 
+def _mock(root: pathlib.Path, **env: str) -> dict:
+    """MOCK_DATA=1: no DATA_PATH, no TOKENIZER_MODEL."""
+    return dict(MEGATRON_LM_DIR=str(root), MOCK_DATA="1", DRY_RUN="1", **env)
+
+
+def _needs(script: str, tmp_path: pathlib.Path) -> dict:
+    """The script's other required variables; a checkpoint directory that exists for resume_dense.sh."""
+    (tmp_path / "ckpt").mkdir(exist_ok=True)
+    return {k: str(tmp_path / v) if k == "LIGHTHOUSE_CHECKPOINT" else v for k, v in NEEDS[script].items()}
+
+
 @pytest.mark.parametrize("script", SCRIPTS + ["common.sh"])
 def test_scripts_parse(script):
     assert subprocess.run(["bash", "-n", str(EXAMPLES / script)]).returncode == 0
@@ -61,8 +81,8 @@ def test_scripts_parse(script):
 def test_scripts_document_their_variables(script):
     header = [line for line in (EXAMPLES / script).read_text().splitlines() if line.startswith("#")]
     text = "\n".join(header)
-    for var in ("MEGATRON_LM_DIR", "DATA_PATH", "TOKENIZER_MODEL", "SEQ_LEN", "NUM_LAYERS", "TRANSFORMER_IMPL",
-                "LR_DECAY_STYLE", "DRY_RUN"):
+    for var in ("MEGATRON_LM_DIR", "DATA_PATH", "TOKENIZER_MODEL", "MOCK_DATA", "SEQ_LEN", "NUM_LAYERS",
+                "TRANSFORMER_IMPL", "LR_DECAY_STYLE", "LR_WARMUP_ITERS", "GLOBAL_BATCH", "LOG_INTERVAL", "DRY_RUN"):
         assert var in text, f"{script} does not document {var}"
 
 
@@ -80,7 +100,12 @@ def test_one_gpu_unpatched_uses_the_spec_entry(tmp_path, megatron_lm):
     assert "lighthouse: subsequence 24576 of 131072 tokens" in proc.stdout
     assert "--spec megatron_lighthouse.env_spec lighthouse_layer_spec --transformer-impl transformer_engine" in proc.stdout
     assert MODEL in proc.stdout and "--seq-length 131072 --max-position-embeddings 131072" in proc.stdout
-    local = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **_base(megatron_lm), TRANSFORMER_IMPL="local")
+    # The spec module reads its settings from the environment: the printed line carries them, ready to paste.
+    command = proc.stdout.splitlines()[-1]
+    assert command.startswith("LIGHTHOUSE_LEVELS=3 LIGHTHOUSE_POOLING_FACTOR=4 LIGHTHOUSE_TOPK=2048 "
+                              "LIGHTHOUSE_DENSE_LAYERS=0,1,-2,-1 torchrun --nproc-per-node 1 ")
+    local = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **_base(megatron_lm), TRANSFORMER_IMPL="local", TOPK="1024")
+    assert "LIGHTHOUSE_TOPK=1024 LIGHTHOUSE_DENSE_LAYERS=0,1,-2,-1 torchrun" in local.stdout
     assert "--spec megatron_lighthouse.env_spec lighthouse_local_layer_spec --transformer-impl local" in local.stdout
     refused = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **_base(megatron_lm), DENSE_FROM_ITER="8000")
     assert refused.returncode == 2 and "DENSE_FROM_ITER needs the patched pretrain_gpt.py" in refused.stderr
@@ -91,7 +116,8 @@ def test_one_gpu_patched_passes_the_flags(tmp_path, patched):
     assert proc.returncode == 0, proc.stderr
     assert ("--lighthouse --lighthouse-topk 2048 --lighthouse-pooling-factor 4 --lighthouse-levels 3 "
             "--lighthouse-dense-layers 0 --lighthouse-dense-from-iteration 8000") in proc.stdout
-    assert "--spec" not in proc.stdout
+    assert "--spec" not in proc.stdout and "LIGHTHOUSE_" not in proc.stdout
+    assert proc.stdout.splitlines()[-1].startswith("torchrun --nproc-per-node 1 ")
 
 
 @pytest.mark.parametrize("env, message", [
@@ -106,6 +132,17 @@ def test_one_gpu_patched_passes_the_flags(tmp_path, patched):
     (dict(DATA_PATH=""), "DATA_PATH is not set"),
     (dict(LR="fast"), "LR=fast: must be a decimal number such as 2e-3"),
     (dict(LR_DECAY_STYLE="WSD"), "LR_DECAY_STYLE=WSD: must be cosine, constant or linear"),
+    (dict(TRAIN_ITERS="4"), "LR_WARMUP_ITERS=2000: the warm-up must end before the last iteration (4)"),
+    (dict(LR_WARMUP_ITERS="-1"), "LR_WARMUP_ITERS=-1: must be an integer >= 0"),
+    (dict(LR="1e-4"), "MIN_LR=2e-4: must not exceed LR=1e-4"),
+    (dict(MOCK_DATA="yes"), "MOCK_DATA=yes: must be 0 or 1"),
+    (dict(MOCK_DATA="1", VOCAB_SIZE="32k"), "VOCAB_SIZE=32k: must be a positive integer"),
+    (dict(GLOBAL_BATCH="0"), "GLOBAL_BATCH=0: must be a positive integer"),
+    (dict(LOG_INTERVAL="often"), "LOG_INTERVAL=often: must be a positive integer"),
+    (dict(EVAL_ITERS="0"), "EVAL_ITERS=0: must be a positive integer"),
+    (dict(MONITOR="2"), "MONITOR=2: must be 0 or 1"),
+    (dict(DENSE="yes"), "DENSE=yes: must be 0 or 1"),
+    (dict(DENSE="1", DENSE_FROM_ITER="8000"), "DENSE_FROM_ITER=8000 with DENSE=1: the model is dense from the start"),
 ])
 def test_one_gpu_bad_variables_are_refused_before_launch(tmp_path, patched, env, message):
     proc = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **{**_base(patched), **env})
@@ -113,12 +150,19 @@ def test_one_gpu_bad_variables_are_refused_before_launch(tmp_path, patched, env,
     assert "torchrun" not in proc.stdout
 
 
-def test_multinode_1m_sizes_cp_and_needs_the_patch_for_the_monitor(tmp_path, megatron_lm, patched):
+def test_multinode_1m_sizes_cp_and_its_monitor_needs_the_patch(tmp_path, megatron_lm, patched):
     multi = dict(NNODES="4", MASTER_ADDR="node0")
-    refused = _run("pretrain_lighthouse_multinode_1m.sh", tmp_path, **_base(megatron_lm), **multi)
-    assert refused.returncode == 2 and "MONITOR=1 needs the patched pretrain_gpt.py" in refused.stderr
+    # The default (MONITOR=1) on an unpatched checkout: the run goes on without the monitor, and says so.
+    unpatched = _run("pretrain_lighthouse_multinode_1m.sh", tmp_path, **_base(megatron_lm), **multi)
+    assert unpatched.returncode == 0, unpatched.stderr
+    assert ("note: MONITOR=1: the GPU monitor needs the patched pretrain_gpt.py (patches/apply.sh "
+            f"{megatron_lm}); running without it") in unpatched.stderr
+    assert "--lighthouse-monitor" not in unpatched.stdout
+    assert unpatched.stdout.splitlines()[-1].startswith("LIGHTHOUSE_LEVELS=3 LIGHTHOUSE_POOLING_FACTOR=4 "
+                                                        "LIGHTHOUSE_TOPK=2048 LIGHTHOUSE_DENSE_LAYERS=0,1,-2,-1 srun ")
     proc = _run("pretrain_lighthouse_multinode_1m.sh", tmp_path, **_base(megatron_lm), **multi, MONITOR="0")
     assert proc.returncode == 0, proc.stderr
+    assert "note:" not in proc.stderr
     assert "--context-parallel-size 8 --cp-comm-type p2p" in proc.stdout and "--seq-length 1048576" in proc.stdout
     # 1M tokens over CP 8: 16 load-balanced chunks selecting 128 each.
     assert "lighthouse: subsequence 81920 of 1048576 tokens" in proc.stdout
@@ -129,6 +173,7 @@ def test_multinode_1m_sizes_cp_and_needs_the_patch_for_the_monitor(tmp_path, meg
     for env, message in [(dict(CP_SIZE="3"), "CP_SIZE=3 must divide NNODES*GPUS_PER_NODE=32"),
                          (dict(CP_SIZE="16"), "topk must be a multiple of 4096"),
                          (dict(MONITOR="yes"), "MONITOR=yes: must be 0 or 1"),
+                         (dict(GLOBAL_BATCH="6"), "GLOBAL_BATCH=6 must be a multiple of the 4 data-parallel ranks"),
                          (dict(MASTER_ADDR=""), "MASTER_ADDR is not set")]:
         bad = _run("pretrain_lighthouse_multinode_1m.sh", tmp_path, **{**_base(patched), **multi, **env})
         assert bad.returncode == 2 and message in bad.stderr, (env, bad.stderr)
@@ -192,3 +237,101 @@ def test_dry_run_only_prints(tmp_path, patched):
     proc = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **env)
     assert proc.returncode == 0, proc.stderr
     assert LIGHTHOUSE in record.read_text() and "--train-iters 10000" in record.read_text()
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("impl", ["transformer_engine", "local"])
+@pytest.mark.parametrize("hook", ["patched", "megatron_lm"])
+def test_mock_data_needs_no_dataset_or_tokenizer(request, tmp_path, script, impl, hook):
+    """MOCK_DATA=1: Megatron-LM's mock data and NullTokenizer, nothing else to provide; never the data loader's
+    [s, s] attention mask."""
+    root = request.getfixturevalue(hook)
+    proc = _run(script, tmp_path, **_mock(root, TRANSFORMER_IMPL=impl), **_needs(script, tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    command = proc.stdout.splitlines()[-1]
+    assert command.endswith(MOCK) or f"{MOCK} " in command
+    assert "--data-path" not in command and "--tokenizer-model" not in command
+    assert (LOCAL in command) == (impl == "local")
+    other = _run(script, tmp_path, **_mock(root, TRANSFORMER_IMPL=impl, VOCAB_SIZE="50304"), **_needs(script, tmp_path))
+    assert "--mock-data --tokenizer-type NullTokenizer --vocab-size 50304" in other.stdout
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_real_data_never_builds_the_dataloader_mask(tmp_path, patched, script):
+    proc = _run(script, tmp_path, **_base(patched), **_needs(script, tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert ("--data-path /data/x --tokenizer-type HuggingFaceTokenizer --tokenizer-model tok "
+            f"{NO_MASK}") in proc.stdout
+    assert "--mock-data" not in proc.stdout
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_example_takes_the_run_settings(tmp_path, patched, script):
+    """GLOBAL_BATCH and the intervals reach Megatron-LM; a short run with a short warm-up is accepted."""
+    env = dict(GLOBAL_BATCH="8", SAVE_INTERVAL="5", LOG_INTERVAL="2", EVAL_INTERVAL="3", EVAL_ITERS="4",
+               LR_WARMUP_ITERS="1", TRAIN_ITERS="6", TOTAL_ITERS="6")
+    proc = _run(script, tmp_path, **_mock(patched, **env), **_needs(script, tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert ("--micro-batch-size 1 --global-batch-size 8 --recompute-granularity full --recompute-method uniform "
+            "--recompute-num-layers 1 --bf16 --train-iters 6 --save ") in proc.stdout
+    assert "--save-interval 5 --log-interval 2 --eval-interval 3 --eval-iters 4" in proc.stdout
+    assert "--lr-warmup-iters 1 " in proc.stdout
+
+
+def test_one_gpu_dense_mode(tmp_path, patched, megatron_lm):
+    """DENSE=1: the same model dense from the start, as a user runs the baseline: Megatron-LM's own TE spec, or the
+    package's dense local spec (Megatron-LM's local core attention cannot run 128K); patched or not."""
+    for root in (patched, megatron_lm):
+        te = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **_mock(root, DENSE="1"))
+        assert te.returncode == 0, te.stderr
+        command = te.stdout.splitlines()[-1]
+        assert "--lighthouse" not in command and "--spec" not in command and "LIGHTHOUSE_" not in command
+        assert f"pretrain_gpt.py --transformer-impl transformer_engine {MODEL}" in command
+        assert "--save ./checkpoints/dense_baseline " in command and "subsequence" not in te.stdout
+        local = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **_mock(root, DENSE="1", TRANSFORMER_IMPL="local"))
+        assert (f"pretrain_gpt.py --spec megatron_lighthouse.env_spec dense_local_layer_spec --transformer-impl local "
+                f"{MODEL}") in local.stdout
+    # The Lighthouse settings are not checked in dense mode: they are not used.
+    assert _run("pretrain_lighthouse_1gpu.sh", tmp_path, **_mock(patched, DENSE="1", TOPK="100")).returncode == 0
+
+
+def test_one_gpu_monitor(tmp_path, patched, megatron_lm):
+    off = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **_mock(patched))
+    assert "--lighthouse-monitor" not in off.stdout
+    on = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **_mock(patched, MONITOR="1", CHECKPOINT_DIR="/ck"))
+    assert on.returncode == 0, on.stderr
+    assert on.stdout.splitlines()[-1].endswith("--lighthouse-monitor --lighthouse-monitor-interval 1")
+    dense = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **_mock(patched, MONITOR="1", DENSE="1"))
+    assert "--lighthouse-monitor --lighthouse-monitor-interval 1" in dense.stdout  # a flag of the hook, not of Lighthouse
+    unpatched = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **_mock(megatron_lm, MONITOR="1"))
+    assert unpatched.returncode == 0 and "note: MONITOR=1: the GPU monitor needs the patched" in unpatched.stderr
+    assert "--lighthouse-monitor" not in unpatched.stdout
+
+
+def _recording_torchrun(tmp_path: pathlib.Path) -> tuple:
+    """A stand-in torchrun on PATH that records its LIGHTHOUSE_* environment and its arguments."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    record = tmp_path / "argv"
+    (bin_dir / "torchrun").write_text(f'#!/usr/bin/env bash\n{{ env | grep ^LIGHTHOUSE_ | sort; echo "$@"; }} > {record}\n')
+    (bin_dir / "torchrun").chmod(0o755)
+    return f"{bin_dir}:{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}", record
+
+
+def test_unpatched_line_runs_as_printed(tmp_path, megatron_lm):
+    """The unpatched route's settings travel in LIGHTHOUSE_* variables: exported when the example launches, and
+    in front of the printed command, which runs the same when pasted into a shell."""
+    path, record = _recording_torchrun(tmp_path)
+    env = {k: v for k, v in _mock(megatron_lm, TOPK="1024", PATH=path).items() if k != "DRY_RUN"}
+    launched = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **env)
+    assert launched.returncode == 0, launched.stderr
+    expected = ("LIGHTHOUSE_DENSE_LAYERS=0,1,-2,-1\nLIGHTHOUSE_LEVELS=3\nLIGHTHOUSE_POOLING_FACTOR=4\n"
+                "LIGHTHOUSE_TOPK=1024\n")
+    as_launched = record.read_text()
+    assert as_launched.startswith(expected) and "--spec megatron_lighthouse.env_spec lighthouse_layer_spec" in as_launched
+    printed = subprocess.run(["bash", str(EXAMPLES / "pretrain_lighthouse_1gpu.sh")], capture_output=True, text=True,
+                             env={**env, "HOME": str(tmp_path), "DRY_RUN": "1"}, check=True).stdout.splitlines()[-1]
+    record.unlink()
+    subprocess.run(["bash", "-c", printed], env={"PATH": path, "HOME": str(tmp_path)}, check=True)
+    assert record.read_text() == as_launched
+
