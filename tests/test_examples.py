@@ -1,18 +1,31 @@
 """The launch examples parse, validate their variables before launching, and build the documented command,
-for a Megatron-LM checkout with and without the hook of ``patches/``."""
+for a Megatron-LM checkout with and without the hook of ``patches/``; ``benchmarks/run_megatron_lm_gpu.sh`` drives
+them through the user path (its ``DRY_RUN=1``).
+
+With ``MEGATRON_LM_DIR`` pointing at a Megatron-LM checkout (e.g. the commit of ``patches/apply.sh``), the tests
+marked ``checkout`` also run the examples against a patched and a pristine copy of it, and Megatron-LM's own
+argument parser and model builder take the commands they print (``patches/check_patched.py -- COMMAND``, on CPU).
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import pathlib
 import shlex
+import shutil
 import subprocess
 import sys
+import tarfile
 
 import pytest
 
+from test_patches import PATCH, parse_patch
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
+GPU_SCRIPT = ROOT / "benchmarks" / "run_megatron_lm_gpu.sh"
 SCRIPTS = ["pretrain_lighthouse_1gpu.sh", "pretrain_lighthouse_multinode_1m.sh", "resume_dense.sh"]
 MODEL = ("--num-layers 30 --hidden-size 1024 --num-attention-heads 8 --ffn-hidden-size 1536 --swiglu "
          "--normalization RMSNorm --position-embedding-type rope --disable-bias-linear --attention-dropout 0 "
@@ -335,3 +348,213 @@ def test_unpatched_line_runs_as_printed(tmp_path, megatron_lm):
     subprocess.run(["bash", "-c", printed], env={"PATH": path, "HOME": str(tmp_path)}, check=True)
     assert record.read_text() == as_launched
 
+
+# -- benchmarks/run_megatron_lm_gpu.sh: the user path on one GPU, dry run -----------------------------------------
+
+
+def _patchable_stand_in(root: pathlib.Path) -> pathlib.Path:
+    """A Megatron-LM look-alike the patch applies to: pretrain_gpt.py holds each hunk's pre-image between filler
+    lines (no Megatron-LM code here), plus an empty megatron/ package."""
+    (root / "megatron").mkdir(parents=True)
+    lines = []
+    for i, hunk in enumerate(parse_patch(PATCH.read_text())["pretrain_gpt.py"]):
+        lines += [f"# filler {i}.{j}" for j in range(5)] + hunk["old"]
+    (root / "pretrain_gpt.py").write_text("\n".join(lines + ["# end"]) + "\n")
+    return root
+
+
+def _gpu_dry_run(tmp_path: pathlib.Path, source: pathlib.Path, **env: str) -> tuple:
+    out, work = tmp_path / "out", tmp_path / "work"
+    full = {"PATH": f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}", "HOME": str(tmp_path),
+            "PYTHON": sys.executable, "WORK_DIR": str(work), "DRY_RUN": "1", **env}
+    proc = subprocess.run(["bash", str(GPU_SCRIPT), str(source), str(out)], env=full, capture_output=True, text=True,
+                          timeout=300)
+    return proc, out, work
+
+
+def _stages(stdout: str) -> dict:
+    """``{stage: the lines it printed}`` from the script's ``== name (timeout ...)`` headers."""
+    stages, name = {}, None
+    for line in stdout.splitlines():
+        if line.startswith("== ") and "(timeout " in line:
+            name = line.split()[1]
+            stages[name] = []
+        elif line.startswith("== "):
+            name = None
+        elif name:
+            stages[name].append(" ".join(shlex.split(line)) if "pretrain_gpt.py" in line else line)
+    return stages
+
+
+def test_gpu_script_dry_run_runs_the_user_path(tmp_path):
+    proc, out, work = _gpu_dry_run(tmp_path, _patchable_stand_in(tmp_path / "Megatron-LM"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stages = _stages(proc.stdout)
+    assert list(stages) == ["a_lighthouse", "e_monitor_report", "b_resume_dense", "d_unpatched_dense",
+                            "c_dense_scratch"]
+    patched, pristine = work / "megatron-lm-patched", work / "megatron-lm-pristine"
+    assert "megatron_lighthouse" in (patched / "pretrain_gpt.py").read_text()
+    assert "megatron_lighthouse" not in (pristine / "pretrain_gpt.py").read_text()
+    common = (f"--transformer-impl local --num-layers 8 --hidden-size 1024 --num-attention-heads 8 "
+              f"--ffn-hidden-size 1536 --swiglu --normalization RMSNorm --position-embedding-type rope "
+              f"--disable-bias-linear --attention-dropout 0 --hidden-dropout 0 --seq-length 131072 "
+              f"--max-position-embeddings 131072 {LOCAL} --lr 2e-3 --min-lr 2e-4 --lr-warmup-iters 1 "
+              f"--lr-decay-style constant")
+    (a,) = [line for line in stages["a_lighthouse"] if "pretrain_gpt.py" in line]
+    assert a.startswith(f"torchrun --nproc-per-node 1 {patched}/pretrain_gpt.py --lighthouse --lighthouse-topk 2048 ")
+    assert common in a and f"--global-batch-size 1 " in a and "--train-iters 4 " in a
+    assert f"--save {work}/ckpt_a_lighthouse " in a and "--log-interval 1 " in a
+    assert a.endswith(f"{MOCK} --lighthouse-monitor --lighthouse-monitor-interval 1")
+    assert stages["e_monitor_report"] == [
+        f"{sys.executable} -m megatron_lighthouse.monitor report {work}/ckpt_a_lighthouse/gpu_monitor.jsonl "
+        f"--out {out}/gpu_monitor.png"]
+    (b,) = [line for line in stages["b_resume_dense"] if "pretrain_gpt.py" in line]
+    assert f"{patched}/pretrain_gpt.py --lighthouse " in b and "--lighthouse-dense-from-iteration 4 " in b
+    assert common in b and "--train-iters 6 " in b and f"--save {work}/ckpt_b_resume_dense " in b
+    assert "--override-opt_param-scheduler" in b and b.endswith(f"{MOCK} --load {work}/ckpt_a_lighthouse")
+    (d,) = [line for line in stages["d_unpatched_dense"] if "pretrain_gpt.py" in line]
+    assert f"{pristine}/pretrain_gpt.py --spec megatron_lighthouse.env_spec dense_local_layer_spec {common}" in d
+    assert "--lighthouse" not in d and "--train-iters 8 " in d and d.endswith(f"--load {work}/ckpt_b_resume_dense")
+    (c,) = [line for line in stages["c_dense_scratch"] if "pretrain_gpt.py" in line]
+    assert f"{patched}/pretrain_gpt.py --spec megatron_lighthouse.env_spec dense_local_layer_spec {common}" in c
+    assert "--lighthouse" not in c and "--train-iters 6 " in c and "--load" not in c
+    # What comes back from the device: few files, the stage logs in one archive.
+    assert sorted(p.name for p in out.iterdir()) == ["megatron_lm_gpu.json", "megatron_lm_gpu.txt",
+                                                     "megatron_lm_gpu_logs.tar.gz"]
+    with tarfile.open(out / "megatron_lm_gpu_logs.tar.gz") as tar:
+        assert sorted(tar.getnames()) == ["logs", *(f"logs/{name}.log" for name in (
+            "a_lighthouse", "b_resume_dense", "c_dense_scratch", "d_unpatched_dense", "e_monitor_report", "setup")),
+            "logs/stages.tsv"]
+    record = json.loads((out / "megatron_lm_gpu.json").read_text())["stages"]
+    assert {name: stage["status"]["rc"] for name, stage in record.items()} == dict.fromkeys(stages, 0)
+
+
+def test_gpu_script_settings_and_a_patched_source(tmp_path):
+    """The model and lengths are variables; a checkout patched already still gives a pristine copy."""
+    source = _patchable_stand_in(tmp_path / "Megatron-LM")
+    subprocess.run(["git", "apply", str(PATCH)], cwd=source, check=True)
+    proc, out, work = _gpu_dry_run(tmp_path, source, NUM_LAYERS="6", ITERS_A="3", ITERS_B="1", ITERS_D="1",
+                                   VOCAB_SIZE="50304")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "megatron_lighthouse" not in (work / "megatron-lm-pristine" / "pretrain_gpt.py").read_text()
+    assert "megatron_lighthouse" in (source / "pretrain_gpt.py").read_text()  # the given checkout is left alone
+    stages = _stages(proc.stdout)
+    assert "--lighthouse-dense-from-iteration 3 " in stages["b_resume_dense"][-1]
+    assert "--train-iters 5 " in stages["d_unpatched_dense"][-1] and "--num-layers 6 " in stages["c_dense_scratch"][-1]
+    assert "--vocab-size 50304 " in stages["a_lighthouse"][-1]
+
+
+@pytest.mark.parametrize("argv, env, message", [
+    ((), {}, "usage:"),
+    (("/nonexistent",), {}, "MEGATRON_LM_DIR=/nonexistent: not a Megatron-LM checkout"),
+    (("SRC",), dict(ITERS_A="0"), "ITERS_A=0: must be a positive integer"),
+    (("SRC",), dict(BUDGET_S="ten"), "BUDGET_S=ten: must be a positive integer"),
+    (("SRC",), dict(DRY_RUN="yes"), "DRY_RUN=yes: must be 0 or 1"),
+])
+def test_gpu_script_refuses_bad_usage(tmp_path, argv, env, message):
+    source = _patchable_stand_in(tmp_path / "Megatron-LM")
+    argv = [str(source) if a == "SRC" else a for a in argv]
+    command = ["bash", str(GPU_SCRIPT), *argv] + ([str(tmp_path / "out")] if argv else [])
+    proc = subprocess.run(command, env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+# -- against a real Megatron-LM checkout (MEGATRON_LM_DIR) -------------------------------------------------------
+
+CHECKOUT = pathlib.Path(os.environ.get("MEGATRON_LM_DIR") or "/nonexistent")
+needs_checkout = pytest.mark.skipif(
+    not (CHECKOUT / "pretrain_gpt.py").is_file(),
+    reason="set MEGATRON_LM_DIR to a Megatron-LM checkout (e.g. the commit of patches/apply.sh) to run these")
+#: What pretrain_gpt.py needs of a checkout (the rest of a clone is not copied).
+CHECKOUT_FILES = ("megatron", "pretrain_gpt.py", "gpt_builders.py", "model_provider.py")
+#: A small model of the examples' shape at their 131072 tokens: 5 layers, the middle one Lighthouse.
+SMALL = dict(NUM_LAYERS="5", HIDDEN="64", HEADS="4", FFN="128", VOCAB_SIZE="256", TRANSFORMER_IMPL="local")
+
+
+@pytest.fixture(scope="module")
+def checkout(tmp_path_factory) -> dict:
+    """``{"patched": ..., "pristine": ...}``: two copies of MEGATRON_LM_DIR, one with patches/apply.sh applied."""
+    root = tmp_path_factory.mktemp("megatron_lm")
+    copies = {}
+    for name in ("pristine", "patched"):
+        copies[name] = root / name
+        copies[name].mkdir()
+        for item in CHECKOUT_FILES:
+            source = CHECKOUT / item
+            if source.is_dir():
+                shutil.copytree(source, copies[name] / item, ignore=shutil.ignore_patterns("__pycache__"))
+            elif source.is_file():
+                shutil.copy2(source, copies[name] / item)
+    if "megatron_lighthouse" in (copies["pristine"] / "pretrain_gpt.py").read_text():
+        subprocess.run(["git", "apply", "--reverse", str(PATCH)], cwd=copies["pristine"], check=True)
+    subprocess.run(["bash", str(ROOT / "patches" / "apply.sh"), str(copies["patched"])], check=True,
+                   capture_output=True)
+    return copies
+
+
+@needs_checkout
+@pytest.mark.parametrize("impl", ["transformer_engine", "local"])
+def test_checkout_examples_launch_with_mock_data(tmp_path, checkout, impl):
+    """Against a patched Megatron-LM checkout, all three examples need no dataset or tokenizer and launch with
+    --mock-data and --no-create-attention-mask-in-dataloader; the pristine one takes the unpatched route."""
+    for script in SCRIPTS:
+        for copy, hook in ((checkout["patched"], "--lighthouse "), (checkout["pristine"], "--spec ")):
+            proc = _run(script, tmp_path, **_mock(copy, TRANSFORMER_IMPL=impl), **_needs(script, tmp_path))
+            assert proc.returncode == 0, (script, proc.stderr)
+            command = proc.stdout.splitlines()[-1]
+            assert MOCK in command and (LOCAL in command) == (impl == "local"), (script, command)
+            if script != "resume_dense.sh" or copy == checkout["patched"] or impl == "local":
+                assert f"pretrain_gpt.py {hook}" in command, (script, command)
+
+
+def _check_command(copy: pathlib.Path, command: str) -> subprocess.CompletedProcess:
+    """``patches/check_patched.py COPY -- COMMAND``: Megatron-LM's parser and model builder on CPU."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "kernels"),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, str(ROOT / "patches" / "check_patched.py"), str(copy), "--", command],
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+@needs_checkout
+@pytest.mark.parametrize("script, copy, env, layers", [
+    # stage one, patched: the Lighthouse flags; layers 0, 1, -2, -1 dense
+    ("pretrain_lighthouse_1gpu.sh", "patched", {}, ["SDPACoreAttention"] * 2 + ["LighthouseCoreAttention"]
+     + ["SDPACoreAttention"] * 2),
+    # a stage-two checkpoint in the unpatched script, an ordinary dense model (the GPU script's stage d)
+    ("resume_dense.sh", "pristine", {}, ["SDPACoreAttention"] * 5),
+    # stage one, unpatched: --spec megatron_lighthouse.env_spec with the printed LIGHTHOUSE_* variables
+    ("pretrain_lighthouse_1gpu.sh", "pristine", {}, ["LighthouseCoreAttention"] * 5),
+])
+def test_megatron_accepts_the_local_mock_commands(tmp_path, checkout, script, copy, env, layers):
+    """Megatron-LM's own argument parser (the patched script's, with the hook's start-up checks) takes every flag the
+    example passes with TRANSFORMER_IMPL=local and MOCK_DATA=1, and builds the model without TransformerEngine."""
+    proc = _run(script, tmp_path, **_mock(checkout[copy], **SMALL, **env), **_needs(script, tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    checked = _check_command(checkout[copy], proc.stdout.splitlines()[-1])
+    assert checked.returncode == 0, checked.stdout[-2000:] + checked.stderr[-4000:]
+    assert f"core attention per layer: {layers}" in checked.stdout
+    assert "accepts the command and builds its model" in checked.stdout
+
+
+@needs_checkout
+def test_without_the_rope_flag_megatron_refuses(tmp_path, checkout):
+    """The check can fail: without --no-rope-fusion Megatron-LM stops at start-up (no TransformerEngine here; the
+    other local flags are refused by the hook's start-up checks, tested in test_megatron_lm_args.py)."""
+    if importlib.util.find_spec("transformer_engine") is not None:
+        pytest.skip("TransformerEngine is installed: Megatron-LM's RoPE fusion works here")
+    proc = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **_mock(checkout["patched"], **SMALL))
+    command = proc.stdout.splitlines()[-1]
+    assert " --no-rope-fusion " in command
+    checked = _check_command(checkout["patched"], command.replace(" --no-rope-fusion ", " "))
+    assert checked.returncode != 0, checked.stdout[-2000:]
+    assert "apply_rope_fusion is not available. Please install TE >= 1.4." in checked.stderr, checked.stderr[-3000:]
+
+
+@needs_checkout
+def test_gpu_script_dry_run_on_the_checkout(tmp_path):
+    proc, out, work = _gpu_dry_run(tmp_path, CHECKOUT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "megatron_lighthouse" in (work / "megatron-lm-patched" / "pretrain_gpt.py").read_text()
+    assert "megatron_lighthouse" not in (work / "megatron-lm-pristine" / "pretrain_gpt.py").read_text()
+    assert f"{work}/megatron-lm-pristine/pretrain_gpt.py --spec megatron_lighthouse.env_spec dense_local_layer_spec" \
+        in _stages(proc.stdout)["d_unpatched_dense"][-1]
