@@ -20,7 +20,9 @@ Usage::
     python benchmarks/megatron_log.py [--json OUT.json] [--status stages.tsv] [NAME=]LOG...
 
 ``NAME`` names the stage (default: the log's file name without ``.log``); ``--status`` is a tab-separated file
-``stage rc seconds`` (with a header line) of how each stage ended, merged into the JSON and the table.
+``stage rc seconds`` (with a header line) of how each stage ended, merged into the JSON and the table. A stage whose
+first iteration follows the last one of a stage given before it (a resumed checkpoint) is said to continue it, with
+both losses.
 """
 
 from __future__ import annotations
@@ -118,6 +120,24 @@ def summarize(log: dict) -> dict:
     }
 
 
+def link_resumed(stages: Dict[str, dict]) -> None:
+    """Set ``summary["continues"]`` of each stage whose first logged iteration follows the last one of an earlier
+    stage (a resumed checkpoint): that stage's name and last lm loss, and this one's first."""
+    names = list(stages)
+    for i, name in enumerate(names):
+        first = stages[name]["summary"]["iterations"]
+        stages[name]["summary"]["continues"] = None
+        if not first or first[0] <= 1:
+            continue
+        for before in reversed(names[:i]):
+            last = stages[before]["summary"]["iterations"]
+            if last and last[1] == first[0] - 1:
+                stages[name]["summary"]["continues"] = {
+                    "stage": before, "lm_loss_before": stages[before]["summary"]["lm_loss_last"],
+                    "lm_loss_after": stages[name]["summary"]["lm_loss_first"]}
+                break
+
+
 def read_status(path: str) -> Dict[str, dict]:
     """``stage rc seconds`` rows (tab-separated, a header line first) -> ``{stage: {"rc": ..., "seconds": ...}}``."""
     status = {}
@@ -172,12 +192,17 @@ def format_report(stages: Dict[str, dict]) -> str:
     if memory:
         out += ["", _table(["stage", "memory (MB) at", "allocated", "max allocated", "reserved", "max reserved"],
                            memory)]
+    notes = []
     for name, stage in stages.items():
         if stage["switch"]:
             sw = stage["switch"]
-            out.append(f"\n{name}: {sw['layers_switched']} Lighthouse layers switched to dense at iteration "
-                       f"{sw['iteration']} (--lighthouse-dense-from-iteration {sw['dense_from_iteration']})")
-    return "\n".join(out)
+            notes.append(f"{name}: {sw['layers_switched']} Lighthouse layers switched to dense at iteration "
+                         f"{sw['iteration']} (--lighthouse-dense-from-iteration {sw['dense_from_iteration']})")
+        if stage["summary"].get("continues"):
+            c = stage["summary"]["continues"]
+            notes.append(f"{name}: continues {c['stage']} at iteration {stage['summary']['iterations'][0]}, lm loss "
+                         f"{_cell(c['lm_loss_before'])} -> {_cell(c['lm_loss_after'])}")
+    return "\n".join(out + ([""] + notes if notes else []))
 
 
 def stage_and_path(item: str) -> Tuple[str, str]:
@@ -201,6 +226,7 @@ def load_stages(logs: List[str], status: Optional[Dict[str, dict]] = None) -> Di
     for name, stage in stages.items():
         stage["summary"] = summarize(stage)
         stage["status"] = (status or {}).get(name)
+    link_resumed(stages)
     return stages
 
 

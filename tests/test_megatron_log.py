@@ -145,6 +145,7 @@ def test_cli_writes_table_and_json(tmp_path, capsys, lighthouse_log):
     assert row_b.split()[:4] == ["b_resume_dense", "0", "80", "5-6"] and row_b.split()[-1] == "4"
     assert row_c.split() == ["c_dense_scratch", "124", "150"] + ["-"] * 8  # timed out, no log given
     assert "b_resume_dense: 4 Lighthouse layers switched to dense at iteration 4" in table
+    assert "b_resume_dense: continues a_lighthouse" not in table  # a ends at 2, b starts at 5
     assert "before save_checkpoint for iteration 6" in table
     record = json.loads(out.read_text())["stages"]
     assert list(record) == ["a_lighthouse", "b_resume_dense", "c_dense_scratch"]
@@ -158,3 +159,22 @@ def test_cli_refuses_a_missing_log(tmp_path, capsys):
     with pytest.raises(SystemExit):
         megatron_log.main([str(tmp_path / "nope.log")])
     assert "no such file" in capsys.readouterr().err
+
+
+def test_a_resumed_stage_continues_the_one_before(tmp_path):
+    logs = {"a_lighthouse": [iteration_line(i, 4, 1000.0, 10.0 - i / 10) for i in (1, 2, 3, 4)],
+            "b_resume_dense": [iteration_line(i, 6, 3000.0, 9.5 - i / 10) for i in (5, 6)],
+            "d_unpatched_dense": [iteration_line(i, 8, 3000.0, 9.0 - i / 10) for i in (7, 8)],
+            "c_dense_scratch": [iteration_line(i, 6, 3000.0, 10.0 - i / 10) for i in range(1, 7)]}
+    args = []
+    for name, lines in logs.items():
+        (tmp_path / f"{name}.log").write_text("\n".join(lines) + "\n")
+        args.append(str(tmp_path / f"{name}.log"))
+    stages = megatron_log.load_stages(args)
+    assert stages["b_resume_dense"]["summary"]["continues"] == {
+        "stage": "a_lighthouse", "lm_loss_before": pytest.approx(9.6), "lm_loss_after": pytest.approx(9.0)}
+    assert stages["d_unpatched_dense"]["summary"]["continues"]["stage"] == "b_resume_dense"
+    assert stages["a_lighthouse"]["summary"]["continues"] is None
+    assert stages["c_dense_scratch"]["summary"]["continues"] is None  # from scratch
+    assert "d_unpatched_dense: continues b_resume_dense at iteration 7, lm loss 8.9 -> 8.3" in \
+        megatron_log.format_report(stages)
