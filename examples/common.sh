@@ -176,10 +176,13 @@ monitor_flags() {
 }
 # launch CMD...: run it (with LAUNCH_ENV exported), or only print it, LAUNCH_ENV first, when DRY_RUN=1.
 launch() {
-    if [ "${DRY_RUN:-0}" = 1 ]; then
+    if [ "$DRY_RUN" = 1 ]; then
         printf '%q ' "${LAUNCH_ENV[@]}" "$@"; echo
     else
         [ "${#LAUNCH_ENV[@]}" = 0 ] || export "${LAUNCH_ENV[@]}"
         exec "$@"
     fi
 }
+# DRY_RUN=1 prints the command instead of launching it; any other value than 0 or 1 is refused before anything.
+: "${DRY_RUN:=0}"
+require_switch DRY_RUN

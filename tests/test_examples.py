@@ -156,6 +156,7 @@ def test_one_gpu_patched_passes_the_flags(tmp_path, patched):
     (dict(MONITOR="2"), "MONITOR=2: must be 0 or 1"),
     (dict(DENSE="yes"), "DENSE=yes: must be 0 or 1"),
     (dict(DENSE="1", DENSE_FROM_ITER="8000"), "DENSE_FROM_ITER=8000 with DENSE=1: the model is dense from the start"),
+    (dict(DRY_RUN="yes"), "DRY_RUN=yes: must be 0 or 1"),  # a typo must not launch
 ])
 def test_one_gpu_bad_variables_are_refused_before_launch(tmp_path, patched, env, message):
     proc = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **{**_base(patched), **env})
@@ -187,6 +188,7 @@ def test_multinode_1m_sizes_cp_and_its_monitor_needs_the_patch(tmp_path, megatro
                          (dict(CP_SIZE="16"), "topk must be a multiple of 4096"),
                          (dict(MONITOR="yes"), "MONITOR=yes: must be 0 or 1"),
                          (dict(GLOBAL_BATCH="6"), "GLOBAL_BATCH=6 must be a multiple of the 4 data-parallel ranks"),
+                         (dict(MASTER_PORT="http"), "MASTER_PORT=http: must be a positive integer"),
                          (dict(MASTER_ADDR=""), "MASTER_ADDR is not set")]:
         bad = _run("pretrain_lighthouse_multinode_1m.sh", tmp_path, **{**_base(patched), **multi, **env})
         assert bad.returncode == 2 and message in bad.stderr, (env, bad.stderr)
