@@ -560,3 +560,71 @@ def test_gpu_script_dry_run_on_the_checkout(tmp_path):
     assert "megatron_lighthouse" not in (work / "megatron-lm-pristine" / "pretrain_gpt.py").read_text()
     assert f"{work}/megatron-lm-pristine/pretrain_gpt.py --spec megatron_lighthouse.env_spec dense_local_layer_spec" \
         in _stages(proc.stdout)["d_unpatched_dense"][-1]
+
+
+#: A stand-in for torchrun + Megatron-LM: prints Megatron-LM's log lines for the iterations it is asked to run
+#: (from its --load checkpoint's iteration on), the hook's switch line, and saves a checkpoint marker in --save.
+FAKE_TORCHRUN = '''
+import os, sys, time
+argv = sys.argv[1:]
+def value(flag):
+    return argv[argv.index(flag) + 1] if flag in argv else None
+if os.environ.get("FAKE_SLEEP") and "--lighthouse-monitor" in argv:
+    time.sleep(float(os.environ["FAKE_SLEEP"]))
+start = int(open(os.path.join(value("--load"), "latest_checkpointed_iteration.txt")).read()) if value("--load") else 0
+total, dense_from = int(value("--train-iters")), value("--lighthouse-dense-from-iteration")
+if dense_from is not None and start >= int(dense_from):
+    print(f"INFO:megatron_lighthouse.megatron_lm:Lighthouse: iteration {start} >= --lighthouse-dense-from-iteration "
+          f"{dense_from}: 4 Lighthouse layers switched to dense attention (layers 3, 4, 5, 6)")
+for it in range(start + 1, total + 1):
+    print(f" [2026-08-23 10:00:00.000000] iteration {it:8d}/{total:8d} | consumed samples: {it:12d} |"
+          f" elapsed time per iteration (ms): {1000.0 * it:.1f} | learning rate: 2.000000E-03 |"
+          f" global batch size:     1 | lm loss: {11 - it / 2:.6E} | loss scale: 1.0 | grad norm: 1.000 |"
+          f" number of skipped iterations:   0 | number of nan iterations:   0 |")
+    print(f"[Rank 0] (after {it} iterations) memory (MB) | allocated: 100.00 | max allocated: {500.0 + it:.2f}"
+          f" | reserved: 600.00 | max reserved: 700.00")
+os.makedirs(value("--save"), exist_ok=True)
+open(os.path.join(value("--save"), "latest_checkpointed_iteration.txt"), "w").write(str(total))
+'''
+
+
+def _fake_run(tmp_path: pathlib.Path, **env: str) -> tuple:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "torchrun").write_text(f"#!{sys.executable}\n{FAKE_TORCHRUN}")
+    (bin_dir / "torchrun").chmod(0o755)
+    path = f"{bin_dir}:{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}"
+    return _gpu_dry_run(tmp_path, _patchable_stand_in(tmp_path / "Megatron-LM"), DRY_RUN="0", PATH=path, **env)
+
+
+def test_gpu_script_chains_the_stages_and_reads_their_logs(tmp_path):
+    """A real (not dry) run over a stand-in torchrun: each stage loads what the one before saved, the report reads
+    Megatron-LM's lines; without a monitor log (no NVML) the PNG stage is skipped and the script says so."""
+    proc, out, work = _fake_run(tmp_path)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "== stages that did not finish: e_monitor_report" in proc.stderr
+    record = json.loads((out / "megatron_lm_gpu.json").read_text())["stages"]
+    assert {name: stage["status"]["rc"] for name, stage in record.items()} == {
+        "a_lighthouse": 0, "b_resume_dense": 0, "d_unpatched_dense": 0, "c_dense_scratch": 0,
+        "e_monitor_report": "skipped"}
+    summaries = {name: stage["summary"] for name, stage in record.items()}
+    assert [summaries[n]["iterations"] for n in ("a_lighthouse", "b_resume_dense", "d_unpatched_dense",
+                                                 "c_dense_scratch")] == [[1, 4], [5, 6], [7, 8], [1, 6]]
+    assert summaries["b_resume_dense"]["switched_at"] == 4
+    assert summaries["d_unpatched_dense"]["continues"] == {"stage": "b_resume_dense", "lm_loss_before": 8.0,
+                                                           "lm_loss_after": 7.5}
+    table = (out / "megatron_lm_gpu.txt").read_text()
+    assert "b_resume_dense: 4 Lighthouse layers switched to dense at iteration 4" in table
+    assert sorted(p.name for p in out.iterdir()) == ["megatron_lm_gpu.json", "megatron_lm_gpu.txt",
+                                                     "megatron_lm_gpu_logs.tar.gz"]
+
+
+def test_gpu_script_bounds_each_stage(tmp_path):
+    """Stage a over its timeout: killed (rc 124), the stages needing its checkpoint skipped, the rest run."""
+    proc, out, work = _fake_run(tmp_path, FAKE_SLEEP="60", TIMEOUT_A="10")
+    assert proc.returncode == 1
+    record = json.loads((out / "megatron_lm_gpu.json").read_text())["stages"]
+    assert {name: stage["status"]["rc"] for name, stage in record.items()} == {
+        "a_lighthouse": 124, "c_dense_scratch": 0, "e_monitor_report": "skipped", "b_resume_dense": "skipped",
+        "d_unpatched_dense": "skipped"}
+    assert record["a_lighthouse"]["status"]["seconds"] < 40
