@@ -64,12 +64,14 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
     echo "repo $REPO  Megatron-LM $SRC  work $WORK  out $OUT_DIR"
     if [ "$DRY_RUN" = 0 ]; then
         "$PYTHON" -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.cuda.is_available())'
+        "$PYTHON" -c 'import importlib.util as u; print("python modules missing:", [m for m in ("triton", "einops", "pybind11", "pynvml", "matplotlib") if u.find_spec(m) is None] or "none")'
         nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || true
         # Megatron-LM compiles its dataset helpers at start-up; once here, before the copies, so no stage pays.
         make -C "$SRC/megatron/core/datasets" 2>&1 | tail -n 2
     fi
     rm -rf "$PATCHED" "$PRISTINE"
-    cp -r "$SRC" "$PATCHED" && cp -r "$SRC" "$PRISTINE" || die "cannot copy $SRC into $WORK"
+    # -a keeps the times: the compiled helpers stay newer than their source, so no stage's make rebuilds them.
+    cp -a "$SRC" "$PATCHED" && cp -a "$SRC" "$PRISTINE" || die "cannot copy $SRC into $WORK"
     if grep -q megatron_lighthouse "$PRISTINE/pretrain_gpt.py"; then  # the given checkout was patched already
         (cd "$PRISTINE" && git apply --reverse "$REPO/patches/megatron_lm_lighthouse.patch") \
             || die "$SRC/pretrain_gpt.py carries the hook and the patch does not reverse: give an unpatched checkout"
