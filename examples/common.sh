@@ -1,6 +1,8 @@
 # Shared helpers of the launch examples (sourced, not run).
 # die MSG: print an error and exit 2.
 die() { echo "error: $*" >&2; exit 2; }
+# note MSG: tell the user something the launch does differently from what was asked (stderr).
+note() { echo "note: $*" >&2; }
 # require_megatron_lm: MEGATRON_LM_DIR must be a Megatron-LM checkout.
 require_megatron_lm() {
     [ -n "${MEGATRON_LM_DIR:-}" ] || die "MEGATRON_LM_DIR is not set (a Megatron-LM checkout containing pretrain_gpt.py)"
@@ -10,10 +12,21 @@ require_megatron_lm() {
 require_set() { for v in "$@"; do [ -n "${!v:-}" ] || die "$v is not set"; done; }
 # require_int VAR...: each named variable must be a positive integer.
 require_int() { for v in "$@"; do [[ "${!v:-}" =~ ^[1-9][0-9]*$ ]] || die "$v=${!v:-}: must be a positive integer"; done; }
+# require_count VAR...: each named variable must be an integer >= 0.
+require_count() { for v in "$@"; do [[ "${!v:-}" =~ ^[0-9]+$ ]] || die "$v=${!v:-}: must be an integer >= 0"; done; }
+# require_switch VAR...: each named variable must be 0 or 1.
+require_switch() { for v in "$@"; do [[ "${!v:-}" =~ ^[01]$ ]] || die "$v=${!v:-}: must be 0 or 1"; done; }
+# require_number VAR...: each named variable must be a decimal number such as 2e-3.
+require_number() {
+    for v in "$@"; do
+        [[ "${!v:-}" =~ ^[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$ ]] || die "$v=${!v:-}: must be a decimal number such as 2e-3"
+    done
+}
 # model_flags: set the array MODEL_FLAGS (model shape, implementation, sequence length), the same in every
 # example: stage two must rebuild the stage-one model to load its checkpoint. Defaults: NUM_LAYERS=30
 # HIDDEN=1024 HEADS=8 FFN=1536 (the paper's layer) TRANSFORMER_IMPL=transformer_engine (or local); SEQ_LEN is
-# set by the calling script.
+# set by the calling script. No dropout, as in the package's own trainer (megatron_lighthouse.demo); the
+# package's core attention refuses attention dropout under context parallelism.
 model_flags() {
     : "${NUM_LAYERS:=30}" "${HIDDEN:=1024}" "${HEADS:=8}" "${FFN:=1536}" "${TRANSFORMER_IMPL:=transformer_engine}"
     require_int NUM_LAYERS HIDDEN HEADS FFN SEQ_LEN
@@ -24,21 +37,66 @@ model_flags() {
     esac
     MODEL_FLAGS=(--transformer-impl "$TRANSFORMER_IMPL" --num-layers "$NUM_LAYERS" --hidden-size "$HIDDEN"
                  --num-attention-heads "$HEADS" --ffn-hidden-size "$FFN" --swiglu --normalization RMSNorm
-                 --position-embedding-type rope --disable-bias-linear
+                 --position-embedding-type rope --disable-bias-linear --attention-dropout 0 --hidden-dropout 0
                  --seq-length "$SEQ_LEN" --max-position-embeddings "$SEQ_LEN")
+    if [ "$TRANSFORMER_IMPL" = local ]; then
+        # Megatron-LM's defaults that need TransformerEngine or Apex, each off (verified at d98e8a64 and
+        # core_v0.19.0): RoPE fusion (TransformerConfig: "apply_rope_fusion is not available. Please install TE
+        # >= 1.4."), the persistent layer norm (the local RMSNorm is torch's: "persist_layer_norm not supported
+        # by torch LayerNorm") and gradient-accumulation fusion (ColumnParallelLinear: Apex's
+        # fused_weight_gradient_mlp_cuda "is not found").
+        MODEL_FLAGS+=(--no-rope-fusion --no-persist-layer-norm --no-gradient-accumulation-fusion)
+    fi
 }
-# optimizer_flags: set the array OPT_FLAGS, the paper's AdamW settings, the same in every example: LR (default
-# 2e-3) after 2,000 warm-up iterations, betas 0.9/0.95, weight decay 0.1, gradient clipping 1.0; LR_DECAY_STYLE
-# cosine (to 2e-4, the default), constant (the published configs' schedule: no decay after the warm-up) or linear.
+# optimizer_flags ITERS: set the array OPT_FLAGS, the paper's AdamW settings, the same in every example: LR
+# (default 2e-3) after LR_WARMUP_ITERS (default 2,000) warm-up iterations, betas 0.9/0.95, weight decay 0.1,
+# gradient clipping 1.0; LR_DECAY_STYLE cosine (to MIN_LR, default 2e-4), constant (the published configs'
+# schedule: no decay after the warm-up) or linear. The warm-up must end before ITERS (--train-iters, the
+# decay's end), and MIN_LR must not exceed LR: Megatron-LM asserts both.
 optimizer_flags() {
-    : "${LR:=2e-3}" "${LR_DECAY_STYLE:=cosine}"
-    [[ "$LR" =~ ^[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$ ]] || die "LR=$LR: must be a decimal number such as 2e-3"
+    : "${LR:=2e-3}" "${MIN_LR:=2e-4}" "${LR_WARMUP_ITERS:=2000}" "${LR_DECAY_STYLE:=cosine}"
+    require_number LR MIN_LR
+    require_count LR_WARMUP_ITERS
     case "$LR_DECAY_STYLE" in
         cosine|constant|linear) ;;
         *) die "LR_DECAY_STYLE=$LR_DECAY_STYLE: must be cosine, constant or linear" ;;
     esac
-    OPT_FLAGS=(--lr "$LR" --min-lr 2e-4 --lr-warmup-iters 2000 --lr-decay-style "$LR_DECAY_STYLE" --weight-decay 0.1
-               --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0)
+    awk -v lr="$LR" -v min="$MIN_LR" 'BEGIN { exit !(lr + 0 >= min + 0) }' \
+        || die "MIN_LR=$MIN_LR: must not exceed LR=$LR"
+    (( LR_WARMUP_ITERS < $1 )) \
+        || die "LR_WARMUP_ITERS=$LR_WARMUP_ITERS: the warm-up must end before the last iteration ($1); lower it for a short run"
+    OPT_FLAGS=(--lr "$LR" --min-lr "$MIN_LR" --lr-warmup-iters "$LR_WARMUP_ITERS" --lr-decay-style "$LR_DECAY_STYLE"
+               --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0)
+}
+# data_flags: set the array DATA_FLAGS. MOCK_DATA=1: Megatron-LM's mock GPT data and NullTokenizer with
+# VOCAB_SIZE tokens (default 32000), no dataset or tokenizer needed (a smoke test of a machine or cluster); else
+# DATA_PATH (an indexed dataset prefix) and TOKENIZER_MODEL (HuggingFace). Always
+# --no-create-attention-mask-in-dataloader: Megatron-LM's default builds a [1, s, s] mask per sample in the
+# data-loader workers, 17 GB at 128K tokens, which no causal kernel reads.
+data_flags() {
+    : "${MOCK_DATA:=0}" "${VOCAB_SIZE:=32000}"
+    require_switch MOCK_DATA
+    if [ "$MOCK_DATA" = 1 ]; then
+        require_int VOCAB_SIZE
+        DATA_FLAGS=(--mock-data --tokenizer-type NullTokenizer --vocab-size "$VOCAB_SIZE")
+    else
+        require_set DATA_PATH TOKENIZER_MODEL
+        DATA_FLAGS=(--data-path "$DATA_PATH" --tokenizer-type HuggingFaceTokenizer --tokenizer-model "$TOKENIZER_MODEL")
+    fi
+    DATA_FLAGS+=(--no-create-attention-mask-in-dataloader)
+}
+# run_flags ITERS: set the array RUN_FLAGS: batch (micro-batch 1, GLOBAL_BATCH sequences per iteration, default
+# 32), full recompute, bf16, ITERS iterations, checkpoints in CHECKPOINT_DIR every SAVE_INTERVAL iterations (and
+# at the end), a log line every LOG_INTERVAL, EVAL_ITERS validation batches every EVAL_INTERVAL (and at the end).
+# The calling script sets the defaults of the intervals.
+run_flags() {
+    : "${GLOBAL_BATCH:=32}"
+    require_int GLOBAL_BATCH SAVE_INTERVAL LOG_INTERVAL EVAL_INTERVAL EVAL_ITERS
+    require_set CHECKPOINT_DIR
+    RUN_FLAGS=(--micro-batch-size 1 --global-batch-size "$GLOBAL_BATCH"
+               --recompute-granularity full --recompute-method uniform --recompute-num-layers 1
+               --bf16 --train-iters "$1" --save "$CHECKPOINT_DIR" --save-interval "$SAVE_INTERVAL"
+               --log-interval "$LOG_INTERVAL" --eval-interval "$EVAL_INTERVAL" --eval-iters "$EVAL_ITERS")
 }
 # check_lighthouse SEQ_LEN CHUNKS: the Lighthouse settings (TOPK POOLING_FACTOR LEVELS DENSE_LAYERS) must fit the
 # (per-CP-chunk) sequence length and NUM_LAYERS.
@@ -71,26 +129,60 @@ PY
 }
 # is_patched: pretrain_gpt.py carries the hook of patches/ (patches/apply.sh MEGATRON_LM_DIR).
 is_patched() { grep -q megatron_lighthouse "$MEGATRON_LM_DIR/pretrain_gpt.py"; }
+# LAUNCH_ENV: VAR=value words the launched command needs in its environment (exported, and printed in front of
+# the command by DRY_RUN=1 so that the printed line can be pasted).
+LAUNCH_ENV=()
 # lighthouse_model_flags: set the array LH_FLAGS. With the patched pretrain_gpt.py: the --lighthouse flags
 # (validated and summarized at start-up; DENSE_FROM_ITER switches to dense in the same run or on resume).
 # Unpatched: --spec megatron_lighthouse.env_spec lighthouse_layer_spec (lighthouse_local_layer_spec with
-# TRANSFORMER_IMPL=local), its settings in LIGHTHOUSE_* variables.
+# TRANSFORMER_IMPL=local), its settings in LIGHTHOUSE_* variables (added to LAUNCH_ENV).
 lighthouse_model_flags() {
     if is_patched; then
         LH_FLAGS=(--lighthouse --lighthouse-topk "$TOPK" --lighthouse-pooling-factor "$POOLING_FACTOR"
                   --lighthouse-levels "$LEVELS" --lighthouse-dense-layers "$DENSE_LAYERS")
         if [ -n "${DENSE_FROM_ITER:-}" ]; then
-            [[ "$DENSE_FROM_ITER" =~ ^[0-9]+$ ]] || die "DENSE_FROM_ITER=$DENSE_FROM_ITER: must be an integer >= 0"
+            require_count DENSE_FROM_ITER
             LH_FLAGS+=(--lighthouse-dense-from-iteration "$DENSE_FROM_ITER")
         fi
     else
         [ -z "${DENSE_FROM_ITER:-}" ] || die "DENSE_FROM_ITER needs the patched pretrain_gpt.py (patches/apply.sh $MEGATRON_LM_DIR); or run examples/resume_dense.sh for stage two"
-        export LIGHTHOUSE_LEVELS=$LEVELS LIGHTHOUSE_POOLING_FACTOR=$POOLING_FACTOR LIGHTHOUSE_TOPK=$TOPK \
-               LIGHTHOUSE_DENSE_LAYERS=$DENSE_LAYERS
+        LAUNCH_ENV+=("LIGHTHOUSE_LEVELS=$LEVELS" "LIGHTHOUSE_POOLING_FACTOR=$POOLING_FACTOR" "LIGHTHOUSE_TOPK=$TOPK"
+                     "LIGHTHOUSE_DENSE_LAYERS=$DENSE_LAYERS")
         LH_FLAGS=(--spec megatron_lighthouse.env_spec "$([ "$TRANSFORMER_IMPL" = local ] && echo lighthouse_local_layer_spec || echo lighthouse_layer_spec)")
     fi
 }
-# launch CMD...: run it, or only print it when DRY_RUN=1.
-launch() {
-    if [ "${DRY_RUN:-0}" = 1 ]; then printf '%q ' "$@"; echo; else exec "$@"; fi
+# dense_spec_flags: set the array SPEC_FLAGS to the dense model with the state-dict keys of the Lighthouse one,
+# for any pretrain_gpt.py: with TransformerEngine Megatron-LM's own spec (TEDotProductAttention runs 128K);
+# local, the package's dense spec (torch SDPA core attention): Megatron-LM's local DotProductAttention
+# materializes the [s, s] scores of every head and cannot run at these lengths.
+dense_spec_flags() {
+    case "$TRANSFORMER_IMPL" in
+        local) SPEC_FLAGS=(--spec megatron_lighthouse.env_spec dense_local_layer_spec) ;;
+        transformer_engine) SPEC_FLAGS=() ;;
+    esac
 }
+# monitor_flags: set the array MONITOR_FLAGS from MONITOR (0 or 1): the per-rank GPU monitor (--lighthouse-monitor,
+# a flag of the patched pretrain_gpt.py; on an unpatched one the run goes on without it, with a note).
+monitor_flags() {
+    require_switch MONITOR
+    MONITOR_FLAGS=()
+    if [ "$MONITOR" = 1 ]; then
+        if is_patched; then
+            MONITOR_FLAGS=(--lighthouse-monitor --lighthouse-monitor-interval 1)
+        else
+            note "MONITOR=1: the GPU monitor needs the patched pretrain_gpt.py (patches/apply.sh $MEGATRON_LM_DIR); running without it"
+        fi
+    fi
+}
+# launch CMD...: run it (with LAUNCH_ENV exported), or only print it, LAUNCH_ENV first, when DRY_RUN=1.
+launch() {
+    if [ "$DRY_RUN" = 1 ]; then
+        printf '%q ' "${LAUNCH_ENV[@]}" "$@"; echo
+    else
+        [ "${#LAUNCH_ENV[@]}" = 0 ] || export "${LAUNCH_ENV[@]}"
+        exec "$@"
+    fi
+}
+# DRY_RUN=1 prints the command instead of launching it; any other value than 0 or 1 is refused before anything.
+: "${DRY_RUN:=0}"
+require_switch DRY_RUN

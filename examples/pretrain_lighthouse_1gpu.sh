@@ -1,32 +1,50 @@
 #!/usr/bin/env bash
-# Stage one on one GPU: Megatron-LM pretrain_gpt.py with Lighthouse at 128K context.
+# Stage one on one GPU: Megatron-LM pretrain_gpt.py with Lighthouse at 128K context (or, DENSE=1, the same model
+# dense: the baseline).
 # Variables (environment):
 #   MEGATRON_LM_DIR   Megatron-LM checkout (required); patched with patches/apply.sh for the --lighthouse flags,
 #                     else the model comes from --spec megatron_lighthouse.env_spec (no switch, no monitor)
-#   DATA_PATH         Megatron indexed dataset prefix (required)
-#   TOKENIZER_MODEL   HuggingFace tokenizer name or path (required)
-#   CHECKPOINT_DIR    where checkpoints go (default ./checkpoints/lighthouse)
+#   DATA_PATH         Megatron indexed dataset prefix (required unless MOCK_DATA=1)
+#   TOKENIZER_MODEL   HuggingFace tokenizer name or path (required unless MOCK_DATA=1)
+#   MOCK_DATA=1       Megatron-LM's mock data and NullTokenizer of VOCAB_SIZE=32000 tokens instead: no dataset, no
+#                     tokenizer (a smoke test of the machine)
+#   CHECKPOINT_DIR    where checkpoints go (default ./checkpoints/lighthouse; ./checkpoints/dense_baseline with DENSE=1)
 #   SEQ_LEN=131072 TOPK=2048 POOLING_FACTOR=4 LEVELS=3 DENSE_LAYERS=0,1,-2,-1   Lighthouse settings
-#   NUM_LAYERS=30 HIDDEN=1024 HEADS=8 FFN=1536 TRANSFORMER_IMPL=transformer_engine|local   the model
-#   TRAIN_ITERS=10000
-#   LR=2e-3 LR_DECAY_STYLE=cosine|constant|linear   the learning rate after 2,000 warm-up iterations, and its decay
-#                     (constant: the published configs' schedule)
+#   NUM_LAYERS=30 HIDDEN=1024 HEADS=8 FFN=1536 TRANSFORMER_IMPL=transformer_engine|local   the model (local: no
+#                     TransformerEngine needed; the flags for Megatron-LM's TE-only defaults are added)
+#   TRAIN_ITERS=10000 GLOBAL_BATCH=32 (sequences per iteration, one per micro-batch)
+#   SAVE_INTERVAL=1000 LOG_INTERVAL=10 EVAL_INTERVAL=1000 EVAL_ITERS=10   checkpoints (also at the end), log lines,
+#                     validation (also at the end)
+#   LR=2e-3 MIN_LR=2e-4 LR_WARMUP_ITERS=2000 LR_DECAY_STYLE=cosine|constant|linear   the learning rate after the
+#                     warm-up, and its decay (constant: the published configs' schedule)
 #   DENSE_FROM_ITER   both stages in one run: dense from this iteration on (patched pretrain_gpt.py only)
-#   DRY_RUN=1         validate everything, then print the command instead of running it
+#   DENSE=1           the same model dense from the start (no Lighthouse; TRANSFORMER_IMPL=local uses the package's
+#                     dense spec: Megatron-LM's local core attention cannot run 128K)
+#   MONITOR=1         per-rank GPU monitor, gpu_monitor.jsonl in CHECKPOINT_DIR (patched pretrain_gpt.py; else a
+#                     note and no monitor)
+#   DRY_RUN=1         validate everything, then print the command (with the variables it needs) instead of running it
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
+: "${DENSE:=0}" "${MONITOR:=0}"
+require_switch DENSE
 : "${SEQ_LEN:=131072}" "${TOPK:=2048}" "${POOLING_FACTOR:=4}" "${LEVELS:=3}" "${DENSE_LAYERS:=0,1,-2,-1}"
-: "${TRAIN_ITERS:=10000}" "${CHECKPOINT_DIR:=./checkpoints/lighthouse}"
+: "${TRAIN_ITERS:=10000}" "${CHECKPOINT_DIR:=./checkpoints/$([ "$DENSE" = 1 ] && echo dense_baseline || echo lighthouse)}"
+: "${SAVE_INTERVAL:=1000}" "${LOG_INTERVAL:=10}" "${EVAL_INTERVAL:=1000}" "${EVAL_ITERS:=10}"
 require_megatron_lm
-require_set DATA_PATH TOKENIZER_MODEL
+data_flags
 require_int SEQ_LEN TOPK POOLING_FACTOR LEVELS TRAIN_ITERS
 model_flags
-optimizer_flags
-check_lighthouse "$SEQ_LEN" 1
-lighthouse_model_flags
-launch torchrun --nproc-per-node 1 "$MEGATRON_LM_DIR/pretrain_gpt.py" "${LH_FLAGS[@]}" "${MODEL_FLAGS[@]}" \
-    --micro-batch-size 1 --global-batch-size 32 \
-    --recompute-granularity full --recompute-method uniform --recompute-num-layers 1 \
-    "${OPT_FLAGS[@]}" --bf16 --train-iters "$TRAIN_ITERS" \
-    --data-path "$DATA_PATH" --tokenizer-type HuggingFaceTokenizer --tokenizer-model "$TOKENIZER_MODEL" \
-    --save "$CHECKPOINT_DIR" --save-interval 1000 --log-interval 10 --eval-interval 1000 --eval-iters 10
+optimizer_flags "$TRAIN_ITERS"
+run_flags "$TRAIN_ITERS"
+monitor_flags
+if [ "$DENSE" = 1 ]; then
+    [ -z "${DENSE_FROM_ITER:-}" ] || die "DENSE_FROM_ITER=$DENSE_FROM_ITER with DENSE=1: the model is dense from the start; drop one"
+    dense_spec_flags
+    spec=("${SPEC_FLAGS[@]}")
+else
+    check_lighthouse "$SEQ_LEN" 1
+    lighthouse_model_flags
+    spec=("${LH_FLAGS[@]}")
+fi
+launch torchrun --nproc-per-node 1 "$MEGATRON_LM_DIR/pretrain_gpt.py" "${spec[@]}" "${MODEL_FLAGS[@]}" \
+    "${OPT_FLAGS[@]}" "${RUN_FLAGS[@]}" "${DATA_FLAGS[@]}" "${MONITOR_FLAGS[@]}"

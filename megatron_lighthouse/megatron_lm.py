@@ -25,6 +25,7 @@ import argparse
 import atexit
 import dataclasses
 import functools
+import importlib.util
 import logging
 from typing import Any, Callable, Optional, Tuple
 
@@ -153,22 +154,105 @@ def _chunks(args: Any) -> int:
 #: attention, are refused by :mod:`megatron_lighthouse.spec` when the model is built.)
 _OTHER_SPEC_FLAGS = (("spec", "--spec"), ("heterogeneous_layers_config_path", "--heterogeneous-layers-config-path"))
 
+#: Megatron-LM flags (``args`` attribute, flag, what it does, the fix) that make the data loader cut each sequence
+#: into its documents, while Lighthouse selects over a sequence as one causal document.
+_ACROSS_DOCUMENTS = "drop it (documents then attend to the earlier ones of their sequence, Megatron-LM's default)"
+_DOCUMENT_FLAGS = (
+    ("reset_attention_mask", "--reset-attention-mask",
+     "a document mask (no attention across end-of-document tokens), which Lighthouse layers refuse at run time, "
+     "and without the data loader's mask (--no-create-attention-mask-in-dataloader, which --lighthouse needs) "
+     "Megatron-LM drops it silently", _ACROSS_DOCUMENTS),
+    ("reset_position_ids", "--reset-position-ids",
+     "positions restarting at each end-of-document token, each document its own sequence, while Lighthouse pools, "
+     "selects and rotates entries at their positions in the whole sequence", _ACROSS_DOCUMENTS),
+    ("sft", "--sft",
+     "packed (THD) batches of documents with cu_seqlens, which Lighthouse layers refuse at run time",
+     "fine-tune the dense model instead (without --lighthouse, or after --lighthouse-dense-from-iteration)"),
+    ("dataloader_inter_document_masking", "--dataloader-inter-document-masking",
+     "packed (THD) batches with attention cut at document boundaries (cu_seqlens), which Lighthouse layers refuse "
+     "at run time", _ACROSS_DOCUMENTS),
+)
+
 
 def _check_megatron_flags(args: Any) -> None:
-    """Refuse Megatron-LM flags that cannot work with ``--lighthouse``: flags that pick another layer spec, and the
-    data loader's attention mask (Megatron-LM's default), which is ``[1, s, s]`` booleans per sample."""
+    """Refuse, at start-up, the Megatron-LM settings that cannot work with ``--lighthouse`` at ``--seq-length``.
+
+    Each ``ValueError`` names the flag, the rule and the fix:
+
+    - flags that pick another layer spec (``--spec``, ``--heterogeneous-layers-config-path``);
+    - the data loader's attention mask (Megatron-LM's default): ``[s, s]`` per sample, built in the data-loader
+      workers;
+    - flags that split a sequence into its documents (:data:`_DOCUMENT_FLAGS`: document masks, reset positions,
+      packed THD batches), which Lighthouse layers refuse at run time or which would be dropped silently;
+    - ``--multi-latent-attention`` (Lighthouse wraps standard self-attention only);
+    - ``--transformer-impl local`` (whose own ``DotProductAttention`` the Lighthouse spec already replaces with the
+      torch-SDPA core attention) with Megatron-LM defaults that need Apex: the persistent layer norm (the local
+      RMSNorm is torch's) and, when Apex's extension is missing, gradient-accumulation fusion;
+    - with ``--context-parallel-size`` > 1: a ``--cp-comm-type`` TransformerEngine does not know, and attention
+      dropout (Megatron-LM's default 0.1) with the local implementation, which has none under context parallelism.
+    """
     for attr, flag in _OTHER_SPEC_FLAGS:
         value = getattr(args, attr, None)
         if value:
             shown = " ".join(value) if isinstance(value, (list, tuple)) else value
             raise ValueError(f"--lighthouse with {flag} {shown}: --lighthouse builds the decoder layer specs itself; "
                              "drop one of the two")
+    seq = args.seq_length
     if getattr(args, "create_attention_mask_in_dataloader", False):
-        seq = args.seq_length
         raise ValueError(f"--create-attention-mask-in-dataloader (Megatron-LM's default) with --lighthouse: the data "
-                         f"loader would build a [1, {seq}, {seq}] boolean mask for every sample, "
-                         f"{_size(seq * seq)} each at --seq-length {seq}, which Lighthouse layers and the stock causal "
-                         f"kernels never read; pass --no-create-attention-mask-in-dataloader")
+                         f"loader would build a [1, {seq}, {seq}] boolean mask for every sample, {_size(seq * seq)} "
+                         f"each at --seq-length {seq} (from a float32 [s, s] tensor, {_size(4 * seq * seq)}, in the "
+                         f"data-loader workers), which Lighthouse layers and the stock causal kernels never read; "
+                         f"pass --no-create-attention-mask-in-dataloader")
+    for attr, flag, what, fix in _DOCUMENT_FLAGS:
+        if getattr(args, attr, False):
+            raise ValueError(f"{flag} with --lighthouse: {what}; Lighthouse selects over each sequence as one causal "
+                             f"document; {fix}")
+    if getattr(args, "multi_latent_attention", False):
+        raise ValueError("--multi-latent-attention with --lighthouse: Lighthouse layers wrap the core attention of "
+                         "standard (multi-head or grouped-query) self-attention only; drop one of the two")
+    local = getattr(args, "transformer_impl", "transformer_engine") == "local"
+    if local:
+        _check_local_implementation(args)
+    cp = _cp_size(args)
+    if cp > 1:
+        _check_context_parallel(args, cp, local)
+
+
+def _check_local_implementation(args: Any) -> None:
+    """``--transformer-impl local``: the Megatron-LM defaults its local layers cannot build without Apex."""
+    norm = getattr(args, "normalization", "LayerNorm")
+    if not getattr(args, "no_persist_layer_norm", True) and (
+            norm != "LayerNorm" or importlib.util.find_spec("apex") is None):
+        why = (f"the local layers' {norm} is torch's" if norm != "LayerNorm" else
+               "without Apex the local layers' LayerNorm is torch's")
+        raise ValueError(f"--transformer-impl local with the persistent layer norm (Megatron-LM's default): {why}, "
+                         f"which refuses it (\"persist_layer_norm not supported by torch LayerNorm\" when the model is "
+                         f"built); pass --no-persist-layer-norm")
+    if getattr(args, "gradient_accumulation_fusion", False) and \
+            importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is None:
+        raise ValueError("--transformer-impl local with gradient-accumulation fusion (Megatron-LM's default): the "
+                         "local linear layers need Apex's fused_weight_gradient_mlp_cuda extension for it, which is "
+                         "not importable here; pass --no-gradient-accumulation-fusion")
+
+
+def _check_context_parallel(args: Any, cp: int, local: bool) -> None:
+    """``--context-parallel-size`` > 1: the communication type and (local) attention dropout."""
+    from .causal_core_attention import check_cp_comm_type
+
+    comm = getattr(args, "cp_comm_type", None)
+    try:
+        check_cp_comm_type(comm, "--cp-comm-type")
+    except ValueError as err:
+        shown = " ".join(comm) if isinstance(comm, (list, tuple)) else comm
+        raise ValueError(f"--cp-comm-type {shown} with --lighthouse and --context-parallel-size {cp}: "
+                         f"{str(err).split(': ', 1)[1]}; the Lighthouse layers' core attention takes "
+                         f"TransformerEngine's names") from None
+    dropout = getattr(args, "attention_dropout", 0.0) or 0.0
+    if local and dropout > 0:
+        raise ValueError(f"--attention-dropout {dropout} (Megatron-LM's default is 0.1) with --context-parallel-size "
+                         f"{cp} and --transformer-impl local: the torch-SDPA core attention has no dropout under "
+                         f"context parallelism; pass --attention-dropout 0")
 
 
 def _size(num_bytes: float) -> str:

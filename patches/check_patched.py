@@ -3,6 +3,13 @@
 Usage (no GPU, no data, no download; the checkout's own ``megatron`` package is used)::
 
     python patches/check_patched.py MEGATRON_LM_DIR
+    python patches/check_patched.py MEGATRON_LM_DIR -- COMMAND...
+
+The second form checks a launch command instead (e.g. the line an example prints with ``DRY_RUN=1``, pasted as
+one quoted string or as words; leading ``VAR=value`` words are set in the environment, and everything up to
+``pretrain_gpt.py`` is dropped): the checkout's ``pretrain_gpt.py`` (patched or not) parses and validates its
+arguments and builds its model on CPU (``--use-cpu-initialization`` added), which is where Megatron-LM refuses
+flags that need TransformerEngine or Apex; it prints the core attention of every layer.
 
 It runs the patched ``pretrain_gpt.py``'s ``__main__`` with Megatron-LM's own argument parser on a tiny model
 (``--lighthouse ... --lighthouse-dense-from-iteration 2``), with ``pretrain`` replaced by a stand-in that builds
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import os
 import runpy
+import shlex
 import sys
 import typing
 
@@ -49,28 +57,39 @@ def run_main(mlm: str, argv: list) -> dict:
     return captured
 
 
-def check(mlm: str) -> None:
-    import torch
+def build_model(captured: dict):
+    """Build the model of a :func:`run_main` call as ``pretrain`` would (on CPU, in a gloo world of one); print
+    and return it with its core attention class names per layer."""
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.training import get_args
     from megatron.training.global_vars import set_global_variables, unset_global_variables
 
-    from megatron_lighthouse.core_attention import LighthouseCoreAttention
     from megatron_lighthouse.process_group import init_single_process_megatron
-    from megatron_lighthouse.schedule import lighthouse_modules
 
-    captured = run_main(mlm, FLAGS)
     args = get_args()
-    assert args.lighthouse and args.lighthouse_dense_from_iteration == SWITCH, "the --lighthouse flags were not parsed"
     unset_global_variables()  # the parser set only args; set timers and the rest as pretrain() would
     set_global_variables(args, build_tokenizer=False)
     init_single_process_megatron("gloo", prefix="mlm_check_")
-
     model_config = captured["cfg"].model
     model = model_config.get_builder_cls()(model_config).build_model(
         ProcessGroupCollection.use_mpu_process_groups(), pre_process=True, post_process=True)
     kinds = [type(layer.self_attention.core_attention).__name__ for layer in model.decoder.layers]
     print("core attention per layer:", kinds)
+    return model, kinds
+
+
+def check(mlm: str) -> None:
+    import torch
+    from megatron.training import get_args
+    from megatron.training.global_vars import unset_global_variables
+
+    from megatron_lighthouse.core_attention import LighthouseCoreAttention
+    from megatron_lighthouse.schedule import lighthouse_modules
+
+    captured = run_main(mlm, FLAGS)
+    args = get_args()
+    assert args.lighthouse and args.lighthouse_dense_from_iteration == SWITCH, "the --lighthouse flags were not parsed"
+    model, kinds = build_model(captured)
     light = [isinstance(layer.self_attention.core_attention, LighthouseCoreAttention) and
              not layer.self_attention.core_attention.dense_layer for layer in model.decoder.layers]
     assert light == [False, True, True, True, True, False], f"Lighthouse layers not where expected: {kinds}"
@@ -107,19 +126,47 @@ def check(mlm: str) -> None:
     print("OK: the patched pretrain_gpt.py parses the flags, builds Lighthouse layers, trains and switches to dense")
 
 
+def command_arguments(words: list) -> list:
+    """The ``pretrain_gpt.py`` arguments of a launch command (one string or its words): leading ``VAR=value``
+    words go into ``os.environ``, everything up to the word ending in ``pretrain_gpt.py`` is dropped."""
+    if len(words) == 1 and any(c.isspace() for c in words[0]):
+        words = shlex.split(words[0])
+    words = list(words)
+    while words and "=" in words[0] and words[0].split("=", 1)[0].isidentifier():
+        name, value = words.pop(0).split("=", 1)
+        os.environ[name] = value
+    script = [i for i, word in enumerate(words) if word.endswith("pretrain_gpt.py")]
+    return words[script[0] + 1:] if script else words
+
+
+def check_command(mlm: str, words: list) -> None:
+    argv = command_arguments(words)
+    if "--use-cpu-initialization" not in argv:
+        argv.append("--use-cpu-initialization")
+    build_model(run_main(mlm, argv))
+    print(f"OK: {mlm}/pretrain_gpt.py accepts the command and builds its model")
+
+
 def main() -> None:
-    if len(sys.argv) != 2 or not os.path.isfile(os.path.join(sys.argv[1], "pretrain_gpt.py")):
-        sys.exit("usage: python patches/check_patched.py MEGATRON_LM_DIR   (a checkout with the patch applied)")
-    mlm = os.path.abspath(sys.argv[1])
+    argv = sys.argv[1:]
+    words = argv[argv.index("--") + 1:] if "--" in argv else None
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    if len(argv) != 1 or not os.path.isfile(os.path.join(argv[0], "pretrain_gpt.py")) or words == []:
+        sys.exit("usage: python patches/check_patched.py MEGATRON_LM_DIR [-- COMMAND...]   (a Megatron-LM checkout, "
+                 "patched unless a COMMAND is given)")
+    mlm = os.path.abspath(argv[0])
     with open(os.path.join(mlm, "pretrain_gpt.py")) as f:
-        if "megatron_lighthouse" not in f.read():
+        if words is None and "megatron_lighthouse" not in f.read():
             sys.exit(f"{mlm}/pretrain_gpt.py is not patched: run patches/apply.sh {mlm} first")
     if not hasattr(typing, "override"):
         import typing_extensions
 
         typing.override = typing_extensions.override
     sys.path.insert(0, mlm)
-    check(mlm)
+    if words is None:
+        check(mlm)
+    else:
+        check_command(mlm, words)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,42 @@
 """The launch examples parse, validate their variables before launching, and build the documented command,
-for a Megatron-LM checkout with and without the hook of ``patches/``."""
+for a Megatron-LM checkout with and without the hook of ``patches/``; ``benchmarks/run_megatron_lm_gpu.sh`` drives
+them through the user path (its ``DRY_RUN=1``).
+
+With ``MEGATRON_LM_DIR`` pointing at a Megatron-LM checkout (e.g. the commit of ``patches/apply.sh``), the tests
+marked ``checkout`` also run the examples against a patched and a pristine copy of it, and Megatron-LM's own
+argument parser and model builder take the commands they print (``patches/check_patched.py -- COMMAND``, on CPU).
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import pathlib
 import shlex
+import shutil
 import subprocess
 import sys
+import tarfile
 
 import pytest
 
-EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
+from test_patches import PATCH, parse_patch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+GPU_SCRIPT = ROOT / "benchmarks" / "run_megatron_lm_gpu.sh"
 SCRIPTS = ["pretrain_lighthouse_1gpu.sh", "pretrain_lighthouse_multinode_1m.sh", "resume_dense.sh"]
 MODEL = ("--num-layers 30 --hidden-size 1024 --num-attention-heads 8 --ffn-hidden-size 1536 --swiglu "
-         "--normalization RMSNorm --position-embedding-type rope --disable-bias-linear")
+         "--normalization RMSNorm --position-embedding-type rope --disable-bias-linear --attention-dropout 0 "
+         "--hidden-dropout 0")
+#: What TRANSFORMER_IMPL=local adds: Megatron-LM's defaults that need TransformerEngine or Apex, off.
+LOCAL = "--no-rope-fusion --no-persist-layer-norm --no-gradient-accumulation-fusion"
+MOCK = "--mock-data --tokenizer-type NullTokenizer --vocab-size 32000 --no-create-attention-mask-in-dataloader"
+NO_MASK = "--no-create-attention-mask-in-dataloader"
+#: Extra variables each example needs besides MEGATRON_LM_DIR and the data (LIGHTHOUSE_CHECKPOINT: made by _env).
+NEEDS = {"pretrain_lighthouse_1gpu.sh": {}, "pretrain_lighthouse_multinode_1m.sh": dict(NNODES="4", MASTER_ADDR="node0"),
+         "resume_dense.sh": dict(LIGHTHOUSE_CHECKPOINT="ckpt")}
 LIGHTHOUSE = ("--lighthouse --lighthouse-topk 2048 --lighthouse-pooling-factor 4 --lighthouse-levels 3 "
               "--lighthouse-dense-layers 0,1,-2,-1")
 
@@ -52,6 +74,17 @@ def _base(root: pathlib.Path, **env: str) -> dict:
     return dict(MEGATRON_LM_DIR=str(root), DATA_PATH="/data/x", TOKENIZER_MODEL="tok", DRY_RUN="1", **env)
 
 
+def _mock(root: pathlib.Path, **env: str) -> dict:
+    """MOCK_DATA=1: no DATA_PATH, no TOKENIZER_MODEL."""
+    return dict(MEGATRON_LM_DIR=str(root), MOCK_DATA="1", DRY_RUN="1", **env)
+
+
+def _needs(script: str, tmp_path: pathlib.Path) -> dict:
+    """The script's other required variables; a checkpoint directory that exists for resume_dense.sh."""
+    (tmp_path / "ckpt").mkdir(exist_ok=True)
+    return {k: str(tmp_path / v) if k == "LIGHTHOUSE_CHECKPOINT" else v for k, v in NEEDS[script].items()}
+
+
 @pytest.mark.parametrize("script", SCRIPTS + ["common.sh"])
 def test_scripts_parse(script):
     assert subprocess.run(["bash", "-n", str(EXAMPLES / script)]).returncode == 0
@@ -61,8 +94,8 @@ def test_scripts_parse(script):
 def test_scripts_document_their_variables(script):
     header = [line for line in (EXAMPLES / script).read_text().splitlines() if line.startswith("#")]
     text = "\n".join(header)
-    for var in ("MEGATRON_LM_DIR", "DATA_PATH", "TOKENIZER_MODEL", "SEQ_LEN", "NUM_LAYERS", "TRANSFORMER_IMPL",
-                "LR_DECAY_STYLE", "DRY_RUN"):
+    for var in ("MEGATRON_LM_DIR", "DATA_PATH", "TOKENIZER_MODEL", "MOCK_DATA", "SEQ_LEN", "NUM_LAYERS",
+                "TRANSFORMER_IMPL", "LR_DECAY_STYLE", "LR_WARMUP_ITERS", "GLOBAL_BATCH", "LOG_INTERVAL", "DRY_RUN"):
         assert var in text, f"{script} does not document {var}"
 
 
@@ -80,7 +113,12 @@ def test_one_gpu_unpatched_uses_the_spec_entry(tmp_path, megatron_lm):
     assert "lighthouse: subsequence 24576 of 131072 tokens" in proc.stdout
     assert "--spec megatron_lighthouse.env_spec lighthouse_layer_spec --transformer-impl transformer_engine" in proc.stdout
     assert MODEL in proc.stdout and "--seq-length 131072 --max-position-embeddings 131072" in proc.stdout
-    local = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **_base(megatron_lm), TRANSFORMER_IMPL="local")
+    # The spec module reads its settings from the environment: the printed line carries them, ready to paste.
+    command = proc.stdout.splitlines()[-1]
+    assert command.startswith("LIGHTHOUSE_LEVELS=3 LIGHTHOUSE_POOLING_FACTOR=4 LIGHTHOUSE_TOPK=2048 "
+                              "LIGHTHOUSE_DENSE_LAYERS=0,1,-2,-1 torchrun --nproc-per-node 1 ")
+    local = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **_base(megatron_lm), TRANSFORMER_IMPL="local", TOPK="1024")
+    assert "LIGHTHOUSE_TOPK=1024 LIGHTHOUSE_DENSE_LAYERS=0,1,-2,-1 torchrun" in local.stdout
     assert "--spec megatron_lighthouse.env_spec lighthouse_local_layer_spec --transformer-impl local" in local.stdout
     refused = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **_base(megatron_lm), DENSE_FROM_ITER="8000")
     assert refused.returncode == 2 and "DENSE_FROM_ITER needs the patched pretrain_gpt.py" in refused.stderr
@@ -91,7 +129,8 @@ def test_one_gpu_patched_passes_the_flags(tmp_path, patched):
     assert proc.returncode == 0, proc.stderr
     assert ("--lighthouse --lighthouse-topk 2048 --lighthouse-pooling-factor 4 --lighthouse-levels 3 "
             "--lighthouse-dense-layers 0 --lighthouse-dense-from-iteration 8000") in proc.stdout
-    assert "--spec" not in proc.stdout
+    assert "--spec" not in proc.stdout and "LIGHTHOUSE_" not in proc.stdout
+    assert proc.stdout.splitlines()[-1].startswith("torchrun --nproc-per-node 1 ")
 
 
 @pytest.mark.parametrize("env, message", [
@@ -106,6 +145,18 @@ def test_one_gpu_patched_passes_the_flags(tmp_path, patched):
     (dict(DATA_PATH=""), "DATA_PATH is not set"),
     (dict(LR="fast"), "LR=fast: must be a decimal number such as 2e-3"),
     (dict(LR_DECAY_STYLE="WSD"), "LR_DECAY_STYLE=WSD: must be cosine, constant or linear"),
+    (dict(TRAIN_ITERS="4"), "LR_WARMUP_ITERS=2000: the warm-up must end before the last iteration (4)"),
+    (dict(LR_WARMUP_ITERS="-1"), "LR_WARMUP_ITERS=-1: must be an integer >= 0"),
+    (dict(LR="1e-4"), "MIN_LR=2e-4: must not exceed LR=1e-4"),
+    (dict(MOCK_DATA="yes"), "MOCK_DATA=yes: must be 0 or 1"),
+    (dict(MOCK_DATA="1", VOCAB_SIZE="32k"), "VOCAB_SIZE=32k: must be a positive integer"),
+    (dict(GLOBAL_BATCH="0"), "GLOBAL_BATCH=0: must be a positive integer"),
+    (dict(LOG_INTERVAL="often"), "LOG_INTERVAL=often: must be a positive integer"),
+    (dict(EVAL_ITERS="0"), "EVAL_ITERS=0: must be a positive integer"),
+    (dict(MONITOR="2"), "MONITOR=2: must be 0 or 1"),
+    (dict(DENSE="yes"), "DENSE=yes: must be 0 or 1"),
+    (dict(DENSE="1", DENSE_FROM_ITER="8000"), "DENSE_FROM_ITER=8000 with DENSE=1: the model is dense from the start"),
+    (dict(DRY_RUN="yes"), "DRY_RUN=yes: must be 0 or 1"),  # a typo must not launch
 ])
 def test_one_gpu_bad_variables_are_refused_before_launch(tmp_path, patched, env, message):
     proc = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **{**_base(patched), **env})
@@ -113,12 +164,19 @@ def test_one_gpu_bad_variables_are_refused_before_launch(tmp_path, patched, env,
     assert "torchrun" not in proc.stdout
 
 
-def test_multinode_1m_sizes_cp_and_needs_the_patch_for_the_monitor(tmp_path, megatron_lm, patched):
+def test_multinode_1m_sizes_cp_and_its_monitor_needs_the_patch(tmp_path, megatron_lm, patched):
     multi = dict(NNODES="4", MASTER_ADDR="node0")
-    refused = _run("pretrain_lighthouse_multinode_1m.sh", tmp_path, **_base(megatron_lm), **multi)
-    assert refused.returncode == 2 and "MONITOR=1 needs the patched pretrain_gpt.py" in refused.stderr
+    # The default (MONITOR=1) on an unpatched checkout: the run goes on without the monitor, and says so.
+    unpatched = _run("pretrain_lighthouse_multinode_1m.sh", tmp_path, **_base(megatron_lm), **multi)
+    assert unpatched.returncode == 0, unpatched.stderr
+    assert ("note: MONITOR=1: the GPU monitor needs the patched pretrain_gpt.py (patches/apply.sh "
+            f"{megatron_lm}); running without it") in unpatched.stderr
+    assert "--lighthouse-monitor" not in unpatched.stdout
+    assert unpatched.stdout.splitlines()[-1].startswith("LIGHTHOUSE_LEVELS=3 LIGHTHOUSE_POOLING_FACTOR=4 "
+                                                        "LIGHTHOUSE_TOPK=2048 LIGHTHOUSE_DENSE_LAYERS=0,1,-2,-1 srun ")
     proc = _run("pretrain_lighthouse_multinode_1m.sh", tmp_path, **_base(megatron_lm), **multi, MONITOR="0")
     assert proc.returncode == 0, proc.stderr
+    assert "note:" not in proc.stderr
     assert "--context-parallel-size 8 --cp-comm-type p2p" in proc.stdout and "--seq-length 1048576" in proc.stdout
     # 1M tokens over CP 8: 16 load-balanced chunks selecting 128 each.
     assert "lighthouse: subsequence 81920 of 1048576 tokens" in proc.stdout
@@ -129,6 +187,8 @@ def test_multinode_1m_sizes_cp_and_needs_the_patch_for_the_monitor(tmp_path, meg
     for env, message in [(dict(CP_SIZE="3"), "CP_SIZE=3 must divide NNODES*GPUS_PER_NODE=32"),
                          (dict(CP_SIZE="16"), "topk must be a multiple of 4096"),
                          (dict(MONITOR="yes"), "MONITOR=yes: must be 0 or 1"),
+                         (dict(GLOBAL_BATCH="6"), "GLOBAL_BATCH=6 must be a multiple of the 4 data-parallel ranks"),
+                         (dict(MASTER_PORT="http"), "MASTER_PORT=http: must be a positive integer"),
                          (dict(MASTER_ADDR=""), "MASTER_ADDR is not set")]:
         bad = _run("pretrain_lighthouse_multinode_1m.sh", tmp_path, **{**_base(patched), **multi, **env})
         assert bad.returncode == 2 and message in bad.stderr, (env, bad.stderr)
@@ -192,3 +252,379 @@ def test_dry_run_only_prints(tmp_path, patched):
     proc = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **env)
     assert proc.returncode == 0, proc.stderr
     assert LIGHTHOUSE in record.read_text() and "--train-iters 10000" in record.read_text()
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("impl", ["transformer_engine", "local"])
+@pytest.mark.parametrize("hook", ["patched", "megatron_lm"])
+def test_mock_data_needs_no_dataset_or_tokenizer(request, tmp_path, script, impl, hook):
+    """MOCK_DATA=1: Megatron-LM's mock data and NullTokenizer, nothing else to provide; never the data loader's
+    [s, s] attention mask."""
+    root = request.getfixturevalue(hook)
+    proc = _run(script, tmp_path, **_mock(root, TRANSFORMER_IMPL=impl), **_needs(script, tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    command = proc.stdout.splitlines()[-1]
+    assert command.endswith(MOCK) or f"{MOCK} " in command
+    assert "--data-path" not in command and "--tokenizer-model" not in command
+    assert (LOCAL in command) == (impl == "local")
+    other = _run(script, tmp_path, **_mock(root, TRANSFORMER_IMPL=impl, VOCAB_SIZE="50304"), **_needs(script, tmp_path))
+    assert "--mock-data --tokenizer-type NullTokenizer --vocab-size 50304" in other.stdout
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_real_data_never_builds_the_dataloader_mask(tmp_path, patched, script):
+    proc = _run(script, tmp_path, **_base(patched), **_needs(script, tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert ("--data-path /data/x --tokenizer-type HuggingFaceTokenizer --tokenizer-model tok "
+            f"{NO_MASK}") in proc.stdout
+    assert "--mock-data" not in proc.stdout
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_example_takes_the_run_settings(tmp_path, patched, script):
+    """GLOBAL_BATCH and the intervals reach Megatron-LM; a short run with a short warm-up is accepted."""
+    env = dict(GLOBAL_BATCH="8", SAVE_INTERVAL="5", LOG_INTERVAL="2", EVAL_INTERVAL="3", EVAL_ITERS="4",
+               LR_WARMUP_ITERS="1", TRAIN_ITERS="6", TOTAL_ITERS="6")
+    proc = _run(script, tmp_path, **_mock(patched, **env), **_needs(script, tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert ("--micro-batch-size 1 --global-batch-size 8 --recompute-granularity full --recompute-method uniform "
+            "--recompute-num-layers 1 --bf16 --train-iters 6 --save ") in proc.stdout
+    assert "--save-interval 5 --log-interval 2 --eval-interval 3 --eval-iters 4" in proc.stdout
+    assert "--lr-warmup-iters 1 " in proc.stdout
+
+
+def test_one_gpu_dense_mode(tmp_path, patched, megatron_lm):
+    """DENSE=1: the same model dense from the start, as a user runs the baseline: Megatron-LM's own TE spec, or the
+    package's dense local spec (Megatron-LM's local core attention cannot run 128K); patched or not."""
+    for root in (patched, megatron_lm):
+        te = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **_mock(root, DENSE="1"))
+        assert te.returncode == 0, te.stderr
+        command = te.stdout.splitlines()[-1]
+        assert "--lighthouse" not in command and "--spec" not in command and "LIGHTHOUSE_" not in command
+        assert f"pretrain_gpt.py --transformer-impl transformer_engine {MODEL}" in command
+        assert "--save ./checkpoints/dense_baseline " in command and "subsequence" not in te.stdout
+        local = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **_mock(root, DENSE="1", TRANSFORMER_IMPL="local"))
+        assert (f"pretrain_gpt.py --spec megatron_lighthouse.env_spec dense_local_layer_spec --transformer-impl local "
+                f"{MODEL}") in local.stdout
+    # The Lighthouse settings are not checked in dense mode: they are not used.
+    assert _run("pretrain_lighthouse_1gpu.sh", tmp_path, **_mock(patched, DENSE="1", TOPK="100")).returncode == 0
+
+
+def test_one_gpu_monitor(tmp_path, patched, megatron_lm):
+    off = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **_mock(patched))
+    assert "--lighthouse-monitor" not in off.stdout
+    on = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **_mock(patched, MONITOR="1", CHECKPOINT_DIR="/ck"))
+    assert on.returncode == 0, on.stderr
+    assert on.stdout.splitlines()[-1].endswith("--lighthouse-monitor --lighthouse-monitor-interval 1")
+    dense = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **_mock(patched, MONITOR="1", DENSE="1"))
+    assert "--lighthouse-monitor --lighthouse-monitor-interval 1" in dense.stdout  # a flag of the hook, not of Lighthouse
+    unpatched = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **_mock(megatron_lm, MONITOR="1"))
+    assert unpatched.returncode == 0 and "note: MONITOR=1: the GPU monitor needs the patched" in unpatched.stderr
+    assert "--lighthouse-monitor" not in unpatched.stdout
+
+
+def _recording_torchrun(tmp_path: pathlib.Path) -> tuple:
+    """A stand-in torchrun on PATH that records its LIGHTHOUSE_* environment and its arguments."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    record = tmp_path / "argv"
+    (bin_dir / "torchrun").write_text(f'#!/usr/bin/env bash\n{{ env | grep ^LIGHTHOUSE_ | sort; echo "$@"; }} > {record}\n')
+    (bin_dir / "torchrun").chmod(0o755)
+    return f"{bin_dir}:{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}", record
+
+
+def test_unpatched_line_runs_as_printed(tmp_path, megatron_lm):
+    """The unpatched route's settings travel in LIGHTHOUSE_* variables: exported when the example launches, and
+    in front of the printed command, which runs the same when pasted into a shell."""
+    path, record = _recording_torchrun(tmp_path)
+    env = {k: v for k, v in _mock(megatron_lm, TOPK="1024", PATH=path).items() if k != "DRY_RUN"}
+    launched = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **env)
+    assert launched.returncode == 0, launched.stderr
+    expected = ("LIGHTHOUSE_DENSE_LAYERS=0,1,-2,-1\nLIGHTHOUSE_LEVELS=3\nLIGHTHOUSE_POOLING_FACTOR=4\n"
+                "LIGHTHOUSE_TOPK=1024\n")
+    as_launched = record.read_text()
+    assert as_launched.startswith(expected) and "--spec megatron_lighthouse.env_spec lighthouse_layer_spec" in as_launched
+    printed = subprocess.run(["bash", str(EXAMPLES / "pretrain_lighthouse_1gpu.sh")], capture_output=True, text=True,
+                             env={**env, "HOME": str(tmp_path), "DRY_RUN": "1"}, check=True).stdout.splitlines()[-1]
+    record.unlink()
+    subprocess.run(["bash", "-c", printed], env={"PATH": path, "HOME": str(tmp_path)}, check=True)
+    assert record.read_text() == as_launched
+
+
+# -- benchmarks/run_megatron_lm_gpu.sh: the user path on one GPU, dry run -----------------------------------------
+
+
+def _patchable_stand_in(root: pathlib.Path) -> pathlib.Path:
+    """A Megatron-LM look-alike the patch applies to: pretrain_gpt.py holds each hunk's pre-image between filler
+    lines (no Megatron-LM code here), plus an empty megatron/ package."""
+    (root / "megatron").mkdir(parents=True)
+    lines = []
+    for i, hunk in enumerate(parse_patch(PATCH.read_text())["pretrain_gpt.py"]):
+        lines += [f"# filler {i}.{j}" for j in range(5)] + hunk["old"]
+    (root / "pretrain_gpt.py").write_text("\n".join(lines + ["# end"]) + "\n")
+    return root
+
+
+def _gpu_dry_run(tmp_path: pathlib.Path, source: pathlib.Path, **env: str) -> tuple:
+    out, work = tmp_path / "out", tmp_path / "work"
+    full = {"PATH": f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}", "HOME": str(tmp_path),
+            "PYTHON": sys.executable, "WORK_DIR": str(work), "DRY_RUN": "1", **env}
+    proc = subprocess.run(["bash", str(GPU_SCRIPT), str(source), str(out)], env=full, capture_output=True, text=True,
+                          timeout=300)
+    return proc, out, work
+
+
+def _stages(stdout: str) -> dict:
+    """``{stage: the lines it printed}`` from the script's ``== name (timeout ...)`` headers."""
+    stages, name = {}, None
+    for line in stdout.splitlines():
+        if line.startswith("== ") and "(timeout " in line:
+            name = line.split()[1]
+            stages[name] = []
+        elif line.startswith("== "):
+            name = None
+        elif name:
+            stages[name].append(" ".join(shlex.split(line)) if "pretrain_gpt.py" in line else line)
+    return stages
+
+
+def test_gpu_script_dry_run_runs_the_user_path(tmp_path):
+    proc, out, work = _gpu_dry_run(tmp_path, _patchable_stand_in(tmp_path / "Megatron-LM"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stages = _stages(proc.stdout)
+    assert list(stages) == ["a_lighthouse", "e_monitor_report", "b_resume_dense", "d_unpatched_dense",
+                            "c_dense_scratch"]
+    patched, pristine = work / "megatron-lm-patched", work / "megatron-lm-pristine"
+    assert "megatron_lighthouse" in (patched / "pretrain_gpt.py").read_text()
+    assert "megatron_lighthouse" not in (pristine / "pretrain_gpt.py").read_text()
+    common = (f"--transformer-impl local --num-layers 8 --hidden-size 1024 --num-attention-heads 8 "
+              f"--ffn-hidden-size 1536 --swiglu --normalization RMSNorm --position-embedding-type rope "
+              f"--disable-bias-linear --attention-dropout 0 --hidden-dropout 0 --seq-length 131072 "
+              f"--max-position-embeddings 131072 {LOCAL} --lr 2e-3 --min-lr 2e-4 --lr-warmup-iters 1 "
+              f"--lr-decay-style constant")
+    (a,) = [line for line in stages["a_lighthouse"] if "pretrain_gpt.py" in line]
+    assert a.startswith(f"torchrun --nproc-per-node 1 {patched}/pretrain_gpt.py --lighthouse --lighthouse-topk 2048 ")
+    assert common in a and f"--global-batch-size 1 " in a and "--train-iters 4 " in a
+    assert f"--save {work}/ckpt_a_lighthouse " in a and "--log-interval 1 " in a
+    assert a.endswith(f"{MOCK} --lighthouse-monitor --lighthouse-monitor-interval 1")
+    assert stages["e_monitor_report"] == [
+        f"{sys.executable} -m megatron_lighthouse.monitor report {work}/ckpt_a_lighthouse/gpu_monitor.jsonl "
+        f"--out {out}/gpu_monitor.png"]
+    (b,) = [line for line in stages["b_resume_dense"] if "pretrain_gpt.py" in line]
+    assert f"{patched}/pretrain_gpt.py --lighthouse " in b and "--lighthouse-dense-from-iteration 4 " in b
+    assert common in b and "--train-iters 6 " in b and f"--save {work}/ckpt_b_resume_dense " in b
+    assert "--override-opt_param-scheduler" in b and b.endswith(f"{MOCK} --load {work}/ckpt_a_lighthouse")
+    (d,) = [line for line in stages["d_unpatched_dense"] if "pretrain_gpt.py" in line]
+    assert f"{pristine}/pretrain_gpt.py --spec megatron_lighthouse.env_spec dense_local_layer_spec {common}" in d
+    assert "--lighthouse" not in d and "--train-iters 8 " in d and d.endswith(f"--load {work}/ckpt_b_resume_dense")
+    (c,) = [line for line in stages["c_dense_scratch"] if "pretrain_gpt.py" in line]
+    assert f"{patched}/pretrain_gpt.py --spec megatron_lighthouse.env_spec dense_local_layer_spec {common}" in c
+    assert "--lighthouse" not in c and "--train-iters 6 " in c and "--load" not in c
+    # What comes back from the device: few files, the stage logs in one archive.
+    assert sorted(p.name for p in out.iterdir()) == ["megatron_lm_gpu.json", "megatron_lm_gpu.txt",
+                                                     "megatron_lm_gpu_logs.tar.gz"]
+    with tarfile.open(out / "megatron_lm_gpu_logs.tar.gz") as tar:
+        assert sorted(tar.getnames()) == ["logs", *(f"logs/{name}.log" for name in (
+            "a_lighthouse", "b_resume_dense", "c_dense_scratch", "d_unpatched_dense", "e_monitor_report", "setup")),
+            "logs/stages.tsv"]
+    record = json.loads((out / "megatron_lm_gpu.json").read_text())["stages"]
+    assert {name: stage["status"]["rc"] for name, stage in record.items()} == dict.fromkeys(stages, 0)
+
+
+def test_gpu_script_settings_and_a_patched_source(tmp_path):
+    """The model and lengths are variables; a checkout patched already still gives a pristine copy."""
+    source = _patchable_stand_in(tmp_path / "Megatron-LM")
+    subprocess.run(["git", "apply", str(PATCH)], cwd=source, check=True)
+    proc, out, work = _gpu_dry_run(tmp_path, source, NUM_LAYERS="6", ITERS_A="3", ITERS_B="1", ITERS_D="1",
+                                   VOCAB_SIZE="50304")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "megatron_lighthouse" not in (work / "megatron-lm-pristine" / "pretrain_gpt.py").read_text()
+    assert "megatron_lighthouse" in (source / "pretrain_gpt.py").read_text()  # the given checkout is left alone
+    stages = _stages(proc.stdout)
+    assert "--lighthouse-dense-from-iteration 3 " in stages["b_resume_dense"][-1]
+    assert "--train-iters 5 " in stages["d_unpatched_dense"][-1] and "--num-layers 6 " in stages["c_dense_scratch"][-1]
+    assert "--vocab-size 50304 " in stages["a_lighthouse"][-1]
+
+
+@pytest.mark.parametrize("argv, env, message", [
+    ((), {}, "usage:"),
+    (("/nonexistent",), {}, "MEGATRON_LM_DIR=/nonexistent: not a Megatron-LM checkout"),
+    (("SRC",), dict(ITERS_A="0"), "ITERS_A=0: must be a positive integer"),
+    (("SRC",), dict(BUDGET_S="ten"), "BUDGET_S=ten: must be a positive integer"),
+    (("SRC",), dict(DRY_RUN="yes"), "DRY_RUN=yes: must be 0 or 1"),
+])
+def test_gpu_script_refuses_bad_usage(tmp_path, argv, env, message):
+    source = _patchable_stand_in(tmp_path / "Megatron-LM")
+    argv = [str(source) if a == "SRC" else a for a in argv]
+    command = ["bash", str(GPU_SCRIPT), *argv] + ([str(tmp_path / "out")] if argv else [])
+    proc = subprocess.run(command, env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+# -- against a real Megatron-LM checkout (MEGATRON_LM_DIR) -------------------------------------------------------
+
+CHECKOUT = pathlib.Path(os.environ.get("MEGATRON_LM_DIR") or "/nonexistent")
+needs_checkout = pytest.mark.skipif(
+    not (CHECKOUT / "pretrain_gpt.py").is_file(),
+    reason="set MEGATRON_LM_DIR to a Megatron-LM checkout (e.g. the commit of patches/apply.sh) to run these")
+#: What pretrain_gpt.py needs of a checkout (the rest of a clone is not copied).
+CHECKOUT_FILES = ("megatron", "pretrain_gpt.py", "gpt_builders.py", "model_provider.py")
+#: A small model of the examples' shape at their 131072 tokens: 5 layers, the middle one Lighthouse.
+SMALL = dict(NUM_LAYERS="5", HIDDEN="64", HEADS="4", FFN="128", VOCAB_SIZE="256", TRANSFORMER_IMPL="local")
+
+
+@pytest.fixture(scope="module")
+def checkout(tmp_path_factory) -> dict:
+    """``{"patched": ..., "pristine": ...}``: two copies of MEGATRON_LM_DIR, one with patches/apply.sh applied."""
+    root = tmp_path_factory.mktemp("megatron_lm")
+    copies = {}
+    for name in ("pristine", "patched"):
+        copies[name] = root / name
+        copies[name].mkdir()
+        for item in CHECKOUT_FILES:
+            source = CHECKOUT / item
+            if source.is_dir():
+                shutil.copytree(source, copies[name] / item, ignore=shutil.ignore_patterns("__pycache__"))
+            elif source.is_file():
+                shutil.copy2(source, copies[name] / item)
+    if "megatron_lighthouse" in (copies["pristine"] / "pretrain_gpt.py").read_text():
+        subprocess.run(["git", "apply", "--reverse", str(PATCH)], cwd=copies["pristine"], check=True)
+    subprocess.run(["bash", str(ROOT / "patches" / "apply.sh"), str(copies["patched"])], check=True,
+                   capture_output=True)
+    return copies
+
+
+@needs_checkout
+@pytest.mark.parametrize("impl", ["transformer_engine", "local"])
+def test_checkout_examples_launch_with_mock_data(tmp_path, checkout, impl):
+    """Against a patched Megatron-LM checkout, all three examples need no dataset or tokenizer and launch with
+    --mock-data and --no-create-attention-mask-in-dataloader; the pristine one takes the unpatched route."""
+    for script in SCRIPTS:
+        for copy, hook in ((checkout["patched"], "--lighthouse "), (checkout["pristine"], "--spec ")):
+            proc = _run(script, tmp_path, **_mock(copy, TRANSFORMER_IMPL=impl), **_needs(script, tmp_path))
+            assert proc.returncode == 0, (script, proc.stderr)
+            command = proc.stdout.splitlines()[-1]
+            assert MOCK in command and (LOCAL in command) == (impl == "local"), (script, command)
+            if script != "resume_dense.sh" or copy == checkout["patched"] or impl == "local":
+                assert f"pretrain_gpt.py {hook}" in command, (script, command)
+
+
+def _check_command(copy: pathlib.Path, command: str) -> subprocess.CompletedProcess:
+    """``patches/check_patched.py COPY -- COMMAND``: Megatron-LM's parser and model builder on CPU."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "kernels"),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, str(ROOT / "patches" / "check_patched.py"), str(copy), "--", command],
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+@needs_checkout
+@pytest.mark.parametrize("script, copy, env, layers", [
+    # stage one, patched: the Lighthouse flags; layers 0, 1, -2, -1 dense
+    ("pretrain_lighthouse_1gpu.sh", "patched", {}, ["SDPACoreAttention"] * 2 + ["LighthouseCoreAttention"]
+     + ["SDPACoreAttention"] * 2),
+    # a stage-two checkpoint in the unpatched script, an ordinary dense model (the GPU script's stage d)
+    ("resume_dense.sh", "pristine", {}, ["SDPACoreAttention"] * 5),
+    # stage one, unpatched: --spec megatron_lighthouse.env_spec with the printed LIGHTHOUSE_* variables
+    ("pretrain_lighthouse_1gpu.sh", "pristine", {}, ["LighthouseCoreAttention"] * 5),
+])
+def test_megatron_accepts_the_local_mock_commands(tmp_path, checkout, script, copy, env, layers):
+    """Megatron-LM's own argument parser (the patched script's, with the hook's start-up checks) takes every flag the
+    example passes with TRANSFORMER_IMPL=local and MOCK_DATA=1, and builds the model without TransformerEngine."""
+    proc = _run(script, tmp_path, **_mock(checkout[copy], **SMALL, **env), **_needs(script, tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    checked = _check_command(checkout[copy], proc.stdout.splitlines()[-1])
+    assert checked.returncode == 0, checked.stdout[-2000:] + checked.stderr[-4000:]
+    assert f"core attention per layer: {layers}" in checked.stdout
+    assert "accepts the command and builds its model" in checked.stdout
+
+
+@needs_checkout
+def test_without_the_rope_flag_megatron_refuses(tmp_path, checkout):
+    """The check can fail: without --no-rope-fusion Megatron-LM stops at start-up (no TransformerEngine here; the
+    other local flags are refused by the hook's start-up checks, tested in test_megatron_lm_args.py)."""
+    if importlib.util.find_spec("transformer_engine") is not None:
+        pytest.skip("TransformerEngine is installed: Megatron-LM's RoPE fusion works here")
+    proc = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **_mock(checkout["patched"], **SMALL))
+    command = proc.stdout.splitlines()[-1]
+    assert " --no-rope-fusion " in command
+    checked = _check_command(checkout["patched"], command.replace(" --no-rope-fusion ", " "))
+    assert checked.returncode != 0, checked.stdout[-2000:]
+    assert "apply_rope_fusion is not available. Please install TE >= 1.4." in checked.stderr, checked.stderr[-3000:]
+
+
+@needs_checkout
+def test_gpu_script_dry_run_on_the_checkout(tmp_path):
+    proc, out, work = _gpu_dry_run(tmp_path, CHECKOUT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "megatron_lighthouse" in (work / "megatron-lm-patched" / "pretrain_gpt.py").read_text()
+    assert "megatron_lighthouse" not in (work / "megatron-lm-pristine" / "pretrain_gpt.py").read_text()
+    assert f"{work}/megatron-lm-pristine/pretrain_gpt.py --spec megatron_lighthouse.env_spec dense_local_layer_spec" \
+        in _stages(proc.stdout)["d_unpatched_dense"][-1]
+
+
+#: A stand-in for torchrun + Megatron-LM: prints Megatron-LM's log lines for the iterations it is asked to run
+#: (from its --load checkpoint's iteration on), the hook's switch line, and saves a checkpoint marker in --save.
+FAKE_TORCHRUN = '''
+import os, sys, time
+argv = sys.argv[1:]
+def value(flag):
+    return argv[argv.index(flag) + 1] if flag in argv else None
+if os.environ.get("FAKE_SLEEP") and "--lighthouse-monitor" in argv:
+    time.sleep(float(os.environ["FAKE_SLEEP"]))
+start = int(open(os.path.join(value("--load"), "latest_checkpointed_iteration.txt")).read()) if value("--load") else 0
+total, dense_from = int(value("--train-iters")), value("--lighthouse-dense-from-iteration")
+if dense_from is not None and start >= int(dense_from):
+    print(f"INFO:megatron_lighthouse.megatron_lm:Lighthouse: iteration {start} >= --lighthouse-dense-from-iteration "
+          f"{dense_from}: 4 Lighthouse layers switched to dense attention (layers 3, 4, 5, 6)")
+for it in range(start + 1, total + 1):
+    print(f" [2026-08-23 10:00:00.000000] iteration {it:8d}/{total:8d} | consumed samples: {it:12d} |"
+          f" elapsed time per iteration (ms): {1000.0 * it:.1f} | learning rate: 2.000000E-03 |"
+          f" global batch size:     1 | lm loss: {11 - it / 2:.6E} | loss scale: 1.0 | grad norm: 1.000 |"
+          f" number of skipped iterations:   0 | number of nan iterations:   0 |")
+    print(f"[Rank 0] (after {it} iterations) memory (MB) | allocated: 100.00 | max allocated: {500.0 + it:.2f}"
+          f" | reserved: 600.00 | max reserved: 700.00")
+os.makedirs(value("--save"), exist_ok=True)
+open(os.path.join(value("--save"), "latest_checkpointed_iteration.txt"), "w").write(str(total))
+'''
+
+
+def _fake_run(tmp_path: pathlib.Path, **env: str) -> tuple:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "torchrun").write_text(f"#!{sys.executable}\n{FAKE_TORCHRUN}")
+    (bin_dir / "torchrun").chmod(0o755)
+    path = f"{bin_dir}:{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}"
+    return _gpu_dry_run(tmp_path, _patchable_stand_in(tmp_path / "Megatron-LM"), DRY_RUN="0", PATH=path, **env)
+
+
+def test_gpu_script_chains_the_stages_and_reads_their_logs(tmp_path):
+    """A real (not dry) run over a stand-in torchrun: each stage loads what the one before saved, the report reads
+    Megatron-LM's lines; without a monitor log (no NVML) the PNG stage is skipped and the script says so."""
+    proc, out, work = _fake_run(tmp_path)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "== stages that did not finish: e_monitor_report" in proc.stderr
+    record = json.loads((out / "megatron_lm_gpu.json").read_text())["stages"]
+    assert {name: stage["status"]["rc"] for name, stage in record.items()} == {
+        "a_lighthouse": 0, "b_resume_dense": 0, "d_unpatched_dense": 0, "c_dense_scratch": 0,
+        "e_monitor_report": "skipped"}
+    summaries = {name: stage["summary"] for name, stage in record.items()}
+    assert [summaries[n]["iterations"] for n in ("a_lighthouse", "b_resume_dense", "d_unpatched_dense",
+                                                 "c_dense_scratch")] == [[1, 4], [5, 6], [7, 8], [1, 6]]
+    assert summaries["b_resume_dense"]["switched_at"] == 4
+    assert summaries["d_unpatched_dense"]["continues"] == {"stage": "b_resume_dense", "lm_loss_before": 8.0,
+                                                           "lm_loss_after": 7.5}
+    table = (out / "megatron_lm_gpu.txt").read_text()
+    assert "b_resume_dense: 4 Lighthouse layers switched to dense at iteration 4" in table
+    assert sorted(p.name for p in out.iterdir()) == ["megatron_lm_gpu.json", "megatron_lm_gpu.txt",
+                                                     "megatron_lm_gpu_logs.tar.gz"]
+
+
+def test_gpu_script_bounds_each_stage(tmp_path):
+    """Stage a over its timeout: killed (rc 124), the stages needing its checkpoint skipped, the rest run."""
+    proc, out, work = _fake_run(tmp_path, FAKE_SLEEP="60", TIMEOUT_A="10")
+    assert proc.returncode == 1
+    record = json.loads((out / "megatron_lm_gpu.json").read_text())["stages"]
+    assert {name: stage["status"]["rc"] for name, stage in record.items()} == {
+        "a_lighthouse": 124, "c_dense_scratch": 0, "e_monitor_report": "skipped", "b_resume_dense": "skipped",
+        "d_unpatched_dense": "skipped"}
+    assert record["a_lighthouse"]["status"]["seconds"] < 40

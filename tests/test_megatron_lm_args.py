@@ -136,10 +136,91 @@ def test_the_data_loaders_attention_mask_is_refused_with_its_size():
         validate_lighthouse_args(args)
     assert str(err.value) == (
         "--create-attention-mask-in-dataloader (Megatron-LM's default) with --lighthouse: the data loader would build "
-        "a [1, 131072, 131072] boolean mask for every sample, 17.2 GB each at --seq-length 131072, which Lighthouse "
-        "layers and the stock causal kernels never read; pass --no-create-attention-mask-in-dataloader")
+        "a [1, 131072, 131072] boolean mask for every sample, 17.2 GB each at --seq-length 131072 (from a float32 "
+        "[s, s] tensor, 68.7 GB, in the data-loader workers), which Lighthouse layers and the stock causal kernels "
+        "never read; pass --no-create-attention-mask-in-dataloader")
     args.create_attention_mask_in_dataloader = False
     assert validate_lighthouse_args(args) == LighthouseConfig()
+
+
+def _megatron_args(cp: int = 1, **values) -> argparse.Namespace:
+    """``--lighthouse`` at 128K plus Megatron-LM's own attributes (as its parser names them) set to ``values``."""
+    args = parse("--lighthouse", seq_length=131072, cp=cp)
+    args.create_attention_mask_in_dataloader = False
+    for name, value in values.items():
+        setattr(args, name, value)
+    return args
+
+
+@pytest.mark.parametrize("attr, message", [
+    ("reset_attention_mask", r"^--reset-attention-mask with --lighthouse: a document mask .* Megatron-LM drops it "
+                             r"silently; Lighthouse selects over each sequence as one causal document; drop it"),
+    ("reset_position_ids", r"^--reset-position-ids with --lighthouse: positions restarting at each end-of-document "
+                           r"token.*; drop it"),
+    ("sft", r"^--sft with --lighthouse: packed \(THD\) batches .*; fine-tune the dense model instead"),
+    ("dataloader_inter_document_masking", r"^--dataloader-inter-document-masking with --lighthouse: packed \(THD\) "
+                                          r"batches with attention cut at document boundaries.*; drop it"),
+])
+def test_document_wise_data_is_refused_at_start_up(attr, message):
+    """Document masks, reset positions and packed (THD) batches: Lighthouse selects over the whole sequence."""
+    with pytest.raises(ValueError, match=message):
+        validate_lighthouse_args(_megatron_args(**{attr: True}))
+    assert validate_lighthouse_args(_megatron_args(**{attr: False})) == LighthouseConfig()
+
+
+def test_multi_latent_attention_is_refused_at_start_up():
+    with pytest.raises(ValueError, match=r"^--multi-latent-attention with --lighthouse: .*drop one of the two"):
+        validate_lighthouse_args(_megatron_args(multi_latent_attention=True))
+
+
+def test_the_local_implementation_needs_its_apex_defaults_off(monkeypatch):
+    """--transformer-impl local: torch's RMSNorm refuses the persistent layer norm; gradient-accumulation fusion needs
+    Apex's extension (absent here, as on a machine without Apex)."""
+    import megatron_lighthouse.megatron_lm as megatron_lm
+
+    real = megatron_lm.importlib.util.find_spec
+    monkeypatch.setattr(megatron_lm.importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("apex", "fused_weight_gradient_mlp_cuda") else real(name, *a))
+    ok = dict(normalization="RMSNorm", no_persist_layer_norm=True, gradient_accumulation_fusion=False)
+    assert validate_lighthouse_args(_megatron_args(**ok)) == LighthouseConfig()
+    with pytest.raises(ValueError) as err:
+        validate_lighthouse_args(_megatron_args(**{**ok, "no_persist_layer_norm": False}))
+    assert str(err.value) == (
+        "--transformer-impl local with the persistent layer norm (Megatron-LM's default): the local layers' RMSNorm "
+        "is torch's, which refuses it (\"persist_layer_norm not supported by torch LayerNorm\" when the model is "
+        "built); pass --no-persist-layer-norm")
+    with pytest.raises(ValueError, match=r"without Apex the local layers' LayerNorm is torch's"):
+        validate_lighthouse_args(_megatron_args(**{**ok, "no_persist_layer_norm": False, "normalization": "LayerNorm"}))
+    with pytest.raises(ValueError) as err:
+        validate_lighthouse_args(_megatron_args(**{**ok, "gradient_accumulation_fusion": True}))
+    assert str(err.value) == (
+        "--transformer-impl local with gradient-accumulation fusion (Megatron-LM's default): the local linear layers "
+        "need Apex's fused_weight_gradient_mlp_cuda extension for it, which is not importable here; pass "
+        "--no-gradient-accumulation-fusion")
+    # TransformerEngine layers take both defaults.
+    te = _megatron_args(**{**ok, "no_persist_layer_norm": False, "gradient_accumulation_fusion": True})
+    te.transformer_impl = "transformer_engine"
+    assert validate_lighthouse_args(te) == LighthouseConfig()
+
+
+def test_context_parallel_settings_are_refused_at_start_up():
+    pytest.importorskip("megatron.core")
+    assert validate_lighthouse_args(_megatron_args(cp=2, cp_comm_type=["p2p"], attention_dropout=0.0)) is not None
+    with pytest.raises(ValueError) as err:
+        validate_lighthouse_args(_megatron_args(cp=2, cp_comm_type=["allgather"], attention_dropout=0.0))
+    assert str(err.value).startswith(
+        "--cp-comm-type allgather with --lighthouse and --context-parallel-size 2: cp_comm_type='allgather' "
+        "(TransformerEngine spells it 'all_gather'): must be one of ")
+    with pytest.raises(ValueError) as err:
+        validate_lighthouse_args(_megatron_args(cp=2, cp_comm_type=["p2p"], attention_dropout=0.1))
+    assert str(err.value) == (
+        "--attention-dropout 0.1 (Megatron-LM's default is 0.1) with --context-parallel-size 2 and --transformer-impl "
+        "local: the torch-SDPA core attention has no dropout under context parallelism; pass --attention-dropout 0")
+    # Without context parallelism dropout is fine; with TransformerEngine it is left to TransformerEngine.
+    assert validate_lighthouse_args(_megatron_args(attention_dropout=0.1)) is not None
+    te = _megatron_args(cp=2, cp_comm_type=["p2p"], attention_dropout=0.1)
+    te.transformer_impl = "transformer_engine"
+    assert validate_lighthouse_args(te) is not None
 
 
 def test_dense_from_iteration_needs_lighthouse():
@@ -220,7 +301,9 @@ def test_maybe_switch_to_dense(megatron, caplog):
         states = [m.enabled for m in modules]
     assert switched == [False, False, True, False]
     assert states == [False, False]
-    assert caplog.messages == ["Lighthouse: iteration 2 >= --lighthouse-dense-from-iteration 2: 2 Lighthouse layers "
+    # Only the hook's records: megatron-core 0.19 also logs a deprecation warning when GPTModel is built.
+    ours = [r.getMessage() for r in caplog.records if r.name == "megatron_lighthouse.megatron_lm"]
+    assert ours == ["Lighthouse: iteration 2 >= --lighthouse-dense-from-iteration 2: 2 Lighthouse layers "
                                "switched to dense attention (layers 3, 4)"]
     # Resuming past the switch point: the fresh model is switched at its first iteration.
     resumed = build()

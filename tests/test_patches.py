@@ -182,3 +182,35 @@ def test_bad_usage(argv, message):
 def test_not_megatron_lm(tmp_path):
     proc = _apply(str(tmp_path))
     assert proc.returncode == 2 and "no pretrain_gpt.py there" in proc.stderr
+
+
+# -- check_patched.py: its launch-command mode (the Megatron-LM side is run by test_examples.py with a checkout) --
+
+
+def test_check_patched_reads_a_launch_command(monkeypatch):
+    """A printed example line: the VAR=value words go into the environment, the launcher words are dropped."""
+    monkeypatch.syspath_prepend(str(PATCHES))
+    import check_patched
+
+    for name in ("LIGHTHOUSE_TOPK", "LIGHTHOUSE_DENSE_LAYERS"):
+        monkeypatch.setenv(name, "unset")  # restored after the test
+    line = ("LIGHTHOUSE_TOPK=1024 LIGHTHOUSE_DENSE_LAYERS=0\\,1 torchrun --nproc-per-node 1 /x/pretrain_gpt.py "
+            "--num-layers 2 --spec megatron_lighthouse.env_spec lighthouse_layer_spec")
+    assert check_patched.command_arguments([line]) == [
+        "--num-layers", "2", "--spec", "megatron_lighthouse.env_spec", "lighthouse_layer_spec"]
+    assert (os.environ["LIGHTHOUSE_TOPK"], os.environ["LIGHTHOUSE_DENSE_LAYERS"]) == ("1024", "0,1")
+    assert check_patched.command_arguments(["--num-layers", "2"]) == ["--num-layers", "2"]
+    assert check_patched.command_arguments(["python", "pretrain_gpt.py", "--lr", "1e-3"]) == ["--lr", "1e-3"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("{mlm}", "--"), "usage:"),
+    (("{mlm}", "{mlm}"), "usage:"),
+    (("{mlm}",), "pretrain_gpt.py is not patched: run patches/apply.sh"),
+])
+def test_check_patched_usage(tmp_path, argv, message):
+    (tmp_path / "pretrain_gpt.py").write_text("# stand-in\n")
+    argv = [a.format(mlm=tmp_path) for a in argv]
+    proc = subprocess.run([sys.executable, str(PATCHES / "check_patched.py"), *argv], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr

@@ -1,0 +1,252 @@
+"""Megatron-LM training logs -> rows per stage, a table (stdout) and one JSON file.
+
+Reads the lines Megatron-LM prints itself (``megatron/training/training.py`` ``training_log`` and
+``evaluate_and_print_results``, ``megatron/training/utils`` ``report_memory``, ``theoretical_memory_usage``, at the
+commit of ``patches/apply.sh``), wherever they sit in a line (torchrun or logging prefixes are skipped):
+
+- ``iteration N/ M | consumed samples: ... | elapsed time per iteration (ms): X | ... | lm loss: Y | ...``: one
+  row per logged iteration, every ``key: value`` field kept (keys in snake case: ``elapsed_time_per_iteration_ms``,
+  ``lm_loss``, ``grad_norm``, ``learning_rate``, ...);
+- ``[Rank R] (LABEL) memory (MB) | allocated: A | max allocated: B | reserved: C | max reserved: D``;
+- ``validation loss at WHERE | lm loss value: X | lm loss PPL: Y |``;
+- ``Theoretical memory footprints: weight and optimizer=X MB, activation=Y MB, total=Z MB``;
+
+and two lines of the Lighthouse hook (``megatron_lighthouse.megatron_lm``): the start-up summary
+(``Lighthouse: seq_length ...`` or ``Lighthouse: off ...``) and the switch (``Lighthouse: iteration N >=
+--lighthouse-dense-from-iteration K: ... switched to dense attention ...``).
+
+Usage::
+
+    python benchmarks/megatron_log.py [--json OUT.json] [--status stages.tsv] [NAME=]LOG...
+
+``NAME`` names the stage (default: the log's file name without ``.log``); ``--status`` is a tab-separated file
+``stage rc seconds`` (with a header line) of how each stage ended, merged into the JSON and the table. A stage whose
+first iteration follows the last one of a stage given before it (a resumed checkpoint) is said to continue it, with
+both losses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import statistics
+import sys
+from typing import Dict, Iterable, List, Optional, Tuple
+
+ITERATION = re.compile(r"\biteration\s+(\d+)\s*/\s*(\d+)\s*\|(.*)$")
+MEMORY = re.compile(r"\[Rank (\d+)\] \((.+?)\) memory \(MB\)\s*\|(.*)$")
+VALIDATION = re.compile(r"validation(?:\s.*?)? loss at (.+?) \|(.*)$")
+THEORETICAL = re.compile(r"Theoretical memory footprints: weight and optimizer=([\d.]+) MB, activation=([\d.]+) MB, "
+                         r"total=([\d.]+) MB")
+SWITCH = re.compile(r"Lighthouse: iteration (\d+) >= --lighthouse-dense-from-iteration (\d+): (\d+) Lighthouse "
+                    r"layers switched to dense attention(?: \(layers ([\d, ]+)\))?")
+SUMMARY = re.compile(r"(Lighthouse: (?:seq_length|off) .*)$")
+
+
+def snake(key: str) -> str:
+    """``"elapsed time per iteration (ms)"`` -> ``"elapsed_time_per_iteration_ms"``."""
+    return re.sub(r"[^a-z0-9]+", "_", key.lower()).strip("_")
+
+
+def number(text: str):
+    """``"1.0E+01"`` -> ``10.0``, ``"3"`` -> ``3``; anything else stays text."""
+    text = text.strip()
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def fields(text: str) -> Dict[str, object]:
+    """``" a b: 1 | c (ms): 2.5 |"`` -> ``{"a_b": 1, "c_ms": 2.5}`` (parts without ``": "`` are skipped)."""
+    out = {}
+    for part in text.split("|"):
+        key, sep, value = part.rpartition(": ")
+        if sep and key.strip():
+            out[snake(key)] = number(value)
+    return out
+
+
+def parse_log(lines: Iterable[str]) -> dict:
+    """The Megatron-LM (and Lighthouse hook) records of one log: ``iterations``, ``memory``, ``validation``,
+    ``theoretical_memory_mb``, ``switch`` (``None`` without one) and ``lighthouse`` (the start-up summary)."""
+    log: dict = {"iterations": [], "memory": [], "validation": [], "theoretical_memory_mb": None, "switch": None,
+                 "lighthouse": None}
+    for line in lines:
+        line = line.rstrip("\n")
+        if m := ITERATION.search(line):
+            log["iterations"].append({"iteration": int(m[1]), "train_iters": int(m[2]), **fields(m[3])})
+        elif m := MEMORY.search(line):
+            log["memory"].append({"rank": int(m[1]), "label": m[2], **fields(m[3])})
+        elif m := VALIDATION.search(line):
+            log["validation"].append({"at": m[1].strip(), **fields(m[2])})
+        elif m := THEORETICAL.search(line):
+            log["theoretical_memory_mb"] = {"weight_and_optimizer": float(m[1]), "activation": float(m[2]),
+                                            "total": float(m[3])}
+        elif m := SWITCH.search(line):
+            log["switch"] = {"iteration": int(m[1]), "dense_from_iteration": int(m[2]), "layers_switched": int(m[3]),
+                             "layers": [int(x) for x in (m[4] or "").replace(" ", "").split(",") if x]}
+        elif m := SUMMARY.search(line):
+            log["lighthouse"] = m[1].strip()
+    return log
+
+
+def summarize(log: dict) -> dict:
+    """One line per stage: the iterations logged, the first and last lm loss, the median time per iteration
+    (without the first logged one, which carries the warm-up, when there are more), the peak memory."""
+    rows = log["iterations"]
+    times = [r["elapsed_time_per_iteration_ms"] for r in rows if isinstance(r.get("elapsed_time_per_iteration_ms"),
+                                                                            (int, float))]
+    losses = [r["lm_loss"] for r in rows if isinstance(r.get("lm_loss"), (int, float))]
+    peaks = [m["max_allocated"] for m in log["memory"] if isinstance(m.get("max_allocated"), (int, float))]
+    steady = times[1:] or times
+    validation = [v for v in log["validation"] if "validation set" in v["at"]] or log["validation"]
+    return {
+        "iterations": [rows[0]["iteration"], rows[-1]["iteration"]] if rows else None,
+        "lm_loss_first": losses[0] if losses else None,
+        "lm_loss_last": losses[-1] if losses else None,
+        "ms_per_iteration_median": statistics.median(steady) if steady else None,
+        "ms_first_iteration": times[0] if times else None,
+        "max_allocated_mb": max(peaks) if peaks else None,
+        "switched_at": log["switch"]["iteration"] if log["switch"] else None,
+        "validation_lm_loss": validation[-1].get("lm_loss_value") if validation else None,
+    }
+
+
+def link_resumed(stages: Dict[str, dict]) -> None:
+    """Set ``summary["continues"]`` of each stage whose first logged iteration follows the last one of an earlier
+    stage (a resumed checkpoint): that stage's name and last lm loss, and this one's first."""
+    names = list(stages)
+    for i, name in enumerate(names):
+        first = stages[name]["summary"]["iterations"]
+        stages[name]["summary"]["continues"] = None
+        if not first or first[0] <= 1:
+            continue
+        for before in reversed(names[:i]):
+            last = stages[before]["summary"]["iterations"]
+            if last and last[1] == first[0] - 1:
+                stages[name]["summary"]["continues"] = {
+                    "stage": before, "lm_loss_before": stages[before]["summary"]["lm_loss_last"],
+                    "lm_loss_after": stages[name]["summary"]["lm_loss_first"]}
+                break
+
+
+def read_status(path: str) -> Dict[str, dict]:
+    """``stage rc seconds`` rows (tab-separated, a header line first) -> ``{stage: {"rc": ..., "seconds": ...}}``."""
+    status = {}
+    with open(path) as f:
+        for line in list(f)[1:]:
+            parts = line.rstrip("\n").split("\t")
+            if len(parts) == 3:
+                status[parts[0]] = {"rc": number(parts[1]), "seconds": number(parts[2])}
+    return status
+
+
+def _cell(value, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        return f"{value:.4g}" if abs(value) < 100 else f"{value:.{digits}f}"
+    if isinstance(value, list):
+        return "-".join(map(str, value))
+    return str(value)
+
+
+def _table(header: List[str], rows: List[List[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    lines += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    return "\n".join(lines)
+
+
+def format_report(stages: Dict[str, dict]) -> str:
+    """The summary table (one row per stage), then the logged iterations of every stage."""
+    header = ["stage", "rc", "s", "iterations", "ms/iter", "first ms", "loss first", "loss last", "val loss",
+              "max alloc MB", "switch"]
+    rows = []
+    for name, stage in stages.items():
+        s, status = stage["summary"], stage.get("status") or {}
+        rows.append([name, _cell(status.get("rc")), _cell(status.get("seconds")), _cell(s["iterations"]),
+                     _cell(s["ms_per_iteration_median"]), _cell(s["ms_first_iteration"]), _cell(s["lm_loss_first"]),
+                     _cell(s["lm_loss_last"]), _cell(s["validation_lm_loss"]), _cell(s["max_allocated_mb"]),
+                     _cell(s["switched_at"])])
+    out = [_table(header, rows)]
+    per_iteration = []
+    for name, stage in stages.items():
+        for r in stage["iterations"]:
+            per_iteration.append([name, str(r["iteration"]), _cell(r.get("elapsed_time_per_iteration_ms")),
+                                  _cell(r.get("lm_loss")), _cell(r.get("grad_norm")), _cell(r.get("learning_rate"))])
+    if per_iteration:
+        out += ["", _table(["stage", "iteration", "ms", "lm loss", "grad norm", "lr"], per_iteration)]
+    memory = [[name, m["label"], _cell(m.get("allocated")), _cell(m.get("max_allocated")), _cell(m.get("reserved")),
+               _cell(m.get("max_reserved"))] for name, stage in stages.items() for m in stage["memory"]]
+    if memory:
+        out += ["", _table(["stage", "memory (MB) at", "allocated", "max allocated", "reserved", "max reserved"],
+                           memory)]
+    notes = []
+    for name, stage in stages.items():
+        if stage["switch"]:
+            sw = stage["switch"]
+            notes.append(f"{name}: {sw['layers_switched']} Lighthouse layers switched to dense at iteration "
+                         f"{sw['iteration']} (--lighthouse-dense-from-iteration {sw['dense_from_iteration']})")
+        if stage["summary"].get("continues"):
+            c = stage["summary"]["continues"]
+            notes.append(f"{name}: continues {c['stage']} at iteration {stage['summary']['iterations'][0]}, lm loss "
+                         f"{_cell(c['lm_loss_before'])} -> {_cell(c['lm_loss_after'])}")
+    return "\n".join(out + ([""] + notes if notes else []))
+
+
+def stage_and_path(item: str) -> Tuple[str, str]:
+    """``"NAME=LOG"`` -> ``(NAME, LOG)``; ``"dir/LOG.log"`` -> ``("LOG", "dir/LOG.log")``."""
+    name, sep, path = item.partition("=")
+    if sep and re.fullmatch(r"[\w.-]+", name):
+        return name, path
+    return os.path.splitext(os.path.basename(item))[0], item
+
+
+def load_stages(logs: List[str], status: Optional[Dict[str, dict]] = None) -> Dict[str, dict]:
+    """``[NAME=]LOG`` arguments -> ``{name: parsed log + summary + status}``, in the order given; stages known only
+    from ``status`` (no log) are kept with empty records."""
+    stages: Dict[str, dict] = {}
+    for item in logs:
+        name, path = stage_and_path(item)
+        with open(path, errors="replace") as f:
+            stages[name] = parse_log(f)
+    for name in status or {}:
+        stages.setdefault(name, parse_log([]))
+    for name, stage in stages.items():
+        stage["summary"] = summarize(stage)
+        stage["status"] = (status or {}).get(name)
+    link_resumed(stages)
+    return stages
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("logs", nargs="+", metavar="[NAME=]LOG", help="Megatron-LM log files, one per stage")
+    parser.add_argument("--json", help="write every record and the summaries here")
+    parser.add_argument("--status", help="tab-separated 'stage rc seconds' file (with a header line)")
+    args = parser.parse_args(argv)
+    for item in args.logs:
+        if not os.path.isfile(stage_and_path(item)[1]):
+            parser.error(f"{item}: no such file")
+    stages = load_stages(args.logs, read_status(args.status) if args.status else None)
+    print(format_report(stages))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"stages": stages}, f, indent=1)
+        print(f"\n-> {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

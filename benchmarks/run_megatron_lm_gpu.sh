@@ -1,0 +1,161 @@
+#!/usr/bin/env bash
+# The Megatron-LM user path on one GPU in one command, through the launch examples as a user runs them, at 128K
+# tokens with --transformer-impl local (no TransformerEngine) and Megatron-LM's mock data:
+#   a_lighthouse       examples/pretrain_lighthouse_1gpu.sh, patched pretrain_gpt.py, MONITOR=1: ITERS_A
+#                      Lighthouse iterations, checkpoint at the end
+#   e_monitor_report   python -m megatron_lighthouse.monitor report on stage a's gpu_monitor.jsonl: gpu_monitor.png
+#   b_resume_dense     examples/resume_dense.sh, patched: stage a's checkpoint, --lighthouse-dense-from-iteration
+#                      ITERS_A (the switch is logged), ITERS_B dense iterations, checkpoint
+#   d_unpatched_dense  examples/resume_dense.sh with the pristine (unpatched) pretrain_gpt.py: stage b's checkpoint
+#                      as an ordinary dense model, ITERS_D more iterations (the loss continues from stage b's)
+#   c_dense_scratch    examples/pretrain_lighthouse_1gpu.sh DENSE=1, patched: the same model dense from scratch,
+#                      ITERS_A + ITERS_B iterations (the baseline at the same iterations)
+# Stage d: Megatron-LM's own local spec cannot run 128K (its DotProductAttention materializes [b, h, s, s] scores,
+# 275 GB in bf16 for 8 heads at 131072 tokens), so the unpatched script gets the package's dense local spec
+# (--spec megatron_lighthouse.env_spec dense_local_layer_spec: Megatron-LM's local layer, torch SDPA core attention,
+# the same state-dict keys); with TRANSFORMER_IMPL=transformer_engine it would be Megatron-LM's own TE spec.
+# Then benchmarks/megatron_log.py reads Megatron-LM's log lines of every stage (ms per iteration, lm loss, memory)
+# into a table (stdout, megatron_lm_gpu.txt) and megatron_lm_gpu.json.
+#
+# Usage: bash benchmarks/run_megatron_lm_gpu.sh MEGATRON_LM_DIR [OUT_DIR]
+#   MEGATRON_LM_DIR   a Megatron-LM checkout (pretrain_gpt.py, megatron/, gpt_builders.py, model_provider.py; verified
+#                     at the commit of patches/apply.sh), patched or not; never changed: it is copied twice into
+#                     WORK_DIR, one copy patched (patches/apply.sh), one pristine
+#   OUT_DIR           results (default $OUT, else benchmarks/results/megatron_lm_gpu): megatron_lm_gpu.json,
+#                     megatron_lm_gpu.txt, gpu_monitor.png, megatron_lm_gpu_logs.tar.gz (the stage logs, their
+#                     status table and the monitor's gpu_monitor.jsonl; in OUT_DIR/logs only while the stages run)
+# Variables: NUM_LAYERS=8 SEQ_LEN=131072 VOCAB_SIZE=32000 TRANSFORMER_IMPL=local ITERS_A=4 ITERS_B=2 ITERS_D=2
+#   BUDGET_S=560      seconds for everything; each stage's timeout is cut to what is left (minus RESERVE_S=25 for
+#                     the report) TIMEOUT_A=240 TIMEOUT_B=150 TIMEOUT_C=150 TIMEOUT_D=150 TIMEOUT_E=60
+#   WORK_DIR          copies and checkpoints (default: a new directory under ${TMPDIR:-/tmp}; kept)
+#   PYTHON=python3    DRY_RUN=1: set up and print each stage's command (the examples' DRY_RUN), run no stage
+set -uo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+die() { echo "error: $*" >&2; exit 2; }
+[ $# -ge 1 ] && [ $# -le 2 ] || die "usage: $0 MEGATRON_LM_DIR [OUT_DIR]"
+SRC=$1
+[ -f "$SRC/pretrain_gpt.py" ] && [ -d "$SRC/megatron" ] || die "MEGATRON_LM_DIR=$SRC: not a Megatron-LM checkout (pretrain_gpt.py, megatron/)"
+OUT_DIR=${2:-${OUT:-$REPO/benchmarks/results/megatron_lm_gpu}}
+: "${NUM_LAYERS:=8}" "${SEQ_LEN:=131072}" "${VOCAB_SIZE:=32000}" "${TRANSFORMER_IMPL:=local}"
+: "${ITERS_A:=4}" "${ITERS_B:=2}" "${ITERS_D:=2}" "${BUDGET_S:=560}" "${RESERVE_S:=25}"
+: "${TIMEOUT_A:=240}" "${TIMEOUT_B:=150}" "${TIMEOUT_C:=150}" "${TIMEOUT_D:=150}" "${TIMEOUT_E:=60}"
+: "${PYTHON:=python3}" "${DRY_RUN:=0}"
+for v in NUM_LAYERS SEQ_LEN VOCAB_SIZE ITERS_A ITERS_B ITERS_D BUDGET_S TIMEOUT_A TIMEOUT_B TIMEOUT_C TIMEOUT_D TIMEOUT_E; do
+    [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || die "$v=${!v}: must be a positive integer"
+done
+[[ "$RESERVE_S" =~ ^[0-9]+$ ]] || die "RESERVE_S=$RESERVE_S: must be an integer >= 0"
+[[ "$DRY_RUN" =~ ^[01]$ ]] || die "DRY_RUN=$DRY_RUN: must be 0 or 1"
+START=$SECONDS
+
+WORK=${WORK_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/megatron_lm_gpu.XXXXXX")}
+LOGS=$OUT_DIR/logs
+mkdir -p "$WORK" "$LOGS" || die "cannot create $WORK or $LOGS"
+PATCHED=$WORK/megatron-lm-patched PRISTINE=$WORK/megatron-lm-pristine
+CKPT_A=$WORK/ckpt_a_lighthouse CKPT_B=$WORK/ckpt_b_resume_dense CKPT_C=$WORK/ckpt_c_dense_scratch
+CKPT_D=$WORK/ckpt_d_unpatched_dense
+STATUS=$LOGS/stages.tsv
+printf 'stage\trc\tseconds\n' > "$STATUS"
+export PYTHONPATH="$REPO:$REPO/kernels${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# NVLink multicast stays off on shared hosts (one GPU here, but Megatron-LM still sets up NCCL).
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+
+# -- setup: the two copies, the patch, the dataset helpers, torchrun ------------------------------------------
+{
+    echo "repo $REPO  Megatron-LM $SRC  work $WORK  out $OUT_DIR"
+    if [ "$DRY_RUN" = 0 ]; then
+        "$PYTHON" -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.cuda.is_available())'
+        "$PYTHON" -c 'import importlib.util as u; print("python modules missing:", [m for m in ("triton", "einops", "pybind11", "pynvml", "matplotlib") if u.find_spec(m) is None] or "none")'
+        nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || true
+        # Megatron-LM compiles its dataset helpers at start-up; once here, before the copies, so no stage pays.
+        make -C "$SRC/megatron/core/datasets" 2>&1 | tail -n 2
+    fi
+    rm -rf "$PATCHED" "$PRISTINE"
+    # -a keeps the times: the compiled helpers stay newer than their source, so no stage's make rebuilds them.
+    cp -a "$SRC" "$PATCHED" && cp -a "$SRC" "$PRISTINE" || die "cannot copy $SRC into $WORK"
+    if grep -q megatron_lighthouse "$PRISTINE/pretrain_gpt.py"; then  # the given checkout was patched already
+        (cd "$PRISTINE" && git apply --reverse "$REPO/patches/megatron_lm_lighthouse.patch") \
+            || die "$SRC/pretrain_gpt.py carries the hook and the patch does not reverse: give an unpatched checkout"
+    fi
+    bash "$REPO/patches/apply.sh" "$PATCHED" || die "patches/apply.sh $PATCHED failed"
+    mkdir -p "$CKPT_A" "$CKPT_B" "$CKPT_C" "$CKPT_D"
+} 2>&1 | tee "$LOGS/setup.log"
+[ "${PIPESTATUS[0]}" = 0 ] || exit 2
+if ! command -v torchrun >/dev/null; then  # the examples call torchrun; some installs lack the entry point
+    mkdir -p "$WORK/bin"
+    printf '#!/usr/bin/env bash\nexec %q -m torch.distributed.run "$@"\n' "$PYTHON" > "$WORK/bin/torchrun"
+    chmod +x "$WORK/bin/torchrun"
+    export PATH="$WORK/bin:$PATH"
+fi
+
+# Settings of every stage: the examples' variables (one model; a short run: no warm-up to wait for, constant LR).
+COMMON=(MOCK_DATA=1 "VOCAB_SIZE=$VOCAB_SIZE" "TRANSFORMER_IMPL=$TRANSFORMER_IMPL" "NUM_LAYERS=$NUM_LAYERS"
+        "SEQ_LEN=$SEQ_LEN" GLOBAL_BATCH=1 LOG_INTERVAL=1 EVAL_INTERVAL=1000 EVAL_ITERS=1 SAVE_INTERVAL=1000
+        LR_WARMUP_ITERS=1 LR_DECAY_STYLE=constant "DRY_RUN=$DRY_RUN")
+
+# stage NAME TIMEOUT CMD...: run CMD (under timeout, cut to the budget left), log to LOGS/NAME.log, record its rc.
+stage() {
+    local name=$1 limit=$2 left rc begin=$SECONDS
+    shift 2
+    left=$((BUDGET_S - (SECONDS - START) - RESERVE_S))
+    (( limit < left )) || limit=$left
+    echo "== $name (timeout ${limit}s): $*"
+    if (( limit < 10 )); then
+        echo "skipped: ${left}s of BUDGET_S=$BUDGET_S left" | tee "$LOGS/$name.log"
+        printf '%s\tskipped\t0\n' "$name" >> "$STATUS"
+        return 1
+    fi
+    if [ "$DRY_RUN" = 1 ]; then
+        "$@" 2>&1 | tee "$LOGS/$name.log"
+    else
+        timeout --kill-after=20 "$limit" "$@" 2>&1 | tee "$LOGS/$name.log"
+    fi
+    rc=${PIPESTATUS[0]}
+    [ "$rc" = 124 ] && echo "== $name: timed out after ${limit}s" | tee -a "$LOGS/$name.log"
+    printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - begin))" >> "$STATUS"
+    return "$rc"
+}
+# skip NAME WHY: record a stage that cannot run.
+skip() { echo "== $1: skipped: $2" | tee "$LOGS/$1.log"; printf '%s\tskipped\t0\n' "$1" >> "$STATUS"; }
+# has_checkpoint DIR: Megatron-LM saved a checkpoint there (or a dry run would have).
+has_checkpoint() { [ "$DRY_RUN" = 1 ] || [ -s "$1/latest_checkpointed_iteration.txt" ]; }
+
+stage a_lighthouse "$TIMEOUT_A" env "${COMMON[@]}" "MEGATRON_LM_DIR=$PATCHED" "CHECKPOINT_DIR=$CKPT_A" \
+    "TRAIN_ITERS=$ITERS_A" MONITOR=1 bash "$REPO/examples/pretrain_lighthouse_1gpu.sh"
+MONITOR_LOG=$CKPT_A/gpu_monitor.jsonl
+if [ "$DRY_RUN" = 1 ] || [ -s "$MONITOR_LOG" ]; then
+    dry_echo=(); [ "$DRY_RUN" = 0 ] || dry_echo=(echo)  # the examples print themselves under DRY_RUN=1; this prints
+    stage e_monitor_report "$TIMEOUT_E" "${dry_echo[@]}" "$PYTHON" -m megatron_lighthouse.monitor report "$MONITOR_LOG" \
+        --out "$OUT_DIR/gpu_monitor.png"
+else
+    skip e_monitor_report "no $MONITOR_LOG (stage a failed, or NVML is missing)"
+fi
+[ ! -s "$MONITOR_LOG" ] || cp "$MONITOR_LOG" "$LOGS/"  # into the logs archive: the PNG can be redrawn from it
+if has_checkpoint "$CKPT_A"; then
+    stage b_resume_dense "$TIMEOUT_B" env "${COMMON[@]}" "MEGATRON_LM_DIR=$PATCHED" "LIGHTHOUSE_CHECKPOINT=$CKPT_A" \
+        "CHECKPOINT_DIR=$CKPT_B" "TOTAL_ITERS=$((ITERS_A + ITERS_B))" "DENSE_FROM_ITER=$ITERS_A" \
+        bash "$REPO/examples/resume_dense.sh"
+else
+    skip b_resume_dense "stage a saved no checkpoint in $CKPT_A"
+fi
+if has_checkpoint "$CKPT_B"; then
+    stage d_unpatched_dense "$TIMEOUT_D" env "${COMMON[@]}" "MEGATRON_LM_DIR=$PRISTINE" "LIGHTHOUSE_CHECKPOINT=$CKPT_B" \
+        "CHECKPOINT_DIR=$CKPT_D" "TOTAL_ITERS=$((ITERS_A + ITERS_B + ITERS_D))" bash "$REPO/examples/resume_dense.sh"
+else
+    skip d_unpatched_dense "stage b saved no checkpoint in $CKPT_B"
+fi
+stage c_dense_scratch "$TIMEOUT_C" env "${COMMON[@]}" "MEGATRON_LM_DIR=$PATCHED" "CHECKPOINT_DIR=$CKPT_C" \
+    "TRAIN_ITERS=$((ITERS_A + ITERS_B))" DENSE=1 bash "$REPO/examples/pretrain_lighthouse_1gpu.sh"
+
+# -- report: the table and JSON from Megatron-LM's own log lines, the logs in one archive ----------------------
+parse=("$PYTHON" "$REPO/benchmarks/megatron_log.py" --status "$STATUS" --json "$OUT_DIR/megatron_lm_gpu.json")
+for name in a_lighthouse b_resume_dense d_unpatched_dense c_dense_scratch; do
+    [ -f "$LOGS/$name.log" ] && parse+=("$name=$LOGS/$name.log")
+done
+echo "== report: ${parse[*]}"
+"${parse[@]}" | tee "$OUT_DIR/megatron_lm_gpu.txt"
+report=${PIPESTATUS[0]}
+failed=$(awk -F'\t' 'NR > 1 && $2 != "0" { printf " %s", $1 }' "$STATUS")
+tar -czf "$OUT_DIR/megatron_lm_gpu_logs.tar.gz" -C "$OUT_DIR" logs && rm -rf "$LOGS"
+echo "== done in $((SECONDS - START))s; in $OUT_DIR:" $(ls "$OUT_DIR")
+[ -z "$failed" ] || { echo "== stages that did not finish:$failed" >&2; exit 1; }
+exit "$report"
