@@ -459,6 +459,14 @@ def test_a_failed_write_leaves_the_previous_file_whole(tmp_path, monkeypatch, wr
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
+def test_written_files_get_the_usual_permissions(tmp_path):
+    """Not a temporary file's private 0600: what ``open`` would give, 0666 less the umask."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    path = atomic.write_atomic(tmp_path / "metrics.json", lambda f: f.write(b"{}"))
+    assert path.read_bytes() == b"{}" and path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_the_cli_shows_no_library_warnings(tmp_path):
     """Run as a user runs it (``python -m megatron_lighthouse.demo``, a fresh process): no TransformerEngine / Apex
     notes or Megatron deprecation warnings, no other warning either; the settings lines are there."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import pathlib
-import tempfile
+import uuid
 from typing import BinaryIO, Callable, Union
 
 
@@ -14,11 +14,12 @@ def write_atomic(path: Union[str, os.PathLike], write: Callable[[BinaryIO], None
     rename it over ``path`` (``os.replace``, atomic on POSIX and Windows).
 
     Readers see the old file or the whole new one, never a part. When ``write`` (or the flush) raises, the temporary
-    file is removed, ``path`` is left as it was and the exception propagates. Returns ``path`` as a
-    :class:`pathlib.Path`.
+    file is removed, ``path`` is left as it was and the exception propagates. The new file has the permissions of
+    any file the process creates (``0o666`` less the umask). Returns ``path`` as a :class:`pathlib.Path`.
     """
     path = pathlib.Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
