@@ -161,8 +161,9 @@ def test_interrupted_run_resumes_to_the_same_result(runs, tmp_path, monkeypatch,
     monkeypatch.setattr(train, "_loss", real_loss)
     shutil.copytree(out, tmp_path / "longer")
     with caplog.at_level(logging.INFO, logger="megatron_lighthouse.demo.train"):
-        assert _main("--mode", "two-stage", "--out", str(out), "--resume") == 0
+        assert _main("--mode", "two-stage", "--out", str(out), "--resume", "--log-every", "5") == 0
     assert any("resumed from" in m and "at step 3" in m for m in caplog.messages)
+    assert [m.split("[")[0] for m in caplog.messages if "tokens/s" in m] == ["step    4/6 ", "step    5/6 "]
     resumed = json.loads((out / "metrics.json").read_text())
     uninterrupted = runs["two-stage"][1]
     assert [t["step"] for t in resumed["train"]] == list(range(6))

@@ -405,9 +405,8 @@ def read_checkpoint(path: pathlib.Path, device: torch.device) -> Dict:
             warnings.simplefilter("ignore")
             ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as err:  # truncated zip, a foreign pickle, another format: torch raises many kinds
-        reason = (str(err).strip().splitlines() or [""])[0][:100]
         raise SettingsError(f"--resume: {path} cannot be read as a checkpoint, truncated or not one "
-                            f"({type(err).__name__}: {reason}); {fix}") from None
+                            f"({_first_sentence(err)}); {fix}") from None
     problem = _checkpoint_problem(ckpt)
     if problem:
         raise SettingsError(f"--resume: {path} is not a demo checkpoint ({problem}); {fix}")
@@ -500,7 +499,8 @@ def run_demo(cfg: DemoConfig) -> Dict:
             logger.info("%s", line)
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
-        for step in range(state["step"], cfg.steps):
+        first = state["step"]
+        for step in range(first, cfg.steps):
             stage = "lighthouse" if schedule.apply(model, step) else "dense"  # --mode dense: dense from step 0
             if step == switch and cfg.mode == "two-stage":
                 logger.info("step %d: switching Lighthouse off, dense attention from here on", step)
@@ -519,7 +519,7 @@ def run_demo(cfg: DemoConfig) -> Dict:
             state["tokens"][stage] += tokens_per_step
             state["train"].append(dict(step=step, loss=loss.item(), stage=stage, seconds=elapsed))
             state["step"] = step + 1
-            if (step + 1) % cfg.log_every == 0 or step == 0:
+            if (step + 1) % cfg.log_every == 0 or step == first:  # and the first step this process trains
                 logger.info("%s  %-10s  loss %.4f  %8.0f tokens/s", _progress(state, cfg.steps), stage, loss.item(),
                             tokens_per_step / elapsed)
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
@@ -556,9 +556,14 @@ def _load_into(ckpt: Dict, model: torch.nn.Module, optimizer: torch.optim.Optimi
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
     except (RuntimeError, ValueError, KeyError) as err:
-        reason = (str(err).strip().splitlines() or [""])[0][:100]
-        raise SettingsError(f"--resume: {path} does not fit the model of its own settings ({reason}); use another "
-                            f"--out for a new run, or --overwrite to replace it") from None
+        raise SettingsError(f"--resume: {path} does not fit the model of its own settings ({_first_sentence(err)}); "
+                            f"use another --out for a new run, or --overwrite to replace it") from None
+
+
+def _first_sentence(err: BaseException) -> str:
+    """``TypeName: first sentence of the message`` of a library's exception, for a one-line error."""
+    text = (str(err).strip().splitlines() or [""])[0].split(". ")[0]
+    return f"{type(err).__name__}: {text[:120]}"
 
 
 def _progress(state: Dict, total: int, width: int = 20) -> str:
