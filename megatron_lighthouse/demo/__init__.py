@@ -4,6 +4,6 @@
 """
 
 from .corpus import load_corpus
-from .train import DemoConfig, run_demo
+from .train import DemoConfig, SettingsError, run_demo
 
-__all__ = ["DemoConfig", "load_corpus", "run_demo"]
+__all__ = ["DemoConfig", "SettingsError", "load_corpus", "run_demo"]

@@ -1,52 +1,181 @@
-"""``python -m megatron_lighthouse.demo``: two-stage Lighthouse -> dense pretraining on an embedded corpus."""
+"""``python -m megatron_lighthouse.demo``: two-stage Lighthouse -> dense pretraining of a tiny byte-level GPT on
+this Python's standard library (or ``--corpus``), with a dense baseline (``--mode dense``) to compare against."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import pathlib
 import sys
-from typing import List, Optional
+import warnings
+from typing import Any, Iterator, List, Optional
 
-from .train import MODES, DemoConfig, run_demo
+from ..config import ROPE_PLACEMENTS
+from . import atomic
+from .train import DEFAULTS, DEVICE_CHOICES, LR_DECAY_STYLES, MODES, DemoConfig, SettingsError, flag, run_demo, shown
 
 logger = logging.getLogger("megatron_lighthouse.demo")
 
+#: The first lines of ``--help``.
+DESCRIPTION = ("Two-stage pretraining of a tiny byte-level Megatron-Core GPT on this Python's standard library (or "
+               "--corpus): Lighthouse attention for most steps, then dense, as in the paper; --mode dense is the "
+               "baseline to compare against. Prints its settings, a progress bar and a summary table; writes its "
+               "checkpoint, dense model, metrics and loss plot under --out.")
+#: What each flag does, its range or choices; ``parse_args`` adds the default. Every field of :class:`DemoConfig`
+#: has one (``--baseline`` and ``--no-save`` are the CLI's own, see :func:`build_parser`).
+HELP = {
+    "mode": f"attention schedule, one of: {MODES[0]} (Lighthouse, then dense for the last --dense-fraction of the "
+            f"steps: the paper's recipe), {MODES[1]} (dense from scratch: the baseline), {MODES[2]} (Lighthouse "
+            f"throughout)",
+    "steps": "training steps in all (>= 1). With --resume: where the run now ends, above its checkpoint's step; "
+             "the switch to dense stays at the step fixed when the run started, before or after it",
+    "dense_fraction": "--mode two-stage only: the fraction of --steps trained dense at the end, in (0, 1), at least "
+                      "one step of each stage; it fixes the switch step when a run starts (--resume keeps that step)",
+    "seq_len": "bytes per training sequence (>= 1); with Lighthouse a multiple of "
+               "pooling-factor**(levels-1) * topk/128 with >= 128 coarsest entries per tile (an error names the "
+               "nearest valid lengths)",
+    "batch_size": "sequences per step (>= 1)",
+    "layers": "transformer layers (>= 1)",
+    "hidden": "hidden size (>= 1, divisible by --heads)",
+    "heads": "attention heads (>= 1)",
+    "ffn": "feed-forward (SwiGLU) hidden size (>= 1)",
+    "levels": "Lighthouse pyramid levels L (>= 2; level 0 is the tokens); not with --mode dense",
+    "pooling_factor": "Lighthouse pooling factor p, tokens pooled per level: a power of two in [2, 64]; not with "
+                      "--mode dense",
+    "topk": "Lighthouse selection budget k: a positive multiple of 128; not with --mode dense",
+    "dense_layers": "comma-separated layers that keep dense attention, 0-based, negative from the end (-1: the "
+                    "last), not all of them; not with --mode dense",
+    "rope": "--device cuda only (on CPU the model has learned positions, no RoPE): where Lighthouse layers apply "
+            "RoPE, one of: entries (each selected entry rotated at its last token, the published model), tokens "
+            "(before pooling, Megatron's order)",
+    "lr": "peak learning rate of AdamW (> 0)",
+    "warmup": "steps of linear learning-rate warm-up at the start, in [0, --steps)",
+    "lr_decay_style": f"learning rate after the warm-up, one of: {LR_DECAY_STYLES[0]} (to 10% at the last step), "
+                      f"{LR_DECAY_STYLES[1]} (the published recipe), {LR_DECAY_STYLES[2]} (constant, then linear "
+                      f"to 10% over the last --lr-decay-fraction of the steps)",
+    "lr_decay_fraction": "--lr-decay-style wsd only: the fraction of --steps that its decay takes, in (0, 1]: at "
+                         "least one step, none of them in the warm-up",
+    "eval_every": "steps between validation losses and checkpoints (>= 1); the last step is always evaluated",
+    "eval_batches": "batches of --batch-size validation sequences per evaluation (>= 1)",
+    "log_every": "steps between progress lines (>= 1)",
+    "device": f"where to train, one of: {', '.join(DEVICE_CHOICES)} (N: the index of a visible GPU); CUDA trains in "
+              "bf16 with RoPE, CPU in fp32 with learned positions",
+    "seed": "seed of the initialization and of the batches, in [0, 2**32 - 1]",
+    "corpus": "a text file, or a directory whose .py, .txt and .rst files are read in sorted order (default: this "
+              "Python's standard library)",
+    "corpus_bytes": "at most this many bytes of the corpus are read (>= 1); about 10% of its files go to validation",
+    "out": "directory for checkpoint.pt (every --eval-every steps), model_dense.pt, metrics.json and loss.png; one "
+           "that holds a run already is refused unless --resume or --overwrite is given",
+    "resume": "continue the run in --out from its checkpoint.pt (only --steps, --eval-every, --eval-batches and "
+              "--log-every may change; the switch step stays the checkpoint's)",
+    "overwrite": "start a new run in an --out that holds one, replacing its files",
+}
+#: The flags with a fixed set of values (shown in the usage line; :meth:`DemoConfig.validate` checks them).
+CHOICES = {"mode": MODES, "rope": ROPE_PLACEMENTS, "lr_decay_style": LR_DECAY_STYLES, "device": DEVICE_CHOICES}
+#: Library warnings that mean nothing to a demo user, ignored while the demo runs (``warnings.filterwarnings``
+#: arguments): megatron-core's notes that TransformerEngine or Apex is not installed (the demo uses neither) and its
+#: deprecation notices about its own settings. Nothing else is hidden.
+QUIET_WARNINGS = (
+    dict(message=r"(Transformer Engine and Apex are|Transformer Engine is|Apex is) not installed",
+         module=r"megatron\."),
+    dict(message=r".*\bdeprecated\b", category=UserWarning, module=r"megatron\."),
+    dict(category=DeprecationWarning, module=r"megatron\."),
+    dict(category=FutureWarning, module=r"megatron\."),
+)
+#: Library log lines hidden the same way: ``{logger name: message prefix}`` (torch's note, on a machine without
+#: CUDA, that it found no CUDA runtime for building extensions, which the demo never builds).
+QUIET_LOG_LINES = {"torch.utils.cpp_extension": "No CUDA runtime is found"}
+
+
+@contextlib.contextmanager
+def quiet_library_noise() -> Iterator[None]:
+    """Hide :data:`QUIET_WARNINGS` and :data:`QUIET_LOG_LINES` inside the block; everything is restored on exit.
+    Enter it before megatron-core is imported: most of those warnings come once, at import."""
+    drops = [(logging.getLogger(name), lambda record, p=prefix: not record.getMessage().startswith(p))
+             for name, prefix in QUIET_LOG_LINES.items()]
+    with warnings.catch_warnings():
+        for rule in QUIET_WARNINGS:
+            warnings.filterwarnings("ignore", **rule)
+        for log, drop in drops:
+            log.addFilter(drop)
+        try:
+            yield
+        finally:
+            for log, drop in drops:
+                log.removeFilter(drop)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's own errors (an unknown flag, a missing value) as :class:`SettingsError`: one line, exit 2."""
+
+    def error(self, message: str):
+        raise SettingsError(f"{message} (--help lists the flags)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI: one flag per :class:`DemoConfig` field, plus ``--baseline`` and ``--no-save``. Values are parsed
+    as strings (:func:`parse_args` converts and :meth:`DemoConfig.validate` checks them); a flag not given is left
+    out of the namespace (``argparse.SUPPRESS``)."""
+    p = _Parser(prog="python -m megatron_lighthouse.demo", description=DESCRIPTION,
+                argument_default=argparse.SUPPRESS,
+                epilog="The switch from Lighthouse to dense is fixed when a run starts and kept in its checkpoint: "
+                       "--resume with other --steps never moves it. Bad values are refused before any work.")
+    for field in dataclasses.fields(DemoConfig):
+        text = HELP[field.name]
+        if isinstance(field.default, bool):
+            p.add_argument(flag(field.name), action="store_true", help=text.replace("%", "%%"))
+        else:
+            if field.default is not None:
+                text += f" (default: {shown(field.default)})"
+            choices = CHOICES.get(field.name)
+            p.add_argument(flag(field.name), metavar="{" + ",".join(choices) + "}" if choices else None,
+                           help=text.replace("%", "%%"))
+        if field.name == "mode":
+            p.add_argument("--baseline", action="store_true", help="shorthand for --mode dense")
+        elif field.name == "out":
+            p.add_argument("--no-save", action="store_true",
+                           help="keep nothing: no checkpoints, metrics or plot (not with --out)")
+    return p
+
+
+def _value(name: str, text: str) -> Any:
+    """The value of :class:`DemoConfig` field ``name`` typed as ``text`` (``SettingsError`` naming the flag)."""
+    default = DEFAULTS[name]
+    if isinstance(default, tuple):  # --dense-layers
+        try:
+            return tuple(int(x) for x in text.split(",") if x.strip())
+        except ValueError:
+            raise SettingsError(f"{flag(name)} {text}: must be comma-separated integers") from None
+    if not isinstance(default, (int, float)):
+        return text
+    try:
+        return type(default)(text)
+    except ValueError:
+        raise SettingsError(f"{flag(name)} {text}: must be {'an integer' if isinstance(default, int) else 'a number'}"
+                            ) from None
+
 
 def parse_args(argv: Optional[List[str]] = None) -> DemoConfig:
-    defaults = DemoConfig()
-    p = argparse.ArgumentParser(prog="python -m megatron_lighthouse.demo", description=__doc__.strip(),
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--mode", choices=MODES, default=defaults.mode,
-                   help="two-stage: Lighthouse then dense; dense: dense from scratch; lighthouse: throughout")
-    p.add_argument("--baseline", action="store_true", help="shorthand for --mode dense")
-    for field in dataclasses.fields(DemoConfig):
-        if field.name in ("mode", "resume", "dense_layers"):
-            continue
-        value = getattr(defaults, field.name)
-        kind = type(value) if value is not None else str
-        p.add_argument("--" + field.name.replace("_", "-"), type=kind, default=value)
-    p.add_argument("--dense-layers", default=",".join(map(str, defaults.dense_layers)),
-                   help="comma-separated layers kept dense (negative: from the end)")
-    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
-    p.add_argument("--no-save", action="store_true", help="keep no checkpoints, metrics or plot (overrides --out)")
-    args = vars(p.parse_args(argv))
-    if args.pop("baseline"):
-        args["mode"] = "dense"
-    if args.pop("no_save"):
-        args["out"] = None
-    try:
-        args["dense_layers"] = tuple(int(x) for x in args["dense_layers"].split(",") if x.strip())
-    except ValueError:
-        p.error(f"--dense-layers {args['dense_layers']!r}: must be comma-separated ints")
-    if args["resume"] and not args["out"]:
-        p.error("--resume needs --out (the directory holding checkpoint.pt), not --no-save")
-    return DemoConfig(**args)
+    """The :class:`DemoConfig` of the command line ``argv`` (default ``sys.argv[1:]``), not yet validated.
+
+    ``SettingsError`` for a value of the wrong type, an unknown flag, or two flags that contradict each other."""
+    given = vars(build_parser().parse_args(argv))
+    if given.pop("baseline", False):
+        if given.get("mode", "dense") != "dense":
+            raise SettingsError(f"--baseline is --mode dense: it cannot go with --mode {given['mode']}")
+        given["mode"] = "dense"
+    if given.pop("no_save", False):
+        if "out" in given:
+            raise SettingsError(f"--out {given['out']}: --no-save keeps nothing; give one of them")
+        given["out"] = None
+    return DemoConfig(**{name: _value(name, v) if isinstance(v, str) else v for name, v in given.items()})
 
 
 def print_summary(metrics: dict) -> None:
+    """The table of stages (steps, final dense validation loss, wall time, tokens/s) and the final loss."""
     print(f"\n{'stage':<11} {'steps':>6} {'final val loss (dense)':>23} {'wall s':>8} {'tokens/s':>10}")
     for s in metrics["stages"]:
         loss = "-" if s["final_val_loss"] is None else f"{s['final_val_loss']:.4f}"
@@ -54,8 +183,14 @@ def print_summary(metrics: dict) -> None:
     print(f"final validation loss: {metrics['final_val_loss']:.4f}")
 
 
+def write_metrics(metrics: dict, path: pathlib.Path) -> pathlib.Path:
+    """``metrics`` as indented JSON to ``path`` (atomically: :func:`~megatron_lighthouse.demo.atomic.write_atomic`)."""
+    return atomic.write_atomic(path, lambda f: f.write(json.dumps(metrics, indent=1).encode()))
+
+
 def plot(metrics: dict, path: pathlib.Path) -> Optional[pathlib.Path]:
-    """Training and validation loss curves with the switch marked (needs matplotlib)."""
+    """Training and validation loss curves with the switch marked, as a PNG at ``path`` (atomically); ``None``
+    without matplotlib."""
     try:
         import matplotlib
 
@@ -79,27 +214,31 @@ def plot(metrics: dict, path: pathlib.Path) -> Optional[pathlib.Path]:
     ax.set(xlabel="step", ylabel="loss (nats/byte)", title=f"megatron-lighthouse demo: {metrics['config']['mode']}")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    try:
+        return atomic.write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    finally:
+        plt.close(fig)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run the demo of the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status: 0, or 2 after
+    printing one line ``error: ...`` for settings, an output directory or a checkpoint it cannot run with."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
     for noisy in ("megatron", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    try:
-        cfg = parse_args(argv)
-        metrics = run_demo(cfg)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print_summary(metrics)
-    if cfg.out:
-        out = pathlib.Path(cfg.out)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        png = plot(metrics, out / "loss.png")
-        print(f"wrote {out / 'metrics.json'}" + (f" and {png}" if png else "") + f"; checkpoints in {out}")
+    with quiet_library_noise():
+        try:
+            cfg = parse_args(argv)
+            metrics = run_demo(cfg)
+        except SettingsError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print_summary(metrics)
+        if cfg.out:
+            out = pathlib.Path(cfg.out)
+            write_metrics(metrics, out / "metrics.json")
+            png = plot(metrics, out / "loss.png")
+            print(f"wrote {out / 'metrics.json'}" + (f" and {png}" if png else "") + f"; checkpoints in {out}")
     return 0
 
 

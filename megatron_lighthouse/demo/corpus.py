@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
 import pathlib
 import sysconfig
 import zlib
-from typing import Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 
@@ -20,6 +21,23 @@ _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "idlelib", "test"
 def default_corpus_dir() -> pathlib.Path:
     """The standard library directory of this Python (ships with every install)."""
     return pathlib.Path(sysconfig.get_paths()["stdlib"])
+
+
+def _text_files(directory: pathlib.Path) -> Iterator[pathlib.Path]:
+    """The text files under ``directory`` in sorted path order (the order of ``sorted(directory.rglob("*"))``),
+    skipping :data:`_SKIP_DIRS` and not following links to directories; lazily, so a small ``max_bytes`` reads few
+    directories."""
+    try:
+        with os.scandir(directory) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except PermissionError:
+        return
+    for entry in entries:
+        if entry.is_dir() and not entry.is_symlink():
+            if entry.name not in _SKIP_DIRS:
+                yield from _text_files(directory / entry.name)
+        elif os.path.splitext(entry.name)[1] in _SUFFIXES and entry.is_file():
+            yield directory / entry.name
 
 
 def _as_tensor(data: bytearray) -> torch.Tensor:
@@ -40,14 +58,11 @@ def load_corpus(path: Optional[str] = None, max_bytes: int = 8 << 20,
     root = pathlib.Path(path) if path else default_corpus_dir()
     if not root.exists():
         raise ValueError(f"--corpus {root}: no such file or directory")
-    files = [root] if root.is_file() else sorted(
-        p for p in root.rglob("*")
-        if p.suffix in _SUFFIXES and p.is_file() and not _SKIP_DIRS & set(p.relative_to(root).parts)
-    )
-    if not files:
-        raise ValueError(f"--corpus {root}: no {'/'.join(_SUFFIXES)} files found")
+    files = iter([root]) if root.is_file() else _text_files(root)
     train, val, total = bytearray(), bytearray(), 0
+    found = False
     for f in files:
+        found = True
         data = f.read_bytes()
         rel = f.name if root.is_file() else str(f.relative_to(root))
         bucket = val if (zlib.crc32(rel.encode()) % 1000) < val_fraction * 1000 else train
@@ -55,6 +70,8 @@ def load_corpus(path: Optional[str] = None, max_bytes: int = 8 << 20,
         total += len(data)
         if total >= max_bytes:
             break
+    if not found:
+        raise ValueError(f"--corpus {root}: no {'/'.join(_SUFFIXES)} files found")
     if root.is_file() or not val:  # one file: split its tail off instead
         cut = int(len(train) * (1 - val_fraction))
         train, val = train[:cut], train[cut:] + val

@@ -5,16 +5,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import pathlib
+import re
 import time
-from typing import Dict, List, Optional, Tuple
+import warnings
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from ..config import ROPE_PLACEMENTS, LighthouseConfig
 from ..schedule import LighthouseSchedule, lighthouse_enabled
+from . import atomic
 from .corpus import load_corpus
 
 logger = logging.getLogger(__name__)
@@ -24,16 +26,45 @@ MODES = ("two-stage", "dense", "lighthouse")
 #: its torchtitan configs set ``decay_ratio = 0.0``, so the rate stays at ``lr`` after the warm-up); ``wsd``
 #: (warm-up, stable, decay): constant, then linear to 10% over the last ``lr_decay_fraction`` of the steps.
 LR_DECAY_STYLES = ("cosine", "constant", "wsd")
+#: What ``--device`` accepts (``cuda:N``: the GPU of index ``N`` among the visible ones).
+DEVICE_CHOICES = ("cpu", "cuda", "cuda:N")
 VOCAB = 256  # bytes
 CHECKPOINT = "checkpoint.pt"
 #: Settings that may change when resuming (the run's length and its reporting); every other one must match the
 #: checkpoint, or the model, data or schedule would not be the ones it was trained with.
 #: (Not ``device``: the model differs by device, learned positions and fp32 on CPU, RoPE and bf16 on CUDA.)
-RESUMABLE_CHANGES = ("steps", "out", "resume", "log_every", "eval_every", "eval_batches")
+RESUMABLE_CHANGES = ("steps", "out", "resume", "overwrite", "log_every", "eval_every", "eval_batches")
 #: Settings added after checkpoints were first written: the value an older checkpoint ran with.
 OLD_CHECKPOINT_SETTINGS = {"rope": "tokens", "lr_decay_style": "cosine", "lr_decay_fraction": 0.2}
 #: What to lower when memory runs out.
 MEMORY_HINT = "lower --batch-size, --seq-len, --layers or --hidden"
+#: Largest ``--seed`` (the batches of step ``s`` are drawn with seed ``seed * 1_000_003 + s``, which must fit 64 bits).
+MAX_SEED = 2**32 - 1
+
+
+class SettingsError(ValueError):
+    """A setting, flag combination, output directory or checkpoint the demo cannot run with; the message is one line
+    that names the flag (the CLI prints it as ``error: ...`` and exits 2, without a traceback)."""
+
+
+def flag(name: str) -> str:
+    """The CLI flag of the :class:`DemoConfig` field ``name``: ``seq_len`` -> ``--seq-len``."""
+    return "--" + name.replace("_", "-")
+
+
+def shown(value: Any) -> str:
+    """A setting's value as it is typed on the command line (``dense_layers`` ``(0, -1)`` -> ``0,-1``)."""
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def switch_step_for(mode: str, steps: int, dense_fraction: float) -> Optional[int]:
+    """First dense step of a run of ``steps`` steps started with these settings: ``steps - round(steps *
+    dense_fraction)`` for ``two-stage``, 0 for ``dense``, ``None`` (Lighthouse throughout) for ``lighthouse``."""
+    if mode == "two-stage":
+        return steps - int(round(steps * dense_fraction))
+    return 0 if mode == "dense" else None
 
 
 @dataclasses.dataclass
@@ -43,12 +74,17 @@ class DemoConfig:
     ``mode``: ``two-stage`` (Lighthouse, then dense for the last ``dense_fraction`` of steps), ``dense`` (dense from
     scratch, the baseline) or ``lighthouse`` (Lighthouse throughout). Validation loss is always measured densely;
     during the Lighthouse stage also with Lighthouse on (``val_loss_lighthouse`` in the evaluations).
+    The switch step is fixed when a run starts (:attr:`switch_step`) and kept in its checkpoint: a ``resume`` with
+    other ``steps`` keeps it.
     ``out``: directory of the checkpoints (``None``: keep nothing; the CLI writes its metrics and plot there too).
+    A directory that holds a run already is refused unless ``resume`` (continue it) or ``overwrite`` (replace it).
     Learning rate: linear warm-up over ``warmup`` steps, then ``lr_decay_style`` (:data:`LR_DECAY_STYLES`):
     ``cosine`` to 10% of ``lr`` at the last step, ``constant`` (the published recipe) or ``wsd`` (constant, then
     linear to 10% over the last ``lr_decay_fraction`` of the steps).
     ``rope``: :attr:`LighthouseConfig.rope <megatron_lighthouse.config.LighthouseConfig>` (``entries`` or
     ``tokens``); it matters on CUDA only, where the model uses RoPE (on CPU it has learned positions).
+    :meth:`validate` refuses any value out of range and any setting that the run would not use
+    (:meth:`unused_settings`) when it differs from its default.
     """
 
     mode: str = "two-stage"
@@ -78,45 +114,113 @@ class DemoConfig:
     corpus_bytes: int = 8 << 20
     out: Optional[str] = "demo_out"
     resume: bool = False
+    overwrite: bool = False
 
     def lighthouse(self) -> LighthouseConfig:
+        """The run's :class:`~megatron_lighthouse.config.LighthouseConfig` (``ValueError`` naming its fields)."""
         return LighthouseConfig(levels=self.levels, pooling_factor=self.pooling_factor, topk=self.topk,
                                 dense_layers=tuple(self.dense_layers), rope=self.rope)
 
-    def validate(self) -> None:
-        """Raise ``ValueError`` naming the flag for any setting that cannot run."""
-        if self.mode not in MODES:
-            raise ValueError(f"--mode {self.mode!r}: must be one of {MODES}")
-        for name in ("steps", "seq_len", "batch_size", "layers", "hidden", "heads", "ffn", "eval_every",
-                     "eval_batches", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
-        if self.hidden % self.heads:
-            raise ValueError(f"--hidden {self.hidden}: must be divisible by --heads {self.heads}")
-        if not 0.0 <= self.dense_fraction < 1.0:
-            raise ValueError(f"--dense-fraction {self.dense_fraction}: must be in [0, 1)")
-        if self.rope not in ROPE_PLACEMENTS:
-            raise ValueError(f"--rope {self.rope!r}: must be one of {ROPE_PLACEMENTS}")
-        if self.lr_decay_style not in LR_DECAY_STYLES:
-            raise ValueError(f"--lr-decay-style {self.lr_decay_style!r}: must be one of {LR_DECAY_STYLES}")
-        if not 0.0 < self.lr_decay_fraction <= 1.0 or (
-                self.lr_decay_style == "wsd" and self._decay_steps(self.steps) < 1):
-            raise ValueError(f"--lr-decay-fraction {self.lr_decay_fraction}: must be in (0, 1], and with "
-                             f"--lr-decay-style wsd give at least one decay step of --steps {self.steps}")
-        if self.mode != "dense":
-            lighthouse = self.lighthouse()
-            try:
-                lighthouse.validate(self.seq_len)
-            except ValueError as err:
-                raise ValueError(f"--seq-len {self.seq_len} does not fit the Lighthouse settings (--levels, "
-                                 f"--pooling-factor, --topk): {err}") from None
-            if len(lighthouse.dense_layer_set(self.layers)) == self.layers:
-                raise ValueError(f"--dense-layers {self.dense_layers}: keeps all {self.layers} layers dense; "
-                                 f"use more --layers or fewer dense layers")
+    @property
+    def cuda(self) -> bool:
+        """Whether the run is on a GPU (``--device cuda`` or ``cuda:N``)."""
+        return self.device.startswith("cuda")
 
-    def schedule(self) -> LighthouseSchedule:
-        """The run's :class:`~megatron_lighthouse.schedule.LighthouseSchedule` (per step)."""
-        return LighthouseSchedule(dense_from_iteration=self.switch_step)
+    def unused_settings(self) -> Dict[str, str]:
+        """The settings this run does not use, each with why: ``{field: reason}``."""
+        unused: Dict[str, str] = {}
+        if self.mode != "two-stage":
+            unused["dense_fraction"] = f"only --mode two-stage switches to dense (this is --mode {self.mode})"
+        if self.mode == "dense":
+            for name in ("levels", "pooling_factor", "topk", "dense_layers", "rope"):
+                unused[name] = "--mode dense has no Lighthouse layers"
+        elif not self.cuda:
+            unused["rope"] = "only --device cuda uses RoPE (on CPU the model has learned positions)"
+        if self.lr_decay_style != "wsd":
+            unused["lr_decay_fraction"] = f"only --lr-decay-style wsd uses it (this is {self.lr_decay_style})"
+        if self.out is None:
+            unused["overwrite"] = "--no-save writes nothing"
+        return unused
+
+    def validate(self) -> None:
+        """Raise :class:`SettingsError` (a ``ValueError``), one line ``--flag VALUE: rule``, for any setting that
+        cannot run or would not be used; touches no file and builds nothing."""
+        def refuse(name: str, rule: str) -> SettingsError:
+            value = getattr(self, name)
+            return SettingsError(f"{flag(name)}{'' if isinstance(value, bool) else ' ' + shown(value)}: {rule}")
+
+        for name, choices in (("mode", MODES), ("rope", ROPE_PLACEMENTS), ("lr_decay_style", LR_DECAY_STYLES)):
+            if getattr(self, name) not in choices:
+                raise refuse(name, f"must be one of {', '.join(choices)}")
+        for name in ("steps", "seq_len", "batch_size", "layers", "hidden", "heads", "ffn", "eval_every",
+                     "eval_batches", "log_every", "corpus_bytes"):
+            if getattr(self, name) < 1:
+                raise refuse(name, "must be >= 1")
+        if self.hidden % self.heads:
+            raise refuse("hidden", f"must be divisible by --heads {self.heads}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise refuse("seed", f"must be in [0, {MAX_SEED}]")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise refuse("lr", "must be a positive number")
+        if not 0 <= self.warmup < self.steps:
+            raise refuse("warmup", f"must be in [0, --steps {self.steps}): the warm-up is the start of the run")
+        for name, reason in self.unused_settings().items():
+            if getattr(self, name) != DEFAULTS[name]:
+                raise refuse(name, f"not used: {reason}; drop it")
+        if not 0.0 < self.dense_fraction < 1.0:
+            raise refuse("dense_fraction", "must be in (0, 1)")
+        if self.mode == "two-stage" and not 1 <= self.switch_step < self.steps:
+            raise refuse("dense_fraction", f"gives {self.steps - self.switch_step} dense steps of --steps "
+                                           f"{self.steps}; two-stage needs a Lighthouse step and a dense step")
+        if not 0.0 < self.lr_decay_fraction <= 1.0:
+            raise refuse("lr_decay_fraction", "must be in (0, 1]")
+        if self.lr_decay_style == "wsd":
+            decay = self._decay_steps(self.steps)
+            if not 1 <= decay <= self.steps - self.warmup:
+                raise refuse("lr_decay_fraction", f"gives {decay} decay steps of --steps {self.steps} after "
+                                                  f"--warmup {self.warmup}; --lr-decay-style wsd needs 1 to "
+                                                  f"{self.steps - self.warmup}")
+        if self.mode != "dense":
+            self._validate_lighthouse()
+        self._validate_device()
+        if self.resume and self.overwrite:
+            raise SettingsError("--resume continues the run in --out, --overwrite replaces it: give one of them")
+        if self.resume and not self.out:
+            raise SettingsError("--resume needs --out (the directory holding checkpoint.pt), not --no-save")
+
+    def _validate_lighthouse(self) -> None:
+        """The Lighthouse settings and ``seq_len`` against them (the rules of :class:`LighthouseConfig`)."""
+        for i in self.dense_layers:
+            if not -self.layers <= i < self.layers:
+                raise SettingsError(f"--dense-layers {shown(self.dense_layers)}: layer {i} is not one of --layers "
+                                    f"{self.layers} (0 to {self.layers - 1}, or -{self.layers} to -1 from the end)")
+        try:
+            lighthouse = self.lighthouse()
+        except ValueError as err:  # "LighthouseConfig.levels=1: must be >= 2 ..." -> "--levels 1: must be >= 2 ..."
+            named = re.match(r"LighthouseConfig\.(\w+)=(.*?): (.*)", str(err))
+            raise SettingsError(f"{flag(named[1])} {named[2]}: {named[3]}" if named else str(err)) from None
+        try:
+            lighthouse.validate(self.seq_len)
+        except ValueError as err:
+            raise SettingsError(f"--seq-len {self.seq_len} does not fit the Lighthouse settings (--levels, "
+                                f"--pooling-factor, --topk): {err}") from None
+        if len(lighthouse.dense_layer_set(self.layers)) == self.layers:
+            raise SettingsError(f"--dense-layers {shown(self.dense_layers)}: keeps all {self.layers} layers dense; "
+                                f"use more --layers or fewer dense layers")
+
+    def _validate_device(self) -> None:
+        """``cpu``, ``cuda`` or ``cuda:N`` of a visible GPU."""
+        named = re.fullmatch(r"cpu|cuda(?::(\d+))?", self.device)
+        if not named:
+            raise SettingsError(f"--device {self.device}: must be one of {', '.join(DEVICE_CHOICES)}")
+        if self.cuda:
+            count = torch.cuda.device_count()
+            index = int(named[1] or 0)
+            if not count:
+                raise SettingsError(f"--device {self.device}: no CUDA device is visible; use --device cpu")
+            if index >= count:
+                raise SettingsError(f"--device {self.device}: {count} CUDA device(s) visible, cuda:0 to "
+                                    f"cuda:{count - 1}")
 
     def _decay_steps(self, steps: int) -> int:
         """Steps of a ``wsd`` decay over a schedule of ``steps`` steps (the last ``lr_decay_fraction`` of them)."""
@@ -124,10 +228,41 @@ class DemoConfig:
 
     @property
     def switch_step(self) -> Optional[int]:
-        """First dense step of a two-stage run (``None`` when Lighthouse never switches off)."""
-        if self.mode == "two-stage":
-            return self.steps - int(round(self.steps * self.dense_fraction))
-        return 0 if self.mode == "dense" else None
+        """First dense step of a run started with these settings (``None`` when Lighthouse never switches off);
+        a resumed run keeps the one of its checkpoint instead."""
+        return switch_step_for(self.mode, self.steps, self.dense_fraction)
+
+
+#: The defaults, against which :meth:`DemoConfig.validate` tells a setting that was given from one left alone.
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(DemoConfig)}
+
+
+def describe(cfg: DemoConfig, switch_step: Optional[int], parameters: int) -> List[str]:
+    """The lines the demo prints once at the start: the model, the training and the attention settings in use
+    (none that the run does not use), with the switch step ``switch_step`` and the model's ``parameters``."""
+    positions = "RoPE" if cfg.cuda else "learned positions"
+    lines = [f"model: {cfg.layers} layers, hidden {cfg.hidden}, {cfg.heads} heads, ffn {cfg.ffn}, "
+             f"{parameters / 1e6:.2f}M parameters, {'bf16' if cfg.cuda else 'fp32'}, {positions}, on {cfg.device}"]
+    decay = {"cosine": "cosine decay to 10% at the last step", "constant": "constant",
+             "wsd": f"constant, then linear to 10% over the last {cfg._decay_steps(cfg.steps)} steps"}
+    lines.append(f"training: {cfg.steps} steps of {cfg.batch_size} x {cfg.seq_len} bytes, lr {cfg.lr:g} "
+                 f"({cfg.warmup} warm-up steps, then {decay[cfg.lr_decay_style]}), seed {cfg.seed}")
+    if cfg.mode == "dense":
+        lines.append("attention: dense throughout (--mode dense): Lighthouse is off")
+        return lines
+    lighthouse = cfg.lighthouse()
+    cost = lighthouse.attention_cost(cfg.seq_len, cfg.heads, cfg.hidden // cfg.heads)
+    kept = ",".join(map(str, sorted(lighthouse.dense_layer_set(cfg.layers))))
+    rope = f", RoPE on the {cfg.rope}" if cfg.cuda else ""
+    lines.append(f"Lighthouse: levels {cfg.levels}, pooling factor {cfg.pooling_factor}, topk {cfg.topk}{rope}; "
+                 f"layers {kept} stay dense; each Lighthouse layer attends over S = {cost['subsequence_length']} of "
+                 f"the {cfg.seq_len} positions: {cost['ratio']:.2f}x the attention FLOPs of dense")
+    if switch_step is None:
+        lines.append("schedule: Lighthouse throughout (--mode lighthouse), no switch to dense")
+    else:
+        lines.append(f"schedule: Lighthouse for steps 0-{switch_step - 1}, dense from step {switch_step} "
+                     f"(the switch step, fixed when the run started) to {cfg.steps}")
+    return lines
 
 
 def _init_runtime(device: torch.device) -> None:
@@ -237,65 +372,137 @@ def evaluate(model: torch.nn.Module, val: torch.Tensor, cfg: DemoConfig, device:
     return total / len(offsets)
 
 
-def _save(path: pathlib.Path, payload: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)  # a crash mid-save never leaves a torn checkpoint
+def save_torch(path: pathlib.Path, obj: Any) -> None:
+    """``torch.save(obj)`` to ``path`` through :func:`~megatron_lighthouse.demo.atomic.write_atomic`."""
+    atomic.write_atomic(path, lambda f: torch.save(obj, f))
 
 
-def _resume(out: pathlib.Path, cfg: DemoConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            device: torch.device) -> Optional[Dict]:
-    """Load ``out/checkpoint.pt`` into ``model`` and ``optimizer``; returns the saved run state (``None``: none).
+def _checkpoint_problem(ckpt: Any) -> Optional[str]:
+    """What makes ``ckpt`` (a loaded file) not a demo checkpoint, or ``None``."""
+    if not isinstance(ckpt, dict):
+        return f"it holds a {type(ckpt).__name__}, not the demo's dict"
+    missing = [k for k in ("model", "optimizer", "state", "config") if k not in ckpt]
+    if missing:
+        return f"it has no {', '.join(missing)} entries"
+    config, state = ckpt["config"], ckpt["state"]
+    if not isinstance(config, dict) or not all(k in config for k in ("mode", "steps", "dense_fraction")):
+        return "its config has no mode, steps and dense_fraction"
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or not all(
+            k in state for k in ("train", "evals", "seconds", "tokens")):
+        return "its run state has no step, train, evals, seconds and tokens"
+    return None
 
-    ``ValueError`` when the checkpoint was written with settings that cannot continue (names the flags)."""
-    path = out / CHECKPOINT
-    if not path.exists():
-        logger.info("--resume: no %s yet, starting at step 0", path)
-        return None
-    ckpt = torch.load(path, map_location=device, weights_only=False)
+
+def read_checkpoint(path: pathlib.Path, device: torch.device) -> Dict:
+    """Load and check the demo checkpoint ``path`` (tensors only, no code runs: ``weights_only``).
+
+    ``SettingsError`` naming the file and what is wrong when it is empty, truncated or not a demo checkpoint."""
+    fix = f"use another --out for a new run, or --overwrite to replace {path.name}"
+    if path.stat().st_size == 0:
+        raise SettingsError(f"--resume: {path} is empty (a write that never finished?); {fix}")
+    try:
+        with warnings.catch_warnings():  # torch's own warnings about a foreign pickle: the error says it all
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # truncated zip, a foreign pickle, another format: torch raises many kinds
+        raise SettingsError(f"--resume: {path} cannot be read as a checkpoint, truncated or not one "
+                            f"({_first_sentence(err)}); {fix}") from None
+    problem = _checkpoint_problem(ckpt)
+    if problem:
+        raise SettingsError(f"--resume: {path} is not a demo checkpoint ({problem}); {fix}")
+    return ckpt
+
+
+def resumable_state(ckpt: Dict, cfg: DemoConfig, path: pathlib.Path) -> Dict:
+    """The run state of checkpoint ``ckpt`` (read from ``path``) to continue with settings ``cfg``, its switch step
+    included (``state["switch_step"]``; a checkpoint older than that key: the one of its own saved settings).
+
+    ``SettingsError`` when ``cfg`` differs from the checkpoint's settings in more than :data:`RESUMABLE_CHANGES`,
+    or its ``steps`` are not past the saved step (or, two-stage, the switch step)."""
     now = dataclasses.asdict(cfg)
     saved = {**OLD_CHECKPOINT_SETTINGS, **ckpt["config"]}
-    changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {now[k]}" for k in now
-               if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]
+    ignored = set(RESUMABLE_CHANGES) | set(cfg.unused_settings())
+    changed = [f"{flag(k)} {shown(saved.get(k))} -> {shown(now[k])}" for k in now
+               if k not in ignored and saved.get(k) != now[k]]
     if changed:
-        may_change = ", ".join("--" + k.replace("_", "-") for k in RESUMABLE_CHANGES if k not in ("out", "resume"))
-        raise ValueError(f"--resume: {path} was written with other settings ({'; '.join(changed)}); rerun with the "
-                         f"checkpoint's settings (only {may_change} may change) or use another --out")
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    logger.info("resumed from %s at step %d", path, ckpt["state"]["step"])
-    return ckpt["state"]
+        may_change = ", ".join(flag(k) for k in RESUMABLE_CHANGES if k not in ("out", "resume", "overwrite"))
+        raise SettingsError(f"--resume: {path} was written with other settings ({'; '.join(changed)}); rerun with "
+                            f"the checkpoint's settings (only {may_change} may change) or use another --out")
+    state = dict(ckpt["state"])
+    state.setdefault("switch_step", switch_step_for(saved["mode"], saved["steps"], saved["dense_fraction"]))
+    done, switch = state["step"], state["switch_step"]
+    if cfg.steps <= done:
+        raise SettingsError(f"--steps {cfg.steps}: {path} is at step {done} already; pass --steps above {done} "
+                            f"with --resume to train on")
+    if cfg.mode == "two-stage" and cfg.steps <= switch:
+        raise SettingsError(f"--steps {cfg.steps}: this run switches to dense at step {switch} (fixed when it "
+                            f"started), so it would end without a dense step; pass --steps above {switch}")
+    return state
+
+
+def _prepare_out(cfg: DemoConfig, device: torch.device) -> Tuple[Optional[pathlib.Path], Optional[Dict]]:
+    """The output directory (``None``: ``--no-save``) and the checkpoint to resume from (``None``: a new run).
+
+    Refuses, before any work and leaving every file as it is: an ``--out`` that is a file; one that holds a run
+    (``checkpoint.pt``) without ``--resume`` or ``--overwrite``; a checkpoint that cannot continue."""
+    if not cfg.out:
+        return None, None
+    out = pathlib.Path(cfg.out)
+    path = out / CHECKPOINT
+    if out.exists() and not out.is_dir():
+        raise SettingsError(f"--out {out}: is a file, not a directory")
+    if cfg.resume:
+        if not path.exists():
+            logger.info("--resume: no %s yet, starting at step 0", path)
+            return out, None
+        return out, read_checkpoint(path, device)
+    if path.exists() and not cfg.overwrite:
+        raise SettingsError(f"--out {out}: holds a run already ({CHECKPOINT}); add --resume to continue it, "
+                            f"--overwrite to replace it, or give another --out")
+    return out, None
 
 
 def run_demo(cfg: DemoConfig) -> Dict:
-    """Train, switch, evaluate; returns the metrics (also written to ``cfg.out/metrics.json`` by the CLI)."""
+    """Train, switch, evaluate; returns the metrics (also written to ``cfg.out/metrics.json`` by the CLI).
+
+    Every refusal (:class:`SettingsError`) comes before the model is built, and all but the corpus size before the
+    corpus is read."""
     cfg.validate()
     device = torch.device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is visible")
-    train, val = load_corpus(cfg.corpus, cfg.corpus_bytes)
+    out, ckpt = _prepare_out(cfg, device)
+    if ckpt is not None:
+        state = resumable_state(ckpt, cfg, out / CHECKPOINT)
+    else:
+        state = dict(step=0, train=[], evals=[], seconds={"lighthouse": 0.0, "dense": 0.0},
+                     tokens={"lighthouse": 0, "dense": 0}, switch_step=cfg.switch_step)
+    try:
+        train, val = load_corpus(cfg.corpus, cfg.corpus_bytes)
+    except ValueError as err:  # "--corpus PATH: no such file or directory", or no text files there
+        raise SettingsError(str(err)) from None
     if min(len(train), len(val)) <= cfg.seq_len + 1:
-        raise ValueError(f"--corpus: {len(train)} train / {len(val)} validation bytes, too few for --seq-len "
-                         f"{cfg.seq_len}; raise --corpus-bytes or lower --seq-len")
+        raise SettingsError(f"--corpus-bytes {cfg.corpus_bytes}: {len(train)} train / {len(val)} validation bytes "
+                            f"read, too few for --seq-len {cfg.seq_len}; raise --corpus-bytes or lower --seq-len")
     _init_runtime(device)
     torch.manual_seed(cfg.seed)
-    schedule = cfg.schedule()
-    out = pathlib.Path(cfg.out) if cfg.out else None
-    state = dict(step=0, train=[], evals=[], seconds={"lighthouse": 0.0, "dense": 0.0},
-                 tokens={"lighthouse": 0, "dense": 0})
+    switch = state["switch_step"]
+    schedule = LighthouseSchedule(dense_from_iteration=switch)
     saved_step: Optional[int] = None
     tokens_per_step = cfg.batch_size * cfg.seq_len
     try:
         model = build_model(cfg, device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1)
+        if ckpt is not None:
+            _load_into(ckpt, model, optimizer, out / CHECKPOINT)
+            saved_step = state["step"]
+            logger.info("resumed from %s at step %d", out / CHECKPOINT, saved_step)
+        for line in describe(cfg, switch, sum(p.numel() for p in model.parameters())):
+            logger.info("%s", line)
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
-            if cfg.resume:
-                state = _resume(out, cfg, model, optimizer, device) or state
-                saved_step = state["step"] or None
-        for step in range(state["step"], cfg.steps):
+        first = state["step"]
+        for step in range(first, cfg.steps):
             stage = "lighthouse" if schedule.apply(model, step) else "dense"  # --mode dense: dense from step 0
-            if step == cfg.switch_step and cfg.mode == "two-stage":
+            if step == switch and cfg.mode == "two-stage":
                 logger.info("step %d: switching Lighthouse off, dense attention from here on", step)
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(cfg, step)
@@ -312,7 +519,7 @@ def run_demo(cfg: DemoConfig) -> Dict:
             state["tokens"][stage] += tokens_per_step
             state["train"].append(dict(step=step, loss=loss.item(), stage=stage, seconds=elapsed))
             state["step"] = step + 1
-            if (step + 1) % cfg.log_every == 0 or step == 0:
+            if (step + 1) % cfg.log_every == 0 or step == first:  # and the first step this process trains
                 logger.info("%s  %-10s  loss %.4f  %8.0f tokens/s", _progress(state, cfg.steps), stage, loss.item(),
                             tokens_per_step / elapsed)
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
@@ -323,8 +530,8 @@ def run_demo(cfg: DemoConfig) -> Dict:
                 logger.info("step %4d  validation loss (dense) %.4f%s", step + 1, record["val_loss"],
                             f", with Lighthouse {record['val_loss_lighthouse']:.4f}" if stage == "lighthouse" else "")
                 if out is not None:
-                    _save(out / CHECKPOINT, dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
-                                                 state=state, config=dataclasses.asdict(cfg)))
+                    save_torch(out / CHECKPOINT, dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
+                                                      state=state, config=dataclasses.asdict(cfg)))
                     saved_step = state["step"]
     except (RuntimeError, MemoryError) as err:  # torch.cuda.OutOfMemoryError is a RuntimeError
         out_of_memory = isinstance(err, (torch.cuda.OutOfMemoryError, MemoryError)) or (
@@ -336,10 +543,27 @@ def run_demo(cfg: DemoConfig) -> Dict:
     except KeyboardInterrupt:
         raise SystemExit(f"interrupted at step {state['step']}{_resume_hint(cfg, out, saved_step)}") from None
     if out is not None:
-        from ..export import save_dense_checkpoint
+        from ..export import dense_state_dict
 
-        save_dense_checkpoint(model, str(out / "model_dense.pt"))
+        save_torch(out / "model_dense.pt", dense_state_dict(model))
     return summarize(cfg, state)
+
+
+def _load_into(ckpt: Dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: pathlib.Path) -> None:
+    """The checkpoint's model and optimizer state into ``model`` and ``optimizer`` (``SettingsError`` when they do
+    not fit: a checkpoint whose settings match has the same shapes, so this means the file was altered)."""
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise SettingsError(f"--resume: {path} does not fit the model of its own settings ({_first_sentence(err)}); "
+                            f"use another --out for a new run, or --overwrite to replace it") from None
+
+
+def _first_sentence(err: BaseException) -> str:
+    """``TypeName: first sentence of the message`` of a library's exception, for a one-line error."""
+    text = (str(err).strip().splitlines() or [""])[0].split(". ")[0]
+    return f"{type(err).__name__}: {text[:120]}"
 
 
 def _progress(state: Dict, total: int, width: int = 20) -> str:
@@ -371,6 +595,6 @@ def summarize(cfg: DemoConfig, state: Dict) -> Dict:
             stages.append(dict(stage=stage, steps=sum(t["stage"] == stage for t in state["train"]),
                                final_val_loss=evals[-1]["val_loss"] if evals else None, seconds=seconds,
                                tokens_per_s=state["tokens"][stage] / seconds if seconds else 0.0))
-    return dict(config=dataclasses.asdict(cfg), switch_step=cfg.switch_step, stages=stages,
+    return dict(config=dataclasses.asdict(cfg), switch_step=state["switch_step"], stages=stages,
                 final_val_loss=state["evals"][-1]["val_loss"] if state["evals"] else None,
                 train=state["train"], evals=state["evals"])
