@@ -14,6 +14,7 @@ import torch
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
+from .atomic import write_atomic
 from .core_attention import LighthouseCoreAttention
 from .spec import replace_core_attention
 
@@ -33,9 +34,11 @@ def dense_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def save_dense_checkpoint(model: torch.nn.Module, path: Union[str, os.PathLike]) -> None:
-    """``torch.save`` :func:`dense_state_dict` to ``path``; load it with ``dense_model.load_state_dict``.
-    (Megatron-LM's own distributed checkpoints are already dense: the sharded keys are identical.)"""
-    torch.save(dense_state_dict(model), path)
+    """``torch.save`` :func:`dense_state_dict` to ``path``, atomically (:func:`~megatron_lighthouse.atomic.write_atomic`:
+    a failed save leaves an earlier file whole); load it with ``dense_model.load_state_dict``. (Megatron-LM's own
+    distributed checkpoints are already dense: the sharded keys are identical.)"""
+    state = dense_state_dict(model)
+    write_atomic(path, lambda f: torch.save(state, f))
 
 
 def _dense_layer(spec: ModuleSpec) -> ModuleSpec:

@@ -19,8 +19,9 @@ import pytest
 import torch
 
 import megatron_lighthouse
+from megatron_lighthouse import atomic
 from megatron_lighthouse.demo import __main__ as cli
-from megatron_lighthouse.demo import atomic, train
+from megatron_lighthouse.demo import train
 
 TINY = ["--layers", "2", "--hidden", "32", "--heads", "2", "--ffn", "64", "--seq-len", "256", "--batch-size", "2",
         "--eval-every", "3", "--eval-batches", "1", "--log-every", "3", "--corpus-bytes", "300000", "--warmup", "2",

@@ -506,3 +506,22 @@ def test_transformer_engine_inner_contract():
     result = subprocess.run([sys.executable, str(here / "megatron_te_contract.py")], cwd=here, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stderr[-4000:]
+
+
+def test_save_dense_checkpoint_is_atomic(tmp_path, monkeypatch):
+    """A save that fails half-way leaves the earlier checkpoint whole and no temporary file behind."""
+    light, _ = _pair()
+    path = tmp_path / "dense.pt"
+    save_dense_checkpoint(light, path)
+    before = path.read_bytes()
+    real_save = torch.save
+
+    def half_then_fail(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", half_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        save_dense_checkpoint(light, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["dense.pt"]

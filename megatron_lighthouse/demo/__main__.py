@@ -13,8 +13,8 @@ import sys
 import warnings
 from typing import Any, Iterator, List, Optional
 
+from .. import atomic
 from ..config import ROPE_PLACEMENTS
-from . import atomic
 from .train import DEFAULTS, DEVICE_CHOICES, LR_DECAY_STYLES, MODES, DemoConfig, SettingsError, flag, run_demo, shown
 
 logger = logging.getLogger("megatron_lighthouse.demo")
@@ -184,7 +184,7 @@ def print_summary(metrics: dict) -> None:
 
 
 def write_metrics(metrics: dict, path: pathlib.Path) -> pathlib.Path:
-    """``metrics`` as indented JSON to ``path`` (atomically: :func:`~megatron_lighthouse.demo.atomic.write_atomic`)."""
+    """``metrics`` as indented JSON to ``path`` (atomically: :func:`~megatron_lighthouse.atomic.write_atomic`)."""
     return atomic.write_atomic(path, lambda f: f.write(json.dumps(metrics, indent=1).encode()))
 
 

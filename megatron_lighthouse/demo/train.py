@@ -14,9 +14,9 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .. import atomic
 from ..config import ROPE_PLACEMENTS, LighthouseConfig
 from ..schedule import LighthouseSchedule, lighthouse_enabled
-from . import atomic
 from .corpus import load_corpus
 
 logger = logging.getLogger(__name__)
@@ -373,7 +373,7 @@ def evaluate(model: torch.nn.Module, val: torch.Tensor, cfg: DemoConfig, device:
 
 
 def save_torch(path: pathlib.Path, obj: Any) -> None:
-    """``torch.save(obj)`` to ``path`` through :func:`~megatron_lighthouse.demo.atomic.write_atomic`."""
+    """``torch.save(obj)`` to ``path`` through :func:`~megatron_lighthouse.atomic.write_atomic`."""
     atomic.write_atomic(path, lambda f: torch.save(obj, f))
 
 

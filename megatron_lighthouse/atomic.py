@@ -1,5 +1,6 @@
-"""Atomic file writes: every file the demo writes (checkpoint, metrics, dense model, plot) goes through
-:func:`write_atomic`, so an interrupted or failed write leaves the previous file whole."""
+"""Atomic file writes: the dense checkpoint of :mod:`megatron_lighthouse.export` and every file the demo writes
+(checkpoint, metrics, dense model, plot) go through :func:`write_atomic`, so an interrupted or failed write leaves
+the previous file whole."""
 
 from __future__ import annotations
 
