@@ -37,15 +37,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from megatron_lighthouse.monitor import (
-    DeviceReader,
-    FakeGPU,
-    FakeNVMLBackend,
-    GPUMonitor,
-    MetricUnsupported,
-    MonitorConfig,
-    NVMLBackend,
-)
+from megatron_lighthouse.monitor import (DeviceReader, FakeGPU, FakeNVMLBackend, GPUMonitor, MetricUnsupported,
+                                         MonitorConfig, NVMLBackend)
 from megatron_lighthouse.monitor.backend import METRICS, resolve_nvml_index, torch_uuid
 from megatron_lighthouse.monitor.report import format_table, load_run, render_timeline
 from megatron_lighthouse.monitor.writers import ConsoleWriter, JSONLWriter, TensorBoardWriter, summary_writer_class
@@ -85,43 +78,32 @@ def metric_costs(backend: Any, index: int, repeats: int) -> Dict[str, Any]:
     return out
 
 
-class MatmulLoad:
+def matmul_load(device: torch.device, size: int, inner: int) -> Callable[[], None]:
     """One step = ``inner`` square matmuls, then a device sync (like a training step reading its loss)."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = (torch.randn(size, size, generator=gen).to(device, dtype) for _ in range(2))
 
-    def __init__(self, device: torch.device, size: int, inner: int) -> None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        self.a = torch.randn(size, size, generator=gen).to(device, dtype)
-        self.b = torch.randn(size, size, generator=gen).to(device, dtype)
-        self.device, self.inner, self.dtype = device, inner, dtype
-
-    def step(self) -> None:
-        c = self.a
-        for _ in range(self.inner):
-            c = torch.matmul(self.a, self.b)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+    def step() -> None:
+        c = a
+        for _ in range(inner):
+            c = torch.matmul(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         else:
             c.sum().item()
 
-
-def _all_min(value: float) -> float:
-    if not dist.is_initialized():
-        return value
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return float(t.item())
+    return step
 
 
-def run_phase(load: MatmulLoad, steps: int, monitor: GPUMonitor | None, first_it: int, slowdown: float = 0.0):
+def run_phase(load: Callable[[], None], steps: int, monitor: GPUMonitor | None, first_it: int, slowdown: float = 0.0):
     """Run ``steps`` steps, each stretched by ``slowdown`` times its compute time (sleeping); return wall
     seconds, per-step seconds, seconds spent in aggregating calls and the records those calls returned."""
     step_times, log_times, records = [], [], []
     start = time.perf_counter()
     for i in range(steps):
         t0 = time.perf_counter()
-        load.step()
+        load()
         if slowdown:
             time.sleep(slowdown * (time.perf_counter() - t0))
         t1 = time.perf_counter()
@@ -164,13 +146,16 @@ def rank_main(rank: int, world: int, args: argparse.Namespace, store: str) -> No
         "metric_cost_idle_us": metric_costs(probe, gpu_index, args.cost_repeats),
     }
 
-    load = MatmulLoad(device, args.size, args.inner)
+    load = matmul_load(device, args.size, args.inner)
     warm_end = time.perf_counter() + args.warmup
     warm_steps = 0
     while time.perf_counter() < warm_end or warm_steps < 3:
-        load.step()
+        load()
         warm_steps += 1
-    step_s = _all_min(run_phase(load, 10, None, 0)[0] / 10)  # the same on every rank
+    step_s = torch.tensor([run_phase(load, 10, None, 0)[0] / 10], dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(step_s, op=dist.ReduceOp.MIN)  # the same on every rank
+    step_s = step_s.item()
     steps = max(10, int(args.seconds / step_s))
     log_interval = max(1, min(int(2.0 / step_s), steps // 4))  # a log every ~2 s
     probe.shutdown()
