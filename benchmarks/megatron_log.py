@@ -115,19 +115,15 @@ def summarize(log: dict) -> dict:
 def link_resumed(stages: Dict[str, dict]) -> None:
     """Set ``summary["continues"]`` of each stage whose first logged iteration follows the last one of an earlier
     stage (a resumed checkpoint): that stage's name and last lm loss, and this one's first."""
-    names = list(stages)
-    for i, name in enumerate(names):
-        first = stages[name]["summary"]["iterations"]
-        stages[name]["summary"]["continues"] = None
-        if not first or first[0] <= 1:
-            continue
-        for before in reversed(names[:i]):
-            last = stages[before]["summary"]["iterations"]
-            if last and last[1] == first[0] - 1:
-                stages[name]["summary"]["continues"] = {
-                    "stage": before, "lm_loss_before": stages[before]["summary"]["lm_loss_last"],
-                    "lm_loss_after": stages[name]["summary"]["lm_loss_first"]}
-                break
+    ending: Dict[int, str] = {}  # last logged iteration -> the latest stage so far that ends there
+    for name, stage in stages.items():
+        s = stage["summary"]
+        before = ending.get(s["iterations"][0] - 1) if s["iterations"] and s["iterations"][0] > 1 else None
+        s["continues"] = None if before is None else {
+            "stage": before, "lm_loss_before": stages[before]["summary"]["lm_loss_last"],
+            "lm_loss_after": s["lm_loss_first"]}
+        if s["iterations"]:
+            ending[s["iterations"][1]] = name
 
 
 def read_status(path: str) -> Dict[str, dict]:
