@@ -61,20 +61,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args(argv)
     if args.tiny:
-        for key, value in _TINY.items():
-            setattr(args, key, value)
-        args.seq_len = args.check_seq_len = args.check_dense_seq_len = 2048 * args.max_cp
-        args.topk = 256 * args.max_cp
+        n = 2048 * args.max_cp
+        vars(args).update(_TINY, seq_len=n, check_seq_len=n, check_dense_seq_len=n, topk=256 * args.max_cp)
     args.dtype = "bf16" if args.device == "cuda" else "fp32"
     return args
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _global_rel_l2(got: torch.Tensor, want: torch.Tensor) -> float:
     """Relative L2 error over the whole sequence: squared norms of every rank's shard summed."""
     sums = torch.stack([(got.double() - want.double()).square().sum(), want.double().square().sum()])
@@ -154,24 +147,23 @@ def run_check(args: argparse.Namespace, group, device: torch.device, dtype: torc
 # ---------------------------------------------------------------------------------------------------- timing
 def time_step(step: Callable[[], None], warmup: int, iters: int, device: torch.device) -> Dict:
     """Seconds per call of ``step`` (the slowest rank each iteration); peak memory (largest rank)."""
-    times = []
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    for i in range(warmup + iters):
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None  # the current device: this rank's
+    elapsed = []
+    for _ in range(warmup + iters):
         dist.barrier()
-        _sync(device)
+        sync()
         start = time.perf_counter()
         step()
-        _sync(device)
-        elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=device)
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-        if i >= warmup:
-            times.append(elapsed.item())
+        sync()
+        elapsed.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-    peak = torch.tensor([peak], dtype=torch.float64, device=device)
-    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    return dict(median_s=statistics.median(times), min_s=min(times), times_s=times, peak_gib=peak.item() / 2**30)
+    stats = torch.tensor([*elapsed[warmup:], peak / 2**30], dtype=torch.float64, device=device)
+    dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+    *times, peak_gib = stats.tolist()
+    return dict(median_s=statistics.median(times), min_s=min(times), times_s=times, peak_gib=peak_gib)
 
 
 def run_timing(args: argparse.Namespace, group, device: torch.device, dtype: torch.dtype) -> Dict:
@@ -204,9 +196,9 @@ def run_timing(args: argparse.Namespace, group, device: torch.device, dtype: tor
     return {method: timed(*spec) for method, spec in methods.items()}
 
 
-def kernel_choices(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Dict[str, str]:
+def kernel_choices(args: argparse.Namespace, cfg: LighthouseConfig, device: torch.device,
+                   dtype: torch.dtype) -> Dict[str, str]:
     """SDPA's kernel for square causal attention on one CP chunk (the block the CP attention runs), per method."""
-    cfg = LighthouseConfig(levels=args.levels, pooling_factor=args.pooling_factor, topk=args.topk)
     chunks = 2 * args.max_cp
     lengths = dict(lighthouse=cfg.subsequence_length(args.seq_len, chunks) // chunks, dense=args.seq_len // chunks)
     out = {}
@@ -284,17 +276,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     cfg.validate(args.seq_len, 2 * args.max_cp)
 
     record = dict(
-        date=datetime.date.today().isoformat(),
-        command=" ".join([os.path.basename(sys.executable), *sys.argv]),
-        world=world,
-        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        date=datetime.date.today().isoformat(), command=" ".join([os.path.basename(sys.executable), *sys.argv]),
+        world=world, device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         torch=torch.__version__,
         settings=dict(seq_len=args.seq_len, batch=args.batch, heads=args.heads, head_dim=args.head_dim,
                       topk=args.topk, pooling_factor=args.pooling_factor, levels=args.levels, max_cp=args.max_cp,
                       dtype=args.dtype, backend=args.backend, device=args.device),
     )
     record["lighthouse_backend"] = resolve_backend(args.backend, torch.empty(0, device=device))
-    record["kernels"] = kernel_choices(args, device, dtype)
+    record["kernels"] = kernel_choices(args, cfg, device, dtype)
     if world > 1:
         record["check"] = run_check(args, group, device, dtype)
     record["results"] = run_timing(args, group, device, dtype)
