@@ -46,11 +46,6 @@ from megatron_lighthouse.monitor.writers import ConsoleWriter, JSONLWriter, Tens
 PHASES = ("off", "on", "stress")
 
 
-def _percentile(values: List[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-
-
 def call_cost(call: Callable[[], Any], repeats: int) -> Dict[str, float]:
     """Microseconds per call of ``call`` over ``repeats`` calls: mean, median and 99th percentile."""
     times = []
@@ -58,8 +53,9 @@ def call_cost(call: Callable[[], Any], repeats: int) -> Dict[str, float]:
         start = time.perf_counter()
         call()
         times.append((time.perf_counter() - start) * 1e6)
-    return {"mean": statistics.fmean(times), "p50": _percentile(times, 0.5), "p99": _percentile(times, 0.99),
-            "n": repeats}
+    ordered = sorted(times)
+    p50, p99 = (ordered[min(repeats - 1, int(round(q * (repeats - 1))))] for q in (0.5, 0.99))
+    return {"mean": statistics.fmean(times), "p50": p50, "p99": p99, "n": repeats}
 
 
 def metric_costs(backend: Any, index: int, repeats: int) -> Dict[str, Any]:
@@ -134,24 +130,18 @@ def rank_main(rank: int, world: int, args: argparse.Namespace, store: str) -> No
     probe.init()  # a benchmark of the real backend must not silently fall back to the no-op path
     gpu_index = resolve_nvml_index(probe, rank)
     reader = DeviceReader(probe, gpu_index)
-    result: Dict[str, Any] = {
-        "rank": rank,
-        "host": socket.gethostname(),
-        "local_gpu": rank,
-        "gpu_index": gpu_index,
-        "gpu_name": probe.device_name(gpu_index),
-        "nvml_uuid": probe.device_uuid(gpu_index),
-        "torch_uuid": torch_uuid(rank),  # the same GPU as nvml_uuid when the index mapping is right
-        "sample_cost_idle_us": call_cost(reader.read, args.cost_repeats),  # one full sample: every metric
-        "metric_cost_idle_us": metric_costs(probe, gpu_index, args.cost_repeats),
-    }
+    result: Dict[str, Any] = dict(
+        rank=rank, host=socket.gethostname(), local_gpu=rank, gpu_index=gpu_index,
+        gpu_name=probe.device_name(gpu_index), nvml_uuid=probe.device_uuid(gpu_index),
+        torch_uuid=torch_uuid(rank),  # the same GPU as nvml_uuid when the index mapping is right
+        sample_cost_idle_us=call_cost(reader.read, args.cost_repeats),  # one full sample: every metric
+        metric_cost_idle_us=metric_costs(probe, gpu_index, args.cost_repeats))
 
     load = matmul_load(device, args.size, args.inner)
     warm_end = time.perf_counter() + args.warmup
-    warm_steps = 0
-    while time.perf_counter() < warm_end or warm_steps < 3:
+    run_phase(load, 3, None, 0)  # at least three steps, then until warm_end
+    while time.perf_counter() < warm_end:
         load()
-        warm_steps += 1
     step_s = torch.tensor([run_phase(load, 10, None, 0)[0] / 10], dtype=torch.float64, device=device)
     if world > 1:
         dist.all_reduce(step_s, op=dist.ReduceOp.MIN)  # the same on every rank
@@ -217,17 +207,12 @@ def rank_main(rank: int, world: int, args: argparse.Namespace, store: str) -> No
 
     off = statistics.fmean(wall["off"])
     result.update(
-        steps_per_phase=steps,
-        log_interval=log_interval,
-        step_s=wall,
-        median_step_s=median_step,
+        steps_per_phase=steps, log_interval=log_interval, step_s=wall, median_step_s=median_step,
         overhead_pct={p: 100.0 * (statistics.fmean(wall[p]) / off - 1.0) for p in ("on", "stress")},
         off_spread_pct=100.0 * (max(wall["off"]) - min(wall["off"])) / off,
         sample_cost_in_loop_us={p: 1e6 * s / max(n, 1) for p, (s, n) in in_situ.items()},
         samples_taken={p: n for p, (_, n) in in_situ.items()},
-        aggregation_ms={p: (statistics.fmean(v) if v else None) for p, v in log_ms.items()},
-        straggler=straggler,
-    )
+        aggregation_ms={p: (statistics.fmean(v) if v else None) for p, v in log_ms.items()}, straggler=straggler)
     results = [result]
     if world > 1:
         results = [None] * world
@@ -243,23 +228,13 @@ def write_outputs(args: argparse.Namespace, results: List[Dict[str, Any]], dist_
     table = format_table(run)
     with open(os.path.join(args.out, "report.txt"), "w") as f:
         f.write(table + "\n")
-    summary = {
-        "benchmark": "bench_monitor",
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "command": " ".join(sys.argv),
-        "fake": args.fake,
-        "device": device.type,
-        "torch": torch.__version__,
-        "world_size": len(results),
-        "dist_backend": dist_backend,
-        "load": {"size": args.size, "inner": args.inner, "dtype": "bf16" if device.type == "cuda" else "fp32"},
-        "interval_s": args.interval,
-        "stress_interval_s": args.stress_interval,
-        "repeats": args.repeats,
-        "tensorboard": os.path.isdir(os.path.join(args.out, "tb")),  # main() removed any earlier tb/
-        "worst_overhead_pct": {p: max(r["overhead_pct"][p] for r in results) for p in ("on", "stress")},
-        "ranks": results,
-    }
+    summary = dict(
+        benchmark="bench_monitor", date=time.strftime("%Y-%m-%d %H:%M:%S"), command=" ".join(sys.argv),
+        fake=args.fake, device=device.type, torch=torch.__version__, world_size=len(results), dist_backend=dist_backend,
+        load={"size": args.size, "inner": args.inner, "dtype": "bf16" if device.type == "cuda" else "fp32"},
+        interval_s=args.interval, stress_interval_s=args.stress_interval, repeats=args.repeats,
+        tensorboard=os.path.isdir(os.path.join(args.out, "tb")),  # main() removed any earlier tb/
+        worst_overhead_pct={p: max(r["overhead_pct"][p] for r in results) for p in ("on", "stress")}, ranks=results)
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
 
