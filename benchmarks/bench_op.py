@@ -54,9 +54,7 @@ def fit_exponent(lengths: Sequence[float], times: Sequence[float]) -> float:
     """Least-squares slope of ``log(time)`` against ``log(length)``: the ``a`` of ``time ∝ N**a``."""
     if len(lengths) < 2:
         return float("nan")
-    xs, ys = [math.log(n) for n in lengths], [math.log(t) for t in times]
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return statistics.linear_regression([math.log(n) for n in lengths], [math.log(t) for t in times]).slope
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
