@@ -18,7 +18,7 @@ GPU (one H200):  python3 benchmarks/bench_train.py --layers 30 --seq-lens 32768 
 1M tokens, context parallel over 2 GPUs (torchrun, one process per GPU):
     torchrun --nproc-per-node 2 benchmarks/bench_train.py --context-parallel 2 --seq-lens 1048576 --layers 8 \
         --vocab 8192 --modes lighthouse --monitor-dir $OUT/monitor
-CPU logic check: python benchmarks/bench_train.py --device cpu --tiny
+CPU logic check (learned absolute positions): python benchmarks/bench_train.py --device cpu --tiny
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ _INTS = dict(layers=30, hidden=1024, heads=8, ffn=1536, vocab=32768, topk=2048, 
              warmup=1)
 #: ``--tiny``: a CPU-sized model and sequence valid for levels=2, p=2, topk=128.
 _TINY = dict(layers=5, hidden=64, heads=4, ffn=96, vocab=256, seq_lens=[512], topk=128, pooling_factor=2, levels=2,
-             iters=2, warmup=1, position_embedding="learned_absolute", recompute="none")
+             iters=2, warmup=1, recompute="none")
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -64,8 +64,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     for name, default in _INTS.items():
         p.add_argument("--" + name.replace("_", "-"), type=int, default=default)
     p.add_argument("--seq-lens", type=int, nargs="+", default=[32768, 65536, 131072])
-    p.add_argument("--position-embedding", choices=("rope", "learned_absolute"), default="rope",
-                   help="Megatron's RoPE needs CUDA; --tiny uses learned_absolute")
     p.add_argument("--dense-layers", type=int, nargs="*", default=[0, 1, -2, -1])
     p.add_argument("--rope", choices=ROPE_PLACEMENTS, default="entries",
                    help="LighthouseConfig.rope: rotate the selected entries (published) or the tokens before pooling")
@@ -123,17 +121,16 @@ def build_model(args: argparse.Namespace, mode: str, seq_len: int, device: torch
         normalization="RMSNorm", add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
         bf16=dtype == torch.bfloat16, params_dtype=dtype, pipeline_dtype=dtype,
         use_cpu_initialization=device.type == "cpu", lighthouse=lighthouse,
-        context_parallel_size=args.context_parallel,
-        **(recompute if args.recompute == "full" else {}),
-    )
+        context_parallel_size=args.context_parallel, **(recompute if args.recompute == "full" else {}))
     if mode == "lighthouse":
         lighthouse.validate(seq_len)
         spec = get_gpt_decoder_block_with_lighthouse_spec(config, lighthouse, use_transformer_engine=False,
                                                           normalization="RMSNorm")
     else:
         spec = get_gpt_decoder_block_dense_spec(config, use_transformer_engine=False, normalization="RMSNorm")
+    position_embedding = "rope" if device.type == "cuda" else "learned_absolute"  # Megatron's RoPE needs CUDA
     model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=args.vocab,
-                     max_sequence_length=seq_len, position_embedding_type=args.position_embedding)
+                     max_sequence_length=seq_len, position_embedding_type=position_embedding)
     return model.to(device=device, dtype=dtype), config
 
 
@@ -157,16 +154,15 @@ def time_training(args: argparse.Namespace, mode: str, seq_len: int, device: tor
     tokens = torch.randint(0, args.vocab, (1, seq_len), device=device)
     labels = torch.roll(tokens, -1, dims=1)
     positions = torch.arange(seq_len, device=device).unsqueeze(0)
-    cp_group = parallel_state.get_context_parallel_group()
     if args.context_parallel > 1:  # Megatron's load-balanced layout: chunks r and 2W-1-r of the sequence
         rank = parallel_state.get_context_parallel_rank()
         tokens, labels, positions = (split_for_cp(x, rank, args.context_parallel) for x in (tokens, labels, positions))
     static = None
     times, losses = [], []
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None  # the current device: this rank's
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]) if device.type == "cuda" else contextlib.nullcontext():
         for i in range(args.warmup + args.iters):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            sync()
             start = time.perf_counter()
             if args.loss_chunk:
                 loss = chunked_lm_loss(model, tokens, positions, labels, args.loss_chunk).mean()
@@ -175,15 +171,14 @@ def time_training(args: argparse.Namespace, mode: str, seq_len: int, device: tor
             loss.backward()
             if args.context_parallel > 1:
                 for param in model.parameters():
-                    dist.all_reduce(param.grad, group=cp_group)
+                    dist.all_reduce(param.grad, group=parallel_state.get_context_parallel_group())
             optimizer.step()
             if static is None:  # parameters, gradients and AdamW state: what stays between steps
                 state = [t for kept in optimizer.state.values() for t in kept.values() if torch.is_tensor(t)]
                 grads = [p.grad for p in model.parameters() if p.grad is not None]
                 static = sum(t.numel() * t.element_size() for t in [*model.parameters(), *grads, *state]) / 2**30
             optimizer.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            sync()
             elapsed = time.perf_counter() - start
             if monitor is not None:
                 monitor.step(i, step_time=elapsed)
