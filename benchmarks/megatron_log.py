@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import statistics
@@ -43,11 +42,6 @@ SWITCH = re.compile(r"Lighthouse: iteration (\d+) >= --lighthouse-dense-from-ite
 SUMMARY = re.compile(r"(Lighthouse: (?:seq_length|off) .*)$")
 
 
-def snake(key: str) -> str:
-    """``"elapsed time per iteration (ms)"`` -> ``"elapsed_time_per_iteration_ms"``."""
-    return re.sub(r"[^a-z0-9]+", "_", key.lower()).strip("_")
-
-
 def number(text: str):
     """``"1.0E+01"`` -> ``10.0``, ``"3"`` -> ``3``; anything else stays text (stripped)."""
     for kind in (int, float):
@@ -59,12 +53,13 @@ def number(text: str):
 
 
 def fields(text: str) -> Dict[str, object]:
-    """``" a b: 1 | c (ms): 2.5 |"`` -> ``{"a_b": 1, "c_ms": 2.5}`` (parts without ``": "`` are skipped)."""
+    """``" a b: 1 | c (ms): 2.5 |"`` -> ``{"a_b": 1, "c_ms": 2.5}``: keys in snake case, parts without ``": "``
+    skipped."""
     out = {}
     for part in text.split("|"):
         key, sep, value = part.rpartition(": ")
         if sep and key.strip():
-            out[snake(key)] = number(value)
+            out[re.sub(r"[^a-z0-9]+", "_", key.lower()).strip("_")] = number(value)
     return out
 
 
@@ -136,9 +131,7 @@ def read_status(path: str) -> Dict[str, dict]:
 def _cell(value) -> str:
     if value is None:
         return "-"
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return str(value)
+    if isinstance(value, float):  # inf and nan as such
         return f"{value:.4g}" if abs(value) < 100 else f"{value:.1f}"
     if isinstance(value, list):
         return "-".join(map(str, value))
