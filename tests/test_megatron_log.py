@@ -123,6 +123,11 @@ def test_fields_keep_every_key_value_pair():
     assert megatron_log.stage_and_path("/x/a=b/c_dense.log") == ("c_dense", "/x/a=b/c_dense.log")
 
 
+def test_table_cells():
+    cells = [megatron_log._cell(v) for v in (None, 9.87654, 1234.56, float("inf"), float("nan"), [5, 6], 4, "x")]
+    assert cells == ["-", "9.877", "1234.6", "inf", "nan", "5-6", "4", "x"]
+
+
 def test_cli_writes_table_and_json(tmp_path, capsys, lighthouse_log):
     a = tmp_path / "a_lighthouse.log"
     a.write_text("\n".join([summary_line(), iteration_line(1, 4, 9000.0, 10.4), iteration_line(2, 4, 1100.0, 10.1),
