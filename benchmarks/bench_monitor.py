@@ -21,6 +21,7 @@ Needs torch and this package only (no megatron-core; tensorboard optional).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -30,49 +31,31 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
-
-from megatron_lighthouse.monitor import (  # noqa: E402
-    DeviceReader,
-    FakeGPU,
-    FakeNVMLBackend,
-    GPUMonitor,
-    MetricUnsupported,
-    MonitorConfig,
-    NVMLBackend,
-)
-from megatron_lighthouse.monitor.backend import METRICS, resolve_nvml_index, torch_uuid  # noqa: E402
-from megatron_lighthouse.monitor.report import format_table, load_run, render_timeline  # noqa: E402
-from megatron_lighthouse.monitor.writers import (  # noqa: E402
-    ConsoleWriter,
-    JSONLWriter,
-    TensorBoardWriter,
-    summary_writer_class,
-)
+from megatron_lighthouse.monitor import (DeviceReader, FakeGPU, FakeNVMLBackend, GPUMonitor, MetricUnsupported,
+                                         MonitorConfig, NVMLBackend)
+from megatron_lighthouse.monitor.backend import METRICS, resolve_nvml_index, torch_uuid
+from megatron_lighthouse.monitor.report import format_table, load_run, render_timeline
+from megatron_lighthouse.monitor.writers import ConsoleWriter, JSONLWriter, TensorBoardWriter, summary_writer_class
 
 PHASES = ("off", "on", "stress")
 
 
-def _percentile(values: List[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-
-
-def sample_cost(reader: DeviceReader, repeats: int) -> Dict[str, float]:
-    """Microseconds per full sample (every metric), ``repeats`` samples."""
+def call_cost(call: Callable[[], Any], repeats: int) -> Dict[str, float]:
+    """Microseconds per call of ``call`` over ``repeats`` calls: mean, median and 99th percentile."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        reader.read()
+        call()
         times.append((time.perf_counter() - start) * 1e6)
-    return {"mean": statistics.fmean(times), "p50": _percentile(times, 0.5), "p99": _percentile(times, 0.99),
-            "n": repeats}
+    ordered = sorted(times)
+    p50, p99 = (ordered[min(repeats - 1, int(round(q * (repeats - 1))))] for q in (0.5, 0.99))
+    return {"mean": statistics.fmean(times), "p50": p50, "p99": p99, "n": repeats}
 
 
 def metric_costs(backend: Any, index: int, repeats: int) -> Dict[str, Any]:
@@ -84,54 +67,39 @@ def metric_costs(backend: Any, index: int, repeats: int) -> Dict[str, Any]:
             query(index)
         except MetricUnsupported:
             out[metric] = "unsupported"
-            continue
         except Exception as exc:  # noqa: BLE001 - report, do not stop the benchmark
             out[metric] = repr(exc)
-            continue
-        start = time.perf_counter()
-        for _ in range(repeats):
-            query(index)
-        out[metric] = (time.perf_counter() - start) / repeats * 1e6
+        else:
+            out[metric] = call_cost(functools.partial(query, index), repeats)["mean"]
     return out
 
 
-class MatmulLoad:
+def matmul_load(device: torch.device, size: int, inner: int) -> Callable[[], None]:
     """One step = ``inner`` square matmuls, then a device sync (like a training step reading its loss)."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = (torch.randn(size, size, generator=gen).to(device, dtype) for _ in range(2))
 
-    def __init__(self, device: torch.device, size: int, inner: int) -> None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        self.a = torch.randn(size, size, generator=gen).to(device, dtype)
-        self.b = torch.randn(size, size, generator=gen).to(device, dtype)
-        self.device, self.inner, self.dtype = device, inner, dtype
-
-    def step(self) -> None:
-        c = self.a
-        for _ in range(self.inner):
-            c = torch.matmul(self.a, self.b)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+    def step() -> None:
+        c = a
+        for _ in range(inner):
+            c = torch.matmul(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         else:
             c.sum().item()
 
-
-def _all_min(value: float) -> float:
-    if not dist.is_initialized():
-        return value
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return float(t.item())
+    return step
 
 
-def run_phase(load: MatmulLoad, steps: int, monitor: GPUMonitor | None, first_it: int, slowdown: float = 0.0):
+def run_phase(load: Callable[[], None], steps: int, monitor: GPUMonitor | None, first_it: int, slowdown: float = 0.0):
     """Run ``steps`` steps, each stretched by ``slowdown`` times its compute time (sleeping); return wall
     seconds, per-step seconds, seconds spent in aggregating calls and the records those calls returned."""
     step_times, log_times, records = [], [], []
     start = time.perf_counter()
     for i in range(steps):
         t0 = time.perf_counter()
-        load.step()
+        load()
         if slowdown:
             time.sleep(slowdown * (time.perf_counter() - t0))
         t1 = time.perf_counter()
@@ -146,50 +114,40 @@ def run_phase(load: MatmulLoad, steps: int, monitor: GPUMonitor | None, first_it
 
 def rank_main(rank: int, world: int, args: argparse.Namespace, store: str) -> None:
     logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(levelname)s %(message)s")
-    use_cuda = not args.fake
-    if use_cuda:
-        torch.cuda.set_device(rank)
-        device = torch.device("cuda", rank)
-    else:
+    if args.fake:
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
         device = torch.device("cpu")
+    else:
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
+    backend_name = "none" if world == 1 else "gloo" if args.fake else "nccl"
     if world > 1:
-        backend_name = args.dist_backend if args.dist_backend != "auto" else ("nccl" if use_cuda else "gloo")
         dist.init_process_group(backend_name, init_method=f"file://{store}", rank=rank, world_size=world)
-    else:
-        backend_name = "none"
 
-    if args.fake:
-        gpus = [FakeGPU(gpu_util=88 + 2 * r, power_w=450 + 10 * r, wobble=6.0) for r in range(world)]
-        make_backend = lambda: FakeNVMLBackend(gpus)  # noqa: E731
-    else:
-        make_backend = NVMLBackend
+    gpus = [FakeGPU(gpu_util=88 + 2 * r, power_w=450 + 10 * r, wobble=6.0) for r in range(world)]
+    make_backend = functools.partial(FakeNVMLBackend, gpus) if args.fake else NVMLBackend
     probe = make_backend()
     probe.init()  # a benchmark of the real backend must not silently fall back to the no-op path
     gpu_index = resolve_nvml_index(probe, rank)
-    gpu_name = probe.device_name(gpu_index)
     reader = DeviceReader(probe, gpu_index)
-    result: Dict[str, Any] = {
-        "rank": rank,
-        "host": socket.gethostname(),
-        "local_gpu": rank,
-        "gpu_index": gpu_index,
-        "gpu_name": gpu_name,
-        "nvml_uuid": probe.device_uuid(gpu_index),
-        "torch_uuid": torch_uuid(rank),  # the same GPU as nvml_uuid when the index mapping is right
-        "sample_cost_idle_us": sample_cost(reader, args.cost_repeats),
-        "metric_cost_idle_us": metric_costs(probe, gpu_index, args.cost_repeats),
-    }
+    result: Dict[str, Any] = dict(
+        rank=rank, host=socket.gethostname(), local_gpu=rank, gpu_index=gpu_index,
+        gpu_name=probe.device_name(gpu_index), nvml_uuid=probe.device_uuid(gpu_index),
+        torch_uuid=torch_uuid(rank),  # the same GPU as nvml_uuid when the index mapping is right
+        sample_cost_idle_us=call_cost(reader.read, args.cost_repeats),  # one full sample: every metric
+        metric_cost_idle_us=metric_costs(probe, gpu_index, args.cost_repeats))
 
-    load = MatmulLoad(device, args.size, args.inner)
+    load = matmul_load(device, args.size, args.inner)
     warm_end = time.perf_counter() + args.warmup
-    warm_steps = 0
-    while time.perf_counter() < warm_end or warm_steps < 3:
-        load.step()
-        warm_steps += 1
-    step_s = _all_min(run_phase(load, 10, None, 0)[0] / 10)  # the same on every rank
+    run_phase(load, 3, None, 0)  # at least three steps, then until warm_end
+    while time.perf_counter() < warm_end:
+        load()
+    step_s = torch.tensor([run_phase(load, 10, None, 0)[0] / 10], dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(step_s, op=dist.ReduceOp.MIN)  # the same on every rank
+    step_s = step_s.item()
     steps = max(10, int(args.seconds / step_s))
-    log_interval = args.log_interval or max(1, min(int(2.0 / step_s), steps // 4))  # a log every ~2 s
+    log_interval = max(1, min(int(2.0 / step_s), steps // 4))  # a log every ~2 s
     probe.shutdown()
 
     # One monitor per monitored phase (a monitor's writers close with it); rank 0 appends to one log.
@@ -232,7 +190,7 @@ def rank_main(rank: int, world: int, args: argparse.Namespace, store: str) -> No
             median_step[phase].append(statistics.median(step_times))
 
     straggler: Dict[str, Any] = {"injected_rank": None}
-    if world > 1 and not args.no_straggler:
+    if world > 1:
         slow = world - 1
         monitor = monitor_for("on")
         first = (iteration["on"] // log_interval + 1) * log_interval + 1  # two whole log intervals
@@ -249,23 +207,17 @@ def rank_main(rank: int, world: int, args: argparse.Namespace, store: str) -> No
 
     off = statistics.fmean(wall["off"])
     result.update(
-        steps_per_phase=steps,
-        log_interval=log_interval,
-        step_s=wall,
-        median_step_s=median_step,
+        steps_per_phase=steps, log_interval=log_interval, step_s=wall, median_step_s=median_step,
         overhead_pct={p: 100.0 * (statistics.fmean(wall[p]) / off - 1.0) for p in ("on", "stress")},
         off_spread_pct=100.0 * (max(wall["off"]) - min(wall["off"])) / off,
         sample_cost_in_loop_us={p: 1e6 * s / max(n, 1) for p, (s, n) in in_situ.items()},
         samples_taken={p: n for p, (_, n) in in_situ.items()},
-        aggregation_ms={p: (statistics.fmean(v) if v else None) for p, v in log_ms.items()},
-        straggler=straggler,
-    )
-    results = [None] * world
+        aggregation_ms={p: (statistics.fmean(v) if v else None) for p, v in log_ms.items()}, straggler=straggler)
+    results = [result]
     if world > 1:
+        results = [None] * world
         dist.all_gather_object(results, result)
         dist.destroy_process_group()
-    else:
-        results = [result]
     if rank == 0:
         write_outputs(args, results, backend_name, device)
 
@@ -276,23 +228,13 @@ def write_outputs(args: argparse.Namespace, results: List[Dict[str, Any]], dist_
     table = format_table(run)
     with open(os.path.join(args.out, "report.txt"), "w") as f:
         f.write(table + "\n")
-    summary = {
-        "benchmark": "bench_monitor",
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "command": " ".join(sys.argv),
-        "fake": args.fake,
-        "device": device.type,
-        "torch": torch.__version__,
-        "world_size": len(results),
-        "dist_backend": dist_backend,
-        "load": {"size": args.size, "inner": args.inner, "dtype": "bf16" if device.type == "cuda" else "fp32"},
-        "interval_s": args.interval,
-        "stress_interval_s": args.stress_interval,
-        "repeats": args.repeats,
-        "tensorboard": os.path.isdir(os.path.join(args.out, "tb")),  # main() removed any earlier tb/
-        "worst_overhead_pct": {p: max(r["overhead_pct"][p] for r in results) for p in ("on", "stress")},
-        "ranks": results,
-    }
+    summary = dict(
+        benchmark="bench_monitor", date=time.strftime("%Y-%m-%d %H:%M:%S"), command=" ".join(sys.argv),
+        fake=args.fake, device=device.type, torch=torch.__version__, world_size=len(results), dist_backend=dist_backend,
+        load={"size": args.size, "inner": args.inner, "dtype": "bf16" if device.type == "cuda" else "fp32"},
+        interval_s=args.interval, stress_interval_s=args.stress_interval, repeats=args.repeats,
+        tensorboard=os.path.isdir(os.path.join(args.out, "tb")),  # main() removed any earlier tb/
+        worst_overhead_pct={p: max(r["overhead_pct"][p] for r in results) for p in ("on", "stress")}, ranks=results)
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
 
@@ -328,25 +270,27 @@ def write_outputs(args: argparse.Namespace, results: List[Dict[str, Any]], dist_
     print(f"\nwrote {args.out}/summary.json, run.jsonl, report.png, report.txt{tb}")
 
 
+#: The flags: name -> (type, default, help); ``None``: a default that differs on a GPU and with --fake (main()).
+_FLAGS = {
+    "--out": (str, "benchmarks/results/monitor", "output directory"),
+    "--world-size": (int, None, "processes (default: every visible GPU; 2 with --fake)"),
+    "--size": (int, None, "matmul size (default: 8192 GPU, 256 CPU)"),
+    "--inner": (int, 8, "matmuls per step (default: 8)"),
+    "--seconds": (float, None, "seconds per phase (default: 8 GPU, 1.5 CPU)"),
+    "--repeats": (int, 3, "off/on/stress rounds (default: 3)"),
+    "--warmup": (float, None, "warm-up seconds (default: 5 GPU, 0.5 CPU)"),
+    "--interval": (float, 1.0, "sampling interval of 'on' (default: 1 s)"),
+    "--stress-interval": (float, 0.01, "sampling interval of 'stress' (default: 0.01 s)"),
+    "--cost-repeats": (int, 200, "samples timed for the per-sample cost (default: 200)"),
+    "--straggler-slowdown": (float, 0.5, "the injected straggler's steps take this much longer (default: 0.5 = +50%%)"),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="benchmarks/results/monitor", help="output directory")
     parser.add_argument("--fake", action="store_true", help="fake NVML backend and a CPU load (no GPU needed)")
-    parser.add_argument("--world-size", type=int, default=None,
-                        help="processes (default: every visible GPU; 2 with --fake)")
-    parser.add_argument("--dist-backend", choices=("auto", "nccl", "gloo"), default="auto")
-    parser.add_argument("--size", type=int, default=None, help="matmul size (default: 8192 GPU, 256 CPU)")
-    parser.add_argument("--inner", type=int, default=8, help="matmuls per step (default: 8)")
-    parser.add_argument("--seconds", type=float, default=None, help="seconds per phase (default: 8 GPU, 1.5 CPU)")
-    parser.add_argument("--repeats", type=int, default=3, help="off/on/stress rounds (default: 3)")
-    parser.add_argument("--warmup", type=float, default=None, help="warm-up seconds (default: 5 GPU, 0.5 CPU)")
-    parser.add_argument("--interval", type=float, default=1.0, help="sampling interval of 'on' (default: 1 s)")
-    parser.add_argument("--stress-interval", type=float, default=0.01, help="sampling interval of 'stress'")
-    parser.add_argument("--log-interval", type=int, default=0, help="steps per aggregation (default: ~2 s)")
-    parser.add_argument("--cost-repeats", type=int, default=200, help="samples timed for the per-sample cost")
-    parser.add_argument("--no-straggler", action="store_true", help="skip the injected-straggler phase")
-    parser.add_argument("--straggler-slowdown", type=float, default=0.5,
-                        help="the injected straggler's steps take this much longer (default: 0.5 = +50%%)")
+    for flag, (kind, default, text) in _FLAGS.items():
+        parser.add_argument(flag, type=kind, default=default, help=text)
     args = parser.parse_args()
 
     if not args.fake and not torch.cuda.is_available():

@@ -8,7 +8,7 @@ B=1, H=8, D=128, bf16, topk=2048, pooling_factor=4, forward+backward at every le
 - ``growing``: ``LighthouseConfig.for_sequence(N)``, the fewest levels whose top level has at most 16,384 entries
   (L=3 up to 256K, L=5 at 4M), so the subsequence stays bounded and the cost near-linear;
 
-and dense cuDNN SDPA until a length takes over ``--dense-limit-s`` (10 s) or runs out of memory. Reports time and
+and dense cuDNN SDPA until a length takes over 10 s or runs out of memory. Reports time and
 peak memory per length, the subsequence length S, the forward stage breakdown of the fixed pyramid, and the fitted
 growth exponent ``a`` of ``time ∝ N**a`` (dense over the lengths it ran, Lighthouse over 128K-4M). ``--check``
 first verifies on the device: goldens in fp32, bf16 against the oracle, bitwise determinism of the fused kernels,
@@ -37,6 +37,10 @@ from megatron_lighthouse.dense import dense_attention
 B, H, D, P, TOPK, FIXED_LEVELS = 1, 8, 128, 4, 2048, 3
 DTYPE = torch.bfloat16
 FIT_FROM = 131072  # Lighthouse exponents are fitted from here up
+DENSE_LIMIT_MS = 10_000.0  # dense runs until a length takes longer than this
+#: The columns of the printed table after N, per series.
+COLUMNS = {"fixed": ("levels", "S", "fwd_bwd_ms", "peak_gib"), "growing": ("levels", "S", "fwd_bwd_ms", "peak_gib"),
+           "dense": ("fwd_bwd_ms", "peak_gib")}
 
 
 def pyramid(n: int, kind: str) -> LighthouseConfig:
@@ -50,9 +54,7 @@ def fit_exponent(lengths: Sequence[float], times: Sequence[float]) -> float:
     """Least-squares slope of ``log(time)`` against ``log(length)``: the ``a`` of ``time ∝ N**a``."""
     if len(lengths) < 2:
         return float("nan")
-    xs, ys = [math.log(n) for n in lengths], [math.log(t) for t in times]
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return statistics.linear_regression([math.log(n) for n in lengths], [math.log(t) for t in times]).slope
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -103,8 +105,7 @@ def check(golden_dir: str) -> Dict[str, object]:
     for path in sorted(os.listdir(golden_dir)):
         for name, rec in torch.load(os.path.join(golden_dir, path)).items():
             cfg = rec["config"]
-            settings = dict(levels=cfg["levels"], pooling_factor=cfg["pooling_factor"], topk=cfg["topk"],
-                            chunks=cfg["chunks"])
+            settings = {key: cfg[key] for key in ("levels", "pooling_factor", "topk", "chunks")}
             q, k, v = (rec[x].cuda().requires_grad_(True) for x in "qkv")
             out = lighthouse_attention(q, k, v, backend="triton", **settings)
             out.transpose(1, 2).backward(rec["dout"].cuda())
@@ -206,7 +207,7 @@ def _attempt(fn: Callable[[], Dict[str, float]], what: str) -> Dict[str, float]:
         torch.cuda.empty_cache()
 
 
-def run_series(lengths: Sequence[int], dense_limit_ms: float) -> Dict[str, List[Dict[str, float]]]:
+def run_series(lengths: Sequence[int]) -> Dict[str, List[Dict[str, float]]]:
     """Every series over ``lengths``; a series stops at its first out-of-memory (dense also past its limit)."""
     series: Dict[str, List[Dict[str, float]]] = {"fixed": [], "growing": [], "dense": []}
     for n in lengths:
@@ -221,7 +222,7 @@ def run_series(lengths: Sequence[int], dense_limit_ms: float) -> Dict[str, List[
             series[kind].append(row)
             print(json.dumps({"series": kind, **row}), flush=True)
         last = series["dense"][-1] if series["dense"] else {}
-        if not last.get("oom") and last.get("fwd_bwd_ms", 0.0) <= dense_limit_ms:
+        if not last.get("oom") and last.get("fwd_bwd_ms", 0.0) <= DENSE_LIMIT_MS:
             series["dense"].append({"N": n, **_attempt(lambda: bench_dense(n), f"dense {n}")})
             print(json.dumps({"series": "dense", **series["dense"][-1]}), flush=True)
     return series
@@ -241,19 +242,15 @@ def print_table(series: Dict[str, List[Dict[str, float]]], fits: Dict[str, float
           "| dense f+b ms | dense GiB |")
     print("|" + " --- |" * 11)
     by_n = {kind: {r["N"]: r for r in rows} for kind, rows in series.items()}
-
-    def cells(kind, n, keys):
-        row = by_n[kind].get(n)
-        if row is None:
-            return ["-"] * len(keys)
-        if row.get("oom"):
-            return ["OOM"] + ["-"] * (len(keys) - 1)
-        return ["%.4g" % row[k] if isinstance(row[k], float) else str(row[k]) for k in keys]
-
     for n in sorted({r["N"] for rows in series.values() for r in rows}):
-        print("| " + " | ".join([str(n)] + cells("fixed", n, ("levels", "S", "fwd_bwd_ms", "peak_gib"))
-                                + cells("growing", n, ("levels", "S", "fwd_bwd_ms", "peak_gib"))
-                                + cells("dense", n, ("fwd_bwd_ms", "peak_gib"))) + " |")
+        cells = [str(n)]
+        for kind, keys in COLUMNS.items():
+            row = by_n[kind].get(n, {})
+            if row.get("oom"):
+                cells += ["OOM"] + ["-"] * (len(keys) - 1)
+            else:
+                cells += ["%.4g" % row[k] if isinstance(row.get(k), float) else str(row.get(k, "-")) for k in keys]
+        print("| " + " | ".join(cells) + " |")
     print("growth exponent a (time ∝ N^a): " + ", ".join(f"{k} {v:.3f}" for k, v in fits.items()))
 
 
@@ -286,8 +283,6 @@ def main() -> None:
     parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--check", action="store_true", help="device correctness checks first")
     parser.add_argument("--golden-dir", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "golden"))
-    parser.add_argument("--dense-limit-s", type=float, default=10.0,
-                        help="dense runs until a length takes longer than this (default: 10 s)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_op.py needs a CUDA GPU (the fused kernels and cuDNN); none is visible")
@@ -299,7 +294,7 @@ def main() -> None:
                                                            fixed_levels=FIXED_LEVELS, fit_from=FIT_FROM)}
     if args.check:
         report["checks"] = check(args.golden_dir)
-    report["series"] = run_series([int(x) for x in args.lengths.split(",")], args.dense_limit_s * 1e3)
+    report["series"] = run_series([int(x) for x in args.lengths.split(",")])
     report["exponents"] = exponents(report["series"])
     print_table(report["series"], report["exponents"])
     os.makedirs(args.out_dir, exist_ok=True)

@@ -2,7 +2,7 @@
 
 Builds the paper's layer shape (hidden 1024, 8 heads of 128, SwiGLU FFN 1536, RMSNorm, RoPE, no biases) as a
 Megatron-Core ``GPTModel`` twice per sequence length: from the dense block spec (stock core attention = torch SDPA,
-cuDNN backend by default) and from the Lighthouse block spec (k=2048, p=4, L=3; first two and last two layers
+cuDNN backend) and from the Lighthouse block spec (k=2048, p=4, L=3; first two and last two layers
 dense). Times forward + backward + optimizer step at micro-batch 1; reports step time, tokens/s, peak memory and
 model TFLOP/s (dense-model FLOPs for both, so the ratio is the speedup), and what holds the memory: the
 parameters, gradients and AdamW state (``static_gib``) against the peak. ``--loss-chunk N`` computes the loss N
@@ -18,7 +18,7 @@ GPU (one H200):  python3 benchmarks/bench_train.py --layers 30 --seq-lens 32768 
 1M tokens, context parallel over 2 GPUs (torchrun, one process per GPU):
     torchrun --nproc-per-node 2 benchmarks/bench_train.py --context-parallel 2 --seq-lens 1048576 --layers 8 \
         --vocab 8192 --modes lighthouse --monitor-dir $OUT/monitor
-CPU logic check: python benchmarks/bench_train.py --device cpu --tiny
+CPU logic check (learned absolute positions): python benchmarks/bench_train.py --device cpu --tiny
 """
 
 from __future__ import annotations
@@ -33,49 +33,48 @@ import sys
 import time
 from typing import Dict, List, Optional
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+from megatron_lighthouse import LighthouseConfig, split_for_cp
+from megatron_lighthouse.chunked_loss import chunked_lm_loss
+from megatron_lighthouse.config import ROPE_PLACEMENTS
+from megatron_lighthouse.monitor import GPUMonitor, MonitorConfig
+from megatron_lighthouse.monitor.report import load_run, render_timeline
+from megatron_lighthouse.spec import get_gpt_decoder_block_dense_spec, get_gpt_decoder_block_with_lighthouse_spec
+from megatron_lighthouse.transformer_config import LighthouseTransformerConfig
 
-from megatron_lighthouse import LighthouseConfig  # noqa: E402
-from megatron_lighthouse.chunked_loss import chunked_lm_loss  # noqa: E402
-from megatron_lighthouse.config import ROPE_PLACEMENTS  # noqa: E402
-
+#: The plain integer flags and their defaults: the paper's layer shape and Lighthouse settings, the steps timed.
+_INTS = dict(layers=30, hidden=1024, heads=8, ffn=1536, vocab=32768, topk=2048, pooling_factor=4, levels=3, iters=3,
+             warmup=1)
 #: ``--tiny``: a CPU-sized model and sequence valid for levels=2, p=2, topk=128.
 _TINY = dict(layers=5, hidden=64, heads=4, ffn=96, vocab=256, seq_lens=[512], topk=128, pooling_factor=2, levels=2,
-             iters=2, warmup=1, position_embedding="learned_absolute", recompute="none")
+             iters=2, warmup=1, recompute="none")
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--tiny", action="store_true", help="tiny CPU sizes for a logic check")
-    p.add_argument("--layers", type=int, default=30)
-    p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--ffn", type=int, default=1536)
-    p.add_argument("--vocab", type=int, default=32768)
+    for name, default in _INTS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=default)
     p.add_argument("--seq-lens", type=int, nargs="+", default=[32768, 65536, 131072])
-    p.add_argument("--topk", type=int, default=2048)
-    p.add_argument("--pooling-factor", type=int, default=4)
-    p.add_argument("--levels", type=int, default=3)
-    p.add_argument("--position-embedding", choices=("rope", "learned_absolute"), default="rope",
-                   help="Megatron's RoPE needs CUDA; --tiny uses learned_absolute")
     p.add_argument("--dense-layers", type=int, nargs="*", default=[0, 1, -2, -1])
     p.add_argument("--rope", choices=ROPE_PLACEMENTS, default="entries",
                    help="LighthouseConfig.rope: rotate the selected entries (published) or the tokens before pooling")
     p.add_argument("--recompute", choices=("full", "none"), default="full",
                    help="activation recompute: full (uniform, 1 layer per checkpoint) or none")
-    p.add_argument("--sdpa-backend", choices=("cudnn", "flash", "auto"), default="cudnn")
     p.add_argument("--modes", nargs="+", choices=("dense", "lighthouse"), default=["dense", "lighthouse"])
     p.add_argument("--context-parallel", type=int, default=1,
                    help="CP size (launch with torchrun, one process per GPU; world size must equal it)")
     p.add_argument("--monitor-dir", default=None, help="run the per-rank GPU monitor, JSONL + TensorBoard here")
     p.add_argument("--loss-chunk", type=int, default=0,
                    help="compute the loss this many positions at a time (0: the model's own loss, all logits at once)")
-    p.add_argument("--iters", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     if p.parse_known_args(argv)[0].tiny:  # tiny sizes become the defaults; explicit flags still win
         p.set_defaults(**_TINY)
@@ -92,9 +91,6 @@ def init_megatron(device: torch.device, context_parallel: int) -> torch.device:
     """torch.distributed (torchrun's environment, else one process) + Megatron state with CP = ``context_parallel``.
 
     Returns this rank's device."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world != context_parallel:
         raise SystemExit(f"--context-parallel={context_parallel}: must equal the number of processes ({world})")
@@ -102,27 +98,19 @@ def init_megatron(device: torch.device, context_parallel: int) -> torch.device:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
+        for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000), RANK="0",
+                               WORLD_SIZE="1").items():
+            os.environ.setdefault(key, value)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(context_parallel_size=context_parallel)
     if device.type == "cuda":
-        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
         model_parallel_cuda_manual_seed(0)
     return device
 
 
 def build_model(args: argparse.Namespace, mode: str, seq_len: int, device: torch.device):
     """A GPTModel of the paper's shape; ``mode`` picks the dense or the Lighthouse block spec."""
-    from megatron.core.models.gpt import GPTModel
-
-    from megatron_lighthouse.spec import get_gpt_decoder_block_dense_spec, get_gpt_decoder_block_with_lighthouse_spec
-    from megatron_lighthouse.transformer_config import LighthouseTransformerConfig
-
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     lighthouse = LighthouseConfig(levels=args.levels, pooling_factor=args.pooling_factor, topk=args.topk,
                                   dense_layers=tuple(args.dense_layers), rope=args.rope)
@@ -133,17 +121,16 @@ def build_model(args: argparse.Namespace, mode: str, seq_len: int, device: torch
         normalization="RMSNorm", add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
         bf16=dtype == torch.bfloat16, params_dtype=dtype, pipeline_dtype=dtype,
         use_cpu_initialization=device.type == "cpu", lighthouse=lighthouse,
-        context_parallel_size=args.context_parallel,
-        **(recompute if args.recompute == "full" else {}),
-    )
+        context_parallel_size=args.context_parallel, **(recompute if args.recompute == "full" else {}))
     if mode == "lighthouse":
         lighthouse.validate(seq_len)
         spec = get_gpt_decoder_block_with_lighthouse_spec(config, lighthouse, use_transformer_engine=False,
                                                           normalization="RMSNorm")
     else:
         spec = get_gpt_decoder_block_dense_spec(config, use_transformer_engine=False, normalization="RMSNorm")
+    position_embedding = "rope" if device.type == "cuda" else "learned_absolute"  # Megatron's RoPE needs CUDA
     model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=args.vocab,
-                     max_sequence_length=seq_len, position_embedding_type=args.position_embedding)
+                     max_sequence_length=seq_len, position_embedding_type=position_embedding)
     return model.to(device=device, dtype=dtype), config
 
 
@@ -155,23 +142,9 @@ def model_flops_per_step(args: argparse.Namespace, seq_len: int) -> float:
     return 3.0 * seq_len * (per_token_linear + attention)
 
 
-def sdpa_context(name: str):
-    """Context that restricts torch SDPA to one backend (``auto``: torch's own choice)."""
-    if name == "auto":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.CUDNN_ATTENTION if name == "cudnn" else SDPBackend.FLASH_ATTENTION])
-
-
 def time_training(args: argparse.Namespace, mode: str, seq_len: int, device: torch.device, monitor=None) -> Dict:
     """Median step time (forward, backward, CP gradient all-reduce, AdamW) and peak memory of one mode at one
-    length (the slowest rank's time and the largest rank's memory under CP)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    from megatron_lighthouse import split_for_cp
-
+    length (the slowest rank's time and the largest rank's memory under CP). Dense attention runs on cuDNN."""
     torch.manual_seed(0)
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -181,16 +154,15 @@ def time_training(args: argparse.Namespace, mode: str, seq_len: int, device: tor
     tokens = torch.randint(0, args.vocab, (1, seq_len), device=device)
     labels = torch.roll(tokens, -1, dims=1)
     positions = torch.arange(seq_len, device=device).unsqueeze(0)
-    cp_group = parallel_state.get_context_parallel_group()
     if args.context_parallel > 1:  # Megatron's load-balanced layout: chunks r and 2W-1-r of the sequence
         rank = parallel_state.get_context_parallel_rank()
         tokens, labels, positions = (split_for_cp(x, rank, args.context_parallel) for x in (tokens, labels, positions))
     static = None
     times, losses = [], []
-    with sdpa_context(args.sdpa_backend if device.type == "cuda" else "auto"):
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None  # the current device: this rank's
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]) if device.type == "cuda" else contextlib.nullcontext():
         for i in range(args.warmup + args.iters):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            sync()
             start = time.perf_counter()
             if args.loss_chunk:
                 loss = chunked_lm_loss(model, tokens, positions, labels, args.loss_chunk).mean()
@@ -199,13 +171,14 @@ def time_training(args: argparse.Namespace, mode: str, seq_len: int, device: tor
             loss.backward()
             if args.context_parallel > 1:
                 for param in model.parameters():
-                    dist.all_reduce(param.grad, group=cp_group)
+                    dist.all_reduce(param.grad, group=parallel_state.get_context_parallel_group())
             optimizer.step()
             if static is None:  # parameters, gradients and AdamW state: what stays between steps
-                static = sum(t.numel() * t.element_size() for t in _static_tensors(model, optimizer)) / 2**30
+                state = [t for kept in optimizer.state.values() for t in kept.values() if torch.is_tensor(t)]
+                grads = [p.grad for p in model.parameters() if p.grad is not None]
+                static = sum(t.numel() * t.element_size() for t in [*model.parameters(), *grads, *state]) / 2**30
             optimizer.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            sync()
             elapsed = time.perf_counter() - start
             if monitor is not None:
                 monitor.step(i, step_time=elapsed)
@@ -218,14 +191,8 @@ def time_training(args: argparse.Namespace, mode: str, seq_len: int, device: tor
     step, peak = stats.tolist()
     del model, optimizer
     return dict(mode=mode, seq_len=seq_len, context_parallel=args.context_parallel, layers=args.layers, step_s=step,
-                times_s=times, tokens_per_s=seq_len / step, model_tflops=model_flops_per_step(args, seq_len) / step / 1e12,
-                peak_gib=peak, static_gib=static, losses=losses)
-
-
-def _static_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> List[torch.Tensor]:
-    """The parameters, their gradients and the optimizer's state tensors."""
-    tensors = [p for p in model.parameters()] + [p.grad for p in model.parameters() if p.grad is not None]
-    return tensors + [t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
+                times_s=times, tokens_per_s=seq_len / step, peak_gib=peak, static_gib=static, losses=losses,
+                model_tflops=model_flops_per_step(args, seq_len) / step / 1e12)
 
 
 def print_table(rows: List[Dict]) -> None:
@@ -268,13 +235,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device visible (use --device cpu --tiny for a logic check)")
     device = init_megatron(device, args.context_parallel)
-    import torch.distributed as dist
-
     is_main = dist.get_rank() == 0
     monitor = None
     if args.monitor_dir:
-        from megatron_lighthouse.monitor import GPUMonitor, MonitorConfig
-
         monitor = GPUMonitor(MonitorConfig(interval_s=1.0, log_interval=1, wandb=False,
                                            jsonl_path=os.path.join(args.monitor_dir, "run.jsonl"),
                                            tensorboard_dir=os.path.join(args.monitor_dir, "tb"))).start()
@@ -287,9 +250,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             try:
                 rows.append(time_training(args, mode, seq_len, device, monitor))
             except torch.cuda.OutOfMemoryError as err:  # report, keep going with the other rows
-                print(f"[bench_train] {mode} at {seq_len}: out of memory ({str(err).splitlines()[0]})", flush=True)
-                rows.append(dict(mode=mode, seq_len=seq_len, layers=args.layers, oom=True,
-                                 error=str(err).splitlines()[0]))
+                error = str(err).splitlines()[0]
+                print(f"[bench_train] {mode} at {seq_len}: out of memory ({error})", flush=True)
+                rows.append(dict(mode=mode, seq_len=seq_len, layers=args.layers, oom=True, error=error))
                 torch.cuda.empty_cache()
     if monitor is not None:
         monitor.stop()
@@ -297,8 +260,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     os.makedirs(args.out_dir, exist_ok=True)
     if monitor is not None and monitor.config.jsonl_path and os.path.exists(monitor.config.jsonl_path):
-        from megatron_lighthouse.monitor.report import load_run, render_timeline
-
         render_timeline(load_run(monitor.config.jsonl_path), os.path.join(args.out_dir, "monitor_report.png"))
     print_table(rows)
     print("* TFLOP/s of the dense model's FLOPs per step for both modes, so the ratio is the speed-up")

@@ -1,15 +1,14 @@
 """Megatron-LM training logs -> rows per stage, a table (stdout) and one JSON file.
 
 Reads the lines Megatron-LM prints itself (``megatron/training/training.py`` ``training_log`` and
-``evaluate_and_print_results``, ``megatron/training/utils`` ``report_memory``, ``theoretical_memory_usage``, at the
-commit of ``patches/apply.sh``), wherever they sit in a line (torchrun or logging prefixes are skipped):
+``evaluate_and_print_results``, ``megatron/training/utils`` ``report_memory``, at the commit of
+``patches/apply.sh``), wherever they sit in a line (torchrun or logging prefixes are skipped):
 
 - ``iteration N/ M | consumed samples: ... | elapsed time per iteration (ms): X | ... | lm loss: Y | ...``: one
   row per logged iteration, every ``key: value`` field kept (keys in snake case: ``elapsed_time_per_iteration_ms``,
   ``lm_loss``, ``grad_norm``, ``learning_rate``, ...);
 - ``[Rank R] (LABEL) memory (MB) | allocated: A | max allocated: B | reserved: C | max reserved: D``;
 - ``validation loss at WHERE | lm loss value: X | lm loss PPL: Y |``;
-- ``Theoretical memory footprints: weight and optimizer=X MB, activation=Y MB, total=Z MB``;
 
 and two lines of the Lighthouse hook (``megatron_lighthouse.megatron_lm``): the start-up summary
 (``Lighthouse: seq_length ...`` or ``Lighthouse: off ...``) and the switch (``Lighthouse: iteration N >=
@@ -29,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import statistics
@@ -39,46 +37,36 @@ from typing import Dict, Iterable, List, Optional, Tuple
 ITERATION = re.compile(r"\biteration\s+(\d+)\s*/\s*(\d+)\s*\|(.*)$")
 MEMORY = re.compile(r"\[Rank (\d+)\] \((.+?)\) memory \(MB\)\s*\|(.*)$")
 VALIDATION = re.compile(r"validation(?:\s.*?)? loss at (.+?) \|(.*)$")
-THEORETICAL = re.compile(r"Theoretical memory footprints: weight and optimizer=([\d.]+) MB, activation=([\d.]+) MB, "
-                         r"total=([\d.]+) MB")
 SWITCH = re.compile(r"Lighthouse: iteration (\d+) >= --lighthouse-dense-from-iteration (\d+): (\d+) Lighthouse "
                     r"layers switched to dense attention(?: \(layers ([\d, ]+)\))?")
 SUMMARY = re.compile(r"(Lighthouse: (?:seq_length|off) .*)$")
 
 
-def snake(key: str) -> str:
-    """``"elapsed time per iteration (ms)"`` -> ``"elapsed_time_per_iteration_ms"``."""
-    return re.sub(r"[^a-z0-9]+", "_", key.lower()).strip("_")
-
-
 def number(text: str):
-    """``"1.0E+01"`` -> ``10.0``, ``"3"`` -> ``3``; anything else stays text."""
-    text = text.strip()
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        return text
+    """``"1.0E+01"`` -> ``10.0``, ``"3"`` -> ``3``; anything else stays text (stripped)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text.strip()
 
 
 def fields(text: str) -> Dict[str, object]:
-    """``" a b: 1 | c (ms): 2.5 |"`` -> ``{"a_b": 1, "c_ms": 2.5}`` (parts without ``": "`` are skipped)."""
+    """``" a b: 1 | c (ms): 2.5 |"`` -> ``{"a_b": 1, "c_ms": 2.5}``: keys in snake case, parts without ``": "``
+    skipped."""
     out = {}
     for part in text.split("|"):
         key, sep, value = part.rpartition(": ")
         if sep and key.strip():
-            out[snake(key)] = number(value)
+            out[re.sub(r"[^a-z0-9]+", "_", key.lower()).strip("_")] = number(value)
     return out
 
 
 def parse_log(lines: Iterable[str]) -> dict:
     """The Megatron-LM (and Lighthouse hook) records of one log: ``iterations``, ``memory``, ``validation``,
-    ``theoretical_memory_mb``, ``switch`` (``None`` without one) and ``lighthouse`` (the start-up summary)."""
-    log: dict = {"iterations": [], "memory": [], "validation": [], "theoretical_memory_mb": None, "switch": None,
-                 "lighthouse": None}
+    ``switch`` (``None`` without one) and ``lighthouse`` (the start-up summary)."""
+    log: dict = {"iterations": [], "memory": [], "validation": [], "switch": None, "lighthouse": None}
     for line in lines:
         line = line.rstrip("\n")
         if m := ITERATION.search(line):
@@ -87,25 +75,24 @@ def parse_log(lines: Iterable[str]) -> dict:
             log["memory"].append({"rank": int(m[1]), "label": m[2], **fields(m[3])})
         elif m := VALIDATION.search(line):
             log["validation"].append({"at": m[1].strip(), **fields(m[2])})
-        elif m := THEORETICAL.search(line):
-            log["theoretical_memory_mb"] = {"weight_and_optimizer": float(m[1]), "activation": float(m[2]),
-                                            "total": float(m[3])}
         elif m := SWITCH.search(line):
             log["switch"] = {"iteration": int(m[1]), "dense_from_iteration": int(m[2]), "layers_switched": int(m[3]),
-                             "layers": [int(x) for x in (m[4] or "").replace(" ", "").split(",") if x]}
+                             "layers": [int(x) for x in re.findall(r"\d+", m[4] or "")]}
         elif m := SUMMARY.search(line):
             log["lighthouse"] = m[1].strip()
     return log
+
+
+def _numbers(records: List[dict], key: str) -> List[float]:
+    return [r[key] for r in records if isinstance(r.get(key), (int, float))]
 
 
 def summarize(log: dict) -> dict:
     """One line per stage: the iterations logged, the first and last lm loss, the median time per iteration
     (without the first logged one, which carries the warm-up, when there are more), the peak memory."""
     rows = log["iterations"]
-    times = [r["elapsed_time_per_iteration_ms"] for r in rows if isinstance(r.get("elapsed_time_per_iteration_ms"),
-                                                                            (int, float))]
-    losses = [r["lm_loss"] for r in rows if isinstance(r.get("lm_loss"), (int, float))]
-    peaks = [m["max_allocated"] for m in log["memory"] if isinstance(m.get("max_allocated"), (int, float))]
+    times, losses = _numbers(rows, "elapsed_time_per_iteration_ms"), _numbers(rows, "lm_loss")
+    peaks = _numbers(log["memory"], "max_allocated")
     steady = times[1:] or times
     validation = [v for v in log["validation"] if "validation set" in v["at"]] or log["validation"]
     return {
@@ -123,39 +110,29 @@ def summarize(log: dict) -> dict:
 def link_resumed(stages: Dict[str, dict]) -> None:
     """Set ``summary["continues"]`` of each stage whose first logged iteration follows the last one of an earlier
     stage (a resumed checkpoint): that stage's name and last lm loss, and this one's first."""
-    names = list(stages)
-    for i, name in enumerate(names):
-        first = stages[name]["summary"]["iterations"]
-        stages[name]["summary"]["continues"] = None
-        if not first or first[0] <= 1:
-            continue
-        for before in reversed(names[:i]):
-            last = stages[before]["summary"]["iterations"]
-            if last and last[1] == first[0] - 1:
-                stages[name]["summary"]["continues"] = {
-                    "stage": before, "lm_loss_before": stages[before]["summary"]["lm_loss_last"],
-                    "lm_loss_after": stages[name]["summary"]["lm_loss_first"]}
-                break
+    ending: Dict[int, str] = {}  # last logged iteration -> the latest stage so far that ends there
+    for name, stage in stages.items():
+        s = stage["summary"]
+        before = ending.get(s["iterations"][0] - 1) if s["iterations"] and s["iterations"][0] > 1 else None
+        s["continues"] = None if before is None else {
+            "stage": before, "lm_loss_before": stages[before]["summary"]["lm_loss_last"],
+            "lm_loss_after": s["lm_loss_first"]}
+        if s["iterations"]:
+            ending[s["iterations"][1]] = name
 
 
 def read_status(path: str) -> Dict[str, dict]:
     """``stage rc seconds`` rows (tab-separated, a header line first) -> ``{stage: {"rc": ..., "seconds": ...}}``."""
-    status = {}
     with open(path) as f:
-        for line in list(f)[1:]:
-            parts = line.rstrip("\n").split("\t")
-            if len(parts) == 3:
-                status[parts[0]] = {"rc": number(parts[1]), "seconds": number(parts[2])}
-    return status
+        rows = [line.rstrip("\n").split("\t") for line in list(f)[1:]]
+    return {row[0]: {"rc": number(row[1]), "seconds": number(row[2])} for row in rows if len(row) == 3}
 
 
-def _cell(value, digits: int = 1) -> str:
+def _cell(value) -> str:
     if value is None:
         return "-"
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return str(value)
-        return f"{value:.4g}" if abs(value) < 100 else f"{value:.{digits}f}"
+    if isinstance(value, float):  # inf and nan as such
+        return f"{value:.4g}" if abs(value) < 100 else f"{value:.1f}"
     if isinstance(value, list):
         return "-".join(map(str, value))
     return str(value)
@@ -169,29 +146,22 @@ def _table(header: List[str], rows: List[List[str]]) -> str:
 
 
 def format_report(stages: Dict[str, dict]) -> str:
-    """The summary table (one row per stage), then the logged iterations of every stage."""
+    """The summary table (one row per stage), then the logged iterations and memory reports of every stage."""
     header = ["stage", "rc", "s", "iterations", "ms/iter", "first ms", "loss first", "loss last", "val loss",
               "max alloc MB", "switch"]
-    rows = []
-    for name, stage in stages.items():
-        s, status = stage["summary"], stage.get("status") or {}
-        rows.append([name, _cell(status.get("rc")), _cell(status.get("seconds")), _cell(s["iterations"]),
-                     _cell(s["ms_per_iteration_median"]), _cell(s["ms_first_iteration"]), _cell(s["lm_loss_first"]),
-                     _cell(s["lm_loss_last"]), _cell(s["validation_lm_loss"]), _cell(s["max_allocated_mb"]),
-                     _cell(s["switched_at"])])
+    keys = ("iterations", "ms_per_iteration_median", "ms_first_iteration", "lm_loss_first", "lm_loss_last",
+            "validation_lm_loss", "max_allocated_mb", "switched_at")
+    rows = [[name, *(_cell((stage["status"] or {}).get(k)) for k in ("rc", "seconds")),
+             *(_cell(stage["summary"][k]) for k in keys)] for name, stage in stages.items()]
     out = [_table(header, rows)]
-    per_iteration = []
-    for name, stage in stages.items():
-        for r in stage["iterations"]:
-            per_iteration.append([name, str(r["iteration"]), _cell(r.get("elapsed_time_per_iteration_ms")),
-                                  _cell(r.get("lm_loss")), _cell(r.get("grad_norm")), _cell(r.get("learning_rate"))])
-    if per_iteration:
-        out += ["", _table(["stage", "iteration", "ms", "lm loss", "grad norm", "lr"], per_iteration)]
-    memory = [[name, m["label"], _cell(m.get("allocated")), _cell(m.get("max_allocated")), _cell(m.get("reserved")),
-               _cell(m.get("max_reserved"))] for name, stage in stages.items() for m in stage["memory"]]
-    if memory:
-        out += ["", _table(["stage", "memory (MB) at", "allocated", "max allocated", "reserved", "max reserved"],
-                           memory)]
+    for header, part, keys in (
+            (["iteration", "ms", "lm loss", "grad norm", "lr"], "iterations",
+             ("iteration", "elapsed_time_per_iteration_ms", "lm_loss", "grad_norm", "learning_rate")),
+            (["memory (MB) at", "allocated", "max allocated", "reserved", "max reserved"], "memory",
+             ("label", "allocated", "max_allocated", "reserved", "max_reserved"))):
+        rows = [[name, *(_cell(r.get(k)) for k in keys)] for name, stage in stages.items() for r in stage[part]]
+        if rows:
+            out += ["", _table(["stage", *header], rows)]
     notes = []
     for name, stage in stages.items():
         if stage["switch"]:

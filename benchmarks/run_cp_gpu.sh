@@ -5,6 +5,8 @@
 #   bash benchmarks/run_cp_gpu.sh            # 1M tokens, B=1 H=8 D=128 k=2048 p=4 L=3, bf16
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The package and its Triton kernels from this checkout, installed or not.
+export PYTHONPATH="$PWD:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}"
 # NVLink multicast stays off on shared hosts.
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 W_MAX=${W_MAX:-2}

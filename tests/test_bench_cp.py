@@ -8,6 +8,10 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
+from benchmark_utils import load_benchmark
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -36,3 +40,19 @@ def test_bench_cp_tiny_cpu_without_megatron(tmp_path):
         assert res["median_s"] > 0 and res["times_s"]
         want = one["results"][method]["median_s"] / (2 * res["median_s"])
         assert abs(two["efficiency"][method] - want) < 1e-12
+
+
+def test_baseline_is_the_w1_run_of_the_same_settings(tmp_path):
+    bench_cp = load_benchmark("bench_cp")
+    settings = dict(seq_len=4096, max_cp=2, dtype="fp32", device="cpu")
+    one = dict(world=1, date="2026-12-01", device_name="cpu", settings=settings,
+               results={"lighthouse": {"median_s": 3.0}, "dense": {"error": "out of memory"}})
+    two = dict(world=2, settings=settings, results={"lighthouse": {"median_s": 2.0}, "dense": {"median_s": 1.0}})
+    assert bench_cp.load_baseline(two, str(tmp_path)) == (None, {})  # no W=1 run written yet
+    (tmp_path / "cp_cpu_w1.json").write_text(json.dumps(one))
+    assert bench_cp.load_baseline(one, str(tmp_path)) == (None, {})  # a W=1 run has no baseline
+    base, efficiency = bench_cp.load_baseline(two, str(tmp_path))
+    assert base["results"] == one["results"] and base["path"] == str(tmp_path / "cp_cpu_w1.json")
+    assert efficiency == {"lighthouse": 3.0 / (2 * 2.0)}  # dense did not run at W=1
+    with pytest.raises(SystemExit, match="other settings"):
+        bench_cp.load_baseline({**two, "settings": {**settings, "seq_len": 8192}}, str(tmp_path))

@@ -404,7 +404,7 @@ def test_gpu_script_dry_run_runs_the_user_path(tmp_path):
               f"--lr-decay-style constant")
     (a,) = [line for line in stages["a_lighthouse"] if "pretrain_gpt.py" in line]
     assert a.startswith(f"torchrun --nproc-per-node 1 {patched}/pretrain_gpt.py --lighthouse --lighthouse-topk 2048 ")
-    assert common in a and f"--global-batch-size 1 " in a and "--train-iters 4 " in a
+    assert common in a and "--global-batch-size 1 " in a and "--train-iters 4 " in a
     assert f"--save {work}/ckpt_a_lighthouse " in a and "--log-interval 1 " in a
     assert a.endswith(f"{MOCK} --lighthouse-monitor --lighthouse-monitor-interval 1")
     assert stages["e_monitor_report"] == [

@@ -1,6 +1,6 @@
 """benchmarks/megatron_log.py reads Megatron-LM's own training-log lines (and the Lighthouse hook's) into rows, a
-table and JSON. The sample lines are formatted here the way Megatron-LM's ``training_log``, ``report_memory``,
-``evaluate_and_print_results`` and ``report_theoretical_memory`` format theirs."""
+table and JSON. The sample lines are formatted here the way Megatron-LM's ``training_log``, ``report_memory`` and
+``evaluate_and_print_results`` format theirs."""
 
 from __future__ import annotations
 
@@ -35,10 +35,6 @@ def memory_line(label: str, allocated: float, peak: float, rank: int = 0) -> str
 def validation_lines(where: str, loss: float) -> list:
     text = f" validation loss at {where} | lm loss value: {loss:.6E} | lm loss PPL: {2.718281828 ** loss:.6E} | "
     return ["-" * (len(text) + 1), text, "-" * (len(text) + 1)]
-
-
-THEORETICAL = ("Theoretical memory footprints: weight and optimizer=2210.53 MB, activation=15872.00 MB, "
-               "total=18082.53 MB")
 
 
 def switch_line(caplog, iteration: int = 4, dense_from: int = 4) -> str:
@@ -76,7 +72,7 @@ def summary_line() -> str:
 @pytest.fixture()
 def lighthouse_log(caplog) -> list:
     """Stage b of the GPU script: resumed at iteration 4, switched, two dense iterations, memory, validation."""
-    return ["> PyTorch version ................ 2.11.0", summary_line(), THEORETICAL, switch_line(caplog),
+    return ["> PyTorch version ................ 2.11.0", summary_line(), switch_line(caplog),
             iteration_line(5, 6, 5321.4, 9.87), memory_line("after 5 iterations", 20480.5, 60211.25),
             "[default0]:" + iteration_line(6, 6, 3012.8, 9.12),
             memory_line("before save_checkpoint for iteration 6", 20480.5, 61000.0),
@@ -96,7 +92,6 @@ def test_parse_log_reads_megatrons_lines(lighthouse_log):
                                 "max_allocated": 60211.25, "reserved": 60723.25, "max_reserved": 61235.25}
     assert [v["at"] for v in log["validation"]] == ["iteration 6 on validation set", "iteration 6 on test set"]
     assert log["validation"][0]["lm_loss_value"] == pytest.approx(9.05)
-    assert log["theoretical_memory_mb"] == {"weight_and_optimizer": 2210.53, "activation": 15872.0, "total": 18082.53}
     assert log["switch"] == {"iteration": 4, "dense_from_iteration": 4, "layers_switched": 4, "layers": [3, 4, 5, 6]}
     assert log["lighthouse"].startswith("Lighthouse: seq_length 131072 -> subsequence 24576")
 
@@ -126,6 +121,11 @@ def test_fields_keep_every_key_value_pair():
         "throughput_per_gpu_tflop_s_gpu": 123.4, "energy_per_gpu_j_iter_gpu": 5.0, "loss_scale": 1.0}
     assert megatron_log.stage_and_path("a_lighthouse=/x/y.log") == ("a_lighthouse", "/x/y.log")
     assert megatron_log.stage_and_path("/x/a=b/c_dense.log") == ("c_dense", "/x/a=b/c_dense.log")
+
+
+def test_table_cells():
+    cells = [megatron_log._cell(v) for v in (None, 9.87654, 1234.56, float("inf"), float("nan"), [5, 6], 4, "x")]
+    assert cells == ["-", "9.877", "1234.6", "inf", "nan", "5-6", "4", "x"]
 
 
 def test_cli_writes_table_and_json(tmp_path, capsys, lighthouse_log):

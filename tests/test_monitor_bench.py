@@ -42,7 +42,6 @@ def test_bench_monitor_fake_without_tensorboard(tmp_path, monkeypatch, capsys, c
     """One rank, in this process (no spawn, imports already done), with tensorboard's import failing."""
     torch = pytest.importorskip("torch")
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
-    monkeypatch.setattr(sys, "path", list(sys.path))  # the benchmark puts the repository on it
     for name in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST"):  # the benchmark sets these
         monkeypatch.setenv(name, os.environ.get(name, "0"))
     spec = importlib.util.spec_from_file_location("bench_monitor", ROOT / "benchmarks" / "bench_monitor.py")
