@@ -109,3 +109,45 @@ def context_parallel_group(config: TransformerConfig, pg_collection: Optional[An
             f"context_parallel_size to the group's size)"
         )
     return group if size > 1 else None
+
+
+def check_cp_comm_type(cp_comm_type: Any, context_parallel_size: int) -> None:
+    """``ValueError`` unless ``cp_comm_type`` is a context-parallel communication type TransformerEngine accepts.
+
+    Megatron hands ``cp_comm_type`` to TE's ``DotProductAttention`` unchanged, and TE only rejects an unknown
+    value at the first forward under context parallelism, so it is checked here, whatever
+    ``context_parallel_size`` (a config that is wrong at CP=1 breaks the day CP is switched on).
+
+    Args:
+        cp_comm_type: ``None`` (Megatron's default: ``"p2p"`` under CP), one of TE's ``"p2p"``,
+            ``"all_gather"``, ``"a2a"``, ``"a2a+p2p"``, or a list / tuple of those per layer (as
+            ``TransformerConfig.cp_comm_type`` allows). ``"allgather"`` is refused, not normalised: TE spells
+            it ``"all_gather"``.
+        context_parallel_size: the CP size the value is for (a positive int; named in the messages).
+    """
+    accepted = ("p2p", "all_gather", "a2a", "a2a+p2p")
+    if isinstance(context_parallel_size, bool) or not isinstance(context_parallel_size, int) \
+            or context_parallel_size < 1:
+        raise ValueError(f"context_parallel_size={context_parallel_size!r}: must be a positive int")
+
+    def check(value: Any, where: str) -> None:
+        if value is None or (isinstance(value, str) and value in accepted):
+            return
+        hint = ""
+        if isinstance(value, str):
+            plain = value.lower().replace("-", "").replace("_", "").replace(" ", "")
+            close = [name for name in accepted if name.replace("_", "") == plain]
+            if close:
+                hint = f"; use {close[0]!r} (TransformerEngine's spelling)"
+        raise ValueError(
+            f"{where}={value!r} (context_parallel_size={context_parallel_size}): not a context-parallel "
+            f"communication type of TransformerEngine, which accepts {', '.join(map(repr, accepted))}{hint}. "
+            f"Megatron passes the value to TE unchanged, and TE would only fail at the first forward under "
+            f"context parallelism"
+        )
+
+    if isinstance(cp_comm_type, (list, tuple)):
+        for layer, value in enumerate(cp_comm_type):
+            check(value, f"cp_comm_type[{layer}]")
+    else:
+        check(cp_comm_type, "cp_comm_type")

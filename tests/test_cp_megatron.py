@@ -101,7 +101,7 @@ def _check_te_inner(rank, world, cp_comm_type):
         parallel_state.destroy_model_parallel()
 
 
-@pytest.mark.parametrize("cp_comm_type", [None, "p2p", "a2a", "allgather", "a2a+p2p"])
+@pytest.mark.parametrize("cp_comm_type", [None, "p2p", "a2a", "all_gather", "a2a+p2p"])
 def test_te_inner_gets_megatron_cp_arguments(cp_comm_type):
     run_on_ranks(_check_te_inner, WORLD, cp_comm_type, pool="fake_te")
 
