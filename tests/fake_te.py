@@ -144,9 +144,82 @@ def _mark_parallel(param: torch.Tensor, parallel: bool, dim: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- linear
-class Linear(_BaseModule):
-    """``te.pytorch.Linear``: ``y = x W^T (+ b)``, ``weight`` ``[out_features, in_features]``, ``bias``
-    ``[out_features]`` (zero-initialised); with ``return_bias`` the bias is returned, not added."""
+class _GemmModule(_BaseModule):
+    """What TE's ``Linear`` and ``LayerNormLinear`` share: the GEMM's ``weight`` ``[out_features, in_features]``
+    (``init_method``) and ``bias`` ``[out_features]`` (zeros), and the forward signature. ``y = x W^T (+ b)`` in
+    ``x``'s dtype (TE casts its weights to the activation dtype); with ``return_bias`` the bias is returned."""
+
+    def _init_gemm(self, in_features: int, out_features: int, tp_group, tp_size: int, get_rng_state_tracker,
+                   init_method, bias: bool, return_bias: bool, params_dtype, parallel_mode, parameters_split, device,
+                   fuse_wgrad_accumulation: bool, delay_wgrad_compute: bool, sequence_parallel: bool,
+                   ub_name: Optional[str], symmetric_ar_type: Optional[str], name: Optional[str]) -> None:
+        if parallel_mode not in GEMM_PARALLEL_MODES:
+            raise AssertionError(f"parallel_mode {parallel_mode} not supported")
+        if parameters_split is not None:
+            raise _not_modelled("parameters_split")
+        if fuse_wgrad_accumulation:
+            raise _not_modelled("fuse_wgrad_accumulation (main_grad buffers)")
+        if delay_wgrad_compute:
+            raise _not_modelled("delay_wgrad_compute")
+        params_dtype = torch.get_default_dtype() if params_dtype is None else params_dtype
+        self.tp_size = _tp_size(tp_group, tp_size)
+        self.set_tensor_parallel_group(tp_group)
+        self.in_features, self.out_features = in_features, out_features
+        self.use_bias, self.return_bias = bias, return_bias
+        self.apply_bias = bias and not return_bias
+        self.parallel_mode = parallel_mode
+        self.sequence_parallel = self.tp_size > 1 and sequence_parallel
+        self.get_rng_state_tracker = get_rng_state_tracker
+        self.ub_name, self.symmetric_ar_type, self.name = ub_name, symmetric_ar_type, name
+        self.weight_names, self.bias_names = ["weight"], ["bias"]
+        self.register_parameter(
+            "weight", torch.nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=params_dtype)),
+            init_fn=init_method, get_rng_state_tracker=get_rng_state_tracker)
+        if bias:
+            self.register_parameter(
+                "bias", torch.nn.Parameter(torch.empty(out_features, device=device, dtype=params_dtype)),
+                init_fn=torch.nn.init.zeros_)
+        else:
+            self.bias = torch.Tensor().to(dtype=params_dtype, device=device)
+        self.reset_parameters(defer_init=device == "meta")
+
+    def reset_parameters(self, defer_init: Optional[bool] = False) -> None:
+        super().reset_parameters(defer_init)
+        if defer_init:
+            return
+        _mark_parallel(self.weight, True, 1 if self.parallel_mode == "row" else 0)
+        if self.use_bias:
+            if self.parallel_mode == "row":
+                self.bias.sequence_parallel = self.sequence_parallel
+            elif self.parallel_mode == "column":
+                _mark_parallel(self.bias, True, 0)
+
+    def forward(
+        self,
+        inp: torch.Tensor,
+        is_first_microbatch: Optional[bool] = None,
+        fp8_output: Optional[bool] = False,
+        fp8_grad: Optional[bool] = False,
+    ) -> Union[torch.Tensor, Tuple[torch.Tensor, ...]]:
+        """``inp`` ``[..., in_features]`` -> ``[..., out_features]`` in ``inp``'s dtype (see the subclass for
+        what else is returned)."""
+        if fp8_output or fp8_grad:
+            raise _not_modelled("FP8 output / gradients")
+        return self._compute(inp)
+
+    def _gemm(self, x: torch.Tensor):
+        """The GEMM, bias added, or returned (``(out, bias)``) with ``return_bias``."""
+        if x.shape[-1] != self.in_features:
+            raise AssertionError(f"fake TE: input has {x.shape[-1]} features, the layer {self.in_features}")
+        bias = self.bias.to(x.dtype) if self.use_bias else None
+        out = F.linear(x, self.weight.to(x.dtype), bias if self.apply_bias else None)
+        if self.return_bias:
+            return out, bias if bias is not None else self.bias
+        return out
+
+
+class Linear(_GemmModule):
+    """``te.pytorch.Linear``: ``out`` (``(out, bias)`` with ``return_bias``)."""
 
     def __init__(
         self,
@@ -177,93 +250,13 @@ class Linear(_BaseModule):
         name: Optional[str] = None,
     ) -> None:
         super().__init__()
-        _init_linear(self, in_features, out_features, tp_group, tp_size, get_rng_state_tracker, init_method, bias,
-                     return_bias, params_dtype, parallel_mode, parameters_split, device, fuse_wgrad_accumulation,
-                     delay_wgrad_compute, sequence_parallel)
-        self.rng_tracker_name = rng_tracker_name
-        self.ub_name = ub_name
-        self.symmetric_ar_type = symmetric_ar_type
-        self.save_original_input = save_original_input
-        self.name = name
-        self.reset_parameters(defer_init=device == "meta")
+        self.rng_tracker_name, self.save_original_input = rng_tracker_name, save_original_input
+        self._init_gemm(in_features, out_features, tp_group, tp_size, get_rng_state_tracker, init_method, bias,
+                        return_bias, params_dtype, parallel_mode, parameters_split, device, fuse_wgrad_accumulation,
+                        delay_wgrad_compute, sequence_parallel, ub_name, symmetric_ar_type, name)
 
-    def reset_parameters(self, defer_init: Optional[bool] = False) -> None:
-        super().reset_parameters(defer_init)
-        _mark_linear(self, defer_init)
-
-    def forward(
-        self,
-        inp: torch.Tensor,
-        is_first_microbatch: Optional[bool] = None,
-        fp8_output: Optional[bool] = False,
-        fp8_grad: Optional[bool] = False,
-    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-        """``inp`` ``[..., in_features]`` -> ``[..., out_features]`` in ``inp``'s dtype (``(out, bias)`` with
-        ``return_bias``)."""
-        _check_no_fp8(fp8_output, fp8_grad)
-        return _linear_out(self, inp)
-
-
-def _init_linear(module: _BaseModule, in_features: int, out_features: int, tp_group, tp_size: int,
-                 get_rng_state_tracker, init_method, bias: bool, return_bias: bool, params_dtype, parallel_mode,
-                 parameters_split, device, fuse_wgrad_accumulation: bool, delay_wgrad_compute: bool,
-                 sequence_parallel: bool) -> None:
-    """What TE's ``Linear`` and ``LayerNormLinear`` constructors share: the GEMM's parameters and flags."""
-    if parallel_mode not in GEMM_PARALLEL_MODES:
-        raise AssertionError(f"parallel_mode {parallel_mode} not supported")
-    if parameters_split is not None:
-        raise _not_modelled("parameters_split")
-    if fuse_wgrad_accumulation:
-        raise _not_modelled("fuse_wgrad_accumulation (main_grad buffers)")
-    if delay_wgrad_compute:
-        raise _not_modelled("delay_wgrad_compute")
-    params_dtype = torch.get_default_dtype() if params_dtype is None else params_dtype
-    module.tp_size = _tp_size(tp_group, tp_size)
-    module.set_tensor_parallel_group(tp_group)
-    module.in_features, module.out_features = in_features, out_features
-    module.use_bias, module.return_bias = bias, return_bias
-    module.apply_bias = bias and not return_bias
-    module.parallel_mode = parallel_mode
-    module.sequence_parallel = module.tp_size > 1 and sequence_parallel
-    module.get_rng_state_tracker = get_rng_state_tracker
-    module.weight_names, module.bias_names = ["weight"], ["bias"]
-    module.register_parameter(
-        "weight", torch.nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=params_dtype)),
-        init_fn=init_method, get_rng_state_tracker=get_rng_state_tracker)
-    if bias:
-        module.register_parameter(
-            "bias", torch.nn.Parameter(torch.empty(out_features, device=device, dtype=params_dtype)),
-            init_fn=torch.nn.init.zeros_)
-    else:
-        module.bias = torch.Tensor().to(dtype=params_dtype, device=device)
-
-
-def _mark_linear(module: _BaseModule, defer_init: Optional[bool]) -> None:
-    if defer_init:
-        return
-    _mark_parallel(module.weight, True, 1 if module.parallel_mode == "row" else 0)
-    if module.use_bias:
-        if module.parallel_mode == "row":
-            module.bias.sequence_parallel = module.sequence_parallel
-        elif module.parallel_mode == "column":
-            _mark_parallel(module.bias, True, 0)
-
-
-def _check_no_fp8(fp8_output: Optional[bool], fp8_grad: Optional[bool]) -> None:
-    if fp8_output or fp8_grad:
-        raise _not_modelled("FP8 output / gradients")
-
-
-def _linear_out(module: _BaseModule, x: torch.Tensor):
-    """The GEMM in ``x``'s dtype (TE casts its weights to the activation dtype), bias added or returned."""
-    if x.shape[-1] != module.in_features:
-        raise AssertionError(f"fake TE: input has {x.shape[-1]} features, the layer {module.in_features}")
-    weight = module.weight.to(x.dtype)
-    bias = module.bias.to(x.dtype) if module.use_bias else None
-    out = F.linear(x, weight, bias if module.apply_bias else None)
-    if module.return_bias:
-        return out, bias if bias is not None else module.bias
-    return out
+    def _compute(self, inp: torch.Tensor):
+        return self._gemm(inp)
 
 
 def _normalize(x: torch.Tensor, normalization: str, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -278,9 +271,10 @@ def _normalize(x: torch.Tensor, normalization: str, weight: torch.Tensor, bias: 
     return y.to(x.dtype)
 
 
-class LayerNormLinear(_BaseModule):
+class LayerNormLinear(_GemmModule):
     """``te.pytorch.LayerNormLinear``: LayerNorm / RMSNorm (``layer_norm_weight``, ``layer_norm_bias`` for
-    LayerNorm) then :class:`Linear`'s GEMM."""
+    LayerNorm) then the GEMM: ``out`` (``, bias`` with ``return_bias``; ``, ln_out`` with
+    ``return_layernorm_output``)."""
 
     def __init__(
         self,
@@ -316,44 +310,27 @@ class LayerNormLinear(_BaseModule):
         super().__init__()
         if normalization not in ("LayerNorm", "RMSNorm"):
             raise AssertionError("Unsupported normalization type!")
-        params_dtype_ = torch.get_default_dtype() if params_dtype is None else params_dtype
+        dtype = torch.get_default_dtype() if params_dtype is None else params_dtype
         self.normalization, self.eps, self.zero_centered_gamma = normalization, eps, zero_centered_gamma
         self.return_layernorm_output = return_layernorm_output
         self.return_layernorm_output_gathered = return_layernorm_output_gathered if return_layernorm_output else False
         self.register_parameter(
-            "layer_norm_weight", torch.nn.Parameter(torch.empty(in_features, device=device, dtype=params_dtype_)),
+            "layer_norm_weight", torch.nn.Parameter(torch.empty(in_features, device=device, dtype=dtype)),
             init_fn=torch.nn.init.zeros_ if zero_centered_gamma else torch.nn.init.ones_)
         if normalization != "RMSNorm":
             self.register_parameter(
-                "layer_norm_bias", torch.nn.Parameter(torch.empty(in_features, device=device, dtype=params_dtype_)),
+                "layer_norm_bias", torch.nn.Parameter(torch.empty(in_features, device=device, dtype=dtype)),
                 init_fn=torch.nn.init.zeros_)
         else:
             self.layer_norm_bias = None
-        _init_linear(self, in_features, out_features, tp_group, tp_size, get_rng_state_tracker, init_method, bias,
-                     return_bias, params_dtype, parallel_mode, parameters_split, device, fuse_wgrad_accumulation,
-                     delay_wgrad_compute, sequence_parallel)
-        self.ub_name = ub_name
-        self.symmetric_ar_type = symmetric_ar_type
-        self.name = name
-        self.reset_parameters(defer_init=device == "meta")
+        self._init_gemm(in_features, out_features, tp_group, tp_size, get_rng_state_tracker, init_method, bias,
+                        return_bias, params_dtype, parallel_mode, parameters_split, device, fuse_wgrad_accumulation,
+                        delay_wgrad_compute, sequence_parallel, ub_name, symmetric_ar_type, name)
 
-    def reset_parameters(self, defer_init: Optional[bool] = False) -> None:
-        super().reset_parameters(defer_init)
-        _mark_linear(self, defer_init)
-
-    def forward(
-        self,
-        inp: torch.Tensor,
-        is_first_microbatch: Optional[bool] = None,
-        fp8_output: Optional[bool] = False,
-        fp8_grad: Optional[bool] = False,
-    ) -> Union[torch.Tensor, Tuple[torch.Tensor, ...]]:
-        """``inp`` ``[..., in_features]`` -> ``out`` (``, bias`` with ``return_bias``; ``, ln_out`` with
-        ``return_layernorm_output``), in ``inp``'s dtype."""
-        _check_no_fp8(fp8_output, fp8_grad)
+    def _compute(self, inp: torch.Tensor):
         ln_out = _normalize(inp, self.normalization, self.layer_norm_weight, self.layer_norm_bias, self.eps,
                             self.zero_centered_gamma)
-        out = _linear_out(self, ln_out)
+        out = self._gemm(ln_out)
         if not self.return_layernorm_output:
             return out
         return (*out, ln_out) if self.return_bias else (out, ln_out)
@@ -361,12 +338,21 @@ class LayerNormLinear(_BaseModule):
 
 # ---------------------------------------------------------------------------------------------------- norms
 class _NormOp(_ExtraState, torch.nn.Module):
-    """What TE's fusible ``ops.LayerNorm`` / ``ops.RMSNorm`` hold: ``weight`` (ones, zeros when
-    zero-centred) and, for LayerNorm, ``bias``; normalisation over the last ``normalized_shape`` dims."""
+    """TE's fusible ``ops.LayerNorm`` / ``ops.RMSNorm`` (one signature): ``weight`` (ones, zeros when
+    zero-centred) and, for LayerNorm, ``bias``; normalisation over the last dimension."""
 
     normalization = "LayerNorm"
 
-    def _setup(self, normalized_shape, eps, device, dtype, zero_centered_gamma, sm_margin) -> None:
+    def __init__(
+        self,
+        normalized_shape,
+        *,
+        eps: float = 1e-5,
+        device=None,
+        dtype: Optional[torch.dtype] = None,
+        zero_centered_gamma: bool = False,
+        sm_margin=0,
+    ) -> None:
         torch.nn.Module.__init__(self)
         shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
         if len(shape) != 1:
@@ -386,19 +372,7 @@ class _NormOp(_ExtraState, torch.nn.Module):
 
 
 class _LayerNormOp(_NormOp):
-    """``te.pytorch.ops.LayerNorm`` (the operation TE's ``LayerNorm`` module is)."""
-
-    def __init__(
-        self,
-        normalized_shape,
-        *,
-        eps: float = 1e-5,
-        device=None,
-        dtype: Optional[torch.dtype] = None,
-        zero_centered_gamma: bool = False,
-        sm_margin=0,
-    ) -> None:
-        self._setup(normalized_shape, eps, device, dtype, zero_centered_gamma, sm_margin)
+    """``te.pytorch.ops.LayerNorm``."""
 
 
 class _RMSNormOp(_NormOp):
@@ -406,38 +380,11 @@ class _RMSNormOp(_NormOp):
 
     normalization = "RMSNorm"
 
-    def __init__(
-        self,
-        normalized_shape,
-        *,
-        eps: float = 1e-5,
-        device=None,
-        dtype: Optional[torch.dtype] = None,
-        zero_centered_gamma: bool = False,
-        sm_margin=0,
-    ) -> None:
-        self._setup(normalized_shape, eps, device, dtype, zero_centered_gamma, sm_margin)
 
-
-def _norm_module_args(normalized_shape, hidden_size, params_dtype, kwargs: dict):
-    """TE's handling of the deprecated ``hidden_size`` / ``params_dtype`` of its norm modules."""
-    if normalized_shape is None:
-        if hidden_size is None:
-            raise RuntimeError("Neither `normalized_shape` nor `hidden_size` (deprecated) args are provided")
-        warnings.warn("`hidden_size` arg has been renamed to `normalized_shape` for compatibility with "
-                      "`torch.nn.LayerNorm`.", DeprecationWarning, stacklevel=3)
-        normalized_shape = hidden_size
-    elif hidden_size is not None:
-        raise RuntimeError("Both `normalized_shape` and `hidden_size` (deprecated) args are provided")
-    if params_dtype is not None:
-        if "dtype" in kwargs:
-            raise RuntimeError("Both `dtype` and `params_dtype` (deprecated) kwargs are provided")
-        kwargs["dtype"] = params_dtype
-    return normalized_shape, kwargs
-
-
-class LayerNorm(_LayerNormOp):
-    """``te.pytorch.LayerNorm``: ``**kwargs`` go to the operation, which takes only its own keywords."""
+class _NormModule:
+    """TE's ``LayerNorm`` / ``RMSNorm`` modules (one signature): the deprecated ``hidden_size`` /
+    ``params_dtype`` handled as TE does, ``**kwargs`` handed to the operation, which takes only its own keywords;
+    ``sequence_parallel`` set on the parameters (TE's Megatron integration)."""
 
     def __init__(
         self,
@@ -449,31 +396,31 @@ class LayerNorm(_LayerNormOp):
         hidden_size: Optional[int] = None,
         **kwargs,
     ) -> None:
-        normalized_shape, kwargs = _norm_module_args(normalized_shape, hidden_size, params_dtype, kwargs)
+        if normalized_shape is None:
+            if hidden_size is None:
+                raise RuntimeError("Neither `normalized_shape` nor `hidden_size` (deprecated) args are provided")
+            warnings.warn("`hidden_size` arg has been renamed to `normalized_shape` for compatibility with "
+                          "`torch.nn.LayerNorm`.", DeprecationWarning, stacklevel=2)
+            normalized_shape = hidden_size
+        elif hidden_size is not None:
+            raise RuntimeError("Both `normalized_shape` and `hidden_size` (deprecated) args are provided")
+        if params_dtype is not None:
+            if "dtype" in kwargs:
+                raise RuntimeError("Both `dtype` and `params_dtype` (deprecated) kwargs are provided")
+            kwargs["dtype"] = params_dtype
         super().__init__(normalized_shape, eps=eps, zero_centered_gamma=zero_centered_gamma, **kwargs)
         self.sequence_parallel = sequence_parallel
         if sequence_parallel is not None:
-            self.weight.sequence_parallel = self.bias.sequence_parallel = sequence_parallel
+            for param in self.parameters():
+                param.sequence_parallel = sequence_parallel
 
 
-class RMSNorm(_RMSNormOp):
-    """``te.pytorch.RMSNorm``: ``**kwargs`` go to the operation, which takes only its own keywords."""
+class LayerNorm(_NormModule, _LayerNormOp):
+    """``te.pytorch.LayerNorm``."""
 
-    def __init__(
-        self,
-        normalized_shape=None,
-        eps: float = 1e-5,
-        sequence_parallel: Optional[bool] = None,
-        params_dtype: Optional[torch.dtype] = None,
-        zero_centered_gamma: bool = False,
-        hidden_size: Optional[int] = None,
-        **kwargs,
-    ) -> None:
-        normalized_shape, kwargs = _norm_module_args(normalized_shape, hidden_size, params_dtype, kwargs)
-        super().__init__(normalized_shape, eps=eps, zero_centered_gamma=zero_centered_gamma, **kwargs)
-        self.sequence_parallel = sequence_parallel
-        if sequence_parallel is not None:
-            self.weight.sequence_parallel = sequence_parallel
+
+class RMSNorm(_NormModule, _RMSNormOp):
+    """``te.pytorch.RMSNorm``."""
 
 
 # ------------------------------------------------------------------------------------ attention arithmetic
