@@ -70,6 +70,9 @@ def test_script_records_parameters_from_source(tmp_path):
                      ("ops/basic/layer_norm.py", "LayerNorm"), ("ops/basic/rmsnorm.py", "RMSNorm")):
         _write(tmp_path, f"{pt}/{rel}",
                f"class Other:\n    pass\nclass {cls}(Base):\n    def __init__(self, n, *, eps=1e-5): pass\n")
+    for rel, cls in (("module/base.py", "TransformerEngineBaseModule"), ("ops/op.py", "BasicOperation")):
+        _write(tmp_path, f"{pt}/{rel}", f"class {cls}:\n    def get_extra_state(self): pass\n"
+                                        f"    def set_extra_state(self, state): pass\n")
     out = tmp_path / "snap.json"
     result = _run_script(str(tmp_path), "--commit", "abc123", "--output", str(out))
     assert result.returncode == 0, result.stderr

@@ -39,6 +39,8 @@ MODELLED = {
     "RMSNorm": fake_te.RMSNorm,
     "ops.LayerNorm": fake_te._LayerNormOp,
     "ops.RMSNorm": fake_te._RMSNormOp,
+    "TransformerEngineBaseModule": fake_te._BaseModule,
+    "ops.BasicOperation": fake_te._NormOp,
 }
 
 

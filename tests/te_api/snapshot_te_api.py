@@ -33,7 +33,8 @@ _DPA = (f"{_PT}/attention/dot_product_attention/dot_product_attention.py", f"{_P
 _CP = (f"{_PT}/attention/dot_product_attention/context_parallel.py", f"{_PT}/attention.py")
 
 #: ``(key, candidate files (first found wins), class name, methods)``: what the fake stands in for. ``ops.*``
-#: are the fusible operations TE's ``LayerNorm``/``RMSNorm`` modules hand their ``**kwargs`` to.
+#: are the fusible operations TE's ``LayerNorm``/``RMSNorm`` modules hand their ``**kwargs`` to; the base module
+#: and operation carry the checkpoint ``_extra_state`` methods.
 TARGETS: Tuple[Tuple[str, Tuple[str, ...], str, Tuple[str, ...]], ...] = (
     ("DotProductAttention", _DPA, "DotProductAttention", ("__init__", "forward", "set_context_parallel_group")),
     ("Linear", (f"{_PT}/module/linear.py",), "Linear", ("__init__", "forward")),
@@ -42,6 +43,9 @@ TARGETS: Tuple[Tuple[str, Tuple[str, ...], str, Tuple[str, ...]], ...] = (
     ("RMSNorm", (f"{_PT}/module/rmsnorm.py",), "RMSNorm", ("__init__",)),
     ("ops.LayerNorm", (f"{_PT}/ops/basic/layer_norm.py",), "LayerNorm", ("__init__",)),
     ("ops.RMSNorm", (f"{_PT}/ops/basic/rmsnorm.py",), "RMSNorm", ("__init__",)),
+    ("TransformerEngineBaseModule", (f"{_PT}/module/base.py",), "TransformerEngineBaseModule",
+     ("get_extra_state", "set_extra_state")),
+    ("ops.BasicOperation", (f"{_PT}/ops/op.py",), "BasicOperation", ("get_extra_state", "set_extra_state")),
 )
 
 #: The function whose comparisons of ``cp_comm_type`` define the accepted communication types.
