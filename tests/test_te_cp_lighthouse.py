@@ -6,8 +6,8 @@ stream and ``cp_comm_type`` and runs TE's own schedule for it (p2p ring, all-gat
 source, independent of this package). On 2 and 4 gloo ranks, each rank's output and q/k/v gradients must equal
 its shard of the single-process ``lighthouse_attention(..., chunks=2W)`` (each of the 2W chunks selected alone
 with ``topk / 2W``, one causal attention over the chunk subsequences in order). All runs share one pool of 4
-spawned ranks (``test_te_fake.POOL``): CP=2 runs there as two CP groups of 2 (data parallel 2), so the second group's ring
-addresses global ranks 2 and 3.
+spawned ranks (``test_te_fake.POOL``): CP=2 runs there as two CP groups of 2 (data parallel 2), so the second
+group's ring addresses global ranks 2 and 3.
 
 * bf16: what TE runs under CP; compared with the fp32 result on the same bf16 inputs (:data:`BF16_REL_L2`).
 * fp32: TE has no fp32 backend under CP, so the fake refuses it unless the test lets it
@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from spawn import run_on_ranks
-from test_te_fake import POOL
+from test_te_fake import POOL, own_process_groups
 
 #: bf16 tolerance (relative L2 against the fp32 single-process result on the same bf16 inputs). The selection is
 #: the same in both (its scores run in fp32 on the same values); what differs is bf16 rounding of the pooled
@@ -71,6 +71,11 @@ def _reference(lighthouse, seq: int, world: int, inputs, cp_group) -> list:
 
 
 def _check_lighthouse_over_te_cp(rank, pool_world, world, cp_comm_type, dtype_name):
+    with own_process_groups():
+        _lighthouse_over_te_cp(rank, pool_world, world, cp_comm_type, dtype_name)
+
+
+def _lighthouse_over_te_cp(rank, pool_world, world, cp_comm_type, dtype_name):
     """One rank of ``pool_world``, in a CP group of ``world``: build the core attention from the TE spec, check
     the arguments TE got, run forward and backward on this rank's shard of ``[S, 2, 4, 16]`` q /
     ``[S, 2, 2, 16]`` k, v (``dtype_name``), compare with the single-process reference."""

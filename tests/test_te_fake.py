@@ -14,6 +14,7 @@ untouched.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import io
 import json
@@ -267,6 +268,21 @@ def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 POOL = dict(pool="fake_te", world=4)
 
 
+@contextlib.contextmanager
+def own_process_groups():
+    """Destroys on exit the process groups created inside. Megatron's ``destroy_model_parallel`` only drops its
+    references, and every gloo group keeps a few threads: tasks in the shared ranks would pile up thousands."""
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d
+
+    before = set(distributed_c10d._world.pg_map)
+    try:
+        yield
+    finally:
+        for group in [g for g in distributed_c10d._world.pg_map if g not in before]:
+            dist.destroy_process_group(group)
+
+
 def _cp_groups(rank: int, pool_world: int, world: int):
     """CP groups of ``world`` consecutive ranks over the ``pool_world`` ranks (every rank creates every group, as
     ``new_group`` requires): ``(my group, its global ranks, my rank in it, my singleton group)``."""
@@ -279,6 +295,11 @@ def _cp_groups(rank: int, pool_world: int, world: int):
 
 
 def _check_cp_equals_full_attention(rank, pool_world, world, cp_comm_type, dtype_name, heads, kv_heads):
+    with own_process_groups():
+        _cp_equals_full_attention(rank, pool_world, world, cp_comm_type, dtype_name, heads, kv_heads)
+
+
+def _cp_equals_full_attention(rank, pool_world, world, cp_comm_type, dtype_name, heads, kv_heads):
     dtype = getattr(torch, dtype_name)
     group, global_ranks, cp_rank, alone = _cp_groups(rank, pool_world, world)
     fake_te.DotProductAttention.allow_fp32_context_parallel = dtype == torch.float32
@@ -326,6 +347,11 @@ def test_fake_hierarchical_a2a_p2p_reduces_to_a2a():
 
 
 def _check_cp_preconditions(rank, pool_world, world):
+    with own_process_groups():
+        _cp_preconditions(rank, pool_world, world)
+
+
+def _cp_preconditions(rank, pool_world, world):
     group, global_ranks, _, _ = _cp_groups(rank, pool_world, world)
 
     def attention(heads=4, kv_heads=2, d=16, **kwargs):
