@@ -8,6 +8,7 @@ ranks) is tests/test_te_cp_lighthouse.py.
 from __future__ import annotations
 
 import functools
+import inspect
 
 import pytest
 import torch
@@ -67,8 +68,12 @@ def _train_losses(rank, world, cp, steps, positions="learned_absolute", dense_we
         gen = torch.Generator().manual_seed(1)
         tokens = (torch.randint(0, 64, (2, 1), generator=gen) + torch.arange(SEQ + 1) * 3) % 64
         batch = dict(tokens=tokens[:, :-1], labels=tokens[:, 1:], position_ids=torch.arange(SEQ).expand(2, SEQ))
-        batch = get_batch_on_this_cp_rank(batch)  # identity when cp == 1
+        # identity when cp == 1. The group is passed: megatron-core >= 0.19 takes None for the whole world, and asks
+        # whether hybrid CP is on (it is not)
         group = parallel_state.get_context_parallel_group()
+        hybrid = {"is_hybrid_cp": False} if "is_hybrid_cp" in inspect.signature(get_batch_on_this_cp_rank).parameters \
+            else {}
+        batch = get_batch_on_this_cp_rank(batch, cp_group=group, **hybrid)
         losses = []
         for _ in range(steps):
             loss_sum = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"]).sum()
