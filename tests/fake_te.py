@@ -12,7 +12,8 @@ tests/te_api/te_api.json; tests/test_te_fake.py holds the signatures to it):
   ``transformer_engine/pytorch/attention/dot_product_attention/context_parallel.py``). This module imports
   nothing of megatron_lighthouse, so the CP tests compare the package against TE's schedule, not itself.
 * ``Linear``, ``LayerNormLinear``, ``LayerNorm``, ``RMSNorm`` (real parameters under TE's names, tensor
-  parallel size 1 only), ``_SplitAlongDim`` and the FP8 state manager (FP8 never on).
+  parallel size 1 only), ``_SplitAlongDim``, ``get_cpu_offload_context`` (offloading off) and the FP8 state
+  manager (FP8 never on): what building and running a GPTModel from Megatron's TE spec calls.
 * every module keeps TE's ``_extra_state`` state-dict entry (:class:`_ExtraState`).
 
 Anything else of TE resolves to a placeholder class: Megatron can import it, subclass it and refer to its
