@@ -139,12 +139,41 @@ def _context_parallel_group(config: TransformerConfig, pg_collection: Optional[A
     return group if size > 1 else None
 
 
-def check_cp_comm_type(cp_comm_type: Any, where: str) -> None:
-    """``ValueError`` unless ``cp_comm_type`` is ``None`` or one of :data:`TE_CP_COMM_TYPES` (a per-layer list
-    allowed, as Megatron's ``--cp-comm-type`` is). ``"allgather"`` is refused, not renamed: TransformerEngine spells
-    it ``"all_gather"`` and would raise at the first forward."""
-    values = cp_comm_type if isinstance(cp_comm_type, (list, tuple)) else [cp_comm_type]
-    for value in values:
-        if value is not None and value not in TE_CP_COMM_TYPES:
-            hint = " (TransformerEngine spells it 'all_gather')" if value == "allgather" else ""
-            raise ValueError(f"{where}: cp_comm_type={value!r}{hint}: must be one of {TE_CP_COMM_TYPES}")
+def check_cp_comm_type(cp_comm_type: Any, context_parallel_size: int, where: str = "") -> None:
+    """``ValueError`` unless ``cp_comm_type`` is a context-parallel communication type TransformerEngine accepts.
+
+    Megatron hands ``cp_comm_type`` to TE's ``DotProductAttention`` unchanged, and TE only rejects an unknown value at
+    the first forward under context parallelism, so it is checked when a core attention is built, whatever
+    ``context_parallel_size`` (a config that is wrong at CP=1 breaks the day CP is switched on).
+
+    Args:
+        cp_comm_type: ``None`` (Megatron's default: ``"p2p"`` under CP), one of :data:`TE_CP_COMM_TYPES`, or a list /
+            tuple of those per layer (as ``TransformerConfig.cp_comm_type`` allows). The spelling without the
+            underscore is refused, not normalised: the message gives TE's ``"all_gather"``.
+        context_parallel_size: the CP size the value is for (a positive int; named in the messages).
+        where: the messages' prefix (e.g. the module and layer).
+    """
+    if isinstance(context_parallel_size, bool) or not isinstance(context_parallel_size, int) \
+            or context_parallel_size < 1:
+        raise ValueError(f"context_parallel_size={context_parallel_size!r}: must be a positive int")
+    prefix = f"{where}: " if where else ""
+
+    def check(value: Any, name: str) -> None:
+        if value is None or (isinstance(value, str) and value in TE_CP_COMM_TYPES):
+            return
+        hint = ""
+        if isinstance(value, str):
+            plain = value.lower().replace("-", "").replace("_", "").replace(" ", "")
+            close = [accepted for accepted in TE_CP_COMM_TYPES if accepted.replace("_", "") == plain]
+            if close:
+                hint = f"; use {close[0]!r} (TransformerEngine's spelling)"
+        raise ValueError(f"{prefix}{name}={value!r} (context_parallel_size={context_parallel_size}): not a "
+                         f"context-parallel communication type of TransformerEngine, which accepts "
+                         f"{', '.join(map(repr, TE_CP_COMM_TYPES))}{hint}. Megatron passes the value to TE unchanged, "
+                         f"and TE would only fail at the first forward under context parallelism")
+
+    if isinstance(cp_comm_type, (list, tuple)):
+        for layer, value in enumerate(cp_comm_type):
+            check(value, f"cp_comm_type[{layer}]")
+    else:
+        check(cp_comm_type, "cp_comm_type")

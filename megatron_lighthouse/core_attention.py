@@ -116,7 +116,7 @@ class LighthouseCoreAttention(CausalCoreAttention):
                          check_window=not dense_layer)
         if submodules is None or submodules.core_attention is None:
             raise ValueError(f"{self.where}: submodules.core_attention (the inner core attention) is required")
-        check_cp_comm_type(cp_comm_type, self.where)
+        check_cp_comm_type(cp_comm_type, config.context_parallel_size, self.where)
         self._lighthouse = lighthouse
         #: Kept dense by ``lighthouse.dense_layers``: never runs Lighthouse.
         self.dense_layer = dense_layer

@@ -241,13 +241,8 @@ def _check_context_parallel(args: Any, cp: int, local: bool) -> None:
     from .causal_core_attention import check_cp_comm_type
 
     comm = getattr(args, "cp_comm_type", None)
-    try:
-        check_cp_comm_type(comm, "--cp-comm-type")
-    except ValueError as err:
-        shown = " ".join(comm) if isinstance(comm, (list, tuple)) else comm
-        raise ValueError(f"--cp-comm-type {shown} with --lighthouse and --context-parallel-size {cp}: "
-                         f"{str(err).split(': ', 1)[1]}; the Lighthouse layers' core attention takes "
-                         f"TransformerEngine's names") from None
+    shown = " ".join(comm) if isinstance(comm, (list, tuple)) else comm
+    check_cp_comm_type(comm, cp, f"--cp-comm-type {shown} with --lighthouse")
     dropout = getattr(args, "attention_dropout", 0.0) or 0.0
     if local and dropout > 0:
         raise ValueError(f"--attention-dropout {dropout} (Megatron-LM's default is 0.1) with --context-parallel-size "

@@ -46,7 +46,7 @@ class SDPACoreAttention(CausalCoreAttention):
         pg_collection: Optional[Any] = None,
     ) -> None:
         super().__init__(config, layer_number, attn_mask_type, attention_type, softmax_scale, pg_collection)
-        check_cp_comm_type(cp_comm_type, self.where)
+        check_cp_comm_type(cp_comm_type, config.context_parallel_size, self.where)
         softmax_type = getattr(config, "softmax_type", "vanilla")
         if softmax_type != "vanilla":
             raise ValueError(f"{self.where}: softmax_type={softmax_type!r}: not supported by the torch-SDPA core "

@@ -1,6 +1,8 @@
-"""Run in a fresh process: LighthouseCoreAttention over a fake ``TEDotProductAttention`` (tests/fake_te.py).
+"""Run in a fresh process: LighthouseCoreAttention over Megatron's ``TEDotProductAttention`` on the fake
+TransformerEngine (tests/fake_te.py; strict TE v2.9 signatures), without context parallelism.
 
-Prints ``OK`` after checking how the inner TE attention is built and driven; any failure raises.
+Prints the megatron-core and fake TE versions, then ``OK`` after checking how the inner TE attention is built and
+driven; any failure raises.
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ def main() -> None:
     core(q, k, v, None, attn_mask_type=AttnMaskType.causal)
     fwd = [c[1] for c in Fake.calls if c[0] == "forward"]
     assert fwd[-1]["query"] == (SEQ, 2, 4, 16) and fwd[-1]["key"] == (SEQ, 2, 4, 16), fwd[-1]
+    from megatron.core.package_info import __version__ as megatron_version
+
+    print(f"megatron-core {megatron_version}, fake TransformerEngine {fake_te.TE_VERSION}")
     print("OK")
 
 

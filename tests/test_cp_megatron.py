@@ -1,10 +1,8 @@
-"""Lighthouse in Megatron-Core under context parallelism (gloo, 2 spawned ranks, CPU).
+"""Lighthouse in Megatron-Core under context parallelism (gloo, 2 spawned ranks, CPU), torch path: a ``GPTModel``
+with ``context_parallel_size=2`` trains and its losses equal the CP=1 run of the same chunked semantics.
 
-* TE path: ``LighthouseCoreAttention`` hands its local subsequence to Megatron's ``TEDotProductAttention`` (over a
-  fake TransformerEngine, tests/fake_te.py), which gets Megatron's CP group, global ranks, stream and
-  ``cp_comm_type``; the per-rank subsequences have equal length and the ``[S, B, H, D]`` layout.
-* torch path: a ``GPTModel`` with ``context_parallel_size=2`` trains and its losses equal the CP=1 run of the same
-  chunked semantics.
+The TE path (Megatron's ``TEDotProductAttention`` over TE's own CP algorithms, p2p / all_gather / a2a on 2 and 4
+ranks) is tests/test_te_cp_lighthouse.py.
 """
 
 from __future__ import annotations
@@ -15,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megatron_lighthouse import LighthouseConfig, lighthouse_attention, split_for_cp
+from megatron_lighthouse import LighthouseConfig
 from spawn import run_on_ranks
 
 WORLD = 2
@@ -34,84 +32,13 @@ def _config(cp: int, **kwargs):
     return LighthouseTransformerConfig(**values)
 
 
-# ------------------------------------------------------------------------------------------------ TE contract
-def _check_te_inner(rank, world, cp_comm_type):
-    import fake_te
-
-    fake = fake_te.install()
-    fake.calls.clear()
-    from megatron.core import parallel_state
-    from megatron.core.extensions.transformer_engine import TEDotProductAttention
-    from megatron.core.transformer.enums import AttnMaskType
-    from megatron.core.transformer.spec_utils import build_module
-
-    from megatron_lighthouse.spec import get_gpt_layer_with_lighthouse_spec
-
-    parallel_state.initialize_model_parallel(
-        context_parallel_size=world, hierarchical_context_parallel_sizes=[world, 1]
-    )
-    stream = object()  # Megatron makes one torch.cuda.Stream per process; CPU has none
-    previous_stream, TEDotProductAttention.cp_stream = TEDotProductAttention.cp_stream, stream
-    try:
-        cfg = _config(world)
-        core_spec = get_gpt_layer_with_lighthouse_spec(cfg, use_transformer_engine=True)
-        core_spec = core_spec.submodules.self_attention.submodules.core_attention
-        core = build_module(core_spec, config=cfg, layer_number=2, attn_mask_type=AttnMaskType.causal,
-                            attention_type="self", cp_comm_type=cp_comm_type, softmax_scale=None, pg_collection=None)
-        assert isinstance(core.inner, fake)
-
-        (kind, init), = fake.calls
-        cp_group = parallel_state.get_context_parallel_group()
-        assert kind == "init" and init["cp_stream"] is stream
-        assert init["cp_global_ranks"] == dist.get_process_group_ranks(cp_group) == list(range(world))
-        assert init["cp_comm_type"] == (cp_comm_type or "p2p")
-        if cp_comm_type == "a2a+p2p":
-            assert init["cp_group"] == parallel_state.get_hierarchical_context_parallel_groups()
-        else:
-            assert init["cp_group"] is cp_group
-        assert init["num_gqa_groups"] == init["num_attention_heads"] == 4  # kv heads expanded before selection
-
-        gen = torch.Generator().manual_seed(5)
-        full = [torch.randn(SEQ, 2, heads, 16, generator=gen) for heads in (4, 2, 2, 4)]  # q, k, v, dout
-        local = [split_for_cp(x, rank, world, seq_dim=0).requires_grad_(i < 3) for i, x in enumerate(full)]
-        out = core(*local[:3], None, attn_mask_type=AttnMaskType.causal)
-        out.backward(local[3].reshape(out.shape))
-
-        (kind, fwd), = fake.calls[1:]
-        sub = LIGHTHOUSE.subsequence_length(SEQ, 2 * world) // world  # two chunk subsequences per rank
-        assert kind == "forward" and fwd["query"] == fwd["key"] == fwd["value"] == (sub, 2, 4, 16), fwd
-        assert fwd["attention_mask"] is None and fwd["attn_mask_type"] == "causal"
-        assert fwd.get("qkv_format", init.get("qkv_format", "sbhd")) == "sbhd"
-        lengths = [None] * world
-        dist.all_gather_object(lengths, fwd["query"][0], group=cp_group)
-        assert lengths == [sub] * world
-
-        want = [x.transpose(0, 1).requires_grad_(i < 3) for i, x in enumerate(full)]
-        expected = lighthouse_attention(*want[:3], levels=2, pooling_factor=2, topk=512, chunks=2 * world,
-                                        backend="torch")
-        expected.backward(want[3])
-        expected = expected.detach().transpose(0, 1).reshape(SEQ, 2, 64)
-        torch.testing.assert_close(out.detach(), split_for_cp(expected, rank, world, seq_dim=0), rtol=1e-5,
-                                   atol=1e-6)
-        for got, ref in zip(local[:3], want[:3]):
-            torch.testing.assert_close(got.grad, split_for_cp(ref.grad.transpose(0, 1), rank, world, seq_dim=0),
-                                       rtol=1e-5, atol=1e-6)
-    finally:
-        TEDotProductAttention.cp_stream = previous_stream
-        parallel_state.destroy_model_parallel()
-
-
-@pytest.mark.parametrize("cp_comm_type", [None, "p2p", "a2a", "all_gather", "a2a+p2p"])
-def test_te_inner_gets_megatron_cp_arguments(cp_comm_type):
-    run_on_ranks(_check_te_inner, WORLD, cp_comm_type, pool="fake_te")
-
-
 # ------------------------------------------------------------------------------------------------ GPT training
 def _train_losses(rank, world, cp, steps, positions="learned_absolute"):
     """Per-step mean token loss of a tiny Lighthouse GPT (CP=``cp``, ``positions``: its position embedding type)
     trained with AdamW on a fixed batch."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
+
     from megatron_lighthouse.spec import get_gpt_decoder_block_with_lighthouse_spec
 
     from megatron.core.models.common.embeddings import rotary_pos_embedding
@@ -136,8 +63,8 @@ def _train_losses(rank, world, cp, steps, positions="learned_absolute"):
         gen = torch.Generator().manual_seed(1)
         tokens = (torch.randint(0, 64, (2, 1), generator=gen) + torch.arange(SEQ + 1) * 3) % 64
         batch = dict(tokens=tokens[:, :-1], labels=tokens[:, 1:], position_ids=torch.arange(SEQ).expand(2, SEQ))
-        batch = megatron_cp_batch(batch)  # identity when cp == 1
         group = parallel_state.get_context_parallel_group()
+        batch = megatron_cp_batch(batch, group)  # identity when cp == 1
         losses = []
         for _ in range(steps):
             loss_sum = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"]).sum()

@@ -206,11 +206,13 @@ def test_the_local_implementation_needs_its_apex_defaults_off(monkeypatch):
 def test_context_parallel_settings_are_refused_at_start_up():
     pytest.importorskip("megatron.core")
     assert validate_lighthouse_args(_megatron_args(cp=2, cp_comm_type=["p2p"], attention_dropout=0.0)) is not None
+    underscoreless = "all_gather".replace("_", "")  # the spelling Megatron-LM's --help advertises
     with pytest.raises(ValueError) as err:
-        validate_lighthouse_args(_megatron_args(cp=2, cp_comm_type=["allgather"], attention_dropout=0.0))
+        validate_lighthouse_args(_megatron_args(cp=2, cp_comm_type=[underscoreless], attention_dropout=0.0))
     assert str(err.value).startswith(
-        "--cp-comm-type allgather with --lighthouse and --context-parallel-size 2: cp_comm_type='allgather' "
-        "(TransformerEngine spells it 'all_gather'): must be one of ")
+        f"--cp-comm-type {underscoreless} with --lighthouse: cp_comm_type[0]='{underscoreless}' "
+        "(context_parallel_size=2): not a context-parallel communication type of TransformerEngine, which accepts "
+        "'p2p', 'all_gather', 'a2a', 'a2a+p2p'; use 'all_gather' (TransformerEngine's spelling)")
     with pytest.raises(ValueError) as err:
         validate_lighthouse_args(_megatron_args(cp=2, cp_comm_type=["p2p"], attention_dropout=0.1))
     assert str(err.value) == (
