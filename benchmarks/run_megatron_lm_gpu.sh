@@ -10,10 +10,9 @@
 #                      as an ordinary dense model, ITERS_D more iterations (the loss continues from stage b's)
 #   c_dense_scratch    examples/pretrain_lighthouse_1gpu.sh DENSE=1, patched: the same model dense from scratch,
 #                      ITERS_A + ITERS_B iterations (the baseline at the same iterations)
-# Stage d: Megatron-LM's own local spec cannot run 128K (its DotProductAttention materializes [b, h, s, s] scores,
-# 275 GB in bf16 for 8 heads at 131072 tokens), so the unpatched script gets the package's dense local spec
-# (--spec megatron_lighthouse.env_spec dense_local_layer_spec: Megatron-LM's local layer, torch SDPA core attention,
-# the same state-dict keys); with TRANSFORMER_IMPL=transformer_engine it would be Megatron-LM's own TE spec.
+# Stage d runs Megatron-LM's own layer spec (MEGATRON_SPEC=1: nothing of this package builds the model) at D_SEQ_LEN
+# tokens: its local core attention materializes [b, h, s, s] scores (275 GB in bf16 for 8 heads at 131072 tokens),
+# and a RoPE model loads at any length (Megatron-LM compares no sequence length with NullTokenizer).
 # Then benchmarks/megatron_log.py reads Megatron-LM's log lines of every stage (ms per iteration, lm loss, memory)
 # into a table (stdout, megatron_lm_gpu.txt) and megatron_lm_gpu.json.
 #
@@ -25,6 +24,7 @@
 #                     megatron_lm_gpu.txt, gpu_monitor.png, megatron_lm_gpu_logs.tar.gz (the stage logs, their
 #                     status table and the monitor's gpu_monitor.jsonl; in OUT_DIR/logs only while the stages run)
 # Variables: NUM_LAYERS=8 SEQ_LEN=131072 VOCAB_SIZE=32000 TRANSFORMER_IMPL=local ITERS_A=4 ITERS_B=2 ITERS_D=2
+#   D_SEQ_LEN=8192    stage d's sequence length
 #   BUDGET_S=560      seconds for everything; each stage's timeout is cut to what is left (minus RESERVE_S=25 for
 #                     the report) TIMEOUT_A=240 TIMEOUT_B=150 TIMEOUT_C=150 TIMEOUT_D=150 TIMEOUT_E=60
 #   WORK_DIR          copies and checkpoints (default: a new directory under ${TMPDIR:-/tmp}; kept)
@@ -37,10 +37,10 @@ SRC=$1
 [ -f "$SRC/pretrain_gpt.py" ] && [ -d "$SRC/megatron" ] || die "MEGATRON_LM_DIR=$SRC: not a Megatron-LM checkout (pretrain_gpt.py, megatron/)"
 OUT_DIR=${2:-${OUT:-$REPO/benchmarks/results/megatron_lm_gpu}}
 : "${NUM_LAYERS:=8}" "${SEQ_LEN:=131072}" "${VOCAB_SIZE:=32000}" "${TRANSFORMER_IMPL:=local}"
-: "${ITERS_A:=4}" "${ITERS_B:=2}" "${ITERS_D:=2}" "${BUDGET_S:=560}" "${RESERVE_S:=25}"
+: "${ITERS_A:=4}" "${ITERS_B:=2}" "${ITERS_D:=2}" "${D_SEQ_LEN:=8192}" "${BUDGET_S:=560}" "${RESERVE_S:=25}"
 : "${TIMEOUT_A:=240}" "${TIMEOUT_B:=150}" "${TIMEOUT_C:=150}" "${TIMEOUT_D:=150}" "${TIMEOUT_E:=60}"
 : "${PYTHON:=python3}" "${DRY_RUN:=0}"
-for v in NUM_LAYERS SEQ_LEN VOCAB_SIZE ITERS_A ITERS_B ITERS_D BUDGET_S TIMEOUT_A TIMEOUT_B TIMEOUT_C TIMEOUT_D TIMEOUT_E; do
+for v in NUM_LAYERS SEQ_LEN D_SEQ_LEN VOCAB_SIZE ITERS_A ITERS_B ITERS_D BUDGET_S TIMEOUT_A TIMEOUT_B TIMEOUT_C TIMEOUT_D TIMEOUT_E; do
     [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || die "$v=${!v}: must be a positive integer"
 done
 [[ "$RESERVE_S" =~ ^[0-9]+$ ]] || die "RESERVE_S=$RESERVE_S: must be an integer >= 0"
@@ -139,7 +139,8 @@ else
 fi
 if has_checkpoint "$CKPT_B"; then
     stage d_unpatched_dense "$TIMEOUT_D" env "${COMMON[@]}" "MEGATRON_LM_DIR=$PRISTINE" "LIGHTHOUSE_CHECKPOINT=$CKPT_B" \
-        "CHECKPOINT_DIR=$CKPT_D" "TOTAL_ITERS=$((ITERS_A + ITERS_B + ITERS_D))" bash "$REPO/examples/resume_dense.sh"
+        "CHECKPOINT_DIR=$CKPT_D" "TOTAL_ITERS=$((ITERS_A + ITERS_B + ITERS_D))" MEGATRON_SPEC=1 "SEQ_LEN=$D_SEQ_LEN" \
+        bash "$REPO/examples/resume_dense.sh"
 else
     skip d_unpatched_dense "stage b saved no checkpoint in $CKPT_B"
 fi

@@ -8,7 +8,9 @@
 #   unpatched:               the dense spec with the same state-dict keys (TE: Megatron's own; local:
 #                            --spec megatron_lighthouse.env_spec dense_local_layer_spec, as Megatron-LM's local
 #                            core attention cannot run 128K). Any checkpoint of the model loads this way, also a
-#                            stage-two one: an ordinary dense model from then on.
+#                            stage-two one: an ordinary dense model from then on. MEGATRON_SPEC=1: Megatron-LM's own
+#                            layer spec, nothing of this package (with TRANSFORMER_IMPL=local only up to
+#                            SEQ_LEN=16384: its core attention keeps the [s, s] scores of every head).
 # The learning-rate schedule is this script's (--override-opt_param-scheduler): its decay (LR_DECAY_STYLE) now runs
 # to TOTAL_ITERS, continuing from the checkpoint's iteration; without the flag Megatron refuses a checkpoint whose
 # schedule was derived from stage one's --train-iters.
@@ -22,12 +24,15 @@
 #   NUM_LAYERS=30 HIDDEN=1024 HEADS=8 FFN=1536 TRANSFORMER_IMPL=transformer_engine|local
 #   LR=2e-3 MIN_LR=2e-4 LR_WARMUP_ITERS=2000 LR_DECAY_STYLE=cosine|constant|linear   the learning rate after the
 #                     warm-up, and its decay (constant: the published configs' schedule)
+#   MEGATRON_SPEC=0   1: unpatched only, Megatron-LM's own layer spec (see above)
 #   DRY_RUN=1         validate everything, then print the command instead of running it
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 : "${SEQ_LEN:=131072}" "${TOPK:=2048}" "${POOLING_FACTOR:=4}" "${LEVELS:=3}" "${DENSE_LAYERS:=0,1,-2,-1}"
 : "${CHECKPOINT_DIR:=./checkpoints/dense}" "${TOTAL_ITERS:=16000}" "${GPUS_PER_NODE:=1}"
 : "${SAVE_INTERVAL:=1000}" "${LOG_INTERVAL:=10}" "${EVAL_INTERVAL:=1000}" "${EVAL_ITERS:=10}"
+: "${MEGATRON_SPEC:=0}"
+require_switch MEGATRON_SPEC
 require_megatron_lm
 data_flags
 require_set LIGHTHOUSE_CHECKPOINT
@@ -38,6 +43,7 @@ optimizer_flags "$TOTAL_ITERS"
 run_flags "$TOTAL_ITERS"
 (( GLOBAL_BATCH % GPUS_PER_NODE == 0 )) || die "GLOBAL_BATCH=$GLOBAL_BATCH must be a multiple of GPUS_PER_NODE=$GPUS_PER_NODE (the data-parallel ranks)"
 if is_patched; then
+    [ "$MEGATRON_SPEC" = 0 ] || die "MEGATRON_SPEC=1 needs the unpatched pretrain_gpt.py (the patched one builds the model from its --lighthouse flags)"
     : "${DENSE_FROM_ITER:=0}"
     check_lighthouse "$SEQ_LEN" 1
     lighthouse_model_flags
@@ -46,6 +52,10 @@ else
     [ -z "${DENSE_FROM_ITER:-}" ] || die "DENSE_FROM_ITER needs the patched pretrain_gpt.py (patches/apply.sh $MEGATRON_LM_DIR); unpatched, every resumed iteration is dense"
     dense_spec_flags
     spec=("${SPEC_FLAGS[@]}")
+    if [ "$MEGATRON_SPEC" = 1 ]; then
+        [ "$TRANSFORMER_IMPL" != local ] || (( SEQ_LEN <= 16384 )) || die "MEGATRON_SPEC=1 with TRANSFORMER_IMPL=local and SEQ_LEN=$SEQ_LEN: Megatron-LM's local core attention keeps the [s, s] scores of every head; use SEQ_LEN <= 16384 (a RoPE model loads at any length)"
+        spec=()
+    fi
 fi
 launch torchrun --nproc-per-node "$GPUS_PER_NODE" "$MEGATRON_LM_DIR/pretrain_gpt.py" "${spec[@]}" "${MODEL_FLAGS[@]}" \
     "${OPT_FLAGS[@]}" "${RUN_FLAGS[@]}" --override-opt_param-scheduler "${DATA_FLAGS[@]}" \

@@ -216,6 +216,19 @@ def test_resume_dense(tmp_path, megatron_lm, patched):
     refused = _run("resume_dense.sh", tmp_path, **_base(megatron_lm), LIGHTHOUSE_CHECKPOINT=str(ckpt),
                    DENSE_FROM_ITER="5")
     assert refused.returncode == 2 and "DENSE_FROM_ITER needs the patched pretrain_gpt.py" in refused.stderr
+    # MEGATRON_SPEC=1: Megatron-LM's own local spec, at a length its core attention can hold.
+    own = _run("resume_dense.sh", tmp_path, **_base(megatron_lm), LIGHTHOUSE_CHECKPOINT=str(ckpt),
+               TRANSFORMER_IMPL="local", MEGATRON_SPEC="1", SEQ_LEN="8192")
+    assert own.returncode == 0, own.stderr
+    assert "--spec" not in own.stdout and "megatron_lighthouse" not in own.stdout
+    assert "--seq-length 8192" in own.stdout and "--transformer-impl local" in own.stdout
+    for env, message in ((dict(TRANSFORMER_IMPL="local", MEGATRON_SPEC="1"),
+                          "MEGATRON_SPEC=1 with TRANSFORMER_IMPL=local and SEQ_LEN=131072: "),
+                         (dict(MEGATRON_SPEC="yes"), "MEGATRON_SPEC=yes: must be 0 or 1")):
+        refused = _run("resume_dense.sh", tmp_path, **_base(megatron_lm), LIGHTHOUSE_CHECKPOINT=str(ckpt), **env)
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr
+    refused = _run("resume_dense.sh", tmp_path, **_base(patched), LIGHTHOUSE_CHECKPOINT=str(ckpt), MEGATRON_SPEC="1")
+    assert refused.returncode == 2 and "MEGATRON_SPEC=1 needs the unpatched pretrain_gpt.py" in refused.stderr
 
 
 OPTIMIZER = ("--min-lr 2e-4 --lr-warmup-iters 2000 --lr-decay-style {} --weight-decay 0.1 --adam-beta1 0.9 "
@@ -415,7 +428,8 @@ def test_gpu_script_dry_run_runs_the_user_path(tmp_path):
     assert common in b and "--train-iters 6 " in b and f"--save {work}/ckpt_b_resume_dense " in b
     assert "--override-opt_param-scheduler" in b and b.endswith(f"{MOCK} --load {work}/ckpt_a_lighthouse")
     (d,) = [line for line in stages["d_unpatched_dense"] if "pretrain_gpt.py" in line]
-    assert f"{pristine}/pretrain_gpt.py --spec megatron_lighthouse.env_spec dense_local_layer_spec {common}" in d
+    # Megatron-LM's own spec (nothing of this package) at 8,192 tokens, where its local core attention fits
+    assert f"{pristine}/pretrain_gpt.py {common.replace('131072', '8192')}" in d and "megatron_lighthouse" not in d
     assert "--lighthouse" not in d and "--train-iters 8 " in d and d.endswith(f"--load {work}/ckpt_b_resume_dense")
     (c,) = [line for line in stages["c_dense_scratch"] if "pretrain_gpt.py" in line]
     assert f"{patched}/pretrain_gpt.py --spec megatron_lighthouse.env_spec dense_local_layer_spec {common}" in c
