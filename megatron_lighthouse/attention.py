@@ -119,7 +119,7 @@ def resolve_config(config: Optional[LighthouseConfig], levels: Optional[int], po
     return config
 
 
-def _softmax_scale(softmax_scale: Optional[float], head_dim: int) -> float:
+def resolve_softmax_scale(softmax_scale: Optional[float], head_dim: int) -> float:
     """``softmax_scale``, or ``1/sqrt(head_dim)`` for ``None``; ``ValueError`` unless finite and > 0."""
     if softmax_scale is None:
         return 1.0 / math.sqrt(head_dim)
@@ -278,7 +278,7 @@ def lighthouse_attention(
     config = resolve_config(config, levels, pooling_factor, topk)
     check_qkv(q, k, v)
     _check_chunks(chunks)
-    scale = _softmax_scale(softmax_scale, q.shape[3])
+    scale = resolve_softmax_scale(softmax_scale, q.shape[3])
     steps = _steps(resolve_backend(backend, q))
     if cp_group is not None:
         if chunks != 1:

@@ -12,7 +12,6 @@ context-parallel group whose size is not ``config.context_parallel_size``; at ea
 
 from __future__ import annotations
 
-import math
 from typing import Any, List, Optional
 
 import torch
@@ -22,6 +21,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import is_layer_window_attention
 
+from .attention import resolve_softmax_scale
 from .cp_layout import split_for_cp
 
 #: Context-parallel communication types of TransformerEngine's ``DotProductAttention`` (Megatron passes
@@ -60,13 +60,10 @@ class CausalCoreAttention(MegatronModule):
         if attn_mask_type != AttnMaskType.causal:
             raise ValueError(f"{self.where}: attn_mask_type={attn_mask_type}: only causal attention is supported")
         self.attn_mask_type = attn_mask_type
-        if softmax_scale is None:
-            softmax_scale = 1.0 / math.sqrt(config.kv_channels)
-        elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) or not (
-                math.isfinite(softmax_scale) and softmax_scale > 0):
-            raise ValueError(f"{self.where}: softmax_scale={softmax_scale!r}: must be a finite number > 0 (or None "
-                             f"for 1/sqrt(kv_channels))")
-        self.softmax_scale = float(softmax_scale)
+        try:
+            self.softmax_scale = resolve_softmax_scale(softmax_scale, config.kv_channels)
+        except ValueError as err:
+            raise ValueError(f"{self.where}: {err}") from None
         unsupported = _unsupported_settings(config, layer_number if check_window else None)
         if unsupported:
             raise ValueError(f"{self.where}: {', '.join(unsupported)}: not supported (causal softmax attention over "
