@@ -18,8 +18,12 @@ from __future__ import annotations
 
 import logging
 
-from .spec import (get_gpt_layer_dense_spec, get_gpt_layer_with_lighthouse_spec, have_transformer_engine,
-                   layer_spec_kwargs)
+from .spec import (
+    get_gpt_layer_dense_spec,
+    get_gpt_layer_with_lighthouse_spec,
+    have_transformer_engine,
+    layer_spec_kwargs,
+)
 from .transformer_config import lighthouse_config_from_env
 
 logger = logging.getLogger(__name__)
