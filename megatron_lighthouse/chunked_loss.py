@@ -15,12 +15,7 @@ from typing import Iterator
 import torch
 from torch.utils.checkpoint import checkpoint
 
-
-def _gpt_model(model: torch.nn.Module) -> torch.nn.Module:
-    """``model`` without DDP / ``Float16Module`` style wrappers (``.module`` attributes)."""
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    return model
+from .export import unwrap_model
 
 
 @contextlib.contextmanager
@@ -47,7 +42,7 @@ def chunked_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, position_id
     """
     if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
         raise ValueError(f"chunk_tokens={chunk_tokens!r}: must be an int >= 1 (sequence positions per chunk)")
-    gpt = _gpt_model(model)
+    gpt = unwrap_model(model)
     if not getattr(gpt, "post_process", False) or not hasattr(gpt, "output_layer"):
         raise ValueError("chunked_lm_loss: the model has no output layer here (post_process=False: a pipeline "
                          "stage other than the last)")

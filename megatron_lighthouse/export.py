@@ -21,7 +21,7 @@ from .spec import replace_core_attention
 Spec = Union[ModuleSpec, TransformerBlockSubmodules]
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """Strip DDP / ``Float16Module`` style wrappers (``.module`` attributes)."""
     while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
         model = model.module
@@ -30,7 +30,7 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def dense_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
     """The state dict of the dense model (wrappers stripped): same keys and tensors as the Lighthouse model's."""
-    return _unwrap(model).state_dict()
+    return unwrap_model(model).state_dict()
 
 
 def save_dense_checkpoint(model: torch.nn.Module, path: Union[str, os.PathLike]) -> None:
