@@ -1,16 +1,18 @@
 """How the op's cost grows with the sequence: Lighthouse (fused kernels) vs dense causal cuDNN SDPA, one GPU.
 
 B=1, H=8, D=128, bf16, topk=2048, pooling_factor=4, forward+backward at every length of ``--lengths`` (32K up to
-4M by default; a length that runs out of memory ends the series), Lighthouse two ways:
+8M by default; a length that runs out of memory ends the series), Lighthouse two ways:
 
 - ``fixed``: the paper's pyramid, levels=3. The subsequence grows as ``N/p**(L-1)``, so the cost turns quadratic
   again at long lengths (256x smaller than dense);
 - ``growing``: ``LighthouseConfig.for_sequence(N)``, the fewest levels whose top level has at most 16,384 entries
-  (L=3 up to 256K, L=5 at 4M), so the subsequence stays bounded and the cost near-linear;
+  (L=2 up to 64K, L=3 to 256K, L=4 to 1M, L=5 to 4M, L=6 at 8M), so the subsequence stays bounded and the cost
+  near-linear;
 
 and dense cuDNN SDPA until a length takes over 10 s or runs out of memory. Reports time and
 peak memory per length, the subsequence length S, the forward stage breakdown of the fixed pyramid, and the fitted
-growth exponent ``a`` of ``time ∝ N**a`` (dense over the lengths it ran, Lighthouse over 128K-4M). ``--check``
+growth exponent ``a`` of ``time ∝ N**a`` (dense over the lengths it ran, Lighthouse over 128K-4M, the range where
+both pyramids are past their small-length overheads). ``--check``
 first verifies on the device: goldens in fp32, bf16 against the oracle, bitwise determinism of the fused kernels,
 the Triton selection equal to the oracle's. Prints a table; writes ``op_<gpu>.json`` and ``op_<gpu>.png``
 (log-log time against length) under ``--out-dir``.
@@ -36,7 +38,7 @@ from megatron_lighthouse.dense import dense_attention
 
 B, H, D, P, TOPK, FIXED_LEVELS = 1, 8, 128, 4, 2048, 3
 DTYPE = torch.bfloat16
-FIT_FROM = 131072  # Lighthouse exponents are fitted from here up
+FIT_RANGE = (131072, 4194304)  # Lighthouse exponents are fitted over these lengths, both ends included
 DENSE_LIMIT_MS = 10_000.0  # dense runs until a length takes longer than this
 #: The columns of the printed table after N, per series.
 COLUMNS = {"fixed": ("levels", "S", "fwd_bwd_ms", "peak_gib"), "growing": ("levels", "S", "fwd_bwd_ms", "peak_gib"),
@@ -229,10 +231,10 @@ def run_series(lengths: Sequence[int]) -> Dict[str, List[Dict[str, float]]]:
 
 
 def exponents(series: Dict[str, List[Dict[str, float]]]) -> Dict[str, float]:
-    """The growth exponent of each series: dense over every length it ran, Lighthouse from ``FIT_FROM`` up."""
+    """The growth exponent of each series: dense over every length it ran, Lighthouse over ``FIT_RANGE``."""
     out = {}
     for kind, rows in series.items():
-        ran = [r for r in rows if "fwd_bwd_ms" in r and (kind == "dense" or r["N"] >= FIT_FROM)]
+        ran = [r for r in rows if "fwd_bwd_ms" in r and (kind == "dense" or FIT_RANGE[0] <= r["N"] <= FIT_RANGE[1])]
         out[kind] = fit_exponent([r["N"] for r in ran], [r["fwd_bwd_ms"] for r in ran])
     return out
 
@@ -291,7 +293,7 @@ def main() -> None:
     gpu = torch.cuda.get_device_name()
     report = {"date": datetime.date.today().isoformat(), "gpu": gpu, "torch": torch.__version__,
               "triton": triton.__version__, "config": dict(B=B, H=H, D=D, dtype="bf16", pooling_factor=P, topk=TOPK,
-                                                           fixed_levels=FIXED_LEVELS, fit_from=FIT_FROM)}
+                                                           fixed_levels=FIXED_LEVELS, fit_range=FIT_RANGE)}
     if args.check:
         report["checks"] = check(args.golden_dir)
     report["series"] = run_series([int(x) for x in args.lengths.split(",")])

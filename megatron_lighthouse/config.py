@@ -81,7 +81,8 @@ class LighthouseConfig:
         """The settings with the fewest ``levels`` whose top level has at most ``max_top_level`` entries per chunk:
         the pyramid grows with the sequence, so the subsequence ``S = N/p**(L-1) + (L-1)*p*k`` stays bounded and
         the cost stays near-linear in ``N``. A fixed ``levels`` lets ``S`` grow as ``N/p**(L-1)``, and the dense
-        attention on it quadratically. (``p=4``, ``k=2048``: ``L=3`` up to 256K tokens, ``L=5`` at 4M.)
+        attention on it quadratically. (``p=4``: ``L=2`` up to 64K tokens, ``L=3`` to 256K, ``L=4`` to 1M,
+        ``L=5`` to 4M.)
 
         ``fields`` are the other settings (``pooling_factor``, ``topk``, ...); ``ValueError`` when no ``levels``
         fits ``seq_len`` (see :meth:`validate`).

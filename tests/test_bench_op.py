@@ -27,13 +27,14 @@ def test_fit_exponent_recovers_a_power_law():
     assert math.isnan(bench_op.fit_exponent([1024], [1.0]))
 
 
-def test_exponents_fit_lighthouse_from_128k_and_dense_over_what_ran(capsys):
+def test_exponents_fit_lighthouse_over_128k_to_4m_and_dense_over_what_ran(capsys):
     def rows(a, start=15):
         return [{"N": 2**i, "fwd_bwd_ms": 2.0 ** (a * (i - 15)), "peak_gib": 1.0, "levels": 3, "S": 1}
-                for i in range(start, 23)]
+                for i in range(start, 24)]
 
     growing = rows(1.0)
     growing[0]["fwd_bwd_ms"] *= 50  # below 128K: not in the fit
+    growing[-1]["fwd_bwd_ms"] *= 50  # 8M, above 4M: not in the fit
     series = {"fixed": rows(1.5), "growing": growing, "dense": rows(2.0)[:5] + [{"N": 2**20, "oom": True}]}
     fits = bench_op.exponents(series)
     assert fits == pytest.approx({"fixed": 1.5, "growing": 1.0, "dense": 2.0})
