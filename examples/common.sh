@@ -98,10 +98,11 @@ run_flags() {
                --bf16 --train-iters "$1" --save "$CHECKPOINT_DIR" --save-interval "$SAVE_INTERVAL"
                --log-interval "$LOG_INTERVAL" --eval-interval "$EVAL_INTERVAL" --eval-iters "$EVAL_ITERS")
 }
-# check_lighthouse SEQ_LEN CHUNKS: the Lighthouse settings (TOPK POOLING_FACTOR LEVELS DENSE_LAYERS) must fit the
-# (per-CP-chunk) sequence length and NUM_LAYERS.
+# check_lighthouse SEQ_LEN CHUNKS [WHY]: the Lighthouse settings (TOPK POOLING_FACTOR LEVELS DENSE_LAYERS) must fit
+# the sequence length split into CHUNKS (WHY: where that number comes from, for the error) and NUM_LAYERS, with at
+# least one layer running Lighthouse. Errors name the variables.
 check_lighthouse() {
-    python3 - "$1" "$2" "$LEVELS" "$POOLING_FACTOR" "$TOPK" "$DENSE_LAYERS" "$NUM_LAYERS" <<'PY' || exit 2
+    python3 - "$1" "$2" "${3:-}" "$LEVELS" "$POOLING_FACTOR" "$TOPK" "$DENSE_LAYERS" "$NUM_LAYERS" <<'PY' || exit 2
 import importlib.util, os, sys
 # Only the settings module (standard library only), not the package: no torch import on a login node.
 package = importlib.util.find_spec("megatron_lighthouse")
@@ -112,18 +113,29 @@ spec = importlib.util.spec_from_file_location(
 config = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(config)
 LighthouseConfig = config.LighthouseConfig
-seq, chunks, levels, pooling, topk, dense, layers = sys.argv[1:]
+seq, chunks, why, levels, pooling, topk, dense, layers = sys.argv[1:]
+# The settings' own names in the config's messages -> the variables the user set.
+names = {"LighthouseConfig.levels": "LEVELS", "LighthouseConfig.pooling_factor": "POOLING_FACTOR",
+         "LighthouseConfig.topk": "TOPK", "topk=": "TOPK=", "(topk must": "(TOPK must", f"chunks={chunks}": f"chunks={chunks}{why}"}
 try:
     cfg = LighthouseConfig(levels=int(levels), pooling_factor=int(pooling), topk=int(topk))
     cfg.validate(int(seq), chunks=int(chunks))
 except ValueError as err:
-    sys.exit(f"error: SEQ_LEN/TOPK/POOLING_FACTOR/LEVELS: {err}")
+    message = str(err)
+    for name, variable in names.items():
+        message = message.replace(name, variable)
+    sys.exit(f"error: SEQ_LEN/TOPK/POOLING_FACTOR/LEVELS: {message}")
 try:
-    cfg = LighthouseConfig(levels=int(levels), pooling_factor=int(pooling), topk=int(topk),
-                           dense_layers=tuple(int(i) for i in dense.split(",") if i.strip()))
-    cfg.dense_layer_set(int(layers))
+    indices = tuple(int(i) for i in dense.split(",") if i.strip())
+except ValueError:
+    sys.exit(f"error: DENSE_LAYERS={dense}: must be comma-separated layer indices (0-based, negative from the end), "
+             "e.g. 0,1,-2,-1, or empty for none")
+try:
+    kept = LighthouseConfig(dense_layers=indices).dense_layer_set(int(layers))
 except ValueError as err:
     sys.exit(f"error: DENSE_LAYERS={dense} with NUM_LAYERS={layers}: {err}")
+if len(kept) == int(layers):
+    sys.exit(f"error: DENSE_LAYERS={dense} keeps all NUM_LAYERS={layers} layers dense: no layer would run Lighthouse")
 print(f"lighthouse: subsequence {cfg.subsequence_length(int(seq), int(chunks))} of {seq} tokens")
 PY
 }

@@ -9,7 +9,8 @@
 #   MOCK_DATA=1       Megatron-LM's mock data and NullTokenizer of VOCAB_SIZE=32000 tokens instead: no dataset, no
 #                     tokenizer (a smoke test of the machine)
 #   CHECKPOINT_DIR    where checkpoints go (default ./checkpoints/lighthouse; ./checkpoints/dense_baseline with DENSE=1)
-#   SEQ_LEN=131072 TOPK=2048 POOLING_FACTOR=4 LEVELS=3 DENSE_LAYERS=0,1,-2,-1   Lighthouse settings
+#   SEQ_LEN=131072 TOPK=2048 POOLING_FACTOR=4 LEVELS=3 DENSE_LAYERS=0,1,-2,-1   Lighthouse settings (DENSE_LAYERS=
+#                     empty: no dense layer)
 #   NUM_LAYERS=30 HIDDEN=1024 HEADS=8 FFN=1536 TRANSFORMER_IMPL=transformer_engine|local   the model (local: no
 #                     TransformerEngine needed; the flags for Megatron-LM's TE-only defaults are added)
 #   TRAIN_ITERS=10000 GLOBAL_BATCH=32 (sequences per iteration, one per micro-batch)
@@ -27,7 +28,7 @@ set -euo pipefail
 source "$(dirname "$0")/common.sh"
 : "${DENSE:=0}" "${MONITOR:=0}"
 require_switch DENSE
-: "${SEQ_LEN:=131072}" "${TOPK:=2048}" "${POOLING_FACTOR:=4}" "${LEVELS:=3}" "${DENSE_LAYERS:=0,1,-2,-1}"
+: "${SEQ_LEN:=131072}" "${TOPK:=2048}" "${POOLING_FACTOR:=4}" "${LEVELS:=3}" "${DENSE_LAYERS=0,1,-2,-1}"
 : "${TRAIN_ITERS:=10000}" "${CHECKPOINT_DIR:=./checkpoints/$([ "$DENSE" = 1 ] && echo dense_baseline || echo lighthouse)}"
 : "${SAVE_INTERVAL:=1000}" "${LOG_INTERVAL:=10}" "${EVAL_INTERVAL:=1000}" "${EVAL_ITERS:=10}"
 require_megatron_lm

@@ -6,7 +6,9 @@
 #   MOCK_DATA=1 VOCAB_SIZE=32000   Megatron-LM's mock data and NullTokenizer: the smoke test of a cluster
 #   NNODES (default $SLURM_NNODES) GPUS_PER_NODE=8 MASTER_ADDR (default: first SLURM node) MASTER_PORT=29500
 #   CP_SIZE=8         context-parallel ranks per sequence (1M / 8 = 128K tokens per GPU); must divide the GPUs
-#   SEQ_LEN=1048576 TOPK=2048 POOLING_FACTOR=4 LEVELS=3 DENSE_LAYERS=0,1,-2,-1   Lighthouse settings
+#   SEQ_LEN=1048576 TOPK=2048 POOLING_FACTOR=4 LEVELS=3 DENSE_LAYERS=0,1,-2,-1   Lighthouse settings (DENSE_LAYERS=
+#                     empty: no dense layer). Each CP rank builds its pyramid over its two 1M/(2*CP_SIZE) = 64K-token
+#                     chunks, so the paper's LEVELS=3 keeps the subsequence short (10,240 entries per rank)
 #   NUM_LAYERS=30 HIDDEN=1024 HEADS=8 FFN=1536 TRANSFORMER_IMPL=transformer_engine|local   the model
 #   TRAIN_ITERS=10000 GLOBAL_BATCH=32 CHECKPOINT_DIR (default ./checkpoints/lighthouse_1m)
 #   SAVE_INTERVAL=500 LOG_INTERVAL=1 EVAL_INTERVAL=1000 EVAL_ITERS=10   checkpoints, log lines, validation
@@ -17,9 +19,15 @@
 #   DENSE_FROM_ITER   both stages in one run: dense from this iteration on (patched pretrain_gpt.py only)
 #   DRY_RUN=1         validate everything, then print the command (with the variables it needs) instead of running it
 set -euo pipefail
-source "$(dirname "$0")/common.sh"
+# sbatch runs a copy of this script from SLURM's spool directory: common.sh is then found from the directory the
+# job was submitted from (the repository or its examples/).
+for examples in "$(dirname "$0")" "${SLURM_SUBMIT_DIR:-.}/examples" "${SLURM_SUBMIT_DIR:-.}"; do
+    [ -f "$examples/common.sh" ] && break
+done
+[ -f "$examples/common.sh" ] || { echo "error: examples/common.sh not found beside $0 or under SLURM_SUBMIT_DIR=${SLURM_SUBMIT_DIR:-}: submit from the megatron-lighthouse repository (sbatch ... examples/pretrain_lighthouse_multinode_1m.sh)" >&2; exit 2; }
+source "$examples/common.sh"
 : "${NNODES:=${SLURM_NNODES:-}}" "${GPUS_PER_NODE:=8}" "${CP_SIZE:=8}" "${MASTER_PORT:=29500}"
-: "${SEQ_LEN:=1048576}" "${TOPK:=2048}" "${POOLING_FACTOR:=4}" "${LEVELS:=3}" "${DENSE_LAYERS:=0,1,-2,-1}"
+: "${SEQ_LEN:=1048576}" "${TOPK:=2048}" "${POOLING_FACTOR:=4}" "${LEVELS:=3}" "${DENSE_LAYERS=0,1,-2,-1}"
 : "${TRAIN_ITERS:=10000}" "${CHECKPOINT_DIR:=./checkpoints/lighthouse_1m}" "${MONITOR:=1}"
 : "${SAVE_INTERVAL:=500}" "${LOG_INTERVAL:=1}" "${EVAL_INTERVAL:=1000}" "${EVAL_ITERS:=10}"
 if [ -z "${MASTER_ADDR:-}" ] && [ -n "${SLURM_JOB_NODELIST:-}" ]; then
@@ -37,7 +45,8 @@ dp=$((NNODES * GPUS_PER_NODE / CP_SIZE))
 model_flags
 optimizer_flags "$TRAIN_ITERS"
 run_flags "$TRAIN_ITERS"
-check_lighthouse "$SEQ_LEN" $((2 * CP_SIZE))  # each CP rank selects its two load-balanced chunks locally
+# Each CP rank selects its two load-balanced chunks locally: the sequence is cut into 2 * CP_SIZE chunks.
+check_lighthouse "$SEQ_LEN" $((2 * CP_SIZE)) " (2 x CP_SIZE=$CP_SIZE)"
 monitor_flags
 lighthouse_model_flags
 launch srun --ntasks-per-node 1 torchrun --nnodes "$NNODES" --nproc-per-node "$GPUS_PER_NODE" \

@@ -129,10 +129,14 @@ class LighthouseConfig:
         what = (f"sequence length {seq_len}" if chunks == 1
                 else f"chunk length {chunk_len} (sequence {seq_len} / chunks {chunks})")
         if chunk_len % unit != 0:
+            shortest = TILE_SELECT * unit * chunks
             raise ValueError(
                 f"{what}: must be divisible by pooling_factor**(levels-1) * tiles = "
                 f"{self.pooling_factor}**{self.levels - 1} * {tiles} = {unit} "
-                f"(tiles = topk/chunks/{TILE_SELECT}); nearest valid lengths: {self.suggest_lengths(seq_len, chunks)}"
+                f"(tiles = topk/chunks/{TILE_SELECT})"
+                + (f" and at least {shortest} (each tile needs >= {TILE_SELECT} coarsest-level entries)"
+                   if seq_len < shortest else "")
+                + f"; nearest valid lengths: {self.suggest_lengths(seq_len, chunks)}"
             )
         per_tile = chunk_len // unit
         if per_tile < TILE_SELECT:

@@ -137,8 +137,11 @@ def test_one_gpu_patched_passes_the_flags(tmp_path, patched):
     (dict(SEQ_LEN="100000"), "SEQ_LEN/TOPK/POOLING_FACTOR/LEVELS: sequence length 100000: must be divisible by"),
     (dict(SEQ_LEN="16384"), "needs >= 128"),
     (dict(TOPK="abc"), "TOPK=abc: must be a positive integer"),
-    (dict(TOPK="100"), "LighthouseConfig.topk=100: must be a positive multiple of 128"),
+    (dict(TOPK="100"), "SEQ_LEN/TOPK/POOLING_FACTOR/LEVELS: TOPK=100: must be a positive multiple of 128"),
+    (dict(LEVELS="1"), "SEQ_LEN/TOPK/POOLING_FACTOR/LEVELS: LEVELS=1: must be >= 2"),
     (dict(DENSE_LAYERS="0,40"), "DENSE_LAYERS=0,40 with NUM_LAYERS=30: LighthouseConfig.dense_layers entry 40"),
+    (dict(DENSE_LAYERS="all"), "DENSE_LAYERS=all: must be comma-separated layer indices"),
+    (dict(NUM_LAYERS="3"), "DENSE_LAYERS=0,1,-2,-1 keeps all NUM_LAYERS=3 layers dense: no layer would run Lighthouse"),
     (dict(HIDDEN="1000", HEADS="16"), "HIDDEN=1000 must be divisible by HEADS=16"),
     (dict(TRANSFORMER_IMPL="te"), "TRANSFORMER_IMPL=te: must be transformer_engine or local"),
     (dict(DENSE_FROM_ITER="soon"), "DENSE_FROM_ITER=soon: must be an integer >= 0"),
@@ -185,13 +188,44 @@ def test_multinode_1m_sizes_cp_and_its_monitor_needs_the_patch(tmp_path, megatro
     assert on.returncode == 0, on.stderr
     assert LIGHTHOUSE in on.stdout and "--lighthouse-monitor --lighthouse-monitor-interval 1" in on.stdout
     for env, message in [(dict(CP_SIZE="3"), "CP_SIZE=3 must divide NNODES*GPUS_PER_NODE=32"),
-                         (dict(CP_SIZE="16"), "topk must be a multiple of 4096"),
+                         (dict(CP_SIZE="16"), "TOPK=2048 with chunks=32 (2 x CP_SIZE=16): the per-chunk budget "
+                                              "topk/chunks must be a multiple of 128 (TOPK must be a multiple of 4096)"),
                          (dict(MONITOR="yes"), "MONITOR=yes: must be 0 or 1"),
                          (dict(GLOBAL_BATCH="6"), "GLOBAL_BATCH=6 must be a multiple of the 4 data-parallel ranks"),
                          (dict(MASTER_PORT="http"), "MASTER_PORT=http: must be a positive integer"),
                          (dict(MASTER_ADDR=""), "MASTER_ADDR is not set")]:
         bad = _run("pretrain_lighthouse_multinode_1m.sh", tmp_path, **{**_base(patched), **multi, **env})
         assert bad.returncode == 2 and message in bad.stderr, (env, bad.stderr)
+
+
+def test_multinode_1m_runs_as_a_slurm_batch_script(tmp_path, patched):
+    """sbatch runs a copy of the script from SLURM's spool directory: common.sh comes from the submit directory."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    shutil.copy(EXAMPLES / "pretrain_lighthouse_multinode_1m.sh", spool / "slurm_script")
+    env = {"PATH": f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}", "HOME": str(tmp_path),
+           **_mock(patched), "NNODES": "4", "MASTER_ADDR": "node0"}
+    for submitted_from in (ROOT, EXAMPLES):
+        proc = subprocess.run(["bash", str(spool / "slurm_script")], env={**env, "SLURM_SUBMIT_DIR": str(submitted_from)},
+                              capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        assert "srun --ntasks-per-node 1 torchrun --nnodes 4" in proc.stdout
+    lost = subprocess.run(["bash", str(spool / "slurm_script")], env={**env, "SLURM_SUBMIT_DIR": str(tmp_path)},
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert lost.returncode == 2 and "examples/common.sh not found" in lost.stderr and "torchrun" not in lost.stdout
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_empty_dense_layers_means_none(tmp_path, megatron_lm, patched, script):
+    on = _run(script, tmp_path, **_mock(patched), **_needs(script, tmp_path), DENSE_LAYERS="")
+    assert on.returncode == 0, on.stderr
+    if script != "resume_dense.sh":
+        # The empty word after the flag (joined with single spaces: two in a row).
+        assert "--lighthouse-levels 3 --lighthouse-dense-layers  --transformer-impl" in on.stdout
+    off = _run(script, tmp_path, **_mock(megatron_lm), **_needs(script, tmp_path), DENSE_LAYERS="")
+    assert off.returncode == 0, off.stderr
+    if script != "resume_dense.sh":
+        assert "LIGHTHOUSE_DENSE_LAYERS= " in off.stdout
 
 
 def test_resume_dense(tmp_path, megatron_lm, patched):
@@ -572,8 +606,10 @@ def test_gpu_script_dry_run_on_the_checkout(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "megatron_lighthouse" in (work / "megatron-lm-patched" / "pretrain_gpt.py").read_text()
     assert "megatron_lighthouse" not in (work / "megatron-lm-pristine" / "pretrain_gpt.py").read_text()
-    assert f"{work}/megatron-lm-pristine/pretrain_gpt.py --spec megatron_lighthouse.env_spec dense_local_layer_spec" \
-        in _stages(proc.stdout)["d_unpatched_dense"][-1]
+    # Stage d: the pristine script with Megatron-LM's own layer spec, at a length its local attention runs.
+    unpatched = _stages(proc.stdout)["d_unpatched_dense"][-1]
+    assert f"{work}/megatron-lm-pristine/pretrain_gpt.py --transformer-impl local" in unpatched
+    assert "--spec" not in unpatched and "--seq-length 8192 " in unpatched
 
 
 #: A stand-in for torchrun + Megatron-LM: prints Megatron-LM's log lines for the iterations it is asked to run

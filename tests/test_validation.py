@@ -68,8 +68,12 @@ def test_error_suggests_valid_lengths():
     cfg = LighthouseConfig(levels=3, pooling_factor=4, topk=256)
     with pytest.raises(ValueError, match=r"nearest valid lengths: \(4992, 5024\)"):
         cfg.validate(5000)
-    with pytest.raises(ValueError, match=r"nearest valid lengths: \(4096,\)"):
+    with pytest.raises(ValueError, match=r"and at least 4096 \(each tile needs >= 128 coarsest-level entries\); "
+                                         r"nearest valid lengths: \(4096,\)"):
         cfg.validate(4090)
+    with pytest.raises(ValueError) as above_the_shortest:
+        cfg.validate(5000)
+    assert "at least" not in str(above_the_shortest.value)
 
 
 @pytest.mark.parametrize(
