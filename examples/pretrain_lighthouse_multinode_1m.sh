@@ -49,6 +49,9 @@ run_flags "$TRAIN_ITERS"
 check_lighthouse "$SEQ_LEN" $((2 * CP_SIZE)) " (2 x CP_SIZE=$CP_SIZE)"
 monitor_flags
 lighthouse_model_flags
+# Megatron-LM refuses context parallelism on Hopper and older GPUs unless CUDA_DEVICE_MAX_CONNECTIONS=1 (its
+# ordering of communication and compute kernels).
+(( CP_SIZE == 1 )) || LAUNCH_ENV+=(CUDA_DEVICE_MAX_CONNECTIONS=1)
 launch srun --ntasks-per-node 1 torchrun --nnodes "$NNODES" --nproc-per-node "$GPUS_PER_NODE" \
     --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" "$MEGATRON_LM_DIR/pretrain_gpt.py" \
     "${LH_FLAGS[@]}" "${MODEL_FLAGS[@]}" --context-parallel-size "$CP_SIZE" --cp-comm-type p2p \

@@ -41,7 +41,10 @@ error: the patch does not apply to $DIR (nothing was changed).
   - try a three-way merge:          git -C $DIR apply --3way $PATCH   and resolve what it marks, or
   - add the four hook lines by hand (patches/README.md lists them: the import, the extra_args_provider,
     start_lighthouse(args, model_cfg, ...) once the model config exists, maybe_switch_to_dense in
-    forward_step), then check the result on CPU: python patches/check_patched.py $DIR
+    forward_step), then check the result on CPU: python patches/check_patched.py $DIR, or
+  - on a Megatron-LM older than 0.19 (whose pretrain_gpt.py has no model_cfg), use no patch: the unpatched
+    route, --spec megatron_lighthouse.env_spec lighthouse_layer_spec with LIGHTHOUSE_* variables, which the
+    examples take on their own for an unpatched checkout (no in-run switch, no monitor flags).
 MSG
     exit 3
 fi

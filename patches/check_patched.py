@@ -9,7 +9,11 @@ The second form checks a launch command instead (e.g. the line an example prints
 one quoted string or as words; leading ``VAR=value`` words are set in the environment, and everything up to
 ``pretrain_gpt.py`` is dropped): the checkout's ``pretrain_gpt.py`` (patched or not) parses and validates its
 arguments and builds its model on CPU (``--use-cpu-initialization`` added), which is where Megatron-LM refuses
-flags that need TransformerEngine or Apex; it prints the core attention of every layer.
+flags that need TransformerEngine or Apex; it prints the core attention of every layer and which layers run
+Lighthouse. A command with tensor, pipeline or context parallelism is parsed as rank 0 of a world of exactly that
+size on a Hopper GPU; the model is built only without tensor and pipeline parallelism (under context parallelism
+every rank holds the same model, built here with context parallelism 1). Megatron-LM's own output is kept back; when it refuses the command, its last lines and a one-line
+``error:`` are printed (exit 1).
 
 It runs the patched ``pretrain_gpt.py``'s ``__main__`` with Megatron-LM's own argument parser on a tiny model
 (``--lighthouse ... --lighthouse-dense-from-iteration 2``), with ``pretrain`` replaced by a stand-in that builds
@@ -24,11 +28,15 @@ stands in for it inside this check only.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import runpy
 import shlex
 import sys
 import typing
+import warnings
 
 FLAGS = [
     "--num-layers", "6", "--hidden-size", "64", "--num-attention-heads", "4", "--ffn-hidden-size", "128",
@@ -40,6 +48,29 @@ FLAGS = [
     "--lighthouse-dense-layers", "0,-1", "--lighthouse-dense-from-iteration", "2",
 ]
 SWITCH = 2
+
+
+@contextlib.contextmanager
+def megatron_output(show_on_error: bool = True):
+    """Keep back what Megatron-LM prints, warns and logs inside the block (yields the text so far); when the block
+    raises and ``show_on_error``, write its last lines to stderr first."""
+    output = io.StringIO()
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield output
+    except BaseException:
+        if show_on_error:
+            sys.stderr.write("".join(output.getvalue().splitlines(keepends=True)[-15:]))
+        raise
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def hook_lines(output: io.StringIO) -> list:
+    """The hook's summary lines (``Lighthouse: ...``) in kept-back output."""
+    return [line for line in output.getvalue().splitlines() if line.startswith("Lighthouse")]
 
 
 def run_main(mlm: str, argv: list) -> dict:
@@ -58,8 +89,9 @@ def run_main(mlm: str, argv: list) -> dict:
 
 
 def build_model(captured: dict):
-    """Build the model of a :func:`run_main` call as ``pretrain`` would (on CPU, in a gloo world of one); print
-    and return it with its core attention class names per layer."""
+    """Build the model of a :func:`run_main` call as ``pretrain`` would (on CPU, in a gloo world of one); return
+    it with its core attention class names per layer. Under context parallelism every rank holds the same model:
+    it is built with context parallelism 1 (a world of one has no larger group)."""
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.training import get_args
     from megatron.training.global_vars import set_global_variables, unset_global_variables
@@ -71,11 +103,20 @@ def build_model(captured: dict):
     set_global_variables(args, build_tokenizer=False)
     init_single_process_megatron("gloo", prefix="mlm_check_")
     model_config = captured["cfg"].model
+    model_config.transformer.context_parallel_size = 1
     model = model_config.get_builder_cls()(model_config).build_model(
         ProcessGroupCollection.use_mpu_process_groups(), pre_process=True, post_process=True)
     kinds = [type(layer.self_attention.core_attention).__name__ for layer in model.decoder.layers]
-    print("core attention per layer:", kinds)
     return model, kinds
+
+
+def lighthouse_layers(model) -> list:
+    """0-based indices of the decoder layers whose core attention runs Lighthouse (not one of its dense layers)."""
+    from megatron_lighthouse.core_attention import LighthouseCoreAttention
+
+    return [i for i, layer in enumerate(model.decoder.layers)
+            if isinstance(layer.self_attention.core_attention, LighthouseCoreAttention)
+            and not layer.self_attention.core_attention.dense_layer]
 
 
 def check(mlm: str) -> None:
@@ -83,16 +124,16 @@ def check(mlm: str) -> None:
     from megatron.training import get_args
     from megatron.training.global_vars import unset_global_variables
 
-    from megatron_lighthouse.core_attention import LighthouseCoreAttention
     from megatron_lighthouse.schedule import lighthouse_modules
 
-    captured = run_main(mlm, FLAGS)
+    with megatron_output() as output:
+        captured = run_main(mlm, FLAGS)
+        model, kinds = build_model(captured)
+    print(*hook_lines(output), sep="\n")
     args = get_args()
     assert args.lighthouse and args.lighthouse_dense_from_iteration == SWITCH, "the --lighthouse flags were not parsed"
-    model, kinds = build_model(captured)
-    light = [isinstance(layer.self_attention.core_attention, LighthouseCoreAttention) and
-             not layer.self_attention.core_attention.dense_layer for layer in model.decoder.layers]
-    assert light == [False, True, True, True, True, False], f"Lighthouse layers not where expected: {kinds}"
+    print("core attention per layer:", kinds)
+    assert lighthouse_layers(model) == [1, 2, 3, 4], f"Lighthouse layers not where expected: {kinds}"
 
     forward_step = captured["forward_step"]
     b, s = args.micro_batch_size, args.seq_length
@@ -107,8 +148,9 @@ def check(mlm: str) -> None:
     for iteration in range(4):
         args.curr_iteration = iteration
         calls.clear()
-        output, _ = forward_step(iter(()), model)
-        output.float().mean().backward()
+        with megatron_output():
+            loss, _ = forward_step(iter(()), model)
+            loss.float().mean().backward()
         expect = iteration < SWITCH
         assert calls and all(on == expect for on in calls), (
             f"iteration {iteration}: Lighthouse layers ran enabled={calls}, expected {expect}")
@@ -117,7 +159,8 @@ def check(mlm: str) -> None:
     bad = [*FLAGS[:FLAGS.index("--seq-length") + 1], "240", *FLAGS[FLAGS.index("--seq-length") + 2:]]
     unset_global_variables()
     try:
-        run_main(mlm, bad)
+        with megatron_output(show_on_error=False):
+            run_main(mlm, bad)
     except ValueError as err:
         assert "--seq-length 240" in str(err), err
         print("bad --seq-length refused:", str(err)[:120], "...")
@@ -139,12 +182,55 @@ def command_arguments(words: list) -> list:
     return words[script[0] + 1:] if script else words
 
 
+#: The flags of the parallel sizes that split the model over ranks, and the one that splits the sequence.
+SPLIT_MODEL = ("--tensor-model-parallel-size", "--pipeline-model-parallel-size")
+SPLIT_SEQUENCE = ("--context-parallel-size",)
+
+
+def parallel_size(argv: list, flags: tuple) -> int:
+    """The product of the sizes the command gives to ``flags`` (1 for each flag it leaves out)."""
+    size = 1
+    for flag in flags:
+        if flag in argv[:-1]:
+            size *= int(argv[argv.index(flag) + 1])
+    return size
+
+
 def check_command(mlm: str, words: list) -> None:
+    """Parse, validate and build the model of a launch command as one rank; exit 1 with one ``error:`` line (after
+    the tail of Megatron-LM's output) when Megatron-LM or the hook refuses it."""
+    import torch
+
     argv = command_arguments(words)
     if "--use-cpu-initialization" not in argv:
         argv.append("--use-cpu-initialization")
-    build_model(run_main(mlm, argv))
-    print(f"OK: {mlm}/pretrain_gpt.py accepts the command and builds its model")
+    world = parallel_size(argv, SPLIT_MODEL + SPLIT_SEQUENCE)  # the smallest world the command runs in
+    split = parallel_size(argv, SPLIT_MODEL) > 1
+    os.environ["WORLD_SIZE"], os.environ["RANK"] = str(world), "0"  # Megatron-LM reads its world from these
+    try:
+        with megatron_output() as output:
+            if not torch.cuda.is_available():  # its parallel settings consult the GPU generation: answer as Hopper
+                from megatron.training import arguments
+
+                arguments.get_device_arch_version = lambda: 9
+            captured = run_main(mlm, argv)
+            model, kinds = (None, None) if split else build_model(captured)
+    except Exception as err:  # noqa: BLE001 - whatever Megatron-LM raised is the answer, reported in one line
+        message = str(err).strip().splitlines()[-1] if str(err).strip() else ""
+        hint = ""
+        if "TE" in message or "Transformer Engine" in message or "transformer_engine" in message:
+            hint = (" (this Python has no TransformerEngine: check the TRANSFORMER_IMPL=local form of the command "
+                    "here, or run the check where TransformerEngine is installed)")
+        sys.exit(f"error: {mlm}/pretrain_gpt.py refuses the command: {type(err).__name__}: {message}{hint}")
+    print(*hook_lines(output), sep="\n")
+    if split:
+        print(f"OK: {mlm}/pretrain_gpt.py accepts the command as rank 0 of {world} (its model is split over ranks: "
+              "not built here)")
+        return
+    print("core attention per layer:", kinds)
+    print("Lighthouse layers:", lighthouse_layers(model) or "none")
+    one_rank = f" (as rank 0 of {world})" if world > 1 else ""
+    print(f"OK: {mlm}/pretrain_gpt.py accepts the command and builds its model{one_rank}")
 
 
 def main() -> None:
@@ -163,6 +249,8 @@ def main() -> None:
 
         typing.override = typing_extensions.override
     sys.path.insert(0, mlm)
+    with megatron_output():  # its import-time warnings (no TransformerEngine, no Apex) are not news here
+        import megatron.training  # noqa: F401
     if words is None:
         check(mlm)
     else:

@@ -176,11 +176,16 @@ def test_multinode_1m_sizes_cp_and_its_monitor_needs_the_patch(tmp_path, megatro
             f"{megatron_lm}); running without it") in unpatched.stderr
     assert "--lighthouse-monitor" not in unpatched.stdout
     assert unpatched.stdout.splitlines()[-1].startswith("LIGHTHOUSE_LEVELS=3 LIGHTHOUSE_POOLING_FACTOR=4 "
-                                                        "LIGHTHOUSE_TOPK=2048 LIGHTHOUSE_DENSE_LAYERS=0,1,-2,-1 srun ")
+                                                        "LIGHTHOUSE_TOPK=2048 LIGHTHOUSE_DENSE_LAYERS=0,1,-2,-1 "
+                                                        "CUDA_DEVICE_MAX_CONNECTIONS=1 srun ")
     proc = _run("pretrain_lighthouse_multinode_1m.sh", tmp_path, **_base(megatron_lm), **multi, MONITOR="0")
     assert proc.returncode == 0, proc.stderr
     assert "note:" not in proc.stderr
     assert "--context-parallel-size 8 --cp-comm-type p2p" in proc.stdout and "--seq-length 1048576" in proc.stdout
+    # Megatron-LM asserts this for context parallelism before Blackwell.
+    assert "LIGHTHOUSE_DENSE_LAYERS=0,1,-2,-1 CUDA_DEVICE_MAX_CONNECTIONS=1 srun " in proc.stdout
+    single = _run("pretrain_lighthouse_multinode_1m.sh", tmp_path, **_base(megatron_lm), **multi, CP_SIZE="1")
+    assert single.returncode == 0 and "CUDA_DEVICE_MAX_CONNECTIONS" not in single.stdout, single.stderr
     # 1M tokens over CP 8: 16 load-balanced chunks selecting 128 each.
     assert "lighthouse: subsequence 81920 of 1048576 tokens" in proc.stdout
     assert "srun --ntasks-per-node 1 torchrun --nnodes 4 --nproc-per-node 8" in proc.stdout
@@ -566,16 +571,17 @@ def _check_command(copy: pathlib.Path, command: str) -> subprocess.CompletedProc
 
 
 @needs_checkout
-@pytest.mark.parametrize("script, copy, env, layers", [
+@pytest.mark.parametrize("script, copy, env, layers, lighthouse", [
     # stage one, patched: the Lighthouse flags; layers 0, 1, -2, -1 dense
     ("pretrain_lighthouse_1gpu.sh", "patched", {}, ["SDPACoreAttention"] * 2 + ["LighthouseCoreAttention"]
-     + ["SDPACoreAttention"] * 2),
+     + ["SDPACoreAttention"] * 2, "[2]"),
     # a stage-two checkpoint in the unpatched script, an ordinary dense model (the GPU script's stage d)
-    ("resume_dense.sh", "pristine", {}, ["SDPACoreAttention"] * 5),
-    # stage one, unpatched: --spec megatron_lighthouse.env_spec with the printed LIGHTHOUSE_* variables
-    ("pretrain_lighthouse_1gpu.sh", "pristine", {}, ["LighthouseCoreAttention"] * 5),
+    ("resume_dense.sh", "pristine", {}, ["SDPACoreAttention"] * 5, "none"),
+    # stage one, unpatched: --spec megatron_lighthouse.env_spec with the printed LIGHTHOUSE_* variables; the dense
+    # layers are Lighthouse modules that run dense
+    ("pretrain_lighthouse_1gpu.sh", "pristine", {}, ["LighthouseCoreAttention"] * 5, "[2]"),
 ])
-def test_megatron_accepts_the_local_mock_commands(tmp_path, checkout, script, copy, env, layers):
+def test_megatron_accepts_the_local_mock_commands(tmp_path, checkout, script, copy, env, layers, lighthouse):
     """Megatron-LM's own argument parser (the patched script's, with the hook's start-up checks) takes every flag the
     example passes with TRANSFORMER_IMPL=local and MOCK_DATA=1, and builds the model without TransformerEngine."""
     proc = _run(script, tmp_path, **_mock(checkout[copy], **SMALL, **env), **_needs(script, tmp_path))
@@ -583,7 +589,28 @@ def test_megatron_accepts_the_local_mock_commands(tmp_path, checkout, script, co
     checked = _check_command(checkout[copy], proc.stdout.splitlines()[-1])
     assert checked.returncode == 0, checked.stdout[-2000:] + checked.stderr[-4000:]
     assert f"core attention per layer: {layers}" in checked.stdout
+    assert f"Lighthouse layers: {lighthouse}" in checked.stdout
     assert "accepts the command and builds its model" in checked.stdout
+    assert "end of arguments" not in checked.stdout + checked.stderr  # Megatron-LM's own output is kept back
+
+
+@needs_checkout
+def test_megatron_accepts_the_multinode_command_as_one_rank(tmp_path, checkout):
+    """The 1M example at context parallelism 8, parsed as rank 0 of 8 on a Hopper GPU: Megatron-LM asserts
+    CUDA_DEVICE_MAX_CONNECTIONS=1 there, which the example sets; the hook validates 16 chunks."""
+    proc = _run("pretrain_lighthouse_multinode_1m.sh", tmp_path,
+                **_mock(checkout["patched"], **{**SMALL, "NUM_LAYERS": "6"}), NNODES="1", MASTER_ADDR="node0")
+    assert proc.returncode == 0, proc.stderr
+    command = proc.stdout.splitlines()[-1]
+    checked = _check_command(checkout["patched"], command)
+    assert checked.returncode == 0, checked.stdout[-2000:] + checked.stderr[-4000:]
+    assert "Lighthouse: seq_length 1048576 -> subsequence 81920" in checked.stdout
+    assert "Lighthouse layers: [2, 3]" in checked.stdout and "builds its model (as rank 0 of 8)" in checked.stdout
+    refused = _check_command(checkout["patched"], command.replace("CUDA_DEVICE_MAX_CONNECTIONS=1 ", ""))
+    assert refused.returncode == 1
+    assert refused.stderr.splitlines()[-1].endswith("AssertionError: Using tensor model parallelism or context "
+                                                    "parallelism require setting the environment variable "
+                                                    "CUDA_DEVICE_MAX_CONNECTIONS to 1"), refused.stderr[-2000:]
 
 
 @needs_checkout
@@ -596,8 +623,11 @@ def test_without_the_rope_flag_megatron_refuses(tmp_path, checkout):
     command = proc.stdout.splitlines()[-1]
     assert " --no-rope-fusion " in command
     checked = _check_command(checkout["patched"], command.replace(" --no-rope-fusion ", " "))
-    assert checked.returncode != 0, checked.stdout[-2000:]
-    assert "apply_rope_fusion is not available. Please install TE >= 1.4." in checked.stderr, checked.stderr[-3000:]
+    assert checked.returncode == 1, checked.stdout[-2000:]
+    last = checked.stderr.splitlines()[-1]  # one line: what Megatron-LM said, and what to do here
+    assert last.startswith(f"error: {checkout['patched']}/pretrain_gpt.py refuses the command: ValueError: "
+                           "apply_rope_fusion is not available. Please install TE >= 1.4."), checked.stderr[-3000:]
+    assert "check the TRANSFORMER_IMPL=local form of the command" in last
 
 
 @needs_checkout

@@ -169,6 +169,7 @@ def test_conflict_is_refused_and_nothing_changes(tmp_path, patch):
     proc = _apply(str(root))
     assert proc.returncode == 3
     assert "does not apply" in proc.stderr and "git -C" in proc.stderr and "--3way" in proc.stderr
+    assert "--spec megatron_lighthouse.env_spec lighthouse_layer_spec" in proc.stderr  # the route of older ones
     assert "not a git checkout" in proc.stderr
     assert {p.name: p.read_text() for p in root.iterdir()} == before
 
