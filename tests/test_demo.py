@@ -36,6 +36,12 @@ def _main(*args: str) -> int:
     return cli.main([*TINY, *([] if dense else TINY_LIGHTHOUSE), *args])
 
 
+def _main_default_warmup(*args: str) -> int:
+    """:func:`_main` without ``--warmup``: the warm-up that follows ``--steps``."""
+    i = TINY.index("--warmup")
+    return cli.main([*TINY[:i], *TINY[i + 2:], *TINY_LIGHTHOUSE, *args])
+
+
 def _copy_run(runs, mode: str, to: pathlib.Path) -> pathlib.Path:
     """A copy of a finished tiny run of ``runs`` (6 steps; two-stage: switch at step 5), to change it."""
     shutil.copytree(runs[mode][0], to)
@@ -222,6 +228,29 @@ def test_resume_on_another_device_is_refused(runs, tmp_path, capsys):
     assert "--device cuda -> cpu" in capsys.readouterr().err
 
 
+def test_default_warmup_follows_steps(caplog):
+    """Without --warmup: min(20, steps // 10) steps, so a short run needs no --warmup; the default run (200 steps)
+    warms up for 20, as before; a given --warmup is taken as it is. The settings lines show the warm-up used."""
+    assert [train.DemoConfig(steps=s).warmup_steps for s in (200, 1000, 50, 5)] == [20, 20, 5, 0]
+    assert train.DemoConfig(steps=5, warmup=3).warmup_steps == 3
+    assert "(20 warm-up steps, then" in "\n".join(train.describe(train.DemoConfig(), 160, 1))
+    assert "(default: min(20, steps/10)" in cli.HELP["warmup"]  # shown by --help
+    with caplog.at_level(logging.INFO, logger="megatron_lighthouse.demo.train"):
+        assert _main_default_warmup("--steps", "5", "--no-save") == 0
+    assert any("(0 warm-up steps, then" in m for m in caplog.messages), caplog.messages
+
+
+def test_resume_keeps_the_warmup_the_run_started_with(runs, tmp_path, caplog, capsys):
+    """A run of --warmup 2 resumed to 10 steps without --warmup keeps 2 (a new run of 10 steps would take 1)."""
+    out = _copy_run(runs, "two-stage", tmp_path / "run")
+    with caplog.at_level(logging.INFO, logger="megatron_lighthouse.demo.train"):
+        assert _main_default_warmup("--out", str(out), "--resume", "--steps", "10") == 0
+    assert any("(2 warm-up steps, then" in m for m in caplog.messages), caplog.messages
+    assert json.loads((out / "metrics.json").read_text())["config"]["warmup"] == 2
+    assert _main_default_warmup("--out", str(out), "--resume", "--steps", "12", "--warmup", "1") == 2
+    assert "--warmup 2 -> 1" in capsys.readouterr().err
+
+
 def _untouched(path: pathlib.Path):
     """``path``'s bytes and modification time, to compare after a refused run."""
     return path.read_bytes(), path.stat().st_mtime_ns
@@ -356,6 +385,8 @@ def test_out_of_memory_names_the_flags_to_lower(tmp_path, monkeypatch):
     (["--resume", "--no-save"], "--resume needs --out"),
     (["--overwrite", "--no-save"], "--overwrite: not used: --no-save writes nothing"),
     (["--no-save", "--out", "x"], "--out x: --no-save keeps nothing"),
+    (["--out", ""], "--out: empty; give a directory, or --no-save to keep nothing"),
+    (["--corpus", ""], "--corpus: empty; give a text file or a directory"),
     (["--bogus"], "unrecognized arguments: --bogus (--help lists the flags)"),
     (["--steps"], "argument --steps: expected one argument"),
 ])
@@ -363,6 +394,16 @@ def test_bad_settings_are_one_line_before_any_work(args, message, capsys, no_wor
     assert _main(*args) == 2
     line = _one_error_line(capsys)
     assert message in line, line
+
+
+@pytest.mark.parametrize("out,reason", [("/proc/nope", "No such file or directory"), ("afile/sub", "Not a directory"),
+                                        ("/proc", "")])
+def test_out_that_cannot_be_created_or_written_is_one_line_before_any_work(out, reason, tmp_path, capsys, no_work):
+    (tmp_path / "afile").write_text("a file")
+    assert _main("--out", out) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith(f"error: --out {out}: cannot create it or write in it (") and reason in line, line
+    assert [p.name for p in tmp_path.iterdir()] == ["afile"]
 
 
 def test_corpus_errors_name_the_flag(tmp_path, capsys):

@@ -45,8 +45,18 @@ BAD_LOGS = {
     "unknown kind": ('{"kind": "metrics"}\n', "'kind': 'metrics'"),
     "interval without ranks": ('{"kind": "interval", "iteration": 1, "time": 1.0}\n', "needs 'ranks'"),
     "a string for a number": (_interval_with(ranks=[{"rank": 0, "host": "h", "local_gpu": 0, "power_w": "high"}]),
-                              "power_w='high' is not a number"),
+                              "power_w='high' is not a finite number"),
+    "a number too large": (_interval_with().replace('"gpu_util_pct": 50.0', '"power_w": 1e400'),  # JSON reads inf
+                           "power_w=inf is not a finite number"),
+    "stale not a bool": (_interval_with(ranks=[{"rank": 0, "host": "h", "local_gpu": 0, "stale": "yes"}]),
+                         "stale='yes' is not true or false"),
+    "throttle reasons not names": (_interval_with(ranks=[{"rank": 0, "host": "h", "local_gpu": 0,
+                                                          "throttle_reasons": [1, "a"]}]),
+                                   "throttle_reasons=[1, 'a'] is not a list of strings"),
+    "throttle reasons of objects": (_interval_with(ranks=[{"rank": 0, "host": "h", "local_gpu": 0,
+                                                           "throttle_reasons": [{}]}]), "throttle_reasons=[{}]"),
     "straggler of no rank": (_interval_with(stragglers=[{"rank": 3, "reason": "step_time"}]), "'stragglers'"),
+    "straggler reason not a name": (_interval_with(stragglers=[{"rank": 0, "reason": ["x"]}]), "'reason' (a string)"),
     "only a torn line": ('{"kind": "run", "wor', "only a torn line"),
 }
 
@@ -90,6 +100,36 @@ def test_report_to_an_unwritable_png(tmp_path, capsys):
     out = tmp_path / "no" / "such" / "dir" / "x.png"
     assert cli.main(["report", str(path), "--out", str(out)]) == 2
     assert str(out) in _one_error_line(capsys)
+
+
+@pytest.mark.parametrize("out", ["x.foo", "out", "png"])
+def test_report_refuses_an_image_format_it_cannot_write_before_reading_the_log(out, tmp_path, capsys):
+    assert cli.main(["report", str(tmp_path / "MISSING.jsonl"), "--out", str(tmp_path / out)]) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith(f"error: --out {tmp_path / out}: must end in .png, .pdf, .svg"), line
+    assert not list(tmp_path.iterdir())
+
+
+def test_report_writes_the_image_it_names(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "run.jsonl"
+    _log(path)
+    out = tmp_path / "timeline.svg"
+    assert cli.main(["report", str(path), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.endswith(f"-> {out}\n") and out.read_text().lstrip().startswith("<?xml")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.jsonl", "timeline.svg"]
+
+
+def test_help_is_plain_text_and_live_says_what_mem_busy_is(monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "1000")  # one sentence a line: none is wrapped
+    for argv in (["--help"], ["live", "--help"]):
+        with pytest.raises(SystemExit) as done:
+            cli.main(argv)
+        assert done.value.code == 0
+    text = capsys.readouterr().out
+    assert "``" not in text and "'report' draws the per-rank timeline" in text
+    assert "mem busy% the share of time its memory was read or written (NVML's memory utilization), not how " \
+           "full it is" in text
 
 
 def test_report_tolerates_a_torn_last_line_with_a_warning(tmp_path, capsys):
@@ -142,7 +182,8 @@ def test_live_when_the_gpus_fail_mid_run(monkeypatch, capsys):
     assert _one_error_line(capsys) == "error: reading the GPUs failed: RuntimeError('GPU is lost')"
 
 
-@pytest.mark.parametrize("args", [["--interval", "0"], ["--interval", "nan"], ["--count", "0"], ["--fake", "-1"]])
+@pytest.mark.parametrize("args", [["--interval", "0"], ["--interval", "nan"], ["--interval", "inf"], ["--count", "0"],
+                                  ["--fake", "-1"], ["--fake", "0"]])
 def test_live_rejects_bad_settings(args, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["live", "--count", "1", *args])  # --count 1 first: a later --count wins

@@ -211,6 +211,7 @@ def test_live_table(capsys):
     assert len(tables) == 2
     rows = tables[1].splitlines()
     assert len(rows) == 4 and rows[1].startswith("gpu")
+    assert "mem busy%" in rows[1] and "mem%" not in rows[1]  # memory-controller busy time, not how full it is
     assert rows[2].split()[:5] == ["0", "Fake", "GPU", "80GB", "12"]
     assert rows[3].split()[4] == "97" and rows[3].endswith("sw_power_cap")
     nvlink = [float(v) for v in rows[2].split()[11].split("/")]  # a rate from two counter readings

@@ -52,7 +52,8 @@ HELP = {
             "RoPE, one of: entries (each selected entry rotated at its last token, the published model), tokens "
             "(before pooling, Megatron's order)",
     "lr": "peak learning rate of AdamW (> 0)",
-    "warmup": "steps of linear learning-rate warm-up at the start, in [0, --steps)",
+    "warmup": "steps of linear learning-rate warm-up at the start, in [0, --steps) (default: min(20, steps/10), "
+              "rounded down; --resume keeps the run's)",
     "lr_decay_style": f"learning rate after the warm-up, one of: {LR_DECAY_STYLES[0]} (to 10% at the last step), "
                       f"{LR_DECAY_STYLES[1]} (the published recipe), {LR_DECAY_STYLES[2]} (constant, then linear "
                       f"to 10% over the last --lr-decay-fraction of the steps)",
@@ -143,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _value(name: str, text: str) -> Any:
     """The value of :class:`DemoConfig` field ``name`` typed as ``text`` (``SettingsError`` naming the flag)."""
-    default = DEFAULTS[name]
+    default = 0 if name == "warmup" else DEFAULTS[name]  # an int; its default, None, follows --steps
     if isinstance(default, tuple):  # --dense-layers
         try:
             return tuple(int(x) for x in text.split(",") if x.strip())

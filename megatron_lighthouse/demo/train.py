@@ -7,6 +7,7 @@ import logging
 import math
 import pathlib
 import re
+import tempfile
 import time
 import warnings
 from typing import Any, Dict, List, Optional, Tuple
@@ -78,7 +79,8 @@ class DemoConfig:
     other ``steps`` keeps it.
     ``out``: directory of the checkpoints (``None``: keep nothing; the CLI writes its metrics and plot there too).
     A directory that holds a run already is refused unless ``resume`` (continue it) or ``overwrite`` (replace it).
-    Learning rate: linear warm-up over ``warmup`` steps, then ``lr_decay_style`` (:data:`LR_DECAY_STYLES`):
+    Learning rate: linear warm-up over ``warmup`` steps (``None``: :attr:`warmup_steps`, ``min(20, steps // 10)``,
+    fixed when a run starts: a resumed run keeps its own), then ``lr_decay_style`` (:data:`LR_DECAY_STYLES`):
     ``cosine`` to 10% of ``lr`` at the last step, ``constant`` (the published recipe) or ``wsd`` (constant, then
     linear to 10% over the last ``lr_decay_fraction`` of the steps).
     ``rope``: :attr:`LighthouseConfig.rope <megatron_lighthouse.config.LighthouseConfig>` (``entries`` or
@@ -102,7 +104,7 @@ class DemoConfig:
     dense_layers: Tuple[int, ...] = (0, -1)
     rope: str = "entries"
     lr: float = 2e-3
-    warmup: int = 20
+    warmup: Optional[int] = None
     lr_decay_style: str = "cosine"
     lr_decay_fraction: float = 0.2
     eval_every: int = 25
@@ -162,7 +164,7 @@ class DemoConfig:
             raise refuse("seed", f"must be in [0, {MAX_SEED}]")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise refuse("lr", "must be a positive number")
-        if not 0 <= self.warmup < self.steps:
+        if self.warmup is not None and not 0 <= self.warmup < self.steps:
             raise refuse("warmup", f"must be in [0, --steps {self.steps}): the warm-up is the start of the run")
         for name, reason in self.unused_settings().items():
             if getattr(self, name) != DEFAULTS[name]:
@@ -176,13 +178,18 @@ class DemoConfig:
             raise refuse("lr_decay_fraction", "must be in (0, 1]")
         if self.lr_decay_style == "wsd":
             decay = self._decay_steps(self.steps)
-            if not 1 <= decay <= self.steps - self.warmup:
+            if not 1 <= decay <= self.steps - self.warmup_steps:
                 raise refuse("lr_decay_fraction", f"gives {decay} decay steps of --steps {self.steps} after "
-                                                  f"--warmup {self.warmup}; --lr-decay-style wsd needs 1 to "
-                                                  f"{self.steps - self.warmup}")
+                                                  f"--warmup {self.warmup_steps}; --lr-decay-style wsd needs 1 to "
+                                                  f"{self.steps - self.warmup_steps}")
         if self.mode != "dense":
             self._validate_lighthouse()
         self._validate_device()
+        if self.corpus == "":
+            raise SettingsError("--corpus: empty; give a text file or a directory, or leave it out for the standard "
+                                "library")
+        if self.out == "":
+            raise SettingsError("--out: empty; give a directory, or --no-save to keep nothing")
         if self.resume and self.overwrite:
             raise SettingsError("--resume continues the run in --out, --overwrite replaces it: give one of them")
         if self.resume and not self.out:
@@ -222,6 +229,11 @@ class DemoConfig:
                 raise SettingsError(f"--device {self.device}: {count} CUDA device(s) visible, cuda:0 to "
                                     f"cuda:{count - 1}")
 
+    @property
+    def warmup_steps(self) -> int:
+        """Steps of learning-rate warm-up: ``warmup``, or when it is ``None`` (not given) ``min(20, steps // 10)``."""
+        return min(20, self.steps // 10) if self.warmup is None else self.warmup
+
     def _decay_steps(self, steps: int) -> int:
         """Steps of a ``wsd`` decay over a schedule of ``steps`` steps (the last ``lr_decay_fraction`` of them)."""
         return int(round(steps * self.lr_decay_fraction))
@@ -246,7 +258,7 @@ def describe(cfg: DemoConfig, switch_step: Optional[int], parameters: int) -> Li
     decay = {"cosine": "cosine decay to 10% at the last step", "constant": "constant",
              "wsd": f"constant, then linear to 10% over the last {cfg._decay_steps(cfg.steps)} steps"}
     lines.append(f"training: {cfg.steps} steps of {cfg.batch_size} x {cfg.seq_len} bytes, lr {cfg.lr:g} "
-                 f"({cfg.warmup} warm-up steps, then {decay[cfg.lr_decay_style]}), seed {cfg.seed}")
+                 f"({cfg.warmup_steps} warm-up steps, then {decay[cfg.lr_decay_style]}), seed {cfg.seed}")
     if cfg.mode == "dense":
         lines.append("attention: dense throughout (--mode dense): Lighthouse is off")
         return lines
@@ -319,7 +331,7 @@ def _lr_factor(style: str, step: int, warmup: int, steps: int, decay_steps: int)
 
 def _lr_at(cfg: DemoConfig, step: int) -> float:
     """The run's learning rate at ``step`` (see :class:`DemoConfig`)."""
-    return cfg.lr * _lr_factor(cfg.lr_decay_style, step, cfg.warmup, cfg.steps, cfg._decay_steps(cfg.steps))
+    return cfg.lr * _lr_factor(cfg.lr_decay_style, step, cfg.warmup_steps, cfg.steps, cfg._decay_steps(cfg.steps))
 
 
 def byte_windows(data: torch.Tensor, offsets: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -385,8 +397,8 @@ def _checkpoint_problem(ckpt: Any) -> Optional[str]:
     if missing:
         return f"it has no {', '.join(missing)} entries"
     config, state = ckpt["config"], ckpt["state"]
-    if not isinstance(config, dict) or not all(k in config for k in ("mode", "steps", "dense_fraction")):
-        return "its config has no mode, steps and dense_fraction"
+    if not isinstance(config, dict) or not all(k in config for k in ("mode", "steps", "dense_fraction", "warmup")):
+        return "its config has no mode, steps, dense_fraction and warmup"
     if not isinstance(state, dict) or not isinstance(state.get("step"), int) or not all(
             k in state for k in ("train", "evals", "seconds", "tokens")):
         return "its run state has no step, train, evals, seconds and tokens"
@@ -443,14 +455,20 @@ def resumable_state(ckpt: Dict, cfg: DemoConfig, path: pathlib.Path) -> Dict:
 def _prepare_out(cfg: DemoConfig, device: torch.device) -> Tuple[Optional[pathlib.Path], Optional[Dict]]:
     """The output directory (``None``: ``--no-save``) and the checkpoint to resume from (``None``: a new run).
 
-    Refuses, before any work and leaving every file as it is: an ``--out`` that is a file; one that holds a run
-    (``checkpoint.pt``) without ``--resume`` or ``--overwrite``; a checkpoint that cannot continue."""
+    Creates the directory and refuses, before any work and leaving every file as it is: an ``--out`` that is a file
+    or cannot be created or written in; one that holds a run (``checkpoint.pt``) without ``--resume`` or
+    ``--overwrite``; a checkpoint that cannot continue."""
     if not cfg.out:
         return None, None
     out = pathlib.Path(cfg.out)
     path = out / CHECKPOINT
     if out.exists() and not out.is_dir():
         raise SettingsError(f"--out {out}: is a file, not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()  # the checkpoints are written there: a file that leaves no trace
+    except OSError as err:
+        raise SettingsError(f"--out {out}: cannot create it or write in it ({err.strerror or err})") from None
     if cfg.resume:
         if not path.exists():
             logger.info("--resume: no %s yet, starting at step 0", path)
@@ -470,6 +488,9 @@ def run_demo(cfg: DemoConfig) -> Dict:
     cfg.validate()
     device = torch.device(cfg.device)
     out, ckpt = _prepare_out(cfg, device)
+    if cfg.warmup is None:  # not given: fixed when the run starts, as the switch step (--resume keeps the run's)
+        cfg = dataclasses.replace(cfg, warmup=cfg.warmup_steps if ckpt is None else ckpt["config"]["warmup"])
+        cfg.validate()  # a resumed run's warm-up against its --steps
     if ckpt is not None:
         state = resumable_state(ckpt, cfg, out / CHECKPOINT)
     else:
@@ -497,8 +518,6 @@ def run_demo(cfg: DemoConfig) -> Dict:
             logger.info("resumed from %s at step %d", out / CHECKPOINT, saved_step)
         for line in describe(cfg, switch, sum(p.numel() for p in model.parameters())):
             logger.info("%s", line)
-        if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
         first = state["step"]
         for step in range(first, cfg.steps):
             stage = "lighthouse" if schedule.apply(model, step) else "dense"  # --mode dense: dense from step 0

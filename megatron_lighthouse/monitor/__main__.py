@@ -1,6 +1,6 @@
 """Command line: ``python -m megatron_lighthouse.monitor {report,live}``.
 
-``report RUN.jsonl [--out PNG]``: per-rank timeline PNG (default: next to the log) and a text table.
+``report RUN.jsonl [--out IMAGE]``: per-rank timeline image (default: a PNG next to the log) and a text table.
 ``live [--interval S] [--count N] [--fake N]``: a refreshing table of every GPU of this node.
 
 A failure is one line on stderr, ``error: ...``, and exit code 2 (no traceback).
@@ -9,6 +9,7 @@ A failure is one line on stderr, ``error: ...``, and exit code 2 (no traceback).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from typing import Any, Callable, List, Optional
@@ -20,6 +21,14 @@ from .report import LogFormatError, format_table, load_run, render_timeline
 
 #: Exit code of every failure of the command line (as argparse uses for bad arguments).
 EXIT_ERROR = 2
+#: What ``report --out`` may end in: the image format the timeline is written in.
+IMAGE_EXTENSIONS = (".png", ".pdf", ".svg")
+#: ``--help`` of the command and of ``live`` (the module docstring is reST, for the docs).
+DESCRIPTION = ("GPU monitor tools: 'report' draws the per-rank timeline and table of a run from its JSONL log, 'live' "
+               "shows every GPU of this node. A failure is one line on stderr, error: ..., and exit code 2.")
+LIVE_DESCRIPTION = ("A table of every GPU of this node, refreshed every --interval seconds. util% is the share of time "
+                    "the GPU ran kernels; mem busy% the share of time its memory was read or written (NVML's memory "
+                    "utilization), not how full it is: that is mem GiB, used/total.")
 
 
 def _error(message: str) -> int:
@@ -29,6 +38,8 @@ def _error(message: str) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    if args.out is not None and os.path.splitext(args.out)[1].lower() not in IMAGE_EXTENSIONS:
+        return _error(f"--out {args.out}: must end in {', '.join(IMAGE_EXTENSIONS)} (the image format to write)")
     try:
         run = load_run(args.run)
     except OSError as exc:
@@ -43,7 +54,7 @@ def _report(args: argparse.Namespace) -> int:
     try:
         render_timeline(run, out)
     except OSError as exc:
-        return _error(f"{out}: cannot write the timeline PNG ({exc.strerror or exc})")
+        return _error(f"{out}: cannot write the timeline image ({exc.strerror or exc})")
     print(format_table(run))
     print(f"\n{len(run.ranks)} ranks, {len(run.intervals)} intervals -> {out}")
     return 0
@@ -67,11 +78,13 @@ def _live(args: argparse.Namespace) -> int:
 
 
 def _bounded(kind: type, low: float, strict: bool) -> Callable[[str], Any]:
-    """An argparse ``type``: ``kind(text)``, rejected unless ``> low`` (``strict``) or ``>= low``."""
+    """An argparse ``type``: ``kind(text)``, rejected unless finite and ``> low`` (``strict``) or ``>= low``."""
 
     def parse(text: str) -> Any:
         value = kind(text)
-        if not (value > low if strict else value >= low):  # NaN fails both
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text}: must be a finite number")
+        if not (value > low if strict else value >= low):
             raise argparse.ArgumentTypeError(f"{text}: must be {'>' if strict else '>='} {low}")
         return value
 
@@ -79,19 +92,20 @@ def _bounded(kind: type, low: float, strict: bool) -> Callable[[str], Any]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m megatron_lighthouse.monitor", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m megatron_lighthouse.monitor", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
-    report = sub.add_parser("report", help="timeline PNG and per-rank table of a monitor JSONL log")
+    report = sub.add_parser("report", help="timeline image and per-rank table of a monitor JSONL log")
     report.add_argument("run", help="the monitor's JSONL log (gpu_monitor.jsonl)")
-    report.add_argument("--out", help="PNG path (default: the log's path with .png)")
+    report.add_argument("--out", help=f"timeline image, its name ending in {', '.join(IMAGE_EXTENSIONS)}: the format "
+                                      "it is written in (default: the log's path with .png)")
     report.set_defaults(func=_report)
-    live = sub.add_parser("live", help="refreshing per-GPU table of this node")
+    live = sub.add_parser("live", help="refreshing per-GPU table of this node", description=LIVE_DESCRIPTION)
     live.add_argument("--interval", type=_bounded(float, 0, strict=True), default=1.0,
-                      help="seconds between refreshes (default: 1)")
+                      help="seconds between refreshes, > 0 (default: 1)")
     live.add_argument("--count", type=_bounded(int, 1, strict=False), default=None,
-                      help="stop after this many tables (default: never)")
-    live.add_argument("--fake", type=_bounded(int, 0, strict=False), default=0, metavar="N",
-                      help="show N fake GPUs (demo without NVML)")
+                      help="stop after this many tables, >= 1 (default: never)")
+    live.add_argument("--fake", type=_bounded(int, 1, strict=False), default=None, metavar="N",
+                      help="show N >= 1 fake GPUs instead of reading NVML (a demo without GPUs)")
     live.set_defaults(func=_live)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -19,7 +19,7 @@ def _cell(value: Optional[float], fmt: str = ".0f", scale: float = 1.0) -> str:
 
 def gpu_table(names: List[str], samples: List[GPUSample]) -> str:
     """One row per GPU: utilization, memory, power, SM clock, temperature, throttling, PCIe and NVLink."""
-    rows = [("gpu", "name", "util%", "mem%", "mem GiB", "power W", "SM MHz", "temp C", "PCIe tx/rx MiB/s",
+    rows = [("gpu", "name", "util%", "mem busy%", "mem GiB", "power W", "SM MHz", "temp C", "PCIe tx/rx MiB/s",
              "NVLink tx/rx MiB/s", "throttle")]
     for index, (name, s) in enumerate(zip(names, samples)):
         mem = "-" if s.mem_used_mib is None else f"{s.mem_used_mib / 1024:.1f}/{s.mem_total_mib / 1024:.0f}"

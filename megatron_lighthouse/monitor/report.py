@@ -47,27 +47,37 @@ class RunLog:
         return {e["rank"]: f"{e['host']}:gpu{e['local_gpu']}" for r in self.intervals for e in r["ranks"]}
 
 
+def _finite(value: Any) -> bool:
+    """Whether ``value`` is a finite number (JSON reads ``1e400`` as ``inf``)."""
+    return is_number(value) and math.isfinite(value)
+
+
 def _interval_problem(record: Dict[str, Any]) -> Optional[str]:
     """What makes ``record`` (``"kind": "interval"``) unusable for the report, or ``None``."""
-    if not is_int(record.get("iteration")) or not is_number(record.get("time")):
-        return "an interval record needs an int 'iteration' and a number 'time'"
+    if not is_int(record.get("iteration")) or not _finite(record.get("time")):
+        return "an interval record needs an int 'iteration' and a finite number 'time'"
     ranks = record.get("ranks")
     if not isinstance(ranks, list) or not ranks or not all(isinstance(e, dict) for e in ranks):
         return "an interval record needs 'ranks', a non-empty list of objects"
     for entry in ranks:
         if not is_int(entry.get("rank")) or "host" not in entry or "local_gpu" not in entry:
             return "each entry of 'ranks' needs 'rank' (an int), 'host' and 'local_gpu'"
-        bad = [f for f in _NUMBER_FIELDS if not (entry.get(f) is None or is_number(entry[f]))]
+        bad = [f for f in _NUMBER_FIELDS if not (entry.get(f) is None or _finite(entry[f]))]
         if bad:
-            return f"rank {entry['rank']}: {bad[0]}={entry[bad[0]]!r} is not a number"
-        if not isinstance(entry.get("throttle_reasons", []), list):
-            return f"rank {entry['rank']}: 'throttle_reasons' is not a list"
+            return f"rank {entry['rank']}: {bad[0]}={entry[bad[0]]!r} is not a finite number"
+        if not isinstance(entry.get("stale", False), bool):
+            return f"rank {entry['rank']}: stale={entry['stale']!r} is not true or false"
+        reasons = entry.get("throttle_reasons", [])
+        if not isinstance(reasons, list) or not all(isinstance(name, str) for name in reasons):
+            return f"rank {entry['rank']}: throttle_reasons={reasons!r} is not a list of strings"
     stragglers = record.get("stragglers")
     if not isinstance(stragglers, list) or not all(
-        isinstance(s, dict) and is_int(s.get("rank")) and 0 <= s["rank"] < len(ranks) and "reason" in s
+        isinstance(s, dict) and is_int(s.get("rank")) and 0 <= s["rank"] < len(ranks)
+        and isinstance(s.get("reason"), str)
         for s in stragglers
     ):
-        return "an interval record needs 'stragglers', a list of objects with a 'reason' and a 'rank' in 'ranks'"
+        return ("an interval record needs 'stragglers', a list of objects with a 'reason' (a string) and a 'rank' "
+                "in 'ranks'")
     return None
 
 
