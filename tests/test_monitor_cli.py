@@ -190,3 +190,4 @@ def test_live_rejects_bad_settings(args, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert f"argument {args[0]}: {args[1]}: must be" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err  # one line, no usage block

@@ -91,8 +91,15 @@ def _bounded(kind: type, low: float, strict: bool) -> Callable[[str], Any]:
     return parse
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's errors (a bad value, an unknown flag) as one ``error:`` line, exit 2 (its subcommands too)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (--help lists the flags)\n")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m megatron_lighthouse.monitor", description=DESCRIPTION)
+    parser = _Parser(prog="python -m megatron_lighthouse.monitor", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
     report = sub.add_parser("report", help="timeline image and per-rank table of a monitor JSONL log")
     report.add_argument("run", help="the monitor's JSONL log (gpu_monitor.jsonl)")
