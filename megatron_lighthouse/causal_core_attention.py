@@ -4,10 +4,12 @@
 and :class:`~megatron_lighthouse.core_attention.LighthouseCoreAttention`. Both take ``query`` ``[s, b, h, d]`` and
 ``key``/``value`` ``[s_k, b, g, d]`` (``h`` and ``g`` this tensor-parallel rank's query and key/value heads,
 ``h % g == 0``) and return ``[s, b, h * d]``. The base checks, with one ``ValueError`` naming the setting and the
-rule, what neither can serve: at construction cross-attention, non-causal mask types, a layer number below 1, a
-non-positive or non-finite softmax scale, sliding windows, ``qk_clip`` / ``log_max_attention_logit`` and a
-context-parallel group whose size is not ``config.context_parallel_size``; at each call an attention bias and an
-``attention_mask`` other than the plain causal one (padding and document masks).
+rule, what neither can serve: at construction cross-attention, non-causal mask types, a layer number below 1,
+``config.num_attention_heads`` not a multiple of ``config.num_query_groups``, a non-positive or non-finite softmax
+scale, sliding windows, ``qk_clip`` / ``log_max_attention_logit`` and a context-parallel group whose size is not
+``config.context_parallel_size``; at each call ``query`` / ``key`` / ``value`` that are not 4-D or whose query heads
+are not a multiple of their key/value heads, an attention bias and an ``attention_mask`` other than the plain causal
+one (padding and document masks).
 """
 
 from __future__ import annotations
@@ -60,6 +62,11 @@ class CausalCoreAttention(MegatronModule):
         if attn_mask_type != AttnMaskType.causal:
             raise ValueError(f"{self.where}: attn_mask_type={attn_mask_type}: only causal attention is supported")
         self.attn_mask_type = attn_mask_type
+        heads, groups = config.num_attention_heads, config.num_query_groups
+        if groups < 1 or heads % groups:
+            raise ValueError(f"{self.where}: config.num_attention_heads={heads} with config.num_query_groups={groups}: "
+                             f"the query heads must be a multiple of the query groups (each key/value head serves a "
+                             f"whole group of query heads)")
         try:
             self.softmax_scale = resolve_softmax_scale(softmax_scale, config.kv_channels)
         except ValueError as err:
@@ -70,13 +77,28 @@ class CausalCoreAttention(MegatronModule):
                              f"the whole sequence only; Megatron reads no max attention logit from this module)")
         self.cp_group = _context_parallel_group(config, pg_collection, self.where)
 
-    def check_call(self, query: torch.Tensor, key: torch.Tensor, attention_mask: Optional[torch.Tensor],
-                   attn_mask_type: Optional[AttnMaskType], attention_bias: Optional[torch.Tensor]) -> AttnMaskType:
-        """Refuse what a call cannot get right; returns the call's mask type (``attn_mask_type`` or the module's).
+    def check_shapes(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+        """``ValueError`` unless ``query`` is ``[s, b, h, d]`` and ``key`` / ``value`` ``[s_k, b, g, d]`` with ``h``
+        a multiple of ``g`` (Megatron's grouped-query attention)."""
+        for name, tensor in (("query", query), ("key", key), ("value", value)):
+            if tensor.dim() != 4:
+                raise ValueError(f"{self.where}: {name} of shape {tuple(tensor.shape)}: must be 4-D [s, b, heads, "
+                                 f"head_dim] (Megatron's sbhd layout)")
+        heads, groups = query.shape[2], key.shape[2]
+        if value.shape[2] != groups or groups < 1 or heads % groups:
+            raise ValueError(f"{self.where}: {heads} query heads for {groups} key and {value.shape[2]} value heads: "
+                             f"the query heads must be a multiple of the key/value heads (grouped-query attention)")
+
+    def check_call(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   attention_mask: Optional[torch.Tensor], attn_mask_type: Optional[AttnMaskType],
+                   attention_bias: Optional[torch.Tensor]) -> AttnMaskType:
+        """Refuse what a call cannot get right (:meth:`check_shapes` first); returns the call's mask type
+        (``attn_mask_type`` or the module's).
 
         ``AttnMaskType.no_mask`` passes: Megatron's inference sets it for the tokens after the prompt, each of
         which attends to every cached key (a subclass that cannot serve inference refuses it itself).
         """
+        self.check_shapes(query, key, value)
         if attention_bias is not None:
             raise ValueError(f"{self.where}: attention_bias is not supported")
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type

@@ -35,13 +35,23 @@ def chunked_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, position_id
 
     Args:
         model: a Megatron-Core ``GPTModel`` with its output layer (``post_process=True``), possibly wrapped.
-        input_ids, position_ids, labels: ``[b, s]`` int64 (under context parallelism, this rank's shard).
+        input_ids, position_ids, labels: ``[b, s]`` int64 (under context parallelism, this rank's shard); labels
+            may also be int32.
         chunk_tokens: sequence positions per chunk, ``>= 1``; ``s`` need not be a multiple.
     Returns:
         ``[b, s]`` float32 per-token loss, as the model returns with ``labels`` (differentiable).
+
+    ``ValueError`` before the model runs: a bad ``chunk_tokens``, labels that are not an int64 / int32 tensor of
+    ``input_ids``' shape, a model without its output layer or with multi-token prediction.
     """
     if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
         raise ValueError(f"chunk_tokens={chunk_tokens!r}: must be an int >= 1 (sequence positions per chunk)")
+    dtype = getattr(labels, "dtype", None)
+    if dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"chunked_lm_loss: labels of dtype {dtype}: must be an int64 (or int32) tensor of token ids")
+    if labels.dim() != 2 or labels.shape != input_ids.shape:
+        raise ValueError(f"chunked_lm_loss: labels of shape {tuple(labels.shape)} for input_ids of shape "
+                         f"{tuple(input_ids.shape)}: both must be [b, s], the same shape (one label per position)")
     gpt = unwrap_model(model)
     if not getattr(gpt, "post_process", False) or not hasattr(gpt, "output_layer"):
         raise ValueError("chunked_lm_loss: the model has no output layer here (post_process=False: a pipeline "

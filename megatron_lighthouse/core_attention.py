@@ -184,13 +184,15 @@ class LighthouseCoreAttention(CausalCoreAttention):
         ``kwargs`` (other arguments Megatron versions pass) go to the inner attention when switched to dense."""
         if not self.enabled:
             if not self.dense_layer:  # the inner attention was built with one kv head per query head
+                if packed_seq_params is None:  # packed (THD) inputs are 3-D: the inner attention checks them
+                    self.check_shapes(query, key, value)
                 key, value = (expand_kv_heads(x, query.shape[2]) for x in (key, value))
             return self.inner(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
                               attention_bias=attention_bias, packed_seq_params=packed_seq_params, **kwargs)
         if packed_seq_params is not None:
             raise ValueError(f"{self.where}: packed (THD) sequences are not supported while Lighthouse runs "
                              f"(it selects within one sbhd sequence); use sbhd batches")
-        mask_type = self.check_call(query, key, attention_mask, attn_mask_type, attention_bias)
+        mask_type = self.check_call(query, key, value, attention_mask, attn_mask_type, attention_bias)
         if mask_type != AttnMaskType.causal or key.shape[0] != query.shape[0]:
             raise ValueError(f"{self.where}: {query.shape[0]} queries against {key.shape[0]} keys "
                              f"(attn_mask_type={mask_type}): {TRAINING_ONLY}")

@@ -1,56 +1,85 @@
 """Ready-made layer specs for Megatron-LM's unpatched ``pretrain_gpt.py --spec MODULE NAME``.
 
-``--spec`` imports ``MODULE`` and takes its attribute ``NAME`` as the layer spec, without calling anything, so this
-module builds its three specs when it is imported, which ``pretrain_gpt.py`` does after parsing its arguments.
-Import it for nothing else. The settings come from the environment and from Megatron-LM's parsed arguments:
+``--spec`` imports ``MODULE`` after Megatron-LM has parsed its arguments and takes ``vars(module)[NAME]`` as the
+layer spec, without calling anything (``megatron.core.transformer.spec_utils.import_module``). Each of the three
+specs is built when first asked for and kept: the one ``--spec`` names, when this module is imported (``vars``
+does not consult a module ``__getattr__``); the others on first attribute access (PEP 562). An unknown name is an
+``AttributeError``, and a ``--spec`` naming one a ``ValueError`` at import. The settings come from the environment
+and from Megatron-LM's parsed arguments:
 
 - ``LIGHTHOUSE_LEVELS``, ``LIGHTHOUSE_POOLING_FACTOR``, ``LIGHTHOUSE_TOPK``, ``LIGHTHOUSE_DENSE_LAYERS``
-  (:func:`~megatron_lighthouse.transformer_config.lighthouse_config_from_env`; unset ones keep the defaults);
+  (:func:`~megatron_lighthouse.transformer_config.lighthouse_config_from_env`; unset ones keep the defaults),
+  checked against ``--seq-length``, ``--context-parallel-size``, ``--num-layers`` and the Megatron-LM flags that
+  cannot work with Lighthouse as the patched hook checks its flags
+  (:func:`~megatron_lighthouse.megatron_lm.check_lighthouse_against_args`; the messages name the variables);
 - ``--qk-layernorm``, ``--num-experts``, ``--normalization`` and the other layer-spec options of Megatron-LM.
 
 ``--spec megatron_lighthouse.env_spec lighthouse_layer_spec``: the TE layer spec (the local one without
 TransformerEngine); ``lighthouse_local_layer_spec``: the local one (``--transformer-impl local``);
 ``dense_local_layer_spec``: its dense counterpart for stage two without TransformerEngine (with TE, stage two
-drops ``--spec``). Megatron-LM's patched ``pretrain_gpt.py`` (``patches/``) needs none of this.
+drops ``--spec``), which reads no ``LIGHTHOUSE_*`` variable. Megatron-LM's patched ``pretrain_gpt.py``
+(``patches/``) needs none of this.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any, Optional
 
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from .megatron_lm import check_lighthouse_against_args
 from .spec import (
     get_gpt_layer_dense_spec,
     get_gpt_layer_with_lighthouse_spec,
     have_transformer_engine,
     layer_spec_kwargs,
 )
-from .transformer_config import lighthouse_config_from_env
+from .transformer_config import ENV_FIELDS, lighthouse_config_from_env
 
 logger = logging.getLogger(__name__)
 
+#: The specs this module serves.
+NAMES = ("lighthouse_layer_spec", "lighthouse_local_layer_spec", "dense_local_layer_spec")
 
-def _megatron_lm_layer_kwargs() -> dict:
-    """Layer-spec options from Megatron-LM's parsed arguments (``{}`` before Megatron-LM has parsed them)."""
+
+def _megatron_lm_args() -> Optional[Any]:
+    """Megatron-LM's parsed arguments (``None`` before Megatron-LM has parsed them, or without Megatron-LM)."""
     try:
         from megatron.training import global_vars
     except ImportError:
-        return {}
-    args = getattr(global_vars, "_GLOBAL_ARGS", None)
-    return {} if args is None else layer_spec_kwargs(args)
+        return None
+    return getattr(global_vars, "_GLOBAL_ARGS", None)
 
 
-_LIGHTHOUSE = lighthouse_config_from_env()
-_LAYER_KWARGS = _megatron_lm_layer_kwargs()
+def _build(name: str) -> ModuleSpec:
+    """The layer spec ``name`` (one of :data:`NAMES`) for the environment and Megatron-LM's arguments."""
+    args = _megatron_lm_args()
+    kwargs = {} if args is None else layer_spec_kwargs(args)
+    if name == "dense_local_layer_spec":
+        logger.info("megatron_lighthouse.env_spec: %s, layer-spec options %s", name, kwargs)
+        return get_gpt_layer_dense_spec(use_transformer_engine=False, **kwargs)
+    lighthouse = lighthouse_config_from_env()
+    if args is not None:
+        check_lighthouse_against_args(lighthouse, args, f"--spec {__name__} {name}",
+                                      {field: f"{var}=" for var, field in ENV_FIELDS.items()})
+    use_te = name == "lighthouse_layer_spec" and have_transformer_engine()
+    logger.info("megatron_lighthouse.env_spec: %s, %s, layer-spec options %s, %s", name, lighthouse, kwargs,
+                "TransformerEngine" if use_te else "local")
+    return get_gpt_layer_with_lighthouse_spec(lighthouse=lighthouse, use_transformer_engine=use_te, **kwargs)
 
-#: The local Lighthouse layer spec (inner ``SDPACoreAttention``).
-lighthouse_local_layer_spec = get_gpt_layer_with_lighthouse_spec(lighthouse=_LIGHTHOUSE, use_transformer_engine=False,
-                                                                 **_LAYER_KWARGS)
-#: The TE Lighthouse layer spec (inner ``TEDotProductAttention``), or the local one without TransformerEngine.
-lighthouse_layer_spec = (get_gpt_layer_with_lighthouse_spec(lighthouse=_LIGHTHOUSE, use_transformer_engine=True,
-                                                            **_LAYER_KWARGS)
-                         if have_transformer_engine() else lighthouse_local_layer_spec)
-#: The dense local layer spec (``SDPACoreAttention``): stage two without TransformerEngine.
-dense_local_layer_spec = get_gpt_layer_dense_spec(use_transformer_engine=False, **_LAYER_KWARGS)
 
-logger.info("megatron_lighthouse.env_spec: %s, layer-spec options %s, TransformerEngine %s", _LIGHTHOUSE,
-            _LAYER_KWARGS, "found" if have_transformer_engine() else "not found (lighthouse_layer_spec is local)")
+def __getattr__(name: str) -> ModuleSpec:
+    """PEP 562: build one of :data:`NAMES` on first access and keep it as a module attribute."""
+    if name not in NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}; its layer specs: {', '.join(NAMES)}")
+    spec = globals()[name] = _build(name)
+    return spec
+
+
+_REQUESTED = getattr(_megatron_lm_args(), "spec", None) or ()
+if len(_REQUESTED) == 2 and _REQUESTED[0] == __name__:  # imported for --spec: build that spec now (see above)
+    if _REQUESTED[1] not in NAMES:
+        raise ValueError(f"--spec {__name__} {_REQUESTED[1]}: not a layer spec of this module; use one of "
+                         f"{', '.join(NAMES)}")
+    __getattr__(_REQUESTED[1])

@@ -27,7 +27,7 @@ import dataclasses
 import functools
 import importlib.util
 import logging
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Mapping, Optional, Tuple
 
 from .config import ROPE_PLACEMENTS, LighthouseConfig
 from .monitor.config import add_monitor_args
@@ -41,6 +41,7 @@ __all__ = [
     "start_lighthouse",
     "lighthouse_config_from_args",
     "validate_lighthouse_args",
+    "check_lighthouse_against_args",
     "lighthouse_block_spec_from_args",
     "lighthouse_schedule_from_args",
     "maybe_switch_to_dense",
@@ -57,6 +58,11 @@ _FLAGS = {
     "dense_layers": ("--lighthouse-dense-layers", "lighthouse_dense_layers"),
     "rope": ("--lighthouse-rope", "lighthouse_rope"),
 }
+
+
+def _shown(field: str, value: Any) -> str:
+    """A setting's value as its flag / variable spells it: ``dense_layers`` comma-separated."""
+    return ",".join(map(str, value)) if field == "dense_layers" else str(value)
 
 
 def _int_list(text: str) -> Tuple[int, ...]:
@@ -134,8 +140,7 @@ def lighthouse_config_from_args(args: Any) -> Optional[LighthouseConfig]:
         field = next((f for f in _FLAGS if f"LighthouseConfig.{f}=" in str(err)), None)
         if field is None:
             raise
-        shown = ",".join(map(str, values[field])) if field == "dense_layers" else values[field]
-        raise ValueError(f"{_FLAGS[field][0]} {shown}: {err}") from None
+        raise ValueError(f"{_FLAGS[field][0]} {_shown(field, values[field])}: {err}") from None
 
 
 def _cp_size(args: Any) -> int:
@@ -155,31 +160,33 @@ def _chunks(args: Any) -> int:
 _OTHER_SPEC_FLAGS = (("spec", "--spec"), ("heterogeneous_layers_config_path", "--heterogeneous-layers-config-path"))
 
 #: Megatron-LM flags (``args`` attribute, flag, what it does, the fix) that make the data loader cut each sequence
-#: into its documents, while Lighthouse selects over a sequence as one causal document.
+#: into its documents, while Lighthouse selects over a sequence as one causal document (``{switch}``: what turned
+#: Lighthouse on).
 _ACROSS_DOCUMENTS = "drop it (documents then attend to the earlier ones of their sequence, Megatron-LM's default)"
 _DOCUMENT_FLAGS = (
     ("reset_attention_mask", "--reset-attention-mask",
      "a document mask (no attention across end-of-document tokens), which Lighthouse layers refuse at run time, "
-     "and without the data loader's mask (--no-create-attention-mask-in-dataloader, which --lighthouse needs) "
+     "and without the data loader's mask (--no-create-attention-mask-in-dataloader, which {switch} needs) "
      "Megatron-LM drops it silently", _ACROSS_DOCUMENTS),
     ("reset_position_ids", "--reset-position-ids",
      "positions restarting at each end-of-document token, each document its own sequence, while Lighthouse pools, "
      "selects and rotates entries at their positions in the whole sequence", _ACROSS_DOCUMENTS),
     ("sft", "--sft",
      "packed (THD) batches of documents with cu_seqlens, which Lighthouse layers refuse at run time",
-     "fine-tune the dense model instead (without --lighthouse, or after --lighthouse-dense-from-iteration)"),
+     "fine-tune the dense model instead (without {switch}: a Lighthouse checkpoint loads into it)"),
     ("dataloader_inter_document_masking", "--dataloader-inter-document-masking",
      "packed (THD) batches with attention cut at document boundaries (cu_seqlens), which Lighthouse layers refuse "
      "at run time", _ACROSS_DOCUMENTS),
 )
 
 
-def _check_megatron_flags(args: Any) -> None:
-    """Refuse, at start-up, the Megatron-LM settings that cannot work with ``--lighthouse`` at ``--seq-length``.
+def _check_megatron_flags(args: Any, switch: str) -> None:
+    """Refuse, at start-up, the Megatron-LM settings that cannot work with Lighthouse at ``--seq-length``
+    (``switch``: what turned it on, see :func:`check_lighthouse_against_args`).
 
     Each ``ValueError`` names the flag, the rule and the fix:
 
-    - flags that pick another layer spec (``--spec``, ``--heterogeneous-layers-config-path``);
+    - flags that pick another layer spec than ``switch`` (``--spec``, ``--heterogeneous-layers-config-path``);
     - the data loader's attention mask (Megatron-LM's default): ``[s, s]`` per sample, built in the data-loader
       workers;
     - flags that split a sequence into its documents (:data:`_DOCUMENT_FLAGS`: document masks, reset positions,
@@ -193,30 +200,30 @@ def _check_megatron_flags(args: Any) -> None:
     """
     for attr, flag in _OTHER_SPEC_FLAGS:
         value = getattr(args, attr, None)
-        if value:
-            shown = " ".join(value) if isinstance(value, (list, tuple)) else value
-            raise ValueError(f"--lighthouse with {flag} {shown}: --lighthouse builds the decoder layer specs itself; "
-                             "drop one of the two")
+        shown = " ".join(value) if isinstance(value, (list, tuple)) else value
+        if value and f"{flag} {shown}" != switch:
+            raise ValueError(f"{switch} with {flag} {shown}: {switch} builds the decoder layer specs itself; drop one "
+                             "of the two")
     seq = args.seq_length
     if getattr(args, "create_attention_mask_in_dataloader", False):
-        raise ValueError(f"--create-attention-mask-in-dataloader (Megatron-LM's default) with --lighthouse: the data "
+        raise ValueError(f"--create-attention-mask-in-dataloader (Megatron-LM's default) with {switch}: the data "
                          f"loader would build a [1, {seq}, {seq}] boolean mask for every sample, {_size(seq * seq)} "
                          f"each at --seq-length {seq} (from a float32 [s, s] tensor, {_size(4 * seq * seq)}, in the "
                          f"data-loader workers), which Lighthouse layers and the stock causal kernels never read; "
                          f"pass --no-create-attention-mask-in-dataloader")
     for attr, flag, what, fix in _DOCUMENT_FLAGS:
         if getattr(args, attr, False):
-            raise ValueError(f"{flag} with --lighthouse: {what}; Lighthouse selects over each sequence as one causal "
-                             f"document; {fix}")
+            raise ValueError(f"{flag} with {switch}: {what.format(switch=switch)}; Lighthouse selects over each "
+                             f"sequence as one causal document; {fix.format(switch=switch)}")
     if getattr(args, "multi_latent_attention", False):
-        raise ValueError("--multi-latent-attention with --lighthouse: Lighthouse layers wrap the core attention of "
+        raise ValueError(f"--multi-latent-attention with {switch}: Lighthouse layers wrap the core attention of "
                          "standard (multi-head or grouped-query) self-attention only; drop one of the two")
     local = getattr(args, "transformer_impl", "transformer_engine") == "local"
     if local:
         _check_local_implementation(args)
     cp = _cp_size(args)
     if cp > 1:
-        _check_context_parallel(args, cp, local)
+        _check_context_parallel(args, cp, local, switch)
 
 
 def _check_local_implementation(args: Any) -> None:
@@ -236,13 +243,13 @@ def _check_local_implementation(args: Any) -> None:
                          "not importable here; pass --no-gradient-accumulation-fusion")
 
 
-def _check_context_parallel(args: Any, cp: int, local: bool) -> None:
+def _check_context_parallel(args: Any, cp: int, local: bool, switch: str) -> None:
     """``--context-parallel-size`` > 1: the communication type and (local) attention dropout."""
     from .causal_core_attention import check_cp_comm_type
 
     comm = getattr(args, "cp_comm_type", None)
     shown = " ".join(comm) if isinstance(comm, (list, tuple)) else comm
-    check_cp_comm_type(comm, cp, f"--cp-comm-type {shown} with --lighthouse")
+    check_cp_comm_type(comm, cp, f"--cp-comm-type {shown} with {switch}")
     dropout = getattr(args, "attention_dropout", 0.0) or 0.0
     if local and dropout > 0:
         raise ValueError(f"--attention-dropout {dropout} (Megatron-LM's default is 0.1) with --context-parallel-size "
@@ -260,36 +267,65 @@ def _size(num_bytes: float) -> str:
 
 
 def validate_lighthouse_args(args: Any) -> Optional[LighthouseConfig]:
-    """Build the :class:`LighthouseConfig` of the flags and check it against ``--seq-length``, ``--num-layers``,
-    ``--context-parallel-size`` and the Megatron-LM flags that cannot work with it (:func:`_check_megatron_flags`).
+    """Build the :class:`LighthouseConfig` of the flags and check it against Megatron-LM's arguments
+    (:func:`check_lighthouse_against_args`).
 
-    Returns the config (``None`` without ``--lighthouse``); ``ValueError`` names the flag.
+    Returns the config, ``None`` without ``--lighthouse``: then a Lighthouse setting flag other than its default,
+    or ``--lighthouse-dense-from-iteration``, is refused (it would be ignored). ``ValueError`` names the flag.
     """
     cfg = lighthouse_config_from_args(args)
     if cfg is None:
+        for field, (flag, attr) in _FLAGS.items():
+            value = getattr(args, attr, getattr(_DEFAULTS, field))
+            if value != getattr(_DEFAULTS, field):
+                raise ValueError(f"{flag} {_shown(field, value)}: needs --lighthouse (without it every layer is dense "
+                                 "and the Lighthouse settings are unused)")
         value = getattr(args, "lighthouse_dense_from_iteration", None)
         if value is not None:
             raise ValueError(f"--lighthouse-dense-from-iteration {value}: needs --lighthouse (without it every layer "
                              "is dense from the start)")
         return None
-    _check_megatron_flags(args)
+    check_lighthouse_against_args(cfg, args, "--lighthouse", {field: f"{flag} " for field, (flag, _) in _FLAGS.items()})
+    return cfg
+
+
+def check_lighthouse_against_args(lighthouse: LighthouseConfig, args: Any, switch: str,
+                                  names: Mapping[str, str]) -> None:
+    """Check ``lighthouse`` against Megatron-LM's parsed ``args``: ``--seq-length`` (split into the selection chunks
+    of ``--context-parallel-size``), ``--num-layers`` (``dense_layers`` in range, at least one Lighthouse layer) and
+    the Megatron-LM flags that cannot work with it (:func:`_check_megatron_flags`).
+
+    Both routes into Megatron-LM share it: the patched hook (:func:`validate_lighthouse_args`) and
+    ``--spec megatron_lighthouse.env_spec NAME`` (:mod:`megatron_lighthouse.env_spec`).
+
+    Args:
+        lighthouse: the settings.
+        args: Megatron-LM's parsed arguments.
+        switch: what turned Lighthouse on, as the messages name it: ``"--lighthouse"``, or the ``--spec`` flag with
+            its values (that ``--spec`` is then not another layer spec).
+        names: ``topk``, ``pooling_factor``, ``levels``, ``dense_layers`` -> how the messages name each, the value
+            following: ``"--lighthouse-topk "`` or ``"LIGHTHOUSE_TOPK="``.
+
+    ``ValueError`` names the setting (``names``), the Megatron-LM flag and the rule.
+    """
+    def setting(field: str) -> str:
+        return names[field] + _shown(field, getattr(lighthouse, field))
+
+    _check_megatron_flags(args, switch)
     cp = _cp_size(args)
     try:
-        cfg.validate(args.seq_length, chunks=_chunks(args))
+        lighthouse.validate(args.seq_length, chunks=_chunks(args))
     except ValueError as err:
         where = "" if cp == 1 else f" with --context-parallel-size {cp} ({_chunks(args)} chunks)"
-        raise ValueError(f"--seq-length {args.seq_length}{where} does not fit --lighthouse-topk {cfg.topk} "
-                         f"--lighthouse-pooling-factor {cfg.pooling_factor} --lighthouse-levels {cfg.levels}: "
-                         f"{err}") from None
+        raise ValueError(f"--seq-length {args.seq_length}{where} does not fit {setting('topk')} "
+                         f"{setting('pooling_factor')} {setting('levels')}: {err}") from None
     try:
-        dense = cfg.dense_layer_set(args.num_layers)
+        dense = lighthouse.dense_layer_set(args.num_layers)
     except ValueError as err:
-        raise ValueError(f"--lighthouse-dense-layers {','.join(map(str, cfg.dense_layers))} with --num-layers "
-                         f"{args.num_layers}: {err}") from None
+        raise ValueError(f"{setting('dense_layers')} with --num-layers {args.num_layers}: {err}") from None
     if len(dense) == args.num_layers:
-        raise ValueError(f"--lighthouse-dense-layers {','.join(map(str, cfg.dense_layers))} keeps all "
-                         f"{args.num_layers} layers (--num-layers) dense: no layer would run Lighthouse")
-    return cfg
+        raise ValueError(f"{setting('dense_layers')} keeps all {args.num_layers} layers (--num-layers) dense: no "
+                         "layer would run Lighthouse")
 
 
 def lighthouse_block_spec_from_args(args: Any, lighthouse: Optional[LighthouseConfig], config: Any,

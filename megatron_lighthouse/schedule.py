@@ -41,7 +41,10 @@ class LighthouseSchedule:
             raise ValueError(f"LighthouseSchedule.dense_from_iteration={it!r}: must be None or an int >= 0")
 
     def enabled_at(self, iteration: int) -> bool:
-        """Whether the Lighthouse layers run Lighthouse at ``iteration`` (0-based)."""
+        """Whether the Lighthouse layers run Lighthouse at ``iteration`` (0-based: an int >= 0, else
+        ``ValueError``)."""
+        if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
+            raise ValueError(f"iteration={iteration!r}: must be an int >= 0 (0-based training iteration)")
         return self.dense_from_iteration is None or iteration < self.dense_from_iteration
 
     def apply(self, model: Model, iteration: int) -> int:
@@ -64,11 +67,14 @@ def lighthouse_modules(model: Model) -> List["LighthouseCoreAttention"]:
 def set_lighthouse_enabled(model: Model, enabled: bool) -> int:
     """Run every Lighthouse layer of ``model`` with Lighthouse (``True``) or dense attention (``False``).
 
-    Returns the number of Lighthouse layers set (0: the model has none).
+    Returns the number of Lighthouse layers set (0: the model has none). ``enabled`` other than ``True`` /
+    ``False`` is a ``ValueError`` (a string such as ``"False"`` would switch them on).
     """
+    if not isinstance(enabled, bool):
+        raise ValueError(f"enabled={enabled!r}: must be True or False")
     modules = lighthouse_modules(model)
     for module in modules:
-        module.enabled = bool(enabled)
+        module.enabled = enabled
     return len(modules)
 
 

@@ -31,7 +31,8 @@ class SDPACoreAttention(CausalCoreAttention):
     Any floating dtype. The softmax scale is ``softmax_scale`` or ``1/sqrt(kv_channels)``; ``attention_dropout``
     (default ``config.attention_dropout``) applies in training, not under context parallelism. No parameters.
     Refuses (``ValueError``) what :class:`~megatron_lighthouse.causal_core_attention.CausalCoreAttention` refuses,
-    packed (THD) sequences and ``softmax_type`` other than ``"vanilla"``.
+    an ``attention_dropout`` outside ``[0, 1)``, packed (THD) sequences and ``softmax_type`` other than
+    ``"vanilla"``.
     """
 
     def __init__(
@@ -52,6 +53,10 @@ class SDPACoreAttention(CausalCoreAttention):
             raise ValueError(f"{self.where}: softmax_type={softmax_type!r}: not supported by the torch-SDPA core "
                              f"attention (plain softmax only); use TransformerEngine's core attention")
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        if isinstance(self.dropout_p, bool) or not isinstance(self.dropout_p, (int, float)) \
+                or not 0 <= self.dropout_p < 1:
+            name = "config.attention_dropout" if attention_dropout is None else "attention_dropout"
+            raise ValueError(f"{self.where}: {name}={self.dropout_p!r}: must be a probability, 0 <= p < 1")
         if self.cp_group is not None and self.dropout_p > 0:
             raise ValueError(f"{self.where}: attention_dropout={self.dropout_p} with context_parallel_size="
                              f"{config.context_parallel_size}: dropout is not supported under context parallelism "
@@ -71,7 +76,7 @@ class SDPACoreAttention(CausalCoreAttention):
         if packed_seq_params is not None:
             raise ValueError(f"{self.where}: packed (THD) sequences are not supported by the torch-SDPA core "
                              f"attention; use sbhd batches or TransformerEngine's core attention")
-        mask_type = self.check_call(query, key, attention_mask, attn_mask_type, attention_bias)
+        mask_type = self.check_call(query, key, value, attention_mask, attn_mask_type, attention_bias)
         s, b, h, d = query.shape
         if s > key.shape[0]:
             raise ValueError(f"{self.where}: {s} queries for {key.shape[0]} keys: a causal query needs its own key")

@@ -42,7 +42,10 @@ class LighthouseTransformerConfig(TransformerConfig):
 
 def lighthouse_config_from_env(environ: Optional[Mapping[str, str]] = None) -> LighthouseConfig:
     """``LighthouseConfig`` from ``LIGHTHOUSE_LEVELS``, ``LIGHTHOUSE_POOLING_FACTOR``, ``LIGHTHOUSE_TOPK`` and
-    ``LIGHTHOUSE_DENSE_LAYERS`` (comma-separated ints, may be empty); unset variables keep the defaults."""
+    ``LIGHTHOUSE_DENSE_LAYERS`` (comma-separated ints, may be empty); unset variables keep the defaults.
+
+    ``ValueError`` names the variable, its value and the rule (``LIGHTHOUSE_TOPK=100: must be ...``).
+    """
     environ = os.environ if environ is None else environ
     kwargs = {}
     for var, field in ENV_FIELDS.items():
@@ -57,7 +60,13 @@ def lighthouse_config_from_env(environ: Optional[Mapping[str, str]] = None) -> L
         except ValueError:
             raise ValueError(f"{var}={raw!r}: must be an int" + (" list, comma-separated" if field == "dense_layers"
                                                                    else "")) from None
-    return LighthouseConfig(**kwargs)
+    try:
+        return LighthouseConfig(**kwargs)
+    except ValueError as err:  # "LighthouseConfig.topk=100: ..." -> "LIGHTHOUSE_TOPK=100: ..."
+        message = str(err)
+        for var, field in ENV_FIELDS.items():
+            message = message.replace(f"LighthouseConfig.{field}=", f"{var}=")
+        raise ValueError(message) from None
 
 
 def resolve_lighthouse(config: TransformerConfig, lighthouse: Optional[LighthouseConfig]) -> LighthouseConfig:

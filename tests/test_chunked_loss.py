@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -79,3 +81,25 @@ def test_bad_settings_are_refused():
     model.post_process = False
     with pytest.raises(ValueError, match=r"no output layer here"):
         chunked_lm_loss(model, tokens, pos, labels, 64)
+
+
+def test_bad_labels_are_refused_before_the_model_runs():
+    """Longer labels gave the loss of the truncated ones; shorter, 1-D, another batch size or float labels a bare
+    IndexError after the whole decoder forward."""
+    model = _model()
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    tokens, pos, labels = batch()
+    longer = torch.cat((labels, labels[:, :1]), dim=1)
+    for bad in (longer, labels[:, :-1], labels[0], labels[:1], labels[..., None]):
+        shape = re.escape(str(tuple(bad.shape)))
+        with pytest.raises(ValueError, match=rf"^chunked_lm_loss: labels of shape {shape} for input_ids of shape "
+                                             r"\(2, 256\): both must be \[b, s\], the same shape"):
+            chunked_lm_loss(model, tokens, pos, bad, 64)
+    for bad in (labels.float(), labels.to(torch.int16), labels.bool(), labels.tolist()):
+        with pytest.raises(ValueError, match=r"^chunked_lm_loss: labels of dtype .*: must be an int64 \(or int32\) "
+                                             r"tensor of token ids"):
+            chunked_lm_loss(model, tokens, pos, bad, 64)
+    assert calls == []
+    torch.testing.assert_close(chunked_lm_loss(model, tokens, pos, labels.int(), 64),
+                               chunked_lm_loss(model, tokens, pos, labels, 64))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 import types
 
 import pytest
@@ -285,6 +286,58 @@ def test_unsupported_inputs_raise():
             _core(cfg, softmax_scale=scale)
 
 
+def test_query_heads_must_be_a_multiple_of_the_key_value_heads():
+    """More key/value heads than query heads gave all-zero outputs, a count that does not divide them a bare
+    RuntimeError: refused at construction (config) and at each call (tensors), naming both counts."""
+    def sdpa(cfg):
+        return SDPACoreAttention(cfg, 3, AttnMaskType.causal, "self")
+
+    for groups in (8, 3):
+        for build in (_core, sdpa):
+            with pytest.raises(ValueError, match=rf"\(layer 3\): config.num_attention_heads=4 with "
+                                                 rf"config.num_query_groups={groups}: the query heads must be a "
+                                                 r"multiple of the query groups"):
+                build(tiny_config(num_query_groups=groups))
+    cfg = tiny_config(num_query_groups=2)
+    disabled = _core(cfg)
+    disabled.enabled = False
+    q = torch.randn(SEQ, 2, 4, 16)
+    for heads in (8, 3, 0):
+        kv = torch.randn(SEQ, 2, heads, 16)
+        for module in (sdpa(cfg), _core(cfg), disabled):
+            with pytest.raises(ValueError, match=rf"\(layer 3\): 4 query heads for {heads} key and {heads} value "
+                                                 r"heads: the query heads must be a multiple of the key/value heads"):
+                module(q, kv, kv, None)
+    with pytest.raises(ValueError, match=r"4 query heads for 2 key and 4 value heads"):
+        sdpa(cfg)(q, q[:, :, :2], q, None)
+
+
+def test_inputs_must_be_sbhd():
+    """A 3-D query (or key / value) gave "not enough values to unpack": refused with the layout it needs."""
+    cfg = tiny_config()
+    q = torch.randn(SEQ, 2, 4, 16)
+    for module in (_core(cfg), SDPACoreAttention(cfg, 3, AttnMaskType.causal, "self")):
+        with pytest.raises(ValueError, match=r"\(layer 3\): query of shape \(256, 2, 64\): must be 4-D \[s, b, heads, "
+                                             r"head_dim\] \(Megatron's sbhd layout\)"):
+            module(q.flatten(2), q, q, None)
+        with pytest.raises(ValueError, match=r"\(layer 3\): key of shape \(256, 4, 16\): must be 4-D"):
+            module(q, q[:, 0], q, None)
+        with pytest.raises(ValueError, match=r"\(layer 3\): value of shape \(256, 2, 4, 16, 1\): must be 4-D"):
+            module(q, q, q[..., None], None)
+
+
+def test_sdpa_attention_dropout_must_be_a_probability():
+    """-0.5 failed only at the first training forward (with torch's message), 1.5 with a bare RuntimeError."""
+    for p in (-0.5, 1.0, 1.5, float("nan"), True, "0.1"):
+        with pytest.raises(ValueError, match=r"^SDPACoreAttention \(layer 3\): attention_dropout=.*: must be a "
+                                             r"probability, 0 <= p < 1$"):
+            SDPACoreAttention(tiny_config(), 3, AttnMaskType.causal, "self", attention_dropout=p)
+    with pytest.raises(ValueError, match=r"\(layer 3\): config.attention_dropout=-0.5: must be a probability"):
+        SDPACoreAttention(tiny_config(attention_dropout=-0.5), 3, AttnMaskType.causal, "self")
+    assert SDPACoreAttention(tiny_config(attention_dropout=0.5), 3, AttnMaskType.causal, "self").dropout_p == 0.5
+    assert SDPACoreAttention(tiny_config(), 3, AttnMaskType.causal, "self", attention_dropout=0).dropout_p == 0
+
+
 def test_lighthouse_is_never_settable_after_construction():
     core = _core(tiny_config())
     with pytest.raises(AttributeError):
@@ -471,21 +524,50 @@ def test_pipeline_stages_map_global_layers():
     assert [stage(vp, 0, 0), stage(vp, 1, 0), stage(vp, 0, 1), stage(vp, 1, 1)] == ["DD", "LL", "LL", "DD"]
 
 
+ENV_SPEC = "megatron_lighthouse.env_spec"
+#: Megatron-LM arguments a tiny Lighthouse model fits: LIGHTHOUSE at SEQ tokens, 6 layers (4 of them dense).
+TINY_ARGS = dict(seq_length=SEQ, num_layers=6, transformer_impl="local")
+TINY_ENV = {"LIGHTHOUSE_LEVELS": "2", "LIGHTHOUSE_POOLING_FACTOR": "2", "LIGHTHOUSE_TOPK": "128"}
+
+
+def _environment(monkeypatch, **variables):
+    """Exactly ``variables`` of the ``LIGHTHOUSE_*`` settings in the environment."""
+    for var in ("LIGHTHOUSE_LEVELS", "LIGHTHOUSE_POOLING_FACTOR", "LIGHTHOUSE_TOPK", "LIGHTHOUSE_DENSE_LAYERS"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in variables.items():
+        monkeypatch.setenv(var, value)
+
+
+def _megatron_lm_spec(monkeypatch, name, **args):
+    """``--spec megatron_lighthouse.env_spec NAME`` resolved as Megatron-LM resolves it once it has parsed its
+    arguments (``args``, with that ``--spec``): a first import of the module, then ``vars(module)[NAME]``
+    (megatron-core's ``spec_utils.import_module``)."""
+    global_vars = types.ModuleType("megatron.training.global_vars")
+    global_vars._GLOBAL_ARGS = types.SimpleNamespace(spec=[ENV_SPEC, name], **args)
+    monkeypatch.setitem(sys.modules, "megatron.training", types.ModuleType("megatron.training"))
+    monkeypatch.setitem(sys.modules, "megatron.training.global_vars", global_vars)
+    monkeypatch.delitem(sys.modules, ENV_SPEC, raising=False)
+    return import_module((ENV_SPEC, name))
+
+
 def test_megatron_lm_spec_entry_point(monkeypatch):
     """``--spec megatron_lighthouse.env_spec lighthouse_local_layer_spec`` resolves as Megatron-LM resolves it;
     ``megatron_lighthouse.spec`` itself builds nothing when imported."""
     import megatron_lighthouse.spec as spec_module
 
     assert not hasattr(spec_module, "lighthouse_local_layer_spec")
-    spec = import_module(("megatron_lighthouse.env_spec", "lighthouse_local_layer_spec"))
+    _environment(monkeypatch, **TINY_ENV)
+    spec = _megatron_lm_spec(monkeypatch, "lighthouse_local_layer_spec", **TINY_ARGS)
     assert isinstance(spec, ModuleSpec)
+    assert "dense_local_layer_spec" not in vars(sys.modules[ENV_SPEC])  # only the spec asked for is built
     cfg = tiny_config(lighthouse=None)
     model = tiny_gpt(cfg, spec)
     cores = [layer.self_attention.core_attention for layer in model.decoder.layers]
     assert all(type(c) is LighthouseCoreAttention for c in cores)
     assert [c.dense_layer for c in cores] == [i in DENSE_LAYERS for i in range(6)]
+    assert cores[2].lighthouse == LIGHTHOUSE
     assert set_lighthouse_enabled(model, False) == 2
-    dense = tiny_gpt(cfg, import_module(("megatron_lighthouse.env_spec", "dense_local_layer_spec")))
+    dense = tiny_gpt(cfg, _megatron_lm_spec(monkeypatch, "dense_local_layer_spec", **TINY_ARGS))
     assert all(type(layer.self_attention.core_attention) is SDPACoreAttention for layer in dense.decoder.layers)
     dense.load_state_dict(model.state_dict())
     env = {"LIGHTHOUSE_LEVELS": "2", "LIGHTHOUSE_POOLING_FACTOR": "2", "LIGHTHOUSE_TOPK": "256",
@@ -494,6 +576,74 @@ def test_megatron_lm_spec_entry_point(monkeypatch):
                                                                dense_layers=(0, -1))
     with pytest.raises(ValueError, match="LIGHTHOUSE_TOPK"):
         lighthouse_config_from_env({"LIGHTHOUSE_TOPK": "lots"})
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"LIGHTHOUSE_TOPK": "100"}, "LIGHTHOUSE_TOPK=100: must be a positive multiple of 128"),
+    ({"LIGHTHOUSE_LEVELS": "1"}, "LIGHTHOUSE_LEVELS=1: must be >= 2"),
+    ({"LIGHTHOUSE_POOLING_FACTOR": "3"}, "LIGHTHOUSE_POOLING_FACTOR=3: must be a power of two"),
+])
+def test_bad_environment_settings_name_the_variable(env, message):
+    with pytest.raises(ValueError) as err:
+        lighthouse_config_from_env(env)
+    assert str(err.value).startswith(message)
+
+
+def test_env_spec_builds_each_spec_on_first_access(monkeypatch):
+    """Outside Megatron-LM nothing is built at import; each name is built when first read, and kept. The dense
+    spec reads no LIGHTHOUSE_* variable, so a bad one does not stop stage two."""
+    import importlib
+
+    _environment(monkeypatch, LIGHTHOUSE_TOPK="100")
+    monkeypatch.delitem(sys.modules, ENV_SPEC, raising=False)
+    module = importlib.import_module(ENV_SPEC)
+    assert not any(name in vars(module) for name in module.NAMES)
+    dense = module.dense_local_layer_spec
+    assert vars(module)["dense_local_layer_spec"] is dense and module.dense_local_layer_spec is dense
+    with pytest.raises(ValueError, match=r"^LIGHTHOUSE_TOPK=100: must be a positive multiple of 128"):
+        module.lighthouse_local_layer_spec
+    with pytest.raises(AttributeError, match=r"has no attribute 'lighthouse_spec'; its layer specs: "):
+        module.lighthouse_spec
+
+
+@pytest.mark.parametrize("name", ["lighthouse_local_layer_spec", "lighthouse_layer_spec"])
+def test_env_spec_checks_the_settings_against_megatron_lm_args(monkeypatch, name):
+    """As the patched hook checks its flags, naming the LIGHTHOUSE_* variables (and the --spec) instead."""
+    switch = f"--spec {ENV_SPEC} {name}"
+    _environment(monkeypatch)
+    with pytest.raises(ValueError, match=r"^--seq-length 100000 does not fit LIGHTHOUSE_TOPK=2048 "
+                                         r"LIGHTHOUSE_POOLING_FACTOR=4 LIGHTHOUSE_LEVELS=3: .*nearest valid lengths: "
+                                         r"\(99840, 100096\)"):
+        _megatron_lm_spec(monkeypatch, name, seq_length=100000, num_layers=6)
+    with pytest.raises(ValueError, match=r"^--seq-length 16384 with --context-parallel-size 2 \(4 chunks\) does "
+                                         r"not fit LIGHTHOUSE_TOPK=2048 "):
+        _megatron_lm_spec(monkeypatch, name, seq_length=16384, num_layers=6, context_parallel_size=2)
+    _environment(monkeypatch, LIGHTHOUSE_DENSE_LAYERS="0,1")
+    with pytest.raises(ValueError, match=r"^LIGHTHOUSE_DENSE_LAYERS=0,1 keeps all 2 layers \(--num-layers\) dense: "
+                                         r"no layer would run Lighthouse"):
+        _megatron_lm_spec(monkeypatch, name, seq_length=32768, num_layers=2)
+    with pytest.raises(ValueError, match=r"^LIGHTHOUSE_DENSE_LAYERS=0,1 with --num-layers 1: .*entry 1"):
+        _megatron_lm_spec(monkeypatch, name, seq_length=32768, num_layers=1)
+    with pytest.raises(ValueError, match=f"^--reset-attention-mask with {switch}: a document mask"):
+        _megatron_lm_spec(monkeypatch, name, seq_length=32768, num_layers=6, reset_attention_mask=True)
+    with pytest.raises(ValueError, match=f"^{switch} with --heterogeneous-layers-config-path h.json: {switch} builds"):
+        _megatron_lm_spec(monkeypatch, name, seq_length=32768, num_layers=6,
+                          heterogeneous_layers_config_path="h.json")
+    assert isinstance(_megatron_lm_spec(monkeypatch, name, seq_length=32768, num_layers=6), ModuleSpec)
+
+
+def test_env_spec_dense_spec_checks_no_lighthouse_settings(monkeypatch):
+    """Stage two is dense: neither the sequence length nor the dense layers are Lighthouse's business there."""
+    _environment(monkeypatch, LIGHTHOUSE_TOPK="100", LIGHTHOUSE_DENSE_LAYERS="0,1")
+    spec = _megatron_lm_spec(monkeypatch, "dense_local_layer_spec", seq_length=100000, num_layers=2,
+                             reset_attention_mask=True)
+    assert isinstance(spec, ModuleSpec)
+
+
+def test_env_spec_refuses_a_spec_name_it_does_not_have(monkeypatch):
+    with pytest.raises(ValueError, match=rf"^--spec {ENV_SPEC} lighthouse_spec: not a layer spec of this module; "
+                                         r"use one of lighthouse_layer_spec, "):
+        _megatron_lm_spec(monkeypatch, "lighthouse_spec", **TINY_ARGS)
 
 
 def test_transformer_engine_inner_contract():

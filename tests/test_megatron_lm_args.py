@@ -231,6 +231,31 @@ def test_dense_from_iteration_needs_lighthouse():
     assert validate_lighthouse_args(parse("--lighthouse", "--lighthouse-dense-from-iteration", "10")) is not None
 
 
+@pytest.mark.parametrize("flag, value", [
+    ("--lighthouse-topk", "100"),  # invalid too: refused for what it is without --lighthouse
+    ("--lighthouse-topk", "1024"),
+    ("--lighthouse-pooling-factor", "8"),
+    ("--lighthouse-levels", "2"),
+    ("--lighthouse-dense-layers", "0,-1"),
+    ("--lighthouse-rope", "tokens"),
+])
+def test_lighthouse_settings_need_lighthouse(flag, value):
+    """Without --lighthouse every layer is dense: a Lighthouse setting given anyway was silently ignored."""
+    with pytest.raises(ValueError) as err:
+        validate_lighthouse_args(parse(flag, value))
+    assert str(err.value) == (f"{flag} {value}: needs --lighthouse (without it every layer is dense and the Lighthouse "
+                              "settings are unused)")
+    if value != "100":  # with --lighthouse the same setting is taken
+        assert validate_lighthouse_args(parse("--lighthouse", flag, value, seq_length=131072)) is not None
+
+
+def test_defaults_and_monitor_flags_pass_without_lighthouse():
+    """The defaults spelled out, and the GPU monitor (which watches dense runs too), need no --lighthouse."""
+    assert validate_lighthouse_args(parse("--lighthouse-topk", "2048", "--lighthouse-dense-layers", "0,1,-2,-1",
+                                          "--lighthouse-rope", "entries")) is None
+    assert validate_lighthouse_args(parse("--lighthouse-monitor", "--lighthouse-monitor-interval", "0.5")) is None
+
+
 def test_schedule_from_args():
     schedule = lighthouse_schedule_from_args(parse("--lighthouse", "--lighthouse-dense-from-iteration", "3"))
     assert [schedule.enabled_at(i) for i in range(5)] == [True, True, True, False, False]

@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 
-from megatron_lighthouse.schedule import LighthouseSchedule
+from megatron_lighthouse.schedule import LighthouseSchedule, lighthouse_enabled, set_lighthouse_enabled
 
 L, D = True, False
 
@@ -38,3 +39,24 @@ def test_schedule_imports_no_megatron_core():
             "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'megatron'); print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("iteration", [-1, -5, None, "3", 2.5, True])
+def test_bad_iteration_is_refused(iteration):
+    """-1 ran Lighthouse, None / "3" gave a bare TypeError."""
+    schedule = LighthouseSchedule(dense_from_iteration=3)
+    with pytest.raises(ValueError, match=r"^iteration=.*: must be an int >= 0 \(0-based training iteration\)$"):
+        schedule.enabled_at(iteration)
+    with pytest.raises(ValueError, match=r"^iteration=.*: must be an int >= 0"):
+        schedule.apply([], iteration)
+
+
+@pytest.mark.parametrize("enabled", ["False", 0, 1, None])
+def test_enabled_must_be_a_bool(enabled):
+    """bool("False") is True: a string switched the Lighthouse layers on."""
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match=r"^enabled=.*: must be True or False$"):
+        set_lighthouse_enabled(model, enabled)
+    with pytest.raises(ValueError, match=r"^enabled=.*: must be True or False$"):
+        with lighthouse_enabled([], enabled):
+            pass
