@@ -171,3 +171,61 @@ def test_backend_validation():
     q, k, v = _inputs(256)
     with pytest.raises(ValueError, match="backend='cuda'"):
         lighthouse_attention(q, k, v, levels=2, pooling_factor=2, topk=128, backend="cuda")
+
+
+def test_max_tile_entries_is_tritons_block_limit():
+    import triton.language as tl
+
+    assert fused.MAX_TILE_ENTRIES == tl.TRITON_MAX_TENSOR_NUMEL == 2**20
+
+
+class _NoLaunch:
+    """Stands in for the selection kernel: records the launches instead of running them."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((grid, kwargs))
+
+
+def test_selection_refuses_tiles_over_the_block_limit_before_any_work(monkeypatch):
+    """N=2**22, levels=2, p=2, topk=128 is a valid configuration, but its one tile owns 2**21 coarsest entries: the
+    kernel entry raises a ValueError that names the count, the limit and the fix, before allocating or launching
+    (the scores here are zero-stride views: any copy of them would allocate 24 MB per tensor)."""
+    from lighthouse_kernels import select
+
+    kernel = _NoLaunch()
+    monkeypatch.setattr(select, "_select_kernel", kernel)
+    n, levels, p, topk = 2**22, 2, 2, 128
+    total = n + n // 2
+    scores = torch.zeros(()).expand(1, 1, total)
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("select_entries allocated or copied before refusing the configuration")
+
+    with monkeypatch.context() as patch, pytest.raises(ValueError) as info:
+        patch.setattr(torch, "empty", no_work)
+        patch.setattr(torch.Tensor, "contiguous", no_work)
+        fused.select_entries(scores, scores, n, levels, p, topk)
+    message = str(info.value)
+    for part in ("2097152", "MAX_TILE_ENTRIES=1048576", "raise topk", "levels", "pooling_factor"):
+        assert part in message, message
+    assert kernel.launches == []
+    with pytest.raises(ValueError, match="2097152"):
+        fused.check_tile_entries(n, levels, p, topk)
+
+
+@pytest.mark.parametrize("n,levels,p,topk", [(2**21, 2, 2, 128), (2**22, 2, 2, 256), (2**22, 3, 2, 128)])
+def test_selection_accepts_tiles_at_the_block_limit(monkeypatch, n, levels, p, topk):
+    """Up to MAX_TILE_ENTRIES entries per tile pass the check and launch with a block of at most 2**20."""
+    from lighthouse_kernels import select
+
+    kernel = _NoLaunch()
+    monkeypatch.setattr(select, "_select_kernel", kernel)
+    fused.check_tile_entries(n, levels, p, topk)
+    total = sum(n // p**level for level in range(levels))
+    scores = torch.zeros(()).expand(1, 1, total)
+    fused.select_entries(scores, scores, n, levels, p, topk)
+    ((grid, kwargs),) = kernel.launches
+    assert grid == (1, topk // 128) and kwargs["BLOCK_C"] == n // p ** (levels - 1) // (topk // 128) <= 2**20

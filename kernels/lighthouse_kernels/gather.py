@@ -4,11 +4,14 @@ backward, both deterministic.
 Forward: row ``j`` of the subsequence is the mean of the ``p**l`` tokens its entry covers, for q, k and v at once;
 the pyramid is never materialised. Backward: token ``t`` gets ``sum_l g(l, t // p**l) / p**l`` over the levels
 whose covering entry was selected, read through the inverse map (a gather, no atomics).
+
+Offsets: ``row``/``b``/``h`` are int64 (``program_block``) and token positions are widened before they meet a
+stride, so tensors of more than 2**31 elements (long sequences, strided views) are addressed correctly.
 """
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -21,12 +24,13 @@ from .pyramid_index import entry_of, next_level, program_block
 @triton.jit
 def _pool_rows(x_ptr, b, h, first, span, j_ok, d, d_ok, sxb, sxn, sxh, MAX_SPAN: tl.constexpr, BLOCK_S: tl.constexpr,
                BLOCK_D: tl.constexpr):
-    base = x_ptr + b * sxb + h * sxh + d[None, :]
+    # Widened once: b, h are int64 and the first token's offset is computed in int64; the loop steps the pointers.
+    rows = x_ptr + b * sxb + h * sxh + first[:, None].to(tl.int64) * sxn + d[None, :]
     acc = tl.zeros((BLOCK_S, BLOCK_D), dtype=tl.float32)
     for i in range(MAX_SPAN):
         ok = j_ok & (i < span)
-        acc += tl.load(base + (first + i)[:, None].to(tl.int64) * sxn, mask=ok[:, None] & d_ok[None, :],
-                       other=0.0).to(tl.float32)
+        acc += tl.load(rows, mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        rows += sxn
     return acc / span.to(tl.float32)[:, None]
 
 
@@ -39,7 +43,7 @@ def _gather_fwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, qs_ptr, ks_ptr, vs_ptr, seq
     pos = tl.load(idx_ptr + row * S + j, mask=j_ok, other=0)
     local, span = entry_of(pos, seq_len, P, LEVELS)
     first = local * span
-    dst = (row * S + j)[:, None].to(tl.int64) * D + d[None, :]
+    dst = (row * S + j)[:, None] * D + d[None, :]  # int64, as row is
     st_mask = j_ok[:, None] & d_ok[None, :]
     xq = _pool_rows(q_ptr, b, h, first, span, j_ok, d, d_ok, sqb, sqn, sqh, MAX_SPAN, BLOCK_S, BLOCK_D)
     tl.store(qs_ptr + dst, xq.to(qs_ptr.dtype.element_ty), mask=st_mask)
@@ -50,17 +54,18 @@ def _gather_fwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, qs_ptr, ks_ptr, vs_ptr, seq
 
 
 @triton.jit
-def _unpool_tokens(g_ptr, dx_ptr, row, b, h, tok, tok_ok, d, d_ok, inv_ptr, seq_len, total, S, D, sdb, sdn, sdh,
-                   BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, P: tl.constexpr, LEVELS: tl.constexpr):
+def _unpool_tokens(g_ptr, dx_ptr, row, b, h, tok, tok_ok, d, d_ok, inv_ptr, seq_len, stride_inv, S, D, sdb, sdn,
+                   sdh, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, P: tl.constexpr, LEVELS: tl.constexpr):
     acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    inv_row = inv_ptr + row * stride_inv  # row is int64
+    g_row = g_ptr + row * S * D + d[None, :]
     offset = 0
     width = seq_len
     span = 1
     for _ in tl.static_range(LEVELS):
-        sub_row = tl.load(inv_ptr + row * total + offset + tok // span, mask=tok_ok, other=-1)
+        sub_row = tl.load(inv_row + offset + tok // span, mask=tok_ok, other=-1)
         hit = sub_row >= 0
-        g = tl.load(g_ptr + (row * S + sub_row)[:, None].to(tl.int64) * D + d[None, :],
-                    mask=hit[:, None] & d_ok[None, :], other=0.0)
+        g = tl.load(g_row + sub_row[:, None].to(tl.int64) * D, mask=hit[:, None] & d_ok[None, :], other=0.0)
         acc += g.to(tl.float32) / span
         offset, width, span = next_level(offset, width, span, P)
     dst = dx_ptr + b * sdb + h * sdh + tok[:, None].to(tl.int64) * sdn + d[None, :]
@@ -68,16 +73,16 @@ def _unpool_tokens(g_ptr, dx_ptr, row, b, h, tok, tok_ok, d, d_ok, inv_ptr, seq_
 
 
 @triton.jit
-def _gather_bwd_kernel(gq_ptr, gk_ptr, gv_ptr, inv_ptr, dq_ptr, dk_ptr, dv_ptr, seq_len, total, S, H, D,
+def _gather_bwd_kernel(gq_ptr, gk_ptr, gv_ptr, inv_ptr, dq_ptr, dk_ptr, dv_ptr, seq_len, stride_inv, S, H, D,
                        sdb, sdn, sdh,
                        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, P: tl.constexpr, LEVELS: tl.constexpr):
     row, b, h, tok, tok_ok, d, d_ok = program_block(H, seq_len, D, BLOCK_T, BLOCK_D)
-    _unpool_tokens(gq_ptr, dq_ptr, row, b, h, tok, tok_ok, d, d_ok, inv_ptr, seq_len, total, S, D, sdb, sdn, sdh,
-                   BLOCK_T, BLOCK_D, P, LEVELS)
-    _unpool_tokens(gk_ptr, dk_ptr, row, b, h, tok, tok_ok, d, d_ok, inv_ptr, seq_len, total, S, D, sdb, sdn, sdh,
-                   BLOCK_T, BLOCK_D, P, LEVELS)
-    _unpool_tokens(gv_ptr, dv_ptr, row, b, h, tok, tok_ok, d, d_ok, inv_ptr, seq_len, total, S, D, sdb, sdn, sdh,
-                   BLOCK_T, BLOCK_D, P, LEVELS)
+    _unpool_tokens(gq_ptr, dq_ptr, row, b, h, tok, tok_ok, d, d_ok, inv_ptr, seq_len, stride_inv, S, D, sdb, sdn,
+                   sdh, BLOCK_T, BLOCK_D, P, LEVELS)
+    _unpool_tokens(gk_ptr, dk_ptr, row, b, h, tok, tok_ok, d, d_ok, inv_ptr, seq_len, stride_inv, S, D, sdb, sdn,
+                   sdh, BLOCK_T, BLOCK_D, P, LEVELS)
+    _unpool_tokens(gv_ptr, dv_ptr, row, b, h, tok, tok_ok, d, d_ok, inv_ptr, seq_len, stride_inv, S, D, sdb, sdn,
+                   sdh, BLOCK_T, BLOCK_D, P, LEVELS)
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -104,14 +109,25 @@ def gather_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: t
 
 
 def gather_backward(gq: torch.Tensor, gk: torch.Tensor, gv: torch.Tensor, inv: torch.Tensor, seq_len: int,
-                    levels: int, pooling_factor: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Subsequence grads ``[B, H, S, D]`` (contiguous), ``inv`` ``[B*H, N_tot]`` -> dq, dk, dv ``[B, N, H, D]``."""
+                    levels: int, pooling_factor: int,
+                    out: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Subsequence grads ``[B, H, S, D]`` (contiguous), ``inv`` ``[B*H, N_tot]`` (last dim contiguous) -> dq, dk,
+    dv ``[B, N, H, D]``, written into ``out`` when given (three tensors of that shape and ``gq``'s dtype with the
+    same strides, last dim contiguous: e.g. views into a ``[s, b, h, d]`` buffer), else into new contiguous ones."""
     b, h, s, d = gq.shape
-    out = [torch.empty(b, seq_len, h, d, dtype=gq.dtype, device=gq.device) for _ in range(3)]
+    if out is None:
+        out = [torch.empty(b, seq_len, h, d, dtype=gq.dtype, device=gq.device) for _ in range(3)]
+    elif any(x.shape != (b, seq_len, h, d) or x.dtype != gq.dtype or x.stride() != out[0].stride()
+             or x.stride(-1) != 1 for x in out):
+        raise ValueError(f"gather_backward: out must be three [B, N, H, D] = {[b, seq_len, h, d]} {gq.dtype} tensors "
+                         f"with one set of strides and a contiguous last dim")
+    if inv.stride(-1) != 1:
+        inv = inv.contiguous()
     block_t = rows_per_program(gq.device, 64)
     grid = (b * h, triton.cdiv(seq_len, block_t))
     _gather_bwd_kernel[grid](
-        gq, gk, gv, inv, *out, seq_len, inv.shape[1], s, h, d, out[0].stride(0), out[0].stride(1), out[0].stride(2),
+        gq, gk, gv, inv, *out, seq_len, inv.stride(0), s, h, d, out[0].stride(0), out[0].stride(1), out[0].stride(2),
         BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(d), P=pooling_factor, LEVELS=levels,
     )
     return tuple(out)

@@ -14,7 +14,8 @@ from .pyramid_index import next_level, program_block, pyramid_size
 
 @triton.jit
 def _token_norms(x_ptr, b, h, tok, tok_mask, d, d_ok, stride_b, stride_n, stride_h):
-    ptrs = x_ptr + b * stride_b + h * stride_h + tok[:, None] * stride_n + d[None, :]
+    # b, h are int64 (program_block); the token offsets are widened too: N * stride_n reaches 2**31 at 2M tokens.
+    ptrs = x_ptr + b * stride_b + h * stride_h + tok[:, None].to(tl.int64) * stride_n + d[None, :]
     x = tl.load(ptrs, mask=tok_mask[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
     return tl.sqrt(tl.sum(x * x, axis=1))
 
@@ -22,7 +23,7 @@ def _token_norms(x_ptr, b, h, tok, tok_mask, d, d_ok, stride_b, stride_n, stride
 @triton.jit
 def _store_levels(norm, out_ptr, row, tok, seq_len, total, BLOCK_T: tl.constexpr, P: tl.constexpr,
                   LEVELS: tl.constexpr):
-    base = out_ptr + row * total
+    base = out_ptr + row * total  # row is int64: B*H*N_tot can exceed 2**31
     tl.store(base + tok, norm, mask=tok < seq_len)
     offset = 0
     width = seq_len

@@ -24,8 +24,13 @@ def program_block(H, limit, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
 
     Returns this program's row ``b*H + h``, ``b``, ``h``, its block of ``BLOCK`` positions along a dimension of
     length ``limit`` with their in-range mask, and the ``BLOCK_D`` head-dim lanes with theirs (``< D``).
+
+    ``row``, ``b`` and ``h`` are int64 scalars (widened once per program), so every ``row * row_stride``,
+    ``b * stride_b`` and ``h * stride_h`` is an int64 offset: those exceed 2**31 elements on long sequences (e.g.
+    ``[B, N, H, D]`` with ``N*H*D >= 2**31``, or Megatron's ``[s, b, h, d]`` seen as ``[b, s, h, d]``). The
+    positions stay int32 (they index a dimension below 2**31); kernels widen them before multiplying by a stride.
     """
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)
     idx = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     d = tl.arange(0, BLOCK_D)
     return row, row // H, row % H, idx, idx < limit, d, d < D

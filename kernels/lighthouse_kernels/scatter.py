@@ -3,9 +3,14 @@
 Token ``t`` receives the output of level-``l`` entry ``(t+1) // p**l - 1`` when that entry was selected; the
 backward of subsequence row ``j`` (entry ``i`` of level ``l``) sums ``dout`` over tokens
 ``[(i+1)*p**l - 1, (i+2)*p**l - 1)`` clipped to ``N``. Neither uses atomics: results are bitwise reproducible.
+
+Offsets: ``row``/``b``/``h`` are int64 (``program_block``) and token positions are widened before they meet a
+stride, so tensors of more than 2**31 elements (long sequences, strided views) are addressed correctly.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
@@ -16,21 +21,22 @@ from .pyramid_index import entry_of, next_level, program_block
 
 
 @triton.jit
-def _scatter_fwd_kernel(sub_ptr, inv_ptr, out_ptr, seq_len, total, S, H, D,
+def _scatter_fwd_kernel(sub_ptr, inv_ptr, out_ptr, seq_len, stride_inv, S, H, D,
                         sob, soh, son,
                         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, P: tl.constexpr, LEVELS: tl.constexpr):
     row, b, h, tok, tok_ok, d, d_ok = program_block(H, seq_len, D, BLOCK_T, BLOCK_D)
     acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    inv_row = inv_ptr + row * stride_inv  # row is int64
+    sub = sub_ptr + row * S * D + d[None, :]
     offset = 0
     width = seq_len
     span = 1
     for _ in tl.static_range(LEVELS):
         src = (tok + 1) // span - 1
         ok = tok_ok & (src >= 0)
-        sub_row = tl.load(inv_ptr + row * total + offset + src, mask=ok, other=-1)
+        sub_row = tl.load(inv_row + offset + src, mask=ok, other=-1)
         hit = sub_row >= 0
-        vals = tl.load(sub_ptr + (row * S + sub_row)[:, None].to(tl.int64) * D + d[None, :],
-                       mask=hit[:, None] & d_ok[None, :], other=0.0)
+        vals = tl.load(sub + sub_row[:, None].to(tl.int64) * D, mask=hit[:, None] & d_ok[None, :], other=0.0)
         acc += vals.to(tl.float32)
         offset, width, span = next_level(offset, width, span, P)
     out = out_ptr + b * sob + h * soh + tok[:, None].to(tl.int64) * son + d[None, :]
@@ -46,26 +52,34 @@ def _scatter_bwd_kernel(dout_ptr, idx_ptr, dsub_ptr, seq_len, S, H, D,
     pos = tl.load(idx_ptr + row * S + j, mask=j_ok, other=0)
     local, span = entry_of(pos, seq_len, P, LEVELS)
     first = (local + 1) * span - 1
-    base = dout_ptr + b * sdb + h * sdh + d[None, :]
+    # Widened once: b, h are int64 and the first token's offset is computed in int64; the loop steps the pointers.
+    rows = dout_ptr + b * sdb + h * sdh + first[:, None].to(tl.int64) * sdn + d[None, :]
     acc = tl.zeros((BLOCK_S, BLOCK_D), dtype=tl.float32)
     for i in range(MAX_SPAN):
-        tok = first + i
-        ok = j_ok & (i < span) & (tok < seq_len)
-        acc += tl.load(base + tok[:, None].to(tl.int64) * sdn, mask=ok[:, None] & d_ok[None, :],
-                       other=0.0).to(tl.float32)
-    dst = dsub_ptr + (row * S + j)[:, None].to(tl.int64) * D + d[None, :]
+        ok = j_ok & (i < span) & (first + i < seq_len)
+        acc += tl.load(rows, mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        rows += sdn
+    dst = dsub_ptr + (row * S + j)[:, None] * D + d[None, :]  # int64, as row is
     tl.store(dst, acc.to(dsub_ptr.dtype.element_ty), mask=j_ok[:, None] & d_ok[None, :])
 
 
 def scatter_forward(out_sub: torch.Tensor, inv: torch.Tensor, seq_len: int, levels: int,
-                    pooling_factor: int) -> torch.Tensor:
-    """``out_sub`` ``[B, H, S, D]`` (contiguous), ``inv`` from :func:`inverse_map` -> ``[B, N, H, D]`` in its dtype."""
+                    pooling_factor: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``out_sub`` ``[B, H, S, D]`` (contiguous), ``inv`` from :func:`inverse_map` (last dim contiguous) ->
+    ``[B, N, H, D]`` in its dtype, written into ``out`` when given (that shape and dtype, any strides with a
+    contiguous last dim: e.g. a view into a ``[s, b, h, d]`` buffer), else into a new contiguous tensor."""
     b, h, s, d = out_sub.shape
-    out = torch.empty(b, seq_len, h, d, dtype=out_sub.dtype, device=out_sub.device)
+    if out is None:
+        out = torch.empty(b, seq_len, h, d, dtype=out_sub.dtype, device=out_sub.device)
+    elif out.shape != (b, seq_len, h, d) or out.dtype != out_sub.dtype or out.stride(-1) != 1:
+        raise ValueError(f"scatter_forward: out must be a [B, N, H, D] = {[b, seq_len, h, d]} {out_sub.dtype} tensor "
+                         f"with a contiguous last dim")
+    if inv.stride(-1) != 1:
+        inv = inv.contiguous()
     block_t = rows_per_program(out_sub.device, 64)
     grid = (b * h, triton.cdiv(seq_len, block_t))
     _scatter_fwd_kernel[grid](
-        out_sub, inv, out, seq_len, inv.shape[1], s, h, d, out.stride(0), out.stride(2), out.stride(1),
+        out_sub, inv, out, seq_len, inv.stride(0), s, h, d, out.stride(0), out.stride(2), out.stride(1),
         BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(d), P=pooling_factor, LEVELS=levels,
     )
     return out

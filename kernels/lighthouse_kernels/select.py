@@ -28,6 +28,10 @@ from .pyramid_index import next_level, pyramid_size
 #: tile; ``megatron_lighthouse.config.TILE_SELECT`` is the same number, checked by the tests).
 TILE_SELECT = 128
 TILE_HALF = TILE_SELECT // 2
+#: Most coarsest-level entries one selection tile may own: a program holds its tile's entries in one Triton block,
+#: and Triton caps a block at 2**20 elements (``triton.language.TRITON_MAX_TENSOR_NUMEL``). A tile owns
+#: ``seq_len / pooling_factor**(levels-1) / (topk / TILE_SELECT)`` entries; :func:`select_entries` refuses more.
+MAX_TILE_ENTRIES = 2**20
 
 
 @triton.jit
@@ -86,14 +90,14 @@ def _children(parents, P: tl.constexpr, SEL: tl.constexpr):
 def _select_kernel(sq_ptr, sk_ptr, out_ptr, work_ptr, seq_len, total, per_tile, S,
                    P: tl.constexpr, LEVELS: tl.constexpr, HALF: tl.constexpr, BLOCK_C: tl.constexpr,
                    C_BITS: tl.constexpr, W_BITS: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # widened once: row * total and row * S exceed 2**31 on long sequences
     tile = tl.program_id(1)
     SEL: tl.constexpr = 2 * HALF
     WIDE: tl.constexpr = SEL * P
     # Scratch of one level: selected entries | their subtree sizes | their subtree starts | candidate choices.
     SLOT: tl.constexpr = 3 * SEL + WIDE
-    work = work_ptr + (row * tl.num_programs(1) + tile).to(tl.int64) * (LEVELS * SLOT)
-    base = row.to(tl.int64) * total
+    work = work_ptr + (row * tl.num_programs(1) + tile) * (LEVELS * SLOT)
+    base = row * total
     sel = tl.arange(0, SEL)
     wide = tl.arange(0, WIDE)
     top_offset = _level_offset(seq_len, LEVELS - 1, P)
@@ -133,7 +137,7 @@ def _select_kernel(sq_ptr, sk_ptr, out_ptr, work_ptr, seq_len, total, per_tile, 
         tl.debug_barrier()
 
     # 3. Placement, top-down: subtree start = parent's start + earlier siblings' sizes; entry = its subtree's end.
-    out = out_ptr + row.to(tl.int64) * S + tile * (per_tile + (LEVELS - 1) * WIDE)
+    out = out_ptr + row * S + tile * (per_tile + (LEVELS - 1) * WIDE)
     size = tl.load(work + (LEVELS - 1) * SLOT + SEL + top_rank, mask=top_chosen, other=1)
     start = _exclusive_cumsum(size, 0)
     tl.store(out + start + size - 1, (top + top_offset).to(tl.int64), mask=ok)
@@ -154,18 +158,35 @@ def _select_kernel(sq_ptr, sk_ptr, out_ptr, work_ptr, seq_len, total, per_tile, 
     tl.store(out + tl.reshape(start[:, None] + tl.arange(0, P)[None, :], (WIDE,)), tokens.to(tl.int64))
 
 
+def check_tile_entries(seq_len: int, levels: int, pooling_factor: int, topk: int) -> None:
+    """``ValueError`` unless each selection tile owns at most :data:`MAX_TILE_ENTRIES` coarsest-level entries (the
+    Triton kernel's limit): ``seq_len / pooling_factor**(levels-1) / (topk / TILE_SELECT)``. Pure arithmetic."""
+    coarsest = seq_len // pooling_factor ** (levels - 1)
+    tiles = max(1, topk // TILE_SELECT)
+    per_tile = coarsest // tiles
+    if per_tile > MAX_TILE_ENTRIES:
+        raise ValueError(
+            f"Triton selection: each tile would own {per_tile} coarsest-level entries (seq_len={seq_len} / "
+            f"pooling_factor**(levels-1)={pooling_factor ** (levels - 1)} = {coarsest} entries over topk/{TILE_SELECT}"
+            f" = {tiles} tile(s)), more than the kernel's limit MAX_TILE_ENTRIES={MAX_TILE_ENTRIES} (2**20, Triton's "
+            f"largest block); raise topk (more tiles), levels or pooling_factor so that "
+            f"seq_len / pooling_factor**(levels-1) / (topk/{TILE_SELECT}) <= {MAX_TILE_ENTRIES}")
+
+
 @torch.no_grad()
 def select_entries(score_q: torch.Tensor, score_k: torch.Tensor, seq_len: int, levels: int,
                          pooling_factor: int, topk: int) -> torch.Tensor:
     """``[B, H, N_tot]`` float32 scores -> ``[B, H, S]`` int64 pyramid positions in causal order.
 
     The naive oracle's ``select_entries``, same signature; the settings must be valid for ``seq_len``
-    (``LighthouseConfig.validate``).
+    (``LighthouseConfig.validate``), and a tile may own at most :data:`MAX_TILE_ENTRIES` coarsest entries
+    (checked here before any work: ``ValueError``).
     """
     b, h, total = score_q.shape
     p = pooling_factor
     if total != pyramid_size(seq_len, levels, p):
         raise ValueError(f"scores of {total} pyramid entries do not match seq_len={seq_len}, levels={levels}, p={p}")
+    check_tile_entries(seq_len, levels, p, topk)
     tiles = topk // TILE_SELECT
     per_tile = seq_len // p ** (levels - 1) // tiles
     wide = TILE_SELECT * p
