@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import os
 from types import ModuleType
 from typing import Optional
@@ -21,13 +22,15 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .config import LighthouseConfig
-from .context_parallel import check_cp_call, cp_causal_attention
+from .config import MAX_TILE_ENTRIES, LighthouseConfig
+from .context_parallel import check_cp_call, check_cp_shard, cp_causal_attention, cp_world_size
 from .dense import DenseAttention, dense_attention
 from .naive import pyramid_last_tokens
-from .rotary import EntryRotary
+from .rotary import EntryRotary, check_rotary
 
 _BACKENDS = ("auto", "torch", "triton")
+#: The dtypes q/k/v may have (the dense kernels' floating types).
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @functools.lru_cache(maxsize=None)
@@ -39,14 +42,17 @@ def _triton_kernels_available() -> bool:
     return True
 
 
-def resolve_backend(backend: str, q: torch.Tensor) -> str:
+def resolve_backend(backend: str, q: torch.Tensor, config: Optional[LighthouseConfig] = None, seq_len: int = 0,
+                    chunks: int = 1) -> str:
     """``"torch"`` (the pure-PyTorch oracle) or ``"triton"`` (fused kernels); ``"auto"`` is triton for CUDA tensors
-    when Triton imports. ``ValueError`` for another name, or for ``"triton"`` on tensors Triton cannot run on
-    (not CUDA, outside the CPU interpreter ``TRITON_INTERPRET=1``)."""
+    when Triton imports, except float64 ones, which it runs on torch (the fused kernels compute in fp32).
+    ``ValueError`` for another name, for ``"triton"`` on tensors Triton cannot run on (not CUDA, outside the CPU
+    interpreter ``TRITON_INTERPRET=1``) or on float64 ones, and, given ``config`` (valid for ``seq_len`` tokens in
+    ``chunks`` chunks: under CP the global sequence and ``2W``), when Triton, asked for or picked by ``"auto"``,
+    cannot hold a selection tile: more than :data:`~megatron_lighthouse.config.MAX_TILE_ENTRIES` coarsest-level
+    entries."""
     if backend not in _BACKENDS:
         raise ValueError(f"backend={backend!r}: must be one of {_BACKENDS}")
-    if backend == "auto":
-        return "triton" if q.is_cuda and _triton_kernels_available() else "torch"
     if backend == "triton":
         if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(f"backend='triton' on {q.device.type} tensors: the Triton kernels run on CUDA (or under "
@@ -55,7 +61,22 @@ def resolve_backend(backend: str, q: torch.Tensor) -> str:
         if not _triton_kernels_available():
             raise ValueError("backend='triton': the lighthouse_kernels package (Triton) is not importable; install "
                              "triton, or use backend='torch'")
-    return backend
+        if q.dtype == torch.float64:
+            raise ValueError("backend='triton' with torch.float64 inputs: the fused kernels compute in fp32; use "
+                             "backend='torch'")
+    use = backend
+    if backend == "auto":
+        use = "triton" if q.is_cuda and q.dtype != torch.float64 and _triton_kernels_available() else "torch"
+    per_tile = config.tile_entries(seq_len, chunks) if use == "triton" and config is not None else 0
+    if per_tile > MAX_TILE_ENTRIES:
+        raise ValueError(
+            f"backend={backend!r}: levels={config.levels}, pooling_factor={config.pooling_factor}, "
+            f"topk={config.topk} give {per_tile} coarsest-level entries per selection tile ({seq_len // chunks} "
+            f"tokens{' per chunk' if chunks > 1 else ''} / pooling_factor**(levels-1) / {config.tiles(chunks)} "
+            f"tiles), more than the {MAX_TILE_ENTRIES} of Triton's largest block, which holds a tile in the fused "
+            f"selection; use backend='torch', or more levels or a larger topk"
+        )
+    return use
 
 
 def _steps(backend: str) -> ModuleType:
@@ -77,8 +98,8 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D [B, N, H, D], got shape {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise ValueError(f"{name} must be floating point, got {t.dtype}")
+        if t.dtype not in _DTYPES:
+            raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
         if t.numel() == 0:
             raise ValueError(f"{name} has a zero-sized dimension, shape {tuple(t.shape)} ([B, N, H, D]): every "
                              f"dimension must be >= 1")
@@ -97,11 +118,11 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 
 
 def expand_kv_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Key/value heads repeated for their query groups along dim 2: ``[B, N, H_kv, D]`` -> ``[B, N, num_heads, D]``
-    (Megatron's ``[s, b, g, d]`` alike). Head ``j`` serves query heads ``j * num_heads / H_kv`` to
-    ``(j + 1) * num_heads / H_kv - 1``, Megatron's GQA grouping."""
-    groups = num_heads // x.shape[2]
-    return x if groups == 1 else x.repeat_interleave(groups, dim=2)
+    """Key/value heads repeated for their query groups along the heads dim, the second last: ``[B, N, H_kv, D]``
+    -> ``[B, N, num_heads, D]`` (Megatron's ``[s, b, g, d]`` and packed ``[t, g, d]`` alike). Head ``j`` serves
+    query heads ``j * num_heads / H_kv`` to ``(j + 1) * num_heads / H_kv - 1``, Megatron's GQA grouping."""
+    groups = num_heads // x.shape[-2]
+    return x if groups == 1 else x.repeat_interleave(groups, dim=-2)
 
 
 def resolve_config(config: Optional[LighthouseConfig], levels: Optional[int], pooling_factor: Optional[int],
@@ -120,10 +141,11 @@ def resolve_config(config: Optional[LighthouseConfig], levels: Optional[int], po
 
 
 def resolve_softmax_scale(softmax_scale: Optional[float], head_dim: int) -> float:
-    """``softmax_scale``, or ``1/sqrt(head_dim)`` for ``None``; ``ValueError`` unless finite and > 0."""
+    """``softmax_scale`` as a float, or ``1/sqrt(head_dim)`` for ``None``; ``ValueError`` unless a real number
+    (``numbers.Real``, numpy's too; not a bool), finite and > 0."""
     if softmax_scale is None:
         return 1.0 / math.sqrt(head_dim)
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) or not (
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real) or not (
             math.isfinite(softmax_scale) and softmax_scale > 0):
         raise ValueError(f"softmax_scale={softmax_scale!r}: must be a finite number > 0 (None: 1/sqrt(D))")
     return float(softmax_scale)
@@ -132,6 +154,18 @@ def resolve_softmax_scale(softmax_scale: Optional[float], head_dim: int) -> floa
 def _check_chunks(chunks: int) -> None:
     if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
         raise ValueError(f"chunks={chunks!r}: must be an int >= 1")
+
+
+def _checked(name: str, out: object, like: torch.Tensor, rule: str) -> torch.Tensor:
+    """``out``, what the ``name=`` callable returned, if it has ``like``'s shape, dtype and device; else
+    ``ValueError`` stating ``rule``."""
+    if not isinstance(out, torch.Tensor) or (out.shape, out.dtype, out.device) != (like.shape, like.dtype,
+                                                                                  like.device):
+        got = (f"{tuple(out.shape)} {out.dtype} on {out.device}" if isinstance(out, torch.Tensor)
+               else type(out).__name__)
+        raise ValueError(f"{name}= returned {got}; {rule} shape, dtype and device, {tuple(like.shape)} {like.dtype} "
+                         f"on {like.device} ([B, H, S, D])")
+    return out
 
 
 def _split_chunks(x: torch.Tensor, chunks: int) -> torch.Tensor:
@@ -187,13 +221,9 @@ def _attend_selected(steps: ModuleType, q: torch.Tensor, k: torch.Tensor, v: tor
     sub_q, sub_k, sub_v = (_chunks_to_sequence(x, chunks) for x in picked)
     if rotary is not None:
         positions = entry_positions(indices, n, levels, p, chunks)
-        sub_q, sub_k = rotary(sub_q, positions), rotary(sub_k, positions)
-    out_sub = attention(sub_q, sub_k, sub_v, scale)
-    if not isinstance(out_sub, torch.Tensor) or out_sub.shape != sub_q.shape or out_sub.dtype != sub_q.dtype:
-        got = (f"{tuple(out_sub.shape)} {out_sub.dtype}" if isinstance(out_sub, torch.Tensor)
-               else type(out_sub).__name__)
-        raise ValueError(f"attention= returned {got}; a dense kernel must return its q's shape and dtype, "
-                         f"{tuple(sub_q.shape)} {sub_q.dtype} ([B, H, S, D])")
+        sub_q, sub_k = (_checked("rotary", rotary(x, positions), x, "an entry rotary must return its x's")
+                        for x in (sub_q, sub_k))
+    out_sub = _checked("attention", attention(sub_q, sub_k, sub_v, scale), sub_q, "a dense kernel must return its q's")
     out = steps.scatter_to_tokens(_sequence_to_chunks(out_sub, chunks), indices, n // chunks, levels, p)
     return out.view(b, chunks, n // chunks, h, d).reshape(b, n, h, d)
 
@@ -222,7 +252,7 @@ def select_indices(
     check_qkv(q, k, k)
     _check_chunks(chunks)
     config.validate(q.shape[1], chunks)
-    steps = _steps(resolve_backend(backend, q))
+    steps = _steps(resolve_backend(backend, q, config, q.shape[1], chunks))
     indices = _select(steps, q, expand_kv_heads(k, q.shape[2]), config, chunks, config.topk // chunks)
     return indices if chunks == 1 else indices.view(q.shape[0], chunks, *indices.shape[1:])
 
@@ -246,50 +276,73 @@ def lighthouse_attention(
     """Lighthouse attention: select a short causal subsequence of a q/k/v pyramid, attend densely, scatter back.
 
     Args:
-        q: ``[B, N, H, D]``; k, v: ``[B, N, H_kv, D]``, ``H % H_kv == 0``; one floating dtype, one device.
+        q: ``[B, N, H, D]``; k, v: ``[B, N, H_kv, D]``, ``H % H_kv == 0``; one dtype (float16, bfloat16,
+            float32 or float64), one device.
         config: the settings as one :class:`LighthouseConfig`; or give ``levels``, ``pooling_factor`` and ``topk``
             (any not given take the config's defaults), not both. ``topk`` is the budget of the whole sequence;
             with ``chunks > 1`` each chunk gets ``topk // chunks``.
         chunks: split the sequence into this many equal chunks, each selected independently; one causal
             attention runs over the chunk subsequences concatenated in order (the context-parallel semantics).
-        softmax_scale: a finite float > 0; defaults to ``1/sqrt(D)``.
+        softmax_scale: a finite real number > 0 (numpy's too); defaults to ``1/sqrt(D)``.
         attention: dense kernel ``(q, k, v, softmax_scale) -> out`` on ``[B, H, S, D]``, causal, returning q's
-            shape and dtype (checked); defaults to :func:`~megatron_lighthouse.dense.dense_attention` ``("auto")``:
-            on CUDA the fastest available stock kernel for the shape, timed once; torch SDPA elsewhere.
+            shape, dtype and device (checked); defaults to :func:`~megatron_lighthouse.dense.dense_attention`
+            ``("auto")``: on CUDA the fastest available stock kernel for the shape, timed once; torch SDPA elsewhere.
         backend: ``"torch"`` runs the pure-PyTorch reference steps; ``"triton"`` the fused kernels of
             ``lighthouse_kernels`` (CUDA tensors, or the CPU interpreter); ``"auto"`` is ``"triton"`` for CUDA
-            tensors when Triton imports, else ``"torch"``. The dense attention is ``attention`` either way.
+            tensors when Triton imports, else ``"torch"`` (float64 always: the fused kernels compute in fp32, and
+            ``"triton"`` refuses it). The Triton selection holds a tile of at most
+            :data:`~megatron_lighthouse.config.MAX_TILE_ENTRIES` coarsest-level entries; a call past that is refused
+            (:func:`resolve_backend`). The dense attention is ``attention`` either way.
         cp_group: context parallelism over this group of ``W`` ranks: q/k/v are the rank's load-balanced shard
             (global chunks ``r`` and ``2W-1-r`` of ``2W``, concatenated, as Megatron lays them out) and ``topk``
             is the global budget. Each local chunk is selected alone with ``topk // (2W)``; ``attention``
             defaults to :func:`cp_causal_attention` over the group. ``chunks`` must stay 1. All ranks check the
-            call together (:func:`~megatron_lighthouse.context_parallel.check_cp_call`).
+            call together (:func:`~megatron_lighthouse.context_parallel.check_cp_call`): a bad argument on any rank
+            is one ``ValueError`` on every rank, naming the rank(s).
         rotary: rotary position embedding of the selected entries (:data:`~megatron_lighthouse.rotary.EntryRotary`,
             e.g. :func:`~megatron_lighthouse.rotary.entry_rotary` of Megatron's table): q and k are then given
             *un-rotated*, pooled and selected as they are, and each selected entry is rotated at the position of
             the last token it covers, as the published model does. ``None``: no rotation here (q/k already carry
-            their positions, or the model has none).
+            their positions, or the model has none). A table of :func:`~megatron_lighthouse.rotary.entry_rotary` must
+            cover q's ``N`` positions and at most its ``D`` dims, on q's device; the result must keep x's shape,
+            dtype and device (checked).
     Returns:
         ``[B, N, H, D]`` in q's dtype.
 
-    Every bad argument is a ``ValueError`` naming it, raised before any kernel runs (a wrong ``attention`` result,
-    once it returns).
+    Every bad argument is a ``ValueError`` naming it, raised before any kernel runs (a wrong ``rotary`` or
+    ``attention`` result, once it returns).
     """
-    config = resolve_config(config, levels, pooling_factor, topk)
-    check_qkv(q, k, v)
-    _check_chunks(chunks)
-    scale = resolve_softmax_scale(softmax_scale, q.shape[3])
-    steps = _steps(resolve_backend(backend, q))
-    if cp_group is not None:
-        if chunks != 1:
+    world = None if cp_group is None else cp_world_size(cp_group)
+    try:  # the checks that need no communication
+        config = resolve_config(config, levels, pooling_factor, topk)
+        check_qkv(q, k, v)
+        _check_chunks(chunks)
+        scale = resolve_softmax_scale(softmax_scale, q.shape[3])
+        if attention is not None and not callable(attention):
+            raise ValueError(f"attention must be a dense kernel, (q, k, v, softmax_scale) -> out, or None, got "
+                             f"{type(attention).__name__}")
+        check_rotary(rotary, q)
+        if world is None:
+            config.validate(q.shape[1], chunks)
+            steps = _steps(resolve_backend(backend, q, config, q.shape[1], chunks))
+        elif chunks != 1:
             raise ValueError(f"chunks={chunks}: must stay 1 with cp_group (each CP rank selects its 2 chunks)")
-        check_cp_call(cp_group, config, q, k, scale)
-        chunks, chunk_topk = 2, config.topk // (2 * dist.get_world_size(cp_group))  # the rank's two of 2W chunks
-        attention = attention or functools.partial(cp_causal_attention, group=cp_group)
-    else:
-        config.validate(q.shape[1], chunks)
+        else:
+            check_cp_shard(config, q.shape[1], world)
+            steps = _steps(resolve_backend(backend, q, config, world * q.shape[1], 2 * world))
+    except ValueError as err:
+        if world is None:
+            raise
+        check_cp_call(cp_group, None, q, k, None, str(err))  # every rank raises, naming this one
+    if world is None:
         chunk_topk = config.topk // chunks
-    attention = attention or dense_attention("auto", q.device.type)
+    else:
+        check_cp_call(cp_group, config, q, k, scale)
+        chunks, chunk_topk = 2, config.topk // (2 * world)  # the rank's two of 2W chunks
+        if attention is None:
+            attention = functools.partial(cp_causal_attention, group=cp_group)
+    if attention is None:
+        attention = dense_attention("auto", q.device.type)
     h = q.shape[2]
     k, v = expand_kv_heads(k, h), expand_kv_heads(v, h)
     indices = _select(steps, q, k, config, chunks, chunk_topk)

@@ -9,6 +9,14 @@ from typing import Tuple
 TILE_SELECT = 128
 #: Entries picked by each of the two scores inside a tile.
 TILE_HALF = TILE_SELECT // 2
+#: Most coarsest-level entries one selection tile may span on the Triton backend: Triton's largest block
+#: (``TRITON_MAX_TENSOR_NUMEL``, 2**20 elements), which holds a tile in the fused selection. The same limit as
+#: ``lighthouse_kernels.MAX_TILE_ENTRIES``, kept here so that the op checks it without importing Triton.
+MAX_TILE_ENTRIES = 2**20
+#: Largest ``log2(pooling_factor**(levels-1))``: a sequence valid for the settings has at least ``TILE_SELECT *
+#: pooling_factor**(levels-1)`` tokens (each tile needs 128 coarsest-level entries), and int64 token positions reach
+#: ``2**63 - 1``, so that shortest sequence may be at most ``128 * 2**55 = 2**62`` tokens.
+_MAX_STRIDE_BITS = 63 - TILE_SELECT.bit_length()
 
 _SCORERS = ("norm",)
 #: Where a Lighthouse layer applies rotary position embedding (see :class:`LighthouseConfig`).
@@ -19,12 +27,26 @@ def _is_power_of_two(x: int) -> bool:
     return x > 0 and (x & (x - 1)) == 0
 
 
+def _fits(config: LighthouseConfig, seq_len: int, chunks: int) -> bool:
+    try:
+        config.validate(seq_len, chunks)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_positive_int(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r}: must be a positive int")
+
+
 @dataclasses.dataclass(frozen=True)
 class LighthouseConfig:
     """Settings of Lighthouse attention.
 
     Args:
-        levels: pyramid levels ``L`` (level 0 is the token level), ``>= 2``.
+        levels: pyramid levels ``L`` (level 0 is the token level), ``>= 2``, with ``pooling_factor**(L-1) <= 2**55``
+            (the shortest sequence valid for the settings, ``128 * pooling_factor**(L-1)`` tokens, stays in int64).
         pooling_factor: ``p``, tokens pooled per step up the pyramid; a power of two in ``[2, 64]``.
         topk: global selection budget ``k``; a multiple of 128 (one tile selects 128 per level).
         scorer: entry scorer; only ``"norm"`` (the published default) is implemented.
@@ -59,6 +81,14 @@ class LighthouseConfig:
                 f"LighthouseConfig.pooling_factor={self.pooling_factor}: must be a power of two with "
                 f"2 <= pooling_factor <= {TILE_HALF}"
             )
+        stride_bits = self.pooling_factor.bit_length() - 1
+        if (self.levels - 1) * stride_bits > _MAX_STRIDE_BITS:
+            raise ValueError(
+                f"LighthouseConfig.levels={self.levels} with pooling_factor={self.pooling_factor}: "
+                f"pooling_factor**(levels-1) must be <= 2**{_MAX_STRIDE_BITS}, i.e. levels <= "
+                f"{1 + _MAX_STRIDE_BITS // stride_bits} (a valid sequence has >= {TILE_SELECT} * "
+                f"pooling_factor**(levels-1) tokens, which int64 positions must index)"
+            )
         if self.topk < TILE_SELECT or self.topk % TILE_SELECT != 0:
             raise ValueError(
                 f"LighthouseConfig.topk={self.topk}: must be a positive multiple of {TILE_SELECT} "
@@ -85,19 +115,34 @@ class LighthouseConfig:
         ``L=5`` to 4M.)
 
         ``fields`` are the other settings (``pooling_factor``, ``topk``, ...); ``ValueError`` when no ``levels``
-        fits ``seq_len`` (see :meth:`validate`).
+        fits ``seq_len`` (see :meth:`validate`), or none within ``max_top_level`` does while fewer levels would.
         """
         if "levels" in fields:
             raise ValueError("LighthouseConfig.for_sequence chooses levels itself; give the other settings only")
-        if not isinstance(max_top_level, int) or max_top_level < 1:
-            raise ValueError(f"max_top_level={max_top_level!r}: must be a positive int")
+        _check_positive_int("max_top_level", max_top_level)
         base = cls(**fields)
         chunk_len = seq_len // chunks if isinstance(seq_len, int) and isinstance(chunks, int) and chunks > 0 else 0
         levels = 2
         while chunk_len // base.pooling_factor ** (levels - 1) > max_top_level:
             levels += 1
         config = dataclasses.replace(base, levels=levels)
-        config.validate(seq_len, chunks)
+        try:
+            config.validate(seq_len, chunks)
+        except ValueError:
+            # more levels only shrink the top level further; if fewer levels fit, max_top_level is what fails
+            fewer = next((n for n in range(levels - 1, 1, -1)
+                          if _fits(dataclasses.replace(base, levels=n), seq_len, chunks)), None)
+            if fewer is None:
+                raise
+            top = chunk_len // base.pooling_factor ** (fewer - 1)
+            raise ValueError(
+                f"max_top_level={max_top_level}: too small for sequence length {seq_len}"
+                + (f" in {chunks} chunks" if chunks > 1 else "")
+                + f": levels={levels}, the fewest with at most {max_top_level} top-level entries per chunk, leaves "
+                f"{chunk_len // config.coarsest_stride}, and the top level must split evenly into the "
+                f"{config.tiles(chunks)} selection tiles of >= {TILE_SELECT} entries each; levels={fewer} fits "
+                f"with {top}: use max_top_level >= {top}"
+            ) from None
         return config
 
     # ------------------------------------------------------------------ geometry
@@ -109,6 +154,11 @@ class LighthouseConfig:
     def tiles(self, chunks: int = 1) -> int:
         """Selection tiles per chunk, ``T = (topk / chunks) / 128``."""
         return self.topk // chunks // TILE_SELECT
+
+    def tile_entries(self, seq_len: int, chunks: int = 1) -> int:
+        """Coarsest-level entries each selection tile spans, ``seq_len / chunks / pooling_factor**(levels-1) / T``
+        (for settings valid for ``seq_len``, see :meth:`validate`)."""
+        return seq_len // chunks // (self.coarsest_stride * self.tiles(chunks))
 
     def validate(self, seq_len: int, chunks: int = 1) -> None:
         """Raise ``ValueError`` unless ``seq_len`` (split into ``chunks``) fits these settings."""
@@ -138,7 +188,7 @@ class LighthouseConfig:
                    if seq_len < shortest else "")
                 + f"; nearest valid lengths: {self.suggest_lengths(seq_len, chunks)}"
             )
-        per_tile = chunk_len // unit
+        per_tile = self.tile_entries(seq_len, chunks)
         if per_tile < TILE_SELECT:
             raise ValueError(
                 f"{what}: each tile owns {per_tile} coarsest-level entries, needs >= {TILE_SELECT}; "
@@ -164,6 +214,8 @@ class LighthouseConfig:
         Causal attention does ``2 * 2 * n**2 / 2 * d`` multiply-adds per head (QK^T and PV, half masked).
         Returns ``{"subsequence_length", "dense_flops", "lighthouse_flops", "ratio"}``.
         """
+        _check_positive_int("num_heads", num_heads)
+        _check_positive_int("head_dim", head_dim)
         s = self.subsequence_length(seq_len, chunks)
         dense = 2.0 * seq_len * seq_len * head_dim * num_heads
         sparse = 2.0 * s * s * head_dim * num_heads
@@ -176,6 +228,7 @@ class LighthouseConfig:
 
     def dense_layer_set(self, num_layers: int) -> frozenset:
         """0-based layer indices kept dense in a model of ``num_layers`` layers."""
+        _check_positive_int("num_layers", num_layers)
         out = set()
         for i in self.dense_layers:
             j = i + num_layers if i < 0 else i

@@ -6,13 +6,13 @@ are themselves the load-balanced shard of one global subsequence, so any context
 run on them. :func:`cp_causal_attention` is the torch one: all-gather of the subsequence K/V over the CP group,
 then per local chunk causal attention against the gathered prefix, lower-right aligned, on SDPA's own fused
 kernels (:func:`lower_right_causal_attention`). That all-gather (and its gradient's
-reduce-scatter) is the only CP communication of the attention; :func:`check_cp_call` adds one all-gather of a few
-numbers per call, so that every rank agrees on the settings or all fail together.
+reduce-scatter) is the only CP communication of the attention; :func:`check_cp_call` adds one small all-gather per
+call, so that every rank agrees on the settings or all fail together.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -28,11 +28,16 @@ _SETTING_NAMES = (
     "levels", "pooling_factor", "topk", "batch", "local_seq_len", "heads", "kv_heads", "head_dim",
     "softmax_scale", "dtype_eps",
 )
+#: Bytes of a rank's error message that :func:`check_cp_call` hands to the other ranks (a longer one is cut).
+_MESSAGE_BYTES = 1024
 
 
-def _collective_device(group: Optional[dist.ProcessGroup], like: torch.Tensor) -> torch.device:
-    """Where a collective's buffers live: CPU for gloo, else the tensors' device."""
-    return torch.device("cpu") if dist.get_backend(group) == "gloo" else like.device
+def _collective_device(group: Optional[dist.ProcessGroup], like: object) -> torch.device:
+    """Where a collective's buffers live: CPU for gloo, else the tensors' device (the current CUDA device when
+    ``like`` is no tensor)."""
+    if dist.get_backend(group) == "gloo":
+        return torch.device("cpu")
+    return like.device if isinstance(like, torch.Tensor) else torch.device("cuda", torch.cuda.current_device())
 
 
 def _all_gather(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
@@ -99,18 +104,10 @@ def cp_causal_attention(
     return torch.cat(outs, dim=2)
 
 
-def check_cp_call(group: Optional[dist.ProcessGroup], config: LighthouseConfig, q: torch.Tensor, k: torch.Tensor,
-                  softmax_scale: float) -> None:
-    """Check a context-parallel Lighthouse call on every rank of ``group`` at once.
-
-    ``q`` ``[B, S_local, H, D]`` and ``k`` ``[B, S_local, H_kv, D]`` are this rank's load-balanced shard and
-    ``config.topk`` is the global budget. Every call, each rank contributes its settings and shapes to one small
-    all-gather; then every rank checks all of them, so all ranks raise the same ``ValueError`` (naming the rank
-    and the setting) when any rank differs from the others, or when the global sequence ``W * S_local`` cannot be
-    cut into ``2W`` chunks valid for ``config`` (:meth:`LighthouseConfig.validate` with ``chunks=2W``). No rank
-    raises alone and leaves the others waiting in a collective. The cost is that all-gather of a few numbers and
-    one host synchronisation per call.
-    """
+def cp_world_size(group: Optional[dist.ProcessGroup]) -> int:
+    """The size of ``group``, a Lighthouse call's CP group; ``ValueError`` when this process cannot use it
+    (torch.distributed not initialized, no process group, this process not a member). Such a rank cannot join the
+    group's collective, so it raises alone."""
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("cp_group is set but torch.distributed is not initialized")
     try:
@@ -119,18 +116,13 @@ def check_cp_call(group: Optional[dist.ProcessGroup], config: LighthouseConfig, 
         raise ValueError(f"cp_group={group!r}: not a torch.distributed process group ({err})") from None
     if rank < 0:
         raise ValueError("cp_group: this process is not a member of the group")
-    world = dist.get_world_size(group)
-    mine = (config.levels, config.pooling_factor, config.topk, q.shape[0], q.shape[1], q.shape[2], k.shape[2],
-            q.shape[3], softmax_scale, torch.finfo(q.dtype).eps)
-    every = _all_gather(torch.tensor(mine, dtype=torch.float64, device=_collective_device(group, q)), group).cpu()
-    differ = [i for i in range(len(_SETTING_NAMES)) if not torch.all(every[:, i] == every[0, i])]
-    if differ:
-        table = "; ".join(
-            f"{_SETTING_NAMES[i]}: " + ", ".join(f"rank {r}={x:g}" for r, x in enumerate(every[:, i].tolist()))
-            for i in differ
-        )
-        raise ValueError(f"cp_group ranks disagree on Lighthouse settings or shapes (all must match): {table}")
-    local_len = q.shape[1]
+    return dist.get_world_size(group)
+
+
+def check_cp_shard(config: LighthouseConfig, local_len: int, world: int) -> None:
+    """``ValueError`` unless a rank's shard of ``local_len`` tokens, global chunks ``r`` and ``2W-1-r`` of a
+    ``W * local_len`` sequence, fits ``config`` (:meth:`LighthouseConfig.validate` with ``chunks=2W``). A local
+    check: :func:`check_cp_call` makes all ranks raise its error together."""
     where = f"context parallelism over a cp_group of size {world} ({local_len} tokens per rank)"
     if local_len % 2 != 0:
         raise ValueError(f"{where}: the global sequence of {world * local_len} tokens must split into 2*W = "
@@ -139,3 +131,42 @@ def check_cp_call(group: Optional[dist.ProcessGroup], config: LighthouseConfig, 
         config.validate(world * local_len, 2 * world)
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from None
+
+
+def check_cp_call(group: Optional[dist.ProcessGroup], config: Optional[LighthouseConfig], q: torch.Tensor,
+                  k: torch.Tensor, softmax_scale: Optional[float], error: Optional[str] = None) -> None:
+    """Check a context-parallel Lighthouse call on every rank of ``group`` at once.
+
+    Each rank brings the outcome of its local checks: ``error``, the message of the ``ValueError`` they raised on
+    this rank, or ``None`` when they passed; only then are its settings read: ``config`` (``config.topk`` the
+    global budget), ``q`` ``[B, S_local, H, D]`` and ``k`` ``[B, S_local, H_kv, D]`` (the rank's load-balanced
+    shard) and ``softmax_scale``. Every call, the ranks exchange these in one small all-gather (the settings and
+    the first :data:`_MESSAGE_BYTES` bytes of the message); then every rank raises the same ``ValueError`` when
+    any rank's local checks failed (naming those ranks and their messages) or when any rank's settings or shapes
+    differ from the others' (naming the setting and each rank's value). No rank raises alone and leaves the others
+    waiting in a collective. The cost is that all-gather of about 1 KB per rank and one host synchronisation per
+    call.
+    """
+    mine = (0.0,) * len(_SETTING_NAMES) if error is not None else (
+        config.levels, config.pooling_factor, config.topk, q.shape[0], q.shape[1], q.shape[2], k.shape[2],
+        q.shape[3], softmax_scale, torch.finfo(q.dtype).eps)
+    message = (error or "").encode()[:_MESSAGE_BYTES].ljust(_MESSAGE_BYTES, b"\0")
+    row = torch.cat((torch.tensor(mine, dtype=torch.float64).view(torch.uint8),
+                     torch.frombuffer(bytearray(message), dtype=torch.uint8)))
+    every = _all_gather(row.to(_collective_device(group, q)), group).cpu()
+    head = 8 * len(mine)  # the settings' float64 bytes, then the message
+    failed: Dict[str, List[int]] = {}
+    for rank, text in enumerate(every[:, head:].tolist()):
+        if any(text):
+            failed.setdefault(bytes(text).rstrip(b"\0").decode(errors="replace"), []).append(rank)
+    if failed:
+        raise ValueError("cp_group " + "; ".join(f"rank{'s' * (len(ranks) > 1)} {', '.join(map(str, ranks))}: {text}"
+                                                 for text, ranks in failed.items()))
+    settings = every[:, :head].contiguous().view(torch.float64)
+    differ = [i for i in range(len(mine)) if not torch.all(settings[:, i] == settings[0, i])]
+    if differ:
+        table = "; ".join(
+            f"{_SETTING_NAMES[i]}: " + ", ".join(f"rank {r}={x:g}" for r, x in enumerate(settings[:, i].tolist()))
+            for i in differ
+        )
+        raise ValueError(f"cp_group ranks disagree on Lighthouse settings or shapes (all must match): {table}")

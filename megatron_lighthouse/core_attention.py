@@ -186,7 +186,7 @@ class LighthouseCoreAttention(CausalCoreAttention):
             if not self.dense_layer:  # the inner attention was built with one kv head per query head
                 if packed_seq_params is None:  # packed (THD) inputs are 3-D: the inner attention checks them
                     self.check_shapes(query, key, value)
-                key, value = (expand_kv_heads(x, query.shape[2]) for x in (key, value))
+                key, value = (expand_kv_heads(x, query.shape[-2]) for x in (key, value))
             return self.inner(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
                               attention_bias=attention_bias, packed_seq_params=packed_seq_params, **kwargs)
         if packed_seq_params is not None:

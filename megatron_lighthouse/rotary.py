@@ -9,7 +9,7 @@ gives :func:`~megatron_lighthouse.attention.lighthouse_attention` the entry rota
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -39,19 +39,51 @@ def apply_rotary(x: torch.Tensor, angles: torch.Tensor, interleaved: bool = Fals
     return torch.cat((head * cos + rotate_half(head, interleaved) * sin, rest), dim=-1)
 
 
+class _TableRotary:
+    """The :data:`EntryRotary` of one ``[s, R]`` table of angles (what :func:`entry_rotary` returns); its table is
+    checked against the attention's q before any work (:func:`check_rotary`)."""
+
+    def __init__(self, table: torch.Tensor, interleaved: bool, mscale: float) -> None:
+        self.table, self.interleaved, self.mscale = table, interleaved, mscale
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if positions.shape != x.shape[:-1]:
+            raise ValueError(f"rotary: positions {tuple(positions.shape)} must be x's {tuple(x.shape[:-1])}")
+        return apply_rotary(x, self.table[positions], self.interleaved, self.mscale)
+
+
 def entry_rotary(freqs: torch.Tensor, interleaved: bool = False, mscale: float = 1.0) -> EntryRotary:
     """The :data:`EntryRotary` of a Megatron rotary table.
 
     Args:
         freqs: Megatron's ``rotary_pos_emb`` for the sequence the attention sees, ``[s, 1, 1, R]`` (or ``[s, R]``)
-            angles; under context parallelism the rank's own shard, so local positions index it.
+            angles, ``s >= 1`` and ``R`` even; under context parallelism the rank's own shard, so local positions
+            index it. The attention checks that it covers its sequence (``s >= N``) and head dim (``R <= D``).
         interleaved: ``config.rotary_interleaved``; mscale: Megatron's YaRN concentration factor (1 otherwise).
     """
-    table = freqs.reshape(freqs.shape[0], freqs.shape[-1])
+    if not isinstance(freqs, torch.Tensor):
+        raise ValueError(f"entry_rotary: freqs must be a torch.Tensor, got {type(freqs).__name__}")
+    if (freqs.dim() not in (2, 4) or freqs.shape[1:-1] not in ((), (1, 1)) or freqs.shape[0] < 1
+            or freqs.shape[-1] < 2 or freqs.shape[-1] % 2):
+        raise ValueError(f"entry_rotary: freqs of shape {tuple(freqs.shape)}: must be Megatron's [s, 1, 1, R] (or "
+                         f"[s, R]) rotary angles with s >= 1 and an even R >= 2")
+    return _TableRotary(freqs.reshape(freqs.shape[0], freqs.shape[-1]), interleaved, mscale)
 
-    def rotary(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        if positions.shape != x.shape[:-1]:
-            raise ValueError(f"rotary: positions {tuple(positions.shape)} must be x's {tuple(x.shape[:-1])}")
-        return apply_rotary(x, table[positions], interleaved, mscale)
 
-    return rotary
+def check_rotary(rotary: Optional[EntryRotary], q: torch.Tensor) -> None:
+    """``ValueError`` unless ``rotary`` is ``None`` or an :data:`EntryRotary` callable; for one of
+    :func:`entry_rotary`, also unless its table covers the positions of ``q`` ``[B, N, H, D]`` (``s >= N``), rotates
+    at most ``D`` dims and is on ``q``'s device."""
+    if rotary is not None and not callable(rotary):
+        raise ValueError(f"rotary must be an EntryRotary, (x, positions) -> x rotated (e.g. entry_rotary(freqs)), or "
+                         f"None, got {type(rotary).__name__}")
+    if not isinstance(rotary, _TableRotary):
+        return
+    (s, r), n, d = rotary.table.shape, q.shape[1], q.shape[3]
+    if s < n:
+        raise ValueError(f"rotary= table of {s} positions: q has {n} tokens (it must cover every position, s >= N)")
+    if r > d:
+        raise ValueError(f"rotary= table of {r} angles per position: more than q's head dim {d} (it rotates the "
+                         f"first R of D dims)")
+    if rotary.table.device != q.device:
+        raise ValueError(f"rotary= table on {rotary.table.device}: q is on {q.device}")

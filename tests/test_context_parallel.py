@@ -160,6 +160,39 @@ def test_errors():
     run_on_ranks(_check_errors, 2)
 
 
+def _check_one_rank_fails_alone(rank, world):
+    """A local check failing on rank 1 only (rank 0's call is good) may not leave rank 0 waiting in the settings
+    all-gather: both ranks raise the same error, naming rank 1; afterwards the ranks are still in step."""
+    good = dict(levels=2, pooling_factor=2, topk=512)
+    q, k, v, _ = _inputs(0, 1, 1024, 2, 2, 8)
+    group = dist.group.WORLD
+    cases = [
+        (dict(softmax_scale=0.0), r"softmax_scale=0.0: must be a finite number > 0"),
+        (dict(q=q[0]), r"q must be 4-D \[B, N, H, D\], got shape \(1024, 2, 8\)"),
+        (dict(q=q[:0], k=k[:0], v=v[:0]), r"q has a zero-sized dimension"),
+        (dict(chunks=2), r"chunks=2: must stay 1 with cp_group"),
+        (dict(topk=100), r"LighthouseConfig.topk=100: must be a positive multiple of 128"),
+        (dict(rotary=5), r"rotary must be .*, got int"),
+        (dict(backend="cuda"), r"backend='cuda'"),
+    ]
+    for bad, match in cases:
+        call = {"q": q, "k": k, "v": v, "backend": "torch", **good, **(bad if rank == 1 else {})}
+        with pytest.raises(ValueError, match=rf"^cp_group rank 1: {match}") as err:
+            lighthouse_attention(cp_group=group, **call)
+        messages = [None] * world
+        dist.all_gather_object(messages, str(err.value))
+        assert messages[0] == messages[1], messages
+    # both ranks failing their own way: one error naming each
+    with pytest.raises(ValueError, match=r"^cp_group rank 0: softmax_scale=-1.0: .*; rank 1: chunks=2: must stay 1"):
+        lighthouse_attention(q, k, v, backend="torch", cp_group=group,
+                             **good, **(dict(softmax_scale=-1.0) if rank == 0 else dict(chunks=2)))
+    assert lighthouse_attention(q, k, v, backend="torch", cp_group=group, **good).shape == q.shape
+
+
+def test_a_local_error_on_one_rank_fails_every_rank():
+    run_on_ranks(_check_one_rank_fails_alone, 2, timeout_s=120)
+
+
 def test_cp_group_that_cannot_be_used():
     """Without torch.distributed, or with an object that is no process group (whichever this test process has:
     other tests may have set up a world), the call is refused before any work."""

@@ -381,7 +381,7 @@ def test_a_switched_layer_is_the_stock_one_for_packed_sequences_and_inference():
         def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                     packed_seq_params=None):
             calls.append((tuple(key.shape), attn_mask_type, packed_seq_params))
-            return torch.zeros(query.shape[0], query.shape[1], query.shape[2] * query.shape[3])
+            return torch.zeros(*query.shape[:-2], query.shape[-2] * query.shape[-1])
 
     core = _core(tiny_config(num_query_groups=2), inner=Recording)
     core.enabled = False
@@ -389,7 +389,9 @@ def test_a_switched_layer_is_the_stock_one_for_packed_sequences_and_inference():
     packed = object()
     core(q, kv, kv, None, packed_seq_params=packed)
     core(q[:1], kv, kv, None, attn_mask_type=AttnMaskType.no_mask)
-    assert calls == [((SEQ, 1, 4, 16), None, packed), ((SEQ, 1, 4, 16), AttnMaskType.no_mask, None)]
+    core(q[:, 0], kv[:, 0], kv[:, 0], None, packed_seq_params=packed)  # THD: [t, h, d], kv heads expanded too
+    assert calls == [((SEQ, 1, 4, 16), None, packed), ((SEQ, 1, 4, 16), AttnMaskType.no_mask, None),
+                     ((SEQ, 4, 16), None, packed)]
 
 
 def test_sdpa_core_attention_decodes_against_a_kv_cache():

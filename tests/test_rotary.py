@@ -131,3 +131,32 @@ def test_chunked_selection_rotates_at_positions_in_the_whole_sequence():
     half = pos.shape[0] // 2
     assert int(pos[:half].max()) < n // 2 <= int(pos[half:].min()) and int(pos.max()) < n
     assert bool((pos[:half].diff() >= 0).all()) and bool((pos[half:].diff() >= 0).all())
+
+
+@pytest.mark.parametrize(
+    "freqs,match",
+    [
+        (torch.zeros(N, 2, 1, D), r"freqs of shape \(2048, 2, 1, 16\): must be Megatron's \[s, 1, 1, R\]"),
+        (torch.zeros(N, 1, D), r"freqs of shape \(2048, 1, 16\)"),
+        (torch.zeros(N), r"freqs of shape \(2048,\)"),
+        (torch.zeros(N, 1, 1, D - 1), r"freqs of shape \(2048, 1, 1, 15\): .*an even R >= 2"),
+        (torch.zeros(N, 0), r"freqs of shape \(2048, 0\)"),
+        (torch.zeros(0, 1, 1, D), r"freqs of shape \(0, 1, 1, 16\): .*s >= 1"),
+        ([[0.0] * D] * N, r"freqs must be a torch.Tensor, got list"),
+    ],
+)
+def test_entry_rotary_refuses_a_table_of_another_layout(freqs, match):
+    with pytest.raises(ValueError, match=rf"entry_rotary: {match}"):
+        entry_rotary(freqs)
+
+
+@pytest.mark.parametrize("wrong", ["shape", "dtype", "device", "not a tensor"])
+def test_a_rotary_returning_the_wrong_result_is_named(wrong):
+    """The rotary's result, not the dense kernel's, is refused, and blamed on rotary=."""
+
+    def rotary(x, positions):
+        return {"shape": x[..., :-1], "dtype": x.double(), "device": x.to("meta"), "not a tensor": x.tolist()}[wrong]
+
+    with pytest.raises(ValueError, match=r"rotary= returned .*; an entry rotary must return its x's shape, dtype and "
+                                         r"device, \(1, 2, 1152, 16\) torch.float32 on cpu"):
+        lighthouse_attention(*_qkv(), backend="torch", rotary=rotary, **SETTINGS)
