@@ -216,6 +216,31 @@ def test_selection_refuses_tiles_over_the_block_limit_before_any_work(monkeypatc
         fused.check_tile_entries(n, levels, p, topk)
 
 
+def test_pooling_refuses_entries_over_the_block_limit_before_any_work(monkeypatch):
+    """p=2, levels=15, D=128: one coarsest entry covers 2**14 tokens, a block of 2**21 elements, over Triton's
+    largest; the kernel entry refuses it before allocating or launching. One level less fits."""
+    from lighthouse_kernels import pool_score
+
+    kernel = _NoLaunch()
+    monkeypatch.setattr(pool_score, "_pool_score_kernel", kernel)
+    n = 128 * 2**14
+    q = torch.zeros(128).expand(1, n, 1, 128)  # zero-stride: no memory behind it
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("pool_scores allocated or copied before refusing the configuration")
+
+    with monkeypatch.context() as patch, pytest.raises(ValueError) as info:
+        patch.setattr(torch, "empty", no_work)
+        patch.setattr(torch.Tensor, "contiguous", no_work)
+        fused.pool_scores(q, q, 15, 2)
+    for part in ("2**14 = 16384 tokens", "2097152 elements", "D=128", "(1048576)", "fewer levels"):
+        assert part in str(info.value), str(info.value)
+    assert kernel.launches == []
+    fused.pool_scores(q, q, 14, 2)
+    ((grid, kwargs),) = kernel.launches
+    assert kwargs["BLOCK_T"] * kwargs["BLOCK_D"] == 2**20
+
+
 @pytest.mark.parametrize("n,levels,p,topk", [(2**21, 2, 2, 128), (2**22, 2, 2, 256), (2**22, 3, 2, 128)])
 def test_selection_accepts_tiles_at_the_block_limit(monkeypatch, n, levels, p, topk):
     """Up to MAX_TILE_ENTRIES entries per tile pass the check and launch with a block of at most 2**20."""

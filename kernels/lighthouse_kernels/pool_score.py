@@ -55,17 +55,28 @@ def pool_scores(q: torch.Tensor, k: torch.Tensor, levels: int,
         q, k: ``[B, N, H, D]`` (same shape; last dim contiguous), bf16/fp16/fp32.
     Returns:
         ``(score_q, score_k)``, each ``[B, H, N_tot]`` float32: the max over covered tokens of the fp32 token norm.
+
+    A program pools whole coarsest entries, ``pooling_factor**(levels-1)`` tokens of ``D`` dims at once: more than
+    Triton's largest block (``2**20`` elements, with ``D`` rounded up to a power of two) is a ``ValueError``,
+    raised before any work.
     """
     b, n, h, d = q.shape
+    block_t = max(pooling_factor ** (levels - 1), rows_per_program(q.device, 64))
+    block_d = triton.next_power_of_2(d)
+    if block_t * block_d > tl.TRITON_MAX_TENSOR_NUMEL:
+        raise ValueError(
+            f"Triton pooling: a coarsest entry covers pooling_factor**(levels-1) = {pooling_factor}**{levels - 1} = "
+            f"{pooling_factor ** (levels - 1)} tokens, {block_t * block_d} elements of a block with D={d} (as "
+            f"{block_d}), more than Triton's largest block ({tl.TRITON_MAX_TENSOR_NUMEL}); use fewer levels or a "
+            f"smaller pooling_factor, or the torch backend")
     q = q if q.stride(-1) == 1 else q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()
     total = pyramid_size(n, levels, pooling_factor)
     sq = torch.empty(b, h, total, dtype=torch.float32, device=q.device)
     sk = torch.empty_like(sq)
-    block_t = max(pooling_factor ** (levels - 1), rows_per_program(q.device, 64))
     grid = (b * h, triton.cdiv(n, block_t))
     _pool_score_kernel[grid](
         q, k, sq, sk, n, total, h, d, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(d), P=pooling_factor, LEVELS=levels,
+        BLOCK_T=block_t, BLOCK_D=block_d, P=pooling_factor, LEVELS=levels,
     )
     return sq, sk
