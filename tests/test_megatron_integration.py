@@ -106,6 +106,13 @@ def test_disabled_equals_megatron_stock_local_model(monkeypatch):
     light, _ = _pair(2)
     stock = tiny_gpt(tiny_config(num_query_groups=2), gpt_layer_specs.get_gpt_layer_local_spec(), seed=99)
     stock.load_state_dict(light.state_dict())
+    # Megatron-LM's distributed checkpoints (torch_dist) hold the sharded state dict: the same keys and shardings,
+    # so a Lighthouse checkpoint loads into Megatron-LM's own local model.
+    light_sharded, stock_sharded = light.sharded_state_dict(), stock.sharded_state_dict()
+    assert sorted(light_sharded) == sorted(stock_sharded)
+    for key, sharded in light_sharded.items():
+        for attr in ("key", "global_shape", "global_offset", "axis_fragmentations"):
+            assert getattr(sharded, attr, None) == getattr(stock_sharded[key], attr, None), (key, attr)
     tokens, pos, _ = batch()
     mask = torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool).triu(1)  # Megatron-LM's causal mask (True: masked out)
     with torch.no_grad(), lighthouse_enabled(light, False):
