@@ -577,6 +577,11 @@ def _check_command(copy: pathlib.Path, command: str) -> subprocess.CompletedProc
      + ["SDPACoreAttention"] * 2, "[2]"),
     # a stage-two checkpoint in the unpatched script, an ordinary dense model (the GPU script's stage d)
     ("resume_dense.sh", "pristine", {}, ["SDPACoreAttention"] * 5, "none"),
+    # the same model dense from scratch through the patched script, monitor on (the GPU script's stage c)
+    ("pretrain_lighthouse_1gpu.sh", "patched", {"DENSE": "1", "MONITOR": "1"}, ["SDPACoreAttention"] * 5, "none"),
+    # stage two through the patched script: the Lighthouse model, switched to dense from the resumed iteration
+    ("resume_dense.sh", "patched", {"DENSE_FROM_ITER": "4"}, ["SDPACoreAttention"] * 2 + ["LighthouseCoreAttention"]
+     + ["SDPACoreAttention"] * 2, "[2]"),
     # stage one, unpatched: --spec megatron_lighthouse.env_spec with the printed LIGHTHOUSE_* variables; the dense
     # layers are Lighthouse modules that run dense
     ("pretrain_lighthouse_1gpu.sh", "pristine", {}, ["LighthouseCoreAttention"] * 5, "[2]"),
