@@ -334,6 +334,7 @@ def lighthouse_attention(
         if world is None:
             raise
         check_cp_call(cp_group, None, q, k, None, str(err))  # every rank raises, naming this one
+        raise  # not reached: check_cp_call raises for the error it was given
     if world is None:
         chunk_topk = config.topk // chunks
     else:

@@ -49,9 +49,11 @@ def chunked_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, position_id
     dtype = getattr(labels, "dtype", None)
     if dtype not in (torch.int64, torch.int32):
         raise ValueError(f"chunked_lm_loss: labels of dtype {dtype}: must be an int64 (or int32) tensor of token ids")
-    if labels.dim() != 2 or labels.shape != input_ids.shape:
+    ids_shape = getattr(input_ids, "shape", None)  # None on a pipeline's last stage: it reads no tokens
+    if labels.dim() != 2 or (ids_shape is not None and labels.shape != ids_shape):
         raise ValueError(f"chunked_lm_loss: labels of shape {tuple(labels.shape)} for input_ids of shape "
-                         f"{tuple(input_ids.shape)}: both must be [b, s], the same shape (one label per position)")
+                         f"{None if ids_shape is None else tuple(ids_shape)}: labels must be [b, s], input_ids' "
+                         f"shape (one label per position)")
     gpt = unwrap_model(model)
     if not getattr(gpt, "post_process", False) or not hasattr(gpt, "output_layer"):
         raise ValueError("chunked_lm_loss: the model has no output layer here (post_process=False: a pipeline "

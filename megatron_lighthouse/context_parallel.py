@@ -153,7 +153,8 @@ def check_cp_call(group: Optional[dist.ProcessGroup], config: Optional[Lighthous
     message = (error or "").encode()[:_MESSAGE_BYTES].ljust(_MESSAGE_BYTES, b"\0")
     row = torch.cat((torch.tensor(mine, dtype=torch.float64).view(torch.uint8),
                      torch.frombuffer(bytearray(message), dtype=torch.uint8)))
-    every = _all_gather(row.to(_collective_device(group, q)), group).cpu()
+    # A failing rank's q may be the problem (on the CPU, another device): its row goes where the group's is.
+    every = _all_gather(row.to(_collective_device(group, None if error is not None else q)), group).cpu()
     head = 8 * len(mine)  # the settings' float64 bytes, then the message
     failed: Dict[str, List[int]] = {}
     for rank, text in enumerate(every[:, head:].tolist()):

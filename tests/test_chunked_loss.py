@@ -94,12 +94,19 @@ def test_bad_labels_are_refused_before_the_model_runs():
     for bad in (longer, labels[:, :-1], labels[0], labels[:1], labels[..., None]):
         shape = re.escape(str(tuple(bad.shape)))
         with pytest.raises(ValueError, match=rf"^chunked_lm_loss: labels of shape {shape} for input_ids of shape "
-                                             r"\(2, 256\): both must be \[b, s\], the same shape"):
+                                             r"\(2, 256\): labels must be \[b, s\], input_ids' shape"):
             chunked_lm_loss(model, tokens, pos, bad, 64)
     for bad in (labels.float(), labels.to(torch.int16), labels.bool(), labels.tolist()):
         with pytest.raises(ValueError, match=r"^chunked_lm_loss: labels of dtype .*: must be an int64 \(or int32\) "
                                              r"tensor of token ids"):
             chunked_lm_loss(model, tokens, pos, bad, 64)
     assert calls == []
+    # A pipeline's last stage reads no tokens (input_ids None): the labels' shape is checked alone, so the check
+    # does not refuse it (this model is a single stage: it then fails for want of input_ids, after the check).
+    with pytest.raises(ValueError, match=r"labels of shape \(256,\) for input_ids of shape None: labels must be"):
+        chunked_lm_loss(model, None, pos, labels[0], 64)
+    with pytest.raises(Exception) as past_the_check:
+        chunked_lm_loss(model, None, pos, labels, 64)
+    assert "labels of shape" not in str(past_the_check.value)
     torch.testing.assert_close(chunked_lm_loss(model, tokens, pos, labels.int(), 64),
                                chunked_lm_loss(model, tokens, pos, labels, 64))
