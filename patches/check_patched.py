@@ -32,6 +32,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import runpy
 import shlex
 import sys
@@ -218,7 +219,7 @@ def check_command(mlm: str, words: list) -> None:
     except Exception as err:  # noqa: BLE001 - whatever Megatron-LM raised is the answer, reported in one line
         message = str(err).strip().splitlines()[-1] if str(err).strip() else ""
         hint = ""
-        if "TE" in message or "Transformer Engine" in message or "transformer_engine" in message:
+        if re.search(r"\bTE\b|Transformer ?Engine|transformer_engine", message):
             hint = (" (this Python has no TransformerEngine: check the TRANSFORMER_IMPL=local form of the command "
                     "here, or run the check where TransformerEngine is installed)")
         sys.exit(f"error: {mlm}/pretrain_gpt.py refuses the command: {type(err).__name__}: {message}{hint}")
