@@ -98,7 +98,7 @@ def gather_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: t
     s = indices.shape[-1]
     out = [torch.empty(b, h, s, d, dtype=q.dtype, device=q.device) for _ in range(3)]
     block_s = rows_per_program(q.device, 32)
-    grid = (b * h, triton.cdiv(s, block_s))
+    grid = (triton.cdiv(s, block_s), b * h)  # see program_block
     _gather_fwd_kernel[grid](
         q, k, v, indices, *out, n, s, h, d, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
         k.stride(2), v.stride(0), v.stride(1), v.stride(2),
@@ -125,7 +125,7 @@ def gather_backward(gq: torch.Tensor, gk: torch.Tensor, gv: torch.Tensor, inv: t
     if inv.stride(-1) != 1:
         inv = inv.contiguous()
     block_t = rows_per_program(gq.device, 64)
-    grid = (b * h, triton.cdiv(seq_len, block_t))
+    grid = (triton.cdiv(seq_len, block_t), b * h)  # see program_block
     _gather_bwd_kernel[grid](
         gq, gk, gv, inv, *out, seq_len, inv.stride(0), s, h, d, out[0].stride(0), out[0].stride(1), out[0].stride(2),
         BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(d), P=pooling_factor, LEVELS=levels,

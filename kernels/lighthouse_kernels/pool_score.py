@@ -32,7 +32,7 @@ def _store_levels(norm, out_ptr, row, tok, seq_len, total, BLOCK_T: tl.constexpr
     for level in tl.static_range(1, LEVELS):
         offset, width, span = next_level(offset, width, span, P)
         cur = tl.max(tl.reshape(cur, (BLOCK_T // P**level, P)), axis=1)
-        entry = tl.program_id(1) * (BLOCK_T // P**level) + tl.arange(0, BLOCK_T // P**level)
+        entry = tl.program_id(0) * (BLOCK_T // P**level) + tl.arange(0, BLOCK_T // P**level)
         tl.store(base + offset + entry, cur, mask=entry < width)
 
 
@@ -74,7 +74,7 @@ def pool_scores(q: torch.Tensor, k: torch.Tensor, levels: int,
     total = pyramid_size(n, levels, pooling_factor)
     sq = torch.empty(b, h, total, dtype=torch.float32, device=q.device)
     sk = torch.empty_like(sq)
-    grid = (b * h, triton.cdiv(n, block_t))
+    grid = (triton.cdiv(n, block_t), b * h)  # see program_block
     _pool_score_kernel[grid](
         q, k, sq, sk, n, total, h, d, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         BLOCK_T=block_t, BLOCK_D=block_d, P=pooling_factor, LEVELS=levels,

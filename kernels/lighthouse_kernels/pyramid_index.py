@@ -29,9 +29,12 @@ def program_block(H, limit, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
     ``b * stride_b`` and ``h * stride_h`` is an int64 offset: those exceed 2**31 elements on long sequences (e.g.
     ``[B, N, H, D]`` with ``N*H*D >= 2**31``, or Megatron's ``[s, b, h, d]`` seen as ``[b, s, h, d]``). The
     positions stay int32 (they index a dimension below 2**31); kernels widen them before multiplying by a stride.
+
+    The grid is ``(cdiv(limit, BLOCK), B*H)``: the blocks along the sequence on axis 0, which takes up to 2**31 - 1
+    programs (axes 1 and 2 take 65,535: 4M tokens in blocks of 64 are 65,536).
     """
-    row = tl.program_id(0).to(tl.int64)
-    idx = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    row = tl.program_id(1).to(tl.int64)
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     d = tl.arange(0, BLOCK_D)
     return row, row // H, row % H, idx, idx < limit, d, d < D
 

@@ -77,7 +77,7 @@ def scatter_forward(out_sub: torch.Tensor, inv: torch.Tensor, seq_len: int, leve
     if inv.stride(-1) != 1:
         inv = inv.contiguous()
     block_t = rows_per_program(out_sub.device, 64)
-    grid = (b * h, triton.cdiv(seq_len, block_t))
+    grid = (triton.cdiv(seq_len, block_t), b * h)  # see program_block
     _scatter_fwd_kernel[grid](
         out_sub, inv, out, seq_len, inv.stride(0), s, h, d, out.stride(0), out.stride(2), out.stride(1),
         BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(d), P=pooling_factor, LEVELS=levels,
@@ -93,7 +93,7 @@ def scatter_backward(dout: torch.Tensor, indices: torch.Tensor, levels: int, poo
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
     dsub = torch.empty(b, h, s, d, dtype=dtype, device=dout.device)
     block_s = rows_per_program(dout.device, 64)
-    grid = (b * h, triton.cdiv(s, block_s))
+    grid = (triton.cdiv(s, block_s), b * h)  # see program_block
     _scatter_bwd_kernel[grid](
         dout, indices, dsub, n, s, h, d, dout.stride(0), dout.stride(1), dout.stride(2),
         BLOCK_S=block_s, BLOCK_D=triton.next_power_of_2(d), P=pooling_factor, LEVELS=levels,
