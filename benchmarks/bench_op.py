@@ -9,7 +9,9 @@ B=1, H=8, D=128, bf16, topk=2048, pooling_factor=4, forward+backward at every le
   (L=2 up to 64K, L=3 to 256K, L=4 to 1M, L=5 to 4M, L=6 at 8M), so the subsequence stays bounded and the cost
   near-linear;
 
-and dense cuDNN SDPA until a length takes over 10 s or runs out of memory. Reports time and
+and dense cuDNN SDPA until a length takes over 10 s or runs out of memory. The CUDA allocator runs with
+``expandable_segments:True`` unless ``PYTORCH_CUDA_ALLOC_CONF`` is set: at 8M the tensors are 16 GiB each, and
+without it fragmentation alone runs out of memory. Reports time and
 peak memory per length, the subsequence length S, the forward stage breakdown of the fixed pyramid, and the fitted
 growth exponent ``a`` of ``time ∝ N**a`` (dense over the lengths it ran, Lighthouse over 128K-4M, the range where
 both pyramids are past their small-length overheads). ``--check``
@@ -31,7 +33,9 @@ import os
 import statistics
 from typing import Callable, Dict, List, Sequence
 
-import torch
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # before torch touches CUDA
+
+import torch  # noqa: E402
 
 from megatron_lighthouse import LighthouseConfig, lighthouse_attention, naive, select_indices
 from megatron_lighthouse.dense import dense_attention
@@ -292,8 +296,9 @@ def main() -> None:
 
     gpu = torch.cuda.get_device_name()
     report = {"date": datetime.date.today().isoformat(), "gpu": gpu, "torch": torch.__version__,
-              "triton": triton.__version__, "config": dict(B=B, H=H, D=D, dtype="bf16", pooling_factor=P, topk=TOPK,
-                                                           fixed_levels=FIXED_LEVELS, fit_range=FIT_RANGE)}
+              "triton": triton.__version__, "allocator": os.environ["PYTORCH_CUDA_ALLOC_CONF"],
+              "config": dict(B=B, H=H, D=D, dtype="bf16", pooling_factor=P, topk=TOPK, fixed_levels=FIXED_LEVELS,
+                             fit_range=FIT_RANGE)}
     if args.check:
         report["checks"] = check(args.golden_dir)
     report["series"] = run_series([int(x) for x in args.lengths.split(",")])
