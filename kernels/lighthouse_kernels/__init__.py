@@ -9,13 +9,12 @@ geometry and program prologue they share), ``launch`` (rows per program). This p
 Triton only.
 
 Every pointer offset that can pass 2**31 elements (row, batch, head and token times a stride) is computed in int64.
-:data:`MAX_TILE_ENTRIES` is the selection's limit on coarsest-level entries per tile (:func:`check_tile_entries`
-raises the ``ValueError`` that :func:`select_entries` raises before any work).
+:data:`MAX_TILE_ENTRIES` is the selection's limit on coarsest-level entries per tile: past it,
+:func:`select_entries` raises a ``ValueError`` before any work.
 """
 
 from .functions import gather_entries, scatter_to_tokens
 from .pool_score import pool_scores
-from .select import MAX_TILE_ENTRIES, check_tile_entries, select_entries
+from .select import MAX_TILE_ENTRIES, select_entries
 
-__all__ = ["MAX_TILE_ENTRIES", "check_tile_entries", "gather_entries", "pool_scores", "scatter_to_tokens",
-           "select_entries"]
+__all__ = ["MAX_TILE_ENTRIES", "gather_entries", "pool_scores", "scatter_to_tokens", "select_entries"]

@@ -158,9 +158,9 @@ def _select_kernel(sq_ptr, sk_ptr, out_ptr, work_ptr, seq_len, total, per_tile, 
     tl.store(out + tl.reshape(start[:, None] + tl.arange(0, P)[None, :], (WIDE,)), tokens.to(tl.int64))
 
 
-def check_tile_entries(seq_len: int, levels: int, pooling_factor: int, topk: int) -> None:
-    """``ValueError`` unless each selection tile owns at most :data:`MAX_TILE_ENTRIES` coarsest-level entries (the
-    Triton kernel's limit): ``seq_len / pooling_factor**(levels-1) / (topk / TILE_SELECT)``. Pure arithmetic."""
+def _tile_entries(seq_len: int, levels: int, pooling_factor: int, topk: int) -> int:
+    """The coarsest-level entries each selection tile owns, ``seq_len / pooling_factor**(levels-1) / (topk /
+    TILE_SELECT)``; ``ValueError`` past :data:`MAX_TILE_ENTRIES` (the Triton kernel's limit). Pure arithmetic."""
     coarsest = seq_len // pooling_factor ** (levels - 1)
     tiles = max(1, topk // TILE_SELECT)
     per_tile = coarsest // tiles
@@ -171,6 +171,7 @@ def check_tile_entries(seq_len: int, levels: int, pooling_factor: int, topk: int
             f" = {tiles} tile(s)), more than the kernel's limit MAX_TILE_ENTRIES={MAX_TILE_ENTRIES} (2**20, Triton's "
             f"largest block); raise topk (more tiles), levels or pooling_factor so that "
             f"seq_len / pooling_factor**(levels-1) / (topk/{TILE_SELECT}) <= {MAX_TILE_ENTRIES}")
+    return per_tile
 
 
 @torch.no_grad()
@@ -186,9 +187,8 @@ def select_entries(score_q: torch.Tensor, score_k: torch.Tensor, seq_len: int, l
     p = pooling_factor
     if total != pyramid_size(seq_len, levels, p):
         raise ValueError(f"scores of {total} pyramid entries do not match seq_len={seq_len}, levels={levels}, p={p}")
-    check_tile_entries(seq_len, levels, p, topk)
+    per_tile = _tile_entries(seq_len, levels, p, topk)
     tiles = topk // TILE_SELECT
-    per_tile = seq_len // p ** (levels - 1) // tiles
     wide = TILE_SELECT * p
     s = tiles * (per_tile + (levels - 1) * wide)
     out = torch.empty(b, h, s, dtype=torch.int64, device=score_q.device)
