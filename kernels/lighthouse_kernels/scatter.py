@@ -10,8 +10,6 @@ stride, so tensors of more than 2**31 elements (long sequences, strided views) a
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
@@ -64,16 +62,21 @@ def _scatter_bwd_kernel(dout_ptr, idx_ptr, dsub_ptr, seq_len, S, H, D,
 
 
 def scatter_forward(out_sub: torch.Tensor, inv: torch.Tensor, seq_len: int, levels: int,
-                    pooling_factor: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    pooling_factor: int) -> torch.Tensor:
     """``out_sub`` ``[B, H, S, D]`` (contiguous), ``inv`` from :func:`inverse_map` (last dim contiguous) ->
-    ``[B, N, H, D]`` in its dtype, written into ``out`` when given (that shape and dtype, any strides with a
-    contiguous last dim: e.g. a view into a ``[s, b, h, d]`` buffer), else into a new contiguous tensor."""
+    ``[B, N, H, D]``, a new contiguous tensor in its dtype."""
+    b, h, _, d = out_sub.shape
+    out = torch.empty(b, seq_len, h, d, dtype=out_sub.dtype, device=out_sub.device)
+    _launch_scatter_forward(out_sub, inv, out, levels, pooling_factor)
+    return out
+
+
+def _launch_scatter_forward(out_sub: torch.Tensor, inv: torch.Tensor, out: torch.Tensor, levels: int,
+                            pooling_factor: int) -> None:
+    """Write the tokens into ``out``: ``[B, N, H, D]`` in ``out_sub``'s dtype, last dim contiguous (any other
+    strides: the offset tests write past 2**31 elements through a view)."""
     b, h, s, d = out_sub.shape
-    if out is None:
-        out = torch.empty(b, seq_len, h, d, dtype=out_sub.dtype, device=out_sub.device)
-    elif out.shape != (b, seq_len, h, d) or out.dtype != out_sub.dtype or out.stride(-1) != 1:
-        raise ValueError(f"scatter_forward: out must be a [B, N, H, D] = {[b, seq_len, h, d]} {out_sub.dtype} tensor "
-                         f"with a contiguous last dim")
+    seq_len = out.shape[1]
     if inv.stride(-1) != 1:
         inv = inv.contiguous()
     block_t = rows_per_program(out_sub.device, 64)
@@ -82,7 +85,6 @@ def scatter_forward(out_sub: torch.Tensor, inv: torch.Tensor, seq_len: int, leve
         out_sub, inv, out, seq_len, inv.stride(0), s, h, d, out.stride(0), out.stride(2), out.stride(1),
         BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(d), P=pooling_factor, LEVELS=levels,
     )
-    return out
 
 
 def scatter_backward(dout: torch.Tensor, indices: torch.Tensor, levels: int, pooling_factor: int,
