@@ -12,12 +12,15 @@ alone are 64 GiB. A length that runs out of memory is reported and the run goes 
 under ``--out-dir``.
 
 GPU (one H200):  python3 benchmarks/bench_train.py --layers 30 --seq-lens 32768 65536 131072
-1M tokens on one GPU, monitor on:
-    python3 benchmarks/bench_train.py --seq-lens 1048576 2097152 --layers 8 --loss-chunk 16384 \
-        --monitor-dir $OUT/monitor --out-dir $OUT
+1M tokens on one GPU, monitor on (then the same with ``--modes dense --iters 1 --warmup 0``):
+    python3 benchmarks/bench_train.py --seq-lens 1048576 --layers 8 --loss-chunk 16384 --modes lighthouse \
+        --iters 1 --warmup 1 --monitor-dir $OUT/monitor --out-dir $OUT
+The longest lengths on one GPU, every layer Lighthouse (``--dense-layers`` with none), the growing pyramid's L:
+    python3 benchmarks/bench_train.py --seq-lens 2097152 4194304 --layers 8 --dense-layers --levels 5 \
+        --modes lighthouse --iters 1 --warmup 1 --loss-chunk 16384 --out-dir $OUT
 1M tokens, context parallel over 2 GPUs (torchrun, one process per GPU):
     torchrun --nproc-per-node 2 benchmarks/bench_train.py --context-parallel 2 --seq-lens 1048576 --layers 8 \
-        --vocab 8192 --modes lighthouse --monitor-dir $OUT/monitor
+        --vocab 8192 --dense-layers --modes lighthouse --monitor-dir $OUT/monitor
 CPU logic check (learned absolute positions): python benchmarks/bench_train.py --device cpu --tiny
 """
 

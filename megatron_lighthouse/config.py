@@ -56,7 +56,7 @@ class LighthouseConfig:
             pooled and selected un-rotated and every selected entry is rotated at the position of the last token
             it covers (needs :class:`~megatron_lighthouse.self_attention.LighthouseSelfAttention`, which the spec
             provider builds). ``"tokens"``: Megatron's order, tokens rotated before pooling, so pooled entries
-            average rotations (this package's behaviour before 2026-12-01). Dense layers, and the model once
+            average rotations (for checkpoints trained that way). Dense layers, and the model once
             Lighthouse is switched off, use Megatron's RoPE either way.
 
     The sequence-dependent rules are checked by :meth:`validate`.
