@@ -30,7 +30,7 @@ import logging
 from typing import Any, Callable, Mapping, Optional, Tuple
 
 from .config import ROPE_PLACEMENTS, LighthouseConfig
-from .monitor.config import add_monitor_args
+from .monitor.config import add_monitor_args, config_from_args
 from .schedule import LighthouseSchedule, Model, lighthouse_modules, set_lighthouse_enabled
 
 logger = logging.getLogger(__name__)
@@ -271,8 +271,12 @@ def validate_lighthouse_args(args: Any) -> Optional[LighthouseConfig]:
     (:func:`check_lighthouse_against_args`).
 
     Returns the config, ``None`` without ``--lighthouse``: then a Lighthouse setting flag other than its default,
-    or ``--lighthouse-dense-from-iteration``, is refused (it would be ignored). ``ValueError`` names the flag.
+    or ``--lighthouse-dense-from-iteration``, is refused (it would be ignored). With ``--lighthouse-monitor`` the
+    monitor's flags are checked too (:func:`~megatron_lighthouse.monitor.config.config_from_args`), so a bad one
+    stops the start-up, not the first iteration. ``ValueError`` names the flag.
     """
+    if getattr(args, "lighthouse_monitor", False):
+        config_from_args(args)
     cfg = lighthouse_config_from_args(args)
     if cfg is None:
         for field, (flag, attr) in _FLAGS.items():

@@ -97,6 +97,21 @@ def test_bad_settings_name_the_flag(argv, flag):
         validate_lighthouse_args(parse("--lighthouse", *argv))
 
 
+@pytest.mark.parametrize("argv, message", [
+    (("--lighthouse-monitor-interval", "0"), "--lighthouse-monitor-interval 0.0: must be a number > 0"),
+    (("--lighthouse-monitor-step-threshold", "-1"), "--lighthouse-monitor-step-threshold -1.0: must be a number > 0"),
+    (("--lighthouse-monitor-util-threshold", "0"), "--lighthouse-monitor-util-threshold 0.0: must be a number > 0"),
+])
+@pytest.mark.parametrize("lighthouse", [(), ("--lighthouse",)])
+def test_bad_monitor_flags_stop_the_start_up(argv, message, lighthouse):
+    """The monitor starts on the first optimizer step; its flags are checked with the others at start-up, with or
+    without --lighthouse, and only when the monitor is on (they are unused otherwise)."""
+    with pytest.raises(ValueError) as err:
+        validate_lighthouse_args(parse(*lighthouse, "--lighthouse-monitor", *argv))
+    assert str(err.value).startswith(message), str(err.value)
+    validate_lighthouse_args(parse(*lighthouse, *argv))
+
+
 def test_seq_length_that_does_not_fit():
     # topk 2048 -> 16 tiles, p**(L-1) = 16: the sequence must be a multiple of 256 and >= 32768.
     with pytest.raises(ValueError, match=r"--seq-length 100000 .*nearest valid lengths: \(99840, 100096\)"):

@@ -195,6 +195,9 @@ def test_flags_and_from_args(tmp_path):
     assert config.enabled and config.interval_s == 0.5 and config.log_interval == 7
     assert config.jsonl_path == str(tmp_path / "gpu_monitor.jsonl")
 
+    with pytest.raises(ValueError, match=r"^--log-interval -2: must be an int >= 1 \(steps\)$"):
+        config_from_args(parser.parse_args(["--lighthouse-monitor", "--log-interval", "-2"]))
+
     off = parser.parse_args([])
     backend = FakeNVMLBackend()
     monitor = GPUMonitor.from_args(off, backend=backend).start()

@@ -22,10 +22,18 @@ def is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+class MonitorSettingError(ValueError):
+    """A bad :class:`MonitorConfig` setting: ``name``, its ``value`` and the ``rule`` it breaks."""
+
+    def __init__(self, name: str, value: Any, rule: str) -> None:
+        super().__init__(f"MonitorConfig.{name}={value!r}: {rule}")
+        self.name, self.value, self.rule = name, value, rule
+
+
 def _require(config: "MonitorConfig", name: str, ok: bool, rule: str) -> None:
-    """``ValueError`` naming the setting, its value and ``rule`` unless ``ok``."""
+    """:class:`MonitorSettingError` naming the setting, its value and ``rule`` unless ``ok``."""
     if not ok:
-        raise ValueError(f"MonitorConfig.{name}={getattr(config, name)!r}: {rule}")
+        raise MonitorSettingError(name, getattr(config, name), rule)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,19 +138,31 @@ def add_monitor_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     return parser
 
 
+#: The command-line flag of each :class:`MonitorConfig` field that :func:`config_from_args` fills from one.
+_FLAG_OF = {"interval_s": "--lighthouse-monitor-interval", "log_interval": "--log-interval",
+            "step_time_threshold": "--lighthouse-monitor-step-threshold",
+            "util_threshold_pct": "--lighthouse-monitor-util-threshold"}
+
+
 def config_from_args(args: Any) -> MonitorConfig:
-    """:class:`MonitorConfig` from parsed flags (those of :func:`add_monitor_args`, plus Megatron's)."""
+    """:class:`MonitorConfig` from parsed flags (those of :func:`add_monitor_args`, plus Megatron's).
+
+    A bad value is a ``ValueError`` that names its flag (``--lighthouse-monitor-interval 0.0: must be a number > 0
+    (seconds)``)."""
     directory = (
         getattr(args, "lighthouse_monitor_dir", None)
         or getattr(args, "tensorboard_dir", None)
         or getattr(args, "save", None)
         or "lighthouse_monitor"
     )
-    return MonitorConfig(
-        enabled=bool(getattr(args, "lighthouse_monitor", False)),
-        interval_s=getattr(args, "lighthouse_monitor_interval", MonitorConfig.interval_s),
-        log_interval=getattr(args, "log_interval", None) or MonitorConfig.log_interval,
-        jsonl_path=os.path.join(directory, JSONL_NAME),
-        step_time_threshold=getattr(args, "lighthouse_monitor_step_threshold", MonitorConfig.step_time_threshold),
-        util_threshold_pct=getattr(args, "lighthouse_monitor_util_threshold", MonitorConfig.util_threshold_pct),
-    )
+    try:
+        return MonitorConfig(
+            enabled=bool(getattr(args, "lighthouse_monitor", False)),
+            interval_s=getattr(args, "lighthouse_monitor_interval", MonitorConfig.interval_s),
+            log_interval=getattr(args, "log_interval", None) or MonitorConfig.log_interval,
+            jsonl_path=os.path.join(directory, JSONL_NAME),
+            step_time_threshold=getattr(args, "lighthouse_monitor_step_threshold", MonitorConfig.step_time_threshold),
+            util_threshold_pct=getattr(args, "lighthouse_monitor_util_threshold", MonitorConfig.util_threshold_pct),
+        )
+    except MonitorSettingError as err:
+        raise ValueError(f"{_FLAG_OF.get(err.name, err.name)} {err.value!r}: {err.rule}") from None
