@@ -234,13 +234,21 @@ def check_command(mlm: str, words: list) -> None:
     print(f"OK: {mlm}/pretrain_gpt.py accepts the command and builds its model{one_rank}")
 
 
+USAGE = ("usage: python patches/check_patched.py MEGATRON_LM_DIR [-- COMMAND...]   (a Megatron-LM checkout, "
+         "patched unless a COMMAND is given)")
+
+
 def main() -> None:
     argv = sys.argv[1:]
     words = argv[argv.index("--") + 1:] if "--" in argv else None
     argv = argv[:argv.index("--")] if "--" in argv else argv
-    if len(argv) != 1 or not os.path.isfile(os.path.join(argv[0], "pretrain_gpt.py")) or words == []:
-        sys.exit("usage: python patches/check_patched.py MEGATRON_LM_DIR [-- COMMAND...]   (a Megatron-LM checkout, "
-                 "patched unless a COMMAND is given)")
+    if argv in (["-h"], ["--help"]):
+        print(USAGE)
+        return
+    if len(argv) != 1 or words == []:
+        sys.exit(USAGE)
+    if not os.path.isfile(os.path.join(argv[0], "pretrain_gpt.py")):
+        sys.exit(f"error: MEGATRON_LM_DIR {argv[0]}: no pretrain_gpt.py there (give the root of a Megatron-LM checkout)")
     mlm = os.path.abspath(argv[0])
     with open(os.path.join(mlm, "pretrain_gpt.py")) as f:
         if words is None and "megatron_lighthouse" not in f.read():
@@ -250,8 +258,12 @@ def main() -> None:
 
         typing.override = typing_extensions.override
     sys.path.insert(0, mlm)
-    with megatron_output():  # its import-time warnings (no TransformerEngine, no Apex) are not news here
-        import megatron.training  # noqa: F401
+    try:
+        with megatron_output():  # its import-time warnings (no TransformerEngine, no Apex) are not news here
+            import megatron.training  # noqa: F401
+    except Exception as err:  # noqa: BLE001 - a missing requirement of the checkout, reported in one line
+        sys.exit(f"error: {mlm}: its megatron.training does not import in this Python ({type(err).__name__}: "
+                 f"{err}); install Megatron-LM's requirements here")
     if words is None:
         check(mlm)
     else:

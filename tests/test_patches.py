@@ -208,10 +208,33 @@ def test_check_patched_reads_a_launch_command(monkeypatch):
     (("{mlm}", "--"), "usage:"),
     (("{mlm}", "{mlm}"), "usage:"),
     (("{mlm}",), "pretrain_gpt.py is not patched: run patches/apply.sh"),
+    (("{mlm}/nope",), "error: MEGATRON_LM_DIR {mlm}/nope: no pretrain_gpt.py there"),
+    (("{mlm}/nope", "--", "--lr 1"), "error: MEGATRON_LM_DIR {mlm}/nope: no pretrain_gpt.py there"),
 ])
 def test_check_patched_usage(tmp_path, argv, message):
     (tmp_path / "pretrain_gpt.py").write_text("# stand-in\n")
     argv = [a.format(mlm=tmp_path) for a in argv]
     proc = subprocess.run([sys.executable, str(PATCHES / "check_patched.py"), *argv], capture_output=True, text=True,
                           timeout=60)
-    assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+    assert proc.returncode != 0 and message.format(mlm=tmp_path) in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_check_patched_help():
+    proc = subprocess.run([sys.executable, str(PATCHES / "check_patched.py"), "--help"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: python patches/check_patched.py"), proc
+
+
+def test_check_patched_names_a_checkout_that_does_not_import(tmp_path):
+    """A checkout whose megatron.training needs a module this Python lacks: one error line, no traceback."""
+    (tmp_path / "pretrain_gpt.py").write_text("# megatron_lighthouse\n")
+    (tmp_path / "megatron" / "training").mkdir(parents=True)
+    (tmp_path / "megatron" / "__init__.py").write_text("")
+    (tmp_path / "megatron" / "training" / "__init__.py").write_text("import a_requirement_not_installed\n")
+    proc = subprocess.run([sys.executable, str(PATCHES / "check_patched.py"), str(tmp_path)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 1, proc
+    assert proc.stderr.strip() == (f"error: {tmp_path}: its megatron.training does not import in this Python "
+                                   "(ModuleNotFoundError: No module named 'a_requirement_not_installed'); install "
+                                   "Megatron-LM's requirements here"), proc.stderr
