@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Apply the Lighthouse hook (megatron_lm_lighthouse.patch) to a Megatron-LM checkout.
 # Usage: patches/apply.sh MEGATRON_LM_DIR
-#   Checks the checkout's commit against the one the patch was verified on (a different commit is allowed
+#   Checks the checkout's commit against those the patch was verified on (a different commit is allowed
 #   if the patch still applies cleanly), runs `git apply --check` before touching anything, and does
 #   nothing if the patch is already applied. Exit codes: 0 applied or already applied, 2 bad usage,
 #   3 the patch does not apply (nothing was changed).
 set -euo pipefail
-VERIFIED_COMMIT=d98e8a64ddf34856e74b24714e3bedb2f5a39553  # keep in sync with patches/README.md
+VERIFIED_COMMIT=d98e8a64ddf34856e74b24714e3bedb2f5a39553  # main; keep in sync with patches/README.md
+VERIFIED_TAG_COMMIT=5be9626709af2722333bf54797c954c09edeada3  # core_v0.19.0; likewise
 HERE=$(cd "$(dirname "$0")" && pwd)
 PATCH="$HERE/megatron_lm_lighthouse.patch"
 die() { echo "error: $*" >&2; exit "${2:-2}"; }
@@ -18,13 +19,15 @@ DIR=$1
 command -v git >/dev/null || die "git is needed (git apply)"
 
 if head=$(git -C "$DIR" rev-parse HEAD 2>/dev/null); then
-    if [ "$head" = "$VERIFIED_COMMIT" ]; then
-        echo "Megatron-LM at $head: the commit this patch was verified on"
+    if [ "$head" = "$VERIFIED_COMMIT" ] || [ "$head" = "$VERIFIED_TAG_COMMIT" ]; then
+        echo "Megatron-LM at $head: a commit this patch was verified on"
     else
-        echo "warning: Megatron-LM at $head; the patch was verified on $VERIFIED_COMMIT (trying it anyway)" >&2
+        echo "warning: Megatron-LM at $head; the patch was verified on $VERIFIED_COMMIT (main) and" \
+             "$VERIFIED_TAG_COMMIT (core_v0.19.0) (trying it anyway)" >&2
     fi
 else
-    echo "warning: $DIR is not a git checkout; cannot check its commit (verified on $VERIFIED_COMMIT)" >&2
+    echo "warning: $DIR is not a git checkout; cannot check its commit (verified on $VERIFIED_COMMIT and" \
+         "$VERIFIED_TAG_COMMIT)" >&2
 fi
 
 cd "$DIR"

@@ -111,9 +111,10 @@ def test_hooks_sit_where_megatron_lm_uses_them(patch):
     assert "# Get the batch." in new[switch:]
 
 
-def test_readme_and_apply_name_the_same_commit():
-    commit = re.search(r"^VERIFIED_COMMIT=([0-9a-f]{40})", APPLY.read_text(), re.M)[1]
-    assert commit in (PATCHES / "README.md").read_text()
+def test_readme_and_apply_name_the_same_commits():
+    for name in ("VERIFIED_COMMIT", "VERIFIED_TAG_COMMIT"):
+        commit = re.search(rf"^{name}=([0-9a-f]{{40}})", APPLY.read_text(), re.M)[1]
+        assert commit in (PATCHES / "README.md").read_text(), name
 
 
 # -- apply.sh against a stand-in checkout built from the patch's own context (no Megatron-LM code here) --
