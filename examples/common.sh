@@ -186,11 +186,34 @@ monitor_flags() {
         fi
     fi
 }
-# launch CMD...: run it (with LAUNCH_ENV exported), or only print it, LAUNCH_ENV first, when DRY_RUN=1.
+# preflight LAUNCHER: what this machine needs before LAUNCHER starts the ranks, as one error line rather than a
+# traceback from each rank: LAUNCHER on PATH; TransformerEngine in python3 when TRANSFORMER_IMPL=transformer_engine;
+# with torchrun (its ranks run on this machine), a CUDA GPU that torch sees.
+preflight() {
+    if ! command -v "$1" >/dev/null; then
+        [ "$1" = srun ] && die "srun: not found; this example runs under SLURM (sbatch $0)"
+        die "$1: not found; activate the Python environment that has torch (torchrun comes with it)"
+    fi
+    python3 - "$TRANSFORMER_IMPL" "$1" <<'PY' || exit 2
+import importlib.util, sys
+impl, launcher = sys.argv[1:]
+if impl == "transformer_engine" and importlib.util.find_spec("transformer_engine") is None:
+    sys.exit("error: TRANSFORMER_IMPL=transformer_engine (the default): transformer_engine is not installed in this "
+             "Python; install it (pip install -e '.[te]') or set TRANSFORMER_IMPL=local")
+if launcher == "torchrun":
+    import torch
+    if not torch.cuda.is_available():
+        sys.exit("error: torch sees no CUDA GPU here, and Megatron-LM's pretrain_gpt.py needs one (DRY_RUN=1 prints "
+                 "the command instead of launching it)")
+PY
+}
+# launch CMD...: run it (with LAUNCH_ENV exported) after the preflight, or only print it, LAUNCH_ENV first, when
+# DRY_RUN=1.
 launch() {
     if [ "$DRY_RUN" = 1 ]; then
         printf '%q ' "${LAUNCH_ENV[@]}" "$@"; echo
     else
+        preflight "$1"
         [ "${#LAUNCH_ENV[@]}" = 0 ] || export "${LAUNCH_ENV[@]}"
         exec "$@"
     fi

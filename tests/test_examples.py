@@ -20,6 +20,7 @@ import sys
 import tarfile
 
 import pytest
+import torch
 
 from test_patches import PATCH, parse_patch
 
@@ -51,6 +52,16 @@ def _run(script: str, tmp_path: pathlib.Path, **env: str) -> subprocess.Complete
         *notes, command = proc.stdout.strip().splitlines()
         proc.stdout = "\n".join(notes + [" ".join(shlex.split(command))])
     return proc
+
+
+def _past_preflight(tmp_path: pathlib.Path) -> dict:
+    """The environment in which a real (not dry) launch on this CPU machine passes the examples' preflight: torch
+    answers that it sees a GPU (a ``sitecustomize`` on ``PYTHONPATH``) and a stand-in ``transformer_engine`` imports."""
+    site = tmp_path / "gpu_site"
+    (site / "transformer_engine").mkdir(parents=True, exist_ok=True)
+    (site / "transformer_engine" / "__init__.py").write_text("")
+    (site / "sitecustomize.py").write_text("import torch\ntorch.cuda.is_available = lambda: True\n")
+    return {"PYTHONPATH": str(site)}
 
 
 def _stand_in(root: pathlib.Path, patched: bool) -> pathlib.Path:
@@ -299,7 +310,8 @@ def test_dry_run_only_prints(tmp_path, patched):
     record = tmp_path / "argv"
     (bin_dir / "torchrun").write_text(f'#!/usr/bin/env bash\necho "$@" > {record}\n')
     (bin_dir / "torchrun").chmod(0o755)
-    env = {**_base(patched), "PATH": f"{bin_dir}:{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = {**_base(patched), "PATH": f"{bin_dir}:{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}",
+           **_past_preflight(tmp_path)}
     env.pop("DRY_RUN")
     proc = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **env)
     assert proc.returncode == 0, proc.stderr
@@ -385,11 +397,50 @@ def _recording_torchrun(tmp_path: pathlib.Path) -> tuple:
     return f"{bin_dir}:{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}", record
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_launch_without_a_gpu_is_one_error_line(tmp_path, patched):
+    """A real launch on a machine where torch sees no GPU stops before torchrun, in one line."""
+    path, record = _recording_torchrun(tmp_path)
+    env = {k: v for k, v in _mock(patched, TRANSFORMER_IMPL="local", PATH=path).items() if k != "DRY_RUN"}
+    proc = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **env)
+    assert proc.returncode == 2 and not record.exists(), proc
+    assert proc.stderr.strip() == ("error: torch sees no CUDA GPU here, and Megatron-LM's pretrain_gpt.py needs one "
+                                   "(DRY_RUN=1 prints the command instead of launching it)"), proc.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformer_engine") is not None, reason="TransformerEngine installed")
+@pytest.mark.parametrize("script", ["pretrain_lighthouse_1gpu.sh", "resume_dense.sh"])
+def test_launch_without_transformer_engine_is_one_error_line(tmp_path, patched, script):
+    """The default TRANSFORMER_IMPL=transformer_engine without TransformerEngine installed: one line pointing at
+    TRANSFORMER_IMPL=local, before torchrun (Megatron-LM's own message names an unrelated rope fusion)."""
+    path, record = _recording_torchrun(tmp_path)
+    site = _past_preflight(tmp_path)
+    (tmp_path / "gpu_site" / "transformer_engine" / "__init__.py").unlink()
+    (tmp_path / "gpu_site" / "transformer_engine").rmdir()
+    env = {k: v for k, v in _mock(patched, PATH=path, **site).items() if k != "DRY_RUN"}
+    proc = _run(script, tmp_path, **env, **_needs(script, tmp_path))
+    assert proc.returncode == 2 and not record.exists(), proc
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: TRANSFORMER_IMPL=transformer_engine (the default): transformer_engine is not installed in this "
+        "Python; install it (pip install -e '.[te]') or set TRANSFORMER_IMPL=local"), proc.stderr
+
+
+def test_multinode_launch_outside_slurm_is_one_error_line(tmp_path, patched):
+    env = {k: v for k, v in _base(patched, NNODES="4", MASTER_ADDR="node0",
+                                       PATH=f"{pathlib.Path(sys.executable).parent}:/usr/bin:/bin").items()
+           if k != "DRY_RUN"}
+    proc = _run("pretrain_lighthouse_multinode_1m.sh", tmp_path, **env)
+    assert proc.returncode == 2, proc
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: srun: not found; this example runs under SLURM "
+                                                          "(sbatch "), proc.stderr
+
+
 def test_unpatched_line_runs_as_printed(tmp_path, megatron_lm):
     """The unpatched route's settings travel in LIGHTHOUSE_* variables: exported when the example launches, and
     in front of the printed command, which runs the same when pasted into a shell."""
     path, record = _recording_torchrun(tmp_path)
-    env = {k: v for k, v in _mock(megatron_lm, TOPK="1024", PATH=path).items() if k != "DRY_RUN"}
+    env = {k: v for k, v in _mock(megatron_lm, TOPK="1024", PATH=path, **_past_preflight(tmp_path)).items()
+           if k != "DRY_RUN"}
     launched = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **env)
     assert launched.returncode == 0, launched.stderr
     expected = ("LIGHTHOUSE_DENSE_LAYERS=0,1,-2,-1\nLIGHTHOUSE_LEVELS=3\nLIGHTHOUSE_POOLING_FACTOR=4\n"
@@ -679,7 +730,8 @@ def _fake_run(tmp_path: pathlib.Path, **env: str) -> tuple:
     (bin_dir / "torchrun").write_text(f"#!{sys.executable}\n{FAKE_TORCHRUN}")
     (bin_dir / "torchrun").chmod(0o755)
     path = f"{bin_dir}:{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}"
-    return _gpu_dry_run(tmp_path, _patchable_stand_in(tmp_path / "Megatron-LM"), DRY_RUN="0", PATH=path, **env)
+    return _gpu_dry_run(tmp_path, _patchable_stand_in(tmp_path / "Megatron-LM"), DRY_RUN="0", PATH=path,
+                        **_past_preflight(tmp_path), **env)
 
 
 def test_gpu_script_chains_the_stages_and_reads_their_logs(tmp_path):
