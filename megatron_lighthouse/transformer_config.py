@@ -10,6 +10,7 @@ command line; there the settings come from ``LIGHTHOUSE_*`` environment variable
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 from typing import Mapping, Optional
 
@@ -17,6 +18,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from .config import LighthouseConfig
 
+_PREFIX = "LIGHTHOUSE_"
 #: Environment variable -> ``LighthouseConfig`` field read by :func:`lighthouse_config_from_env`.
 ENV_FIELDS = {
     "LIGHTHOUSE_LEVELS": "levels",
@@ -44,9 +46,17 @@ def lighthouse_config_from_env(environ: Optional[Mapping[str, str]] = None) -> L
     """``LighthouseConfig`` from ``LIGHTHOUSE_LEVELS``, ``LIGHTHOUSE_POOLING_FACTOR``, ``LIGHTHOUSE_TOPK`` and
     ``LIGHTHOUSE_DENSE_LAYERS`` (comma-separated ints, may be empty); unset variables keep the defaults.
 
-    ``ValueError`` names the variable, its value and the rule (``LIGHTHOUSE_TOPK=100: must be ...``).
+    ``ValueError`` names the variable, its value and the rule (``LIGHTHOUSE_TOPK=100: must be ...``); a variable
+    spelled close to one of them (``LIGHTHOUSE_POOLNG_FACTOR``) is refused too, as it would be silently ignored.
     """
     environ = os.environ if environ is None else environ
+    for var in environ:
+        if var.startswith(_PREFIX) and var not in ENV_FIELDS:
+            close = difflib.get_close_matches(var[len(_PREFIX):], [v[len(_PREFIX):] for v in ENV_FIELDS], n=1,
+                                              cutoff=0.75)
+            if close:
+                raise ValueError(f"{var}={environ[var]!r}: not a Lighthouse setting; did you mean {_PREFIX}{close[0]}? "
+                                 f"(the settings: {', '.join(ENV_FIELDS)})")
     kwargs = {}
     for var, field in ENV_FIELDS.items():
         raw = environ.get(var)

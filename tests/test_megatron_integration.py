@@ -598,6 +598,23 @@ def test_bad_environment_settings_name_the_variable(env, message):
     assert str(err.value).startswith(message)
 
 
+@pytest.mark.parametrize("var, meant", [("LIGHTHOUSE_POOLNG_FACTOR", "LIGHTHOUSE_POOLING_FACTOR"),
+                                        ("LIGHTHOUSE_TOP_K", "LIGHTHOUSE_TOPK"), ("LIGHTHOUSE_LEVEL", "LIGHTHOUSE_LEVELS"),
+                                        ("LIGHTHOUSE_DENSE_LAYER", "LIGHTHOUSE_DENSE_LAYERS")])
+def test_a_misspelt_setting_is_refused(var, meant):
+    """A near-miss of a setting's name would leave that setting at its default without a word."""
+    with pytest.raises(ValueError) as err:
+        lighthouse_config_from_env({"LIGHTHOUSE_TOPK": "1024", var: "8"})
+    assert str(err.value).startswith(f"{var}='8': not a Lighthouse setting; did you mean {meant}? (the settings: "
+                                     "LIGHTHOUSE_LEVELS, "), str(err.value)
+
+
+def test_other_lighthouse_variables_are_not_settings():
+    """The examples' own variables (LIGHTHOUSE_CHECKPOINT of resume_dense.sh) may be in the environment."""
+    env = {"LIGHTHOUSE_CHECKPOINT": "/ckpt", "LIGHTHOUSE_GOLDEN_DIR": "/g", "LIGHTHOUSE_TOPK": "1024"}
+    assert lighthouse_config_from_env(env) == LighthouseConfig(topk=1024)
+
+
 def test_env_spec_builds_each_spec_on_first_access(monkeypatch):
     """Outside Megatron-LM nothing is built at import; each name is built when first read, and kept. The dense
     spec reads no LIGHTHOUSE_* variable, so a bad one does not stop stage two."""
