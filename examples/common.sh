@@ -136,7 +136,9 @@ except ValueError as err:
     sys.exit(f"error: DENSE_LAYERS={dense} with NUM_LAYERS={layers}: {err}")
 if len(kept) == int(layers):
     sys.exit(f"error: DENSE_LAYERS={dense} keeps all NUM_LAYERS={layers} layers dense: no layer would run Lighthouse")
-print(f"lighthouse: subsequence {cfg.subsequence_length(int(seq), int(chunks))} of {seq} tokens")
+subsequence, ranks = cfg.subsequence_length(int(seq), int(chunks)), int(chunks) // 2  # 2 chunks per CP rank
+each = f" ({subsequence // ranks} on each of the {ranks} context-parallel ranks)" if ranks > 1 else ""
+print(f"lighthouse: subsequence {subsequence} of {seq} tokens{each}")
 PY
 }
 # is_patched: pretrain_gpt.py carries the hook of patches/ (patches/apply.sh MEGATRON_LM_DIR).

@@ -197,6 +197,10 @@ def parallel_size(argv: list, flags: tuple) -> int:
     return size
 
 
+#: What the world of a checked command counts: data parallelism adds ranks that hold the same model.
+GROUP = ", its tensor x pipeline x context parallel ranks"
+
+
 def check_command(mlm: str, words: list) -> None:
     """Parse, validate and build the model of a launch command as one rank; exit 1 with one ``error:`` line (after
     the tail of Megatron-LM's output) when Megatron-LM or the hook refuses it."""
@@ -223,14 +227,16 @@ def check_command(mlm: str, words: list) -> None:
             hint = (" (this Python has no TransformerEngine: check the TRANSFORMER_IMPL=local form of the command "
                     "here, or run the check where TransformerEngine is installed)")
         sys.exit(f"error: {mlm}/pretrain_gpt.py refuses the command: {type(err).__name__}: {message}{hint}")
-    print(*hook_lines(output), sep="\n")
+    lines = hook_lines(output)
+    if lines:  # the hook's summary (none on the unpatched route)
+        print(*lines, sep="\n")
     if split:
-        print(f"OK: {mlm}/pretrain_gpt.py accepts the command as rank 0 of {world} (its model is split over ranks: "
-              "not built here)")
+        print(f"OK: {mlm}/pretrain_gpt.py accepts the command as rank 0 of {world}{GROUP} (its model is split over "
+              "ranks: not built here)")
         return
     print("core attention per layer:", kinds)
     print("Lighthouse layers:", lighthouse_layers(model) or "none")
-    one_rank = f" (as rank 0 of {world})" if world > 1 else ""
+    one_rank = f" (as rank 0 of {world}{GROUP})" if world > 1 else ""
     print(f"OK: {mlm}/pretrain_gpt.py accepts the command and builds its model{one_rank}")
 
 

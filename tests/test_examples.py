@@ -198,7 +198,7 @@ def test_multinode_1m_sizes_cp_and_its_monitor_needs_the_patch(tmp_path, megatro
     single = _run("pretrain_lighthouse_multinode_1m.sh", tmp_path, **_base(megatron_lm), **multi, CP_SIZE="1")
     assert single.returncode == 0 and "CUDA_DEVICE_MAX_CONNECTIONS" not in single.stdout, single.stderr
     # 1M tokens over CP 8: 16 load-balanced chunks selecting 128 each.
-    assert "lighthouse: subsequence 81920 of 1048576 tokens" in proc.stdout
+    assert "lighthouse: subsequence 81920 of 1048576 tokens (10240 on each of the 8 context-parallel ranks)" in proc.stdout
     assert "srun --ntasks-per-node 1 torchrun --nnodes 4 --nproc-per-node 8" in proc.stdout
     on = _run("pretrain_lighthouse_multinode_1m.sh", tmp_path, **_base(patched), **multi)
     assert on.returncode == 0, on.stderr
@@ -661,7 +661,7 @@ def test_megatron_accepts_the_multinode_command_as_one_rank(tmp_path, checkout):
     checked = _check_command(checkout["patched"], command)
     assert checked.returncode == 0, checked.stdout[-2000:] + checked.stderr[-4000:]
     assert "Lighthouse: seq_length 1048576 -> subsequence 81920" in checked.stdout
-    assert "Lighthouse layers: [2, 3]" in checked.stdout and "builds its model (as rank 0 of 8)" in checked.stdout
+    assert "Lighthouse layers: [2, 3]" in checked.stdout and "builds its model (as rank 0 of 8, its tensor x pipeline x context parallel ranks)" in checked.stdout
     refused = _check_command(checkout["patched"], command.replace("CUDA_DEVICE_MAX_CONNECTIONS=1 ", ""))
     assert refused.returncode == 1
     assert refused.stderr.splitlines()[-1].endswith("AssertionError: Using tensor model parallelism or context "
