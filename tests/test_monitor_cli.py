@@ -183,11 +183,11 @@ def test_live_when_the_gpus_fail_mid_run(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("args", [["--interval", "0"], ["--interval", "nan"], ["--interval", "inf"], ["--count", "0"],
-                                  ["--fake", "-1"], ["--fake", "0"]])
+                                  ["--fake", "-1"], ["--fake", "0"], ["--fake", "x"], ["--interval", "soon"]])
 def test_live_rejects_bad_settings(args, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["live", "--count", "1", *args])  # --count 1 first: a later --count wins
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert f"argument {args[0]}: {args[1]}: must be" in err and "Traceback" not in err
+    assert f"argument {args[0]}: {args[1]}: must be" in err and "Traceback" not in err, err
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err  # one line, no usage block

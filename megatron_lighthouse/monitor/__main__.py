@@ -81,7 +81,10 @@ def _bounded(kind: type, low: float, strict: bool) -> Callable[[str], Any]:
     """An argparse ``type``: ``kind(text)``, rejected unless finite and ``> low`` (``strict``) or ``>= low``."""
 
     def parse(text: str) -> Any:
-        value = kind(text)
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text}: must be {'an integer' if kind is int else 'a number'}") from None
         if not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"{text}: must be a finite number")
         if not (value > low if strict else value >= low):
