@@ -71,7 +71,8 @@ HELP = {
     "out": "directory for checkpoint.pt (every --eval-every steps), model_dense.pt, metrics.json and loss.png; one "
            "that holds a run already is refused unless --resume or --overwrite is given",
     "resume": "continue the run in --out from its checkpoint.pt (only --steps, --eval-every, --eval-batches and "
-              "--log-every may change; the switch step stays the checkpoint's)",
+              "--log-every may change; the switch step stays the checkpoint's); an --out without one starts the "
+              "run, so one command serves the first launch and every restart",
     "overwrite": "start a new run in an --out that holds one, replacing its files",
 }
 #: The flags with a fixed set of values (shown in the usage line; :meth:`DemoConfig.validate` checks them).
