@@ -16,12 +16,13 @@ and two lines of the Lighthouse hook (``megatron_lighthouse.megatron_lm``): the 
 
 Usage::
 
-    python benchmarks/megatron_log.py [--json OUT.json] [--status stages.tsv] [NAME=]LOG...
+    python benchmarks/megatron_log.py [--json OUT.json] [--status stages.tsv] [--compare-loss A:B] [NAME=]LOG...
 
 ``NAME`` names the stage (default: the log's file name without ``.log``); ``--status`` is a tab-separated file
 ``stage rc seconds`` (with a header line) of how each stage ended, merged into the JSON and the table. A stage whose
 first iteration follows the last one of a stage given before it (a resumed checkpoint) is said to continue it, with
-both losses.
+both losses. ``--compare-loss A:B`` adds the lm loss of stage B against stage A at their common iterations (the
+largest absolute and relative differences; e.g. FP8 against bf16 from the same seed).
 """
 
 from __future__ import annotations
@@ -175,6 +176,29 @@ def format_report(stages: Dict[str, dict]) -> str:
     return "\n".join(out + ([""] + notes if notes else []))
 
 
+def compare_loss(stages: Dict[str, dict], first: str, second: str) -> dict:
+    """The lm loss of stage ``second`` against stage ``first`` at the iterations both logged (e.g. FP8 against
+    bf16 from the same seed): their count, the largest absolute difference and the largest relative one (to
+    ``first``'s loss), and the mean of each stage's losses there."""
+    losses = [{r["iteration"]: r["lm_loss"] for r in stages[name]["iterations"]
+               if isinstance(r.get("lm_loss"), (int, float))} for name in (first, second)]
+    common = sorted(set(losses[0]) & set(losses[1]))
+    diffs = [abs(losses[1][i] - losses[0][i]) for i in common]
+    return {
+        "stages": [first, second], "iterations": len(common),
+        "max_abs_diff": max(diffs) if diffs else None,
+        "max_rel_diff": max(d / abs(losses[0][i]) for d, i in zip(diffs, common)) if diffs else None,
+        "mean_loss": [statistics.fmean(loss[i] for i in common) if common else None for loss in losses],
+    }
+
+
+def format_comparisons(comparisons: List[dict]) -> str:
+    header = ["loss of", "against", "iterations", "max |diff|", "max rel diff", "mean loss", "mean loss (against)"]
+    rows = [[c["stages"][1], c["stages"][0], str(c["iterations"]), _cell(c["max_abs_diff"]), _cell(c["max_rel_diff"]),
+             _cell(c["mean_loss"][1]), _cell(c["mean_loss"][0])] for c in comparisons]
+    return _table(header, rows)
+
+
 def stage_and_path(item: str) -> Tuple[str, str]:
     """``"NAME=LOG"`` -> ``(NAME, LOG)``; ``"dir/LOG.log"`` -> ``("LOG", "dir/LOG.log")``."""
     name, sep, path = item.partition("=")
@@ -205,15 +229,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("logs", nargs="+", metavar="[NAME=]LOG", help="Megatron-LM log files, one per stage")
     parser.add_argument("--json", help="write every record and the summaries here")
     parser.add_argument("--status", help="tab-separated 'stage rc seconds' file (with a header line)")
+    parser.add_argument("--compare-loss", action="append", default=[], metavar="FIRST:SECOND",
+                        help="the lm loss of stage SECOND against stage FIRST at their common iterations (repeatable)")
     args = parser.parse_args(argv)
     for item in args.logs:
         if not os.path.isfile(stage_and_path(item)[1]):
             parser.error(f"{item}: no such file")
     stages = load_stages(args.logs, read_status(args.status) if args.status else None)
+    pairs = [pair.split(":") for pair in args.compare_loss]
+    for pair, text in zip(pairs, args.compare_loss):
+        if len(pair) != 2 or any(name not in stages for name in pair):
+            parser.error(f"--compare-loss {text}: must be FIRST:SECOND, two of the stages {sorted(stages)}")
+    comparisons = [compare_loss(stages, *pair) for pair in pairs]
     print(format_report(stages))
+    if comparisons:
+        print("\n" + format_comparisons(comparisons))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"stages": stages}, f, indent=1)
+            json.dump({"stages": stages, "loss_comparisons": comparisons}, f, indent=1)
         print(f"\n-> {args.json}")
     return 0
 

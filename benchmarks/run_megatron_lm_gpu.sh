@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The Megatron-LM user path on one GPU in one command, through the launch examples as a user runs them, at 128K
-# tokens with --transformer-impl local (no TransformerEngine) and Megatron-LM's mock data:
+# tokens with Megatron-LM's mock data, on the local implementation (TRANSFORMER_IMPL=local, no TransformerEngine) or
+# on TransformerEngine (TRANSFORMER_IMPL=transformer_engine):
 #   a_lighthouse       examples/pretrain_lighthouse_1gpu.sh, patched pretrain_gpt.py, MONITOR=1: ITERS_A
 #                      Lighthouse iterations, checkpoint at the end
 #   e_monitor_report   python -m megatron_lighthouse.monitor report on stage a's gpu_monitor.jsonl: gpu_monitor.png
@@ -9,12 +10,17 @@
 #   d_unpatched_dense  examples/resume_dense.sh with the pristine (unpatched) pretrain_gpt.py: stage b's checkpoint
 #                      as an ordinary dense model, ITERS_D more iterations (the loss continues from stage b's)
 #   c_dense_scratch    examples/pretrain_lighthouse_1gpu.sh DENSE=1, patched: the same model dense from scratch,
-#                      ITERS_A + ITERS_B iterations (the baseline at the same iterations)
+#                      ITERS_C iterations (the baseline)
+#   f_lighthouse_fp8   with FP8_FORMAT set (TransformerEngine only): stage a's run with FP8=FP8_FORMAT (FP8 linear
+#                      layers, Megatron-LM's default recipe), ITERS_F iterations; its lm loss against stage a's
+#   g_dense_fp8        with FP8_FORMAT set: stage c's run with FP8=FP8_FORMAT, ITERS_G iterations (the FP8 baseline)
 # Stage d runs Megatron-LM's own layer spec (MEGATRON_SPEC=1: nothing of this package builds the model) at D_SEQ_LEN
-# tokens: its local core attention materializes [b, h, s, s] scores (275 GB in bf16 for 8 heads at 131072 tokens),
-# and a RoPE model loads at any length (Megatron-LM compares no sequence length with NullTokenizer).
-# Then benchmarks/megatron_log.py reads Megatron-LM's log lines of every stage (ms per iteration, lm loss, memory)
-# into a table (stdout, megatron_lm_gpu.txt) and megatron_lm_gpu.json.
+# tokens: with TransformerEngine the full SEQ_LEN; locally 8192, as Megatron's local core attention materializes
+# [b, h, s, s] scores (275 GB in bf16 for 8 heads at 131072 tokens), and a RoPE model loads at any length
+# (Megatron-LM compares no sequence length with NullTokenizer). Without Apex, the examples pass
+# --no-gradient-accumulation-fusion themselves.
+# Then benchmarks/megatron_log.py reads Megatron-LM's log lines of every stage (ms per iteration, lm loss, memory;
+# the FP8 stages' lm loss against bf16) into a table (stdout, megatron_lm_gpu.txt) and megatron_lm_gpu.json.
 #
 # Usage: bash benchmarks/run_megatron_lm_gpu.sh MEGATRON_LM_DIR [OUT_DIR]
 #   MEGATRON_LM_DIR   a Megatron-LM checkout (pretrain_gpt.py, megatron/, gpt_builders.py, model_provider.py; verified
@@ -23,10 +29,14 @@
 #   OUT_DIR           results (default $OUT, else benchmarks/results/megatron_lm_gpu): megatron_lm_gpu.json,
 #                     megatron_lm_gpu.txt, gpu_monitor.png, megatron_lm_gpu_logs.tar.gz (the stage logs, their
 #                     status table and the monitor's gpu_monitor.jsonl; in OUT_DIR/logs only while the stages run)
-# Variables: NUM_LAYERS=8 SEQ_LEN=131072 VOCAB_SIZE=32000 TRANSFORMER_IMPL=local ITERS_A=4 ITERS_B=2 ITERS_D=2
-#   D_SEQ_LEN=8192    stage d's sequence length
+# Variables: NUM_LAYERS=8 SEQ_LEN=131072 VOCAB_SIZE=32000 TRANSFORMER_IMPL=local|transformer_engine
+#   ITERS_A=4 ITERS_B=2 ITERS_C=ITERS_A+ITERS_B ITERS_D=2 ITERS_F=ITERS_A ITERS_G=ITERS_C   iterations per stage
+#   FP8_FORMAT=       hybrid or e4m3: also run stages f and g (TRANSFORMER_IMPL=transformer_engine); empty: not
+#   STAGES="a e b d c f g"   the stages to run, in this order (a stage whose input is missing is skipped, saying so)
+#   D_SEQ_LEN         stage d's sequence length (default: SEQ_LEN with TransformerEngine, 8192 locally)
 #   BUDGET_S=560      seconds for everything; each stage's timeout is cut to what is left (minus RESERVE_S=25 for
 #                     the report) TIMEOUT_A=240 TIMEOUT_B=150 TIMEOUT_C=150 TIMEOUT_D=150 TIMEOUT_E=60
+#                     TIMEOUT_F=TIMEOUT_A TIMEOUT_G=TIMEOUT_C
 #   WORK_DIR          copies and checkpoints (default: a new directory under ${TMPDIR:-/tmp}; kept)
 #   PYTHON=python3    DRY_RUN=1: set up and print each stage's command (the examples' DRY_RUN), run no stage
 set -uo pipefail
@@ -36,15 +46,39 @@ die() { echo "error: $*" >&2; exit 2; }
 SRC=$1
 [ -f "$SRC/pretrain_gpt.py" ] && [ -d "$SRC/megatron" ] || die "MEGATRON_LM_DIR=$SRC: not a Megatron-LM checkout (pretrain_gpt.py, megatron/)"
 OUT_DIR=${2:-${OUT:-$REPO/benchmarks/results/megatron_lm_gpu}}
-: "${NUM_LAYERS:=8}" "${SEQ_LEN:=131072}" "${VOCAB_SIZE:=32000}" "${TRANSFORMER_IMPL:=local}"
-: "${ITERS_A:=4}" "${ITERS_B:=2}" "${ITERS_D:=2}" "${D_SEQ_LEN:=8192}" "${BUDGET_S:=560}" "${RESERVE_S:=25}"
+: "${NUM_LAYERS:=8}" "${SEQ_LEN:=131072}" "${VOCAB_SIZE:=32000}" "${TRANSFORMER_IMPL:=local}" "${FP8_FORMAT:=}"
+case "$TRANSFORMER_IMPL" in
+    local) : "${D_SEQ_LEN:=8192}" ;;
+    transformer_engine) : "${D_SEQ_LEN:=$SEQ_LEN}" ;;
+    *) die "TRANSFORMER_IMPL=$TRANSFORMER_IMPL: must be local or transformer_engine" ;;
+esac
+case "$FP8_FORMAT" in
+    "") : "${STAGES:=a e b d c}" ;;
+    hybrid|e4m3) [ "$TRANSFORMER_IMPL" = transformer_engine ] \
+        || die "FP8_FORMAT=$FP8_FORMAT with TRANSFORMER_IMPL=$TRANSFORMER_IMPL: FP8 needs TransformerEngine"
+        : "${STAGES:=a e b d c f g}" ;;
+    *) die "FP8_FORMAT=$FP8_FORMAT: must be hybrid, e4m3 or empty (no FP8 stages)" ;;
+esac
+: "${ITERS_A:=4}" "${ITERS_B:=2}" "${ITERS_D:=2}" "${BUDGET_S:=560}" "${RESERVE_S:=25}"
+: "${ITERS_C:=$((ITERS_A + ITERS_B))}" "${ITERS_F:=$ITERS_A}"
+: "${ITERS_G:=$ITERS_C}"
 : "${TIMEOUT_A:=240}" "${TIMEOUT_B:=150}" "${TIMEOUT_C:=150}" "${TIMEOUT_D:=150}" "${TIMEOUT_E:=60}"
+: "${TIMEOUT_F:=$TIMEOUT_A}" "${TIMEOUT_G:=$TIMEOUT_C}"
 : "${PYTHON:=python3}" "${DRY_RUN:=0}"
-for v in NUM_LAYERS SEQ_LEN D_SEQ_LEN VOCAB_SIZE ITERS_A ITERS_B ITERS_D BUDGET_S TIMEOUT_A TIMEOUT_B TIMEOUT_C TIMEOUT_D TIMEOUT_E; do
+for v in NUM_LAYERS SEQ_LEN D_SEQ_LEN VOCAB_SIZE ITERS_A ITERS_B ITERS_C ITERS_D ITERS_F ITERS_G BUDGET_S TIMEOUT_A \
+         TIMEOUT_B TIMEOUT_C TIMEOUT_D TIMEOUT_E TIMEOUT_F TIMEOUT_G; do
     [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || die "$v=${!v}: must be a positive integer"
 done
 [[ "$RESERVE_S" =~ ^[0-9]+$ ]] || die "RESERVE_S=$RESERVE_S: must be an integer >= 0"
 [[ "$DRY_RUN" =~ ^[01]$ ]] || die "DRY_RUN=$DRY_RUN: must be 0 or 1"
+for stage in $STAGES; do
+    case "$stage" in
+        a|b|c|d|e) ;;
+        f|g) [ -n "$FP8_FORMAT" ] || die "STAGES=$STAGES: stage $stage is an FP8 stage; set FP8_FORMAT (hybrid or e4m3)" ;;
+        *) die "STAGES=$STAGES: $stage is not a stage (a e b d c f g)" ;;
+    esac
+done
+[ -n "$STAGES" ] || die "STAGES is empty: name the stages to run (a e b d c f g)"
 START=$SECONDS
 
 WORK=${WORK_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/megatron_lm_gpu.XXXXXX")}
@@ -77,7 +111,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
             || die "$SRC/pretrain_gpt.py carries the hook and the patch does not reverse: give an unpatched checkout"
     fi
     bash "$REPO/patches/apply.sh" "$PATCHED" || die "patches/apply.sh $PATCHED failed"
-    mkdir -p "$CKPT_A" "$CKPT_B" "$CKPT_C" "$CKPT_D"
+    mkdir -p "$CKPT_A" "$CKPT_B" "$CKPT_C" "$CKPT_D" "$WORK/ckpt_f_lighthouse_fp8" "$WORK/ckpt_g_dense_fp8"
 } 2>&1 | tee "$LOGS/setup.log"
 [ "${PIPESTATUS[0]}" = 0 ] || exit 2
 if ! command -v torchrun >/dev/null; then  # the examples call torchrun; some installs lack the entry point
@@ -87,10 +121,11 @@ if ! command -v torchrun >/dev/null; then  # the examples call torchrun; some in
     export PATH="$WORK/bin:$PATH"
 fi
 
-# Settings of every stage: the examples' variables (one model; a short run: no warm-up to wait for, constant LR).
+# Settings of every stage: the examples' variables (one model; a short run: no warm-up to wait for, constant LR;
+# bf16 unless the stage sets FP8).
 COMMON=(MOCK_DATA=1 "VOCAB_SIZE=$VOCAB_SIZE" "TRANSFORMER_IMPL=$TRANSFORMER_IMPL" "NUM_LAYERS=$NUM_LAYERS"
         "SEQ_LEN=$SEQ_LEN" GLOBAL_BATCH=1 LOG_INTERVAL=1 EVAL_INTERVAL=1000 EVAL_ITERS=1 SAVE_INTERVAL=1000
-        LR_WARMUP_ITERS=1 LR_DECAY_STYLE=constant "DRY_RUN=$DRY_RUN")
+        LR_WARMUP_ITERS=1 LR_DECAY_STYLE=constant FP8= "DRY_RUN=$DRY_RUN")
 
 # stage NAME TIMEOUT CMD...: run CMD (under timeout, cut to the budget left), log to LOGS/NAME.log, record its rc.
 stage() {
@@ -119,38 +154,62 @@ skip() { echo "== $1: skipped: $2" | tee "$LOGS/$1.log"; printf '%s\tskipped\t0\
 # has_checkpoint DIR: Megatron-LM saved a checkpoint there (or a dry run would have).
 has_checkpoint() { [ "$DRY_RUN" = 1 ] || [ -s "$1/latest_checkpointed_iteration.txt" ]; }
 
-stage a_lighthouse "$TIMEOUT_A" env "${COMMON[@]}" "MEGATRON_LM_DIR=$PATCHED" "CHECKPOINT_DIR=$CKPT_A" \
-    "TRAIN_ITERS=$ITERS_A" MONITOR=1 bash "$REPO/examples/pretrain_lighthouse_1gpu.sh"
 MONITOR_LOG=$CKPT_A/gpu_monitor.jsonl
-if [ "$DRY_RUN" = 1 ] || [ -s "$MONITOR_LOG" ]; then
-    dry_echo=(); [ "$DRY_RUN" = 0 ] || dry_echo=(echo)  # the examples print themselves under DRY_RUN=1; this prints
-    stage e_monitor_report "$TIMEOUT_E" "${dry_echo[@]}" "$PYTHON" -m megatron_lighthouse.monitor report "$MONITOR_LOG" \
-        --out "$OUT_DIR/gpu_monitor.png"
-else
-    skip e_monitor_report "no $MONITOR_LOG (stage a failed, or NVML is missing)"
-fi
-[ ! -s "$MONITOR_LOG" ] || cp "$MONITOR_LOG" "$LOGS/"  # into the logs archive: the PNG can be redrawn from it
-if has_checkpoint "$CKPT_A"; then
-    stage b_resume_dense "$TIMEOUT_B" env "${COMMON[@]}" "MEGATRON_LM_DIR=$PATCHED" "LIGHTHOUSE_CHECKPOINT=$CKPT_A" \
-        "CHECKPOINT_DIR=$CKPT_B" "TOTAL_ITERS=$((ITERS_A + ITERS_B))" "DENSE_FROM_ITER=$ITERS_A" \
-        bash "$REPO/examples/resume_dense.sh"
-else
-    skip b_resume_dense "stage a saved no checkpoint in $CKPT_A"
-fi
-if has_checkpoint "$CKPT_B"; then
-    stage d_unpatched_dense "$TIMEOUT_D" env "${COMMON[@]}" "MEGATRON_LM_DIR=$PRISTINE" "LIGHTHOUSE_CHECKPOINT=$CKPT_B" \
-        "CHECKPOINT_DIR=$CKPT_D" "TOTAL_ITERS=$((ITERS_A + ITERS_B + ITERS_D))" MEGATRON_SPEC=1 "SEQ_LEN=$D_SEQ_LEN" \
-        bash "$REPO/examples/resume_dense.sh"
-else
-    skip d_unpatched_dense "stage b saved no checkpoint in $CKPT_B"
-fi
-stage c_dense_scratch "$TIMEOUT_C" env "${COMMON[@]}" "MEGATRON_LM_DIR=$PATCHED" "CHECKPOINT_DIR=$CKPT_C" \
-    "TRAIN_ITERS=$((ITERS_A + ITERS_B))" DENSE=1 bash "$REPO/examples/pretrain_lighthouse_1gpu.sh"
+run_a() {
+    stage a_lighthouse "$TIMEOUT_A" env "${COMMON[@]}" "MEGATRON_LM_DIR=$PATCHED" "CHECKPOINT_DIR=$CKPT_A" \
+        "TRAIN_ITERS=$ITERS_A" MONITOR=1 bash "$REPO/examples/pretrain_lighthouse_1gpu.sh"
+}
+run_e() {
+    if [ "$DRY_RUN" = 1 ] || [ -s "$MONITOR_LOG" ]; then
+        local dry_echo=(); [ "$DRY_RUN" = 0 ] || dry_echo=(echo)  # the examples print themselves under DRY_RUN=1
+        stage e_monitor_report "$TIMEOUT_E" "${dry_echo[@]}" "$PYTHON" -m megatron_lighthouse.monitor report \
+            "$MONITOR_LOG" --out "$OUT_DIR/gpu_monitor.png"
+    else
+        skip e_monitor_report "no $MONITOR_LOG (stage a failed or did not run, or NVML is missing)"
+    fi
+    [ ! -s "$MONITOR_LOG" ] || cp "$MONITOR_LOG" "$LOGS/"  # into the logs archive: the PNG can be redrawn from it
+}
+run_b() {
+    if has_checkpoint "$CKPT_A"; then
+        stage b_resume_dense "$TIMEOUT_B" env "${COMMON[@]}" "MEGATRON_LM_DIR=$PATCHED" "LIGHTHOUSE_CHECKPOINT=$CKPT_A" \
+            "CHECKPOINT_DIR=$CKPT_B" "TOTAL_ITERS=$((ITERS_A + ITERS_B))" "DENSE_FROM_ITER=$ITERS_A" \
+            bash "$REPO/examples/resume_dense.sh"
+    else
+        skip b_resume_dense "stage a saved no checkpoint in $CKPT_A"
+    fi
+}
+run_d() {
+    if has_checkpoint "$CKPT_B"; then
+        stage d_unpatched_dense "$TIMEOUT_D" env "${COMMON[@]}" "MEGATRON_LM_DIR=$PRISTINE" "LIGHTHOUSE_CHECKPOINT=$CKPT_B" \
+            "CHECKPOINT_DIR=$CKPT_D" "TOTAL_ITERS=$((ITERS_A + ITERS_B + ITERS_D))" MEGATRON_SPEC=1 "SEQ_LEN=$D_SEQ_LEN" \
+            bash "$REPO/examples/resume_dense.sh"
+    else
+        skip d_unpatched_dense "stage b saved no checkpoint in $CKPT_B"
+    fi
+}
+run_c() {
+    stage c_dense_scratch "$TIMEOUT_C" env "${COMMON[@]}" "MEGATRON_LM_DIR=$PATCHED" "CHECKPOINT_DIR=$CKPT_C" \
+        "TRAIN_ITERS=$ITERS_C" DENSE=1 bash "$REPO/examples/pretrain_lighthouse_1gpu.sh"
+}
+run_f() {
+    stage f_lighthouse_fp8 "$TIMEOUT_F" env "${COMMON[@]}" "FP8=$FP8_FORMAT" "MEGATRON_LM_DIR=$PATCHED" \
+        "CHECKPOINT_DIR=$WORK/ckpt_f_lighthouse_fp8" "TRAIN_ITERS=$ITERS_F" bash "$REPO/examples/pretrain_lighthouse_1gpu.sh"
+}
+run_g() {
+    stage g_dense_fp8 "$TIMEOUT_G" env "${COMMON[@]}" "FP8=$FP8_FORMAT" "MEGATRON_LM_DIR=$PATCHED" \
+        "CHECKPOINT_DIR=$WORK/ckpt_g_dense_fp8" "TRAIN_ITERS=$ITERS_G" DENSE=1 bash "$REPO/examples/pretrain_lighthouse_1gpu.sh"
+}
+for name in $STAGES; do
+    "run_$name"
+done
 
 # -- report: the table and JSON from Megatron-LM's own log lines, the logs in one archive ----------------------
 parse=("$PYTHON" "$REPO/benchmarks/megatron_log.py" --status "$STATUS" --json "$OUT_DIR/megatron_lm_gpu.json")
-for name in a_lighthouse b_resume_dense d_unpatched_dense c_dense_scratch; do
+for name in a_lighthouse b_resume_dense d_unpatched_dense c_dense_scratch f_lighthouse_fp8 g_dense_fp8; do
     [ -f "$LOGS/$name.log" ] && parse+=("$name=$LOGS/$name.log")
+done
+for pair in a_lighthouse:f_lighthouse_fp8 c_dense_scratch:g_dense_fp8; do  # FP8 against bf16, same seed
+    [ -f "$LOGS/${pair%%:*}.log" ] && [ -f "$LOGS/${pair##*:}.log" ] && parse+=(--compare-loss "$pair")
 done
 echo "== report: ${parse[*]}"
 "${parse[@]}" | tee "$OUT_DIR/megatron_lm_gpu.txt"

@@ -22,31 +22,51 @@ require_number() {
         [[ "${!v:-}" =~ ^[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$ ]] || die "$v=${!v:-}: must be a decimal number such as 2e-3"
     done
 }
-# model_flags: set the array MODEL_FLAGS (model shape, implementation, sequence length), the same in every
-# example: stage two must rebuild the stage-one model to load its checkpoint. Defaults: NUM_LAYERS=30
+# model_flags: set the array MODEL_FLAGS (model shape, implementation, precision, sequence length), the same in
+# every example: stage two must rebuild the stage-one model to load its checkpoint. Defaults: NUM_LAYERS=30
 # HIDDEN=1024 HEADS=8 FFN=1536 (the paper's layer) TRANSFORMER_IMPL=transformer_engine (or local); SEQ_LEN is
-# set by the calling script. No dropout, as in the package's own trainer (megatron_lighthouse.demo); the
-# package's core attention refuses attention dropout under context parallelism.
+# set by the calling script. FP8=hybrid or e4m3 trains the linear layers in FP8 through TransformerEngine
+# (--fp8-format, Megatron-LM's default recipe; the attention stays bf16); empty (the default): bf16. No dropout,
+# as in the package's own trainer (megatron_lighthouse.demo); the package's core attention refuses attention
+# dropout under context parallelism.
 model_flags() {
     : "${NUM_LAYERS:=30}" "${HIDDEN:=1024}" "${HEADS:=8}" "${FFN:=1536}" "${TRANSFORMER_IMPL:=transformer_engine}"
+    : "${FP8:=}"
     require_int NUM_LAYERS HIDDEN HEADS FFN SEQ_LEN
     (( HIDDEN % HEADS == 0 )) || die "HIDDEN=$HIDDEN must be divisible by HEADS=$HEADS"
     case "$TRANSFORMER_IMPL" in
         transformer_engine|local) ;;
         *) die "TRANSFORMER_IMPL=$TRANSFORMER_IMPL: must be transformer_engine or local" ;;
     esac
+    case "$FP8" in
+        "") ;;
+        hybrid|e4m3) [ "$TRANSFORMER_IMPL" = transformer_engine ] \
+            || die "FP8=$FP8 with TRANSFORMER_IMPL=$TRANSFORMER_IMPL: FP8 training needs TransformerEngine (TRANSFORMER_IMPL=transformer_engine)" ;;
+        *) die "FP8=$FP8: must be hybrid, e4m3 or empty (bf16)" ;;
+    esac
     MODEL_FLAGS=(--transformer-impl "$TRANSFORMER_IMPL" --num-layers "$NUM_LAYERS" --hidden-size "$HIDDEN"
                  --num-attention-heads "$HEADS" --ffn-hidden-size "$FFN" --swiglu --normalization RMSNorm
                  --position-embedding-type rope --disable-bias-linear --attention-dropout 0 --hidden-dropout 0
                  --seq-length "$SEQ_LEN" --max-position-embeddings "$SEQ_LEN")
+    [ -z "$FP8" ] || MODEL_FLAGS+=(--fp8-format "$FP8")
     if [ "$TRANSFORMER_IMPL" = local ]; then
-        # Megatron-LM's defaults that need TransformerEngine or Apex, each off (verified at d98e8a64 and
-        # core_v0.19.0): RoPE fusion (TransformerConfig: "apply_rope_fusion is not available. Please install TE
-        # >= 1.4."), the persistent layer norm (the local RMSNorm is torch's: "persist_layer_norm not supported
-        # by torch LayerNorm") and gradient-accumulation fusion (ColumnParallelLinear: Apex's
-        # fused_weight_gradient_mlp_cuda "is not found").
-        MODEL_FLAGS+=(--no-rope-fusion --no-persist-layer-norm --no-gradient-accumulation-fusion)
+        # Megatron-LM's defaults that need TransformerEngine, each off (verified at d98e8a64 and core_v0.19.0):
+        # RoPE fusion (TransformerConfig: "apply_rope_fusion is not available. Please install TE >= 1.4.") and the
+        # persistent layer norm (the local RMSNorm is torch's: "persist_layer_norm not supported by torch
+        # LayerNorm").
+        MODEL_FLAGS+=(--no-rope-fusion --no-persist-layer-norm)
     fi
+    if ! have_apex_wgrad_fusion; then
+        # Megatron-LM's default gradient-accumulation fusion needs Apex's fused_weight_gradient_mlp_cuda in every
+        # implementation (its output layer is Megatron's ColumnParallelLinear: "... module is not found" at the
+        # first iteration); TransformerEngine installed from the package registry comes without Apex.
+        note "Apex's fused_weight_gradient_mlp_cuda is not importable by python3: passing --no-gradient-accumulation-fusion"
+        MODEL_FLAGS+=(--no-gradient-accumulation-fusion)
+    fi
+}
+# have_apex_wgrad_fusion: python3 can import Apex's fused_weight_gradient_mlp_cuda extension (looked up, not loaded).
+have_apex_wgrad_fusion() {
+    python3 -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is None)' 2>/dev/null
 }
 # optimizer_flags ITERS: set the array OPT_FLAGS, the paper's AdamW settings, the same in every example: LR
 # (default 2e-3) after LR_WARMUP_ITERS (default 2,000) warm-up iterations, betas 0.9/0.95, weight decay 0.1,

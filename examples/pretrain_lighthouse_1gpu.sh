@@ -12,7 +12,9 @@
 #   SEQ_LEN=131072 TOPK=2048 POOLING_FACTOR=4 LEVELS=3 DENSE_LAYERS=0,1,-2,-1   Lighthouse settings (DENSE_LAYERS=
 #                     empty: no dense layer)
 #   NUM_LAYERS=30 HIDDEN=1024 HEADS=8 FFN=1536 TRANSFORMER_IMPL=transformer_engine|local   the model (local: no
-#                     TransformerEngine needed; the flags for Megatron-LM's TE-only defaults are added)
+#                     TransformerEngine needed; the flags for Megatron-LM's TE-only defaults are added; without
+#                     Apex, --no-gradient-accumulation-fusion is added, with a note)
+#   FP8=hybrid|e4m3   FP8 linear layers through TransformerEngine (Megatron-LM's default recipe); empty: bf16
 #   TRAIN_ITERS=10000 GLOBAL_BATCH=32 (sequences per iteration, one per micro-batch)
 #   SAVE_INTERVAL=1000 LOG_INTERVAL=10 EVAL_INTERVAL=1000 EVAL_ITERS=10   checkpoints (also at the end), log lines,
 #                     validation (also at the end)

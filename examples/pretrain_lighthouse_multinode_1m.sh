@@ -10,6 +10,7 @@
 #                     empty: no dense layer). Each CP rank builds its pyramid over its two 1M/(2*CP_SIZE) = 64K-token
 #                     chunks, so the paper's LEVELS=3 keeps the subsequence short (10,240 entries per rank)
 #   NUM_LAYERS=30 HIDDEN=1024 HEADS=8 FFN=1536 TRANSFORMER_IMPL=transformer_engine|local   the model
+#   FP8=hybrid|e4m3   FP8 linear layers through TransformerEngine; empty: bf16
 #   TRAIN_ITERS=10000 GLOBAL_BATCH=32 CHECKPOINT_DIR (default ./checkpoints/lighthouse_1m)
 #   SAVE_INTERVAL=500 LOG_INTERVAL=1 EVAL_INTERVAL=1000 EVAL_ITERS=10   checkpoints, log lines, validation
 #   LR=2e-3 MIN_LR=2e-4 LR_WARMUP_ITERS=2000 LR_DECAY_STYLE=cosine|constant|linear   the learning rate after the

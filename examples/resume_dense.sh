@@ -21,7 +21,7 @@
 #   CHECKPOINT_DIR (default ./checkpoints/dense)  TOTAL_ITERS=16000  GPUS_PER_NODE=1  GLOBAL_BATCH=32
 #   SAVE_INTERVAL=1000 LOG_INTERVAL=10 EVAL_INTERVAL=1000 EVAL_ITERS=10   checkpoints, log lines, validation
 #   SEQ_LEN=131072 TOPK=2048 POOLING_FACTOR=4 LEVELS=3 DENSE_LAYERS=0,1,-2,-1 (empty: none) DENSE_FROM_ITER=0
-#   NUM_LAYERS=30 HIDDEN=1024 HEADS=8 FFN=1536 TRANSFORMER_IMPL=transformer_engine|local
+#   NUM_LAYERS=30 HIDDEN=1024 HEADS=8 FFN=1536 TRANSFORMER_IMPL=transformer_engine|local FP8=hybrid|e4m3|empty
 #   LR=2e-3 MIN_LR=2e-4 LR_WARMUP_ITERS=2000 LR_DECAY_STYLE=cosine|constant|linear   the learning rate after the
 #                     warm-up, and its decay (constant: the published configs' schedule)
 #   MEGATRON_SPEC=0   1: unpatched only, Megatron-LM's own layer spec (see above)

@@ -192,9 +192,12 @@ def _check_megatron_flags(args: Any, switch: str) -> None:
     - flags that split a sequence into its documents (:data:`_DOCUMENT_FLAGS`: document masks, reset positions,
       packed THD batches), which Lighthouse layers refuse at run time or which would be dropped silently;
     - ``--multi-latent-attention`` (Lighthouse wraps standard self-attention only);
+    - gradient-accumulation fusion (Megatron-LM's default) when Apex's ``fused_weight_gradient_mlp_cuda`` is
+      missing, as with a TransformerEngine installed from the package registry: the output layer (and every local
+      linear layer) would fail at the first iteration;
     - ``--transformer-impl local`` (whose own ``DotProductAttention`` the Lighthouse spec already replaces with the
-      torch-SDPA core attention) with Megatron-LM defaults that need Apex: the persistent layer norm (the local
-      RMSNorm is torch's) and, when Apex's extension is missing, gradient-accumulation fusion;
+      torch-SDPA core attention) with the persistent layer norm (Megatron-LM's default; the local RMSNorm is
+      torch's);
     - with ``--context-parallel-size`` > 1: a ``--cp-comm-type`` TransformerEngine does not know, and attention
       dropout (Megatron-LM's default 0.1) with the local implementation, which has none under context parallelism.
     """
@@ -218,6 +221,12 @@ def _check_megatron_flags(args: Any, switch: str) -> None:
     if getattr(args, "multi_latent_attention", False):
         raise ValueError(f"--multi-latent-attention with {switch}: Lighthouse layers wrap the core attention of "
                          "standard (multi-head or grouped-query) self-attention only; drop one of the two")
+    if getattr(args, "gradient_accumulation_fusion", False) and \
+            importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is None:
+        raise ValueError("gradient-accumulation fusion (Megatron-LM's default) without Apex: Megatron's linear layers "
+                         "(the output layer with every --transformer-impl) need Apex's fused_weight_gradient_mlp_cuda "
+                         "extension for it, which is not importable here (TransformerEngine from the package "
+                         "registry comes without Apex); pass --no-gradient-accumulation-fusion")
     local = getattr(args, "transformer_impl", "transformer_engine") == "local"
     if local:
         _check_local_implementation(args)
@@ -227,7 +236,7 @@ def _check_megatron_flags(args: Any, switch: str) -> None:
 
 
 def _check_local_implementation(args: Any) -> None:
-    """``--transformer-impl local``: the Megatron-LM defaults its local layers cannot build without Apex."""
+    """``--transformer-impl local``: the persistent layer norm, which its local layers cannot build without Apex."""
     norm = getattr(args, "normalization", "LayerNorm")
     if not getattr(args, "no_persist_layer_norm", True) and (
             norm != "LayerNorm" or importlib.util.find_spec("apex") is None):
@@ -236,11 +245,6 @@ def _check_local_implementation(args: Any) -> None:
         raise ValueError(f"--transformer-impl local with the persistent layer norm (Megatron-LM's default): {why}, "
                          f"which refuses it (\"persist_layer_norm not supported by torch LayerNorm\" when the model is "
                          f"built); pass --no-persist-layer-norm")
-    if getattr(args, "gradient_accumulation_fusion", False) and \
-            importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is None:
-        raise ValueError("--transformer-impl local with gradient-accumulation fusion (Megatron-LM's default): the "
-                         "local linear layers need Apex's fused_weight_gradient_mlp_cuda extension for it, which is "
-                         "not importable here; pass --no-gradient-accumulation-fusion")
 
 
 def _check_context_parallel(args: Any, cp: int, local: bool, switch: str) -> None:

@@ -31,8 +31,10 @@ SCRIPTS = ["pretrain_lighthouse_1gpu.sh", "pretrain_lighthouse_multinode_1m.sh",
 MODEL = ("--num-layers 30 --hidden-size 1024 --num-attention-heads 8 --ffn-hidden-size 1536 --swiglu "
          "--normalization RMSNorm --position-embedding-type rope --disable-bias-linear --attention-dropout 0 "
          "--hidden-dropout 0")
-#: What TRANSFORMER_IMPL=local adds: Megatron-LM's defaults that need TransformerEngine or Apex, off.
-LOCAL = "--no-rope-fusion --no-persist-layer-norm --no-gradient-accumulation-fusion"
+#: What TRANSFORMER_IMPL=local adds: Megatron-LM's defaults that need TransformerEngine, off.
+LOCAL = "--no-rope-fusion --no-persist-layer-norm"
+#: What every implementation adds without Apex (as on this machine): Megatron-LM's default that needs it, off.
+NO_APEX = "--no-gradient-accumulation-fusion"
 MOCK = "--mock-data --tokenizer-type NullTokenizer --vocab-size 32000 --no-create-attention-mask-in-dataloader"
 NO_MASK = "--no-create-attention-mask-in-dataloader"
 #: Extra variables each example needs besides MEGATRON_LM_DIR and the data (LIGHTHOUSE_CHECKPOINT: made by _env).
@@ -191,7 +193,7 @@ def test_multinode_1m_sizes_cp_and_its_monitor_needs_the_patch(tmp_path, megatro
                                                         "CUDA_DEVICE_MAX_CONNECTIONS=1 srun ")
     proc = _run("pretrain_lighthouse_multinode_1m.sh", tmp_path, **_base(megatron_lm), **multi, MONITOR="0")
     assert proc.returncode == 0, proc.stderr
-    assert "note:" not in proc.stderr
+    assert "note: MONITOR" not in proc.stderr
     assert "--context-parallel-size 8 --cp-comm-type p2p" in proc.stdout and "--seq-length 1048576" in proc.stdout
     # Megatron-LM asserts this for context parallelism before Blackwell.
     assert "LIGHTHOUSE_DENSE_LAYERS=0,1,-2,-1 CUDA_DEVICE_MAX_CONNECTIONS=1 srun " in proc.stdout
@@ -335,6 +337,50 @@ def test_mock_data_needs_no_dataset_or_tokenizer(request, tmp_path, script, impl
     assert "--mock-data --tokenizer-type NullTokenizer --vocab-size 50304" in other.stdout
 
 
+def _with_apex(tmp_path: pathlib.Path) -> dict:
+    """A stand-in for Apex's ``fused_weight_gradient_mlp_cuda`` extension on ``PYTHONPATH`` (what the examples look
+    up; Megatron-LM imports it for gradient-accumulation fusion)."""
+    site = tmp_path / "apex_site"
+    site.mkdir(exist_ok=True)
+    (site / "fused_weight_gradient_mlp_cuda.py").write_text("")
+    return {"PYTHONPATH": str(site)}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("impl", ["transformer_engine", "local"])
+def test_gradient_accumulation_fusion_follows_apex(tmp_path, patched, script, impl):
+    """Without Apex's extension (a TransformerEngine from the package registry), the command passes
+    --no-gradient-accumulation-fusion, with a note, in every implementation: Megatron's output layer needs it for
+    the default fusion and died at the first iteration. With Apex the fusion stays on."""
+    env = dict(**_mock(patched, TRANSFORMER_IMPL=impl), **_needs(script, tmp_path))
+    without = _run(script, tmp_path, **env)
+    assert without.returncode == 0, without.stderr
+    assert NO_APEX in without.stdout.splitlines()[-1]
+    assert "note: Apex's fused_weight_gradient_mlp_cuda is not importable by python3: passing " \
+           "--no-gradient-accumulation-fusion" in without.stderr
+    with_apex = _run(script, tmp_path, **env, **_with_apex(tmp_path))
+    assert with_apex.returncode == 0, with_apex.stderr
+    assert NO_APEX not in with_apex.stdout and "Apex" not in with_apex.stderr
+    assert with_apex.stdout.splitlines()[-1] == without.stdout.splitlines()[-1].replace(f" {NO_APEX}", "")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_fp8_adds_the_fp8_format_with_transformer_engine_only(tmp_path, patched, script):
+    """FP8=hybrid|e4m3: TransformerEngine's FP8 linear layers (--fp8-format, Megatron-LM's default recipe); refused
+    with TRANSFORMER_IMPL=local and for other values, naming the variable."""
+    env = dict(**_mock(patched), **_needs(script, tmp_path))
+    for fmt in ("hybrid", "e4m3"):
+        proc = _run(script, tmp_path, **env, FP8=fmt)
+        assert proc.returncode == 0, proc.stderr
+        assert f"--fp8-format {fmt}" in proc.stdout.splitlines()[-1]
+    assert "--fp8-format" not in _run(script, tmp_path, **env).stdout
+    for extra, message in ((dict(FP8="hybrid", TRANSFORMER_IMPL="local"),
+                            "error: FP8=hybrid with TRANSFORMER_IMPL=local: FP8 training needs TransformerEngine"),
+                           (dict(FP8="fp8"), "error: FP8=fp8: must be hybrid, e4m3 or empty (bf16)")):
+        proc = _run(script, tmp_path, **{**env, **extra})
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_real_data_never_builds_the_dataloader_mask(tmp_path, patched, script):
     proc = _run(script, tmp_path, **_base(patched), **_needs(script, tmp_path))
@@ -402,7 +448,7 @@ def test_launch_without_a_gpu_is_one_error_line(tmp_path, patched):
     """A real launch on a machine where torch sees no GPU stops before torchrun, in one line."""
     path, record = _recording_torchrun(tmp_path)
     env = {k: v for k, v in _mock(patched, TRANSFORMER_IMPL="local", PATH=path).items() if k != "DRY_RUN"}
-    proc = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **env)
+    proc = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **env, **_with_apex(tmp_path))  # no Apex note
     assert proc.returncode == 2 and not record.exists(), proc
     assert proc.stderr.strip() == ("error: torch sees no CUDA GPU here, and Megatron-LM's pretrain_gpt.py needs one "
                                    "(DRY_RUN=1 prints the command instead of launching it)"), proc.stderr
@@ -503,7 +549,7 @@ def test_gpu_script_dry_run_runs_the_user_path(tmp_path):
     common = (f"--transformer-impl local --num-layers 8 --hidden-size 1024 --num-attention-heads 8 "
               f"--ffn-hidden-size 1536 --swiglu --normalization RMSNorm --position-embedding-type rope "
               f"--disable-bias-linear --attention-dropout 0 --hidden-dropout 0 --seq-length 131072 "
-              f"--max-position-embeddings 131072 {LOCAL} --lr 2e-3 --min-lr 2e-4 --lr-warmup-iters 1 "
+              f"--max-position-embeddings 131072 {LOCAL} {NO_APEX} --lr 2e-3 --min-lr 2e-4 --lr-warmup-iters 1 "
               f"--lr-decay-style constant")
     (a,) = [line for line in stages["a_lighthouse"] if "pretrain_gpt.py" in line]
     assert a.startswith(f"torchrun --nproc-per-node 1 {patched}/pretrain_gpt.py --lighthouse --lighthouse-topk 2048 ")
@@ -550,8 +596,42 @@ def test_gpu_script_settings_and_a_patched_source(tmp_path):
     assert "--vocab-size 50304 " in stages["a_lighthouse"][-1]
 
 
+def test_gpu_script_transformer_engine_mode_with_fp8_stages(tmp_path):
+    """TRANSFORMER_IMPL=transformer_engine: no local flags, stage d with Megatron-LM's own TE spec at the full length;
+    FP8_FORMAT adds stage a's and stage c's runs in FP8 (f, g), their lm loss compared with bf16's; STAGES picks."""
+    proc, out, work = _gpu_dry_run(tmp_path, _patchable_stand_in(tmp_path / "Megatron-LM"),
+                                   TRANSFORMER_IMPL="transformer_engine", FP8_FORMAT="hybrid", ITERS_A="20",
+                                   ITERS_C="5", ITERS_G="3")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stages = _stages(proc.stdout)
+    assert list(stages) == ["a_lighthouse", "e_monitor_report", "b_resume_dense", "d_unpatched_dense",
+                            "c_dense_scratch", "f_lighthouse_fp8", "g_dense_fp8"]
+    lines = {name: [line for line in stages[name] if "pretrain_gpt.py" in line] for name in stages}
+    for name in ("a_lighthouse", "b_resume_dense", "d_unpatched_dense", "c_dense_scratch", "f_lighthouse_fp8",
+                 "g_dense_fp8"):
+        (line,) = lines[name]
+        assert "--transformer-impl transformer_engine " in line and LOCAL not in line, line
+        assert ("--fp8-format hybrid" in line) == (name in ("f_lighthouse_fp8", "g_dense_fp8")), line
+    (d,) = lines["d_unpatched_dense"]
+    assert "--seq-length 131072 " in d and "--spec" not in d and "--lighthouse" not in d
+    assert "--train-iters 20 " in lines["f_lighthouse_fp8"][0] and "--lighthouse " in lines["f_lighthouse_fp8"][0]
+    assert "--train-iters 5 " in lines["c_dense_scratch"][0] and "--train-iters 3 " in lines["g_dense_fp8"][0]
+    assert "--compare-loss a_lighthouse:f_lighthouse_fp8 --compare-loss c_dense_scratch:g_dense_fp8" in proc.stdout
+    proc, out, work = _gpu_dry_run(tmp_path / "two", _patchable_stand_in(tmp_path / "two" / "Megatron-LM"),
+                                   TRANSFORMER_IMPL="transformer_engine", STAGES="a c")
+    assert proc.returncode == 0, proc.stderr
+    assert list(_stages(proc.stdout)) == ["a_lighthouse", "c_dense_scratch"]
+
+
 @pytest.mark.parametrize("argv, env, message", [
     ((), {}, "usage:"),
+    (("SRC",), dict(TRANSFORMER_IMPL="te"), "TRANSFORMER_IMPL=te: must be local or transformer_engine"),
+    (("SRC",), dict(FP8_FORMAT="hybrid"), "FP8_FORMAT=hybrid with TRANSFORMER_IMPL=local: FP8 needs TransformerEngine"),
+    (("SRC",), dict(FP8_FORMAT="fp8", TRANSFORMER_IMPL="transformer_engine"),
+     "FP8_FORMAT=fp8: must be hybrid, e4m3 or empty"),
+    (("SRC",), dict(STAGES="a f"), "STAGES=a f: stage f is an FP8 stage; set FP8_FORMAT"),
+    (("SRC",), dict(STAGES="a x"), "STAGES=a x: x is not a stage"),
+    (("SRC",), dict(ITERS_C="0"), "ITERS_C=0: must be a positive integer"),
     (("/nonexistent",), {}, "MEGATRON_LM_DIR=/nonexistent: not a Megatron-LM checkout"),
     (("SRC",), dict(ITERS_A="0"), "ITERS_A=0: must be a positive integer"),
     (("SRC",), dict(BUDGET_S="ten"), "BUDGET_S=ten: must be a positive integer"),

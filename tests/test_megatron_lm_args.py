@@ -188,14 +188,19 @@ def test_multi_latent_attention_is_refused_at_start_up():
         validate_lighthouse_args(_megatron_args(multi_latent_attention=True))
 
 
-def test_the_local_implementation_needs_its_apex_defaults_off(monkeypatch):
-    """--transformer-impl local: torch's RMSNorm refuses the persistent layer norm; gradient-accumulation fusion needs
-    Apex's extension (absent here, as on a machine without Apex)."""
+def _without_apex(monkeypatch, missing=("apex", "fused_weight_gradient_mlp_cuda")):
+    """Make ``missing`` modules unfindable for the hook's checks, as on a machine without Apex."""
     import megatron_lighthouse.megatron_lm as megatron_lm
 
     real = megatron_lm.importlib.util.find_spec
     monkeypatch.setattr(megatron_lm.importlib.util, "find_spec",
-                        lambda name, *a: None if name in ("apex", "fused_weight_gradient_mlp_cuda") else real(name, *a))
+                        lambda name, *a: None if name in missing else real(name, *a))
+
+
+def test_the_local_implementation_needs_the_persistent_layer_norm_off(monkeypatch):
+    """--transformer-impl local: torch's RMSNorm (and, without Apex, LayerNorm) refuses the persistent layer norm;
+    TransformerEngine's layers take it."""
+    _without_apex(monkeypatch)
     ok = dict(normalization="RMSNorm", no_persist_layer_norm=True, gradient_accumulation_fusion=False)
     assert validate_lighthouse_args(_megatron_args(**ok)) == LighthouseConfig()
     with pytest.raises(ValueError) as err:
@@ -206,16 +211,40 @@ def test_the_local_implementation_needs_its_apex_defaults_off(monkeypatch):
         "built); pass --no-persist-layer-norm")
     with pytest.raises(ValueError, match=r"without Apex the local layers' LayerNorm is torch's"):
         validate_lighthouse_args(_megatron_args(**{**ok, "no_persist_layer_norm": False, "normalization": "LayerNorm"}))
-    with pytest.raises(ValueError) as err:
-        validate_lighthouse_args(_megatron_args(**{**ok, "gradient_accumulation_fusion": True}))
-    assert str(err.value) == (
-        "--transformer-impl local with gradient-accumulation fusion (Megatron-LM's default): the local linear layers "
-        "need Apex's fused_weight_gradient_mlp_cuda extension for it, which is not importable here; pass "
-        "--no-gradient-accumulation-fusion")
-    # TransformerEngine layers take both defaults.
-    te = _megatron_args(**{**ok, "no_persist_layer_norm": False, "gradient_accumulation_fusion": True})
+    te = _megatron_args(**{**ok, "no_persist_layer_norm": False})
     te.transformer_impl = "transformer_engine"
     assert validate_lighthouse_args(te) == LighthouseConfig()
+
+
+@pytest.mark.parametrize("impl", ["transformer_engine", "local"])
+def test_gradient_accumulation_fusion_needs_apex_with_every_implementation(monkeypatch, impl):
+    """Megatron's output layer (ColumnParallelLinear) needs Apex's fused_weight_gradient_mlp_cuda for the default
+    gradient-accumulation fusion with TransformerEngine too: TE from the package registry, without Apex, died at the
+    first iteration. Refused at start-up without the extension; taken with it (a stand-in spec)."""
+    import importlib.machinery
+
+    import megatron_lighthouse.megatron_lm as megatron_lm
+
+    args = _megatron_args(normalization="RMSNorm", no_persist_layer_norm=True, gradient_accumulation_fusion=True)
+    args.transformer_impl = impl
+    real = megatron_lm.importlib.util.find_spec
+    monkeypatch.setattr(megatron_lm.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "fused_weight_gradient_mlp_cuda" else real(name, *a))
+    with pytest.raises(ValueError) as err:
+        validate_lighthouse_args(args)
+    assert str(err.value) == (
+        "gradient-accumulation fusion (Megatron-LM's default) without Apex: Megatron's linear layers (the output "
+        "layer with every --transformer-impl) need Apex's fused_weight_gradient_mlp_cuda extension for it, which is "
+        "not importable here (TransformerEngine from the package registry comes without Apex); pass "
+        "--no-gradient-accumulation-fusion")
+    stand_in = importlib.machinery.ModuleSpec("fused_weight_gradient_mlp_cuda", None)
+    monkeypatch.setattr(megatron_lm.importlib.util, "find_spec",
+                        lambda name, *a: stand_in if name == "fused_weight_gradient_mlp_cuda" else real(name, *a))
+    assert validate_lighthouse_args(args) == LighthouseConfig()
+    args.gradient_accumulation_fusion = False
+    monkeypatch.undo()
+    _without_apex(monkeypatch)
+    assert validate_lighthouse_args(args) == LighthouseConfig()
 
 
 def test_context_parallel_settings_are_refused_at_start_up():

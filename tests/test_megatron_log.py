@@ -178,3 +178,24 @@ def test_a_resumed_stage_continues_the_one_before(tmp_path):
     assert stages["c_dense_scratch"]["summary"]["continues"] is None  # from scratch
     assert "d_unpatched_dense: continues b_resume_dense at iteration 7, lm loss 8.9 -> 8.3" in \
         megatron_log.format_report(stages)
+
+
+def test_compare_loss_reports_the_largest_differences_at_common_iterations(tmp_path, capsys):
+    """--compare-loss A:B: stage B's lm loss against stage A's at the iterations both logged (FP8 against bf16)."""
+    bf16 = tmp_path / "bf16.log"
+    fp8 = tmp_path / "fp8.log"
+    bf16.write_text("\n".join(iteration_line(i, 4, 100.0, loss) for i, loss in enumerate([10.0, 9.0, 8.0, 7.0], 1)))
+    fp8.write_text("\n".join(iteration_line(i, 3, 90.0, loss) for i, loss in enumerate([10.0, 9.18, 7.9], 1)))
+    out = tmp_path / "out.json"
+    assert megatron_log.main([f"bf16={bf16}", f"fp8={fp8}", "--compare-loss", "bf16:fp8", "--json", str(out)]) == 0
+    comparison = json.loads(out.read_text())["loss_comparisons"][0]
+    assert comparison["stages"] == ["bf16", "fp8"] and comparison["iterations"] == 3
+    assert comparison["max_abs_diff"] == pytest.approx(0.18)
+    assert comparison["max_rel_diff"] == pytest.approx(0.02)
+    assert comparison["mean_loss"] == pytest.approx([9.0, (10.0 + 9.18 + 7.9) / 3])
+    table = capsys.readouterr().out.splitlines()
+    assert table[-4].split()[:4] == ["loss", "of", "against", "iterations"]
+    assert table[-3].split()[:4] == ["fp8", "bf16", "3", "0.18"]
+    with pytest.raises(SystemExit):
+        megatron_log.main([f"bf16={bf16}", "--compare-loss", "bf16:fp8"])
+    assert "--compare-loss bf16:fp8: must be FIRST:SECOND, two of the stages ['bf16']" in capsys.readouterr().err
