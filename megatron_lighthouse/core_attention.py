@@ -83,7 +83,8 @@ class LighthouseCoreAttention(CausalCoreAttention):
 
     Refuses (``ValueError``) at construction what
     :class:`~megatron_lighthouse.causal_core_attention.CausalCoreAttention` refuses (for dense layers the sliding
-    window is left to the inner attention), a ``cp_comm_type`` TransformerEngine does not know, and with
+    window is left to the inner attention), a ``cp_comm_type`` TransformerEngine does not know, FP8 attention
+    (``fp8_dot_product_attention``, ``fp8_multi_head_attention``; FP8 linear layers are fine), and with
     ``rope="entries"`` ``fused_single_qkv_rope`` and YaRN; at a Lighthouse call packed (THD) sequences, padding or
     document masks, inference (a KV cache) and sequence lengths the settings cannot select from.
 
@@ -122,6 +123,14 @@ class LighthouseCoreAttention(CausalCoreAttention):
         self.dense_layer = dense_layer
         #: Run Lighthouse (``True``) or the inner attention on the whole sequence (the dense model).
         self.enabled = not dense_layer
+        if not dense_layer:
+            for name in ("fp8_multi_head_attention", "fp8_dot_product_attention"):
+                if getattr(config, name, False):
+                    raise ValueError(f"{self.where}: {name}=True: not supported on Lighthouse layers (the selection "
+                                     f"reads q/k/v in bf16/fp16/fp32, and FP8 attention on the subsequence is not "
+                                     f"verified); FP8 linear layers (config.fp8, --fp8-format) work: keep the "
+                                     f"attention in bf16 (drop --fp8-dot-product-attention / "
+                                     f"--fp8-multi-head-attention)")
         if not dense_layer and lighthouse.rope == "entries":
             for name in ("fused_single_qkv_rope", "yarn_rotary_scaling_factor"):
                 if getattr(config, name, None):

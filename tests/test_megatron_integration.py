@@ -435,6 +435,21 @@ def test_unsupported_config_settings_raise():
         SDPACoreAttention(tiny_config(softmax_type="learnable"), 3, AttnMaskType.causal, "self")
 
 
+@pytest.mark.parametrize("name", ["fp8_dot_product_attention", "fp8_multi_head_attention"])
+def test_fp8_attention_is_refused_on_lighthouse_layers_only(name):
+    """FP8 attention inputs are refused where Lighthouse runs (set after __post_init__, which wants TE for FP8);
+    a layer kept dense builds, and FP8 linear layers alone (config.fp8) pass."""
+    cfg = tiny_config()
+    setattr(cfg, name, True)
+    with pytest.raises(ValueError, match=rf"LighthouseCoreAttention \(layer 3\): {name}=True: not supported on "
+                                         rf"Lighthouse layers .* FP8 linear layers \(config.fp8, --fp8-format\) work"):
+        _core(cfg)
+    assert _core(cfg, layer_number=1).dense_layer
+    linear_only = tiny_config()
+    linear_only.fp8 = "hybrid"
+    assert not _core(linear_only).dense_layer
+
+
 def test_transformer_engine_variant_without_transformer_engine_raises():
     """CI has no TransformerEngine: the TE variants (the default) say so, naming the setting."""
     cfg = tiny_config()
