@@ -1,7 +1,7 @@
 """tests/te_api: the recorded TransformerEngine API and the script that records it.
 
 * The script reads parameters (kinds and defaults included) and CP communication types from source with ``ast``.
-* ``TE_SOURCE_TREES="v2.9=/path/to/te-2.9,main=/path/to/te-main"`` (TE checkouts or ``git archive`` trees):
+* ``TE_SOURCE_TREES="v2.9=/path/to/te-2.9,v2.20=/path/to/te-2.20,main=/path/to/te-main"`` (TE checkouts or ``git archive`` trees):
   regenerating from them gives the checked-in snapshot (skipped without the variable; TE is not vendored).
 * Every other recorded TE version keeps what Megatron relies on in the version the fake models: each parameter,
   its kind and default (a required one may become optional), and the positions Megatron passes positionally.
@@ -108,7 +108,8 @@ def test_checked_in_snapshot_regenerates(tmp_path):
     out = tmp_path / "snap.json"
     for tag, tree in _trees().items():
         recorded = SNAPSHOT["versions"][tag]
-        result = _run_script(tree, "--version", tag, "--commit", recorded["commit"], "--output", str(out))
+        commit = ["--commit", recorded["commit"]] if recorded["commit"] else []  # none: a wheel's sources
+        result = _run_script(tree, "--version", tag, *commit, "--output", str(out))
         assert result.returncode == 0, result.stderr
         assert json.loads(out.read_text())["versions"][tag] == recorded, f"{tag}: the snapshot is stale; regenerate it"
 

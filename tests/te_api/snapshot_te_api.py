@@ -5,7 +5,8 @@ Usage::
     python tests/te_api/snapshot_te_api.py TE_SOURCE_DIR [--version TAG] [--commit SHA] [--output PATH]
 
 ``TE_SOURCE_DIR`` is the root of a TransformerEngine checkout (or ``git archive`` of one): the directory holding
-``transformer_engine/`` and ``build_tools/VERSION.txt``. Nothing of TE is imported. The entry ``TAG`` (default:
+``transformer_engine/`` and ``build_tools/VERSION.txt`` (a release wheel's ``transformer_engine/`` with a
+``build_tools/VERSION.txt`` of its version beside it serves too: the v2.20 entry was read from the 2.20.2 wheel). Nothing of TE is imported. The entry ``TAG`` (default:
 the version in ``VERSION.txt``) of the JSON snapshot ``PATH`` (default: ``te_api.json`` next to this script) is
 written or replaced; other entries are kept. An entry holds, for each class of :data:`TARGETS`, the file it was
 found in and, per method, its parameters as ``{"name", "kind", "default"}`` (``kind``: an
