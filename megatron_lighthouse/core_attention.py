@@ -28,6 +28,7 @@ from .attention import expand_kv_heads, lighthouse_attention
 from .causal_core_attention import CausalCoreAttention, check_cp_comm_type
 from .config import LighthouseConfig
 from .rotary import EntryRotary, entry_rotary
+from .sdpa_core_attention import SDPACoreAttention
 from .transformer_config import resolve_lighthouse
 
 #: Name of the inner core attention among this module's children (hidden from state-dict keys).
@@ -171,7 +172,14 @@ class LighthouseCoreAttention(CausalCoreAttention):
         return self._lighthouse
 
     def _subsequence_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        """Dense kernel for :func:`lighthouse_attention`: ``[B, H, S, D]`` q/k/v -> ``[B, H, S, D]`` via the inner."""
+        """Dense kernel for :func:`lighthouse_attention`: ``[B, H, S, D]`` q/k/v -> ``[B, H, S, D]`` via the inner
+        (its softmax scale, built from the same arguments as this module's ``scale``).
+
+        :class:`SDPACoreAttention` takes the subsequence as it is (its kernels read ``[B, H, S, D]`` strides);
+        any other core attention gets Megatron's contract, contiguous ``[S, B, H, D]`` (TransformerEngine's sbhd).
+        """
+        if isinstance(self.inner, SDPACoreAttention):
+            return self.inner.causal_attention(q, k, v)
         b, h, s, d = q.shape
         q, k, v = (x.permute(2, 0, 1, 3).contiguous() for x in (q, k, v))  # [S, B, H, D]
         out = self.inner(q, k, v, None, attn_mask_type=AttnMaskType.causal, attention_bias=None,
