@@ -116,9 +116,12 @@ class SDPACoreAttention(CausalCoreAttention):
         dropout = self.dropout_p if self.training else 0.0
         capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
         if fused_kernel_applies(q.device.type, q.dtype, dropout, capturing):
-            # The kernel is chosen here, not left to SDPA: SDPA's own pick for this call depends on process-wide
-            # state (the backend priority order torch sets at its first CUDA call, deterministic mode, dropout,
-            # its cuDNN version) and on the layer path it ran FlashAttention 2 where cuDNN is faster.
+            # The kernel is named here, not left to SDPA, whose pick (FlashAttention 2 on the Lighthouse layer
+            # path, where cuDNN is ~1.8x faster) does not depend on this call's strides (its cuDNN filter checks
+            # only a contiguous head dim) but on process state: the backend priority order, put cuDNN-first by
+            # torch >= 2.10 only at its first CUDA SDPA call and only with cuDNN > 9.15 on sm90/sm100 (an
+            # sdpa_kernel(..., set_priority=True) entered before that call restores flash-first for good),
+            # deterministic mode (no cuDNN), and dropout (torch >= 2.12: no cuDNN unless p is a multiple of 1/16).
             return self._dense(q, k, v, self.softmax_scale)
         return self._sdpa_causal(q, k, v, dropout)
 

@@ -17,6 +17,7 @@ from typing import Mapping, Optional
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from .config import LighthouseConfig
+from .dense import DENSE_KERNEL_ENV
 
 _PREFIX = "LIGHTHOUSE_"
 #: Environment variable -> ``LighthouseConfig`` field read by :func:`lighthouse_config_from_env`.
@@ -47,16 +48,19 @@ def lighthouse_config_from_env(environ: Optional[Mapping[str, str]] = None) -> L
     ``LIGHTHOUSE_DENSE_LAYERS`` (comma-separated ints, may be empty); unset variables keep the defaults.
 
     ``ValueError`` names the variable, its value and the rule (``LIGHTHOUSE_TOPK=100: must be ...``); a variable
-    spelled close to one of them (``LIGHTHOUSE_POOLNG_FACTOR``) is refused too, as it would be silently ignored.
+    spelled close to one of them or to ``LIGHTHOUSE_DENSE_KERNEL`` (the dense kernel, read by the core attention
+    itself: :mod:`megatron_lighthouse.dense`), such as ``LIGHTHOUSE_POOLNG_FACTOR``, is refused too, as it would be
+    silently ignored.
     """
     environ = os.environ if environ is None else environ
+    settings = (*ENV_FIELDS, DENSE_KERNEL_ENV)
     for var in environ:
-        if var.startswith(_PREFIX) and var not in ENV_FIELDS:
-            close = difflib.get_close_matches(var[len(_PREFIX):], [v[len(_PREFIX):] for v in ENV_FIELDS], n=1,
+        if var.startswith(_PREFIX) and var not in settings:
+            close = difflib.get_close_matches(var[len(_PREFIX):], [v[len(_PREFIX):] for v in settings], n=1,
                                               cutoff=0.75)
             if close:
                 raise ValueError(f"{var}={environ[var]!r}: not a Lighthouse setting; did you mean {_PREFIX}{close[0]}? "
-                                 f"(the settings: {', '.join(ENV_FIELDS)})")
+                                 f"(the settings: {', '.join(settings)})")
     kwargs = {}
     for var, field in ENV_FIELDS.items():
         raw = environ.get(var)
