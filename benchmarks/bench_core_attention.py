@@ -271,7 +271,7 @@ def sdpa_state() -> Dict[str, object]:
 # ----------------------------------------------------------------------------------------------- measuring
 def median_ms(fn: Callable[[], object], device: torch.device) -> float:
     """Median time of ``fn`` in ms over :data:`MIN_CALLS` to :data:`MAX_CALLS` calls (about
-    :data:`TIME_BUDGET_MS` in all), after one warm-up call; CUDA events on a GPU."""
+    :data:`TIME_BUDGET_MS` in all; the caller has warmed ``fn`` up); CUDA events on a GPU."""
     def once() -> float:
         if device.type != "cuda":
             start = time.perf_counter()
@@ -284,7 +284,6 @@ def median_ms(fn: Callable[[], object], device: torch.device) -> float:
         end.synchronize()
         return start.elapsed_time(end)
 
-    once()
     times = [once()]
     calls = min(MAX_CALLS, max(MIN_CALLS, int(TIME_BUDGET_MS / max(times[0], 1e-3))))
     times += [once() for _ in range(calls - 1)]
@@ -348,7 +347,7 @@ def run_case(case: Case, variants: Sequence[str], dtype: torch.dtype, device: to
             return (out.detach(), *torch.autograd.grad(out, (q, k, v), dout))
 
         try:
-            step()  # first call: kernel compilation, cuDNN graphs, the "auto" timing
+            step()  # the warm-up: kernel compilation, cuDNN graphs, the "auto" timing
             if variant == "te":
                 row["te_backend"] = te_backend()
             elif variant == "sdpa":
@@ -481,9 +480,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not torch.cuda.is_available():
         raise SystemExit("bench_core_attention.py needs a CUDA GPU (cuDNN, the fused kernels); none is visible")
     os.environ.setdefault("NVTE_FLASH_ATTN", "0")  # TE's inner attention: its fused (cuDNN) backend
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
     from megatron_lighthouse.process_group import init_single_process_megatron
 
-    init_single_process_megatron("nccl", prefix="bench_core_attention_")
+    torch.cuda.set_device(0)
+    init_single_process_megatron("nccl", prefix="bench_core_attention_")  # Megatron's state, as TE modules need
+    model_parallel_cuda_manual_seed(0)  # the RNG tracker a training run has (no dropout here)
     device, dtype = torch.device("cuda"), torch.bfloat16
     gpu = torch.cuda.get_device_name()
     report = {"gpu": gpu, **environment(args.variants), "variants": {v: VARIANT_TEXT[v] for v in args.variants},

@@ -71,7 +71,6 @@ class SDPACoreAttention(CausalCoreAttention):
             self.dense_kernel = dense_kernel_from_env()
         except ValueError as err:
             raise ValueError(f"{self.where}: {err}") from None
-        self._dense = dense_attention(self.dense_kernel)
 
     def forward(
         self,
@@ -92,13 +91,15 @@ class SDPACoreAttention(CausalCoreAttention):
         if s > key.shape[0]:
             raise ValueError(f"{self.where}: {s} queries for {key.shape[0]} keys: a causal query needs its own key")
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, expand_kv_heads(key, h), expand_kv_heads(value, h)))
-        if mask_type == AttnMaskType.no_mask and self.cp_group is None:  # inference after the prompt: all keys
+        if self.cp_group is not None:
+            out = self.causal_attention(q, k, v)  # over the CP group
+        elif mask_type == AttnMaskType.no_mask:  # Megatron's inference after the prompt: every cached key
             if s >= k.shape[2]:
                 raise ValueError(f"{self.where}: attn_mask_type=no_mask with {s} queries for {k.shape[2]} keys: only "
                                  f"Megatron's inference after the prompt (fewer queries than cached keys) drops the "
                                  f"causal mask")
             out = F.scaled_dot_product_attention(q, k, v, scale=self.softmax_scale)
-        elif s < k.shape[2] and self.cp_group is None:  # continuing a cached prefix: row i sees keys 0 .. s_k - s + i
+        elif s < k.shape[2]:  # queries continuing a cached prefix: row i sees keys 0 .. s_k - s + i
             out = lower_right_causal_attention(q, k, v, self.softmax_scale)
         else:
             out = self.causal_attention(q, k, v)
@@ -117,12 +118,12 @@ class SDPACoreAttention(CausalCoreAttention):
         capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
         if fused_kernel_applies(q.device.type, q.dtype, dropout, capturing):
             # The kernel is named here, not left to SDPA, whose pick (FlashAttention 2 on the Lighthouse layer
-            # path, where cuDNN is ~1.8x faster) does not depend on this call's strides (its cuDNN filter checks
+            # path on an H100, where cuDNN is faster) does not depend on this call's strides (its cuDNN filter checks
             # only a contiguous head dim) but on process state: the backend priority order, put cuDNN-first by
             # torch >= 2.10 only at its first CUDA SDPA call and only with cuDNN > 9.15 on sm90/sm100 (an
             # sdpa_kernel(..., set_priority=True) entered before that call restores flash-first for good),
             # deterministic mode (no cuDNN), and dropout (torch >= 2.12: no cuDNN unless p is a multiple of 1/16).
-            return self._dense(q, k, v, self.softmax_scale)
+            return dense_attention(self.dense_kernel)(q, k, v, self.softmax_scale)
         return self._sdpa_causal(q, k, v, dropout)
 
     def _sdpa_causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
