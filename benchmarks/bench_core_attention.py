@@ -255,6 +255,15 @@ def sdpa_choices(case: Case, dtype: torch.dtype, device: torch.device) -> Dict[s
     return out
 
 
+def _cudnn_version() -> object:
+    """torch's runtime cuDNN version, or the error torch raises for it (a cuDNN that another library loaded first,
+    e.g. TransformerEngine's, older than the one torch was built with)."""
+    try:
+        return torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    except RuntimeError as err:
+        return f"error: {err}"
+
+
 def sdpa_state() -> Dict[str, object]:
     """What steers SDPA's own choice in this process: the backend priority order, the enabled backends, the
     runtime cuDNN version and deterministic mode."""
@@ -262,7 +271,7 @@ def sdpa_state() -> Dict[str, object]:
         "priority_order": [SDPBackend(i).name for i in torch._C._get_sdp_priority_order()],
         "enabled": {name: getattr(torch.backends.cuda, f"{name}_sdp_enabled")()
                     for name in ("cudnn", "flash", "mem_efficient", "math")},
-        "cudnn_version": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "cudnn_version": _cudnn_version(),
         "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
         "TORCH_CUDNN_SDPA_DEPRIORITIZED": os.environ.get("TORCH_CUDNN_SDPA_DEPRIORITIZED"),
     }
