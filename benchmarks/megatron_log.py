@@ -179,7 +179,7 @@ def format_report(stages: Dict[str, dict]) -> str:
 def compare_loss(stages: Dict[str, dict], first: str, second: str) -> dict:
     """The lm loss of stage ``second`` against stage ``first`` at the iterations both logged (e.g. FP8 against
     bf16 from the same seed): their count, the largest absolute difference and the largest relative one (to
-    ``first``'s loss), and the mean of each stage's losses there."""
+    ``first``'s loss), the mean of each stage's losses there, and the difference (second - first) per iteration."""
     losses = [{r["iteration"]: r["lm_loss"] for r in stages[name]["iterations"]
                if isinstance(r.get("lm_loss"), (int, float))} for name in (first, second)]
     common = sorted(set(losses[0]) & set(losses[1]))
@@ -189,6 +189,7 @@ def compare_loss(stages: Dict[str, dict], first: str, second: str) -> dict:
         "max_abs_diff": max(diffs) if diffs else None,
         "max_rel_diff": max(d / abs(losses[0][i]) for d, i in zip(diffs, common)) if diffs else None,
         "mean_loss": [statistics.fmean(loss[i] for i in common) if common else None for loss in losses],
+        "diff_per_iteration": {i: losses[1][i] - losses[0][i] for i in common},
     }
 
 

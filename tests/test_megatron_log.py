@@ -193,6 +193,7 @@ def test_compare_loss_reports_the_largest_differences_at_common_iterations(tmp_p
     assert comparison["max_abs_diff"] == pytest.approx(0.18)
     assert comparison["max_rel_diff"] == pytest.approx(0.02)
     assert comparison["mean_loss"] == pytest.approx([9.0, (10.0 + 9.18 + 7.9) / 3])
+    assert comparison["diff_per_iteration"] == pytest.approx({"1": 0.0, "2": 0.18, "3": -0.1})
     table = capsys.readouterr().out.splitlines()
     assert table[-4].split()[:4] == ["loss", "of", "against", "iterations"]
     assert table[-3].split()[:4] == ["fp8", "bf16", "3", "0.18"]
