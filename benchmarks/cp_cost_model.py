@@ -22,8 +22,9 @@ Calibration (one H200, ``--op-table``): the forward of dense causal cuDNN attent
 and head-dim unit (median over the fixed pyramid's subsequence attentions), backward/forward from the dense
 column, and the local steps' forward+backward per token at 1M. Other GPUs scale compute by the datasheet's dense
 BF16 peak and the local steps by HBM bandwidth; links are datasheet leads. ``--calibration FILE`` replaces any
-compute calibration input (e.g. by per-step times measured on the multi-GPU run), ``--nvlink-gbps`` /
-``--ib-gbps`` / ``--tflops`` the datasheet leads (e.g. by measured bandwidths).
+compute calibration input (e.g. by per-step times measured on the multi-GPU run), ``--nvlink-gbps``,
+``--ib-gbps``, ``--tflops``, ``--nvlink-latency-us``, ``--ib-latency-us`` the leads (e.g. by measured bandwidths).
+Pyramid: ``pooling_factor=4``, ``--levels`` (default ``LighthouseConfig.for_sequence(N)``), ``--topk``.
 
     PYTHONPATH=$PWD:$PWD/kernels python3 benchmarks/cp_cost_model.py --out-dir benchmarks/results
 """
@@ -238,6 +239,11 @@ def settings_exchange_s(world: int, link: Link) -> float:
     return link.seconds(world * SETTINGS_ROW_BYTES)
 
 
+def compute_speed(gpu: GPU) -> float:
+    """The GPU's attention speed over the calibration GPU's: the ratio of their dense BF16 peaks."""
+    return gpu.tflops / DATASHEET[CALIBRATION_GPU].tflops
+
+
 def local_steps_s(cal: Calibration, tokens: int, gpu: GPU) -> float:
     """The local steps on ``tokens`` positions (memory-bound: scaled by HBM bandwidth)."""
     return cal.local_s_per_token * tokens * DATASHEET[CALIBRATION_GPU].hbm_tbps / gpu.hbm_tbps
@@ -258,21 +264,19 @@ def predict(seq_len: int, world: int, shape: Shape, gpu_name: str, gpu: GPU, cal
     attention, and dense ring attention on the same tokens, per rank, on ``gpu`` at CP ``world``."""
     cfg = pyramid(seq_len, world, topk, levels)
     s = cfg.subsequence_length(seq_len, 2 * world)
-    link = link_for(world, gpu, gpus_per_node)
-    speed = gpu.tflops / DATASHEET[CALIBRATION_GPU].tflops
-    entries = s // world
+    link, speed, entries = link_for(world, gpu, gpus_per_node), compute_speed(gpu), s // world
     steps = attention_step_s(cal, entries, shape, speed)
     light = ring(world, kv_bytes(entries, shape), *steps, link)
     dense = ring(world, kv_bytes(seq_len // world, shape), *attention_step_s(cal, seq_len // world, shape, speed),
                  link)
     hier = hierarchical(world, entries, shape, cal, speed, nvlink(gpu), infiniband(gpu), gpus_per_node)
-    around = local_steps_s(cal, seq_len // world, gpu) + settings_exchange_s(world, link)
+    local_s, settings_s = local_steps_s(cal, seq_len // world, gpu), settings_exchange_s(world, link)
+    around = local_s + settings_s
     return dict(
         seq_len=seq_len, shape=dataclasses.asdict(shape), gpu=gpu_name, cp=world, link=link.name, topk=cfg.topk,
         levels=cfg.levels, subsequence=s, entries_per_rank=entries, lighthouse=light, dense=dense, a2a_p2p=hier,
-        local_s=local_steps_s(cal, seq_len // world, gpu), settings_exchange_s=settings_exchange_s(world, link),
-        settings_exchange_bytes=world * SETTINGS_ROW_BYTES, hides=light["fwd_ratio"] < 1 and light["bwd_ratio"] < 1,
-        layer_p2p_s=around + light["fwd_s"] + light["bwd_s"],
+        local_s=local_s, settings_exchange_s=settings_s, settings_exchange_bytes=world * SETTINGS_ROW_BYTES,
+        hides=light["fwd_ratio"] < 1 and light["bwd_ratio"] < 1, layer_p2p_s=around + light["fwd_s"] + light["bwd_s"],
         layer_all_gather_s=around + all_gather_attention(world, kv_bytes(entries, shape), *steps, link),
         layer_a2a_p2p_s=None if hier is None else around + hier["attention_s"],
         dense_layer_p2p_s=dense["fwd_s"] + dense["bwd_s"])
@@ -287,7 +291,7 @@ def check_against(run: Dict, cal: Calibration) -> List[Dict]:
         return []
     gpu, shape = DATASHEET[gpu_name], Shape(st["heads"], st["heads"], st["head_dim"])
     cfg = LighthouseConfig(levels=st["levels"], pooling_factor=st["pooling_factor"], topk=st["topk"])
-    n, speed = st["seq_len"], gpu.tflops / DATASHEET[CALIBRATION_GPU].tflops
+    n, speed = st["seq_len"], compute_speed(gpu)
     link = link_for(world, gpu, gpus_per_node=8)
 
     def attention(total: int) -> float:  # forward+backward over ``total`` positions spread over ``world`` ranks
