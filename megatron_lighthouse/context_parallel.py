@@ -30,6 +30,8 @@ _SETTING_NAMES = (
 )
 #: Bytes of a rank's error message that :func:`check_cp_call` hands to the other ranks (a longer one is cut).
 _MESSAGE_BYTES = 1024
+#: Bytes each rank contributes to :func:`check_cp_call`'s all-gather: its settings as float64, then the message.
+SETTINGS_ROW_BYTES = 8 * len(_SETTING_NAMES) + _MESSAGE_BYTES
 
 
 def _collective_device(group: Optional[dist.ProcessGroup], like: object) -> torch.device:

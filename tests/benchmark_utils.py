@@ -15,6 +15,7 @@ def load_benchmark(name: str) -> ModuleType:
     """``benchmarks/<name>.py`` imported as a module (the scripts are not a package)."""
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
