@@ -117,12 +117,11 @@ class SDPACoreAttention(CausalCoreAttention):
         dropout = self.dropout_p if self.training else 0.0
         capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
         if fused_kernel_applies(q.device.type, q.dtype, dropout, capturing):
-            # The kernel is named here, not left to SDPA, whose pick (FlashAttention 2 on the Lighthouse layer
-            # path on an H100, where cuDNN is faster) does not depend on this call's strides (its cuDNN filter checks
-            # only a contiguous head dim) but on process state: the backend priority order, put cuDNN-first by
-            # torch >= 2.10 only at its first CUDA SDPA call and only with cuDNN > 9.15 on sm90/sm100 (an
-            # sdpa_kernel(..., set_priority=True) entered before that call restores flash-first for good),
-            # deterministic mode (no cuDNN), and dropout (torch >= 2.12: no cuDNN unless p is a multiple of 1/16).
+            # The kernel is named here, not left to SDPA, whose pick depends on process state rather than on this
+            # call: torch >= 2.10 puts cuDNN ahead of FlashAttention only with a runtime cuDNN above 9.15, and in a
+            # process that imported TransformerEngine (Megatron-Core does whenever it is installed) TE's own cuDNN
+            # (9.14 with TE 2.20.2) is the runtime one, so SDPA ran FlashAttention 2, about 1.5x slower than cuDNN on
+            # an H100 (docs/BENCHMARKS.md). Deterministic mode and dropout steer it too.
             return dense_attention(self.dense_kernel)(q, k, v, self.softmax_scale)
         return self._sdpa_causal(q, k, v, dropout)
 
