@@ -1,9 +1,10 @@
 """The op: :func:`lighthouse_attention` and :func:`select_indices`.
 
 Layout contract: ``q`` is ``[B, N, H, D]``, ``k`` and ``v`` are ``[B, N, H_kv, D]`` with ``H % H_kv == 0``
-(grouped-query attention; kv head ``j`` serves query heads ``j*H/H_kv ... (j+1)*H/H_kv - 1``, and kv heads
-are expanded before selection, so every query head selects on its own). The result is ``[B, N, H, D]`` in
-``q``'s dtype. Scores and selection run in float32.
+(grouped-query attention; kv head ``j`` serves query heads ``j*H/H_kv ... (j+1)*H/H_kv - 1``). Every query head
+selects on its own, scored against its kv head's keys, and gathers its entries straight from its kv head: the steps
+pool and score k and v once per kv head, never copy them per query head, and sum a kv head's gradient over its
+query heads. The result is ``[B, N, H, D]`` in ``q``'s dtype. Scores and selection run in float32.
 
 The four steps around the dense attention (pool and score, select, gather, scatter) come from one of two modules
 with the same functions: :mod:`megatron_lighthouse.naive` (pure PyTorch, the oracle) or ``lighthouse_kernels``
@@ -120,7 +121,8 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 def expand_kv_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Key/value heads repeated for their query groups along the heads dim, the second last: ``[B, N, H_kv, D]``
     -> ``[B, N, num_heads, D]`` (Megatron's ``[s, b, g, d]`` and packed ``[t, g, d]`` alike). Head ``j`` serves
-    query heads ``j * num_heads / H_kv`` to ``(j + 1) * num_heads / H_kv - 1``, Megatron's GQA grouping."""
+    query heads ``j * num_heads / H_kv`` to ``(j + 1) * num_heads / H_kv - 1``, Megatron's GQA grouping. For dense
+    kernels built with one kv head per query head; the op itself never expands k or v."""
     groups = num_heads // x.shape[-2]
     return x if groups == 1 else x.repeat_interleave(groups, dim=-2)
 
@@ -189,7 +191,7 @@ def _sequence_to_chunks(x: torch.Tensor, chunks: int) -> torch.Tensor:
 def _select(steps: ModuleType, q: torch.Tensor, k: torch.Tensor, config: LighthouseConfig, chunks: int,
             chunk_topk: int) -> torch.Tensor:
     """Scores and selection of each of ``chunks`` chunks alone, with budget ``chunk_topk`` each: q ``[B, N, H, D]``,
-    k expanded likewise -> chunk-local pyramid positions ``[B*chunks, H, S_c]`` int64."""
+    k ``[B, N, H_kv, D]`` -> chunk-local pyramid positions ``[B*chunks, H, S_c]`` int64."""
     n_chunk = q.shape[1] // chunks
     score_q, score_k = steps.pool_scores(_split_chunks(q, chunks), _split_chunks(k, chunks), config.levels,
                                          config.pooling_factor)
@@ -211,8 +213,9 @@ def _attend_selected(steps: ModuleType, q: torch.Tensor, k: torch.Tensor, v: tor
                      rotary: Optional[EntryRotary]) -> torch.Tensor:
     """Gather the selected entries, attend causally over them, scatter back (spec sections 4-6).
 
-    Differentiable in q/k/v (``[B, N, H, D]``, kv heads expanded); ``indices`` (``[B*chunks, H, S_c]``, from the
-    selection) are constants. ``rotary`` rotates the gathered q and k entries at their last tokens' positions
+    Differentiable in q (``[B, N, H, D]``) and k/v (``[B, N, H_kv, D]``); ``indices`` (``[B*chunks, H, S_c]``, from
+    the selection) are constants. The dense attention gets ``[B, H, S, D]`` q, k and v: each query head attends
+    over its own entries. ``rotary`` rotates the gathered q and k entries at their last tokens' positions
     before the attention. Returns ``[B, N, H, D]``.
     """
     b, n, h, d = q.shape
@@ -253,7 +256,7 @@ def select_indices(
     _check_chunks(chunks)
     config.validate(q.shape[1], chunks)
     steps = _steps(resolve_backend(backend, q, config, q.shape[1], chunks))
-    indices = _select(steps, q, expand_kv_heads(k, q.shape[2]), config, chunks, config.topk // chunks)
+    indices = _select(steps, q, k, config, chunks, config.topk // chunks)
     return indices if chunks == 1 else indices.view(q.shape[0], chunks, *indices.shape[1:])
 
 
@@ -344,7 +347,5 @@ def lighthouse_attention(
             attention = functools.partial(cp_causal_attention, group=cp_group)
     if attention is None:
         attention = dense_attention("auto", q.device.type)
-    h = q.shape[2]
-    k, v = expand_kv_heads(k, h), expand_kv_heads(v, h)
     indices = _select(steps, q, k, config, chunks, chunk_topk)
     return _attend_selected(steps, q, k, v, indices, config, chunks, scale, attention, rotary)

@@ -1,4 +1,5 @@
-"""Norm scores of every pyramid entry in one pass over q and k (spec section 2)."""
+"""Norm scores of every pyramid entry in one pass over q and one over k, each over its own heads (spec section
+2; grouped-query keys are scored once per kv head)."""
 
 from __future__ import annotations
 
@@ -37,14 +38,24 @@ def _store_levels(norm, out_ptr, row, tok, seq_len, total, BLOCK_T: tl.constexpr
 
 
 @triton.jit
-def _pool_score_kernel(q_ptr, k_ptr, sq_ptr, sk_ptr, seq_len, total, H, D,
-                       sqb, sqn, sqh, skb, skn, skh,
+def _pool_score_kernel(x_ptr, s_ptr, seq_len, total, H, D, sxb, sxn, sxh,
                        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, P: tl.constexpr, LEVELS: tl.constexpr):
     row, b, h, tok, mask, d, d_ok = program_block(H, seq_len, D, BLOCK_T, BLOCK_D)
-    nq = _token_norms(q_ptr, b, h, tok, mask, d, d_ok, sqb, sqn, sqh)
-    _store_levels(nq, sq_ptr, row, tok, seq_len, total, BLOCK_T, P, LEVELS)
-    nk = _token_norms(k_ptr, b, h, tok, mask, d, d_ok, skb, skn, skh)
-    _store_levels(nk, sk_ptr, row, tok, seq_len, total, BLOCK_T, P, LEVELS)
+    norms = _token_norms(x_ptr, b, h, tok, mask, d, d_ok, sxb, sxn, sxh)
+    _store_levels(norms, s_ptr, row, tok, seq_len, total, BLOCK_T, P, LEVELS)
+
+
+def _scores(x: torch.Tensor, levels: int, pooling_factor: int, block_t: int, block_d: int) -> torch.Tensor:
+    """``x`` ``[B, N, H_x, D]`` -> its pyramid's scores ``[B, H_x, N_tot]`` float32, one program per block of
+    ``block_t`` tokens and head."""
+    b, n, h, d = x.shape
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    total = pyramid_size(n, levels, pooling_factor)
+    scores = torch.empty(b, h, total, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(n, block_t), b * h)  # see program_block
+    _pool_score_kernel[grid](x, scores, n, total, h, d, x.stride(0), x.stride(1), x.stride(2),
+                             BLOCK_T=block_t, BLOCK_D=block_d, P=pooling_factor, LEVELS=levels)
+    return scores
 
 
 def pool_scores(q: torch.Tensor, k: torch.Tensor, levels: int,
@@ -52,15 +63,17 @@ def pool_scores(q: torch.Tensor, k: torch.Tensor, levels: int,
     """Norm scores of all pyramid entries (the naive oracle's ``pool_scores``, same signature).
 
     Args:
-        q, k: ``[B, N, H, D]`` (same shape; last dim contiguous), bf16/fp16/fp32.
+        q: ``[B, N, H, D]``; k: ``[B, N, H_kv, D]`` (its own heads: grouped-query keys are scored once per kv
+            head); bf16/fp16/fp32, last dim contiguous or not.
     Returns:
-        ``(score_q, score_k)``, each ``[B, H, N_tot]`` float32: the max over covered tokens of the fp32 token norm.
+        ``(score_q, score_k)``, ``[B, H, N_tot]`` and ``[B, H_kv, N_tot]`` float32: the max over covered tokens of
+        the fp32 token norm.
 
     A program pools whole coarsest entries, ``pooling_factor**(levels-1)`` tokens of ``D`` dims at once: more than
     Triton's largest block (``2**20`` elements, with ``D`` rounded up to a power of two) is a ``ValueError``,
     raised before any work.
     """
-    b, n, h, d = q.shape
+    d = q.shape[-1]
     block_t = max(pooling_factor ** (levels - 1), rows_per_program(q.device, 64))
     block_d = triton.next_power_of_2(d)
     if block_t * block_d > tl.TRITON_MAX_TENSOR_NUMEL:
@@ -69,14 +82,4 @@ def pool_scores(q: torch.Tensor, k: torch.Tensor, levels: int,
             f"{pooling_factor ** (levels - 1)} tokens, {block_t * block_d} elements of a block with D={d} (as "
             f"{block_d}), more than Triton's largest block ({tl.TRITON_MAX_TENSOR_NUMEL}); use fewer levels or a "
             f"smaller pooling_factor, or the torch backend")
-    q = q if q.stride(-1) == 1 else q.contiguous()
-    k = k if k.stride(-1) == 1 else k.contiguous()
-    total = pyramid_size(n, levels, pooling_factor)
-    sq = torch.empty(b, h, total, dtype=torch.float32, device=q.device)
-    sk = torch.empty_like(sq)
-    grid = (triton.cdiv(n, block_t), b * h)  # see program_block
-    _pool_score_kernel[grid](
-        q, k, sq, sk, n, total, h, d, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        BLOCK_T=block_t, BLOCK_D=block_d, P=pooling_factor, LEVELS=levels,
-    )
-    return sq, sk
+    return tuple(_scores(x, levels, pooling_factor, block_t, block_d) for x in (q, k))

@@ -87,7 +87,7 @@ def _children(parents, P: tl.constexpr, SEL: tl.constexpr):
 
 
 @triton.jit
-def _select_kernel(sq_ptr, sk_ptr, out_ptr, work_ptr, seq_len, total, per_tile, S,
+def _select_kernel(sq_ptr, sk_ptr, out_ptr, work_ptr, seq_len, total, per_tile, S, group,
                    P: tl.constexpr, LEVELS: tl.constexpr, HALF: tl.constexpr, BLOCK_C: tl.constexpr,
                    C_BITS: tl.constexpr, W_BITS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # widened once: row * total and row * S exceed 2**31 on long sequences
@@ -98,6 +98,8 @@ def _select_kernel(sq_ptr, sk_ptr, out_ptr, work_ptr, seq_len, total, per_tile, 
     SLOT: tl.constexpr = 3 * SEL + WIDE
     work = work_ptr + (row * tl.num_programs(1) + tile) * (LEVELS * SLOT)
     base = row * total
+    # The key scores of this query head's kv head: row b*H + h reads b*H_kv + h // group, i.e. row // group.
+    base_k = row // group * total
     sel = tl.arange(0, SEL)
     wide = tl.arange(0, WIDE)
     top_offset = _level_offset(seq_len, LEVELS - 1, P)
@@ -109,7 +111,7 @@ def _select_kernel(sq_ptr, sk_ptr, out_ptr, work_ptr, seq_len, total, per_tile, 
     top = first + loc
     key = _ordered(tl.load(sq_ptr + base + top_offset + top, mask=ok, other=0.0))
     top_chosen = _top_half(key, loc, ok, HALF, C_BITS)
-    key = _ordered(tl.load(sk_ptr + base + top_offset + top, mask=ok, other=0.0))
+    key = _ordered(tl.load(sk_ptr + base_k + top_offset + top, mask=ok, other=0.0))
     top_chosen = top_chosen | _top_half(key, loc, ok & ~top_chosen, HALF, C_BITS)
     top_rank = _exclusive_cumsum(top_chosen.to(tl.int32), 0)
     tl.store(work + (LEVELS - 1) * SLOT + top_rank, top, mask=top_chosen)
@@ -120,7 +122,7 @@ def _select_kernel(sq_ptr, sk_ptr, out_ptr, work_ptr, seq_len, total, per_tile, 
         cand = _children(tl.load(work + (level + 1) * SLOT + sel), P, SEL)
         key = _ordered(tl.load(sq_ptr + base + offset + cand))
         chosen = _top_half(key, wide, wide >= 0, HALF, W_BITS)
-        key = _ordered(tl.load(sk_ptr + base + offset + cand))
+        key = _ordered(tl.load(sk_ptr + base_k + offset + cand))
         chosen = chosen | _top_half(key, wide, ~chosen, HALF, W_BITS)
         tl.store(work + level * SLOT + _exclusive_cumsum(chosen.to(tl.int32), 0), cand, mask=chosen)
         tl.store(work + level * SLOT + 3 * SEL + wide, chosen.to(tl.int32))
@@ -177,16 +179,20 @@ def _tile_entries(seq_len: int, levels: int, pooling_factor: int, topk: int) -> 
 @torch.no_grad()
 def select_entries(score_q: torch.Tensor, score_k: torch.Tensor, seq_len: int, levels: int,
                          pooling_factor: int, topk: int) -> torch.Tensor:
-    """``[B, H, N_tot]`` float32 scores -> ``[B, H, S]`` int64 pyramid positions in causal order.
+    """``[B, H, N_tot]`` query and ``[B, H_kv, N_tot]`` key scores (float32, ``H % H_kv == 0``; query head ``h``
+    is scored against kv head ``h // (H / H_kv)``) -> ``[B, H, S]`` int64 pyramid positions in causal order.
 
     The naive oracle's ``select_entries``, same signature; the settings must be valid for ``seq_len``
     (``LighthouseConfig.validate``), and a tile may own at most :data:`MAX_TILE_ENTRIES` coarsest entries
-    (checked here before any work: ``ValueError``).
+    (checked here before any work: ``ValueError``, as are scores that do not fit together or with ``seq_len``).
     """
     b, h, total = score_q.shape
     p = pooling_factor
     if total != pyramid_size(seq_len, levels, p):
         raise ValueError(f"scores of {total} pyramid entries do not match seq_len={seq_len}, levels={levels}, p={p}")
+    if score_k.dim() != 3 or (score_k.shape[0], score_k.shape[2]) != (b, total) or h % score_k.shape[1]:
+        raise ValueError(f"score_k {tuple(score_k.shape)} must be [B, H_kv, N_tot] with H % H_kv == 0 beside "
+                         f"score_q {tuple(score_q.shape)} ([B, H, N_tot])")
     per_tile = _tile_entries(seq_len, levels, p, topk)
     tiles = topk // TILE_SELECT
     wide = TILE_SELECT * p
@@ -195,7 +201,7 @@ def select_entries(score_q: torch.Tensor, score_k: torch.Tensor, seq_len: int, l
     work = torch.empty(b * h * tiles, levels * (3 * TILE_SELECT + wide), dtype=torch.int32, device=score_q.device)
     block_c = triton.next_power_of_2(per_tile)
     _select_kernel[(b * h, tiles)](
-        score_q.contiguous(), score_k.contiguous(), out, work, seq_len, total, per_tile, s,
+        score_q.contiguous(), score_k.contiguous(), out, work, seq_len, total, per_tile, s, h // score_k.shape[1],
         P=p, LEVELS=levels, HALF=TILE_HALF, BLOCK_C=block_c, C_BITS=block_c.bit_length() - 1,
         W_BITS=wide.bit_length() - 1, num_warps=min(16, max(4, block_c // 256)),
     )

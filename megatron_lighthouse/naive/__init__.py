@@ -3,9 +3,12 @@
 The four steps have the same names, signatures and layouts as those of the fused kernels (``lighthouse_kernels``),
 so the op runs either through one dispatch point:
 
-- ``pool_scores(q, k, levels, pooling_factor)``: q/k ``[B, N, H, D]`` -> two ``[B, H, N_tot]`` float32 scores;
-- ``select_entries(score_q, score_k, seq_len, levels, pooling_factor, topk)`` -> ``[B, H, S]`` int64 indices;
-- ``gather_entries(q, k, v, indices, levels, pooling_factor)`` -> three ``[B, H, S, D]`` (differentiable);
+- ``pool_scores(q, k, levels, pooling_factor)``: q ``[B, N, H, D]``, k ``[B, N, H_kv, D]`` -> ``[B, H, N_tot]`` and
+  ``[B, H_kv, N_tot]`` float32 scores;
+- ``select_entries(score_q, score_k, seq_len, levels, pooling_factor, topk)`` -> ``[B, H, S]`` int64 indices (query
+  head ``h`` scored against kv head ``h // (H / H_kv)``);
+- ``gather_entries(q, k, v, indices, levels, pooling_factor)``: k/v ``[B, N, H_kv, D]`` -> three ``[B, H, S, D]``
+  (differentiable; a kv head's gradient sums its query heads');
 - ``scatter_to_tokens(out_sub, indices, seq_len, levels, pooling_factor)``: ``[B, H, S, D]`` -> ``[B, N, H, D]``
   (differentiable).
 """

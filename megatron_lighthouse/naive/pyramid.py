@@ -41,9 +41,9 @@ def pool_scores(
     """Norm scores of every pyramid entry: the max over covered tokens of ``||q_t||`` (resp. ``||k_t||``).
 
     Args:
-        q, k: ``[B, N, H, D]``.
+        q: ``[B, N, H, D]``; k: ``[B, N, H_kv, D]`` (scored once per kv head).
     Returns:
-        ``(score_q, score_k)``, each ``[B, H, N_tot]`` float32.
+        ``(score_q, score_k)``, ``[B, H, N_tot]`` and ``[B, H_kv, N_tot]`` float32.
     """
 
     def one(x: torch.Tensor) -> torch.Tensor:
@@ -62,12 +62,26 @@ def gather_entries(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: t
                    pooling_factor: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The selected pyramid entries of q, k and v (differentiable in q/k/v; ``indices`` are constants).
 
+    Grouped-query attention: each kv head's pyramid is built once, and each of its ``H / H_kv`` query heads
+    gathers its own entries from it (query head ``h`` reads kv head ``h // (H / H_kv)``); the gradients of a
+    kv head's query heads add up in its pyramid.
+
     Args:
-        q, k, v: ``[B, N, H, D]`` (kv heads already expanded), one dtype.
+        q: ``[B, N, H, D]``; k, v: ``[B, N, H_kv, D]``, ``H % H_kv == 0``; one dtype.
         indices: ``[B, H, S]`` int64 positions in the concatenated pyramid (from :func:`select_entries`).
     Returns:
-        three ``[B, H, S, D]`` in the inputs' dtype: row ``j`` is the mean of the tokens entry ``indices[..., j]``
-        covers.
+        three ``[B, H, S, D]`` in the inputs' dtype: row ``j`` of head ``h`` is the mean of the tokens entry
+        ``indices[:, h, j]`` covers.
     """
-    index = indices.unsqueeze(-1).expand(-1, -1, -1, q.shape[-1])
-    return tuple(build_pyramid(x, levels, pooling_factor).gather(2, index) for x in (q, k, v))
+    b, h, s = indices.shape
+
+    def pick(x: torch.Tensor) -> torch.Tensor:
+        pyramid = build_pyramid(x, levels, pooling_factor)  # [B, H_x, N_tot, D]
+        heads, d = pyramid.shape[1], pyramid.shape[-1]
+        group = h // heads
+        # query head j * group + i is member i of kv head j: members[:, j, i] holds its indices
+        members = indices.view(b, heads, group, s, 1).expand(-1, -1, -1, -1, d)
+        picked = [pyramid.gather(2, members[:, :, i]) for i in range(group)]  # [B, H_x, S, D] each
+        return torch.stack(picked, dim=2).view(b, h, s, d)
+
+    return pick(q), pick(k), pick(v)

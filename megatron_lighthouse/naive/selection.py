@@ -24,13 +24,17 @@ def select_entries(
     """Select the causal-ordered subsequence of pyramid entries.
 
     Args:
-        score_q, score_k: ``[B, H, N_tot]`` float32 pyramid scores (see :func:`~megatron_lighthouse.naive.pyramid.pool_scores`).
+        score_q, score_k: ``[B, H, N_tot]`` and ``[B, H_kv, N_tot]`` float32 pyramid scores, ``H % H_kv == 0``
+            (see :func:`~megatron_lighthouse.naive.pyramid.pool_scores`); query head ``h`` is scored against kv
+            head ``h // (H / H_kv)``.
         seq_len: ``N``, tokens per sequence (the settings must be valid for it).
     Returns:
         ``[B, H, S]`` int64 positions in the concatenated pyramid, sorted by the spec's causal key,
         ``S = N / p**(L-1) + (L-1) * p * topk``.
     """
     b, h, _ = score_q.shape
+    kv_head = torch.arange(h, device=score_k.device) // (h // score_k.shape[1])
+    score_k = score_k[:, kv_head]  # each query head's view of its kv head's key scores: [B, H, N_tot]
     p = pooling_factor
     tiles = topk // TILE_SELECT
     offsets = level_offsets(seq_len, levels, p)
