@@ -11,9 +11,12 @@ and the test asserts on its exit status and output. The views of one case share 
 of ``4 * D``, so views at offsets ``0, D, 2D`` never overlap). The child reports its peak resident memory, which
 must stay under 2 GiB (the bases take 4-9 GiB of address space, not of memory).
 
-Where the op itself allocates (gather backward's dq/dk/dv, scatter forward's output, and the inverse map), the
-private launchers, which write into given views, and a wide inverse map (a ``[B*H, N_tot]`` view of rows ``W``
-apart) put the same offsets there.
+Where the op itself allocates (gather backward's dq/dk/dv, the gather's pooled coarsest level, scatter forward's
+output, and the inverse map), the private launchers, which write into given views, and a wide inverse map (a
+``[B*H, N_tot]`` view of rows ``W`` apart) put the same offsets there.
+
+k and v have half of q's heads (grouped-query attention: dk/dv are sums over query heads, written per kv head),
+except in the ``heads`` layout, whose head offsets pass 2**31 only with all four heads.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ if __name__ == "__main__":  # the child: the cases run under the interpreter (se
 import lighthouse_kernels as fused
 import pytest
 import torch
-from lighthouse_kernels.gather import _launch_gather_backward
+from lighthouse_kernels.gather import _launch_gather_backward, _launch_pool_coarsest
 from lighthouse_kernels.pyramid_index import inverse_map
 from lighthouse_kernels.scatter import _launch_scatter_forward
 
@@ -61,6 +64,8 @@ LAYOUTS = {
     # Large batches: the batch stride.
     "batch": ((3, N, 2, D), (_above(2), 2 * 4 * D, 4 * D, 1)),
 }
+#: Query heads per kv head in each layout (k/v views keep the layout's strides with fewer heads).
+GROUPS = {"tokens": 2, "heads": 1, "batch": 2}
 
 
 def _sparse_empty(numel: int, dtype):
@@ -79,12 +84,14 @@ def _sparse_empty(numel: int, dtype):
 
 
 def _views(layout: str, sources):
-    """``sources`` (small contiguous ``[B, N, H, D]``, one dtype) copied into views of ``layout`` on one base."""
+    """``sources`` (small contiguous ``[B, N, H, D]`` with at most ``layout``'s heads, one dtype) copied into views
+    with ``layout``'s strides on one base (at offsets 0, D, 2D: strides are multiples of 4D, so they never
+    overlap)."""
     shape, strides = LAYOUTS[layout]
     span = sum((n - 1) * s for n, s in zip(shape, strides)) + 1
     assert span > BEYOND - 4 * D, (layout, span)
     base = _sparse_empty(span + len(sources) * D, sources[0].dtype)
-    views = [base.as_strided(shape, strides, i * D) for i in range(len(sources))]
+    views = [base.as_strided(src.shape, strides, i * D) for i, src in enumerate(sources)]
     for view, src in zip(views, sources):
         view.copy_(src)
     return views
@@ -101,12 +108,31 @@ def _wide_inverse_map(indices):
     return wide
 
 
+def _coarsest_view(layout: str, heads: int):
+    """A ``[B, N / P**(LEVELS-1), heads, D]`` view on its own base whose offsets along ``layout``'s dimension pass
+    2**31: where the gather writes the pooled coarsest level."""
+    b = LAYOUTS[layout][0][0]
+    shape = (b, N // P ** (LEVELS - 1), heads, D)
+    step = 4 * D
+    if layout == "tokens":
+        strides = (0, _above(shape[1] - 1), step, 1)
+    elif layout == "heads":
+        strides = (0, step, _above(heads - 1), 1)
+    else:
+        strides = (_above(b - 1), heads * step, step, 1)
+    span = sum((n - 1) * s for n, s in zip(shape, strides)) + D
+    assert span > BEYOND, (layout, span)
+    return _sparse_empty(span, torch.half).as_strided(shape, strides)
+
+
 def _problem(layout: str, seed: int):
-    """Small random inputs for ``layout``'s shape: q, k, v ``[B, N, H, D]`` and unique positions ``[B, H, S]``."""
+    """Small random inputs for ``layout``'s shape: q ``[B, N, H, D]``, k, v ``[B, N, H / GROUPS[layout], D]`` and
+    unique positions ``[B, H, S]``."""
     shape = LAYOUTS[layout][0]
     b, _, h, _ = shape
     gen = torch.Generator().manual_seed(seed)
-    qkv = [torch.randn(shape, generator=gen) for _ in range(3)]
+    kv_shape = (b, N, h // GROUPS[layout], D)
+    qkv = [torch.randn(s, generator=gen) for s in (shape, kv_shape, kv_shape)]
     indices = torch.stack([torch.randperm(TOTAL, generator=gen)[:S].sort().values for _ in range(b * h)])
     return qkv, indices.view(b, h, S)
 
@@ -124,7 +150,8 @@ def _case_pool_scores(layout):
 
 
 def _case_gather_entries(layout):
-    """Forward reads q/k/v past 2**31 (public API); backward against the oracle on the same strided inputs."""
+    """Forward reads q/k/v past 2**31 (public API); backward against the oracle on the same strided inputs; the
+    coarsest level of k written past 2**31 (into a view)."""
     qkv, indices = _problem(layout, 1)
     qkv = [x.half() for x in qkv]
     views = [x.requires_grad_(True) for x in _views(layout, qkv)]
@@ -137,6 +164,11 @@ def _case_gather_entries(layout):
     want_grads = torch.autograd.grad(want, ref, [g.float() for g in grads])
     for g, w in zip(got + got_grads, want + want_grads):
         torch.testing.assert_close(g, w.half())
+
+    coarsest = _coarsest_view(layout, qkv[1].shape[2])
+    _launch_pool_coarsest(views[1], coarsest, LEVELS, P)
+    top = naive.build_pyramid(qkv[1].float(), LEVELS, P)[:, :, TOTAL - coarsest.shape[1]:].transpose(1, 2)
+    torch.testing.assert_close(coarsest, top.half())
 
 
 def _case_gather_backward(layout):
@@ -216,9 +248,11 @@ def test_offsets_past_2_31_elements_match_the_oracle(case):
 def test_layouts_reach_past_2_31_with_int32_strides():
     """Every stride is an int32 kernel argument (an int64 one would hide an int32 product) and some offset of
     every layout passes 2**31: the cases above test the widening, not Triton's argument types."""
-    for shape, strides in LAYOUTS.values():
+    for layout, (shape, strides) in LAYOUTS.items():
         assert all(0 <= s < 2**31 for s in strides)
-        assert sum((n - 1) * s for n, s in zip(shape, strides)) >= BEYOND
+        kv_shape = shape[:2] + (shape[2] // GROUPS[layout],) + shape[3:]  # k/v's offsets pass 2**31 too
+        for dims in (shape, kv_shape):
+            assert sum((n - 1) * s for n, s in zip(dims, strides)) >= BEYOND
         assert all(s % (4 * D) == 0 for s in strides[:3])
     assert all(shape[0] * shape[2] >= 3 for shape, _ in LAYOUTS.values())  # (B*H - 1) * W passes 2**31, W int32
 
