@@ -298,16 +298,19 @@ def bench_row(n: int, heads: int, kv_heads: int, kind: str, attention: DenseAtte
     row: Dict[str, object] = {"levels": config.levels, "S": s}
     q, k, v, dout = _qkv(n, heads, kv_heads, n)
 
-    def step(key, value):
+    def step(expand_kv: bool):
         try:
-            lighthouse_attention(q, key, value, config=config, attention=attention, backend="triton").backward(dout)
+            key, value = (_expand(x, heads) if expand_kv else x for x in (k, v))
+            out = lighthouse_attention(q, key, value, config=config, attention=attention, backend="triton")
+            del key, value  # as the op before native GQA: its expanded k/v lived through the forward only
+            out.backward(dout)
         finally:
             q.grad = k.grad = v.grad = None
 
     def expanded_step():
-        step(_expand(k, heads), _expand(v, heads))
+        step(True)
 
-    contenders = {"op": lambda: step(k, v)}
+    contenders = {"op": lambda: step(False)}
     row["op_peak_gib"] = peak_gib(contenders["op"])  # before the floor's tensors exist: the op and its inputs
     if expanded:
         try:
