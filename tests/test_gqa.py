@@ -141,3 +141,14 @@ def test_the_op_never_expands_k_or_v(monkeypatch, backend):
     q, k, v, dout = _inputs(1, 4, 4, seed=0)
     _, _, dk, dv = _op(q, k, v, dout, backend, SETTINGS)
     assert dk.shape == dv.shape == k.shape and bool(dk.abs().sum() > 0)
+
+
+def test_fused_steps_refuse_kv_heads_that_do_not_divide_the_query_heads():
+    q, k, v, _ = _inputs(1, 4, 1, seed=0)
+    k3, v3 = k[:, :, :3], v[:, :, :3]
+    indices = torch.zeros(1, 4, 8, dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"H % H_kv == 0"):
+        fused.gather_entries(q, k3, v3, indices, LEVELS, P)
+    sq, _ = fused.pool_scores(q, k, LEVELS, P)
+    with pytest.raises(ValueError, match=r"score_k \(1, 3, 896\) must be \[B, H_kv, N_tot\]"):
+        fused.select_entries(sq, sq[:, :3], N, LEVELS, P, SETTINGS["topk"])

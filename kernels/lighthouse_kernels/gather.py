@@ -164,6 +164,10 @@ def gather_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: t
     coarsest entry of its tiles, so the query heads of a kv head would otherwise each pool it again from the
     tokens); the finer entries are pooled from the tokens as they are gathered.
     """
+    if k.shape != v.shape or (k.shape[0], k.shape[1], k.shape[3]) != (q.shape[0], q.shape[1], q.shape[3]) or (
+            q.shape[2] % k.shape[2]):
+        raise ValueError(f"gather_entries: q {tuple(q.shape)} and k/v {tuple(k.shape)}, {tuple(v.shape)} must be "
+                         f"[B, N, H, D] and [B, N, H_kv, D] with H % H_kv == 0")
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     b, n, h, d = q.shape
     s = indices.shape[-1]
