@@ -80,7 +80,7 @@ def gather_entries(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: t
         heads, d = pyramid.shape[1], pyramid.shape[-1]
         group = h // heads
         # query head j * group + i is member i of kv head j: members[:, j, i] holds its indices
-        members = indices.view(b, heads, group, s, 1).expand(-1, -1, -1, -1, d)
+        members = indices.reshape(b, heads, group, s, 1).expand(-1, -1, -1, -1, d)
         picked = [pyramid.gather(2, members[:, :, i]) for i in range(group)]  # [B, H_x, S, D] each
         return torch.stack(picked, dim=2).view(b, h, s, d)
 
