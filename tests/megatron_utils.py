@@ -66,3 +66,18 @@ def megatron_cp_batch(batch: Dict[str, torch.Tensor], group: Any = None) -> Dict
         return get_batch_on_this_cp_rank(dict(batch), **kwargs)
     out = get_batch_on_this_cp_rank({**batch, "cu_seqlens": None}, is_hybrid_cp=False, **kwargs)
     return {key: out[key] for key in batch}
+
+
+def tiny_hybrid(config, stack_spec, pattern: str, seed: int = 0, vp_stage: Optional[int] = None,
+                pre_process: bool = True, post_process: bool = True):
+    """A ``HybridModel`` (megatron-core >= 0.19) of ``config`` (``num_layers`` must be the pattern's) built from
+    ``stack_spec`` for ``pattern``, learned absolute positions, untied output, seeded weights; ``vp_stage`` picks a
+    ``|`` segment (in a world of one, segment ``vp_stage``)."""
+    from megatron.core.models.hybrid.hybrid_model import HybridModel
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    torch.manual_seed(seed)
+    return HybridModel(config=config, hybrid_stack_spec=stack_spec, vocab_size=VOCAB, max_sequence_length=SEQ,
+                       hybrid_layer_pattern=pattern, position_embedding_type="learned_absolute",
+                       share_embeddings_and_output_weights=False, vp_stage=vp_stage, pre_process=pre_process,
+                       post_process=post_process, pg_collection=ProcessGroupCollection.use_mpu_process_groups())

@@ -643,7 +643,7 @@ def test_env_spec_builds_each_spec_on_first_access(monkeypatch):
     assert vars(module)["dense_local_layer_spec"] is dense and module.dense_local_layer_spec is dense
     with pytest.raises(ValueError, match=r"^LIGHTHOUSE_TOPK=100: must be a positive multiple of 128"):
         module.lighthouse_local_layer_spec
-    with pytest.raises(AttributeError, match=r"has no attribute 'lighthouse_spec'; its layer specs: "):
+    with pytest.raises(AttributeError, match=r"has no attribute 'lighthouse_spec'; its specs: "):
         module.lighthouse_spec
 
 
@@ -682,7 +682,7 @@ def test_env_spec_dense_spec_checks_no_lighthouse_settings(monkeypatch):
 
 
 def test_env_spec_refuses_a_spec_name_it_does_not_have(monkeypatch):
-    with pytest.raises(ValueError, match=rf"^--spec {ENV_SPEC} lighthouse_spec: not a layer spec of this module; "
+    with pytest.raises(ValueError, match=rf"^--spec {ENV_SPEC} lighthouse_spec: not a spec of this module; "
                                          r"use one of lighthouse_layer_spec, "):
         _megatron_lm_spec(monkeypatch, "lighthouse_spec", **TINY_ARGS)
 
