@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import sys
+import types
 from typing import Any, Dict, Optional
 
 import torch
@@ -81,3 +83,29 @@ def tiny_hybrid(config, stack_spec, pattern: str, seed: int = 0, vp_stage: Optio
                        hybrid_layer_pattern=pattern, position_embedding_type="learned_absolute",
                        share_embeddings_and_output_weights=False, vp_stage=vp_stage, pre_process=pre_process,
                        post_process=post_process, pg_collection=ProcessGroupCollection.use_mpu_process_groups())
+
+
+#: The module Megatron-LM's unpatched scripts take their spec from (``--spec ENV_SPEC NAME``).
+ENV_SPEC = "megatron_lighthouse.env_spec"
+
+
+def set_lighthouse_environment(monkeypatch, **variables) -> None:
+    """Exactly ``variables`` of the ``LIGHTHOUSE_*`` settings in the environment."""
+    for var in ("LIGHTHOUSE_LEVELS", "LIGHTHOUSE_POOLING_FACTOR", "LIGHTHOUSE_TOPK", "LIGHTHOUSE_DENSE_LAYERS"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in variables.items():
+        monkeypatch.setenv(var, value)
+
+
+def megatron_lm_spec(monkeypatch, name, **args):
+    """``--spec megatron_lighthouse.env_spec NAME`` resolved as Megatron-LM resolves it once it has parsed its
+    arguments (``args``, with that ``--spec``): a first import of the module, then ``vars(module)[NAME]``
+    (megatron-core's ``spec_utils.import_module``)."""
+    from megatron.core.transformer.spec_utils import import_module
+
+    global_vars = types.ModuleType("megatron.training.global_vars")
+    global_vars._GLOBAL_ARGS = types.SimpleNamespace(spec=[ENV_SPEC, name], **args)
+    monkeypatch.setitem(sys.modules, "megatron.training", types.ModuleType("megatron.training"))
+    monkeypatch.setitem(sys.modules, "megatron.training.global_vars", global_vars)
+    monkeypatch.delitem(sys.modules, ENV_SPEC, raising=False)
+    return import_module((ENV_SPEC, name))
