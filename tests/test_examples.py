@@ -42,7 +42,7 @@ MOCK = "--mock-data --tokenizer-type NullTokenizer --vocab-size 32000 --no-creat
 NO_MASK = "--no-create-attention-mask-in-dataloader"
 #: Extra variables each example needs besides MEGATRON_LM_DIR and the data (LIGHTHOUSE_CHECKPOINT: made by _env).
 NEEDS = {"pretrain_lighthouse_1gpu.sh": {}, "pretrain_lighthouse_multinode_1m.sh": dict(NNODES="4", MASTER_ADDR="node0"),
-         "resume_dense.sh": dict(LIGHTHOUSE_CHECKPOINT="ckpt")}
+         "resume_dense.sh": dict(LIGHTHOUSE_CHECKPOINT="ckpt"), "pretrain_lighthouse_hybrid_1gpu.sh": {}}
 LIGHTHOUSE = ("--lighthouse --lighthouse-topk 2048 --lighthouse-pooling-factor 4 --lighthouse-levels 3 "
               "--lighthouse-dense-layers 0,1,-2,-1")
 
@@ -888,6 +888,24 @@ def test_megatron_accepts_the_local_mock_commands(tmp_path, checkout, script, co
 
 
 @needs_checkout
+def test_the_patched_scripts_train_and_switch(checkout):
+    """``patches/check_patched.py`` on the patched copy: pretrain_gpt.py's and pretrain_hybrid.py's own argument
+    parsers, model builders and forward_step, Lighthouse where --lighthouse-dense-layers says (in the hybrid model:
+    among its attention layers), switched to dense at --lighthouse-dense-from-iteration."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "kernels"),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(ROOT / "patches" / "check_patched.py"), str(checkout["patched"])],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for script in ("pretrain_gpt.py", "pretrain_hybrid.py"):
+        assert f"OK: the patched {script} parses the flags, builds Lighthouse layers, trains and switches to dense" \
+            in proc.stdout
+    assert ("--hybrid-layer-pattern *-*-*-*-*-*-: 4 of 6 attention layers run Lighthouse (hybrid layers 3, 5, 7, 9); "
+            "dense: 1, 11") in proc.stdout
+    assert proc.stdout.count("iteration 2: 4 Lighthouse layers ran dense") == 2
+
+
+@needs_checkout
 def test_megatron_accepts_the_multinode_command_as_one_rank(tmp_path, checkout):
     """The 1M example at context parallelism 8, parsed as rank 0 of 8 on a Hopper GPU: Megatron-LM asserts
     CUDA_DEVICE_MAX_CONNECTIONS=1 there, which the example sets; the hook validates 16 chunks."""
@@ -933,6 +951,19 @@ def test_gpu_script_dry_run_on_the_checkout(tmp_path):
     unpatched = _stages(proc.stdout)["d_unpatched_dense"][-1]
     assert f"{work}/megatron-lm-pristine/pretrain_gpt.py --transformer-impl local" in unpatched
     assert "--spec" not in unpatched and "--seq-length 8192 " in unpatched
+
+
+@needs_checkout
+def test_gpu_script_hybrid_dry_run_on_the_checkout(tmp_path):
+    """MODEL=hybrid on the checkout: both copies of pretrain_hybrid.py set up, stage d with Megatron-LM's own
+    hybrid_stack_spec in the pristine one (TransformerEngine)."""
+    proc, out, work = _gpu_dry_run(tmp_path, CHECKOUT, MODEL="hybrid", TRANSFORMER_IMPL="transformer_engine")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "megatron_lighthouse" in (work / "megatron-lm-patched" / "pretrain_hybrid.py").read_text()
+    assert "megatron_lighthouse" not in (work / "megatron-lm-pristine" / "pretrain_hybrid.py").read_text()
+    unpatched = _stages(proc.stdout)["d_unpatched_dense"][-1]
+    assert (f"{work}/megatron-lm-pristine/pretrain_hybrid.py --spec megatron.core.models.hybrid.hybrid_layer_specs "
+            f"hybrid_stack_spec --transformer-impl transformer_engine --hybrid-layer-pattern {PATTERN8} ") in unpatched
 
 
 #: A stand-in for torchrun + Megatron-LM: prints Megatron-LM's log lines for the iterations it is asked to run

@@ -155,6 +155,22 @@ def test_forward_backward_and_the_switch(megatron):
         torch.testing.assert_close(light(tokens, positions, None), lighthouse)
 
 
+def test_the_switch_on_resume(megatron):
+    """Stage two resumed from a checkpoint (Megatron-LM's args.iteration, no curr_iteration yet): the hook's switch
+    moves exactly the Lighthouse attention layers to dense."""
+    from megatron_lighthouse.megatron_lm import maybe_switch_to_dense
+
+    light, _ = _pair()
+    args = argparse.Namespace(lighthouse_dense_from_iteration=3, iteration=5)
+    assert maybe_switch_to_dense(light, args) is True
+    cores = [layer.self_attention.core_attention for layer in light.decoder.layers[::2]]
+    assert [c.layer_number for c in cores if not c.enabled and not c.dense_layer] == [5, 7]
+    assert maybe_switch_to_dense(light, args) is False  # already dense
+    args.curr_iteration = 2
+    maybe_switch_to_dense(light, args)
+    assert [c.layer_number for c in cores if c.enabled] == [5, 7]
+
+
 @pytest.mark.parametrize("pattern, stages", [
     # three virtual stages of one pipeline rank (Megatron's segment vp_stage * pp_size + pp_rank)
     ("*-*-|*-*-*|-*-", [(1, 3), (5, 7, 9), (11,)]),
