@@ -17,6 +17,10 @@
 #   f_lighthouse_fp8   with FP8_FORMAT set (TransformerEngine only): stage a's run with FP8=FP8_FORMAT (FP8 linear
 #                      layers, Megatron-LM's default recipe), ITERS_F iterations; its lm loss against stage a's
 #   g_dense_fp8        with FP8_FORMAT set: stage c's run with FP8=FP8_FORMAT, ITERS_G iterations (the FP8 baseline)
+#   h_gpt_to_hybrid    MODEL=gpt, when STAGES names it: stage b again, as a HybridModel: stage a's Lighthouse GPT
+#                      checkpoint through Megatron-LM's GPT -> Hybrid load (its migration guide's option A) into the
+#                      patched pretrain_hybrid.py ('*-' per GPT layer, the same Lighthouse settings, dense from
+#                      ITERS_A); its lm loss against stage b's (the same when weights and optimizer state carry over)
 # Stage d runs Megatron-LM's own layer spec (MEGATRON_SPEC=1: nothing of this package builds the model) at D_SEQ_LEN
 # tokens: with TransformerEngine the full SEQ_LEN (a HybridModel: Megatron-LM's hybrid_stack_spec); locally 8192, as
 # Megatron's local core attention materializes [b, h, s, s] scores (275 GB in bf16 for 8 heads at 131072 tokens),
@@ -39,7 +43,8 @@
 #   HYBRID_LAYER_PATTERN   MODEL=hybrid's layers (default '*-' NUM_LAYERS times)
 #   ITERS_A=4 ITERS_B=2 ITERS_C=ITERS_A+ITERS_B ITERS_D=2 ITERS_F=ITERS_A ITERS_G=ITERS_C   iterations per stage
 #   FP8_FORMAT=       hybrid or e4m3: also run stages f and g (TRANSFORMER_IMPL=transformer_engine); empty: not
-#   STAGES="a e b d c f g"   the stages to run, in this order (a stage whose input is missing is skipped, saying so)
+#   STAGES="a e b d c f g"   the stages to run, in this order (a stage whose input is missing is skipped, saying so);
+#                     h only with MODEL=gpt
 #   D_SEQ_LEN         stage d's sequence length (default: SEQ_LEN, but 8192 for a local GPT model)
 #   BUDGET_S=560      seconds for everything; each stage's timeout is cut to what is left (minus RESERVE_S=25 for
 #                     the report) TIMEOUT_A=240 TIMEOUT_B=150 TIMEOUT_C=150 TIMEOUT_D=150 TIMEOUT_E=60
@@ -94,10 +99,11 @@ for stage in $STAGES; do
     case "$stage" in
         a|b|c|d|e) ;;
         f|g) [ -n "$FP8_FORMAT" ] || die "STAGES=$STAGES: stage $stage is an FP8 stage; set FP8_FORMAT (hybrid or e4m3)" ;;
-        *) die "STAGES=$STAGES: $stage is not a stage (a e b d c f g)" ;;
+        h) [ "$MODEL" = gpt ] || die "STAGES=$STAGES: stage h loads stage a's GPT checkpoint into a HybridModel; it needs MODEL=gpt" ;;
+        *) die "STAGES=$STAGES: $stage is not a stage (a e b d c f g h)" ;;
     esac
 done
-[ -n "$STAGES" ] || die "STAGES is empty: name the stages to run (a e b d c f g)"
+[ -n "$STAGES" ] || die "STAGES is empty: name the stages to run (a e b d c f g h)"
 START=$SECONDS
 
 WORK=${WORK_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/megatron_lm_gpu.XXXXXX")}
@@ -131,7 +137,8 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
             || die "$SRC/$script carries the hook and the patch does not reverse: give an unpatched checkout"
     done
     bash "$REPO/patches/apply.sh" "$PATCHED" || die "patches/apply.sh $PATCHED failed"
-    mkdir -p "$CKPT_A" "$CKPT_B" "$CKPT_C" "$CKPT_D" "$WORK/ckpt_f_lighthouse_fp8" "$WORK/ckpt_g_dense_fp8"
+    mkdir -p "$CKPT_A" "$CKPT_B" "$CKPT_C" "$CKPT_D" "$WORK/ckpt_f_lighthouse_fp8" "$WORK/ckpt_g_dense_fp8" \
+        "$WORK/ckpt_h_gpt_to_hybrid"
 } 2>&1 | tee "$LOGS/setup.log"
 [ "${PIPESTATUS[0]}" = 0 ] || exit 2
 if ! command -v torchrun >/dev/null; then  # the examples call torchrun; some installs lack the entry point
@@ -220,16 +227,26 @@ run_g() {
     stage g_dense_fp8 "$TIMEOUT_G" env "${COMMON[@]}" "FP8=$FP8_FORMAT" "MEGATRON_LM_DIR=$PATCHED" \
         "CHECKPOINT_DIR=$WORK/ckpt_g_dense_fp8" "TRAIN_ITERS=$ITERS_G" DENSE=1 bash "$REPO/examples/$EXAMPLE"
 }
+run_h() {
+    if has_checkpoint "$CKPT_A"; then
+        stage h_gpt_to_hybrid "$TIMEOUT_B" env "${COMMON[@]}" "HYBRID_LAYER_PATTERN=$(printf '*-%.0s' $(seq "$NUM_LAYERS"))" \
+            "MEGATRON_LM_DIR=$PATCHED" "LIGHTHOUSE_CHECKPOINT=$CKPT_A" "CHECKPOINT_DIR=$WORK/ckpt_h_gpt_to_hybrid" \
+            "TOTAL_ITERS=$((ITERS_A + ITERS_B))" "DENSE_FROM_ITER=$ITERS_A" bash "$REPO/examples/resume_dense.sh"
+    else
+        skip h_gpt_to_hybrid "stage a saved no checkpoint in $CKPT_A"
+    fi
+}
 for name in $STAGES; do
     "run_$name"
 done
 
 # -- report: the table and JSON from Megatron-LM's own log lines, the logs in one archive ----------------------
 parse=("$PYTHON" "$REPO/benchmarks/megatron_log.py" --status "$STATUS" --json "$OUT_DIR/megatron_lm_gpu.json")
-for name in a_lighthouse b_resume_dense d_unpatched_dense c_dense_scratch f_lighthouse_fp8 g_dense_fp8; do
+for name in a_lighthouse b_resume_dense d_unpatched_dense c_dense_scratch f_lighthouse_fp8 g_dense_fp8 h_gpt_to_hybrid; do
     [ -f "$LOGS/$name.log" ] && parse+=("$name=$LOGS/$name.log")
 done
-for pair in a_lighthouse:f_lighthouse_fp8 c_dense_scratch:g_dense_fp8; do  # FP8 against bf16, same seed
+# FP8 against bf16 from the same seed; the GPT checkpoint's stage two as a HybridModel against the GPT's
+for pair in a_lighthouse:f_lighthouse_fp8 c_dense_scratch:g_dense_fp8 b_resume_dense:h_gpt_to_hybrid; do
     [ -f "$LOGS/${pair%%:*}.log" ] && [ -f "$LOGS/${pair##*:}.log" ] && parse+=(--compare-loss "$pair")
 done
 echo "== report: ${parse[*]}"

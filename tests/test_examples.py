@@ -766,6 +766,23 @@ def test_gpu_script_hybrid_model(tmp_path, impl):
     assert f"{patched}/pretrain_hybrid.py --spec {spec} " in lines["c_dense_scratch"][0]
 
 
+def test_gpu_script_gpt_checkpoint_into_a_hybrid_model(tmp_path):
+    """Stage h: stage a's Lighthouse GPT checkpoint into the patched pretrain_hybrid.py ('*-' per GPT layer) as
+    stage b again, its lm loss compared with stage b's."""
+    proc, out, work = _gpu_dry_run(tmp_path, _patchable_stand_in(tmp_path / "Megatron-LM"), STAGES="a b h")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stages = _stages(proc.stdout)
+    assert list(stages) == ["a_lighthouse", "b_resume_dense", "h_gpt_to_hybrid"]
+    (b,) = [line for line in stages["b_resume_dense"] if "/pretrain_" in line]
+    (h,) = [line for line in stages["h_gpt_to_hybrid"] if "/pretrain_" in line]
+    assert h.startswith(f"torchrun --nproc-per-node 1 {work}/megatron-lm-patched/pretrain_hybrid.py {LIGHTHOUSE} "
+                        f"--lighthouse-dense-from-iteration 4 --transformer-impl local --hybrid-layer-pattern {PATTERN8} ")
+    assert h.endswith(f"--load {work}/ckpt_a_lighthouse") and b.endswith(f"--load {work}/ckpt_a_lighthouse")
+    assert b.replace("pretrain_gpt.py", "pretrain_hybrid.py").replace("--num-layers 8", f"--hybrid-layer-pattern {PATTERN8}") \
+        .replace("ckpt_b_resume_dense", "ckpt_h_gpt_to_hybrid") == h  # otherwise stage b's command
+    assert "--compare-loss b_resume_dense:h_gpt_to_hybrid" in proc.stdout
+
+
 @pytest.mark.parametrize("argv, env, message", [
     ((), {}, "usage:"),
     (("SRC",), dict(TRANSFORMER_IMPL="te"), "TRANSFORMER_IMPL=te: must be local or transformer_engine"),
@@ -776,6 +793,8 @@ def test_gpu_script_hybrid_model(tmp_path, impl):
     (("SRC",), dict(STAGES="a x"), "STAGES=a x: x is not a stage"),
     (("SRC",), dict(ITERS_C="0"), "ITERS_C=0: must be a positive integer"),
     (("SRC",), dict(MODEL="mamba"), "MODEL=mamba: must be gpt or hybrid"),
+    (("SRC",), dict(MODEL="hybrid", STAGES="a h"), "STAGES=a h: stage h loads stage a's GPT checkpoint into a "
+                                                   "HybridModel; it needs MODEL=gpt"),
     (("/nonexistent",), {}, "MEGATRON_LM_DIR=/nonexistent: not a Megatron-LM checkout"),
     (("SRC",), dict(ITERS_A="0"), "ITERS_A=0: must be a positive integer"),
     (("SRC",), dict(BUDGET_S="ten"), "BUDGET_S=ten: must be a positive integer"),
