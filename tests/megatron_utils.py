@@ -109,3 +109,26 @@ def megatron_lm_spec(monkeypatch, name, **args):
     monkeypatch.setitem(sys.modules, "megatron.training.global_vars", global_vars)
     monkeypatch.delitem(sys.modules, ENV_SPEC, raising=False)
     return import_module((ENV_SPEC, name))
+
+
+def check_switch_over_fake_te(model, dense, fake, lighthouse: LighthouseConfig, attention: list) -> None:
+    """Over the fake TransformerEngine (``fake``: its ``DotProductAttention``, recording each call): ``model``
+    switched off computes ``dense`` (the same weights); on, TE's attention sees the Lighthouse subsequence in the
+    Lighthouse layers and the whole sequence elsewhere. ``attention``: per attention layer, in order, whether it
+    runs Lighthouse."""
+    from megatron_lighthouse.schedule import set_lighthouse_enabled
+
+    tokens, positions, _ = batch(2, SEQ)
+    dense.eval()
+    model.eval()
+    with torch.no_grad():
+        want = dense(tokens, positions, None)
+        assert set_lighthouse_enabled(model, False) == sum(attention)
+        torch.testing.assert_close(model(tokens, positions, None), want, rtol=1e-5, atol=1e-5)
+        set_lighthouse_enabled(model, True)
+        fake.calls.clear()
+        out = model(tokens, positions, None)
+    sub = lighthouse.subsequence_length(SEQ)
+    seen = [info["query"] for kind, info in fake.calls if kind == "forward"]
+    assert seen == [(sub if on else SEQ, 2, 4, 16) for on in attention], seen
+    assert torch.isfinite(out).all() and (out - want).abs().max() > 1e-3, "Lighthouse layers did not run"

@@ -14,7 +14,6 @@ Needs megatron-core >= 0.19 (``HybridModel``); skips with the hybrid entry point
 from __future__ import annotations
 
 import pytest
-import torch
 
 from spawn import run_on_ranks
 from test_te_fake import POOL, own_process_groups
@@ -39,9 +38,9 @@ def _te_hybrid_spec(rank, world):
     from megatron_lighthouse import LighthouseConfig
     from megatron_lighthouse.core_attention import LighthouseCoreAttention
     from megatron_lighthouse.hybrid_spec import get_hybrid_stack_local_spec, get_hybrid_stack_with_lighthouse_spec
-    from megatron_lighthouse.schedule import lighthouse_modules, set_lighthouse_enabled
+    from megatron_lighthouse.schedule import lighthouse_modules
     from megatron_lighthouse.self_attention import LighthouseSelfAttention
-    from megatron_utils import SEQ, batch, tiny_config, tiny_hybrid
+    from megatron_utils import check_switch_over_fake_te, tiny_config, tiny_hybrid
 
     parallel_state.initialize_model_parallel()
     try:
@@ -96,20 +95,7 @@ def _te_hybrid_spec(rank, world):
         assert sharded(local) == sharded(dense)
 
         # ---- behaviour: switched off it is Megatron's model; on, three attention layers attend over subsequences
-        tokens, positions, _ = batch(2, SEQ)
-        dense.eval()
-        model.eval()
-        with torch.no_grad():
-            want = dense(tokens, positions, None)
-            assert set_lighthouse_enabled(model, False) == 3
-            torch.testing.assert_close(model(tokens, positions, None), want, rtol=1e-5, atol=1e-5)
-            set_lighthouse_enabled(model, True)
-            fake.calls.clear()
-            out = model(tokens, positions, None)
-        sub = lighthouse.subsequence_length(SEQ)
-        seen = [info["query"] for kind, info in fake.calls if kind == "forward"]
-        assert seen == [(SEQ, 2, 4, 16)] + [(sub, 2, 4, 16)] * 3 + [(SEQ, 2, 4, 16)], seen
-        assert torch.isfinite(out).all() and (out - want).abs().max() > 1e-3, "Lighthouse layers did not run"
+        check_switch_over_fake_te(model, dense, fake, lighthouse, [False, True, True, True, False])
     finally:
         parallel_state.destroy_model_parallel()
 
