@@ -3,10 +3,14 @@
 die() { echo "error: $*" >&2; exit 2; }
 # note MSG: tell the user something the launch does differently from what was asked (stderr).
 note() { echo "note: $*" >&2; }
-# require_megatron_lm: MEGATRON_LM_DIR must be a Megatron-LM checkout.
+# require_megatron_lm: set SCRIPT, Megatron-LM's entry point for the model: pretrain_hybrid.py when
+# HYBRID_LAYER_PATTERN is set (a HybridModel; Megatron-LM 0.19 and later), else pretrain_gpt.py. MEGATRON_LM_DIR must
+# be a Megatron-LM checkout that has it.
 require_megatron_lm() {
-    [ -n "${MEGATRON_LM_DIR:-}" ] || die "MEGATRON_LM_DIR is not set (a Megatron-LM checkout containing pretrain_gpt.py)"
-    [ -f "$MEGATRON_LM_DIR/pretrain_gpt.py" ] || die "MEGATRON_LM_DIR=$MEGATRON_LM_DIR: no pretrain_gpt.py there"
+    : "${HYBRID_LAYER_PATTERN:=}"
+    SCRIPT=$([ -n "$HYBRID_LAYER_PATTERN" ] && echo pretrain_hybrid.py || echo pretrain_gpt.py)
+    [ -n "${MEGATRON_LM_DIR:-}" ] || die "MEGATRON_LM_DIR is not set (a Megatron-LM checkout containing $SCRIPT)"
+    [ -f "$MEGATRON_LM_DIR/$SCRIPT" ] || die "MEGATRON_LM_DIR=$MEGATRON_LM_DIR: no $SCRIPT there"
 }
 # require_set VAR...: each named variable must be non-empty.
 require_set() { for v in "$@"; do [ -n "${!v:-}" ] || die "$v is not set"; done; }
@@ -25,7 +29,9 @@ require_number() {
 # model_flags: set the array MODEL_FLAGS (model shape, implementation, precision, sequence length), the same in
 # every example: stage two must rebuild the stage-one model to load its checkpoint. Defaults: NUM_LAYERS=30
 # HIDDEN=1024 HEADS=8 FFN=1536 (the paper's layer) TRANSFORMER_IMPL=transformer_engine (or local); SEQ_LEN is
-# set by the calling script. FP8=hybrid or e4m3 trains the linear layers in FP8 through TransformerEngine
+# set by the calling script. With HYBRID_LAYER_PATTERN (after require_megatron_lm) the layers are its, not
+# NUM_LAYERS: Megatron's symbols, which TRANSFORMER_IMPL=local limits to * (attention), - (MLP) and E (MoE), the
+# layers of the package's local hybrid stack. FP8=hybrid or e4m3 trains the linear layers in FP8 through TransformerEngine
 # (--fp8-format, Megatron-LM's default recipe; the attention stays bf16); empty (the default): bf16. No dropout,
 # as in the package's own trainer (megatron_lighthouse.demo); the package's core attention refuses attention
 # dropout under context parallelism.
@@ -44,7 +50,14 @@ model_flags() {
             || die "FP8=$FP8 with TRANSFORMER_IMPL=$TRANSFORMER_IMPL: FP8 training needs TransformerEngine (TRANSFORMER_IMPL=transformer_engine)" ;;
         *) die "FP8=$FP8: must be hybrid, e4m3 or empty (bf16)" ;;
     esac
-    MODEL_FLAGS=(--transformer-impl "$TRANSFORMER_IMPL" --num-layers "$NUM_LAYERS" --hidden-size "$HIDDEN"
+    local layers=(--num-layers "$NUM_LAYERS") symbols='^[-*EMGD+|/]+$'
+    if [ -n "$HYBRID_LAYER_PATTERN" ]; then
+        [[ "$HYBRID_LAYER_PATTERN" =~ $symbols ]] || die "HYBRID_LAYER_PATTERN=$HYBRID_LAYER_PATTERN: must be Megatron's layer symbols (* attention, - MLP, E MoE, M Mamba, G Gated DeltaNet, D DSA, + MLA; | between pipeline segments, / before multi-token prediction)"
+        [ "$TRANSFORMER_IMPL" != local ] || [[ ! "$HYBRID_LAYER_PATTERN" =~ [MGD+] ]] \
+            || die "HYBRID_LAYER_PATTERN=$HYBRID_LAYER_PATTERN with TRANSFORMER_IMPL=local: the local hybrid stack builds * (attention), - (MLP) and E (MoE) layers only; Mamba, Gated DeltaNet, DSA and MLA layers need TransformerEngine"
+        layers=(--hybrid-layer-pattern "$HYBRID_LAYER_PATTERN")
+    fi
+    MODEL_FLAGS=(--transformer-impl "$TRANSFORMER_IMPL" "${layers[@]}" --hidden-size "$HIDDEN"
                  --num-attention-heads "$HEADS" --ffn-hidden-size "$FFN" --swiglu --normalization RMSNorm
                  --position-embedding-type rope --disable-bias-linear --attention-dropout 0 --hidden-dropout 0
                  --seq-length "$SEQ_LEN" --max-position-embeddings "$SEQ_LEN")
@@ -119,21 +132,29 @@ run_flags() {
                --log-interval "$LOG_INTERVAL" --eval-interval "$EVAL_INTERVAL" --eval-iters "$EVAL_ITERS")
 }
 # check_lighthouse SEQ_LEN CHUNKS [WHY]: the Lighthouse settings (TOPK POOLING_FACTOR LEVELS DENSE_LAYERS) must fit
-# the sequence length split into CHUNKS (WHY: where that number comes from, for the error) and NUM_LAYERS, with at
-# least one layer running Lighthouse. Errors name the variables.
+# the sequence length split into CHUNKS (WHY: where that number comes from, for the error) and NUM_LAYERS (with
+# HYBRID_LAYER_PATTERN: its attention layers, which DENSE_LAYERS then count), with at least one layer running
+# Lighthouse. Errors name the variables.
 check_lighthouse() {
-    python3 - "$1" "$2" "${3:-}" "$LEVELS" "$POOLING_FACTOR" "$TOPK" "$DENSE_LAYERS" "$NUM_LAYERS" <<'PY' || exit 2
+    python3 - "$1" "$2" "${3:-}" "$LEVELS" "$POOLING_FACTOR" "$TOPK" "$DENSE_LAYERS" "$NUM_LAYERS" \
+        "$HYBRID_LAYER_PATTERN" <<'PY' || exit 2
 import importlib.util, os, sys
-# Only the settings module (standard library only), not the package: no torch import on a login node.
+# Only the settings and pattern modules (standard library only), not the package: no torch import on a login node.
 package = importlib.util.find_spec("megatron_lighthouse")
 if package is None:
     sys.exit("error: megatron_lighthouse is not importable by python3; pip install -e /path/to/megatron-lighthouse")
-spec = importlib.util.spec_from_file_location(
-    "lighthouse_config", os.path.join(package.submodule_search_locations[0], "config.py"))
-config = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(config)
-LighthouseConfig = config.LighthouseConfig
-seq, chunks, why, levels, pooling, topk, dense, layers = sys.argv[1:]
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(
+        f"lighthouse_{name}", os.path.join(package.submodule_search_locations[0], f"{name}.py"))
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+LighthouseConfig = load("config").LighthouseConfig
+seq, chunks, why, levels, pooling, topk, dense, layers, pattern = sys.argv[1:]
 # The settings' own names in the config's messages -> the variables the user set.
 names = {"LighthouseConfig.levels": "LEVELS", "LighthouseConfig.pooling_factor": "POOLING_FACTOR",
          "LighthouseConfig.topk": "TOPK", "topk=": "TOPK=", "(topk must": "(TOPK must", f"chunks={chunks}": f"chunks={chunks}{why}"}
@@ -150,26 +171,40 @@ try:
 except ValueError:
     sys.exit(f"error: DENSE_LAYERS={dense}: must be comma-separated layer indices (0-based, negative from the end), "
              "e.g. 0,1,-2,-1, or empty for none")
-try:
-    kept = LighthouseConfig(dense_layers=indices).dense_layer_set(int(layers))
-except ValueError as err:
-    sys.exit(f"error: DENSE_LAYERS={dense} with NUM_LAYERS={layers}: {err}")
-if len(kept) == int(layers):
-    sys.exit(f"error: DENSE_LAYERS={dense} keeps all NUM_LAYERS={layers} layers dense: no layer would run Lighthouse")
+if pattern:  # a HybridModel: DENSE_LAYERS count its attention layers
+    try:
+        attention = load("hybrid_pattern").hybrid_attention_layers(pattern, LighthouseConfig(dense_layers=indices))
+    except ValueError as err:
+        sys.exit(f"error: HYBRID_LAYER_PATTERN={pattern} with DENSE_LAYERS={dense}: {err}")
+    layers_line = f"lighthouse: {attention.describe()}"
+else:
+    try:
+        kept = LighthouseConfig(dense_layers=indices).dense_layer_set(int(layers))
+    except ValueError as err:
+        sys.exit(f"error: DENSE_LAYERS={dense} with NUM_LAYERS={layers}: {err}")
+    if len(kept) == int(layers):
+        sys.exit(f"error: DENSE_LAYERS={dense} keeps all NUM_LAYERS={layers} layers dense: no layer would run "
+                 "Lighthouse")
+    layers_line = None
 subsequence, ranks = cfg.subsequence_length(int(seq), int(chunks)), int(chunks) // 2  # 2 chunks per CP rank
 each = f" ({subsequence // ranks} on each of the {ranks} context-parallel ranks)" if ranks > 1 else ""
 print(f"lighthouse: subsequence {subsequence} of {seq} tokens{each}")
+if layers_line:
+    print(layers_line)
 PY
 }
-# is_patched: pretrain_gpt.py carries the hook of patches/ (patches/apply.sh MEGATRON_LM_DIR).
-is_patched() { grep -q megatron_lighthouse "$MEGATRON_LM_DIR/pretrain_gpt.py"; }
+# is_patched: SCRIPT carries the hook of patches/ (patches/apply.sh MEGATRON_LM_DIR).
+is_patched() { grep -q megatron_lighthouse "$MEGATRON_LM_DIR/$SCRIPT"; }
+# spec_kind: what an unpatched SCRIPT takes from --spec: a GPT layer spec ("layer") or a hybrid stack spec.
+spec_kind() { [ -n "$HYBRID_LAYER_PATTERN" ] && echo hybrid_stack || echo layer; }
 # LAUNCH_ENV: VAR=value words the launched command needs in its environment (exported, and printed in front of
 # the command by DRY_RUN=1 so that the printed line can be pasted).
 LAUNCH_ENV=()
-# lighthouse_model_flags: set the array LH_FLAGS. With the patched pretrain_gpt.py: the --lighthouse flags
-# (validated and summarized at start-up; DENSE_FROM_ITER switches to dense in the same run or on resume).
-# Unpatched: --spec megatron_lighthouse.env_spec lighthouse_layer_spec (lighthouse_local_layer_spec with
-# TRANSFORMER_IMPL=local), its settings in LIGHTHOUSE_* variables (added to LAUNCH_ENV).
+# lighthouse_model_flags: set the array LH_FLAGS. With the patched SCRIPT: the --lighthouse flags (validated and
+# summarized at start-up; DENSE_FROM_ITER switches to dense in the same run or on resume). Unpatched:
+# --spec megatron_lighthouse.env_spec lighthouse_layer_spec (lighthouse_local_layer_spec with TRANSFORMER_IMPL=local;
+# lighthouse[_local]_hybrid_stack_spec for pretrain_hybrid.py), its settings in LIGHTHOUSE_* variables (added to
+# LAUNCH_ENV).
 lighthouse_model_flags() {
     if is_patched; then
         LH_FLAGS=(--lighthouse --lighthouse-topk "$TOPK" --lighthouse-pooling-factor "$POOLING_FACTOR"
@@ -179,24 +214,26 @@ lighthouse_model_flags() {
             LH_FLAGS+=(--lighthouse-dense-from-iteration "$DENSE_FROM_ITER")
         fi
     else
-        [ -z "${DENSE_FROM_ITER:-}" ] || die "DENSE_FROM_ITER needs the patched pretrain_gpt.py (patches/apply.sh $MEGATRON_LM_DIR); or run examples/resume_dense.sh for stage two"
+        [ -z "${DENSE_FROM_ITER:-}" ] || die "DENSE_FROM_ITER needs the patched $SCRIPT (patches/apply.sh $MEGATRON_LM_DIR); or run examples/resume_dense.sh for stage two"
         LAUNCH_ENV+=("LIGHTHOUSE_LEVELS=$LEVELS" "LIGHTHOUSE_POOLING_FACTOR=$POOLING_FACTOR" "LIGHTHOUSE_TOPK=$TOPK"
                      "LIGHTHOUSE_DENSE_LAYERS=$DENSE_LAYERS")
-        LH_FLAGS=(--spec megatron_lighthouse.env_spec "$([ "$TRANSFORMER_IMPL" = local ] && echo lighthouse_local_layer_spec || echo lighthouse_layer_spec)")
+        LH_FLAGS=(--spec megatron_lighthouse.env_spec "lighthouse_$([ "$TRANSFORMER_IMPL" = local ] && echo local_)$(spec_kind)_spec")
     fi
 }
 # dense_spec_flags: set the array SPEC_FLAGS to the dense model with the state-dict keys of the Lighthouse one,
-# for any pretrain_gpt.py: with TransformerEngine Megatron-LM's own spec (TEDotProductAttention runs 128K);
-# local, the package's dense spec (torch SDPA core attention): Megatron-LM's local DotProductAttention
-# materializes the [s, s] scores of every head and cannot run at these lengths.
+# for any SCRIPT, patched or not: with TransformerEngine Megatron-LM's own spec (TEDotProductAttention runs 128K;
+# pretrain_hybrid.py's hybrid_stack_spec, named as Megatron-LM's migration guide does); local, the package's dense
+# spec (torch SDPA core attention): Megatron-LM's local DotProductAttention materializes the [s, s] scores of every
+# head and cannot run at these lengths, and its hybrid stack spec is TransformerEngine's throughout.
 dense_spec_flags() {
     case "$TRANSFORMER_IMPL" in
-        local) SPEC_FLAGS=(--spec megatron_lighthouse.env_spec dense_local_layer_spec) ;;
-        transformer_engine) SPEC_FLAGS=() ;;
+        local) SPEC_FLAGS=(--spec megatron_lighthouse.env_spec "dense_local_$(spec_kind)_spec") ;;
+        transformer_engine) SPEC_FLAGS=()
+            [ -z "$HYBRID_LAYER_PATTERN" ] || SPEC_FLAGS=(--spec megatron.core.models.hybrid.hybrid_layer_specs hybrid_stack_spec) ;;
     esac
 }
 # monitor_flags: set the array MONITOR_FLAGS from MONITOR (0 or 1): the per-rank GPU monitor (--lighthouse-monitor,
-# a flag of the patched pretrain_gpt.py; on an unpatched one the run goes on without it, with a note).
+# a flag of the patched SCRIPT; on an unpatched one the run goes on without it, with a note).
 monitor_flags() {
     require_switch MONITOR
     MONITOR_FLAGS=()
@@ -204,7 +241,7 @@ monitor_flags() {
         if is_patched; then
             MONITOR_FLAGS=(--lighthouse-monitor --lighthouse-monitor-interval 1)
         else
-            note "MONITOR=1: the GPU monitor needs the patched pretrain_gpt.py (patches/apply.sh $MEGATRON_LM_DIR); running without it"
+            note "MONITOR=1: the GPU monitor needs the patched $SCRIPT (patches/apply.sh $MEGATRON_LM_DIR); running without it"
         fi
     fi
 }
@@ -216,17 +253,17 @@ preflight() {
         [ "$1" = srun ] && die "srun: not found; this example runs under SLURM (sbatch $0)"
         die "$1: not found; activate the Python environment that has torch (torchrun comes with it)"
     fi
-    python3 - "$TRANSFORMER_IMPL" "$1" <<'PY' || exit 2
+    python3 - "$TRANSFORMER_IMPL" "$1" "$SCRIPT" <<'PY' || exit 2
 import importlib.util, sys
-impl, launcher = sys.argv[1:]
+impl, launcher, script = sys.argv[1:]
 if impl == "transformer_engine" and importlib.util.find_spec("transformer_engine") is None:
     sys.exit("error: TRANSFORMER_IMPL=transformer_engine (the default): transformer_engine is not installed in this "
              "Python; install it (pip install -e '.[te]') or set TRANSFORMER_IMPL=local")
 if launcher == "torchrun":
     import torch
     if not torch.cuda.is_available():
-        sys.exit("error: torch sees no CUDA GPU here, and Megatron-LM's pretrain_gpt.py needs one (DRY_RUN=1 prints "
-                 "the command instead of launching it)")
+        sys.exit(f"error: torch sees no CUDA GPU here, and Megatron-LM's {script} needs one (DRY_RUN=1 prints the "
+                 "command instead of launching it)")
 PY
 }
 # launch CMD...: run it (with LAUNCH_ENV exported) after the preflight, or only print it, LAUNCH_ENV first, when

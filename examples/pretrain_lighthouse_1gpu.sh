@@ -11,6 +11,8 @@
 #   CHECKPOINT_DIR    where checkpoints go (default ./checkpoints/lighthouse; ./checkpoints/dense_baseline with DENSE=1)
 #   SEQ_LEN=131072 TOPK=2048 POOLING_FACTOR=4 LEVELS=3 DENSE_LAYERS=0,1,-2,-1   Lighthouse settings (DENSE_LAYERS=
 #                     empty: no dense layer)
+#   HYBRID_LAYER_PATTERN   a HybridModel of these layers through pretrain_hybrid.py instead (DENSE_LAYERS count its
+#                     attention layers; see pretrain_lighthouse_hybrid_1gpu.sh)
 #   NUM_LAYERS=30 HIDDEN=1024 HEADS=8 FFN=1536 TRANSFORMER_IMPL=transformer_engine|local   the model (local: no
 #                     TransformerEngine needed; the flags for Megatron-LM's TE-only defaults are added; without
 #                     Apex, --no-gradient-accumulation-fusion is added, with a note)
@@ -20,10 +22,10 @@
 #                     validation (also at the end)
 #   LR=2e-3 MIN_LR=2e-4 LR_WARMUP_ITERS=2000 LR_DECAY_STYLE=cosine|constant|linear   the learning rate after the
 #                     warm-up, and its decay (constant: the published configs' schedule)
-#   DENSE_FROM_ITER   both stages in one run: dense from this iteration on (patched pretrain_gpt.py only)
+#   DENSE_FROM_ITER   both stages in one run: dense from this iteration on (patched Megatron-LM only)
 #   DENSE=1           the same model dense from the start (no Lighthouse; TRANSFORMER_IMPL=local uses the package's
 #                     dense spec: Megatron-LM's local core attention cannot run 128K)
-#   MONITOR=1         per-rank GPU monitor, gpu_monitor.jsonl in CHECKPOINT_DIR (patched pretrain_gpt.py; else a
+#   MONITOR=1         per-rank GPU monitor, gpu_monitor.jsonl in CHECKPOINT_DIR (patched Megatron-LM; else a
 #                     note and no monitor)
 #   DRY_RUN=1         validate everything, then print the command (with the variables it needs) instead of running it
 set -euo pipefail
@@ -49,5 +51,5 @@ else
     lighthouse_model_flags
     spec=("${LH_FLAGS[@]}")
 fi
-launch torchrun --nproc-per-node 1 "$MEGATRON_LM_DIR/pretrain_gpt.py" "${spec[@]}" "${MODEL_FLAGS[@]}" \
+launch torchrun --nproc-per-node 1 "$MEGATRON_LM_DIR/$SCRIPT" "${spec[@]}" "${MODEL_FLAGS[@]}" \
     "${OPT_FLAGS[@]}" "${RUN_FLAGS[@]}" "${DATA_FLAGS[@]}" "${MONITOR_FLAGS[@]}"

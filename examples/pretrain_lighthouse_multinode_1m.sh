@@ -15,9 +15,10 @@
 #   SAVE_INTERVAL=500 LOG_INTERVAL=1 EVAL_INTERVAL=1000 EVAL_ITERS=10   checkpoints, log lines, validation
 #   LR=2e-3 MIN_LR=2e-4 LR_WARMUP_ITERS=2000 LR_DECAY_STYLE=cosine|constant|linear   the learning rate after the
 #                     warm-up, and its decay (constant: the published configs' schedule)
-#   MONITOR=1         per-rank GPU monitor (default; needs the patched pretrain_gpt.py: unpatched, a note and no
+#   MONITOR=1         per-rank GPU monitor (default; needs the patched Megatron-LM: unpatched, a note and no
 #                     monitor); MONITOR=0 turns it off
-#   DENSE_FROM_ITER   both stages in one run: dense from this iteration on (patched pretrain_gpt.py only)
+#   DENSE_FROM_ITER   both stages in one run: dense from this iteration on (patched Megatron-LM only)
+#   HYBRID_LAYER_PATTERN   a HybridModel of these layers through pretrain_hybrid.py instead of NUM_LAYERS GPT layers
 #   DRY_RUN=1         validate everything, then print the command (with the variables it needs) instead of running it
 set -euo pipefail
 # sbatch runs a copy of this script from SLURM's spool directory: common.sh is then found from the directory the
@@ -54,6 +55,6 @@ lighthouse_model_flags
 # ordering of communication and compute kernels).
 (( CP_SIZE == 1 )) || LAUNCH_ENV+=(CUDA_DEVICE_MAX_CONNECTIONS=1)
 launch srun --ntasks-per-node 1 torchrun --nnodes "$NNODES" --nproc-per-node "$GPUS_PER_NODE" \
-    --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" "$MEGATRON_LM_DIR/pretrain_gpt.py" \
+    --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" "$MEGATRON_LM_DIR/$SCRIPT" \
     "${LH_FLAGS[@]}" "${MODEL_FLAGS[@]}" --context-parallel-size "$CP_SIZE" --cp-comm-type p2p \
     "${OPT_FLAGS[@]}" "${RUN_FLAGS[@]}" "${DATA_FLAGS[@]}" "${MONITOR_FLAGS[@]}"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Stage two: resume the stage-one Lighthouse checkpoint with dense attention up to TOTAL_ITERS.
 # The model must be the stage-one model: set the same SEQ_LEN, NUM_LAYERS, HIDDEN, HEADS, FFN,
-# TRANSFORMER_IMPL (and Lighthouse settings, and VOCAB_SIZE with MOCK_DATA=1) as for pretrain_lighthouse_1gpu.sh.
+# TRANSFORMER_IMPL (and Lighthouse settings, and VOCAB_SIZE with MOCK_DATA=1) as for pretrain_lighthouse_1gpu.sh; for
+# a HybridModel (pretrain_lighthouse_hybrid_1gpu.sh) its HYBRID_LAYER_PATTERN, and the script is pretrain_hybrid.py.
 #   patched pretrain_gpt.py: the same --lighthouse flags plus --lighthouse-dense-from-iteration DENSE_FROM_ITER
 #                            (default 0: every resumed iteration is dense); Lighthouse layers switch off, nothing
 #                            is rebuilt, the checkpoint keeps its structure;
@@ -10,7 +11,8 @@
 #                            core attention cannot run 128K). Any checkpoint of the model loads this way, also a
 #                            stage-two one: an ordinary dense model from then on. MEGATRON_SPEC=1: Megatron-LM's own
 #                            layer spec, nothing of this package (with TRANSFORMER_IMPL=local only up to
-#                            SEQ_LEN=16384: its core attention keeps the [s, s] scores of every head).
+#                            SEQ_LEN=16384: its core attention keeps the [s, s] scores of every head; a HybridModel:
+#                            Megatron-LM's hybrid_stack_spec, TransformerEngine only, as with MEGATRON_SPEC=0).
 # The learning-rate schedule is this script's (--override-opt_param-scheduler): its decay (LR_DECAY_STYLE) now runs
 # to TOTAL_ITERS, continuing from the checkpoint's iteration; without the flag Megatron refuses a checkpoint whose
 # schedule was derived from stage one's --train-iters.
@@ -22,6 +24,7 @@
 #   SAVE_INTERVAL=1000 LOG_INTERVAL=10 EVAL_INTERVAL=1000 EVAL_ITERS=10   checkpoints, log lines, validation
 #   SEQ_LEN=131072 TOPK=2048 POOLING_FACTOR=4 LEVELS=3 DENSE_LAYERS=0,1,-2,-1 (empty: none) DENSE_FROM_ITER=0
 #   NUM_LAYERS=30 HIDDEN=1024 HEADS=8 FFN=1536 TRANSFORMER_IMPL=transformer_engine|local FP8=hybrid|e4m3|empty
+#   HYBRID_LAYER_PATTERN   stage one's pattern when it trained a HybridModel (pretrain_hybrid.py); empty: GPT
 #   LR=2e-3 MIN_LR=2e-4 LR_WARMUP_ITERS=2000 LR_DECAY_STYLE=cosine|constant|linear   the learning rate after the
 #                     warm-up, and its decay (constant: the published configs' schedule)
 #   MEGATRON_SPEC=0   1: unpatched only, Megatron-LM's own layer spec (see above)
@@ -43,20 +46,22 @@ optimizer_flags "$TOTAL_ITERS"
 run_flags "$TOTAL_ITERS"
 (( GLOBAL_BATCH % GPUS_PER_NODE == 0 )) || die "GLOBAL_BATCH=$GLOBAL_BATCH must be a multiple of GPUS_PER_NODE=$GPUS_PER_NODE (the data-parallel ranks)"
 if is_patched; then
-    [ "$MEGATRON_SPEC" = 0 ] || die "MEGATRON_SPEC=1 needs the unpatched pretrain_gpt.py (the patched one builds the model from its --lighthouse flags)"
+    [ "$MEGATRON_SPEC" = 0 ] || die "MEGATRON_SPEC=1 needs the unpatched $SCRIPT (the patched one builds the model from its --lighthouse flags)"
     : "${DENSE_FROM_ITER:=0}"
     check_lighthouse "$SEQ_LEN" 1
     lighthouse_model_flags
     spec=("${LH_FLAGS[@]}")
 else
-    [ -z "${DENSE_FROM_ITER:-}" ] || die "DENSE_FROM_ITER needs the patched pretrain_gpt.py (patches/apply.sh $MEGATRON_LM_DIR); unpatched, every resumed iteration is dense"
+    [ -z "${DENSE_FROM_ITER:-}" ] || die "DENSE_FROM_ITER needs the patched $SCRIPT (patches/apply.sh $MEGATRON_LM_DIR); unpatched, every resumed iteration is dense"
     dense_spec_flags
     spec=("${SPEC_FLAGS[@]}")
-    if [ "$MEGATRON_SPEC" = 1 ]; then
+    if [ "$MEGATRON_SPEC" = 1 ] && [ -n "$HYBRID_LAYER_PATTERN" ]; then  # Megatron's hybrid_stack_spec: SPEC_FLAGS
+        [ "$TRANSFORMER_IMPL" != local ] || die "MEGATRON_SPEC=1 with HYBRID_LAYER_PATTERN and TRANSFORMER_IMPL=local: Megatron-LM's hybrid stack spec is TransformerEngine's throughout (its final norm too); use TRANSFORMER_IMPL=transformer_engine, or MEGATRON_SPEC=0 for the package's dense local hybrid stack"
+    elif [ "$MEGATRON_SPEC" = 1 ]; then
         [ "$TRANSFORMER_IMPL" != local ] || (( SEQ_LEN <= 16384 )) || die "MEGATRON_SPEC=1 with TRANSFORMER_IMPL=local and SEQ_LEN=$SEQ_LEN: Megatron-LM's local core attention keeps the [s, s] scores of every head; use SEQ_LEN <= 16384 (a RoPE model loads at any length)"
         spec=()
     fi
 fi
-launch torchrun --nproc-per-node "$GPUS_PER_NODE" "$MEGATRON_LM_DIR/pretrain_gpt.py" "${spec[@]}" "${MODEL_FLAGS[@]}" \
+launch torchrun --nproc-per-node "$GPUS_PER_NODE" "$MEGATRON_LM_DIR/$SCRIPT" "${spec[@]}" "${MODEL_FLAGS[@]}" \
     "${OPT_FLAGS[@]}" "${RUN_FLAGS[@]}" --override-opt_param-scheduler "${DATA_FLAGS[@]}" \
     --load "$LIGHTHOUSE_CHECKPOINT"

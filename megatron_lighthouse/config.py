@@ -50,8 +50,9 @@ class LighthouseConfig:
         pooling_factor: ``p``, tokens pooled per step up the pyramid; a power of two in ``[2, 64]``.
         topk: global selection budget ``k``; a multiple of 128 (one tile selects 128 per level).
         scorer: entry scorer; only ``"norm"`` (the published default) is implemented.
-        dense_layers: layers that keep full attention, 0-based, negative counts from the end
-            (the paper keeps the first two and the last two dense).
+        dense_layers: attention layers that keep full attention, 0-based, negative counts from the end (the paper
+            keeps the first two and the last two dense): in a GPT model its layers, in a Megatron-Core hybrid
+            stack its attention layers (``*``) only, whatever lies between them.
         rope: where Lighthouse layers of a RoPE model apply it. ``"entries"`` (the published model): q/k are
             pooled and selected un-rotated and every selected entry is rotated at the position of the last token
             it covers (needs :class:`~megatron_lighthouse.self_attention.LighthouseSelfAttention`, which the spec
@@ -226,15 +227,17 @@ class LighthouseConfig:
             "ratio": sparse / dense,
         }
 
-    def dense_layer_set(self, num_layers: int) -> frozenset:
-        """0-based layer indices kept dense in a model of ``num_layers`` layers."""
+    def dense_layer_set(self, num_layers: int, unit: str = "layers") -> frozenset:
+        """0-based layer indices kept dense in a model of ``num_layers`` attention layers (every layer of a GPT
+        model; the ``*`` layers of a hybrid stack, see :mod:`~megatron_lighthouse.hybrid_pattern`); ``unit`` names
+        what ``num_layers`` counts in the error of an entry out of range."""
         _check_positive_int("num_layers", num_layers)
         out = set()
         for i in self.dense_layers:
             j = i + num_layers if i < 0 else i
             if not 0 <= j < num_layers:
                 raise ValueError(
-                    f"LighthouseConfig.dense_layers entry {i}: out of range for a model of {num_layers} layers"
+                    f"LighthouseConfig.dense_layers entry {i}: out of range for a model of {num_layers} {unit}"
                 )
             out.add(j)
         return frozenset(out)

@@ -27,6 +27,7 @@ from megatron.core.transformer.utils import sharded_state_dict_default
 from .attention import expand_kv_heads, lighthouse_attention
 from .causal_core_attention import CausalCoreAttention, check_cp_comm_type
 from .config import LighthouseConfig
+from .hybrid_pattern import hybrid_attention_layers
 from .rotary import EntryRotary, entry_rotary
 from .sdpa_core_attention import SDPACoreAttention
 from .transformer_config import resolve_lighthouse
@@ -57,12 +58,30 @@ def _builder_class(builder: Union[ModuleSpec, type, functools.partial]) -> type:
     return get_module(builder)
 
 
-def _is_dense_layer(config: TransformerConfig, lighthouse: LighthouseConfig, layer_number: Any) -> bool:
-    """Whether 1-based ``layer_number`` is one of ``lighthouse.dense_layers`` (a layer numbered past
-    ``config.num_layers``, e.g. a multi-token-prediction layer, is not)."""
+def _is_dense_layer(config: TransformerConfig, lighthouse: LighthouseConfig, layer_number: Any,
+                    hybrid_layer_pattern: Optional[str]) -> bool:
+    """Whether 1-based ``layer_number`` keeps dense attention: one of ``lighthouse.dense_layers``, counted among
+    the layers of a GPT block (``hybrid_layer_pattern`` ``None``) or among the attention layers of the hybrid stack
+    built from ``hybrid_layer_pattern`` (:func:`~megatron_lighthouse.hybrid_pattern.hybrid_attention_layers`).
+    A layer numbered past ``config.num_layers`` (a multi-token-prediction layer) is not.
+
+    ``ValueError`` when the pattern does not describe the stack being built (another length than
+    ``config.num_layers``, or no attention layer at ``layer_number``): the spec was built for another pattern.
+    """
     if not isinstance(layer_number, int) or not 1 <= layer_number <= config.num_layers:
         return False
-    return layer_number - 1 in lighthouse.dense_layer_set(config.num_layers)
+    if hybrid_layer_pattern is None:
+        return layer_number - 1 in lighthouse.dense_layer_set(config.num_layers)
+    where = f"LighthouseCoreAttention (layer {layer_number}): hybrid_layer_pattern {hybrid_layer_pattern!r}"
+    try:
+        layers = hybrid_attention_layers(hybrid_layer_pattern, lighthouse)
+    except ValueError as err:
+        raise ValueError(f"{where} with dense_layers {lighthouse.dense_layers}: {err}") from None
+    if layers.num_layers != config.num_layers or layer_number not in layers.attention:
+        raise ValueError(f"{where} describes {layers.num_layers} layers with attention at {list(layers.attention)}, "
+                         f"but this model has config.num_layers={config.num_layers} and attention at layer "
+                         f"{layer_number}: the spec was built for another pattern; build it from the model's own")
+    return layer_number in layers.dense
 
 
 class LighthouseCoreAttention(CausalCoreAttention):
@@ -74,6 +93,9 @@ class LighthouseCoreAttention(CausalCoreAttention):
         layer_number: 1-based global layer number (Megatron's); a layer listed in ``lighthouse.dense_layers``
             stays dense for good (:attr:`dense_layer`) and its inner attention is built exactly as the dense
             model's (``num_query_groups`` kv heads).
+        hybrid_layer_pattern: in a Megatron-Core hybrid stack (a ``ModuleSpec`` param set by
+            :mod:`~megatron_lighthouse.hybrid_spec`), its ``--hybrid-layer-pattern``: ``dense_layers`` then count
+            its attention layers (``*``), not its layers. ``None``: a GPT block, every layer an attention layer.
         attn_mask_type: must be ``AttnMaskType.causal``.
         attention_type: must be ``"self"``.
         softmax_scale, cp_comm_type, pg_collection, **inner_kwargs: passed on to the inner core attention, exactly
@@ -110,10 +132,11 @@ class LighthouseCoreAttention(CausalCoreAttention):
         pg_collection: Optional[Any] = None,
         submodules: Optional[LighthouseCoreAttentionSubmodules] = None,
         lighthouse: Optional[LighthouseConfig] = None,
+        hybrid_layer_pattern: Optional[str] = None,
         **inner_kwargs: Any,
     ) -> None:
         lighthouse = resolve_lighthouse(config, lighthouse)
-        dense_layer = _is_dense_layer(config, lighthouse, layer_number)
+        dense_layer = _is_dense_layer(config, lighthouse, layer_number, hybrid_layer_pattern)
         super().__init__(config, layer_number, attn_mask_type, attention_type, softmax_scale, pg_collection,
                          check_window=not dense_layer)
         if submodules is None or submodules.core_attention is None:

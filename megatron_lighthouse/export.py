@@ -51,12 +51,18 @@ def _dense_layer(spec: ModuleSpec) -> ModuleSpec:
 
 
 def dense_spec_for(spec: Spec) -> Spec:
-    """The dense counterpart of a Lighthouse layer or block spec: each ``LighthouseCoreAttention`` replaced by
-    its inner core attention (state-dict compatible with the Lighthouse model)."""
+    """The dense counterpart of a Lighthouse layer, block or hybrid stack spec: each ``LighthouseCoreAttention``
+    replaced by its inner core attention (state-dict compatible with the Lighthouse model)."""
     if isinstance(spec, TransformerBlockSubmodules):
         out = copy.copy(spec)
         out.layer_specs = [_dense_layer(s) for s in spec.layer_specs]
         return out
+    if isinstance(spec, ModuleSpec) and hasattr(spec.submodules, "attention_layer"):  # a hybrid stack
+        out = copy.copy(spec)
+        out.submodules = copy.copy(spec.submodules)
+        out.submodules.attention_layer = _dense_layer(spec.submodules.attention_layer)
+        return out
     if isinstance(spec, ModuleSpec):
         return _dense_layer(spec)
-    raise ValueError(f"dense_spec_for: expected a ModuleSpec or TransformerBlockSubmodules, got {type(spec).__name__}")
+    raise ValueError(f"dense_spec_for: expected a ModuleSpec (a layer or hybrid stack spec) or "
+                     f"TransformerBlockSubmodules, got {type(spec).__name__}")

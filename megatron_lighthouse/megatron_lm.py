@@ -1,22 +1,25 @@
-"""The package side of the Megatron-LM ``pretrain_gpt.py`` hook: flags, validation, spec choice, two-stage switch.
+"""The package side of the Megatron-LM hook (``pretrain_gpt.py``, ``pretrain_hybrid.py``): flags, validation, spec
+choice, two-stage switch.
 
-The patch in ``patches/`` wires three calls into Megatron-LM's ``pretrain_gpt.py`` and nothing else:
+The patch in ``patches/`` wires three calls into each of Megatron-LM's ``pretrain_gpt.py`` and
+``pretrain_hybrid.py`` and nothing else:
 
 1. arguments: ``parse_and_validate_args(extra_args_provider=lighthouse_args_provider(...))`` adds
    ``--lighthouse``, ``--lighthouse-topk``, ``--lighthouse-pooling-factor``, ``--lighthouse-levels``,
    ``--lighthouse-dense-layers``, ``--lighthouse-rope``, ``--lighthouse-dense-from-iteration``
    (:func:`add_lighthouse_args`) and the GPU-monitor flags after the provider Megatron-LM already passes (ModelOpt's);
 2. start-up: ``start_lighthouse(args, model_cfg, printer=print_rank_0)`` once the model config exists: builds the
-   :class:`LighthouseConfig` once and checks it against ``--seq-length``, ``--num-layers``,
+   :class:`LighthouseConfig` once and checks it against ``--seq-length``, ``--num-layers`` (a hybrid model's
+   ``--hybrid-layer-pattern``, whose attention layers ``--lighthouse-dense-layers`` count),
    ``--context-parallel-size`` and the Megatron-LM flags that cannot work with it (:func:`validate_lighthouse_args`),
-   prints the subsequence length and attention-FLOP saving (:func:`lighthouse_summary`), makes the model config
-   build the Lighthouse decoder block spec per (virtual) pipeline stage from that config, and registers the GPU
-   monitor;
+   prints the subsequence length, the attention-FLOP saving and the Lighthouse layers (:func:`lighthouse_summary`),
+   makes the model config build the Lighthouse model (a GPT's decoder block spec per (virtual) pipeline stage, a
+   hybrid model's stack spec), and registers the GPU monitor;
 3. training loop: ``maybe_switch_to_dense(model, args)`` at the top of ``forward_step`` flips the Lighthouse
    layers to dense attention from ``--lighthouse-dense-from-iteration`` on, in the same run or after resuming from
    a checkpoint (nothing is rebuilt; parameters, optimizer state and checkpoint format are unchanged).
 
-Importing this module does not import megatron-core; the spec module is imported on first use.
+Importing this module does not import megatron-core; the spec modules are imported on first use.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import logging
 from typing import Any, Callable, Mapping, Optional, Tuple
 
 from .config import ROPE_PLACEMENTS, LighthouseConfig
+from .hybrid_pattern import hybrid_attention_layers
 from .monitor.config import add_monitor_args, config_from_args
 from .schedule import LighthouseSchedule, Model, lighthouse_modules, set_lighthouse_enabled
 
@@ -43,6 +47,7 @@ __all__ = [
     "validate_lighthouse_args",
     "check_lighthouse_against_args",
     "lighthouse_block_spec_from_args",
+    "lighthouse_hybrid_stack_spec_from_args",
     "lighthouse_schedule_from_args",
     "maybe_switch_to_dense",
     "lighthouse_summary",
@@ -100,8 +105,9 @@ def add_lighthouse_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     group.add_argument("--lighthouse-levels", type=int, default=_DEFAULTS.levels,
                        help=f"Pyramid levels L >= 2, level 0 being the tokens (default: {_DEFAULTS.levels}).")
     group.add_argument("--lighthouse-dense-layers", type=_int_list, default=_DEFAULTS.dense_layers,
-                       help="Layers kept dense, comma-separated 0-based indices, negative from the end; "
-                            "empty for none (default: 0,1,-2,-1).")
+                       help="Attention layers kept dense, comma-separated 0-based indices, negative from the end; "
+                            "empty for none (default: 0,1,-2,-1). They count the layers of a GPT model and the "
+                            "attention layers ('*') of --hybrid-layer-pattern in a hybrid one.")
     group.add_argument("--lighthouse-rope", choices=ROPE_PLACEMENTS, default=_DEFAULTS.rope,
                        help="Where Lighthouse layers apply RoPE: 'entries' rotates each selected entry at its last "
                             "token's position (the published model); 'tokens' rotates tokens before pooling "
@@ -143,6 +149,11 @@ def lighthouse_config_from_args(args: Any) -> Optional[LighthouseConfig]:
         raise ValueError(f"{_FLAGS[field][0]} {_shown(field, values[field])}: {err}") from None
 
 
+def _hybrid_pattern(args: Any) -> Optional[str]:
+    """Megatron-LM's ``--hybrid-layer-pattern`` (``pretrain_hybrid.py``), ``None`` in a GPT run."""
+    return getattr(args, "hybrid_layer_pattern", None) or None
+
+
 def _cp_size(args: Any) -> int:
     return getattr(args, "context_parallel_size", None) or 1
 
@@ -158,6 +169,10 @@ def _chunks(args: Any) -> int:
 #: the layer spec, so it cannot honour them. (Settings the Lighthouse spec cannot build, e.g. multi-latent
 #: attention, are refused by :mod:`megatron_lighthouse.spec` when the model is built.)
 _OTHER_SPEC_FLAGS = (("spec", "--spec"), ("heterogeneous_layers_config_path", "--heterogeneous-layers-config-path"))
+#: ``--spec`` values that name Megatron's own hybrid stack spec (the migration guide passes one to
+#: ``pretrain_hybrid.py``): a hybrid run with ``--lighthouse`` accepts them, as its spec is that one with Lighthouse.
+MEGATRON_HYBRID_STACK_SPECS = (("megatron.core.models.hybrid.hybrid_layer_specs", "hybrid_stack_spec"),
+                               ("megatron.core.models.hybrid.hybrid_layer_specs", "mamba_stack_spec"))
 
 #: Megatron-LM flags (``args`` attribute, flag, what it does, the fix) that make the data loader cut each sequence
 #: into its documents, while Lighthouse selects over a sequence as one causal document (``{switch}``: what turned
@@ -186,7 +201,8 @@ def _check_megatron_flags(args: Any, switch: str) -> None:
 
     Each ``ValueError`` names the flag, the rule and the fix:
 
-    - flags that pick another layer spec than ``switch`` (``--spec``, ``--heterogeneous-layers-config-path``);
+    - flags that pick another layer spec than ``switch`` (``--spec``, ``--heterogeneous-layers-config-path``;
+      in a hybrid run Megatron's own ``hybrid_stack_spec`` is fine, :data:`MEGATRON_HYBRID_STACK_SPECS`);
     - the data loader's attention mask (Megatron-LM's default): ``[s, s]`` per sample, built in the data-loader
       workers;
     - flags that split a sequence into its documents (:data:`_DOCUMENT_FLAGS`: document masks, reset positions,
@@ -199,12 +215,16 @@ def _check_megatron_flags(args: Any, switch: str) -> None:
       torch-SDPA core attention) with the persistent layer norm (Megatron-LM's default; the local RMSNorm is
       torch's);
     - with ``--context-parallel-size`` > 1: a ``--cp-comm-type`` TransformerEngine does not know, and attention
-      dropout (Megatron-LM's default 0.1) with the local implementation, which has none under context parallelism.
+      dropout (Megatron-LM's default 0.1) with the local implementation, which has none under context parallelism;
+    - in a hybrid run (``--hybrid-layer-pattern``) with ``--transformer-impl local``: layer families the local
+      hybrid stack spec has no module for (:data:`~megatron_lighthouse.hybrid_spec.LOCAL_UNAVAILABLE`).
     """
+    pattern = _hybrid_pattern(args)
     for attr, flag in _OTHER_SPEC_FLAGS:
         value = getattr(args, attr, None)
         shown = " ".join(value) if isinstance(value, (list, tuple)) else value
-        if value and f"{flag} {shown}" != switch:
+        megatrons = pattern is not None and isinstance(value, (list, tuple)) and tuple(value) in MEGATRON_HYBRID_STACK_SPECS
+        if value and f"{flag} {shown}" != switch and not megatrons:
             raise ValueError(f"{switch} with {flag} {shown}: {switch} builds the decoder layer specs itself; drop one "
                              "of the two")
     seq = args.seq_length
@@ -230,6 +250,8 @@ def _check_megatron_flags(args: Any, switch: str) -> None:
     local = getattr(args, "transformer_impl", "transformer_engine") == "local"
     if local:
         _check_local_implementation(args)
+        if pattern is not None:
+            _check_local_hybrid_pattern(pattern)
     cp = _cp_size(args)
     if cp > 1:
         _check_context_parallel(args, cp, local, switch)
@@ -245,6 +267,18 @@ def _check_local_implementation(args: Any) -> None:
         raise ValueError(f"--transformer-impl local with the persistent layer norm (Megatron-LM's default): {why}, "
                          f"which refuses it (\"persist_layer_norm not supported by torch LayerNorm\" when the model is "
                          f"built); pass --no-persist-layer-norm")
+
+
+def _check_local_hybrid_pattern(pattern: str) -> None:
+    """``--transformer-impl local`` in a hybrid run: every layer family of ``pattern`` must be one the local hybrid
+    stack spec builds (the model build would refuse the others, later)."""
+    from .hybrid_spec import LOCAL_UNAVAILABLE
+
+    for symbol, (_, family, needs) in LOCAL_UNAVAILABLE.items():
+        if symbol in pattern:
+            raise ValueError(f"--transformer-impl local with --hybrid-layer-pattern {pattern}: its '{symbol}' ({family}) "
+                             f"layers are not in the local hybrid stack spec, which builds '*' attention, '-' MLP and "
+                             f"'E' MoE layers only; {needs}")
 
 
 def _check_context_parallel(args: Any, cp: int, local: bool, switch: str) -> None:
@@ -300,8 +334,10 @@ def validate_lighthouse_args(args: Any) -> Optional[LighthouseConfig]:
 def check_lighthouse_against_args(lighthouse: LighthouseConfig, args: Any, switch: str,
                                   names: Mapping[str, str]) -> None:
     """Check ``lighthouse`` against Megatron-LM's parsed ``args``: ``--seq-length`` (split into the selection chunks
-    of ``--context-parallel-size``), ``--num-layers`` (``dense_layers`` in range, at least one Lighthouse layer) and
-    the Megatron-LM flags that cannot work with it (:func:`_check_megatron_flags`).
+    of ``--context-parallel-size``), ``--num-layers`` (``dense_layers`` in range, at least one Lighthouse layer; in
+    a hybrid run ``--hybrid-layer-pattern``, whose attention layers ``dense_layers`` count,
+    :func:`~megatron_lighthouse.hybrid_pattern.hybrid_attention_layers`) and the Megatron-LM flags that cannot work
+    with it (:func:`_check_megatron_flags`).
 
     Both routes into Megatron-LM share it: the patched hook (:func:`validate_lighthouse_args`) and
     ``--spec megatron_lighthouse.env_spec NAME`` (:mod:`megatron_lighthouse.env_spec`).
@@ -327,6 +363,13 @@ def check_lighthouse_against_args(lighthouse: LighthouseConfig, args: Any, switc
         where = "" if cp == 1 else f" with --context-parallel-size {cp} ({_chunks(args)} chunks)"
         raise ValueError(f"--seq-length {args.seq_length}{where} does not fit {setting('topk')} "
                          f"{setting('pooling_factor')} {setting('levels')}: {err}") from None
+    pattern = _hybrid_pattern(args)
+    if pattern is not None:  # dense_layers count the pattern's attention layers
+        try:
+            hybrid_attention_layers(pattern, lighthouse)
+        except ValueError as err:
+            raise ValueError(f"--hybrid-layer-pattern {pattern} with {setting('dense_layers')}: {err}") from None
+        return
     try:
         dense = lighthouse.dense_layer_set(args.num_layers)
     except ValueError as err:
@@ -352,6 +395,26 @@ def lighthouse_block_spec_from_args(args: Any, lighthouse: Optional[LighthouseCo
     if lighthouse is None:
         return get_gpt_decoder_block_dense_spec(config, **kwargs)
     return get_gpt_decoder_block_with_lighthouse_spec(config, lighthouse, **kwargs)
+
+
+def lighthouse_hybrid_stack_spec_from_args(args: Any, lighthouse: Optional[LighthouseConfig]):
+    """Hybrid stack spec (``pretrain_hybrid.py``) for ``--hybrid-layer-pattern``: Megatron's ``hybrid_stack_spec``
+    (the local hybrid stack with ``--transformer-impl local``) with Lighthouse in its attention layers, the settings
+    ``lighthouse``; dense for ``None``. One ``ModuleSpec`` for every (virtual) pipeline stage: the core attentions
+    tell their attention layer by their global layer number. ``ValueError`` without a pattern (the deprecated ratio
+    flags are not read)."""
+    from .hybrid_spec import get_hybrid_stack_dense_spec, get_hybrid_stack_with_lighthouse_spec
+
+    pattern = _hybrid_pattern(args)
+    if pattern is None:
+        raise ValueError("a hybrid model with Lighthouse needs --hybrid-layer-pattern (the deprecated "
+                         "--hybrid-attention-ratio / --hybrid-mlp-ratio / --hybrid-override-pattern are not read)")
+    use_te = getattr(args, "transformer_impl", "transformer_engine") == "transformer_engine"
+    normalization = getattr(args, "normalization", None)
+    if lighthouse is None:
+        return get_hybrid_stack_dense_spec(use_transformer_engine=use_te, normalization=normalization)
+    return get_hybrid_stack_with_lighthouse_spec(lighthouse, pattern, use_transformer_engine=use_te,
+                                                 normalization=normalization)
 
 
 def lighthouse_schedule_from_args(args: Any) -> LighthouseSchedule:
@@ -390,13 +453,18 @@ def _model_config_block_spec(args: Any, lighthouse: LighthouseConfig, model_conf
 
 
 def _set_layer_spec(args: Any, lighthouse: LighthouseConfig, model_config: Any) -> None:
-    """Make Megatron-LM's model config (``GPTModelConfig``) build the Lighthouse decoder block spec."""
+    """Make Megatron-LM's model config build the Lighthouse model: ``GPTModelConfig`` the decoder block spec per
+    (virtual) pipeline stage, ``HybridModelConfig`` the hybrid stack spec (built here, once)."""
     fields = {f.name for f in dataclasses.fields(model_config)} if dataclasses.is_dataclass(model_config) else ()
-    if "transformer_layer_spec" not in fields:
-        raise ValueError(f"--lighthouse: the model config {type(model_config).__name__} has no transformer_layer_spec "
-                         "field; this Megatron-LM does not build its GPT through GPTModelConfig (see patches/README.md "
-                         "for the commit the hook is verified on)")
-    model_config.transformer_layer_spec = functools.partial(_model_config_block_spec, args, lighthouse)
+    if "hybrid_stack_spec" in fields:
+        model_config.hybrid_stack_spec = lighthouse_hybrid_stack_spec_from_args(args, lighthouse)
+    elif "transformer_layer_spec" in fields:
+        model_config.transformer_layer_spec = functools.partial(_model_config_block_spec, args, lighthouse)
+    else:
+        raise ValueError(f"--lighthouse: the model config {type(model_config).__name__} has neither a "
+                         "transformer_layer_spec nor a hybrid_stack_spec field; this Megatron-LM does not build its "
+                         "model through GPTModelConfig or HybridModelConfig (see patches/README.md for the commits the "
+                         "hook is verified on)")
 
 
 def lighthouse_summary(args: Any, lighthouse: Optional[LighthouseConfig], num_heads: int, head_dim: int) -> str:
@@ -405,13 +473,18 @@ def lighthouse_summary(args: Any, lighthouse: Optional[LighthouseConfig], num_he
     if lighthouse is None:
         return f"Lighthouse: off (dense attention at --seq-length {args.seq_length})"
     cost = lighthouse.attention_cost(args.seq_length, num_heads, head_dim, chunks=_chunks(args))
-    dense_layers = sorted(lighthouse.dense_layer_set(args.num_layers))
+    pattern = _hybrid_pattern(args)
+    if pattern is None:
+        dense_layers = sorted(lighthouse.dense_layer_set(args.num_layers))
+        layers = (f"{args.num_layers - len(dense_layers)}/{args.num_layers} layers Lighthouse, dense layers "
+                  f"{dense_layers}")
+    else:
+        layers = f"--hybrid-layer-pattern {pattern}: {hybrid_attention_layers(pattern, lighthouse).describe()}"
     stage_two = args.lighthouse_dense_from_iteration
     return (f"Lighthouse: seq_length {args.seq_length} -> subsequence {cost['subsequence_length']} "
             f"(levels {lighthouse.levels}, pooling_factor {lighthouse.pooling_factor}, topk {lighthouse.topk}, "
             f"context_parallel {_cp_size(args)}); attention FLOPs per Lighthouse layer {cost['ratio']:.2%} of dense "
-            f"({_saving(cost['ratio'])}); {args.num_layers - len(dense_layers)}/{args.num_layers} layers Lighthouse, "
-            f"dense layers {dense_layers}; "
+            f"({_saving(cost['ratio'])}); {layers}; "
             + ("Lighthouse throughout" if stage_two is None else f"dense from iteration {stage_two}"))
 
 

@@ -94,16 +94,17 @@ def get_gpt_layer_dense_spec(*, use_transformer_engine: bool = True, **kwargs: A
     return spec
 
 
-def _with_lighthouse(dense_spec: ModuleSpec, lighthouse: Optional[LighthouseConfig]) -> ModuleSpec:
-    """``dense_spec`` with its core attention wrapped in :class:`LighthouseCoreAttention`, inside
-    :class:`LighthouseSelfAttention` (so the core attention can place RoPE, ``LighthouseConfig.rope``)."""
+def _with_lighthouse(dense_spec: ModuleSpec, lighthouse: Optional[LighthouseConfig], **params: Any) -> ModuleSpec:
+    """``dense_spec`` with its core attention wrapped in :class:`LighthouseCoreAttention` (``params``: more of its
+    arguments), inside :class:`LighthouseSelfAttention` (so the core attention can place RoPE,
+    ``LighthouseConfig.rope``)."""
     module = dense_spec.submodules.self_attention.module
     if module is not SelfAttention:
         raise ValueError(f"self_attention module {getattr(module, '__name__', module)!r}: Lighthouse layers are "
                          f"built on Megatron's SelfAttention")
     spec = replace_core_attention(dense_spec, ModuleSpec(
         module=LighthouseCoreAttention,
-        params={} if lighthouse is None else {"lighthouse": lighthouse},
+        params={**params, **({} if lighthouse is None else {"lighthouse": lighthouse})},
         submodules=LighthouseCoreAttentionSubmodules(core_attention=_attention_submodules(dense_spec).core_attention),
     ))
     spec.submodules.self_attention.module = LighthouseSelfAttention

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Apply the Lighthouse hook (megatron_lm_lighthouse.patch) to a Megatron-LM checkout.
+# Apply the Lighthouse hook (megatron_lm_lighthouse.patch) to a Megatron-LM checkout: pretrain_gpt.py and, where
+# the checkout has it, pretrain_hybrid.py.
 # Usage: patches/apply.sh MEGATRON_LM_DIR
 #   Checks the checkout's commit against those the patch was verified on (a different commit is allowed
-#   if the patch still applies cleanly), runs `git apply --check` before touching anything, and does
-#   nothing if the patch is already applied. Exit codes: 0 applied or already applied, 2 bad usage,
+#   if the patch still applies cleanly), runs `git apply --check` for each script before touching anything, and
+#   leaves a script that already carries the hook alone. Exit codes: 0 applied or already applied, 2 bad usage,
 #   3 the patch does not apply (nothing was changed).
 set -euo pipefail
 VERIFIED_COMMIT=d98e8a64ddf34856e74b24714e3bedb2f5a39553  # main; keep in sync with patches/README.md
@@ -31,14 +32,23 @@ else
 fi
 
 cd "$DIR"
-if git apply --reverse --check "$PATCH" 2>/dev/null; then
-    echo "already applied: $DIR/pretrain_gpt.py carries the Lighthouse hook; nothing to do"
-    exit 0
-fi
-if ! report=$(git apply --check --verbose "$PATCH" 2>&1); then
+todo=()
+for script in pretrain_gpt.py pretrain_hybrid.py; do
+    if [ ! -f "$script" ]; then
+        echo "note: no $script in $DIR (a Megatron-LM without HybridModel): its hook is left out" >&2
+        continue
+    fi
+    if git apply --reverse --check --include="$script" "$PATCH" 2>/dev/null; then
+        echo "already applied: $DIR/$script carries the Lighthouse hook"
+        continue
+    fi
+    if report=$(git apply --check --verbose --include="$script" "$PATCH" 2>&1); then
+        todo+=("$script")
+        continue
+    fi
     echo "$report" >&2
     cat >&2 <<MSG
-error: the patch does not apply to $DIR (nothing was changed).
+error: the patch does not apply to $DIR/$script (nothing was changed).
   This Megatron-LM differs from the verified commit around the hook lines. Either
   - check out the verified commit:  git -C $DIR checkout $VERIFIED_COMMIT   and rerun this script, or
   - try a three-way merge:          git -C $DIR apply --3way $PATCH   and resolve what it marks, or
@@ -50,10 +60,14 @@ error: the patch does not apply to $DIR (nothing was changed).
     examples take on their own for an unpatched checkout (no in-run switch, no monitor flags).
 MSG
     exit 3
+done
+if [ "${#todo[@]}" = 0 ]; then
+    echo "nothing to do"
+    exit 0
 fi
-git apply "$PATCH"
-echo "applied: $PATCH (check it on CPU: python $HERE/check_patched.py $DIR)"
-echo "  pretrain_gpt.py now takes --lighthouse, --lighthouse-topk, --lighthouse-pooling-factor, --lighthouse-levels,"
+git apply "${todo[@]/#/--include=}" "$PATCH"
+echo "applied to ${todo[*]}: $PATCH (check it on CPU: python $HERE/check_patched.py $DIR)"
+echo "  they now take --lighthouse, --lighthouse-topk, --lighthouse-pooling-factor, --lighthouse-levels,"
 echo "  --lighthouse-dense-layers, --lighthouse-rope, --lighthouse-dense-from-iteration and --lighthouse-monitor (see examples/)."
 python3 -c "import megatron_lighthouse" 2>/dev/null \
     || echo "warning: megatron_lighthouse is not importable by python3 here; install it (pip install -e .) in the training environment" >&2

@@ -1,4 +1,5 @@
-"""CPU check of a patched Megatron-LM checkout: the hook really builds, trains and switches Lighthouse layers.
+"""CPU check of a patched Megatron-LM checkout: the hook really builds, trains and switches Lighthouse layers, in
+``pretrain_gpt.py`` and (where the checkout has it) ``pretrain_hybrid.py``.
 
 Usage (no GPU, no data, no download; the checkout's own ``megatron`` package is used)::
 
@@ -7,7 +8,8 @@ Usage (no GPU, no data, no download; the checkout's own ``megatron`` package is 
 
 The second form checks a launch command instead (e.g. the line an example prints with ``DRY_RUN=1``, pasted as
 one quoted string or as words; leading ``VAR=value`` words are set in the environment, and everything up to
-``pretrain_gpt.py`` is dropped): the checkout's ``pretrain_gpt.py`` (patched or not) parses and validates its
+``pretrain_gpt.py`` or ``pretrain_hybrid.py`` is dropped): the checkout's script of that name (patched or not;
+``pretrain_gpt.py`` when the command names neither) parses and validates its
 arguments and builds its model on CPU (``--use-cpu-initialization`` added), which is where Megatron-LM refuses
 flags that need TransformerEngine or Apex; it prints the core attention of every layer and which layers run
 Lighthouse. A command with tensor, pipeline or context parallelism is parsed as rank 0 of a world of exactly that
@@ -15,12 +17,14 @@ size on a Hopper GPU; the model is built only without tensor and pipeline parall
 every rank holds the same model, built here with context parallelism 1). Megatron-LM's own output is kept back; when it refuses the command, its last lines and a one-line
 ``error:`` are printed (exit 1).
 
-It runs the patched ``pretrain_gpt.py``'s ``__main__`` with Megatron-LM's own argument parser on a tiny model
-(``--lighthouse ... --lighthouse-dense-from-iteration 2``), with ``pretrain`` replaced by a stand-in that builds
-the model the way ``pretrain`` does (the model config's builder), then calls the patched ``forward_step`` (a CPU
-batch in place of ``get_batch``) at iterations 0..3 with a backward pass each. It fails unless the
-Lighthouse layers are built where ``--lighthouse-dense-layers`` says, run Lighthouse before the switch
-iteration and dense from it on, and a bad ``--seq-length`` is refused with the flag named.
+It runs each patched script's ``__main__`` with Megatron-LM's own argument parser on a tiny model
+(``--lighthouse ... --lighthouse-dense-from-iteration 2``; ``pretrain_hybrid.py`` with ``--hybrid-layer-pattern``
+``*-`` six times), with ``pretrain`` replaced by a stand-in that builds the model the way ``pretrain`` does (the
+model config's builder), then calls the patched ``forward_step`` (a CPU batch in place of ``get_batch``) at
+iterations 0..3 with a backward pass each. It fails unless the Lighthouse layers are built where
+``--lighthouse-dense-layers`` says (in the hybrid model: counted among its attention layers), run Lighthouse before
+the switch iteration and dense from it on, and a bad ``--seq-length`` (a pattern with too few attention layers) is
+refused with the flag named.
 
 Megatron-LM >= 0.19 uses ``typing.override`` (Python 3.12); on Python 3.11 the ``typing_extensions`` backport
 stands in for it inside this check only.
@@ -49,6 +53,17 @@ FLAGS = [
     "--lighthouse-dense-layers", "0,-1", "--lighthouse-dense-from-iteration", "2",
 ]
 SWITCH = 2
+#: Megatron-LM's entry points the hook goes into.
+SCRIPTS = ("pretrain_gpt.py", "pretrain_hybrid.py")
+#: The tiny model of each script, and the 0-based decoder layers that run Lighthouse in it (dense layers 0, -1: of
+#: the 6 GPT layers, of the 6 attention layers of the hybrid stack, which are its layers 0, 2, ..., 10).
+HYBRID_FLAGS = ["--hybrid-layer-pattern", "*-" * 6] + FLAGS[2:]
+MODELS = {"pretrain_gpt.py": (FLAGS, [1, 2, 3, 4]), "pretrain_hybrid.py": (HYBRID_FLAGS, [2, 4, 6, 8])}
+#: A setting each script must refuse at start-up, and what the refusal names.
+REFUSED = {"pretrain_gpt.py": (("--seq-length", "240"), "--seq-length 240"),
+           "pretrain_hybrid.py": (("--hybrid-layer-pattern", "*-*-"), "--hybrid-layer-pattern *-*- with "
+                                                                       "--lighthouse-dense-layers 0,-1: keeps all 2 "
+                                                                       "attention layers")}
 
 
 @contextlib.contextmanager
@@ -74,8 +89,8 @@ def hook_lines(output: io.StringIO) -> list:
     return [line for line in output.getvalue().splitlines() if line.startswith("Lighthouse")]
 
 
-def run_main(mlm: str, argv: list) -> dict:
-    """Run the checkout's ``pretrain_gpt.py`` as ``__main__`` with ``argv``; return what it passed to pretrain."""
+def run_main(mlm: str, argv: list, script: str = "pretrain_gpt.py") -> dict:
+    """Run the checkout's ``script`` as ``__main__`` with ``argv``; return what it passed to pretrain."""
     from megatron.training import inprocess_restart
 
     captured: dict = {}
@@ -84,15 +99,16 @@ def run_main(mlm: str, argv: list) -> dict:
         captured.update(cfg=cfg_container, forward_step=forward_step_func)
 
     inprocess_restart.maybe_wrap_for_inprocess_restart = lambda fn: (fake_pretrain, None)
-    sys.argv = ["pretrain_gpt.py", *argv]
-    runpy.run_path(os.path.join(mlm, "pretrain_gpt.py"), run_name="__main__")
+    sys.argv = [script, *argv]
+    runpy.run_path(os.path.join(mlm, script), run_name="__main__")
     return captured
 
 
 def build_model(captured: dict):
     """Build the model of a :func:`run_main` call as ``pretrain`` would (on CPU, in a gloo world of one); return
-    it with its core attention class names per layer. Under context parallelism every rank holds the same model:
-    it is built with context parallelism 1 (a world of one has no larger group)."""
+    it with its core attention class names per layer (a hybrid layer without attention: its class name). Under
+    context parallelism every rank holds the same model: it is built with context parallelism 1 (a world of one has
+    no larger group)."""
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.training import get_args
     from megatron.training.global_vars import set_global_variables, unset_global_variables
@@ -107,8 +123,13 @@ def build_model(captured: dict):
     model_config.transformer.context_parallel_size = 1
     model = model_config.get_builder_cls()(model_config).build_model(
         ProcessGroupCollection.use_mpu_process_groups(), pre_process=True, post_process=True)
-    kinds = [type(layer.self_attention.core_attention).__name__ for layer in model.decoder.layers]
+    kinds = [type(_core_attention(layer) or layer).__name__ for layer in model.decoder.layers]
     return model, kinds
+
+
+def _core_attention(layer):
+    """A decoder layer's core attention (``None`` for a hybrid layer without attention)."""
+    return getattr(layer.self_attention, "core_attention", None)
 
 
 def lighthouse_layers(model) -> list:
@@ -116,25 +137,27 @@ def lighthouse_layers(model) -> list:
     from megatron_lighthouse.core_attention import LighthouseCoreAttention
 
     return [i for i, layer in enumerate(model.decoder.layers)
-            if isinstance(layer.self_attention.core_attention, LighthouseCoreAttention)
-            and not layer.self_attention.core_attention.dense_layer]
+            if isinstance(_core_attention(layer), LighthouseCoreAttention) and not _core_attention(layer).dense_layer]
 
 
-def check(mlm: str) -> None:
+def check(mlm: str, script: str) -> None:
     import torch
     from megatron.training import get_args
     from megatron.training.global_vars import unset_global_variables
 
     from megatron_lighthouse.schedule import lighthouse_modules
 
+    flags, expected = MODELS[script]
+    print(f"== {script}")
+    unset_global_variables()
     with megatron_output() as output:
-        captured = run_main(mlm, FLAGS)
+        captured = run_main(mlm, flags, script)
         model, kinds = build_model(captured)
     print(*hook_lines(output), sep="\n")
     args = get_args()
     assert args.lighthouse and args.lighthouse_dense_from_iteration == SWITCH, "the --lighthouse flags were not parsed"
     print("core attention per layer:", kinds)
-    assert lighthouse_layers(model) == [1, 2, 3, 4], f"Lighthouse layers not where expected: {kinds}"
+    assert lighthouse_layers(model) == expected, f"Lighthouse layers not where expected: {kinds}"
 
     forward_step = captured["forward_step"]
     b, s = args.micro_batch_size, args.seq_length
@@ -157,30 +180,34 @@ def check(mlm: str) -> None:
             f"iteration {iteration}: Lighthouse layers ran enabled={calls}, expected {expect}")
         print(f"iteration {iteration}: {len(calls)} Lighthouse layers ran {'Lighthouse' if expect else 'dense'}")
 
-    bad = [*FLAGS[:FLAGS.index("--seq-length") + 1], "240", *FLAGS[FLAGS.index("--seq-length") + 2:]]
+    (flag, value), refusal = REFUSED[script]
+    bad = [*flags[:flags.index(flag) + 1], value, *flags[flags.index(flag) + 2:]]
     unset_global_variables()
     try:
         with megatron_output(show_on_error=False):
-            run_main(mlm, bad)
+            run_main(mlm, bad, script)
     except ValueError as err:
-        assert "--seq-length 240" in str(err), err
-        print("bad --seq-length refused:", str(err)[:120], "...")
+        assert refusal in str(err), err
+        print(f"bad {flag} refused:", str(err)[:120], "...")
     else:
-        raise AssertionError("--seq-length 240 was accepted")
-    print("OK: the patched pretrain_gpt.py parses the flags, builds Lighthouse layers, trains and switches to dense")
+        raise AssertionError(f"{flag} {value} was accepted")
+    print(f"OK: the patched {script} parses the flags, builds Lighthouse layers, trains and switches to dense")
 
 
-def command_arguments(words: list) -> list:
-    """The ``pretrain_gpt.py`` arguments of a launch command (one string or its words): leading ``VAR=value``
-    words go into ``os.environ``, everything up to the word ending in ``pretrain_gpt.py`` is dropped."""
+def command_arguments(words: list) -> tuple:
+    """``(script, arguments)`` of a launch command (one string or its words): leading ``VAR=value`` words go into
+    ``os.environ``, everything up to the word ending in ``pretrain_gpt.py`` or ``pretrain_hybrid.py`` (the script;
+    ``pretrain_gpt.py`` if there is none) is dropped."""
     if len(words) == 1 and any(c.isspace() for c in words[0]):
         words = shlex.split(words[0])
     words = list(words)
     while words and "=" in words[0] and words[0].split("=", 1)[0].isidentifier():
         name, value = words.pop(0).split("=", 1)
         os.environ[name] = value
-    script = [i for i, word in enumerate(words) if word.endswith("pretrain_gpt.py")]
-    return words[script[0] + 1:] if script else words
+    at = [i for i, word in enumerate(words) if word.endswith(SCRIPTS)]
+    if not at:
+        return SCRIPTS[0], words
+    return next(name for name in SCRIPTS if words[at[0]].endswith(name)), words[at[0] + 1:]
 
 
 #: The flags of the parallel sizes that split the model over ranks, and the one that splits the sequence.
@@ -206,7 +233,9 @@ def check_command(mlm: str, words: list) -> None:
     the tail of Megatron-LM's output) when Megatron-LM or the hook refuses it."""
     import torch
 
-    argv = command_arguments(words)
+    script, argv = command_arguments(words)
+    if not os.path.isfile(os.path.join(mlm, script)):
+        sys.exit(f"error: the command runs {script}, and {mlm} has none (a Megatron-LM without HybridModel)")
     if "--use-cpu-initialization" not in argv:
         argv.append("--use-cpu-initialization")
     world = parallel_size(argv, SPLIT_MODEL + SPLIT_SEQUENCE)  # the smallest world the command runs in
@@ -218,7 +247,7 @@ def check_command(mlm: str, words: list) -> None:
                 from megatron.training import arguments
 
                 arguments.get_device_arch_version = lambda: 9
-            captured = run_main(mlm, argv)
+            captured = run_main(mlm, argv, script)
             model, kinds = (None, None) if split else build_model(captured)
     except Exception as err:  # noqa: BLE001 - whatever Megatron-LM raised is the answer, reported in one line
         message = str(err).strip().splitlines()[-1] if str(err).strip() else ""
@@ -226,18 +255,18 @@ def check_command(mlm: str, words: list) -> None:
         if re.search(r"\bTE\b|Transformer ?Engine|transformer_engine", message):
             hint = (" (this Python has no TransformerEngine: check the TRANSFORMER_IMPL=local form of the command "
                     "here, or run the check where TransformerEngine is installed)")
-        sys.exit(f"error: {mlm}/pretrain_gpt.py refuses the command: {type(err).__name__}: {message}{hint}")
+        sys.exit(f"error: {mlm}/{script} refuses the command: {type(err).__name__}: {message}{hint}")
     lines = hook_lines(output)
     if lines:  # the hook's summary (none on the unpatched route)
         print(*lines, sep="\n")
     if split:
-        print(f"OK: {mlm}/pretrain_gpt.py accepts the command as rank 0 of {world}{GROUP} (its model is split over "
-              "ranks: not built here)")
+        print(f"OK: {mlm}/{script} accepts the command as rank 0 of {world}{GROUP} (its model is split over ranks: "
+              "not built here)")
         return
     print("core attention per layer:", kinds)
     print("Lighthouse layers:", lighthouse_layers(model) or "none")
     one_rank = f" (as rank 0 of {world}{GROUP})" if world > 1 else ""
-    print(f"OK: {mlm}/pretrain_gpt.py accepts the command and builds its model{one_rank}")
+    print(f"OK: {mlm}/{script} accepts the command and builds its model{one_rank}")
 
 
 USAGE = ("usage: python patches/check_patched.py MEGATRON_LM_DIR [-- COMMAND...]   (a Megatron-LM checkout, "
@@ -256,9 +285,11 @@ def main() -> None:
     if not os.path.isfile(os.path.join(argv[0], "pretrain_gpt.py")):
         sys.exit(f"error: MEGATRON_LM_DIR {argv[0]}: no pretrain_gpt.py there (give the root of a Megatron-LM checkout)")
     mlm = os.path.abspath(argv[0])
-    with open(os.path.join(mlm, "pretrain_gpt.py")) as f:
-        if words is None and "megatron_lighthouse" not in f.read():
-            sys.exit(f"{mlm}/pretrain_gpt.py is not patched: run patches/apply.sh {mlm} first")
+    scripts = [script for script in SCRIPTS if os.path.isfile(os.path.join(mlm, script))]
+    for script in scripts if words is None else ():
+        with open(os.path.join(mlm, script)) as f:
+            if "megatron_lighthouse" not in f.read():
+                sys.exit(f"{mlm}/{script} is not patched: run patches/apply.sh {mlm} first")
     if not hasattr(typing, "override"):
         import typing_extensions
 
@@ -271,7 +302,8 @@ def main() -> None:
         sys.exit(f"error: {mlm}: its megatron.training does not import in this Python ({type(err).__name__}: "
                  f"{err}); install Megatron-LM's requirements here")
     if words is None:
-        check(mlm)
+        for script in scripts:
+            check(mlm, script)
     else:
         check_command(mlm, words)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import sys
+import types
 from typing import Any, Dict, Optional
 
 import torch
@@ -66,3 +68,67 @@ def megatron_cp_batch(batch: Dict[str, torch.Tensor], group: Any = None) -> Dict
         return get_batch_on_this_cp_rank(dict(batch), **kwargs)
     out = get_batch_on_this_cp_rank({**batch, "cu_seqlens": None}, is_hybrid_cp=False, **kwargs)
     return {key: out[key] for key in batch}
+
+
+def tiny_hybrid(config, stack_spec, pattern: str, seed: int = 0, vp_stage: Optional[int] = None,
+                pre_process: bool = True, post_process: bool = True):
+    """A ``HybridModel`` (megatron-core >= 0.19) of ``config`` (``num_layers`` must be the pattern's) built from
+    ``stack_spec`` for ``pattern``, learned absolute positions, untied output, seeded weights; ``vp_stage`` picks a
+    ``|`` segment (in a world of one, segment ``vp_stage``)."""
+    from megatron.core.models.hybrid.hybrid_model import HybridModel
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    torch.manual_seed(seed)
+    return HybridModel(config=config, hybrid_stack_spec=stack_spec, vocab_size=VOCAB, max_sequence_length=SEQ,
+                       hybrid_layer_pattern=pattern, position_embedding_type="learned_absolute",
+                       share_embeddings_and_output_weights=False, vp_stage=vp_stage, pre_process=pre_process,
+                       post_process=post_process, pg_collection=ProcessGroupCollection.use_mpu_process_groups())
+
+
+#: The module Megatron-LM's unpatched scripts take their spec from (``--spec ENV_SPEC NAME``).
+ENV_SPEC = "megatron_lighthouse.env_spec"
+
+
+def set_lighthouse_environment(monkeypatch, **variables) -> None:
+    """Exactly ``variables`` of the ``LIGHTHOUSE_*`` settings in the environment."""
+    for var in ("LIGHTHOUSE_LEVELS", "LIGHTHOUSE_POOLING_FACTOR", "LIGHTHOUSE_TOPK", "LIGHTHOUSE_DENSE_LAYERS"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in variables.items():
+        monkeypatch.setenv(var, value)
+
+
+def megatron_lm_spec(monkeypatch, name, **args):
+    """``--spec megatron_lighthouse.env_spec NAME`` resolved as Megatron-LM resolves it once it has parsed its
+    arguments (``args``, with that ``--spec``): a first import of the module, then ``vars(module)[NAME]``
+    (megatron-core's ``spec_utils.import_module``)."""
+    from megatron.core.transformer.spec_utils import import_module
+
+    global_vars = types.ModuleType("megatron.training.global_vars")
+    global_vars._GLOBAL_ARGS = types.SimpleNamespace(spec=[ENV_SPEC, name], **args)
+    monkeypatch.setitem(sys.modules, "megatron.training", types.ModuleType("megatron.training"))
+    monkeypatch.setitem(sys.modules, "megatron.training.global_vars", global_vars)
+    monkeypatch.delitem(sys.modules, ENV_SPEC, raising=False)
+    return import_module((ENV_SPEC, name))
+
+
+def check_switch_over_fake_te(model, dense, fake, lighthouse: LighthouseConfig, attention: list) -> None:
+    """Over the fake TransformerEngine (``fake``: its ``DotProductAttention``, recording each call): ``model``
+    switched off computes ``dense`` (the same weights); on, TE's attention sees the Lighthouse subsequence in the
+    Lighthouse layers and the whole sequence elsewhere. ``attention``: per attention layer, in order, whether it
+    runs Lighthouse."""
+    from megatron_lighthouse.schedule import set_lighthouse_enabled
+
+    tokens, positions, _ = batch(2, SEQ)
+    dense.eval()
+    model.eval()
+    with torch.no_grad():
+        want = dense(tokens, positions, None)
+        assert set_lighthouse_enabled(model, False) == sum(attention)
+        torch.testing.assert_close(model(tokens, positions, None), want, rtol=1e-5, atol=1e-5)
+        set_lighthouse_enabled(model, True)
+        fake.calls.clear()
+        out = model(tokens, positions, None)
+    sub = lighthouse.subsequence_length(SEQ)
+    seen = [info["query"] for kind, info in fake.calls if kind == "forward"]
+    assert seen == [(sub if on else SEQ, 2, 4, 16) for on in attention], seen
+    assert torch.isfinite(out).all() and (out - want).abs().max() > 1e-3, "Lighthouse layers did not run"

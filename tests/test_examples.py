@@ -28,6 +28,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 GPU_SCRIPT = ROOT / "benchmarks" / "run_megatron_lm_gpu.sh"
 SCRIPTS = ["pretrain_lighthouse_1gpu.sh", "pretrain_lighthouse_multinode_1m.sh", "resume_dense.sh"]
+#: The HybridModel example (pretrain_hybrid.py), and the pattern it builds at NUM_LAYERS=8: a '*-' per GPT block.
+HYBRID = "pretrain_lighthouse_hybrid_1gpu.sh"
+PATTERN8 = "*-" * 8
 MODEL = ("--num-layers 30 --hidden-size 1024 --num-attention-heads 8 --ffn-hidden-size 1536 --swiglu "
          "--normalization RMSNorm --position-embedding-type rope --disable-bias-linear --attention-dropout 0 "
          "--hidden-dropout 0")
@@ -39,7 +42,7 @@ MOCK = "--mock-data --tokenizer-type NullTokenizer --vocab-size 32000 --no-creat
 NO_MASK = "--no-create-attention-mask-in-dataloader"
 #: Extra variables each example needs besides MEGATRON_LM_DIR and the data (LIGHTHOUSE_CHECKPOINT: made by _env).
 NEEDS = {"pretrain_lighthouse_1gpu.sh": {}, "pretrain_lighthouse_multinode_1m.sh": dict(NNODES="4", MASTER_ADDR="node0"),
-         "resume_dense.sh": dict(LIGHTHOUSE_CHECKPOINT="ckpt")}
+         "resume_dense.sh": dict(LIGHTHOUSE_CHECKPOINT="ckpt"), "pretrain_lighthouse_hybrid_1gpu.sh": {}}
 LIGHTHOUSE = ("--lighthouse --lighthouse-topk 2048 --lighthouse-pooling-factor 4 --lighthouse-levels 3 "
               "--lighthouse-dense-layers 0,1,-2,-1")
 
@@ -66,10 +69,11 @@ def _past_preflight(tmp_path: pathlib.Path) -> dict:
     return {"PYTHONPATH": str(site)}
 
 
-def _stand_in(root: pathlib.Path, patched: bool) -> pathlib.Path:
+def _stand_in(root: pathlib.Path, patched: bool, scripts=("pretrain_gpt.py", "pretrain_hybrid.py")) -> pathlib.Path:
     root.mkdir()
     hook = "from megatron_lighthouse.megatron_lm import start_lighthouse\n" if patched else "# stand-in\n"
-    (root / "pretrain_gpt.py").write_text(hook)
+    for script in scripts:
+        (root / script).write_text(hook)
     return root
 
 
@@ -98,12 +102,12 @@ def _needs(script: str, tmp_path: pathlib.Path) -> dict:
     return {k: str(tmp_path / v) if k == "LIGHTHOUSE_CHECKPOINT" else v for k, v in NEEDS[script].items()}
 
 
-@pytest.mark.parametrize("script", SCRIPTS + ["common.sh"])
+@pytest.mark.parametrize("script", SCRIPTS + ["common.sh", HYBRID])
 def test_scripts_parse(script):
     assert subprocess.run(["bash", "-n", str(EXAMPLES / script)]).returncode == 0
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", SCRIPTS + [HYBRID])
 def test_scripts_document_their_variables(script):
     header = [line for line in (EXAMPLES / script).read_text().splitlines() if line.startswith("#")]
     text = "\n".join(header)
@@ -500,17 +504,126 @@ def test_unpatched_line_runs_as_printed(tmp_path, megatron_lm):
     assert record.read_text() == as_launched
 
 
+# -- the HybridModel example (pretrain_hybrid.py) ------------------------------------------------------------------
+
+
+def test_hybrid_example_builds_the_pretrain_hybrid_command(tmp_path, patched, megatron_lm):
+    """A '*-' per GPT block, the dense layers counted among its attention layers; patched: the --lighthouse flags,
+    unpatched: the env_spec's hybrid stack spec with the LIGHTHOUSE_* settings."""
+    on = _run(HYBRID, tmp_path, **_mock(patched, NUM_LAYERS="8"))
+    assert on.returncode == 0, on.stderr
+    assert ("lighthouse: subsequence 24576 of 131072 tokens\nlighthouse: 4 of 8 attention layers run Lighthouse "
+            "(hybrid layers 5, 7, 9, 11); dense: 1, 3, 13, 15") in on.stdout
+    command = on.stdout.splitlines()[-1]
+    assert command.startswith(f"torchrun --nproc-per-node 1 {patched}/pretrain_hybrid.py {LIGHTHOUSE} "
+                              f"--transformer-impl transformer_engine --hybrid-layer-pattern {PATTERN8} --hidden-size "
+                              "1024 "), command
+    assert "--num-layers" not in command and "--save ./checkpoints/hybrid_lighthouse " in command
+    assert command.endswith(MOCK)
+    default = _run(HYBRID, tmp_path, **_mock(patched)).stdout.splitlines()[-1]
+    assert f"--hybrid-layer-pattern {'*-' * 30} " in default  # NUM_LAYERS=30, the GPT examples' model
+    mamba = _run(HYBRID, tmp_path, **_mock(patched, HYBRID_LAYER_PATTERN="M*M*M*|M*M*", DENSE_FROM_ITER="9"))
+    assert "lighthouse: 1 of 5 attention layers run Lighthouse (hybrid layers 6); dense: 2, 4, 8, 10" in mamba.stdout
+    assert "--lighthouse-dense-from-iteration 9 " in mamba.stdout and "--hybrid-layer-pattern M*M*M*|M*M* " in mamba.stdout
+    for impl, name in (("transformer_engine", "lighthouse_hybrid_stack_spec"),
+                       ("local", "lighthouse_local_hybrid_stack_spec")):
+        off = _run(HYBRID, tmp_path, **_mock(megatron_lm, NUM_LAYERS="8", TRANSFORMER_IMPL=impl))
+        assert off.returncode == 0, off.stderr
+        assert off.stdout.splitlines()[-1].startswith(
+            "LIGHTHOUSE_LEVELS=3 LIGHTHOUSE_POOLING_FACTOR=4 LIGHTHOUSE_TOPK=2048 LIGHTHOUSE_DENSE_LAYERS=0,1,-2,-1 "
+            f"torchrun --nproc-per-node 1 {megatron_lm}/pretrain_hybrid.py --spec megatron_lighthouse.env_spec {name} "
+            f"--transformer-impl {impl} --hybrid-layer-pattern {PATTERN8} ")
+
+
+def test_hybrid_example_dense_mode(tmp_path, patched, megatron_lm):
+    """DENSE=1: Megatron-LM's own hybrid_stack_spec with TransformerEngine (as its migration guide names it), the
+    package's dense local hybrid stack without; patched or not."""
+    for root in (patched, megatron_lm):
+        te = _run(HYBRID, tmp_path, **_mock(root, DENSE="1", NUM_LAYERS="8"))
+        assert te.returncode == 0, te.stderr
+        command = te.stdout.splitlines()[-1]
+        assert (f"pretrain_hybrid.py --spec megatron.core.models.hybrid.hybrid_layer_specs hybrid_stack_spec "
+                f"--transformer-impl transformer_engine --hybrid-layer-pattern {PATTERN8} ") in command
+        assert "--lighthouse" not in command and "LIGHTHOUSE_" not in command and "lighthouse:" not in te.stdout
+        assert "--save ./checkpoints/hybrid_dense_baseline " in command
+        local = _run(HYBRID, tmp_path, **_mock(root, DENSE="1", TRANSFORMER_IMPL="local"))
+        assert ("pretrain_hybrid.py --spec megatron_lighthouse.env_spec dense_local_hybrid_stack_spec "
+                "--transformer-impl local --hybrid-layer-pattern ") in local.stdout
+
+
+@pytest.mark.parametrize("env, message", [
+    (dict(HYBRID_LAYER_PATTERN="*-x"), "HYBRID_LAYER_PATTERN=*-x: must be Megatron's layer symbols"),
+    # fewer than five attention layers with the paper's dense layers: refused, as NUM_LAYERS=4 is for GPT
+    (dict(HYBRID_LAYER_PATTERN="*-*-*-*-"), "HYBRID_LAYER_PATTERN=*-*-*-*- with DENSE_LAYERS=0,1,-2,-1: keeps all 4 "
+                                            "attention layers (hybrid layers 1, 3, 5, 7) dense: no layer would run "
+                                            "Lighthouse"),
+    (dict(NUM_LAYERS="8", DENSE_LAYERS="0,9"), f"HYBRID_LAYER_PATTERN={PATTERN8} with DENSE_LAYERS=0,9: "
+                                               "LighthouseConfig.dense_layers entry 9: out of range for a model of 8 "
+                                               "attention layers"),
+    (dict(HYBRID_LAYER_PATTERN="*-*-*-*-*-/*-"), "its multi-token-prediction part ('/*-') has attention layers"),
+    (dict(HYBRID_LAYER_PATTERN="M*M*M*M*M*", TRANSFORMER_IMPL="local"),
+     "HYBRID_LAYER_PATTERN=M*M*M*M*M* with TRANSFORMER_IMPL=local: the local hybrid stack builds * (attention), - "
+     "(MLP) and E (MoE) layers only"),
+    (dict(NUM_LAYERS="many"), "NUM_LAYERS=many: must be a positive integer"),
+    (dict(DENSE="yes"), "DENSE=yes: must be 0 or 1"),
+])
+def test_hybrid_example_refuses_bad_variables_before_launch(tmp_path, patched, env, message):
+    proc = _run(HYBRID, tmp_path, **{**_mock(patched), **env})
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert "torchrun" not in proc.stdout
+
+
+def test_hybrid_example_needs_pretrain_hybrid(tmp_path):
+    old = _stand_in(tmp_path / "Megatron-LM-0.16", patched=True, scripts=("pretrain_gpt.py",))
+    proc = _run(HYBRID, tmp_path, **_mock(old))
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: MEGATRON_LM_DIR={old}: no pretrain_hybrid.py there"
+
+
+def test_resume_dense_of_a_hybrid_model(tmp_path, patched, megatron_lm):
+    """Stage two of a HybridModel: patched, the Lighthouse model switched to dense; unpatched, the dense stack with
+    the same keys: Megatron-LM's hybrid_stack_spec (also with MEGATRON_SPEC=1), or the package's local one."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    env = dict(HYBRID_LAYER_PATTERN=PATTERN8, LIGHTHOUSE_CHECKPOINT=str(ckpt))
+    on = _run("resume_dense.sh", tmp_path, **_mock(patched, **env))
+    assert on.returncode == 0, on.stderr
+    assert (f"{patched}/pretrain_hybrid.py {LIGHTHOUSE} --lighthouse-dense-from-iteration 0 --transformer-impl "
+            f"transformer_engine --hybrid-layer-pattern {PATTERN8} ") in on.stdout
+    megatron = f"{megatron_lm}/pretrain_hybrid.py --spec megatron.core.models.hybrid.hybrid_layer_specs hybrid_stack_spec "
+    for spec in ("0", "1"):
+        te = _run("resume_dense.sh", tmp_path, **_mock(megatron_lm, **env, MEGATRON_SPEC=spec))
+        assert te.returncode == 0 and megatron in te.stdout and f"--load {ckpt}" in te.stdout, te.stderr
+    local = _run("resume_dense.sh", tmp_path, **_mock(megatron_lm, **env, TRANSFORMER_IMPL="local"))
+    assert "pretrain_hybrid.py --spec megatron_lighthouse.env_spec dense_local_hybrid_stack_spec " in local.stdout
+    refused = _run("resume_dense.sh", tmp_path, **_mock(megatron_lm, **env, TRANSFORMER_IMPL="local",
+                                                        MEGATRON_SPEC="1"))
+    assert refused.returncode == 2 and ("MEGATRON_SPEC=1 with HYBRID_LAYER_PATTERN and TRANSFORMER_IMPL=local: "
+                                        "Megatron-LM's hybrid stack spec is TransformerEngine's throughout") in \
+        refused.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_hybrid_launch_without_a_gpu_is_one_error_line(tmp_path, patched):
+    path, record = _recording_torchrun(tmp_path)
+    env = {k: v for k, v in _mock(patched, TRANSFORMER_IMPL="local", PATH=path).items() if k != "DRY_RUN"}
+    proc = _run(HYBRID, tmp_path, **env, **_with_apex(tmp_path))
+    assert proc.returncode == 2 and not record.exists(), proc
+    assert proc.stderr.strip() == ("error: torch sees no CUDA GPU here, and Megatron-LM's pretrain_hybrid.py needs "
+                                   "one (DRY_RUN=1 prints the command instead of launching it)"), proc.stderr
+
+
 # -- benchmarks/run_megatron_lm_gpu.sh: the user path on one GPU, dry run -----------------------------------------
 
 
 def _patchable_stand_in(root: pathlib.Path) -> pathlib.Path:
-    """A Megatron-LM look-alike the patch applies to: pretrain_gpt.py holds each hunk's pre-image between filler
-    lines (no Megatron-LM code here), plus an empty megatron/ package."""
+    """A Megatron-LM look-alike the patch applies to: pretrain_gpt.py and pretrain_hybrid.py hold each hunk's
+    pre-image between filler lines (no Megatron-LM code here), plus an empty megatron/ package."""
     (root / "megatron").mkdir(parents=True)
-    lines = []
-    for i, hunk in enumerate(parse_patch(PATCH.read_text())["pretrain_gpt.py"]):
-        lines += [f"# filler {i}.{j}" for j in range(5)] + hunk["old"]
-    (root / "pretrain_gpt.py").write_text("\n".join(lines + ["# end"]) + "\n")
+    for script, hunks in parse_patch(PATCH.read_text()).items():
+        lines = []
+        for i, hunk in enumerate(hunks):
+            lines += [f"# filler {i}.{j}" for j in range(5)] + hunk["old"]
+        (root / script).write_text("\n".join(lines + ["# end"]) + "\n")
     return root
 
 
@@ -533,7 +646,7 @@ def _stages(stdout: str) -> dict:
         elif line.startswith("== "):
             name = None
         elif name:
-            stages[name].append(" ".join(shlex.split(line)) if "pretrain_gpt.py" in line else line)
+            stages[name].append(" ".join(shlex.split(line)) if "/pretrain_" in line else line)
     return stages
 
 
@@ -623,6 +736,53 @@ def test_gpu_script_transformer_engine_mode_with_fp8_stages(tmp_path):
     assert list(_stages(proc.stdout)) == ["a_lighthouse", "c_dense_scratch"]
 
 
+@pytest.mark.parametrize("impl", ["transformer_engine", "local"])
+def test_gpu_script_hybrid_model(tmp_path, impl):
+    """MODEL=hybrid: the same stages through pretrain_hybrid.py with a '*-' pattern of NUM_LAYERS attention layers;
+    stage d loads stage b's checkpoint into the pristine script with Megatron-LM's hybrid_stack_spec (TE), or the
+    package's dense local hybrid stack (Megatron-LM has no local one), at the full length."""
+    proc, out, work = _gpu_dry_run(tmp_path, _patchable_stand_in(tmp_path / "Megatron-LM"), MODEL="hybrid",
+                                   TRANSFORMER_IMPL=impl)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stages = _stages(proc.stdout)
+    assert list(stages) == ["a_lighthouse", "e_monitor_report", "b_resume_dense", "d_unpatched_dense",
+                            "c_dense_scratch"]
+    patched, pristine = work / "megatron-lm-patched", work / "megatron-lm-pristine"
+    assert "megatron_lighthouse" in (patched / "pretrain_hybrid.py").read_text()
+    assert "megatron_lighthouse" not in (pristine / "pretrain_hybrid.py").read_text()
+    lines = {name: [line for line in stages[name] if "/pretrain_" in line] for name in stages if name[0] != "e"}
+    for name, (line,) in lines.items():
+        assert f"/pretrain_hybrid.py " in line and f"--hybrid-layer-pattern {PATTERN8} " in line, line
+        assert "--seq-length 131072 " in line and "--num-layers" not in line, line
+    assert "lighthouse: 4 of 8 attention layers run Lighthouse (hybrid layers 5, 7, 9, 11)" in "\n".join(
+        stages["a_lighthouse"])
+    assert f"{patched}/pretrain_hybrid.py --lighthouse " in lines["a_lighthouse"][0]
+    assert "--lighthouse-dense-from-iteration 4 " in lines["b_resume_dense"][0]
+    spec = ("megatron.core.models.hybrid.hybrid_layer_specs hybrid_stack_spec" if impl == "transformer_engine"
+            else "megatron_lighthouse.env_spec dense_local_hybrid_stack_spec")
+    (d,) = lines["d_unpatched_dense"]
+    assert d.startswith(f"torchrun --nproc-per-node 1 {pristine}/pretrain_hybrid.py --spec {spec} ")
+    assert d.endswith(f"--load {work}/ckpt_b_resume_dense")
+    assert f"{patched}/pretrain_hybrid.py --spec {spec} " in lines["c_dense_scratch"][0]
+
+
+def test_gpu_script_gpt_checkpoint_into_a_hybrid_model(tmp_path):
+    """Stage h: stage a's Lighthouse GPT checkpoint into the patched pretrain_hybrid.py ('*-' per GPT layer) as
+    stage b again, its lm loss compared with stage b's."""
+    proc, out, work = _gpu_dry_run(tmp_path, _patchable_stand_in(tmp_path / "Megatron-LM"), STAGES="a b h")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stages = _stages(proc.stdout)
+    assert list(stages) == ["a_lighthouse", "b_resume_dense", "h_gpt_to_hybrid"]
+    (b,) = [line for line in stages["b_resume_dense"] if "/pretrain_" in line]
+    (h,) = [line for line in stages["h_gpt_to_hybrid"] if "/pretrain_" in line]
+    assert h.startswith(f"torchrun --nproc-per-node 1 {work}/megatron-lm-patched/pretrain_hybrid.py {LIGHTHOUSE} "
+                        f"--lighthouse-dense-from-iteration 4 --transformer-impl local --hybrid-layer-pattern {PATTERN8} ")
+    assert h.endswith(f"--load {work}/ckpt_a_lighthouse") and b.endswith(f"--load {work}/ckpt_a_lighthouse")
+    assert b.replace("pretrain_gpt.py", "pretrain_hybrid.py").replace("--num-layers 8", f"--hybrid-layer-pattern {PATTERN8}") \
+        .replace("ckpt_b_resume_dense", "ckpt_h_gpt_to_hybrid") == h  # otherwise stage b's command
+    assert "--compare-loss b_resume_dense:h_gpt_to_hybrid" in proc.stdout
+
+
 @pytest.mark.parametrize("argv, env, message", [
     ((), {}, "usage:"),
     (("SRC",), dict(TRANSFORMER_IMPL="te"), "TRANSFORMER_IMPL=te: must be local or transformer_engine"),
@@ -632,6 +792,9 @@ def test_gpu_script_transformer_engine_mode_with_fp8_stages(tmp_path):
     (("SRC",), dict(STAGES="a f"), "STAGES=a f: stage f is an FP8 stage; set FP8_FORMAT"),
     (("SRC",), dict(STAGES="a x"), "STAGES=a x: x is not a stage"),
     (("SRC",), dict(ITERS_C="0"), "ITERS_C=0: must be a positive integer"),
+    (("SRC",), dict(MODEL="mamba"), "MODEL=mamba: must be gpt or hybrid"),
+    (("SRC",), dict(MODEL="hybrid", STAGES="a h"), "STAGES=a h: stage h loads stage a's GPT checkpoint into a "
+                                                   "HybridModel; it needs MODEL=gpt"),
     (("/nonexistent",), {}, "MEGATRON_LM_DIR=/nonexistent: not a Megatron-LM checkout"),
     (("SRC",), dict(ITERS_A="0"), "ITERS_A=0: must be a positive integer"),
     (("SRC",), dict(BUDGET_S="ten"), "BUDGET_S=ten: must be a positive integer"),
@@ -652,7 +815,8 @@ needs_checkout = pytest.mark.skipif(
     not (CHECKOUT / "pretrain_gpt.py").is_file(),
     reason="set MEGATRON_LM_DIR to a Megatron-LM checkout (e.g. the commit of patches/apply.sh) to run these")
 #: What pretrain_gpt.py needs of a checkout (the rest of a clone is not copied).
-CHECKOUT_FILES = ("megatron", "pretrain_gpt.py", "gpt_builders.py", "model_provider.py")
+CHECKOUT_FILES = ("megatron", "pretrain_gpt.py", "gpt_builders.py", "model_provider.py", "pretrain_hybrid.py",
+                  "hybrid_builders.py")
 #: A small model of the examples' shape at their 131072 tokens: 5 layers, the middle one Lighthouse.
 SMALL = dict(NUM_LAYERS="5", HIDDEN="64", HEADS="4", FFN="128", VOCAB_SIZE="256", TRANSFORMER_IMPL="local")
 
@@ -671,8 +835,10 @@ def checkout(tmp_path_factory) -> dict:
                 shutil.copytree(source, copies[name] / item, ignore=shutil.ignore_patterns("__pycache__"))
             elif source.is_file():
                 shutil.copy2(source, copies[name] / item)
-    if "megatron_lighthouse" in (copies["pristine"] / "pretrain_gpt.py").read_text():
-        subprocess.run(["git", "apply", "--reverse", str(PATCH)], cwd=copies["pristine"], check=True)
+    for script in ("pretrain_gpt.py", "pretrain_hybrid.py"):
+        if "megatron_lighthouse" in (copies["pristine"] / script).read_text():
+            subprocess.run(["git", "apply", "--reverse", f"--include={script}", str(PATCH)], cwd=copies["pristine"],
+                           check=True)
     subprocess.run(["bash", str(ROOT / "patches" / "apply.sh"), str(copies["patched"])], check=True,
                    capture_output=True)
     return copies
@@ -716,6 +882,16 @@ def _check_command(copy: pathlib.Path, command: str) -> subprocess.CompletedProc
     # stage one, unpatched: --spec megatron_lighthouse.env_spec with the printed LIGHTHOUSE_* variables; the dense
     # layers are Lighthouse modules that run dense
     ("pretrain_lighthouse_1gpu.sh", "pristine", {}, ["LighthouseCoreAttention"] * 5, "[2]"),
+    # a HybridModel ('*-' x 5) through pretrain_hybrid.py: the middle attention layer (hybrid layer 5) runs
+    # Lighthouse, patched and unpatched (every attention layer a Lighthouse module, the dense ones running dense)
+    (HYBRID, "patched", {}, ["LighthouseCoreAttention", "MLPLayer"] * 5, "[4]"),
+    (HYBRID, "pristine", {}, ["LighthouseCoreAttention", "MLPLayer"] * 5, "[4]"),
+    (HYBRID, "patched", {"DENSE": "1", "MONITOR": "1"}, ["SDPACoreAttention", "MLPLayer"] * 5, "none"),
+    ("resume_dense.sh", "patched", {"DENSE_FROM_ITER": "4", "HYBRID_LAYER_PATTERN": "*-" * 5},
+     ["LighthouseCoreAttention", "MLPLayer"] * 5, "[4]"),
+    # its stage-two checkpoint in the unpatched pretrain_hybrid.py without TransformerEngine: the package's dense
+    # local hybrid stack (Megatron-LM's hybrid_stack_spec, TE throughout, takes it on the GPU)
+    ("resume_dense.sh", "pristine", {"HYBRID_LAYER_PATTERN": "*-" * 5}, ["SDPACoreAttention", "MLPLayer"] * 5, "none"),
 ])
 def test_megatron_accepts_the_local_mock_commands(tmp_path, checkout, script, copy, env, layers, lighthouse):
     """Megatron-LM's own argument parser (the patched script's, with the hook's start-up checks) takes every flag the
@@ -728,6 +904,24 @@ def test_megatron_accepts_the_local_mock_commands(tmp_path, checkout, script, co
     assert f"Lighthouse layers: {lighthouse}" in checked.stdout
     assert "accepts the command and builds its model" in checked.stdout
     assert "end of arguments" not in checked.stdout + checked.stderr  # Megatron-LM's own output is kept back
+
+
+@needs_checkout
+def test_the_patched_scripts_train_and_switch(checkout):
+    """``patches/check_patched.py`` on the patched copy: pretrain_gpt.py's and pretrain_hybrid.py's own argument
+    parsers, model builders and forward_step, Lighthouse where --lighthouse-dense-layers says (in the hybrid model:
+    among its attention layers), switched to dense at --lighthouse-dense-from-iteration."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "kernels"),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(ROOT / "patches" / "check_patched.py"), str(checkout["patched"])],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for script in ("pretrain_gpt.py", "pretrain_hybrid.py"):
+        assert f"OK: the patched {script} parses the flags, builds Lighthouse layers, trains and switches to dense" \
+            in proc.stdout
+    assert ("--hybrid-layer-pattern *-*-*-*-*-*-: 4 of 6 attention layers run Lighthouse (hybrid layers 3, 5, 7, 9); "
+            "dense: 1, 11") in proc.stdout
+    assert proc.stdout.count("iteration 2: 4 Lighthouse layers ran dense") == 2
 
 
 @needs_checkout
@@ -776,6 +970,19 @@ def test_gpu_script_dry_run_on_the_checkout(tmp_path):
     unpatched = _stages(proc.stdout)["d_unpatched_dense"][-1]
     assert f"{work}/megatron-lm-pristine/pretrain_gpt.py --transformer-impl local" in unpatched
     assert "--spec" not in unpatched and "--seq-length 8192 " in unpatched
+
+
+@needs_checkout
+def test_gpu_script_hybrid_dry_run_on_the_checkout(tmp_path):
+    """MODEL=hybrid on the checkout: both copies of pretrain_hybrid.py set up, stage d with Megatron-LM's own
+    hybrid_stack_spec in the pristine one (TransformerEngine)."""
+    proc, out, work = _gpu_dry_run(tmp_path, CHECKOUT, MODEL="hybrid", TRANSFORMER_IMPL="transformer_engine")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "megatron_lighthouse" in (work / "megatron-lm-patched" / "pretrain_hybrid.py").read_text()
+    assert "megatron_lighthouse" not in (work / "megatron-lm-pristine" / "pretrain_hybrid.py").read_text()
+    unpatched = _stages(proc.stdout)["d_unpatched_dense"][-1]
+    assert (f"{work}/megatron-lm-pristine/pretrain_hybrid.py --spec megatron.core.models.hybrid.hybrid_layer_specs "
+            f"hybrid_stack_spec --transformer-impl transformer_engine --hybrid-layer-pattern {PATTERN8} ") in unpatched
 
 
 #: A stand-in for torchrun + Megatron-LM: prints Megatron-LM's log lines for the iterations it is asked to run

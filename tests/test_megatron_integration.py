@@ -15,7 +15,7 @@ pytest.importorskip("megatron.core")
 
 from megatron.core.models.gpt import gpt_layer_specs  # noqa: E402
 from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
-from megatron.core.transformer.spec_utils import ModuleSpec, import_module  # noqa: E402
+from megatron.core.transformer.spec_utils import ModuleSpec  # noqa: E402
 
 from megatron_lighthouse import lighthouse_attention  # noqa: E402
 from megatron_lighthouse.config import LighthouseConfig  # noqa: E402
@@ -36,7 +36,17 @@ from megatron_lighthouse.schedule import (  # noqa: E402
 )
 from megatron_lighthouse.transformer_config import lighthouse_config_from_env  # noqa: E402
 
-from megatron_utils import LIGHTHOUSE, SEQ, batch, init_megatron, tiny_config, tiny_gpt  # noqa: E402
+from megatron_utils import (  # noqa: E402
+    ENV_SPEC,
+    LIGHTHOUSE,
+    SEQ,
+    batch,
+    init_megatron,
+    megatron_lm_spec as _megatron_lm_spec,
+    set_lighthouse_environment as _environment,
+    tiny_config,
+    tiny_gpt,
+)
 
 DENSE_LAYERS = {0, 1, 4, 5}  # (0, 1, -2, -1) of 6 layers
 
@@ -548,30 +558,9 @@ def test_pipeline_stages_map_global_layers():
     assert [stage(vp, 0, 0), stage(vp, 1, 0), stage(vp, 0, 1), stage(vp, 1, 1)] == ["DD", "LL", "LL", "DD"]
 
 
-ENV_SPEC = "megatron_lighthouse.env_spec"
 #: Megatron-LM arguments a tiny Lighthouse model fits: LIGHTHOUSE at SEQ tokens, 6 layers (4 of them dense).
 TINY_ARGS = dict(seq_length=SEQ, num_layers=6, transformer_impl="local")
 TINY_ENV = {"LIGHTHOUSE_LEVELS": "2", "LIGHTHOUSE_POOLING_FACTOR": "2", "LIGHTHOUSE_TOPK": "128"}
-
-
-def _environment(monkeypatch, **variables):
-    """Exactly ``variables`` of the ``LIGHTHOUSE_*`` settings in the environment."""
-    for var in ("LIGHTHOUSE_LEVELS", "LIGHTHOUSE_POOLING_FACTOR", "LIGHTHOUSE_TOPK", "LIGHTHOUSE_DENSE_LAYERS"):
-        monkeypatch.delenv(var, raising=False)
-    for var, value in variables.items():
-        monkeypatch.setenv(var, value)
-
-
-def _megatron_lm_spec(monkeypatch, name, **args):
-    """``--spec megatron_lighthouse.env_spec NAME`` resolved as Megatron-LM resolves it once it has parsed its
-    arguments (``args``, with that ``--spec``): a first import of the module, then ``vars(module)[NAME]``
-    (megatron-core's ``spec_utils.import_module``)."""
-    global_vars = types.ModuleType("megatron.training.global_vars")
-    global_vars._GLOBAL_ARGS = types.SimpleNamespace(spec=[ENV_SPEC, name], **args)
-    monkeypatch.setitem(sys.modules, "megatron.training", types.ModuleType("megatron.training"))
-    monkeypatch.setitem(sys.modules, "megatron.training.global_vars", global_vars)
-    monkeypatch.delitem(sys.modules, ENV_SPEC, raising=False)
-    return import_module((ENV_SPEC, name))
 
 
 def test_megatron_lm_spec_entry_point(monkeypatch):
@@ -643,7 +632,7 @@ def test_env_spec_builds_each_spec_on_first_access(monkeypatch):
     assert vars(module)["dense_local_layer_spec"] is dense and module.dense_local_layer_spec is dense
     with pytest.raises(ValueError, match=r"^LIGHTHOUSE_TOPK=100: must be a positive multiple of 128"):
         module.lighthouse_local_layer_spec
-    with pytest.raises(AttributeError, match=r"has no attribute 'lighthouse_spec'; its layer specs: "):
+    with pytest.raises(AttributeError, match=r"has no attribute 'lighthouse_spec'; its specs: "):
         module.lighthouse_spec
 
 
@@ -682,7 +671,7 @@ def test_env_spec_dense_spec_checks_no_lighthouse_settings(monkeypatch):
 
 
 def test_env_spec_refuses_a_spec_name_it_does_not_have(monkeypatch):
-    with pytest.raises(ValueError, match=rf"^--spec {ENV_SPEC} lighthouse_spec: not a layer spec of this module; "
+    with pytest.raises(ValueError, match=rf"^--spec {ENV_SPEC} lighthouse_spec: not a spec of this module; "
                                          r"use one of lighthouse_layer_spec, "):
         _megatron_lm_spec(monkeypatch, "lighthouse_spec", **TINY_ARGS)
 

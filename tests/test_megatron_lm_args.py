@@ -457,7 +457,8 @@ def test_start_lighthouse_refuses_what_it_cannot_wire():
     class OldModelConfig:  # a model config without transformer_layer_spec: the spec would never be used
         transformer: object = None
 
-    with pytest.raises(ValueError, match=r"OldModelConfig has no transformer_layer_spec field"):
+    with pytest.raises(ValueError, match=r"OldModelConfig has neither a transformer_layer_spec nor a hybrid_stack_spec "
+                                         r"field"):
         start_lighthouse(_startup_args("--lighthouse", seq_length=131072), OldModelConfig())
 
 

@@ -1,5 +1,6 @@
-"""``patches/``: the Megatron-LM patch is a valid git patch that only adds the hook lines; ``apply.sh`` checks,
-applies once, and refuses a conflicting checkout without touching it."""
+"""``patches/``: the Megatron-LM patch is a valid git patch that only adds the hook lines to ``pretrain_gpt.py`` and
+``pretrain_hybrid.py``; ``apply.sh`` checks, applies each script once, and refuses a conflicting checkout without
+touching it."""
 
 from __future__ import annotations
 
@@ -60,13 +61,17 @@ def patch() -> dict:
     return parse_patch(PATCH.read_text())
 
 
-def test_patch_touches_only_the_hook_file(patch):
-    assert set(patch) == {"pretrain_gpt.py"}
+SCRIPTS = ("pretrain_gpt.py", "pretrain_hybrid.py")
 
 
-def test_patch_only_adds_hook_lines(patch):
-    added = [line for hunks in patch.values() for h in hunks for line in h["added"]]
-    removed = [line for hunks in patch.values() for h in hunks for line in h["removed"]]
+def test_patch_touches_only_the_hook_files(patch):
+    assert set(patch) == set(SCRIPTS)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_patch_only_adds_hook_lines(patch, script):
+    added = [line for h in patch[script] for line in h["added"]]
+    removed = [line for h in patch[script] for line in h["removed"]]
     assert len(added) == 4, added
     # The one changed line: Megatron-LM's own extra_args_provider, now wrapped by ours.
     assert removed == ["        extra_args_provider=add_modelopt_args if has_nvidia_modelopt else None,"]
@@ -85,29 +90,39 @@ def test_patch_imports_exist(patch):
                         assert name in megatron_lm.__all__ and callable(getattr(megatron_lm, name)), name
 
 
-def test_patch_wires_every_piece(patch):
-    text = "\n".join(line for hunks in patch.values() for h in hunks for line in h["added"])
+#: The switch line of each script: pretrain_hybrid.py's forward_step has no local ``args``.
+SWITCH_LINE = {"pretrain_gpt.py": "maybe_switch_to_dense(model, args)",
+               "pretrain_hybrid.py": "maybe_switch_to_dense(model, get_args())"}
+#: The line of each script that builds the model config the hook's start_lighthouse completes.
+MODEL_CONFIG_LINE = {"pretrain_gpt.py": "model_cfg = gpt_config_from_args(args)",
+                     "pretrain_hybrid.py": "model_cfg = hybrid_config_from_args(args)"}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_patch_wires_every_piece(patch, script):
+    text = "\n".join(line for h in patch[script] for line in h["added"])
     assert "extra_args_provider=lighthouse_args_provider(add_modelopt_args if has_nvidia_modelopt else None)" in text
     assert "start_lighthouse(args, model_cfg, printer=print_rank_0)" in text
-    assert "maybe_switch_to_dense(model, args)" in text
+    assert SWITCH_LINE[script] in text
 
 
-def _hunk_with(patch: dict, added: str) -> list:
-    (hunk,) = [h for h in patch["pretrain_gpt.py"] if any(added in line for line in h["added"])]
+def _hunk_with(patch: dict, script: str, added: str) -> list:
+    (hunk,) = [h for h in patch[script] if any(added in line for line in h["added"])]
     return [line.strip() for line in hunk["new"]]
 
 
-def test_hooks_sit_where_megatron_lm_uses_them(patch):
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_hooks_sit_where_megatron_lm_uses_them(patch, script):
     """The layer spec must reach the model config before Megatron-LM packs it into the config container that
     ``pretrain`` builds the model from (since 0.19 ``gpt_builder`` is not on that path), and the switch must run
     at the top of ``forward_step``, before the batch and the model call."""
-    new = _hunk_with(patch, "start_lighthouse(")
+    new = _hunk_with(patch, script, "start_lighthouse(")
     start = new.index("start_lighthouse(args, model_cfg, printer=print_rank_0)")
-    assert new[start - 1] == "model_cfg = gpt_config_from_args(args)"
+    assert new[start - 1] == MODEL_CONFIG_LINE[script]
     assert new[start + 1] == "full_config = pretrain_cfg_container_from_args(args, model_cfg)"
-    new = _hunk_with(patch, "maybe_switch_to_dense(")
-    switch = new.index("maybe_switch_to_dense(model, args)")
-    assert new[switch - 2:switch] == ["args = get_args()", "timers = get_timers()"]
+    new = _hunk_with(patch, script, "maybe_switch_to_dense(")
+    switch = new.index(SWITCH_LINE[script])
+    assert new[switch - 1] == "timers = get_timers()"
     assert "# Get the batch." in new[switch:]
 
 
@@ -120,10 +135,12 @@ def test_readme_and_apply_name_the_same_commits():
 # -- apply.sh against a stand-in checkout built from the patch's own context (no Megatron-LM code here) --
 
 
-def _stand_in(root: pathlib.Path, patch: dict, commit: bool) -> pathlib.Path:
-    """A directory whose two files hold each hunk's pre-image between filler lines, as a git repo."""
+def _stand_in(root: pathlib.Path, patch: dict, commit: bool, scripts=SCRIPTS) -> pathlib.Path:
+    """A directory whose ``scripts`` hold each hunk's pre-image between filler lines (a git repo if ``commit``)."""
     root.mkdir()
     for path, hunks in patch.items():
+        if path not in scripts:
+            continue
         lines = []
         for i, h in enumerate(hunks):
             lines += [f"# filler {i}.{j}" for j in range(5)] + h["old"]
@@ -150,26 +167,53 @@ def test_apply_sh_parses():
 
 def test_apply_then_already_applied(tmp_path, patch):
     root = _stand_in(tmp_path / "mlm", patch, commit=True)
-    before = (root / "pretrain_gpt.py").read_text()
+    before = {script: (root / script).read_text() for script in SCRIPTS}
     first = _apply(str(root))
     assert first.returncode == 0, first.stderr
     assert "patch was verified on" in first.stderr  # a different commit is warned about
-    after = (root / "pretrain_gpt.py").read_text()
-    assert after != before and "maybe_switch_to_dense(model, args)" in after
-    assert "start_lighthouse(args, model_cfg, printer=print_rank_0)" in after
+    assert "applied to pretrain_gpt.py pretrain_hybrid.py: " in first.stdout
+    after = {script: (root / script).read_text() for script in SCRIPTS}
+    for script in SCRIPTS:
+        assert after[script] != before[script] and SWITCH_LINE[script] in after[script]
+        assert "start_lighthouse(args, model_cfg, printer=print_rank_0)" in after[script]
     second = _apply(str(root))
-    assert second.returncode == 0 and "already applied" in second.stdout
-    assert (root / "pretrain_gpt.py").read_text() == after
+    assert second.returncode == 0 and second.stdout.splitlines()[-3:] == [
+        f"already applied: {root}/pretrain_gpt.py carries the Lighthouse hook",
+        f"already applied: {root}/pretrain_hybrid.py carries the Lighthouse hook", "nothing to do"]
+    assert {script: (root / script).read_text() for script in SCRIPTS} == after
+
+
+def test_apply_completes_a_checkout_patched_before_the_hybrid_hook(tmp_path, patch):
+    """A checkout that carries the GPT hook only (an earlier patch): the hybrid one is added, the GPT one kept."""
+    root = _stand_in(tmp_path / "mlm", patch, commit=False)
+    subprocess.run(["git", "apply", "--include=pretrain_gpt.py", str(PATCH)], cwd=root, check=True)
+    gpt = (root / "pretrain_gpt.py").read_text()
+    proc = _apply(str(root))
+    assert proc.returncode == 0, proc.stderr
+    assert f"already applied: {root}/pretrain_gpt.py carries the Lighthouse hook" in proc.stdout
+    assert "applied to pretrain_hybrid.py: " in proc.stdout
+    assert (root / "pretrain_gpt.py").read_text() == gpt and SWITCH_LINE["pretrain_hybrid.py"] in (
+        root / "pretrain_hybrid.py").read_text()
+
+
+def test_a_checkout_without_pretrain_hybrid_gets_the_gpt_hook(tmp_path, patch):
+    root = _stand_in(tmp_path / "mlm", patch, commit=False, scripts=("pretrain_gpt.py",))
+    proc = _apply(str(root))
+    assert proc.returncode == 0, proc.stderr
+    assert f"note: no pretrain_hybrid.py in {root} (a Megatron-LM without HybridModel): its hook is left out" in \
+        proc.stderr
+    assert "applied to pretrain_gpt.py: " in proc.stdout and not (root / "pretrain_hybrid.py").exists()
 
 
 def test_conflict_is_refused_and_nothing_changes(tmp_path, patch):
     root = _stand_in(tmp_path / "mlm", patch, commit=False)
-    path = root / "pretrain_gpt.py"
+    path = root / "pretrain_hybrid.py"  # the GPT script would apply: nothing is changed all the same
     path.write_text(path.read_text().replace("timers = get_timers()", "timers = get_timers(changed=True)"))
     before = {p.name: p.read_text() for p in root.iterdir()}
     proc = _apply(str(root))
     assert proc.returncode == 3
-    assert "does not apply" in proc.stderr and "git -C" in proc.stderr and "--3way" in proc.stderr
+    assert f"does not apply to {root}/pretrain_hybrid.py" in proc.stderr and "git -C" in proc.stderr
+    assert "--3way" in proc.stderr
     assert "--spec megatron_lighthouse.env_spec lighthouse_layer_spec" in proc.stderr  # the route of older ones
     assert "not a git checkout" in proc.stderr
     assert {p.name: p.read_text() for p in root.iterdir()} == before
@@ -198,22 +242,30 @@ def test_check_patched_reads_a_launch_command(monkeypatch):
         monkeypatch.setenv(name, "unset")  # restored after the test
     line = ("LIGHTHOUSE_TOPK=1024 LIGHTHOUSE_DENSE_LAYERS=0\\,1 torchrun --nproc-per-node 1 /x/pretrain_gpt.py "
             "--num-layers 2 --spec megatron_lighthouse.env_spec lighthouse_layer_spec")
-    assert check_patched.command_arguments([line]) == [
-        "--num-layers", "2", "--spec", "megatron_lighthouse.env_spec", "lighthouse_layer_spec"]
+    assert check_patched.command_arguments([line]) == ("pretrain_gpt.py", [
+        "--num-layers", "2", "--spec", "megatron_lighthouse.env_spec", "lighthouse_layer_spec"])
     assert (os.environ["LIGHTHOUSE_TOPK"], os.environ["LIGHTHOUSE_DENSE_LAYERS"]) == ("1024", "0,1")
-    assert check_patched.command_arguments(["--num-layers", "2"]) == ["--num-layers", "2"]
-    assert check_patched.command_arguments(["python", "pretrain_gpt.py", "--lr", "1e-3"]) == ["--lr", "1e-3"]
+    assert check_patched.command_arguments(["--num-layers", "2"]) == ("pretrain_gpt.py", ["--num-layers", "2"])
+    assert check_patched.command_arguments(["python", "pretrain_gpt.py", "--lr", "1e-3"]) == (
+        "pretrain_gpt.py", ["--lr", "1e-3"])
+    hybrid = "torchrun /x/pretrain_hybrid.py --hybrid-layer-pattern \\*-\\*- --lr 1e-3"
+    assert check_patched.command_arguments([hybrid]) == ("pretrain_hybrid.py", ["--hybrid-layer-pattern", "*-*-",
+                                                                                "--lr", "1e-3"])
 
 
 @pytest.mark.parametrize("argv, message", [
     (("{mlm}", "--"), "usage:"),
     (("{mlm}", "{mlm}"), "usage:"),
     (("{mlm}",), "pretrain_gpt.py is not patched: run patches/apply.sh"),
+    (("{mlm}",), "{mlm}/pretrain_hybrid.py is not patched: run patches/apply.sh {mlm} first"),
     (("{mlm}/nope",), "error: MEGATRON_LM_DIR {mlm}/nope: no pretrain_gpt.py there"),
     (("{mlm}/nope", "--", "--lr 1"), "error: MEGATRON_LM_DIR {mlm}/nope: no pretrain_gpt.py there"),
 ])
 def test_check_patched_usage(tmp_path, argv, message):
     (tmp_path / "pretrain_gpt.py").write_text("# stand-in\n")
+    if "hybrid" in message:
+        (tmp_path / "pretrain_gpt.py").write_text("# megatron_lighthouse\n")
+        (tmp_path / "pretrain_hybrid.py").write_text("# stand-in\n")
     argv = [a.format(mlm=tmp_path) for a in argv]
     proc = subprocess.run([sys.executable, str(PATCHES / "check_patched.py"), *argv], capture_output=True, text=True,
                           timeout=60)

@@ -54,8 +54,7 @@ def _te_block_spec(rank, world):
     from megatron_lighthouse.core_attention import LighthouseCoreAttention
     from megatron_lighthouse.self_attention import LighthouseSelfAttention
     from megatron_lighthouse.spec import get_gpt_decoder_block_with_lighthouse_spec
-    from megatron_lighthouse.schedule import set_lighthouse_enabled
-    from megatron_utils import SEQ, batch, tiny_config, tiny_gpt
+    from megatron_utils import check_switch_over_fake_te, tiny_config, tiny_gpt
 
     parallel_state.initialize_model_parallel()
     try:
@@ -113,20 +112,7 @@ def _te_block_spec(rank, world):
         _assert_same_state(back.state_dict(), dense.state_dict())
 
         # ---- behaviour: switched off it is the dense model; on, the Lighthouse layers attend over subsequences
-        tokens, positions, _ = batch(2, SEQ)
-        dense.eval()
-        model.eval()
-        with torch.no_grad():
-            want = dense(tokens, positions, None)
-            assert set_lighthouse_enabled(model, False) == 2
-            torch.testing.assert_close(model(tokens, positions, None), want, rtol=1e-5, atol=1e-5)
-            set_lighthouse_enabled(model, True)
-            fake.calls.clear()
-            out = model(tokens, positions, None)
-        sub = lighthouse.subsequence_length(SEQ)
-        seen = [info["query"] for kind, info in fake.calls if kind == "forward"]
-        assert seen == [(SEQ, 2, 4, 16), (sub, 2, 4, 16), (sub, 2, 4, 16), (SEQ, 2, 4, 16)], seen
-        assert torch.isfinite(out).all() and (out - want).abs().max() > 1e-3, "Lighthouse layers did not run"
+        check_switch_over_fake_te(model, dense, fake, lighthouse, [False, True, True, False])
     finally:
         parallel_state.destroy_model_parallel()
 
