@@ -49,7 +49,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # 
 import torch  # noqa: E402
 
 from megatron_lighthouse import LighthouseConfig, lighthouse_attention, naive, select_indices  # noqa: E402
-from megatron_lighthouse.dense import DENSE_KERNELS, DenseAttention, dense_attention  # noqa: E402
+from megatron_lighthouse.dense import DENSE_KERNELS, DenseAttention, dense_attention, median_ms  # noqa: E402
 
 B, D, P, TOPK, FIXED_LEVELS = 1, 128, 4, 2048, 3
 DTYPE = torch.bfloat16
@@ -124,15 +124,7 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------------------------- timing tools
 def _event_ms(fn: Callable[[], object], calls: int) -> float:
     """Median over ``calls`` of one call's CUDA-event time, in ms."""
-    times = []
-    for _ in range(calls):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return median_ms(fn, torch.device("cuda"), calls)
 
 
 def interleaved_rounds(contenders: Dict[str, Callable[[], object]], rounds: int) -> Dict[str, List[float]]:

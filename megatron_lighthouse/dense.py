@@ -68,9 +68,9 @@ def _flash_attn(module_name: str) -> DenseAttention:
     return attention
 
 
-def _time_ms(fn: Callable[[], object], device: torch.device, repeats: int = 3) -> float:
-    """Median wall time of ``fn`` in ms after one warm-up call (CUDA events on GPUs)."""
-    fn()
+def median_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Median over ``repeats`` calls of one call's time in ms: CUDA events on a GPU, the wall clock elsewhere (no
+    warm-up: the caller's)."""
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
@@ -85,6 +85,12 @@ def _time_ms(fn: Callable[[], object], device: torch.device, repeats: int = 3) -
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def _time_ms(fn: Callable[[], object], device: torch.device, repeats: int = 3) -> float:
+    """Median time of ``fn`` in ms after one warm-up call (:func:`median_ms`)."""
+    fn()
+    return median_ms(fn, device, repeats)
 
 
 def pick_fastest(kernels: Mapping[str, DenseAttention], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
