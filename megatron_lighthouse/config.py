@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Tuple
+import numbers
+from typing import Any, Tuple
 
 #: Entries one selection tile picks per level (64 by query norm + 64 by key norm).
 TILE_SELECT = 128
@@ -17,6 +18,9 @@ MAX_TILE_ENTRIES = 2**20
 #: pooling_factor**(levels-1)`` tokens (each tile needs 128 coarsest-level entries), and int64 token positions reach
 #: ``2**63 - 1``, so that shortest sequence may be at most ``128 * 2**55 = 2**62`` tokens.
 _MAX_STRIDE_BITS = 63 - TILE_SELECT.bit_length()
+#: Largest count any setting or argument may hold (a sequence length, ``topk``, ``chunks``, a layer count or index):
+#: the concatenated pyramid of an ``N``-token sequence has fewer than ``2 * N`` entries, indexed with int64.
+MAX_COUNT = 2**62
 
 _SCORERS = ("norm",)
 #: Where a Lighthouse layer applies rotary position embedding (see :class:`LighthouseConfig`).
@@ -35,9 +39,15 @@ def _fits(config: LighthouseConfig, seq_len: int, chunks: int) -> bool:
     return True
 
 
-def _check_positive_int(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r}: must be a positive int")
+def check_int(name: str, value: Any, low: int = 1) -> int:
+    """``value`` as an ``int`` when it is an integer (``numbers.Integral``, numpy's too; not a bool) in
+    ``[low, MAX_COUNT]``; else ``ValueError`` naming ``name``, the value and the rule. The one check of every count
+    the settings and the op take (sequence lengths, ``chunks``, head and layer counts)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name}={value!r}: must be " + ("a positive int" if low == 1 else f"an int >= {low}"))
+    if value > MAX_COUNT:
+        raise ValueError(f"{name}={value!r}: must be at most 2**62 (token positions of the pyramid are int64)")
+    return int(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,8 +83,9 @@ class LighthouseConfig:
     def __post_init__(self) -> None:
         for name in ("levels", "pooling_factor", "topk"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool):
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
                 raise ValueError(f"LighthouseConfig.{name}={value!r}: must be an int")
+            object.__setattr__(self, name, int(value))
         if self.levels < 2:
             raise ValueError(f"LighthouseConfig.levels={self.levels}: must be >= 2 (level 0 is the token level)")
         if not _is_power_of_two(self.pooling_factor) or not 2 <= self.pooling_factor <= TILE_HALF:
@@ -90,21 +101,22 @@ class LighthouseConfig:
                 f"{1 + _MAX_STRIDE_BITS // stride_bits} (a valid sequence has >= {TILE_SELECT} * "
                 f"pooling_factor**(levels-1) tokens, which int64 positions must index)"
             )
-        if self.topk < TILE_SELECT or self.topk % TILE_SELECT != 0:
+        if self.topk < TILE_SELECT or self.topk % TILE_SELECT != 0 or self.topk > MAX_COUNT:
             raise ValueError(
                 f"LighthouseConfig.topk={self.topk}: must be a positive multiple of {TILE_SELECT} "
-                f"(each selection tile picks {TILE_SELECT} entries per level)"
+                f"(each selection tile picks {TILE_SELECT} entries per level), at most 2**62"
             )
         if self.rope not in ROPE_PLACEMENTS:
             raise ValueError(f"LighthouseConfig.rope={self.rope!r}: must be one of {ROPE_PLACEMENTS}")
         if self.scorer not in _SCORERS:
             raise ValueError(f"LighthouseConfig.scorer={self.scorer!r}: must be one of {_SCORERS}")
         layers = self.dense_layers
-        if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__") or not all(
-                isinstance(i, int) and not isinstance(i, bool) for i in layers):
+        items = None if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__") else tuple(layers)
+        if items is None or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) and abs(i) <= MAX_COUNT
+                                    for i in items):
             raise ValueError(f"LighthouseConfig.dense_layers={layers!r}: must be a sequence of ints (0-based layer "
                              f"indices, negative from the end), e.g. (0, 1, -2, -1)")
-        object.__setattr__(self, "dense_layers", tuple(layers))
+        object.__setattr__(self, "dense_layers", tuple(int(i) for i in items))
 
     @classmethod
     def for_sequence(cls, seq_len: int, *, chunks: int = 1, max_top_level: int = 16384,
@@ -120,9 +132,14 @@ class LighthouseConfig:
         """
         if "levels" in fields:
             raise ValueError("LighthouseConfig.for_sequence chooses levels itself; give the other settings only")
-        _check_positive_int("max_top_level", max_top_level)
+        unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"LighthouseConfig.for_sequence: {', '.join(unknown)}: not a setting; the settings: "
+                             f"{', '.join(f.name for f in dataclasses.fields(cls) if f.name != 'levels')}")
+        seq_len, chunks = check_int("seq_len", seq_len), check_int("chunks", chunks)
+        check_int("max_top_level", max_top_level)
         base = cls(**fields)
-        chunk_len = seq_len // chunks if isinstance(seq_len, int) and isinstance(chunks, int) and chunks > 0 else 0
+        chunk_len = seq_len // chunks
         levels = 2
         while chunk_len // base.pooling_factor ** (levels - 1) > max_top_level:
             levels += 1
@@ -153,29 +170,29 @@ class LighthouseConfig:
         return self.pooling_factor ** (self.levels - 1)
 
     def tiles(self, chunks: int = 1) -> int:
-        """Selection tiles per chunk, ``T = (topk / chunks) / 128``."""
-        return self.topk // chunks // TILE_SELECT
-
-    def tile_entries(self, seq_len: int, chunks: int = 1) -> int:
-        """Coarsest-level entries each selection tile spans, ``seq_len / chunks / pooling_factor**(levels-1) / T``
-        (for settings valid for ``seq_len``, see :meth:`validate`)."""
-        return seq_len // chunks // (self.coarsest_stride * self.tiles(chunks))
-
-    def validate(self, seq_len: int, chunks: int = 1) -> None:
-        """Raise ``ValueError`` unless ``seq_len`` (split into ``chunks``) fits these settings."""
-        if not isinstance(chunks, int) or chunks < 1:
-            raise ValueError(f"chunks={chunks!r}: must be a positive int")
-        if not isinstance(seq_len, int) or seq_len < 1:
-            raise ValueError(f"sequence length {seq_len!r}: must be a positive int")
+        """Selection tiles per chunk, ``T = (topk / chunks) / 128``; ``ValueError`` unless ``chunks`` is a positive
+        int that leaves each chunk a multiple of 128 of ``topk``."""
+        chunks = check_int("chunks", chunks)
         if self.topk % (chunks * TILE_SELECT) != 0:
             raise ValueError(
                 f"topk={self.topk} with chunks={chunks}: the per-chunk budget topk/chunks must be a multiple of "
                 f"{TILE_SELECT} (topk must be a multiple of {chunks * TILE_SELECT})"
             )
+        return self.topk // chunks // TILE_SELECT
+
+    def tile_entries(self, seq_len: int, chunks: int = 1) -> int:
+        """Coarsest-level entries each selection tile spans, ``seq_len / chunks / pooling_factor**(levels-1) / T``
+        (``ValueError`` unless the settings are valid for ``seq_len``, see :meth:`validate`)."""
+        self.validate(seq_len, chunks)
+        return seq_len // chunks // (self.coarsest_stride * self.tiles(chunks))
+
+    def validate(self, seq_len: int, chunks: int = 1) -> None:
+        """Raise ``ValueError`` unless ``seq_len`` (split into ``chunks``) fits these settings."""
+        tiles = self.tiles(chunks)
+        seq_len = check_int("seq_len", seq_len)
         if seq_len % chunks != 0:
             raise ValueError(f"sequence length {seq_len}: must be divisible by chunks={chunks}")
         chunk_len = seq_len // chunks
-        tiles = self.tiles(chunks)
         unit = self.coarsest_stride * tiles
         what = (f"sequence length {seq_len}" if chunks == 1
                 else f"chunk length {chunk_len} (sequence {seq_len} / chunks {chunks})")
@@ -189,7 +206,7 @@ class LighthouseConfig:
                    if seq_len < shortest else "")
                 + f"; nearest valid lengths: {self.suggest_lengths(seq_len, chunks)}"
             )
-        per_tile = self.tile_entries(seq_len, chunks)
+        per_tile = chunk_len // unit
         if per_tile < TILE_SELECT:
             raise ValueError(
                 f"{what}: each tile owns {per_tile} coarsest-level entries, needs >= {TILE_SELECT}; "
@@ -198,6 +215,7 @@ class LighthouseConfig:
 
     def suggest_lengths(self, seq_len: int, chunks: int = 1) -> Tuple[int, ...]:
         """The valid sequence lengths nearest to ``seq_len`` (for error messages)."""
+        seq_len = check_int("seq_len", seq_len)
         step = self.coarsest_stride * self.tiles(chunks) * chunks
         shortest = TILE_SELECT * step
         if seq_len <= shortest:
@@ -215,8 +233,8 @@ class LighthouseConfig:
         Causal attention does ``2 * 2 * n**2 / 2 * d`` multiply-adds per head (QK^T and PV, half masked).
         Returns ``{"subsequence_length", "dense_flops", "lighthouse_flops", "ratio"}``.
         """
-        _check_positive_int("num_heads", num_heads)
-        _check_positive_int("head_dim", head_dim)
+        check_int("num_heads", num_heads)
+        check_int("head_dim", head_dim)
         s = self.subsequence_length(seq_len, chunks)
         dense = 2.0 * seq_len * seq_len * head_dim * num_heads
         sparse = 2.0 * s * s * head_dim * num_heads
@@ -231,7 +249,7 @@ class LighthouseConfig:
         """0-based layer indices kept dense in a model of ``num_layers`` attention layers (every layer of a GPT
         model; the ``*`` layers of a hybrid stack, see :mod:`~megatron_lighthouse.hybrid_pattern`); ``unit`` names
         what ``num_layers`` counts in the error of an entry out of range."""
-        _check_positive_int("num_layers", num_layers)
+        num_layers = check_int("num_layers", num_layers)
         out = set()
         for i in self.dense_layers:
             j = i + num_layers if i < 0 else i
