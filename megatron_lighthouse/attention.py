@@ -14,20 +14,21 @@ with the same functions: :mod:`megatron_lighthouse.naive` (pure PyTorch, the ora
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import numbers
 import os
 from types import ModuleType
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
-from .config import MAX_TILE_ENTRIES, LighthouseConfig
+from .config import MAX_TILE_ENTRIES, LighthouseConfig, check_int
 from .context_parallel import check_cp_call, check_cp_shard, cp_causal_attention, cp_world_size
 from .dense import DenseAttention, dense_attention
 from .naive import pyramid_last_tokens
-from .rotary import EntryRotary, check_rotary
+from .rotary import EntryRotary, check_rotary, is_table_rotary
 
 _BACKENDS = ("auto", "torch", "triton")
 #: The dtypes q/k/v may have (the dense kernels' floating types).
@@ -116,6 +117,8 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.device.type == "meta":
+        raise ValueError("q, k, v are on the meta device: the selection reads the values of q and k")
 
 
 def expand_kv_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -153,20 +156,42 @@ def resolve_softmax_scale(softmax_scale: Optional[float], head_dim: int) -> floa
     return float(softmax_scale)
 
 
-def _check_chunks(chunks: int) -> None:
-    if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
-        raise ValueError(f"chunks={chunks!r}: must be an int >= 1")
+#: Given a rank's error message for a contract the call broke after the settings exchange (``None``: kept), every
+#: rank of the CP group raises together when any rank's did (:func:`check_cp_call` again); ``None`` without CP.
+Agree = Optional[Callable[[Optional[str]], None]]
 
 
-def _checked(name: str, out: object, like: torch.Tensor, rule: str) -> torch.Tensor:
+def check_callback(name: str, fn: object, params: Sequence[str]) -> None:
+    """``ValueError`` unless ``fn``, the ``name=`` argument, is callable with the positional arguments ``params``
+    (a signature that cannot take them: too few or too many parameters). Callables without a signature to read
+    (some builtins) pass."""
+    if not callable(fn):
+        raise ValueError(f"{name} must be a callable ({', '.join(params)}) -> out, or None, got {type(fn).__name__}")
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(*params)
+    except TypeError as err:
+        raise ValueError(f"{name}={getattr(fn, '__qualname__', type(fn).__name__)}: must take the "
+                         f"{len(params)} positional arguments ({', '.join(params)}); {err}") from None
+
+
+def _checked(name: str, out: object, like: torch.Tensor, rule: str, agree: Agree) -> torch.Tensor:
     """``out``, what the ``name=`` callable returned, if it has ``like``'s shape, dtype and device; else
-    ``ValueError`` stating ``rule``."""
+    ``ValueError`` stating ``rule``, on every rank of the CP group at once when ``agree`` is given."""
+    error = None
     if not isinstance(out, torch.Tensor) or (out.shape, out.dtype, out.device) != (like.shape, like.dtype,
                                                                                   like.device):
         got = (f"{tuple(out.shape)} {out.dtype} on {out.device}" if isinstance(out, torch.Tensor)
                else type(out).__name__)
-        raise ValueError(f"{name}= returned {got}; {rule} shape, dtype and device, {tuple(like.shape)} {like.dtype} "
-                         f"on {like.device} ([B, H, S, D])")
+        error = (f"{name}= returned {got}; {rule} shape, dtype and device, {tuple(like.shape)} {like.dtype} on "
+                 f"{like.device} ([B, H, S, D])")
+    if agree is not None:
+        agree(error)
+    if error is not None:
+        raise ValueError(error)
     return out
 
 
@@ -210,13 +235,15 @@ def entry_positions(indices: torch.Tensor, seq_len: int, levels: int, pooling_fa
 
 def _attend_selected(steps: ModuleType, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor,
                      config: LighthouseConfig, chunks: int, scale: float, attention: DenseAttention,
-                     rotary: Optional[EntryRotary]) -> torch.Tensor:
+                     rotary: Optional[EntryRotary], agree_attention: Agree = None,
+                     agree_rotary: Agree = None) -> torch.Tensor:
     """Gather the selected entries, attend causally over them, scatter back (spec sections 4-6).
 
     Differentiable in q (``[B, N, H, D]``) and k/v (``[B, N, H_kv, D]``); ``indices`` (``[B*chunks, H, S_c]``, from
     the selection) are constants. The dense attention gets ``[B, H, S, D]`` q, k and v: each query head attends
     over its own entries. ``rotary`` rotates the gathered q and k entries at their last tokens' positions
-    before the attention. Returns ``[B, N, H, D]``.
+    before the attention. ``agree_attention`` / ``agree_rotary``: how the ranks of a CP group agree on whether
+    ``attention`` / ``rotary`` kept their contract (see :func:`_checked`). Returns ``[B, N, H, D]``.
     """
     b, n, h, d = q.shape
     levels, p = config.levels, config.pooling_factor
@@ -224,9 +251,10 @@ def _attend_selected(steps: ModuleType, q: torch.Tensor, k: torch.Tensor, v: tor
     sub_q, sub_k, sub_v = (_chunks_to_sequence(x, chunks) for x in picked)
     if rotary is not None:
         positions = entry_positions(indices, n, levels, p, chunks)
-        sub_q, sub_k = (_checked("rotary", rotary(x, positions), x, "an entry rotary must return its x's")
-                        for x in (sub_q, sub_k))
-    out_sub = _checked("attention", attention(sub_q, sub_k, sub_v, scale), sub_q, "a dense kernel must return its q's")
+        sub_q, sub_k = (_checked("rotary", rotary(x, positions), x, "an entry rotary must return its x's",
+                                 agree_rotary) for x in (sub_q, sub_k))
+    out_sub = _checked("attention", attention(sub_q, sub_k, sub_v, scale), sub_q, "a dense kernel must return its q's",
+                       agree_attention)
     out = steps.scatter_to_tokens(_sequence_to_chunks(out_sub, chunks), indices, n // chunks, levels, p)
     return out.view(b, chunks, n // chunks, h, d).reshape(b, n, h, d)
 
@@ -253,7 +281,7 @@ def select_indices(
     """
     config = resolve_config(config, levels, pooling_factor, topk)
     check_qkv(q, k, k)
-    _check_chunks(chunks)
+    check_int("chunks", chunks)
     config.validate(q.shape[1], chunks)
     steps = _steps(resolve_backend(backend, q, config, q.shape[1], chunks))
     indices = _select(steps, q, k, config, chunks, config.topk // chunks)
@@ -288,7 +316,7 @@ def lighthouse_attention(
             attention runs over the chunk subsequences concatenated in order (the context-parallel semantics).
         softmax_scale: a finite real number > 0 (numpy's too); defaults to ``1/sqrt(D)``.
         attention: dense kernel ``(q, k, v, softmax_scale) -> out`` on ``[B, H, S, D]``, causal, returning q's
-            shape, dtype and device (checked); defaults to :func:`~megatron_lighthouse.dense.dense_attention`
+            shape, dtype and device (its signature is checked before any work, its result after it returns); defaults to :func:`~megatron_lighthouse.dense.dense_attention`
             ``("auto")``: on CUDA the fastest available stock kernel for the shape, timed once; torch SDPA elsewhere.
         backend: ``"torch"`` runs the pure-PyTorch reference steps; ``"triton"`` the fused kernels of
             ``lighthouse_kernels`` (CUDA tensors, or the CPU interpreter); ``"auto"`` is ``"triton"`` for CUDA
@@ -301,7 +329,12 @@ def lighthouse_attention(
             is the global budget. Each local chunk is selected alone with ``topk // (2W)``; ``attention``
             defaults to :func:`cp_causal_attention` over the group. ``chunks`` must stay 1. All ranks check the
             call together (:func:`~megatron_lighthouse.context_parallel.check_cp_call`): a bad argument on any rank
-            is one ``ValueError`` on every rank, naming the rank(s).
+            is one ``ValueError`` on every rank, naming the rank(s). The results of a caller's ``attention`` and
+            ``rotary`` are checked the same way (one more such exchange per call and callable), so a wrong shape
+            on one rank also raises on every rank. Local to the rank that raises them, with the other ranks then
+            waiting in the next collective until the process group's timeout: exceptions raised *inside*
+            ``attention`` or ``rotary`` (or the default kernel), kernel failures such as running out of memory,
+            and errors of the backward pass (``docs/CONTEXT_PARALLEL.md``).
         rotary: rotary position embedding of the selected entries (:data:`~megatron_lighthouse.rotary.EntryRotary`,
             e.g. :func:`~megatron_lighthouse.rotary.entry_rotary` of Megatron's table): q and k are then given
             *un-rotated*, pooled and selected as they are, and each selected entry is rotated at the position of
@@ -313,18 +346,22 @@ def lighthouse_attention(
         ``[B, N, H, D]`` in q's dtype.
 
     Every bad argument is a ``ValueError`` naming it, raised before any kernel runs (a wrong ``rotary`` or
-    ``attention`` result, once it returns).
+    ``attention`` result, once it returns). Non-finite values are not checked (that would cost a pass over the
+    inputs and a host synchronisation): NaN or infinity in q, k or v, or a ``softmax_scale`` so large that the
+    scores overflow, propagate into the output and the gradients as in stock attention, and may also change which
+    entries are selected.
     """
     world = None if cp_group is None else cp_world_size(cp_group)
     try:  # the checks that need no communication
         config = resolve_config(config, levels, pooling_factor, topk)
         check_qkv(q, k, v)
-        _check_chunks(chunks)
+        check_int("chunks", chunks)
         scale = resolve_softmax_scale(softmax_scale, q.shape[3])
-        if attention is not None and not callable(attention):
-            raise ValueError(f"attention must be a dense kernel, (q, k, v, softmax_scale) -> out, or None, got "
-                             f"{type(attention).__name__}")
+        if attention is not None:
+            check_callback("attention", attention, ("q", "k", "v", "softmax_scale"))
         check_rotary(rotary, q)
+        if rotary is not None:
+            check_callback("rotary", rotary, ("x", "positions"))
         if world is None:
             config.validate(q.shape[1], chunks)
             steps = _steps(resolve_backend(backend, q, config, q.shape[1], chunks))
@@ -338,14 +375,21 @@ def lighthouse_attention(
             raise
         check_cp_call(cp_group, None, q, k, None, str(err))  # every rank raises, naming this one
         raise  # not reached: check_cp_call raises for the error it was given
+    agree_attention = agree_rotary = None
     if world is None:
         chunk_topk = config.topk // chunks
     else:
         check_cp_call(cp_group, config, q, k, scale)
         chunks, chunk_topk = 2, config.topk // (2 * world)  # the rank's two of 2W chunks
+        # The caller's callables may break their contract on one rank only: the ranks agree on their results
+        # (the package's own kernel and entry_rotary tables keep it by construction).
+        agree = functools.partial(check_cp_call, cp_group, config, q, k, scale)
+        agree_attention = None if attention is None else agree
+        agree_rotary = None if rotary is None or is_table_rotary(rotary) else agree
         if attention is None:
             attention = functools.partial(cp_causal_attention, group=cp_group)
     if attention is None:
         attention = dense_attention("auto", q.device.type)
     indices = _select(steps, q, k, config, chunks, chunk_topk)
-    return _attend_selected(steps, q, k, v, indices, config, chunks, scale, attention, rotary)
+    return _attend_selected(steps, q, k, v, indices, config, chunks, scale, attention, rotary, agree_attention,
+                            agree_rotary)

@@ -70,6 +70,12 @@ def entry_rotary(freqs: torch.Tensor, interleaved: bool = False, mscale: float =
     return _TableRotary(freqs.reshape(freqs.shape[0], freqs.shape[-1]), interleaved, mscale)
 
 
+def is_table_rotary(rotary: Optional[EntryRotary]) -> bool:
+    """Whether ``rotary`` is one of :func:`entry_rotary`: its table is checked before any work
+    (:func:`check_rotary`) and its result keeps x's shape, dtype and device by construction."""
+    return isinstance(rotary, _TableRotary)
+
+
 def check_rotary(rotary: Optional[EntryRotary], q: torch.Tensor) -> None:
     """``ValueError`` unless ``rotary`` is ``None`` or an :data:`EntryRotary` callable; for one of
     :func:`entry_rotary`, also unless its table covers the positions of ``q`` ``[B, N, H, D]`` (``s >= N``), rotates
@@ -77,7 +83,7 @@ def check_rotary(rotary: Optional[EntryRotary], q: torch.Tensor) -> None:
     if rotary is not None and not callable(rotary):
         raise ValueError(f"rotary must be an EntryRotary, (x, positions) -> x rotated (e.g. entry_rotary(freqs)), or "
                          f"None, got {type(rotary).__name__}")
-    if not isinstance(rotary, _TableRotary):
+    if not is_table_rotary(rotary):
         return
     (s, r), n, d = rotary.table.shape, q.shape[1], q.shape[3]
     if s < n:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -191,6 +193,42 @@ def _check_one_rank_fails_alone(rank, world):
 
 def test_a_local_error_on_one_rank_fails_every_rank():
     run_on_ranks(_check_one_rank_fails_alone, 2, timeout_s=120)
+
+
+def _check_callback_broken_on_one_rank(rank, world):
+    """After the settings exchange: a caller's ``attention=`` or ``rotary=`` that returns the wrong result on rank 1
+    only, or takes the wrong arguments there, raises on both ranks (rank 0 is not left waiting in the next
+    collective); afterwards the ranks are still in step."""
+    good = dict(levels=2, pooling_factor=2, topk=512)
+    q, k, v, _ = _inputs(0, 1, 1024, 2, 2, 8)
+    group = dist.group.WORLD
+
+    def attention(q, k, v, scale):
+        out = context_parallel.cp_causal_attention(q, k, v, scale, group)
+        return out[:, :, :-1] if rank == 1 else out  # one row short on rank 1 only
+
+    def rotary(x, positions):
+        return x.double() if rank == 1 else x
+
+    cases = [
+        (dict(attention=attention), r"attention= returned \(1, 2, 1023, 8\) .*a dense kernel must return its q's"),
+        (dict(rotary=rotary), r"rotary= returned \(1, 2, 1024, 8\) torch.float64 .*an entry rotary must return"),
+        (dict(attention=(lambda q, k, v: q) if rank == 1 else None),
+         r"attention=.*<lambda>: must take the 4 positional arguments \(q, k, v, softmax_scale\)"),
+    ]
+    for bad, match in cases:
+        with pytest.raises(ValueError, match=rf"^cp_group rank 1: {match}") as err:
+            lighthouse_attention(q, k, v, backend="torch", cp_group=group, **good, **bad)
+        messages = [None] * world
+        dist.all_gather_object(messages, str(err.value))
+        assert messages[0] == messages[1], messages
+    out = lighthouse_attention(q, k, v, backend="torch", cp_group=group, attention=functools.partial(
+        context_parallel.cp_causal_attention, group=group), **good)
+    assert out.shape == q.shape
+
+
+def test_a_callback_broken_on_one_rank_fails_every_rank():
+    run_on_ranks(_check_callback_broken_on_one_rank, 2, timeout_s=120)
 
 
 def test_cp_group_that_cannot_be_used():

@@ -190,6 +190,28 @@ def test_attention_and_rotary_must_be_callables(name, value, no_work):
         lighthouse_attention(*_qkv(), **{name: value}, **GOOD)
 
 
+@pytest.mark.parametrize("name,value,match", [
+    ("attention", lambda q, k, v: q, r"attention=.*<lambda>: must take the 4 positional arguments "
+                                    r"\(q, k, v, softmax_scale\); too many positional arguments"),
+    ("attention", lambda q, k, v, scale, mask: q, r"attention=.*: must take the 4 .*missing a required argument"),
+    ("rotary", lambda x: x, r"rotary=.*<lambda>: must take the 2 positional arguments \(x, positions\); too many"),
+    ("rotary", lambda x, positions, z: x, r"rotary=.*: must take the 2 .*missing a required argument: 'z'"),
+    ("rotary", lambda *, x, positions: x, r"rotary=.*: must take the 2 positional arguments"),
+])
+def test_callbacks_that_cannot_take_their_arguments_are_refused_before_any_work(name, value, match, no_work):
+    with pytest.raises(ValueError, match=match):
+        lighthouse_attention(*_qkv(), **{name: value}, **GOOD)
+
+
+def test_callbacks_with_defaults_or_star_args_pass():
+    q, k, v = _qkv()
+    want = lighthouse_attention(q, k, v, **GOOD)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    for attention in (lambda *a: sdpa(*a[:3], is_causal=True, scale=a[3]),
+                      lambda q, k, v, scale, extra=None: sdpa(q, k, v, is_causal=True, scale=scale)):
+        torch.testing.assert_close(lighthouse_attention(q, k, v, attention=attention, **GOOD), want)
+
+
 @pytest.mark.parametrize(
     "table,match",
     [
@@ -266,10 +288,45 @@ def test_triton_backend_on_cpu_tensors_outside_the_interpreter(monkeypatch):
         lighthouse_attention(*_qkv(), backend="triton", **GOOD)
 
 
-@pytest.mark.parametrize("chunks", [0, -1, 1.5, True])
+@pytest.mark.parametrize("chunks", [0, -1, 1.5, True, None, "2"])
 def test_chunks_must_be_a_positive_int(chunks):
-    with pytest.raises(ValueError, match=r"chunks=.*: must be an int >= 1"):
+    with pytest.raises(ValueError, match=r"chunks=.*: must be a positive int"):
         lighthouse_attention(*_qkv(), chunks=chunks, **GOOD)
+    with pytest.raises(ValueError, match=r"chunks=.*: must be a positive int"):
+        select_indices(*_qkv()[:2], chunks=chunks, **GOOD)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.0, True, None, "2", 2**64, float("inf"), float("nan")])
+@pytest.mark.parametrize("method", ["tiles", "tile_entries", "validate", "suggest_lengths", "subsequence_length",
+                                    "attention_cost", "for_sequence"])
+def test_every_count_of_the_config_is_checked_alike(method, bad):
+    """One rule for every count a config method takes (chunks, sequence length): an int (not a bool or float),
+    >= 1, at most 2**62 (int64 pyramid positions); a ValueError naming it, never a ZeroDivisionError or TypeError."""
+    cfg = LighthouseConfig()
+    calls = {"tiles": lambda: cfg.tiles(bad), "tile_entries": lambda: cfg.tile_entries(32768, bad),
+             "validate": lambda: cfg.validate(32768, bad), "suggest_lengths": lambda: cfg.suggest_lengths(bad),
+             "subsequence_length": lambda: cfg.subsequence_length(bad),
+             "attention_cost": lambda: cfg.attention_cost(32768, 8, 64, bad),
+             "for_sequence": lambda: LighthouseConfig.for_sequence(bad)}
+    rule = "must be at most 2\\*\\*62" if bad == 2**64 else "must be a positive int"
+    with pytest.raises(ValueError, match=rf"^(chunks|seq_len)={bad!r}: {rule}"):
+        calls[method]()
+
+
+def test_counts_the_config_cannot_split():
+    cfg = LighthouseConfig()
+    with pytest.raises(ValueError, match=r"topk=2048 with chunks=32: the per-chunk budget"):
+        cfg.tiles(32)
+    assert cfg.tiles(16) == 1 and cfg.tiles(np.int64(2)) == 8
+    with pytest.raises(ValueError, match=r"seq_len=2\*\*64|seq_len=18446744073709551616: must be at most 2\*\*62"):
+        LighthouseConfig.for_sequence(2**64)
+    with pytest.raises(ValueError, match=r"for_sequence: topK: not a setting; the settings: pooling_factor, topk"):
+        LighthouseConfig.for_sequence(1 << 20, topK=128)
+    with pytest.raises(ValueError, match=r"LighthouseConfig.topk=.*at most 2\*\*62"):
+        LighthouseConfig(topk=2**70)
+    with pytest.raises(ValueError, match=r"dense_layers=\(18446744073709551616,\): must be a sequence of ints"):
+        LighthouseConfig(dense_layers=(2**64,))
+    assert LighthouseConfig(levels=np.int64(3), dense_layers=iter([0, -1])).dense_layers == (0, -1)
 
 
 def test_config_and_keywords_are_one_or_the_other():
