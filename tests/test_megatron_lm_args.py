@@ -98,9 +98,10 @@ def test_bad_settings_name_the_flag(argv, flag):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (("--lighthouse-monitor-interval", "0"), "--lighthouse-monitor-interval 0.0: must be a number > 0"),
-    (("--lighthouse-monitor-step-threshold", "-1"), "--lighthouse-monitor-step-threshold -1.0: must be a number > 0"),
-    (("--lighthouse-monitor-util-threshold", "0"), "--lighthouse-monitor-util-threshold 0.0: must be a number > 0"),
+    (("--lighthouse-monitor-interval", "0"), "--lighthouse-monitor-interval 0.0: must be a number in (0, 3600]"),
+    (("--lighthouse-monitor-step-threshold", "-1"),
+     "--lighthouse-monitor-step-threshold -1.0: must be a finite number > 0"),
+    (("--lighthouse-monitor-util-threshold", "0"), "--lighthouse-monitor-util-threshold 0.0: must be a number in (0, 100]"),
 ])
 @pytest.mark.parametrize("lighthouse", [(), ("--lighthouse",)])
 def test_bad_monitor_flags_stop_the_start_up(argv, message, lighthouse):

@@ -58,6 +58,13 @@ BAD_LOGS = {
     "straggler of no rank": (_interval_with(stragglers=[{"rank": 3, "reason": "step_time"}]), "'stragglers'"),
     "straggler reason not a name": (_interval_with(stragglers=[{"rank": 0, "reason": ["x"]}]), "'reason' (a string)"),
     "only a torn line": ('{"kind": "run", "wor', "only a torn line"),
+    "a rank twice in one interval": (_interval_with(ranks=[{"rank": 1, "host": "h", "local_gpu": 0}] * 2),
+                                     "rank 1 appears twice in one interval"),
+    "a negative rank": (_interval_with(ranks=[{"rank": -1, "host": "h", "local_gpu": 0}]), "'rank' (an int >= 0)"),
+    "a negative iteration": (_interval_with(iteration=-5), "an int 'iteration' >= 0"),
+    "a float iteration": (_interval_with(iteration=2.0), "an int 'iteration' >= 0"),
+    "times going backwards": (_interval_with(time=10.0) + "\n" + _interval_with(iteration=2, time=5.0),
+                              "line 2: time 5.0 is before line 1's 10.0"),
 }
 
 
@@ -183,7 +190,9 @@ def test_live_when_the_gpus_fail_mid_run(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("args", [["--interval", "0"], ["--interval", "nan"], ["--interval", "inf"], ["--count", "0"],
-                                  ["--fake", "-1"], ["--fake", "0"], ["--fake", "x"], ["--interval", "soon"]])
+                                  ["--fake", "-1"], ["--fake", "0"], ["--fake", "x"], ["--interval", "soon"],
+                                  ["--interval", "1e308"], ["--interval", "3601"], ["--fake", "1000000000000"],
+                                  ["--fake", "1e12"], ["--fake", "65"]])
 def test_live_rejects_bad_settings(args, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["live", "--count", "1", *args])  # --count 1 first: a later --count wins

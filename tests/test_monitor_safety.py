@@ -316,14 +316,24 @@ def test_writer_thread_close_gives_up_on_a_stuck_writer(caplog):
 
 
 @pytest.mark.parametrize("setting,value,rule", [
-    ("stale_after_s", 0.5, "must be a number > interval_s=1.0"),
-    ("stale_after_s", "2", "must be a number > interval_s=1.0"),
-    ("interval_s", "1", "must be a number > 0 (seconds)"),
-    ("interval_s", math.nan, "must be a number > 0 (seconds)"),
+    ("stale_after_s", 0.5, "must be a finite number > interval_s=1.0"),
+    ("stale_after_s", "2", "must be a finite number > interval_s=1.0"),
+    ("stale_after_s", math.inf, "must be a finite number > interval_s=1.0"),
+    ("interval_s", "1", "must be a number in (0, 3600] (seconds)"),
+    ("interval_s", math.nan, "must be a number in (0, 3600] (seconds)"),
+    ("interval_s", math.inf, "must be a number in (0, 3600] (seconds)"),
+    ("interval_s", 1e308, "must be a number in (0, 3600] (seconds)"),
     ("log_interval", 2.0, "must be an int >= 1 (steps)"),
     ("log_interval", True, "must be an int >= 1 (steps)"),
     ("write_rank", "0", "must be an int >= 0"),
     ("clock_threshold", None, "must be a number in (0, 1)"),
+    ("util_threshold_pct", 1000, "must be a number in (0, 100]"),
+    ("step_time_threshold", math.inf, "must be a finite number > 0"),
+    ("enabled", "no", "must be True or False"),
+    ("wandb", "false", "must be True or False"),
+    ("console", 1, "must be True or False"),
+    ("jsonl_path", "", "must be a non-empty path"),
+    ("tensorboard_dir", 3, "must be a non-empty path"),
 ])
 def test_config_names_the_bad_setting_and_its_rule(setting, value, rule):
     with pytest.raises(ValueError) as error:
@@ -335,3 +345,47 @@ def test_config_stale_threshold():
     assert MonitorConfig(interval_s=0.01).stale_threshold_s == 1.0
     assert MonitorConfig(interval_s=2.0).stale_threshold_s == 6.0
     assert MonitorConfig(interval_s=0.01, stale_after_s=0.1).stale_threshold_s == 0.1
+
+
+@pytest.mark.parametrize("kwargs,rule", [
+    (dict(config="x"), "config='x': must be a MonitorConfig"),
+    (dict(config=None), "config=None: must be a MonitorConfig"),
+    (dict(backend="nvml"), "backend='nvml': must be a GPUBackend"),
+    (dict(device="0"), "device='0': must be a CUDA device index >= 0"),
+    (dict(device=-1), "device=-1: must be a CUDA device index >= 0"),
+    (dict(writers="x"), "writers='x': must be a sequence of writers"),
+    (dict(extra_writers=[object()]), "extra_writers=[<object object"),
+])
+def test_monitor_arguments_are_checked_at_construction(kwargs, rule):
+    with pytest.raises(ValueError) as error:
+        GPUMonitor(**{"config": _quiet(), **kwargs})
+    assert str(error.value).startswith(f"GPUMonitor: {rule}"), str(error.value)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+@pytest.mark.parametrize("args,rule", [
+    (("x",), "iteration='x': must be an int >= 0"),
+    ((None,), "iteration=None: must be an int >= 0"),
+    ((-1,), "iteration=-1: must be an int >= 0"),
+    ((2.0,), "iteration=2.0: must be an int >= 0"),
+    ((True,), "iteration=True: must be an int >= 0"),
+    ((1, -0.5), "step_time=-0.5: must be a finite number >= 0"),
+    ((1, math.nan), "step_time=nan: must be a finite number >= 0"),
+    ((1, "0.5"), "step_time='0.5': must be a finite number >= 0"),
+])
+def test_step_refuses_what_is_no_step(args, rule, enabled):
+    """Checked whether or not the monitor runs: a loop that passes a float step must not first learn it from the
+    report that refuses its log."""
+    with GPUMonitor(_quiet(enabled=enabled), backend=FakeNVMLBackend(), device=0) as monitor:
+        with pytest.raises(ValueError) as error:
+            monitor.step(*args)
+        assert str(error.value).startswith(f"GPUMonitor.step: {rule}"), str(error.value)
+        assert monitor.step(1, step_time=0.0) is not None or not enabled  # still usable
+
+
+def test_a_write_rank_outside_the_world_is_refused_at_start(tmp_path):
+    monitor = GPUMonitor(_quiet(write_rank=3, jsonl_path=str(tmp_path / "m.jsonl")), backend=FakeNVMLBackend(),
+                         device=0)
+    with pytest.raises(ValueError, match=r"MonitorConfig.write_rank=3: not a rank of this group of 1 \(0 to 0\)"):
+        monitor.start()
+    GPUMonitor(_quiet(write_rank=3), backend=FakeNVMLBackend(), device=0, writers=[]).start().stop()  # own writers

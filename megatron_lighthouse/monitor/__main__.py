@@ -15,12 +15,15 @@ import sys
 from typing import Any, Callable, List, Optional
 
 from .backend import BackendUnavailable, NVMLBackend
+from .config import MAX_INTERVAL_S
 from .fake import FakeGPU, FakeNVMLBackend
 from .live import run_live
 from .report import LogFormatError, format_table, load_run, render_timeline
 
 #: Exit code of every failure of the command line (as argparse uses for bad arguments).
 EXIT_ERROR = 2
+#: Most fake GPUs ``live --fake`` shows (more than any node holds).
+MAX_FAKE_GPUS = 64
 #: What ``report --out`` may end in: the image format the timeline is written in.
 IMAGE_EXTENSIONS = (".png", ".pdf", ".svg")
 #: ``--help`` of the command and of ``live`` (the module docstring is reST, for the docs).
@@ -77,8 +80,9 @@ def _live(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bounded(kind: type, low: float, strict: bool) -> Callable[[str], Any]:
-    """An argparse ``type``: ``kind(text)``, rejected unless finite and ``> low`` (``strict``) or ``>= low``."""
+def _bounded(kind: type, low: float, strict: bool, high: Optional[float] = None) -> Callable[[str], Any]:
+    """An argparse ``type``: ``kind(text)``, rejected unless finite, ``> low`` (``strict``) or ``>= low``, and
+    ``<= high`` when given."""
 
     def parse(text: str) -> Any:
         try:
@@ -89,6 +93,8 @@ def _bounded(kind: type, low: float, strict: bool) -> Callable[[str], Any]:
             raise argparse.ArgumentTypeError(f"{text}: must be a finite number")
         if not (value > low if strict else value >= low):
             raise argparse.ArgumentTypeError(f"{text}: must be {'>' if strict else '>='} {low}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{text}: must be <= {high:g}")
         return value
 
     return parse
@@ -110,12 +116,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                                       "it is written in (default: the log's path with .png)")
     report.set_defaults(func=_report)
     live = sub.add_parser("live", help="refreshing per-GPU table of this node", description=LIVE_DESCRIPTION)
-    live.add_argument("--interval", type=_bounded(float, 0, strict=True), default=1.0,
-                      help="seconds between refreshes, > 0 (default: 1)")
+    live.add_argument("--interval", type=_bounded(float, 0, strict=True, high=MAX_INTERVAL_S), default=1.0,
+                      help=f"seconds between refreshes, > 0 and <= {MAX_INTERVAL_S:g} (default: 1)")
     live.add_argument("--count", type=_bounded(int, 1, strict=False), default=None,
                       help="stop after this many tables, >= 1 (default: never)")
-    live.add_argument("--fake", type=_bounded(int, 1, strict=False), default=None, metavar="N",
-                      help="show N >= 1 fake GPUs instead of reading NVML (a demo without GPUs)")
+    live.add_argument("--fake", type=_bounded(int, 1, strict=False, high=MAX_FAKE_GPUS), default=None, metavar="N",
+                      help=f"show N fake GPUs, 1 to {MAX_FAKE_GPUS}, instead of reading NVML (a demo without GPUs)")
     live.set_defaults(func=_live)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import numbers
 import os
 from typing import Any, Optional
@@ -20,6 +21,20 @@ def is_number(value: Any) -> bool:
 def is_int(value: Any) -> bool:
     """Whether ``value`` is an integer and not a bool (an int, a numpy integer)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_finite(value: Any) -> bool:
+    """Whether ``value`` is a finite real number and not a bool."""
+    return is_number(value) and math.isfinite(value)
+
+
+def _is_path(value: Any) -> bool:
+    """Whether ``value`` is ``None`` or a non-empty path (a string or ``os.PathLike``)."""
+    return value is None or isinstance(value, (str, os.PathLike)) and os.fspath(value) != ""
+
+
+#: Longest sampling interval, in seconds (a sampler that reads its GPU less often than hourly says nothing).
+MAX_INTERVAL_S = 3600.0
 
 
 class MonitorSettingError(ValueError):
@@ -74,22 +89,26 @@ class MonitorConfig:
     stale_after_s: Optional[float] = None
 
     def __post_init__(self) -> None:
-        _require(self, "interval_s", is_number(self.interval_s) and self.interval_s > 0,
-                 "must be a number > 0 (seconds)")
+        for name in ("enabled", "wandb", "console"):
+            _require(self, name, isinstance(getattr(self, name), bool), "must be True or False")
+        _require(self, "interval_s", is_finite(self.interval_s) and 0 < self.interval_s <= MAX_INTERVAL_S,
+                 f"must be a number in (0, {MAX_INTERVAL_S:g}] (seconds)")
         _require(self, "log_interval", is_int(self.log_interval) and self.log_interval >= 1,
                  "must be an int >= 1 (steps)")
-        _require(self, "step_time_threshold", is_number(self.step_time_threshold) and self.step_time_threshold > 0,
-                 "must be a number > 0 (a fraction of the median)")
-        _require(self, "util_threshold_pct", is_number(self.util_threshold_pct) and self.util_threshold_pct > 0,
-                 "must be a number > 0 (percentage points)")
+        for name in ("jsonl_path", "tensorboard_dir"):
+            _require(self, name, _is_path(getattr(self, name)), "must be a non-empty path, or None to write none")
+        _require(self, "step_time_threshold", is_finite(self.step_time_threshold) and self.step_time_threshold > 0,
+                 "must be a finite number > 0 (a fraction of the median)")
+        _require(self, "util_threshold_pct", is_finite(self.util_threshold_pct) and 0 < self.util_threshold_pct <= 100,
+                 "must be a number in (0, 100] (percentage points)")
         _require(self, "clock_threshold", is_number(self.clock_threshold) and 0 < self.clock_threshold < 1,
                  "must be a number in (0, 1) (a fraction of the median)")
         _require(self, "write_rank", is_int(self.write_rank) and self.write_rank >= 0, "must be an int >= 0 (a rank)")
         _require(
             self, "stale_after_s",
-            self.stale_after_s is None or is_number(self.stale_after_s) and self.stale_after_s > self.interval_s,
-            f"must be a number > interval_s={self.interval_s!r} (a sample is up to one sampling interval old by "
-            "design), or None for the default",
+            self.stale_after_s is None or is_finite(self.stale_after_s) and self.stale_after_s > self.interval_s,
+            f"must be a finite number > interval_s={self.interval_s!r} (a sample is up to one sampling interval old "
+            "by design), or None for the default",
         )
 
     @property
@@ -147,8 +166,8 @@ _FLAG_OF = {"interval_s": "--lighthouse-monitor-interval", "log_interval": "--lo
 def config_from_args(args: Any) -> MonitorConfig:
     """:class:`MonitorConfig` from parsed flags (those of :func:`add_monitor_args`, plus Megatron's).
 
-    A bad value is a ``ValueError`` that names its flag (``--lighthouse-monitor-interval 0.0: must be a number > 0
-    (seconds)``)."""
+    A bad value is a ``ValueError`` that names its flag (``--lighthouse-monitor-interval 0.0: must be a number
+    in (0, 3600] (seconds)``)."""
     directory = (
         getattr(args, "lighthouse_monitor_dir", None)
         or getattr(args, "tensorboard_dir", None)

@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from . import aggregate
 from .backend import GPUBackend, NVMLBackend, resolve_nvml_index
-from .config import MonitorConfig, config_from_args
+from .config import MonitorConfig, config_from_args, is_finite, is_int
 from .sample import DeviceReader
 from .sampler import GPUSampler
 from .writers import MonitorWriter, TensorBoardWriter, WandbWriter, WriterThread, default_writers
@@ -67,6 +67,9 @@ class GPUMonitor:
             ``config.write_rank``).
         extra_writers: writers of this rank added to the defaults (e.g. Megatron-LM's TensorBoard writer,
             which lives on its last rank).
+
+    A bad argument is a ``ValueError`` naming it: here, at :meth:`start` (``config.write_rank`` outside the
+    group) or at :meth:`step` (an iteration or step time that is no count or duration).
     """
 
     def __init__(
@@ -79,6 +82,17 @@ class GPUMonitor:
         writers: Optional[Sequence[MonitorWriter]] = None,
         extra_writers: Sequence[MonitorWriter] = (),
     ) -> None:
+        if not isinstance(config, MonitorConfig):
+            raise ValueError(f"GPUMonitor: config={config!r}: must be a MonitorConfig")
+        if backend is not None and not isinstance(backend, GPUBackend):
+            raise ValueError(f"GPUMonitor: backend={backend!r}: must be a GPUBackend (default: NVML)")
+        if device is not None and not (is_int(device) and device >= 0):
+            raise ValueError(f"GPUMonitor: device={device!r}: must be a CUDA device index >= 0, or None")
+        for name, given in (("writers", writers or ()), ("extra_writers", extra_writers)):
+            if isinstance(given, (str, bytes)) or not all(
+                    callable(getattr(w, "write", None)) and callable(getattr(w, "close", None)) for w in given):
+                raise ValueError(f"GPUMonitor: {name}={given!r}: must be a sequence of writers (objects with "
+                                 f"write(record) and close())")
         self.config = config
         self.backend = backend if backend is not None else NVMLBackend()
         self.device = device
@@ -123,6 +137,9 @@ class GPUMonitor:
         if not self.config.enabled or self.active:
             return self
         rank, world = aggregate.distributed_world(self.group)
+        if self.config.write_rank >= world and self._writers is None:
+            raise ValueError(f"MonitorConfig.write_rank={self.config.write_rank}: not a rank of this group of {world} "
+                             f"(0 to {world - 1}): nothing would be written")
         cuda_index = self.device if self.device is not None else _default_cuda_index()
         gpu_index = gpu_name = None
         try:
@@ -177,8 +194,14 @@ class GPUMonitor:
             step_time: seconds of this step; default: wall time since the previous call (the time taken
                 by an aggregation is left out of the next step).
 
-        Returns the interval record on aggregating steps (on every rank), else ``None``.
+        Returns the interval record on aggregating steps (on every rank), else ``None``. ``ValueError`` for an
+        ``iteration`` that is not an int >= 0 or a ``step_time`` that is not a finite number >= 0 (checked even
+        while the monitor does nothing, so that a loop is right before the monitor is switched on).
         """
+        iteration = _iteration("step", iteration)
+        if step_time is not None and not (is_finite(step_time) and step_time >= 0):
+            raise ValueError(f"GPUMonitor.step: step_time={step_time!r}: must be a finite number >= 0 (seconds), or "
+                             f"None for the time since the previous call")
         if not self.active:
             return None
         now = time.perf_counter()
@@ -194,7 +217,9 @@ class GPUMonitor:
         return record
 
     def log(self, iteration: int) -> Optional[Dict[str, Any]]:
-        """Aggregate the interval across ranks now (collective: call on every rank) and write it."""
+        """Aggregate the interval across ranks now (collective: call on every rank) and write it (``iteration``: as
+        for :meth:`step`)."""
+        iteration = _iteration("log", iteration)
         if not self.active:
             return None
         first = self._identities is None
@@ -278,6 +303,13 @@ class GPUMonitor:
             except Exception as exc:  # noqa: BLE001 - e.g. a broken wandb install must never stop training
                 logger.warning("GPU monitor: cannot set up its outputs (%r); the defaults write nothing", exc)
         return writers + self._extra_writers
+
+
+def _iteration(method: str, iteration: Any) -> int:
+    """``iteration`` as an ``int``; ``ValueError`` unless it is an integer >= 0 (a training step)."""
+    if not is_int(iteration) or iteration < 0:
+        raise ValueError(f"GPUMonitor.{method}: iteration={iteration!r}: must be an int >= 0 (the training step)")
+    return int(iteration)
 
 
 def _megatron_writers() -> Optional[List[MonitorWriter]]:

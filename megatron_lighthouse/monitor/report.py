@@ -54,14 +54,18 @@ def _finite(value: Any) -> bool:
 
 def _interval_problem(record: Dict[str, Any]) -> Optional[str]:
     """What makes ``record`` (``"kind": "interval"``) unusable for the report, or ``None``."""
-    if not is_int(record.get("iteration")) or not _finite(record.get("time")):
-        return "an interval record needs an int 'iteration' and a finite number 'time'"
+    if not is_int(record.get("iteration")) or record["iteration"] < 0 or not _finite(record.get("time")):
+        return "an interval record needs an int 'iteration' >= 0 and a finite number 'time'"
     ranks = record.get("ranks")
     if not isinstance(ranks, list) or not ranks or not all(isinstance(e, dict) for e in ranks):
         return "an interval record needs 'ranks', a non-empty list of objects"
+    seen = set()
     for entry in ranks:
-        if not is_int(entry.get("rank")) or "host" not in entry or "local_gpu" not in entry:
-            return "each entry of 'ranks' needs 'rank' (an int), 'host' and 'local_gpu'"
+        if not is_int(entry.get("rank")) or entry["rank"] < 0 or "host" not in entry or "local_gpu" not in entry:
+            return "each entry of 'ranks' needs 'rank' (an int >= 0), 'host' and 'local_gpu'"
+        if entry["rank"] in seen:
+            return f"rank {entry['rank']} appears twice in one interval (one entry per rank)"
+        seen.add(entry["rank"])
         bad = [f for f in _NUMBER_FIELDS if not (entry.get(f) is None or _finite(entry[f]))]
         if bad:
             return f"rank {entry['rank']}: {bad[0]}={entry[bad[0]]!r} is not a finite number"
@@ -89,9 +93,11 @@ def load_run(path: str) -> RunLog:
     :attr:`RunLog.skipped_lines`) when it is the last line or a new run's header follows it (the job was
     restarted on the same log). Raises ``OSError`` when the file cannot be read and
     :class:`LogFormatError` (naming the file and line) when it is not a monitor log: empty, not UTF-8 text,
-    a line that is not JSON elsewhere, or a record of another shape.
+    a line that is not JSON elsewhere, a record of another shape (one with a rank twice, for one), or interval
+    records whose times go backwards (two logs joined out of order: the timeline would fold back).
     """
     header, intervals, torn = None, [], []
+    last_time = last_line = None  # the time of the previous interval record, and its line
     pending: Optional[int] = None  # a line that is not JSON: torn if the file ends or a new run follows
 
     def not_json(number: int) -> LogFormatError:
@@ -121,6 +127,11 @@ def load_run(path: str) -> RunLog:
                     problem = _interval_problem(record)
                     if problem:
                         raise LogFormatError(f"{path}: line {number}: {problem}; not a monitor log")
+                    if last_time is not None and record["time"] < last_time:
+                        raise LogFormatError(f"{path}: line {number}: time {record['time']} is before line "
+                                             f"{last_line}'s {last_time}: the records are not in the order they were "
+                                             f"written (logs joined out of order?)")
+                    last_time, last_line = record["time"], number
                     intervals.append(record)
                 else:
                     shape = f"'kind': {kind!r}" if isinstance(record, dict) else f"a JSON {type(record).__name__}"
