@@ -42,7 +42,9 @@ def chunked_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, position_id
         ``[b, s]`` float32 per-token loss, as the model returns with ``labels`` (differentiable).
 
     ``ValueError`` before the model runs: a bad ``chunk_tokens``, labels that are not an int64 / int32 tensor of
-    ``input_ids``' shape, a model without its output layer or with multi-token prediction.
+    ``input_ids``' shape, ``input_ids`` or ``position_ids`` that are not int64 / int32 tensors of the labels' shape
+    (``None`` where the model reads none: ``input_ids`` on a pipeline's last stage, ``position_ids`` without learned
+    position embeddings), a model without its output layer or with multi-token prediction.
     """
     if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
         raise ValueError(f"chunk_tokens={chunk_tokens!r}: must be an int >= 1 (sequence positions per chunk)")
@@ -55,6 +57,15 @@ def chunked_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, position_id
                          f"{None if ids_shape is None else tuple(ids_shape)}: labels must be [b, s], input_ids' "
                          f"shape (one label per position)")
     gpt = unwrap_model(model)
+    for name, ids in (("input_ids", input_ids), ("position_ids", position_ids)):
+        if ids is not None and (getattr(ids, "dtype", None) not in (torch.int64, torch.int32)
+                                or ids.shape != labels.shape):
+            got = f"{tuple(ids.shape)} {ids.dtype}" if isinstance(ids, torch.Tensor) else f"a {type(ids).__name__}"
+            raise ValueError(f"chunked_lm_loss: {name} {got}: must be an int64 (or int32) tensor of the labels' "
+                             f"shape {tuple(labels.shape)}")
+    if position_ids is None and getattr(getattr(gpt, "embedding", None), "add_position_embedding", False):
+        raise ValueError("chunked_lm_loss: position_ids=None, but the model has learned position embeddings, which "
+                         "read them")
     if not getattr(gpt, "post_process", False) or not hasattr(gpt, "output_layer"):
         raise ValueError("chunked_lm_loss: the model has no output layer here (post_process=False: a pipeline "
                          "stage other than the last)")

@@ -22,7 +22,11 @@ Spec = Union[ModuleSpec, TransformerBlockSubmodules]
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """Strip DDP / ``Float16Module`` style wrappers (``.module`` attributes)."""
+    """Strip DDP / ``Float16Module`` style wrappers (``.module`` attributes); ``ValueError`` unless ``model`` is a
+    ``torch.nn.Module``."""
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"model: a {type(model).__name__}; must be a torch.nn.Module (possibly wrapped in DDP or "
+                         f"Float16Module)")
     while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
         model = model.module
     return model
@@ -36,7 +40,10 @@ def dense_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
 def save_dense_checkpoint(model: torch.nn.Module, path: Union[str, os.PathLike]) -> None:
     """``torch.save`` :func:`dense_state_dict` to ``path``, atomically (:func:`~megatron_lighthouse.atomic.write_atomic`:
     a failed save leaves an earlier file whole); load it with ``dense_model.load_state_dict``. (Megatron-LM's own
-    distributed checkpoints are already dense: the sharded keys are identical.)"""
+    distributed checkpoints are already dense: the sharded keys are identical.) ``ValueError`` for a ``model`` that
+    is no module or a ``path`` that is no path, before anything is written."""
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise ValueError(f"path={path!r}: must be a file path (str or os.PathLike)")
     state = dense_state_dict(model)
     write_atomic(path, lambda f: torch.save(state, f))
 

@@ -48,18 +48,31 @@ class LighthouseSchedule:
         return self.dense_from_iteration is None or iteration < self.dense_from_iteration
 
     def apply(self, model: Model, iteration: int) -> int:
-        """Set ``model``'s Lighthouse layers for ``iteration``; returns how many run Lighthouse (0: all dense)."""
+        """Set ``model``'s Lighthouse layers for ``iteration``; returns how many run Lighthouse (0: all dense).
+        ``ValueError`` for a bad ``iteration`` or a ``model`` that is no module or list of modules."""
         enabled = self.enabled_at(iteration)
         count = set_lighthouse_enabled(model, enabled)
         return count if enabled else 0
 
 
+def model_chunks(model: Model) -> List[torch.nn.Module]:
+    """``model`` as a list of modules: ``[model]`` for one module (e.g. wrapped in DDP / ``Float16Module``), the
+    chunks of a list or tuple of them; ``ValueError`` for anything else (``None``, a string, a state dict)."""
+    if isinstance(model, torch.nn.Module):
+        return [model]
+    if isinstance(model, (list, tuple)) and all(isinstance(chunk, torch.nn.Module) for chunk in model):
+        return list(model)
+    raise ValueError(f"model: a {type(model).__name__}; must be a torch.nn.Module (possibly wrapped) or a list of "
+                     f"them (the model chunks of virtual pipelining)")
+
+
 def lighthouse_modules(model: Model) -> List["LighthouseCoreAttention"]:
     """Every switchable :class:`~megatron_lighthouse.core_attention.LighthouseCoreAttention` in ``model`` (a module,
-    e.g. wrapped in DDP / ``Float16Module``, or a list of model chunks), in module order."""
+    e.g. wrapped in DDP / ``Float16Module``, or a list of model chunks), in module order; ``ValueError`` for a
+    ``model`` that is neither (:func:`model_chunks`)."""
+    chunks = model_chunks(model)
     from .core_attention import LighthouseCoreAttention  # megatron-core, on first use
 
-    chunks = [model] if isinstance(model, torch.nn.Module) else list(model)
     return [m for chunk in chunks for m in chunk.modules()
             if isinstance(m, LighthouseCoreAttention) and not m.dense_layer]
 

@@ -78,6 +78,17 @@ def test_bad_settings_are_refused():
     for chunk in (0, -3, 2.5, True):
         with pytest.raises(ValueError, match=r"chunk_tokens=.*: must be an int >= 1"):
             chunked_lm_loss(model, tokens, pos, labels, chunk)
+    for bad_model in (None, "gpt"):
+        with pytest.raises(ValueError, match=r"^model: a \w+; must be a torch.nn.Module"):
+            chunked_lm_loss(bad_model, tokens, pos, labels, 64)
+    for name, ids, got in (("input_ids", tokens.float(), r"\(2, 256\) torch.float32"),
+                           ("input_ids", tokens.tolist(), "a list"), ("position_ids", pos[:, :10], r"\(2, 10\)")):
+        args = {"input_ids": tokens, "position_ids": pos, name: ids}
+        with pytest.raises(ValueError, match=rf"^chunked_lm_loss: {name} {got}.*: must be an int64 \(or int32\) "
+                                             r"tensor of the labels' shape \(2, 256\)"):
+            chunked_lm_loss(model, labels=labels, chunk_tokens=64, **args)
+    with pytest.raises(ValueError, match=r"position_ids=None, but the model has learned position embeddings"):
+        chunked_lm_loss(model, tokens, None, labels, 64)
     model.post_process = False
     with pytest.raises(ValueError, match=r"no output layer here"):
         chunked_lm_loss(model, tokens, pos, labels, 64)

@@ -688,6 +688,18 @@ def test_transformer_engine_inner_contract():
     assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stderr[-4000:]
 
 
+@pytest.mark.parametrize("model", [None, "model", {"weight": torch.zeros(1)}])
+def test_export_refuses_what_is_no_model(model, tmp_path):
+    """None, a string or a state dict gave an AttributeError from inside (unwrap_model returned them as they were)."""
+    for export in (dense_state_dict, lambda m: save_dense_checkpoint(m, tmp_path / "x.pt")):
+        with pytest.raises(ValueError, match=r"^model: a \w+; must be a torch.nn.Module"):
+            export(model)
+    for path in (None, 3, ""):
+        with pytest.raises(ValueError, match=r"^path=.*: must be a file path"):
+            save_dense_checkpoint(torch.nn.Linear(2, 2), path)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_save_dense_checkpoint_is_atomic(tmp_path, monkeypatch):
     """A save that fails half-way leaves the earlier checkpoint whole and no temporary file behind."""
     light, _ = _pair()

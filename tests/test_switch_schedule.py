@@ -60,3 +60,18 @@ def test_enabled_must_be_a_bool(enabled):
     with pytest.raises(ValueError, match=r"^enabled=.*: must be True or False$"):
         with lighthouse_enabled([], enabled):
             pass
+
+
+@pytest.mark.parametrize("model", [None, "model", 3, {"decoder": torch.nn.Linear(2, 2)}, ["chunk"],
+                                   [torch.nn.Linear(2, 2), None]])
+def test_a_model_that_is_no_module_is_refused(model):
+    """None or a string gave a TypeError or AttributeError from inside; a dict was walked by its keys."""
+    match = r"^model: a \w+; must be a torch.nn.Module \(possibly wrapped\) or a list of them"
+    with pytest.raises(ValueError, match=match):
+        LighthouseSchedule(dense_from_iteration=3).apply(model, 0)
+    with pytest.raises(ValueError, match=match):
+        set_lighthouse_enabled(model, True)
+    with pytest.raises(ValueError, match=match):
+        with lighthouse_enabled(model, False):
+            pass
+    assert set_lighthouse_enabled((torch.nn.Linear(2, 2),), True) == 0
