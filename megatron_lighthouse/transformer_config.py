@@ -26,6 +26,13 @@ ENV_FIELDS = {
     "LIGHTHOUSE_POOLING_FACTOR": "pooling_factor",
     "LIGHTHOUSE_TOPK": "topk",
     "LIGHTHOUSE_DENSE_LAYERS": "dense_layers",
+    "LIGHTHOUSE_ROPE": "rope",
+}
+#: ``LIGHTHOUSE_*`` variables of this project that are not settings (they may be in the environment of a launch):
+#: the variable -> what reads it.
+OTHER_VARIABLES = {
+    "LIGHTHOUSE_CHECKPOINT": "examples/resume_dense.sh",
+    "LIGHTHOUSE_GOLDEN_DIR": "the tests",
 }
 
 
@@ -44,23 +51,26 @@ class LighthouseTransformerConfig(TransformerConfig):
 
 
 def lighthouse_config_from_env(environ: Optional[Mapping[str, str]] = None) -> LighthouseConfig:
-    """``LighthouseConfig`` from ``LIGHTHOUSE_LEVELS``, ``LIGHTHOUSE_POOLING_FACTOR``, ``LIGHTHOUSE_TOPK`` and
-    ``LIGHTHOUSE_DENSE_LAYERS`` (comma-separated ints, may be empty); unset variables keep the defaults.
+    """``LighthouseConfig`` from ``LIGHTHOUSE_LEVELS``, ``LIGHTHOUSE_POOLING_FACTOR``, ``LIGHTHOUSE_TOPK``,
+    ``LIGHTHOUSE_DENSE_LAYERS`` (comma-separated ints, may be empty) and ``LIGHTHOUSE_ROPE`` (``entries`` or
+    ``tokens``); unset variables keep the defaults.
 
-    ``ValueError`` names the variable, its value and the rule (``LIGHTHOUSE_TOPK=100: must be ...``); a variable
-    spelled close to one of them or to ``LIGHTHOUSE_DENSE_KERNEL`` (the dense kernel, read by the core attention
-    itself: :mod:`megatron_lighthouse.dense`), such as ``LIGHTHOUSE_POOLNG_FACTOR``, is refused too, as it would be
-    silently ignored.
+    ``ValueError`` names the variable, its value and the rule (``LIGHTHOUSE_TOPK=100: must be ...``). Every other
+    ``LIGHTHOUSE_*`` variable is refused as well (it would be silently ignored), with the setting it likely meant
+    when it is spelled close to one (``LIGHTHOUSE_POOLNG_FACTOR``), except ``LIGHTHOUSE_DENSE_KERNEL`` (the dense
+    kernel, read by the core attention itself: :mod:`megatron_lighthouse.dense`) and the project's own
+    :data:`OTHER_VARIABLES`.
     """
     environ = os.environ if environ is None else environ
     settings = (*ENV_FIELDS, DENSE_KERNEL_ENV)
     for var in environ:
-        if var.startswith(_PREFIX) and var not in settings:
+        if var.startswith(_PREFIX) and var not in settings and var not in OTHER_VARIABLES:
             close = difflib.get_close_matches(var[len(_PREFIX):], [v[len(_PREFIX):] for v in settings], n=1,
                                               cutoff=0.75)
-            if close:
-                raise ValueError(f"{var}={environ[var]!r}: not a Lighthouse setting; did you mean {_PREFIX}{close[0]}? "
-                                 f"(the settings: {', '.join(settings)})")
+            meant = f"did you mean {_PREFIX}{close[0]}? " if close else ""
+            raise ValueError(f"{var}={environ[var]!r}: not a Lighthouse setting; {meant}(the settings: "
+                             f"{', '.join(settings)}; the other LIGHTHOUSE_* variables: "
+                             f"{', '.join(f'{v} of {who}' for v, who in OTHER_VARIABLES.items())})")
     kwargs = {}
     for var, field in ENV_FIELDS.items():
         raw = environ.get(var)
@@ -69,6 +79,8 @@ def lighthouse_config_from_env(environ: Optional[Mapping[str, str]] = None) -> L
         try:
             if field == "dense_layers":
                 kwargs[field] = tuple(int(x) for x in raw.split(",") if x.strip())
+            elif field == "rope":
+                kwargs[field] = raw
             else:
                 kwargs[field] = int(raw)
         except ValueError:

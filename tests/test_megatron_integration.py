@@ -613,6 +613,22 @@ def test_a_misspelt_setting_is_refused(var, meant):
                                      "LIGHTHOUSE_LEVELS, "), str(err.value)
 
 
+@pytest.mark.parametrize("var", ["LIGHTHOUSE_DENSE_FROM_ITER", "LIGHTHOUSE_SCORER", "LIGHTHOUSE_MONITOR"])
+def test_every_other_lighthouse_variable_is_refused(var):
+    """Not close to a setting's name, and still ignored if accepted: the in-run switch and the monitor need the
+    patched pretrain_gpt.py, the scorer has one value."""
+    with pytest.raises(ValueError) as err:
+        lighthouse_config_from_env({var: "5"})
+    assert str(err.value).startswith(f"{var}='5': not a Lighthouse setting; (the settings: LIGHTHOUSE_LEVELS, "), err
+
+
+def test_rope_from_the_environment():
+    assert lighthouse_config_from_env({"LIGHTHOUSE_ROPE": "tokens"}).rope == "tokens"
+    assert lighthouse_config_from_env({}).rope == "entries"
+    with pytest.raises(ValueError, match=r"^LIGHTHOUSE_ROPE='token': must be one of \('entries', 'tokens'\)"):
+        lighthouse_config_from_env({"LIGHTHOUSE_ROPE": "token"})
+
+
 def test_other_lighthouse_variables_are_not_settings():
     """The examples' own variables (LIGHTHOUSE_CHECKPOINT of resume_dense.sh) may be in the environment."""
     env = {"LIGHTHOUSE_CHECKPOINT": "/ckpt", "LIGHTHOUSE_GOLDEN_DIR": "/g", "LIGHTHOUSE_TOPK": "1024"}
