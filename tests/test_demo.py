@@ -115,8 +115,24 @@ def test_settings_progress_and_summary_are_printed(tmp_path, caplog, capsys):
                     lines[0]), lines[0]
     assert re.match(r"step    3/3 \[#{20}\] 100% eta 0:00:00  dense ", lines[-1]), lines[-1]
     out = capsys.readouterr().out
-    assert "final val loss (dense)" in out and "tokens/s" in out
-    assert out.count("lighthouse") >= 1 and "final validation loss:" in out
+    head, lighthouse, dense = out.split("final validation loss")[0].strip().splitlines()[-3:]
+    assert head.split() == ["stage", "steps", "val", "loss,", "Lighthouse", "on", "val", "loss,", "all", "dense",
+                            "wall", "s", "tokens/s"], head
+    assert lighthouse.split()[:4] == ["lighthouse", "2", "-", "-"] and dense.split()[:3] == ["dense", "1", "-"]
+    assert re.fullmatch(r"\d+\.\d{4}", dense.split()[3]), dense  # evaluated at step 3 only: in the dense stage
+    assert "final validation loss (all dense, the model the run ships):" in out
+
+
+def test_summary_says_how_each_loss_was_measured(runs, capsys):
+    """The Lighthouse stage's losses with its Lighthouse layers on and with every layer dense, each in the column
+    that says so; the dense stage has no Lighthouse-on loss."""
+    cli.print_summary(runs["two-stage"][1])
+    rows = capsys.readouterr().out.strip().splitlines()
+    lighthouse, dense = (row.split() for row in rows[1:3])
+    stages = {s["stage"]: s for s in runs["two-stage"][1]["stages"]}
+    assert lighthouse[2:4] == [f"{stages['lighthouse']['final_val_loss_lighthouse']:.4f}",
+                               f"{stages['lighthouse']['final_val_loss']:.4f}"]
+    assert dense[2:4] == ["-", f"{stages['dense']['final_val_loss']:.4f}"]
 
 
 def test_settings_show_only_what_the_mode_uses():
@@ -161,10 +177,11 @@ def test_interrupted_run_resumes_to_the_same_result(runs, tmp_path, monkeypatch,
 
     out = tmp_path / "run"
     monkeypatch.setattr(train, "_loss", interrupted)
-    with pytest.raises(SystemExit) as stop:
-        _main("--mode", "two-stage", "--out", str(out))
-    assert "interrupted at step 3" in str(stop.value)
-    assert "the checkpoint of step 3 is kept: rerun the same command with --resume" in str(stop.value)
+    capsys.readouterr()
+    assert _main("--mode", "two-stage", "--out", str(out)) == cli.EXIT_INTERRUPTED == 130
+    err = capsys.readouterr().err
+    assert err.startswith("interrupted at step 3") and len(err.splitlines()) == 1, err
+    assert "the checkpoint of step 3 is kept: rerun the same command with --resume" in err
     monkeypatch.setattr(train, "_loss", real_loss)
     shutil.copytree(out, tmp_path / "longer")
     with caplog.at_level(logging.INFO, logger="megatron_lighthouse.demo.train"):
@@ -303,6 +320,47 @@ def test_resume_at_or_below_the_saved_step_is_refused(runs, tmp_path, capsys, no
     assert _untouched(out / "checkpoint.pt") == before
 
 
+@pytest.mark.parametrize("where,key,value,problem", [
+    ("state", "step", -3, "its step -3 is not a step of its run of 6 steps"),
+    ("state", "step", 1.5, "its run state has no step"),
+    ("state", "step", True, "its step True is not a step"),
+    ("state", "step", 7, "its step 7 is not a step of its run of 6 steps"),
+    ("state", "switch_step", -1, "its switch step -1 is not a step"),
+    ("state", "switch_step", "x", "its switch step 'x' is not a step"),
+    ("state", "train", 3, "its run state's train, evals, seconds or tokens are not what the demo writes"),
+    ("state", "seconds", {"lighthouse": 1.0}, "its run state's train, evals, seconds or tokens"),
+    ("config", "steps", "x", "its config has mode 'two-stage', steps 'x'"),
+    ("config", "mode", "bogus", "its config has mode 'bogus'"),
+    ("config", "warmup", -5, "warmup -5: not the values of a run"),
+])
+def test_checkpoint_with_values_no_run_writes_is_refused_at_load(runs, tmp_path, capsys, no_work, where, key, value,
+                                                                 problem):
+    """A negative step or switch step failed inside the training loop; other values deep inside the resume."""
+    out = _copy_run(runs, "two-stage", tmp_path / "run")
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    ckpt[where][key] = value
+    torch.save(ckpt, out / "checkpoint.pt")
+    assert _main("--out", str(out), "--resume", "--steps", "9") == 2
+    line = _one_error_line(capsys)
+    assert "is not a demo checkpoint (its " in line and problem in line and "--overwrite" in line, line
+
+
+def test_ctrl_c_before_the_first_step_is_one_line(tmp_path, monkeypatch, capsys):
+    """Ctrl-C while the corpus is read or the model is built: one line, exit status 130, no traceback."""
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    for stage in ("load_corpus", "build_model", "_init_runtime"):
+        with monkeypatch.context() as patched:
+            patched.setattr(train, stage, interrupt)
+            assert _main("--out", str(tmp_path / stage)) == 130
+        assert capsys.readouterr().err == "interrupted before the first step: nothing was trained\n"
+    with monkeypatch.context() as patched:
+        patched.setattr(cli, "write_metrics", interrupt)
+        assert _main("--out", str(tmp_path / "late")) == 130
+    assert capsys.readouterr().err.startswith("interrupted after the last step, while writing the summary")
+
+
 @pytest.mark.parametrize("kind", ["truncated", "empty", "dense model", "pickle", "text"])
 def test_broken_or_foreign_checkpoint_is_one_clear_line(runs, tmp_path, capsys, no_work, kind):
     out = _copy_run(runs, "two-stage", tmp_path / "run")
@@ -379,6 +437,12 @@ def test_out_of_memory_names_the_flags_to_lower(tmp_path, monkeypatch):
     (["--log-every", "0"], "--log-every 0: must be >= 1"),
     (["--seed", "-3"], "--seed -3: must be in [0, 4294967295]"),
     (["--corpus-bytes", "0"], "--corpus-bytes 0: must be >= 1"),
+    (["--steps", str(2**64)], f"--steps {2**64}: must be at most 10000000 (the demo's range)"),
+    (["--layers", str(2**40)], f"--layers {2**40}: must be at most 1024"),
+    (["--batch-size", str(2**64)], f"--batch-size {2**64}: must be at most 16384"),
+    (["--ffn", str(2**62)], f"--ffn {2**62}: must be at most 131072"),
+    (["--eval-batches", str(2**62)], f"--eval-batches {2**62}: must be at most 16384"),
+    (["--seq-len", str(2**64)], f"--seq-len {2**64}: must be at most 16777216"),
     (["--device", "foo"], "--device foo: must be one of cpu, cuda, cuda:N"),
     (["--device", "cuda:x"], "--device cuda:x: must be one of cpu, cuda, cuda:N"),
     (["--resume", "--overwrite"], "--resume continues the run in --out, --overwrite replaces it"),
@@ -411,8 +475,19 @@ def test_corpus_errors_name_the_flag(tmp_path, capsys):
     assert _one_error_line(capsys) == "error: --corpus /nonexistent/corpus: no such file or directory"
     (tmp_path / "small.txt").write_text("x" * 300)
     assert _main("--corpus", str(tmp_path / "small.txt")) == 2
-    assert "--corpus-bytes 300000: 270 train / 30 validation bytes read, too few for --seq-len 256" in _one_error_line(
+    assert (f"--corpus {tmp_path / 'small.txt'}: holds 270 train / 30 validation bytes in all, too few for --seq-len "
+            "256") in _one_error_line(capsys)
+    assert _main("--corpus", str(tmp_path / "small.txt"), "--corpus-bytes", "200") == 2
+    assert "--corpus-bytes 200: 270 train / 30 validation bytes read, too few for --seq-len 256" in _one_error_line(
         capsys)
+    (tmp_path / "empty.txt").write_bytes(b"")
+    assert _main("--corpus", str(tmp_path / "empty.txt")) == 2
+    assert _one_error_line(capsys) == f"error: --corpus {tmp_path / 'empty.txt'}: empty (0 bytes); give a text file or " \
+                                      "a directory of them"
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.py").write_bytes(b"")
+    assert _main("--corpus", str(tmp_path / "texts")) == 2
+    assert "empty (0 bytes in its .py/.txt/.rst files)" in _one_error_line(capsys)
 
 
 @pytest.mark.parametrize("visible,device,message", [

@@ -15,7 +15,19 @@ from typing import Any, Iterator, List, Optional
 
 from .. import atomic
 from ..config import ROPE_PLACEMENTS
-from .train import DEFAULTS, DEVICE_CHOICES, LR_DECAY_STYLES, MODES, DemoConfig, SettingsError, flag, run_demo, shown
+from .train import (
+    DEFAULTS,
+    DEVICE_CHOICES,
+    LR_DECAY_STYLES,
+    MAX_SIZES,
+    MODES,
+    DemoConfig,
+    Interrupted,
+    SettingsError,
+    flag,
+    run_demo,
+    shown,
+)
 
 logger = logging.getLogger("megatron_lighthouse.demo")
 
@@ -30,18 +42,18 @@ HELP = {
     "mode": f"attention schedule, one of: {MODES[0]} (Lighthouse, then dense for the last --dense-fraction of the "
             f"steps: the paper's recipe), {MODES[1]} (dense from scratch: the baseline), {MODES[2]} (Lighthouse "
             f"throughout)",
-    "steps": "training steps in all (>= 1). With --resume: where the run now ends, above its checkpoint's step; "
+    "steps": f"training steps in all (1 to {MAX_SIZES['steps']}). With --resume: where the run now ends, above its checkpoint's step; "
              "the switch to dense stays at the step fixed when the run started, before or after it",
     "dense_fraction": "--mode two-stage only: the fraction of --steps trained dense at the end, in (0, 1), at least "
                       "one step of each stage; it fixes the switch step when a run starts (--resume keeps that step)",
-    "seq_len": "bytes per training sequence (>= 1); with Lighthouse a multiple of "
+    "seq_len": f"bytes per training sequence (1 to {MAX_SIZES['seq_len']}); with Lighthouse a multiple of "
                "pooling-factor**(levels-1) * topk/128 with >= 128 coarsest entries per tile (an error names the "
                "nearest valid lengths)",
-    "batch_size": "sequences per step (>= 1)",
-    "layers": "transformer layers (>= 1)",
-    "hidden": "hidden size (>= 1, divisible by --heads)",
-    "heads": "attention heads (>= 1)",
-    "ffn": "feed-forward (SwiGLU) hidden size (>= 1)",
+    "batch_size": f"sequences per step (1 to {MAX_SIZES['batch_size']})",
+    "layers": f"transformer layers (1 to {MAX_SIZES['layers']})",
+    "hidden": f"hidden size (1 to {MAX_SIZES['hidden']}, divisible by --heads)",
+    "heads": f"attention heads (1 to {MAX_SIZES['heads']})",
+    "ffn": f"feed-forward (SwiGLU) hidden size (1 to {MAX_SIZES['ffn']})",
     "levels": "Lighthouse pyramid levels L (>= 2; level 0 is the tokens); not with --mode dense",
     "pooling_factor": "Lighthouse pooling factor p, tokens pooled per level: a power of two in [2, 64]; not with "
                       "--mode dense",
@@ -60,7 +72,7 @@ HELP = {
     "lr_decay_fraction": "--lr-decay-style wsd only: the fraction of --steps that its decay takes, in (0, 1]: at "
                          "least one step, none of them in the warm-up",
     "eval_every": "steps between validation losses and checkpoints (>= 1); the last step is always evaluated",
-    "eval_batches": "batches of --batch-size validation sequences per evaluation (>= 1)",
+    "eval_batches": f"batches of --batch-size validation sequences per evaluation (1 to {MAX_SIZES['eval_batches']})",
     "log_every": "steps between progress lines (>= 1)",
     "device": f"where to train, one of: {', '.join(DEVICE_CHOICES)} (N: the index of a visible GPU); CUDA trains in "
               "bf16 with RoPE, CPU in fp32 with learned positions",
@@ -176,13 +188,20 @@ def parse_args(argv: Optional[List[str]] = None) -> DemoConfig:
     return DemoConfig(**{name: _value(name, v) if isinstance(v, str) else v for name, v in given.items()})
 
 
+#: The summary's columns of final validation losses: (heading, key of a stage in the metrics).
+LOSS_COLUMNS = (("val loss, Lighthouse on", "final_val_loss_lighthouse"), ("val loss, all dense", "final_val_loss"))
+
+
 def print_summary(metrics: dict) -> None:
-    """The table of stages (steps, final dense validation loss, wall time, tokens/s) and the final loss."""
-    print(f"\n{'stage':<11} {'steps':>6} {'final val loss (dense)':>23} {'wall s':>8} {'tokens/s':>10}")
+    """The table of stages (steps, final validation loss with the Lighthouse layers on and with every layer dense,
+    wall time, tokens/s) and the final loss. Each loss column says how the model was evaluated; a stage that was
+    not evaluated that way shows ``-`` (the dense stage has no Lighthouse layers on)."""
+    losses = "".join(f" {heading:>23}" for heading, _ in LOSS_COLUMNS)
+    print(f"\n{'stage':<11} {'steps':>6}{losses} {'wall s':>8} {'tokens/s':>10}")
     for s in metrics["stages"]:
-        loss = "-" if s["final_val_loss"] is None else f"{s['final_val_loss']:.4f}"
-        print(f"{s['stage']:<11} {s['steps']:>6} {loss:>23} {s['seconds']:>8.1f} {s['tokens_per_s']:>10.0f}")
-    print(f"final validation loss: {metrics['final_val_loss']:.4f}")
+        losses = "".join(f" {'-' if s.get(key) is None else format(s[key], '.4f'):>23}" for _, key in LOSS_COLUMNS)
+        print(f"{s['stage']:<11} {s['steps']:>6}{losses} {s['seconds']:>8.1f} {s['tokens_per_s']:>10.0f}")
+    print(f"final validation loss (all dense, the model the run ships): {metrics['final_val_loss']:.4f}")
 
 
 def write_metrics(metrics: dict, path: pathlib.Path) -> pathlib.Path:
@@ -222,9 +241,26 @@ def plot(metrics: dict, path: pathlib.Path) -> Optional[pathlib.Path]:
         plt.close(fig)
 
 
+#: Exit status after Ctrl-C (128 + SIGINT, as a shell reports it).
+EXIT_INTERRUPTED = 130
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    """Run the demo of the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status: 0, or 2 after
-    printing one line ``error: ...`` for settings, an output directory or a checkpoint it cannot run with."""
+    """Run the demo of the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status: 0; 2 after
+    printing one line ``error: ...`` for settings, an output directory or a checkpoint it cannot run with; 130 after
+    one line when Ctrl-C stops it (before the first step: reading the corpus, importing Megatron-Core, building the
+    model; while training: with where the run can continue)."""
+    try:
+        return _run(argv)
+    except Interrupted as err:
+        print(err, file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted before the first step: nothing was trained", file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
+def _run(argv: Optional[List[str]]) -> int:
+    """:func:`main` without its Ctrl-C handling."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
     for noisy in ("megatron", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -235,12 +271,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         except SettingsError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-        print_summary(metrics)
-        if cfg.out:
-            out = pathlib.Path(cfg.out)
-            write_metrics(metrics, out / "metrics.json")
-            png = plot(metrics, out / "loss.png")
-            print(f"wrote {out / 'metrics.json'}" + (f" and {png}" if png else "") + f"; checkpoints in {out}")
+        try:
+            print_summary(metrics)
+            if cfg.out:
+                out = pathlib.Path(cfg.out)
+                write_metrics(metrics, out / "metrics.json")
+                png = plot(metrics, out / "loss.png")
+                print(f"wrote {out / 'metrics.json'}" + (f" and {png}" if png else "") + f"; checkpoints in {out}")
+        except KeyboardInterrupt:
+            raise Interrupted("interrupted after the last step, while writing the summary" + (
+                f" to {cfg.out} (its checkpoint is whole)" if cfg.out else "")) from None
     return 0
 
 

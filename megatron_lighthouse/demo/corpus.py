@@ -72,6 +72,9 @@ def load_corpus(path: Optional[str] = None, max_bytes: int = 8 << 20,
             break
     if not found:
         raise ValueError(f"--corpus {root}: no {'/'.join(_SUFFIXES)} files found")
+    if total == 0:
+        raise ValueError(f"--corpus {root}: empty (0 bytes" + ("" if root.is_file() else f" in its "
+                         f"{'/'.join(_SUFFIXES)} files") + "); give a text file or a directory of them")
     if root.is_file() or not val:  # one file: split its tail off instead
         cut = int(len(train) * (1 - val_fraction))
         train, val = train[:cut], train[cut:] + val

@@ -41,11 +41,20 @@ OLD_CHECKPOINT_SETTINGS = {"rope": "tokens", "lr_decay_style": "cosine", "lr_dec
 MEMORY_HINT = "lower --batch-size, --seq-len, --layers or --hidden"
 #: Largest ``--seed`` (the batches of step ``s`` are drawn with seed ``seed * 1_000_003 + s``, which must fit 64 bits).
 MAX_SEED = 2**32 - 1
+#: The largest value of each size setting: beyond them a run neither fits one machine nor ends (refused with the
+#: bound, not failed deep inside torch or left running).
+MAX_SIZES = {"steps": 10**7, "seq_len": 2**24, "batch_size": 2**14, "layers": 1024, "hidden": 2**15, "heads": 1024,
+             "ffn": 2**17, "eval_batches": 2**14}
 
 
 class SettingsError(ValueError):
     """A setting, flag combination, output directory or checkpoint the demo cannot run with; the message is one line
     that names the flag (the CLI prints it as ``error: ...`` and exits 2, without a traceback)."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C while training; the message says at which step and where the run can continue (the CLI prints it and
+    exits 130, as for Ctrl-C before the first step)."""
 
 
 def flag(name: str) -> str:
@@ -158,6 +167,8 @@ class DemoConfig:
                      "eval_batches", "log_every", "corpus_bytes"):
             if getattr(self, name) < 1:
                 raise refuse(name, "must be >= 1")
+            if getattr(self, name) > MAX_SIZES.get(name, math.inf):
+                raise refuse(name, f"must be at most {MAX_SIZES[name]} (the demo's range)")
         if self.hidden % self.heads:
             raise refuse("hidden", f"must be divisible by --heads {self.heads}")
         if not 0 <= self.seed <= MAX_SEED:
@@ -399,10 +410,28 @@ def _checkpoint_problem(ckpt: Any) -> Optional[str]:
     config, state = ckpt["config"], ckpt["state"]
     if not isinstance(config, dict) or not all(k in config for k in ("mode", "steps", "dense_fraction", "warmup")):
         return "its config has no mode, steps, dense_fraction and warmup"
+    if config["mode"] not in MODES or not _is_count(config["steps"], 1) or not (
+            isinstance(config["dense_fraction"], float) and 0 < config["dense_fraction"] < 1) or not (
+            config["warmup"] is None or _is_count(config["warmup"], 0)):
+        return (f"its config has mode {config['mode']!r}, steps {config['steps']!r}, dense_fraction "
+                f"{config['dense_fraction']!r}, warmup {config['warmup']!r}: not the values of a run")
     if not isinstance(state, dict) or not isinstance(state.get("step"), int) or not all(
             k in state for k in ("train", "evals", "seconds", "tokens")):
         return "its run state has no step, train, evals, seconds and tokens"
+    step, switch = state["step"], state.get("switch_step")
+    if not _is_count(step, 0) or step > config["steps"]:
+        return f"its step {step!r} is not a step of its run of {config['steps']} steps"
+    if switch is not None and not _is_count(switch, 0):
+        return f"its switch step {switch!r} is not a step (an int >= 0)"
+    if not (isinstance(state["train"], list) and isinstance(state["evals"], list) and all(
+            isinstance(state[k], dict) and set(state[k]) == {"lighthouse", "dense"} for k in ("seconds", "tokens"))):
+        return "its run state's train, evals, seconds or tokens are not what the demo writes"
     return None
+
+
+def _is_count(value: Any, low: int) -> bool:
+    """Whether ``value`` is an int (not a bool) >= ``low``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
 def read_checkpoint(path: pathlib.Path, device: torch.device) -> Dict:
@@ -498,16 +527,22 @@ def run_demo(cfg: DemoConfig) -> Dict:
                      tokens={"lighthouse": 0, "dense": 0}, switch_step=cfg.switch_step)
     try:
         train, val = load_corpus(cfg.corpus, cfg.corpus_bytes)
-    except ValueError as err:  # "--corpus PATH: no such file or directory", or no text files there
+    except ValueError as err:  # "--corpus PATH: no such file or directory", empty, or no text files there
         raise SettingsError(str(err)) from None
     if min(len(train), len(val)) <= cfg.seq_len + 1:
-        raise SettingsError(f"--corpus-bytes {cfg.corpus_bytes}: {len(train)} train / {len(val)} validation bytes "
-                            f"read, too few for --seq-len {cfg.seq_len}; raise --corpus-bytes or lower --seq-len")
+        read = f"{len(train)} train / {len(val)} validation bytes"
+        if len(train) + len(val) < cfg.corpus_bytes:  # the whole corpus was read: it is what is too small
+            raise SettingsError(f"--corpus {cfg.corpus or 'the standard library'}: holds {read} in all, too few "
+                                f"for --seq-len {cfg.seq_len} (each split needs more than --seq-len + 1 bytes); give "
+                                f"a larger corpus or lower --seq-len")
+        raise SettingsError(f"--corpus-bytes {cfg.corpus_bytes}: {read} read, too few for --seq-len {cfg.seq_len}; "
+                            f"raise --corpus-bytes or lower --seq-len")
     _init_runtime(device)
     torch.manual_seed(cfg.seed)
     switch = state["switch_step"]
     schedule = LighthouseSchedule(dense_from_iteration=switch)
     saved_step: Optional[int] = None
+    training = False  # a step has started: Ctrl-C from then on says where the run can continue
     tokens_per_step = cfg.batch_size * cfg.seq_len
     try:
         model = build_model(cfg, device)
@@ -519,6 +554,7 @@ def run_demo(cfg: DemoConfig) -> Dict:
         for line in describe(cfg, switch, sum(p.numel() for p in model.parameters())):
             logger.info("%s", line)
         first = state["step"]
+        training = True
         for step in range(first, cfg.steps):
             stage = "lighthouse" if schedule.apply(model, step) else "dense"  # --mode dense: dense from step 0
             if step == switch and cfg.mode == "two-stage":
@@ -560,11 +596,17 @@ def run_demo(cfg: DemoConfig) -> Dict:
         raise SystemExit(f"out of memory at step {state['step']} ({type(err).__name__}): {MEMORY_HINT}"
                          f"{_resume_hint(cfg, out, saved_step)}") from None
     except KeyboardInterrupt:
-        raise SystemExit(f"interrupted at step {state['step']}{_resume_hint(cfg, out, saved_step)}") from None
+        if not training:
+            raise  # before the first step: the CLI says so
+        raise Interrupted(f"interrupted at step {state['step']}{_resume_hint(cfg, out, saved_step)}") from None
     if out is not None:
         from ..export import dense_state_dict
 
-        save_torch(out / "model_dense.pt", dense_state_dict(model))
+        try:
+            save_torch(out / "model_dense.pt", dense_state_dict(model))
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted after the last step, while writing {out / 'model_dense.pt'} (the "
+                              f"checkpoint of step {saved_step} is whole)") from None
     return summarize(cfg, state)
 
 
@@ -605,15 +647,17 @@ def _resume_hint(cfg: DemoConfig, out: Optional[pathlib.Path], saved_step: Optio
 
 
 def summarize(cfg: DemoConfig, state: Dict) -> Dict:
-    """Final validation loss of each stage, wall time and tokens/s, plus the curves."""
+    """Final validation loss of each stage (``final_val_loss``: every layer dense; ``final_val_loss_lighthouse``: with
+    the Lighthouse layers on, Lighthouse stage only), wall time and tokens/s, plus the curves."""
     stages: List[Dict] = []
     for stage in ("lighthouse", "dense"):
         evals = [e for e in state["evals"] if e["stage"] == stage]
         if state["tokens"][stage]:
             seconds = state["seconds"][stage]
             stages.append(dict(stage=stage, steps=sum(t["stage"] == stage for t in state["train"]),
-                               final_val_loss=evals[-1]["val_loss"] if evals else None, seconds=seconds,
-                               tokens_per_s=state["tokens"][stage] / seconds if seconds else 0.0))
+                               final_val_loss=evals[-1]["val_loss"] if evals else None,
+                               final_val_loss_lighthouse=evals[-1].get("val_loss_lighthouse") if evals else None,
+                               seconds=seconds, tokens_per_s=state["tokens"][stage] / seconds if seconds else 0.0))
     return dict(config=dataclasses.asdict(cfg), switch_step=state["switch_step"], stages=stages,
                 final_val_loss=state["evals"][-1]["val_loss"] if state["evals"] else None,
                 train=state["train"], evals=state["evals"])
