@@ -209,8 +209,11 @@ def test_linear_and_norm_stand_ins_compute_torch():
             normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * gamma
         torch.testing.assert_close(lnl(x), normed @ lnl.weight.T + lnl.bias, rtol=1e-5, atol=1e-5)
 
-        module = getattr(fake_te, norm)(hidden_size=16, eps=1e-6, device="cpu", params_dtype=torch.float64) \
-            if norm == "LayerNorm" else getattr(fake_te, norm)(16, eps=1e-6, device="cpu", dtype=torch.float64)
+        if norm == "LayerNorm":  # TE's deprecated spelling still builds, with TE's DeprecationWarning
+            with pytest.warns(DeprecationWarning, match=r"`hidden_size` arg has been renamed to `normalized_shape`"):
+                module = fake_te.LayerNorm(hidden_size=16, eps=1e-6, device="cpu", params_dtype=torch.float64)
+        else:
+            module = getattr(fake_te, norm)(16, eps=1e-6, device="cpu", dtype=torch.float64)
         assert module.weight.dtype == torch.float64 and torch.all(module.weight == 1)
         assert (module.bias is not None) == (norm == "LayerNorm")
 

@@ -90,11 +90,12 @@ HELP = {
 #: The flags with a fixed set of values (shown in the usage line; :meth:`DemoConfig.validate` checks them).
 CHOICES = {"mode": MODES, "rope": ROPE_PLACEMENTS, "lr_decay_style": LR_DECAY_STYLES, "device": DEVICE_CHOICES}
 #: Library warnings that mean nothing to a demo user, ignored while the demo runs (``warnings.filterwarnings``
-#: arguments): megatron-core's notes that TransformerEngine or Apex is not installed (the demo uses neither) and its
+#: arguments): megatron-core's notes that TransformerEngine, Apex or absl is not installed (the demo uses none) and its
 #: deprecation notices about its own settings. Nothing else is hidden.
 QUIET_WARNINGS = (
     dict(message=r"(Transformer Engine and Apex are|Transformer Engine is|Apex is) not installed",
          module=r"megatron\."),
+    dict(message=r"absl\.logging is not installed", module=r"megatron\."),
     dict(message=r".*\bdeprecated\b", category=UserWarning, module=r"megatron\."),
     dict(category=DeprecationWarning, module=r"megatron\."),
     dict(category=FutureWarning, module=r"megatron\."),
