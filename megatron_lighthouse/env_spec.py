@@ -7,9 +7,9 @@ does not consult a module ``__getattr__``); the others on first attribute access
 ``AttributeError``, and a ``--spec`` naming one a ``ValueError`` at import. The settings come from the environment
 and from Megatron-LM's parsed arguments:
 
-- ``LIGHTHOUSE_LEVELS``, ``LIGHTHOUSE_POOLING_FACTOR``, ``LIGHTHOUSE_TOPK``, ``LIGHTHOUSE_DENSE_LAYERS``
-  (:func:`~megatron_lighthouse.transformer_config.lighthouse_config_from_env`; unset ones keep the defaults, a
-  misspelt one is refused),
+- ``LIGHTHOUSE_LEVELS``, ``LIGHTHOUSE_POOLING_FACTOR``, ``LIGHTHOUSE_TOPK``, ``LIGHTHOUSE_DENSE_LAYERS``,
+  ``LIGHTHOUSE_ROPE`` (:func:`~megatron_lighthouse.transformer_config.lighthouse_config_from_env`; unset ones keep
+  the defaults, a misspelt or unknown ``LIGHTHOUSE_*`` variable is refused),
   checked against ``--seq-length``, ``--context-parallel-size``, ``--num-layers`` and the Megatron-LM flags that
   cannot work with Lighthouse as the patched hook checks its flags
   (:func:`~megatron_lighthouse.megatron_lm.check_lighthouse_against_args`; the messages name the variables);

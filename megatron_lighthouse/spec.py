@@ -54,6 +54,43 @@ def _call_accepted(fn: Callable, **kwargs: Any) -> Any:
     return fn(**{k: v for k, v in kwargs.items() if k in params})
 
 
+def _call_layer_spec(fn: Callable, options: dict, follows_config: tuple = ()) -> ModuleSpec:
+    """Megatron's layer spec function ``fn`` with a caller's ``options``. ``ValueError`` naming an option that is
+    no option of ``fn`` nor of Megatron's layer specs in any version (:data:`LAYER_SPEC_ARGS`: a misspelt
+    ``qk_layernrom=True`` would vanish), or an option of another version, or of the other variant, given a value
+    other than "off" (``None`` / ``False``), which this ``fn`` cannot honour. ``follows_config``: options ``fn``
+    reads from the ``TransformerConfig`` instead (the TE layers' ``normalization``), passed over."""
+    params = inspect.signature(fn).parameters
+    unknown = sorted(k for k in options if k not in params and k not in LAYER_SPEC_ARGS)
+    if unknown:
+        raise ValueError(f"{', '.join(f'{k}={options[k]!r}' for k in unknown)}: not an option of Megatron's "
+                         f"{fn.__name__} (nor of this package's spec functions); its options: "
+                         f"{', '.join(params)}")
+    unsupported = sorted(k for k, v in options.items()
+                         if k not in params and k not in follows_config and v is not None and v is not False)
+    if unsupported:
+        raise ValueError(f"{', '.join(f'{k}={options[k]!r}' for k in unsupported)}: not an option of Megatron's "
+                         f"{fn.__name__} in this megatron-core; its options: {', '.join(params)}")
+    return fn(**{k: v for k, v in options.items() if k in params})
+
+
+def _check_config(config: Any, what: str, optional: bool = False) -> None:
+    """``ValueError`` unless ``config`` is a Megatron-Core ``TransformerConfig`` (or ``None`` when ``optional``)."""
+    if not (isinstance(config, TransformerConfig) or optional and config is None):
+        raise ValueError(f"{what}: config of type {type(config).__name__}: must be a megatron.core TransformerConfig "
+                         f"(e.g. LighthouseTransformerConfig){' or None' if optional else ''}")
+
+
+def _check_lighthouse_layers(config: TransformerConfig, lighthouse: LighthouseConfig) -> None:
+    """``ValueError`` when ``lighthouse.dense_layers`` keeps every one of ``config.num_layers`` layers dense (the
+    default keeps the first two and the last two: a model of 4 layers or fewer would have no Lighthouse layer)."""
+    if len(lighthouse.dense_layer_set(config.num_layers)) == config.num_layers:
+        raise ValueError(f"lighthouse.dense_layers={lighthouse.dense_layers} keeps all {config.num_layers} layers "
+                         f"(config.num_layers) dense: no layer would run Lighthouse; give LighthouseConfig("
+                         f"dense_layers=...) fewer layers (the default keeps the first two and the last two), or "
+                         f"build the dense model with get_gpt_decoder_block_dense_spec")
+
+
 def _attention_submodules(layer_spec: ModuleSpec):
     """``layer_spec.submodules.self_attention.submodules`` (the ``SelfAttentionSubmodules``)."""
     return layer_spec.submodules.self_attention.submodules
@@ -71,8 +108,11 @@ def replace_core_attention(layer_spec: ModuleSpec, core_attention: Union[ModuleS
 
 
 def _check_transformer_engine(use_transformer_engine: bool) -> None:
-    """``ImportError`` naming the setting when the TE variant is asked for without TransformerEngine (Megatron's
-    TE spec functions would fail deep inside with a ``NameError``)."""
+    """``ValueError`` unless ``use_transformer_engine`` is a bool (a string such as ``"no"`` would choose TE);
+    ``ImportError`` naming the setting when the TE variant is asked for without TransformerEngine (Megatron's TE spec
+    functions would fail deep inside with a ``NameError``)."""
+    if not isinstance(use_transformer_engine, bool):
+        raise ValueError(f"use_transformer_engine={use_transformer_engine!r}: must be True or False")
     if use_transformer_engine and not have_transformer_engine():
         raise ImportError("use_transformer_engine=True needs TransformerEngine (transformer_engine[pytorch]), which "
                           "is not importable here: install it, or pass use_transformer_engine=False for the local "
@@ -82,14 +122,17 @@ def _check_transformer_engine(use_transformer_engine: bool) -> None:
 def get_gpt_layer_dense_spec(*, use_transformer_engine: bool = True, **kwargs: Any) -> ModuleSpec:
     """Megatron's GPT layer spec (TE or local) with a long-sequence core attention: ``TEDotProductAttention``
     (TE, unchanged) or :class:`SDPACoreAttention` (local). ``kwargs`` go to Megatron's spec function
-    (``num_experts``, ``qk_layernorm``, ``normalization``, ...); multi-latent attention is not supported."""
+    (``num_experts``, ``qk_layernorm``, ``normalization`` (local; the TE layers follow ``config.normalization``),
+    ...); one that function does not take is a ``ValueError`` naming it (see :func:`_call_layer_spec`).
+    Multi-latent attention is not supported."""
     if kwargs.get("multi_latent_attention"):
         raise ValueError("multi_latent_attention=True: Lighthouse specs support standard (GQA/MHA) self-attention only")
     _check_transformer_engine(use_transformer_engine)
     if use_transformer_engine:
-        spec = _call_accepted(gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec, **kwargs)
+        spec = _call_layer_spec(gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec, kwargs,
+                                follows_config=("normalization",))
     else:
-        spec = _call_accepted(gpt_layer_specs.get_gpt_layer_local_spec, **kwargs)
+        spec = _call_layer_spec(gpt_layer_specs.get_gpt_layer_local_spec, kwargs)
         spec = replace_core_attention(spec, SDPA_CORE_ATTENTION)
     return spec
 
@@ -121,15 +164,22 @@ def get_gpt_layer_with_lighthouse_spec(
     """GPT layer spec whose core attention is :class:`LighthouseCoreAttention` around the stock one.
 
     Args:
-        config: optional; its ``lighthouse`` field (:class:`LighthouseTransformerConfig`) supplies the settings
-            when ``lighthouse`` is not given. Without either, the layers read ``config.lighthouse`` when built.
-        lighthouse: the settings, carried in the spec.
+        config: optional, a ``TransformerConfig``; its ``lighthouse`` field (:class:`LighthouseTransformerConfig`)
+            supplies the settings when ``lighthouse`` is not given. Without either, the layers read
+            ``config.lighthouse`` when built. Given, its ``num_layers`` is checked against ``dense_layers``.
+        lighthouse: the settings (a :class:`LighthouseConfig`), carried in the spec.
         use_transformer_engine: TE variant (inner ``TEDotProductAttention``) or local (inner ``SDPACoreAttention``).
         kwargs: forwarded to Megatron's layer spec function (see :func:`get_gpt_layer_dense_spec`).
-    Layers listed in ``lighthouse.dense_layers`` (by global layer number) stay dense when built from this spec.
+    Layers listed in ``lighthouse.dense_layers`` (by global layer number) stay dense when built from this spec; a
+    ``config`` whose every layer they list is refused (no layer would run Lighthouse).
     """
+    _check_config(config, "get_gpt_layer_with_lighthouse_spec", optional=True)
     if lighthouse is None and config is not None:
         lighthouse = getattr(config, "lighthouse", None)
+    if lighthouse is not None:
+        lighthouse = resolve_lighthouse(config, lighthouse)
+        if config is not None:
+            _check_lighthouse_layers(config, lighthouse)
     return _with_lighthouse(get_gpt_layer_dense_spec(use_transformer_engine=use_transformer_engine, **kwargs),
                             lighthouse)
 
@@ -145,6 +195,7 @@ def _block_norm(use_transformer_engine: bool):
 def _stage_layer_specs(config: TransformerConfig, specs: List[ModuleSpec], vp_stage: Optional[int],
                        pp_rank: Optional[int]) -> List[ModuleSpec]:
     """The entries of ``specs`` (one per global layer) built by this pipeline (and virtual) stage."""
+    _check_stage(config, vp_stage, pp_rank)
     stage = {"vp_stage": vp_stage, "pp_rank": pp_rank}
     layout = getattr(config, "pipeline_model_parallel_layout", None)
     if layout is not None:
@@ -155,6 +206,25 @@ def _stage_layer_specs(config: TransformerConfig, specs: List[ModuleSpec], vp_st
     offset = _call_accepted(get_transformer_layer_offset, config=config, **stage)
     count = _call_accepted(get_num_layers_to_build, config=config, **stage)
     return specs[offset: offset + count]
+
+
+def _check_stage(config: TransformerConfig, vp_stage: Optional[int], pp_rank: Optional[int]) -> None:
+    """``ValueError`` unless ``vp_stage`` is ``None`` or a virtual stage of ``config`` (``0`` to
+    ``virtual_pipeline_model_parallel_size - 1``; ``0`` alone without virtual pipelining) and ``pp_rank`` is ``None``
+    or a pipeline rank (``0`` to ``pipeline_model_parallel_size - 1``): Megatron ignores a ``vp_stage`` without
+    virtual pipelining and builds no layers for a rank past the last."""
+    for name, value, size, field in (
+            ("vp_stage", vp_stage, getattr(config, "virtual_pipeline_model_parallel_size", None) or 1,
+             "virtual_pipeline_model_parallel_size"),
+            ("pp_rank", pp_rank, getattr(config, "pipeline_model_parallel_size", None) or 1,
+             "pipeline_model_parallel_size")):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < size):
+            raise ValueError(f"{name}={value!r}: must be None or an int in [0, {size}) (config.{field}="
+                             f"{getattr(config, field, None)!r})")
+
+
+#: The normalizations Megatron's layer specs build (``normalization``; ``None``: the config's).
+NORMALIZATIONS = (None, "LayerNorm", "RMSNorm")
 
 
 #: Megatron layer-spec option -> the ``TransformerConfig`` field Megatron's decoder-block spec reads instead.
@@ -190,6 +260,12 @@ def _block_spec(config: TransformerConfig, lighthouse: Optional[LighthouseConfig
     """Megatron's own per-layer GPT specs (``get_gpt_decoder_layer_specs``: dense / MoE layers from the config),
     core attention made long-sequence capable (local: :class:`SDPACoreAttention`) and, for the layers not in
     ``lighthouse.dense_layers``, wrapped in :class:`LighthouseCoreAttention`; then sliced to this stage."""
+    _check_config(config, "the decoder-block spec")
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization={normalization!r}: must be one of {NORMALIZATIONS} (None: "
+                         f"config.normalization)")
+    if not isinstance(qk_l2_norm, bool):
+        raise ValueError(f"qk_l2_norm={qk_l2_norm!r}: must be True or False")
     if getattr(config, "multi_latent_attention", False):
         raise ValueError("config.multi_latent_attention=True: Lighthouse specs support standard (GQA/MHA) "
                          "self-attention only")
@@ -201,6 +277,8 @@ def _block_spec(config: TransformerConfig, lighthouse: Optional[LighthouseConfig
     megatron_specs = _call_accepted(gpt_layer_specs.get_gpt_decoder_layer_specs, config=config,
                                     use_transformer_engine=use_transformer_engine, normalization=normalization,
                                     qk_l2_norm=qk_l2_norm)
+    if lighthouse is not None:
+        _check_lighthouse_layers(config, lighthouse)
     dense_set = lighthouse.dense_layer_set(config.num_layers) if lighthouse is not None else range(config.num_layers)
     built = {}  # Megatron shares one spec object between layers of a kind: convert each kind once
 
@@ -237,8 +315,10 @@ def get_gpt_decoder_block_with_lighthouse_spec(
     rest come from ``config`` (``moe_layer_freq``, ``num_moe_experts``, ...); ``normalization`` and ``qk_l2_norm``
     go to Megatron's layer specs; ``vp_stage`` / ``pp_rank`` select the stage (pipeline layout honoured).
     ``options`` may repeat Megatron-LM's layer-spec options (``num_experts``, ``qk_layernorm``, ...): they must
-    agree with the config. Multi-latent attention is not supported.
+    agree with the config. Multi-latent attention is not supported. ``ValueError`` for a ``config`` that is no
+    ``TransformerConfig``, a stage it does not have, and ``dense_layers`` that keep every layer dense.
     """
+    _check_config(config, "get_gpt_decoder_block_with_lighthouse_spec")
     lighthouse = resolve_lighthouse(config, lighthouse)
     return _block_spec(config, lighthouse, use_transformer_engine, vp_stage, pp_rank, normalization, qk_l2_norm,
                        options)
@@ -262,7 +342,8 @@ def get_gpt_decoder_block_dense_spec(
                        options)
 
 
-#: Megatron-LM arguments forwarded to Megatron's layer spec functions (unknown ones are dropped by the spec).
+#: Megatron-LM arguments forwarded to Megatron's layer spec functions (across megatron-core versions: one this
+#: version's function does not take passes when it is off, ``None`` or ``False``, see :func:`_call_layer_spec`).
 LAYER_SPEC_ARGS = ("num_experts", "moe_grouped_gemm", "qk_layernorm", "multi_latent_attention", "qk_l2_norm",
                    "moe_use_legacy_grouped_gemm", "normalization")
 

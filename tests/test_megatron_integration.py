@@ -25,6 +25,7 @@ from megatron_lighthouse.sdpa_core_attention import SDPACoreAttention  # noqa: E
 from megatron_lighthouse.spec import (  # noqa: E402
     get_gpt_decoder_block_dense_spec,
     get_gpt_decoder_block_with_lighthouse_spec,
+    get_gpt_layer_dense_spec,
     get_gpt_layer_with_lighthouse_spec,
 )
 from megatron_lighthouse.core_attention import TRAINING_ONLY  # noqa: E402
@@ -539,6 +540,71 @@ def test_block_spec_follows_megatron_layer_specs():
         get_gpt_decoder_block_with_lighthouse_spec(cfg, use_transformer_engine=False, num_experts=4)
     with pytest.raises(ValueError, match=r"fp8=.*not a decoder-block spec option"):
         get_gpt_decoder_block_dense_spec(cfg, use_transformer_engine=False, fp8="e4m3")
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda cfg: get_gpt_layer_with_lighthouse_spec(cfg, qk_layernrom=True, use_transformer_engine=False),
+     r"^qk_layernrom=True: not an option of Megatron's get_gpt_layer_local_spec \(nor of this package's spec "
+     r"functions\); its options: num_experts, "),
+    (lambda cfg: get_gpt_layer_dense_spec(num_expert=4, use_transformer_engine=False), r"^num_expert=4: not an option"),
+    (lambda cfg: get_gpt_layer_dense_spec(qk_layernrom=False, use_transformer_engine=False), r"^qk_layernrom=False"),
+    (lambda cfg: get_gpt_decoder_block_with_lighthouse_spec(cfg, qk_layernrom=True, use_transformer_engine=False),
+     r"^qk_layernrom=True: not a decoder-block spec option"),
+    (lambda cfg: get_gpt_layer_with_lighthouse_spec("cfg", use_transformer_engine=False),
+     r"^get_gpt_layer_with_lighthouse_spec: config of type str: must be a megatron.core TransformerConfig"),
+    (lambda cfg: get_gpt_layer_with_lighthouse_spec(cfg, {"levels": 2}, use_transformer_engine=False),
+     r"^lighthouse=\{'levels': 2\}: must be a LighthouseConfig"),
+    (lambda cfg: get_gpt_decoder_block_with_lighthouse_spec(None, LIGHTHOUSE, use_transformer_engine=False),
+     r"^get_gpt_decoder_block_with_lighthouse_spec: config of type NoneType: must be a megatron.core"),
+    (lambda cfg: get_gpt_decoder_block_dense_spec({"num_layers": 6}, use_transformer_engine=False),
+     r"^the decoder-block spec: config of type dict"),
+    (lambda cfg: get_gpt_decoder_block_with_lighthouse_spec(cfg, vp_stage=5, use_transformer_engine=False),
+     r"^vp_stage=5: must be None or an int in \[0, 1\) \(config.virtual_pipeline_model_parallel_size=None\)"),
+    (lambda cfg: get_gpt_decoder_block_dense_spec(cfg, pp_rank=3, use_transformer_engine=False),
+     r"^pp_rank=3: must be None or an int in \[0, 1\)"),
+    (lambda cfg: get_gpt_decoder_block_dense_spec(cfg, pp_rank="0", use_transformer_engine=False), r"^pp_rank='0'"),
+    (lambda cfg: get_gpt_decoder_block_dense_spec(cfg, normalization="rmsnorm", use_transformer_engine=False),
+     r"^normalization='rmsnorm': must be one of \(None, 'LayerNorm', 'RMSNorm'\)"),
+    (lambda cfg: get_gpt_decoder_block_dense_spec(cfg, qk_l2_norm="yes", use_transformer_engine=False),
+     r"^qk_l2_norm='yes': must be True or False"),
+    (lambda cfg: get_gpt_decoder_block_dense_spec(cfg, use_transformer_engine="no"),
+     r"^use_transformer_engine='no': must be True or False"),
+    (lambda cfg: get_gpt_layer_dense_spec(use_transformer_engine=None), r"^use_transformer_engine=None"),
+])
+def test_spec_functions_refuse_what_they_would_ignore(call, message):
+    """A misspelt option, a config that is no config, a stage the config does not have: each was dropped or ignored
+    (the model then silently lacked qk-layernorm), or failed deep inside Megatron."""
+    with pytest.raises(ValueError, match=message):
+        call(tiny_config())
+
+
+def test_an_option_of_another_megatron_version_passes_only_when_off():
+    """Megatron-LM's layer-spec arguments differ across megatron-core versions (moe_use_legacy_grouped_gemm left the
+    local spec in 0.19): off, it passes wherever it is unknown; on, the function that cannot honour it refuses."""
+    import inspect
+
+    local = inspect.signature(gpt_layer_specs.get_gpt_layer_local_spec).parameters
+    get_gpt_layer_dense_spec(use_transformer_engine=False, moe_use_legacy_grouped_gemm=False)
+    if "moe_use_legacy_grouped_gemm" not in local:
+        with pytest.raises(ValueError, match=r"^moe_use_legacy_grouped_gemm=True: not an option of Megatron's "
+                                             r"get_gpt_layer_local_spec in this megatron-core"):
+            get_gpt_layer_dense_spec(use_transformer_engine=False, moe_use_legacy_grouped_gemm=True)
+
+
+@pytest.mark.parametrize("num_layers", [2, 4])
+def test_default_dense_layers_that_leave_no_lighthouse_layer_are_refused(num_layers):
+    """The default dense_layers (0, 1, -2, -1) keep a model of 4 layers or fewer wholly dense: a 'Lighthouse' model
+    without a Lighthouse layer, built without a word, is refused where the layer count is known."""
+    cfg = tiny_config(lighthouse=LighthouseConfig(levels=2, pooling_factor=2, topk=128), num_layers=num_layers)
+    message = rf"dense_layers=\(0, 1, -2, -1\) keeps all {num_layers} layers \(config.num_layers\) dense: no layer"
+    with pytest.raises(ValueError, match=message):
+        get_gpt_decoder_block_with_lighthouse_spec(cfg, use_transformer_engine=False)
+    with pytest.raises(ValueError, match=message):
+        get_gpt_layer_with_lighthouse_spec(cfg, use_transformer_engine=False)
+    assert get_gpt_decoder_block_dense_spec(cfg, use_transformer_engine=False).layer_specs  # the dense model builds
+    five = tiny_config(lighthouse=cfg.lighthouse, num_layers=5)
+    assert sum(_core_module(s) is LighthouseCoreAttention
+               for s in get_gpt_decoder_block_with_lighthouse_spec(five, use_transformer_engine=False).layer_specs) == 1
 
 
 def test_pipeline_stages_map_global_layers():
