@@ -14,8 +14,12 @@ arguments and builds its model on CPU (``--use-cpu-initialization`` added), whic
 flags that need TransformerEngine or Apex; it prints the core attention of every layer and which layers run
 Lighthouse. A command with tensor, pipeline or context parallelism is parsed as rank 0 of a world of exactly that
 size on a Hopper GPU; the model is built only without tensor and pipeline parallelism (under context parallelism
-every rank holds the same model, built here with context parallelism 1). Megatron-LM's own output is kept back; when it refuses the command, its last lines and a one-line
-``error:`` are printed (exit 1).
+every rank holds the same model, built here with context parallelism 1). Megatron-LM's own output is kept back; when
+it refuses the command, its last lines (without its argument dump and links) and a one-line ``error:`` are printed
+(exit 1). Without TransformerEngine in this Python, a TransformerEngine command (``--transformer-impl
+transformer_engine``, Megatron-LM's default) is checked in its local form, as the examples write it with
+``TRANSFORMER_IMPL=local`` (FP8 flags dropped, as FP8 needs TransformerEngine), and says so: its TransformerEngine
+parts can only be checked where TransformerEngine is installed.
 
 It runs each patched script's ``__main__`` with Megatron-LM's own argument parser on a tiny model
 (``--lighthouse ... --lighthouse-dense-from-iteration 2``; ``pretrain_hybrid.py`` with ``--hybrid-layer-pattern``
@@ -43,13 +47,15 @@ import sys
 import typing
 import warnings
 
+#: The self-check's tiny model; its Lighthouse layers attend over 768 of the 1024 positions (56% of the attention
+#: FLOPs of dense), so the hook's summary shows a saving, as at a real length.
 FLAGS = [
     "--num-layers", "6", "--hidden-size", "64", "--num-attention-heads", "4", "--ffn-hidden-size", "128",
-    "--seq-length", "256", "--max-position-embeddings", "256", "--micro-batch-size", "2",
+    "--seq-length", "1024", "--max-position-embeddings", "1024", "--micro-batch-size", "2",
     "--global-batch-size", "2", "--train-iters", "4", "--lr", "1e-3", "--transformer-impl", "local",
     "--use-cpu-initialization", "--no-gradient-accumulation-fusion", "--no-persist-layer-norm",
     "--tokenizer-type", "NullTokenizer", "--vocab-size", "256", "--mock-data", "--no-create-attention-mask-in-dataloader",
-    "--lighthouse", "--lighthouse-topk", "128", "--lighthouse-levels", "2", "--lighthouse-pooling-factor", "2",
+    "--lighthouse", "--lighthouse-topk", "128", "--lighthouse-levels", "2", "--lighthouse-pooling-factor", "4",
     "--lighthouse-dense-layers", "0,-1", "--lighthouse-dense-from-iteration", "2",
 ]
 SWITCH = 2
@@ -66,10 +72,28 @@ REFUSED = {"pretrain_gpt.py": (("--seq-length", "240"), "--seq-length 240"),
                                                                        "attention layers")}
 
 
+#: Lines of Megatron-LM's output that say nothing about a refusal: its argument dump (from the first of these lines
+#: to the second) and lines with links (its note about an internal package index, for one).
+ARGUMENT_DUMP = (re.compile(r"^-+ arguments -+$"), re.compile(r"^-+ end of arguments -+$"))
+
+
+def tail_of(text: str, lines: int = 15) -> str:
+    """The last ``lines`` lines of Megatron-LM's ``text``, without its argument dump and lines with links."""
+    kept, in_dump = [], False
+    for line in text.splitlines(keepends=True):
+        if ARGUMENT_DUMP[0].match(line.strip()):
+            in_dump = True
+        elif in_dump:
+            in_dump = not ARGUMENT_DUMP[1].match(line.strip())
+        elif "://" not in line:
+            kept.append(line)
+    return "".join(kept[-lines:])
+
+
 @contextlib.contextmanager
 def megatron_output(show_on_error: bool = True):
     """Keep back what Megatron-LM prints, warns and logs inside the block (yields the text so far); when the block
-    raises and ``show_on_error``, write its last lines to stderr first."""
+    raises and ``show_on_error``, write its last lines to stderr first (:func:`tail_of`)."""
     output = io.StringIO()
     logging.disable(logging.WARNING)
     try:
@@ -78,7 +102,7 @@ def megatron_output(show_on_error: bool = True):
             yield output
     except BaseException:
         if show_on_error:
-            sys.stderr.write("".join(output.getvalue().splitlines(keepends=True)[-15:]))
+            sys.stderr.write(tail_of(output.getvalue()))
         raise
     finally:
         logging.disable(logging.NOTSET)
@@ -226,6 +250,39 @@ def parallel_size(argv: list, flags: tuple) -> int:
 
 #: What the world of a checked command counts: data parallelism adds ranks that hold the same model.
 GROUP = ", its tensor x pipeline x context parallel ranks"
+#: The flags of a TransformerEngine command's local form, as the examples add them for TRANSFORMER_IMPL=local:
+#: Megatron-LM's defaults that need TransformerEngine or Apex, off.
+LOCAL_FORM = ("--transformer-impl", "local", "--no-rope-fusion", "--no-persist-layer-norm",
+              "--no-gradient-accumulation-fusion")
+
+
+def needs_local_form(argv: list) -> bool:
+    """Whether ``argv`` runs TransformerEngine (``--transformer-impl transformer_engine``, Megatron-LM's default)
+    where this Python has none."""
+    import importlib.util
+
+    impl = argv[argv.index("--transformer-impl") + 1] if "--transformer-impl" in argv[:-1] else "transformer_engine"
+    return impl == "transformer_engine" and importlib.util.find_spec("transformer_engine") is None
+
+
+def local_form(argv: list) -> tuple:
+    """``(the local form of argv, the TransformerEngine-only flags dropped from it)``: ``--transformer-impl local``
+    and the flags of :data:`LOCAL_FORM`; the ``--fp8*`` flags, with their values, dropped (FP8 needs TE)."""
+    out, dropped, i = [], [], 0
+    while i < len(argv):
+        word = argv[i]
+        takes_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
+        if word == "--transformer-impl":
+            i += 2
+            continue
+        if word.startswith("--fp8"):
+            dropped.extend(argv[i:i + 1 + takes_value])
+            i += 1 + takes_value
+            continue
+        out.append(word)
+        i += 1
+    out += ["--transformer-impl", "local"] + [flag for flag in LOCAL_FORM[2:] if flag not in out]
+    return out, dropped
 
 
 def check_command(mlm: str, words: list) -> None:
@@ -236,6 +293,13 @@ def check_command(mlm: str, words: list) -> None:
     script, argv = command_arguments(words)
     if not os.path.isfile(os.path.join(mlm, script)):
         sys.exit(f"error: the command runs {script}, and {mlm} has none (a Megatron-LM without HybridModel)")
+    form = ""
+    if needs_local_form(argv):
+        argv, dropped = local_form(argv)
+        form = " in its local form"
+        print(f"note: this Python has no TransformerEngine: the command is checked in its local form ("
+              f"{' '.join(LOCAL_FORM)}{', without ' + ' '.join(dropped) if dropped else ''}); its TransformerEngine "
+              f"parts (the TE layers, RoPE fusion, FP8) can only be checked where TransformerEngine is installed")
     if "--use-cpu-initialization" not in argv:
         argv.append("--use-cpu-initialization")
     world = parallel_size(argv, SPLIT_MODEL + SPLIT_SEQUENCE)  # the smallest world the command runs in
@@ -260,13 +324,13 @@ def check_command(mlm: str, words: list) -> None:
     if lines:  # the hook's summary (none on the unpatched route)
         print(*lines, sep="\n")
     if split:
-        print(f"OK: {mlm}/{script} accepts the command as rank 0 of {world}{GROUP} (its model is split over ranks: "
-              "not built here)")
+        print(f"OK: {mlm}/{script} accepts the command{form} as rank 0 of {world}{GROUP} (its model is split over "
+              "ranks: not built here)")
         return
     print("core attention per layer:", kinds)
     print("Lighthouse layers:", lighthouse_layers(model) or "none")
     one_rank = f" (as rank 0 of {world}{GROUP})" if world > 1 else ""
-    print(f"OK: {mlm}/{script} accepts the command and builds its model{one_rank}")
+    print(f"OK: {mlm}/{script} accepts the command{form} and builds its model{one_rank}")
 
 
 USAGE = ("usage: python patches/check_patched.py MEGATRON_LM_DIR [-- COMMAND...]   (a Megatron-LM checkout, "

@@ -944,6 +944,25 @@ def test_megatron_accepts_the_multinode_command_as_one_rank(tmp_path, checkout):
 
 
 @needs_checkout
+def test_a_te_command_is_checked_in_its_local_form_without_te(tmp_path, checkout):
+    """On a CPU machine the command DRY_RUN prints for TransformerEngine (and FP8) is checked as far as it can be:
+    its local form, said so, instead of Megatron-LM's 'apply_rope_fusion is not available'."""
+    if importlib.util.find_spec("transformer_engine") is not None:
+        pytest.skip("TransformerEngine is installed: the command is checked as it is")
+    env = {**SMALL, "FP8": "hybrid"}
+    del env["TRANSFORMER_IMPL"]
+    proc = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **_mock(checkout["patched"], **env))
+    assert proc.returncode == 0, proc.stderr
+    checked = _check_command(checkout["patched"], proc.stdout.splitlines()[-1])
+    assert checked.returncode == 0, checked.stdout[-2000:] + checked.stderr[-4000:]
+    assert checked.stdout.startswith("note: this Python has no TransformerEngine: the command is checked in its local "
+                                     "form (--transformer-impl local --no-rope-fusion"), checked.stdout
+    assert "without --fp8-format hybrid" in checked.stdout and "can only be checked where TransformerEngine" in \
+        checked.stdout
+    assert "accepts the command in its local form and builds its model" in checked.stdout
+
+
+@needs_checkout
 def test_without_the_rope_flag_megatron_refuses(tmp_path, checkout):
     """The check can fail: without --no-rope-fusion Megatron-LM stops at start-up (no TransformerEngine here; the
     other local flags are refused by the hook's start-up checks, tested in test_megatron_lm_args.py)."""

@@ -4,6 +4,7 @@ touching it."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pathlib
 import re
@@ -291,3 +292,46 @@ def test_check_patched_names_a_checkout_that_does_not_import(tmp_path):
     assert proc.stderr.strip() == (f"error: {tmp_path}: its megatron.training does not import in this Python "
                                    "(ModuleNotFoundError: No module named 'a_requirement_not_installed'); install "
                                    "Megatron-LM's requirements here"), proc.stderr
+
+
+def test_check_patched_output_drops_megatrons_argument_dump_and_links(monkeypatch):
+    monkeypatch.syspath_prepend(str(PATCHES))
+    import check_patched
+
+    text = ("> PyTorch version 2.13\n------------------------ arguments ------------------------\n  lr ...... 0.1\n"
+            "  world_size ...... 1\n-------------------- end of arguments ---------------------\n"
+            "WARNING: one_logger package is required; see https://example.invalid/page for details\n"
+            "using world size: 1\n")
+    assert check_patched.tail_of(text) == "> PyTorch version 2.13\nusing world size: 1\n"
+    assert check_patched.tail_of("".join(f"{i}\n" for i in range(40)), lines=3) == "37\n38\n39\n"
+
+
+def test_check_patched_checks_a_te_command_in_its_local_form(monkeypatch):
+    """Without TransformerEngine a TE command (the default --transformer-impl) is checked as the examples write its
+    TRANSFORMER_IMPL=local form; FP8 (TE only) is dropped and named."""
+    monkeypatch.syspath_prepend(str(PATCHES))
+    import check_patched
+
+    te = ["--num-layers", "2", "--transformer-impl", "transformer_engine", "--fp8-format", "hybrid", "--fp8-param-gather",
+          "--no-persist-layer-norm", "--bf16"]
+    local, dropped = check_patched.local_form(te)
+    assert local == ["--num-layers", "2", "--no-persist-layer-norm", "--bf16", "--transformer-impl", "local",
+                     "--no-rope-fusion", "--no-gradient-accumulation-fusion"]
+    assert dropped == ["--fp8-format", "hybrid", "--fp8-param-gather"]
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    assert check_patched.needs_local_form(te) and check_patched.needs_local_form(["--num-layers", "2"])
+    assert not check_patched.needs_local_form(["--transformer-impl", "local"])
+
+
+def test_check_patched_self_check_settings_pay_off(monkeypatch):
+    """The self-check's tiny model must not print 'Lighthouse does not pay off here': its subsequence is shorter
+    than its sequence."""
+    monkeypatch.syspath_prepend(str(PATCHES))
+    import check_patched
+
+    from megatron_lighthouse.config import LighthouseConfig
+
+    value = {flag: check_patched.FLAGS[i + 1] for i, flag in enumerate(check_patched.FLAGS[:-1])}
+    config = LighthouseConfig(levels=int(value["--lighthouse-levels"]), topk=int(value["--lighthouse-topk"]),
+                              pooling_factor=int(value["--lighthouse-pooling-factor"]))
+    assert config.attention_cost(int(value["--seq-length"]), 4, 16)["ratio"] < 1
