@@ -14,10 +14,26 @@ require_megatron_lm() {
 }
 # require_set VAR...: each named variable must be non-empty.
 require_set() { for v in "$@"; do [ -n "${!v:-}" ] || die "$v is not set"; done; }
-# require_int VAR...: each named variable must be a positive integer.
-require_int() { for v in "$@"; do [[ "${!v:-}" =~ ^[1-9][0-9]*$ ]] || die "$v=${!v:-}: must be a positive integer"; done; }
-# require_count VAR...: each named variable must be an integer >= 0.
-require_count() { for v in "$@"; do [[ "${!v:-}" =~ ^[0-9]+$ ]] || die "$v=${!v:-}: must be an integer >= 0"; done; }
+# require_int VAR...: each named variable must be a positive integer (of at most 18 digits: bash's arithmetic).
+require_int() {
+    for v in "$@"; do
+        [[ "${!v:-}" =~ ^[1-9][0-9]{0,17}$ ]] \
+            || die "$v=${!v:-}: must be a positive integer$([[ "${!v:-}" =~ ^[1-9][0-9]+$ ]] && echo " of at most 18 digits")"
+    done
+}
+# require_port VAR...: each named variable must be a TCP port, 1 to 65535.
+require_port() {
+    for v in "$@"; do
+        [[ "${!v:-}" =~ ^[1-9][0-9]{0,4}$ ]] && (( ${!v} <= 65535 )) || die "$v=${!v:-}: must be a TCP port, 1 to 65535"
+    done
+}
+# require_count VAR...: each named variable must be an integer >= 0 (of at most 18 digits).
+require_count() {
+    for v in "$@"; do
+        [[ "${!v:-}" =~ ^[0-9]{1,18}$ ]] \
+            || die "$v=${!v:-}: must be an integer >= 0$([[ "${!v:-}" =~ ^[0-9]+$ ]] && echo " of at most 18 digits")"
+    done
+}
 # require_switch VAR...: each named variable must be 0 or 1.
 require_switch() { for v in "$@"; do [[ "${!v:-}" =~ ^[01]$ ]] || die "$v=${!v:-}: must be 0 or 1"; done; }
 # require_number VAR...: each named variable must be a decimal number such as 2e-3.
@@ -89,6 +105,7 @@ have_apex_wgrad_fusion() {
 optimizer_flags() {
     : "${LR:=2e-3}" "${MIN_LR:=2e-4}" "${LR_WARMUP_ITERS:=2000}" "${LR_DECAY_STYLE:=cosine}"
     require_number LR MIN_LR
+    awk -v lr="$LR" 'BEGIN { exit !(lr + 0 > 0) }' || die "LR=$LR: must be > 0 (the peak learning rate)"
     require_count LR_WARMUP_ITERS
     case "$LR_DECAY_STYLE" in
         cosine|constant|linear) ;;
@@ -276,6 +293,46 @@ launch() {
         [ "${#LAUNCH_ENV[@]}" = 0 ] || export "${LAUNCH_ENV[@]}"
         exec "$@"
     fi
+}
+# The variables every example reads through the helpers above (each example adds its own to check_variables).
+COMMON_VARIABLES="MEGATRON_LM_DIR DATA_PATH TOKENIZER_MODEL MOCK_DATA VOCAB_SIZE CHECKPOINT_DIR SEQ_LEN TOPK
+POOLING_FACTOR LEVELS DENSE_LAYERS DENSE_FROM_ITER NUM_LAYERS HIDDEN HEADS FFN TRANSFORMER_IMPL FP8 GLOBAL_BATCH
+SAVE_INTERVAL LOG_INTERVAL EVAL_INTERVAL EVAL_ITERS LR MIN_LR LR_WARMUP_ITERS LR_DECAY_STYLE MONITOR DRY_RUN"
+# check_variables VAR...: this example reads COMMON_VARIABLES and VAR...; refuse, before anything else, an
+# environment variable spelled close to one of them but not one of them (POOLNG_FACTOR=2 would leave POOLING_FACTOR
+# at its default without a word), and a LIGHTHOUSE_* setting (the examples pass TOPK, POOLING_FACTOR, LEVELS and
+# DENSE_LAYERS to Megatron-LM themselves, as flags or as those variables; LIGHTHOUSE_DENSE_KERNEL, read by the
+# package's core attention, passes).
+check_variables() {
+    # shellcheck disable=SC2086 # the list is split into words on purpose
+    python3 - "$0" "$@" $COMMON_VARIABLES <<'PY' || exit 2
+import difflib, os, sys
+script, known = os.path.basename(sys.argv[1]), set(sys.argv[2:])
+for name, value in sorted(os.environ.items()):
+    if name in known or name == "LIGHTHOUSE_DENSE_KERNEL":
+        continue
+    if name.startswith("LIGHTHOUSE_"):
+        meant = difflib.get_close_matches(name[len("LIGHTHOUSE_"):], ["TOPK", "POOLING_FACTOR", "LEVELS", "DENSE_LAYERS"],
+                                          n=1, cutoff=0.75)
+        sys.exit(f"error: {name}={value}: not read by {script}, which takes its Lighthouse settings as TOPK, "
+                 f"POOLING_FACTOR, LEVELS and DENSE_LAYERS and passes them to Megatron-LM itself"
+                 + (f"; set {meant[0]}" if meant else ""))
+    # a misspelling: a small edit of a name; not another tool's variable that holds one (SLURM_GPUS_PER_NODE)
+    close = [k for k in difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+             if abs(len(k) - len(name)) <= 2 and k not in name]
+    if close:
+        sys.exit(f"error: {name}={value}: not a variable of {script}; did you mean {close[0]}? (its variables: "
+                 f"{', '.join(sorted(known))})")
+PY
+}
+# note_unused CONDITION VAR...: a note for each VAR set in the environment that the launch does not use, CONDITION
+# saying why ("with DENSE=1" ...).
+note_unused() {
+    local why=$1 v
+    shift
+    for v in "$@"; do
+        [ -z "${!v+x}" ] || note "$v=${!v} is not used $why"
+    done
 }
 # DRY_RUN=1 prints the command instead of launching it; any other value than 0 or 1 is refused before anything.
 : "${DRY_RUN:=0}"

@@ -24,14 +24,18 @@
 #                     warm-up, and its decay (constant: the published configs' schedule)
 #   DENSE_FROM_ITER   both stages in one run: dense from this iteration on (patched Megatron-LM only)
 #   DENSE=1           the same model dense from the start (no Lighthouse; TRANSFORMER_IMPL=local uses the package's
-#                     dense spec: Megatron-LM's local core attention cannot run 128K)
+#                     dense spec: Megatron-LM's local core attention cannot run 128K); a note names each Lighthouse
+#                     setting given, as it is unused
 #   MONITOR=1         per-rank GPU monitor, gpu_monitor.jsonl in CHECKPOINT_DIR (patched Megatron-LM; else a
 #                     note and no monitor)
 #   DRY_RUN=1         validate everything, then print the command (with the variables it needs) instead of running it
+#   A variable spelled close to one of these (POOLNG_FACTOR) or a LIGHTHOUSE_* setting is refused before anything.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
+check_variables DENSE TRAIN_ITERS
 : "${DENSE:=0}" "${MONITOR:=0}"
 require_switch DENSE
+[ "$DENSE" = 0 ] || note_unused "with DENSE=1 (the dense model has no Lighthouse layers)" TOPK POOLING_FACTOR LEVELS DENSE_LAYERS
 : "${SEQ_LEN:=131072}" "${TOPK:=2048}" "${POOLING_FACTOR:=4}" "${LEVELS:=3}" "${DENSE_LAYERS=0,1,-2,-1}"
 : "${TRAIN_ITERS:=10000}" "${CHECKPOINT_DIR:=./checkpoints/$([ "$DENSE" = 1 ] && echo dense_baseline || echo lighthouse)}"
 : "${SAVE_INTERVAL:=1000}" "${LOG_INTERVAL:=10}" "${EVAL_INTERVAL:=1000}" "${EVAL_ITERS:=10}"

@@ -20,6 +20,7 @@
 #   DENSE_FROM_ITER   both stages in one run: dense from this iteration on (patched Megatron-LM only)
 #   HYBRID_LAYER_PATTERN   a HybridModel of these layers through pretrain_hybrid.py instead of NUM_LAYERS GPT layers
 #   DRY_RUN=1         validate everything, then print the command (with the variables it needs) instead of running it
+#   A variable spelled close to one of these (POOLNG_FACTOR) or a LIGHTHOUSE_* setting is refused before anything.
 set -euo pipefail
 # sbatch runs a copy of this script from SLURM's spool directory: common.sh is then found from the directory the
 # job was submitted from (the repository or its examples/).
@@ -28,6 +29,7 @@ for examples in "$(dirname "$0")" "${SLURM_SUBMIT_DIR:-.}/examples" "${SLURM_SUB
 done
 [ -f "$examples/common.sh" ] || { echo "error: examples/common.sh not found beside $0 or under SLURM_SUBMIT_DIR=${SLURM_SUBMIT_DIR:-}: submit from the megatron-lighthouse repository (sbatch ... examples/pretrain_lighthouse_multinode_1m.sh)" >&2; exit 2; }
 source "$examples/common.sh"
+check_variables NNODES GPUS_PER_NODE MASTER_ADDR MASTER_PORT CP_SIZE TRAIN_ITERS
 : "${NNODES:=${SLURM_NNODES:-}}" "${GPUS_PER_NODE:=8}" "${CP_SIZE:=8}" "${MASTER_PORT:=29500}"
 : "${SEQ_LEN:=1048576}" "${TOPK:=2048}" "${POOLING_FACTOR:=4}" "${LEVELS:=3}" "${DENSE_LAYERS=0,1,-2,-1}"
 : "${TRAIN_ITERS:=10000}" "${CHECKPOINT_DIR:=./checkpoints/lighthouse_1m}" "${MONITOR:=1}"
@@ -38,7 +40,8 @@ fi
 require_megatron_lm
 data_flags
 require_set NNODES MASTER_ADDR
-require_int NNODES GPUS_PER_NODE MASTER_PORT CP_SIZE SEQ_LEN TOPK POOLING_FACTOR LEVELS TRAIN_ITERS
+require_int NNODES GPUS_PER_NODE CP_SIZE SEQ_LEN TOPK POOLING_FACTOR LEVELS TRAIN_ITERS
+require_port MASTER_PORT
 (( NNODES * GPUS_PER_NODE % CP_SIZE == 0 )) || die "CP_SIZE=$CP_SIZE must divide NNODES*GPUS_PER_NODE=$((NNODES * GPUS_PER_NODE))"
 : "${GLOBAL_BATCH:=32}"
 require_int GLOBAL_BATCH

@@ -29,8 +29,10 @@
 #                     warm-up, and its decay (constant: the published configs' schedule)
 #   MEGATRON_SPEC=0   1: unpatched only, Megatron-LM's own layer spec (see above)
 #   DRY_RUN=1         validate everything, then print the command instead of running it
+#   A variable spelled close to one of these (POOLNG_FACTOR) or a LIGHTHOUSE_* setting is refused before anything.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
+check_variables LIGHTHOUSE_CHECKPOINT TOTAL_ITERS GPUS_PER_NODE MEGATRON_SPEC
 : "${SEQ_LEN:=131072}" "${TOPK:=2048}" "${POOLING_FACTOR:=4}" "${LEVELS:=3}" "${DENSE_LAYERS=0,1,-2,-1}"
 : "${CHECKPOINT_DIR:=./checkpoints/dense}" "${TOTAL_ITERS:=16000}" "${GPUS_PER_NODE:=1}"
 : "${SAVE_INTERVAL:=1000}" "${LOG_INTERVAL:=10}" "${EVAL_INTERVAL:=1000}" "${EVAL_ITERS:=10}"

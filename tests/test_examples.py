@@ -177,6 +177,20 @@ def test_one_gpu_patched_passes_the_flags(tmp_path, patched):
     (dict(DENSE="yes"), "DENSE=yes: must be 0 or 1"),
     (dict(DENSE="1", DENSE_FROM_ITER="8000"), "DENSE_FROM_ITER=8000 with DENSE=1: the model is dense from the start"),
     (dict(DRY_RUN="yes"), "DRY_RUN=yes: must be 0 or 1"),  # a typo must not launch
+    (dict(LR="0"), "LR=0: must be > 0 (the peak learning rate)"),
+    (dict(LR="0.0", MIN_LR="0"), "LR=0.0: must be > 0"),
+    (dict(NUM_LAYERS="9" * 20), f"NUM_LAYERS={'9' * 20}: must be a positive integer of at most 18 digits"),
+    (dict(LR_WARMUP_ITERS="9" * 20), "must be an integer >= 0 of at most 18 digits"),
+    # a misspelt variable would leave the setting at its default without a word
+    (dict(POOLNG_FACTOR="2"), "POOLNG_FACTOR=2: not a variable of pretrain_lighthouse_1gpu.sh; did you mean "
+                              "POOLING_FACTOR? (its variables: CHECKPOINT_DIR, "),
+    (dict(NUM_LAYER="4"), "did you mean NUM_LAYERS?"),
+    (dict(TRAIN_ITER="4"), "did you mean TRAIN_ITERS?"),
+    # the package's variables: the example passes its own settings to Megatron-LM
+    (dict(LIGHTHOUSE_TOPK="1024"), "LIGHTHOUSE_TOPK=1024: not read by pretrain_lighthouse_1gpu.sh, which takes its "
+                                   "Lighthouse settings as TOPK, POOLING_FACTOR, LEVELS and DENSE_LAYERS and passes "
+                                   "them to Megatron-LM itself; set TOPK"),
+    (dict(LIGHTHOUSE_ROPE="tokens"), "LIGHTHOUSE_ROPE=tokens: not read by pretrain_lighthouse_1gpu.sh"),
 ])
 def test_one_gpu_bad_variables_are_refused_before_launch(tmp_path, patched, env, message):
     proc = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **{**_base(patched), **env})
@@ -214,7 +228,11 @@ def test_multinode_1m_sizes_cp_and_its_monitor_needs_the_patch(tmp_path, megatro
                                               "topk/chunks must be a multiple of 128 (TOPK must be a multiple of 4096)"),
                          (dict(MONITOR="yes"), "MONITOR=yes: must be 0 or 1"),
                          (dict(GLOBAL_BATCH="6"), "GLOBAL_BATCH=6 must be a multiple of the 4 data-parallel ranks"),
-                         (dict(MASTER_PORT="http"), "MASTER_PORT=http: must be a positive integer"),
+                         (dict(MASTER_PORT="http"), "MASTER_PORT=http: must be a TCP port, 1 to 65535"),
+                         (dict(MASTER_PORT="70000"), "MASTER_PORT=70000: must be a TCP port, 1 to 65535"),
+                         (dict(MASTER_PORT="0"), "MASTER_PORT=0: must be a TCP port, 1 to 65535"),
+                         (dict(CP_SIZ="4"), "CP_SIZ=4: not a variable of pretrain_lighthouse_multinode_1m.sh; did you "
+                                            "mean CP_SIZE?"),
                          (dict(MASTER_ADDR=""), "MASTER_ADDR is not set")]:
         bad = _run("pretrain_lighthouse_multinode_1m.sh", tmp_path, **{**_base(patched), **multi, **env})
         assert bad.returncode == 2 and message in bad.stderr, (env, bad.stderr)
@@ -420,8 +438,19 @@ def test_one_gpu_dense_mode(tmp_path, patched, megatron_lm):
         local = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **_mock(root, DENSE="1", TRANSFORMER_IMPL="local"))
         assert (f"pretrain_gpt.py --spec megatron_lighthouse.env_spec dense_local_layer_spec --transformer-impl local "
                 f"{MODEL}") in local.stdout
-    # The Lighthouse settings are not checked in dense mode: they are not used.
-    assert _run("pretrain_lighthouse_1gpu.sh", tmp_path, **_mock(patched, DENSE="1", TOPK="100")).returncode == 0
+    # The Lighthouse settings are not checked in dense mode: they are not used, and a note says so.
+    unused = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **_mock(patched, DENSE="1", TOPK="100", DENSE_LAYERS=""))
+    assert unused.returncode == 0, unused.stderr
+    assert ("note: TOPK=100 is not used with DENSE=1 (the dense model has no Lighthouse layers)\n"
+            "note: DENSE_LAYERS= is not used with DENSE=1") in unused.stderr
+
+
+def test_other_tools_variables_and_the_dense_kernel_knob_pass(tmp_path, patched):
+    """Not misspellings: another tool's variable that holds an example's name (SLURM_GPUS_PER_NODE, the GPU
+    script's D_SEQ_LEN), names far from every variable, and the package's LIGHTHOUSE_DENSE_KERNEL."""
+    env = dict(SLURM_GPUS_PER_NODE="8", D_SEQ_LEN="8192", FOO="1", LIGHTHOUSE_DENSE_KERNEL="cudnn")
+    proc = _run("pretrain_lighthouse_1gpu.sh", tmp_path, **_base(patched), **env)
+    assert proc.returncode == 0 and "note:" not in proc.stderr.replace("note: Apex", ""), proc.stderr
 
 
 def test_one_gpu_monitor(tmp_path, patched, megatron_lm):
