@@ -223,7 +223,10 @@ def command_arguments(words: list) -> tuple:
     ``os.environ``, everything up to the word ending in ``pretrain_gpt.py`` or ``pretrain_hybrid.py`` (the script;
     ``pretrain_gpt.py`` if there is none) is dropped."""
     if len(words) == 1 and any(c.isspace() for c in words[0]):
-        words = shlex.split(words[0])
+        try:
+            words = shlex.split(words[0])
+        except ValueError as err:  # an unbalanced quote
+            sys.exit(f"error: the command cannot be split into words as a shell would ({err})")
     words = list(words)
     while words and "=" in words[0] and words[0].split("=", 1)[0].isidentifier():
         name, value = words.pop(0).split("=", 1)
@@ -244,7 +247,10 @@ def parallel_size(argv: list, flags: tuple) -> int:
     size = 1
     for flag in flags:
         if flag in argv[:-1]:
-            size *= int(argv[argv.index(flag) + 1])
+            value = argv[argv.index(flag) + 1]
+            if not value.isdigit() or int(value) < 1:
+                sys.exit(f"error: {flag} {value}: must be a positive integer")
+            size *= int(value)
     return size
 
 
@@ -285,11 +291,22 @@ def local_form(argv: list) -> tuple:
     return out, dropped
 
 
-def check_command(mlm: str, words: list) -> None:
-    """Parse, validate and build the model of a launch command as one rank; exit 1 with one ``error:`` line (after
-    the tail of Megatron-LM's output) when Megatron-LM or the hook refuses it."""
-    import torch
+class Command(typing.NamedTuple):
+    """A launch command as it is checked: the ``script`` it runs and its arguments, ``form`` (``" in its local
+    form"`` or ``""``), the ``world`` of ranks it is checked as rank 0 of, and whether its model is ``split`` over
+    them."""
 
+    script: str
+    argv: list
+    form: str
+    world: int
+    split: bool
+
+
+def read_command(words: list, mlm: str) -> Command:
+    """The :class:`Command` of ``words`` (see :func:`command_arguments`) for the checkout ``mlm``; its local form,
+    with a note, where TransformerEngine is needed and missing. Exits with one ``error:`` line for words it cannot
+    read or a script the checkout lacks."""
     script, argv = command_arguments(words)
     if not os.path.isfile(os.path.join(mlm, script)):
         sys.exit(f"error: the command runs {script}, and {mlm} has none (a Megatron-LM without HybridModel)")
@@ -303,7 +320,15 @@ def check_command(mlm: str, words: list) -> None:
     if "--use-cpu-initialization" not in argv:
         argv.append("--use-cpu-initialization")
     world = parallel_size(argv, SPLIT_MODEL + SPLIT_SEQUENCE)  # the smallest world the command runs in
-    split = parallel_size(argv, SPLIT_MODEL) > 1
+    return Command(script, argv, form, world, parallel_size(argv, SPLIT_MODEL) > 1)
+
+
+def check_command(mlm: str, command: Command) -> None:
+    """Parse, validate and build the model of a launch command as one rank; exit 1 with one ``error:`` line (after
+    the tail of Megatron-LM's output) when Megatron-LM or the hook refuses it."""
+    import torch
+
+    script, argv, form, world, split = command
     os.environ["WORLD_SIZE"], os.environ["RANK"] = str(world), "0"  # Megatron-LM reads its world from these
     try:
         with megatron_output() as output:
@@ -354,6 +379,7 @@ def main() -> None:
         with open(os.path.join(mlm, script)) as f:
             if "megatron_lighthouse" not in f.read():
                 sys.exit(f"{mlm}/{script} is not patched: run patches/apply.sh {mlm} first")
+    command = None if words is None else read_command(words, mlm)
     if not hasattr(typing, "override"):
         import typing_extensions
 
@@ -369,7 +395,7 @@ def main() -> None:
         for script in scripts:
             check(mlm, script)
     else:
-        check_command(mlm, words)
+        check_command(mlm, command)
 
 
 if __name__ == "__main__":

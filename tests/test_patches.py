@@ -263,6 +263,23 @@ def test_check_patched_reads_a_launch_command(monkeypatch):
     (("{mlm}/nope", "--", "--lr 1"), "error: MEGATRON_LM_DIR {mlm}/nope: no pretrain_gpt.py there"),
 ])
 def test_check_patched_usage(tmp_path, argv, message):
+    _one_line_error(tmp_path, argv, message)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("{mlm}", "--", "--lr 'x --num-layers 2"), "error: the command cannot be split into words as a shell would (No "
+                                                 "closing quotation)"),
+    (("{mlm}", "--", "--tensor-model-parallel-size x --num-layers 2"),
+     "error: --tensor-model-parallel-size x: must be a positive integer"),
+    (("{mlm}", "--", "--context-parallel-size 0 --num-layers 2"),
+     "error: --context-parallel-size 0: must be a positive integer"),
+])
+def test_check_patched_refuses_a_command_it_cannot_read(tmp_path, argv, message):
+    """Before Megatron-LM is imported: one line, no traceback."""
+    _one_line_error(tmp_path, argv, message)
+
+
+def _one_line_error(tmp_path, argv, message):
     (tmp_path / "pretrain_gpt.py").write_text("# stand-in\n")
     if "hybrid" in message:
         (tmp_path / "pretrain_gpt.py").write_text("# megatron_lighthouse\n")
