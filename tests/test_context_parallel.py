@@ -258,6 +258,17 @@ def test_layout_errors():
         split_for_cp(torch.zeros(1, 8), 2, 2)
     with pytest.raises(ValueError, match="odd length 3"):
         gather_from_cp([torch.zeros(1, 3)])
+    for world in (0, True, 2.0, None):
+        with pytest.raises(ValueError, match=r"context-parallel size=.*: must be a positive int"):
+            split_for_cp(torch.zeros(1, 8), 0, world)
+    with pytest.raises(ValueError, match=r"context-parallel rank True: must be an int in \[0, 2\)"):
+        split_for_cp(torch.zeros(1, 8), True, 2)
+    with pytest.raises(ValueError, match=r"seq_dim=2: not a dimension of x, of shape \(1, 8\)"):
+        split_for_cp(torch.zeros(1, 8), 0, 2, seq_dim=2)
+    with pytest.raises(ValueError, match=r"x: a list, not a torch.Tensor"):
+        split_for_cp([0] * 8, 0, 2)
+    with pytest.raises(ValueError, match=r"the shard of rank 1 has shape \(1, 2\), rank 0's \(1, 4\)"):
+        gather_from_cp([torch.zeros(1, 4), torch.zeros(1, 2)])
 
 
 def _check_layout_is_megatrons(rank, world):
