@@ -48,8 +48,10 @@ class CausalCoreAttention(MegatronModule):
     def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
                  attention_type: str, softmax_scale: Optional[float], pg_collection: Optional[Any],
                  check_window: bool = True) -> None:
-        super().__init__(config=config)
         name = type(self).__name__
+        if not isinstance(config, TransformerConfig):
+            raise ValueError(f"{name}: config of type {type(config).__name__}: must be a megatron.core TransformerConfig")
+        super().__init__(config=config)
         if isinstance(layer_number, bool) or not isinstance(layer_number, int) or layer_number < 1:
             raise ValueError(f"{name}: layer_number={layer_number!r}: must be an int >= 1 (Megatron numbers layers "
                              f"from 1)")

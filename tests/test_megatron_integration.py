@@ -302,6 +302,9 @@ def test_unsupported_inputs_raise():
     for scale in (-1.0, 0.0, float("nan")):
         with pytest.raises(ValueError, match=r"softmax_scale=.*: must be a finite number > 0"):
             _core(cfg, softmax_scale=scale)
+    for bad in (None, "config", {"num_layers": 6}):
+        with pytest.raises(ValueError, match=r"^SDPACoreAttention: config of type \w+: must be a megatron.core "):
+            SDPACoreAttention(bad, 1, AttnMaskType.causal, "self")
 
 
 def test_query_heads_must_be_a_multiple_of_the_key_value_heads():
