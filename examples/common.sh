@@ -317,9 +317,9 @@ for name, value in sorted(os.environ.items()):
         sys.exit(f"error: {name}={value}: not read by {script}, which takes its Lighthouse settings as TOPK, "
                  f"POOLING_FACTOR, LEVELS and DENSE_LAYERS and passes them to Megatron-LM itself"
                  + (f"; set {meant[0]}" if meant else ""))
-    # a misspelling: a small edit of a name; not another tool's variable that holds one (SLURM_GPUS_PER_NODE)
+    # a misspelling: a small edit of a name; not another tool's variable that extends one (SLURM_GPUS_PER_NODE)
     close = [k for k in difflib.get_close_matches(name, known, n=1, cutoff=0.8)
-             if abs(len(k) - len(name)) <= 2 and k not in name]
+             if abs(len(k) - len(name)) <= 2 and not (name.endswith("_" + k) or name.startswith(k + "_"))]
     if close:
         sys.exit(f"error: {name}={value}: not a variable of {script}; did you mean {close[0]}? (its variables: "
                  f"{', '.join(sorted(known))})")

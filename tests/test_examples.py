@@ -233,6 +233,7 @@ def test_multinode_1m_sizes_cp_and_its_monitor_needs_the_patch(tmp_path, megatro
                          (dict(MASTER_PORT="0"), "MASTER_PORT=0: must be a TCP port, 1 to 65535"),
                          (dict(CP_SIZ="4"), "CP_SIZ=4: not a variable of pretrain_lighthouse_multinode_1m.sh; did you "
                                             "mean CP_SIZE?"),
+                         (dict(GPUS_PER_NODES="4"), "did you mean GPUS_PER_NODE?"),
                          (dict(MASTER_ADDR=""), "MASTER_ADDR is not set")]:
         bad = _run("pretrain_lighthouse_multinode_1m.sh", tmp_path, **{**_base(patched), **multi, **env})
         assert bad.returncode == 2 and message in bad.stderr, (env, bad.stderr)
