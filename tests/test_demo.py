@@ -420,6 +420,7 @@ def test_out_of_memory_names_the_flags_to_lower(tmp_path, monkeypatch):
      "--lr-decay-fraction 0.9: gives 5 decay steps of --steps 6 after --warmup 2; --lr-decay-style wsd needs 1 to 4"),
     (["--lr", "-1"], "--lr -1.0: must be a positive number"),
     (["--lr", "nan"], "--lr nan: must be a positive number"),
+    (["--lr", "1e308"], "--lr 1e+308: must be a positive number, at most 1"),
     (["--lr", "fast"], "--lr fast: must be a number"),
     (["--warmup", "-1"], "--warmup -1: must be in [0, --steps 6)"),
     (["--warmup", "6"], "--warmup 6: must be in [0, --steps 6)"),

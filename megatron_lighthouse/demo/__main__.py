@@ -63,7 +63,7 @@ HELP = {
     "rope": "--device cuda only (on CPU the model has learned positions, no RoPE): where Lighthouse layers apply "
             "RoPE, one of: entries (each selected entry rotated at its last token, the published model), tokens "
             "(before pooling, Megatron's order)",
-    "lr": "peak learning rate of AdamW (> 0)",
+    "lr": "peak learning rate of AdamW, in (0, 1]",
     "warmup": "steps of linear learning-rate warm-up at the start, in [0, --steps) (default: min(20, steps/10), "
               "rounded down; --resume keeps the run's)",
     "lr_decay_style": f"learning rate after the warm-up, one of: {LR_DECAY_STYLES[0]} (to 10% at the last step), "

@@ -173,8 +173,8 @@ class DemoConfig:
             raise refuse("hidden", f"must be divisible by --heads {self.heads}")
         if not 0 <= self.seed <= MAX_SEED:
             raise refuse("seed", f"must be in [0, {MAX_SEED}]")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise refuse("lr", "must be a positive number")
+        if not (math.isfinite(self.lr) and 0 < self.lr <= 1):
+            raise refuse("lr", "must be a positive number, at most 1 (AdamW diverges beyond)")
         if self.warmup is not None and not 0 <= self.warmup < self.steps:
             raise refuse("warmup", f"must be in [0, --steps {self.steps}): the warm-up is the start of the run")
         for name, reason in self.unused_settings().items():
