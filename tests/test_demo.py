@@ -20,7 +20,7 @@ import torch
 
 import megatron_lighthouse
 from megatron_lighthouse import atomic
-from megatron_lighthouse.demo import __main__ as cli
+from megatron_lighthouse.demo import cli
 from megatron_lighthouse.demo import train
 
 TINY = ["--layers", "2", "--hidden", "32", "--heads", "2", "--ffn", "64", "--seq-len", "256", "--batch-size", "2",
@@ -361,6 +361,25 @@ def test_ctrl_c_before_the_first_step_is_one_line(tmp_path, monkeypatch, capsys)
     assert capsys.readouterr().err.startswith("interrupted after the last step, while writing the summary")
 
 
+def test_ctrl_c_while_python_imports_torch_is_one_line(tmp_path):
+    """Ctrl-C in the first moments of ``python -m megatron_lighthouse.demo``, while torch is imported (a traceback,
+    or an abort inside torch's C++ start-up, before): held until the import is done, then one line and 130."""
+    import signal
+    import time
+
+    root = pathlib.Path(megatron_lighthouse.__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), str(root / "kernels")]))
+    check = subprocess.run([sys.executable, "-c", "import sys, megatron_lighthouse, megatron_lighthouse.demo; "
+                                                  "sys.exit('torch' in sys.modules)"], env=env, timeout=60)
+    assert check.returncode == 0, "importing the package imported torch"
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_lighthouse.demo", "--no-save"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)  # the interpreter is up, torch is being imported
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err == "interrupted before the first step: nothing was trained\n", (err, out)
+
+
 @pytest.mark.parametrize("kind", ["truncated", "empty", "dense model", "pickle", "text"])
 def test_broken_or_foreign_checkpoint_is_one_clear_line(runs, tmp_path, capsys, no_work, kind):
     out = _copy_run(runs, "two-stage", tmp_path / "run")
@@ -608,17 +627,17 @@ def test_lr_decay_styles():
     """cosine (the default) decays over the run; constant (the published recipe) holds --lr after the warm-up; wsd
     holds it, then decays linearly to 10% over the last --lr-decay-fraction of the steps."""
     def lrs(**kw):
-        cfg = train.DemoConfig(steps=10, warmup=2, lr=2.0, **kw)
+        cfg = train.DemoConfig(steps=10, warmup=2, lr=1.0, **kw)
         cfg.validate()
         return [train._lr_at(cfg, step) for step in range(10)]
 
     cosine = lrs()
-    assert cosine[:2] == [1.0, 2.0] and all(a > b for a, b in zip(cosine[2:], cosine[3:]))
-    assert cosine[9] == pytest.approx(2.0 * (0.1 + 0.45 * (1 + math.cos(math.pi * 7 / 8))))
-    assert lrs(lr_decay_style="constant") == [1.0] + [2.0] * 9
+    assert cosine[:2] == [0.5, 1.0] and all(a > b for a, b in zip(cosine[2:], cosine[3:]))
+    assert cosine[9] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 7 / 8)))
+    assert lrs(lr_decay_style="constant") == [0.5] + [1.0] * 9
     wsd = lrs(lr_decay_style="wsd", lr_decay_fraction=0.4)
-    assert wsd[:6] == [1.0] + [2.0] * 5
-    assert wsd[6:] == pytest.approx([2.0 * (1 - 0.9 * i / 4) for i in (1, 2, 3, 4)])  # 10% at the last step
+    assert wsd[:6] == [0.5] + [1.0] * 5
+    assert wsd[6:] == pytest.approx([1 - 0.9 * i / 4 for i in (1, 2, 3, 4)])  # 10% at the last step
 
 
 def test_progress_eta_from_the_mean_step_time():
