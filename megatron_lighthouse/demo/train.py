@@ -19,6 +19,7 @@ from .. import atomic
 from ..config import ROPE_PLACEMENTS, LighthouseConfig
 from ..schedule import LighthouseSchedule, lighthouse_enabled
 from .corpus import load_corpus
+from .interrupts import HeldInterrupts
 
 logger = logging.getLogger(__name__)
 
@@ -513,7 +514,17 @@ def run_demo(cfg: DemoConfig) -> Dict:
     """Train, switch, evaluate; returns the metrics (also written to ``cfg.out/metrics.json`` by the CLI).
 
     Every refusal (:class:`SettingsError`) comes before the model is built, and all but the corpus size before the
-    corpus is read."""
+    corpus is read. Ctrl-C before the first step is a ``KeyboardInterrupt`` raised between the phases of the start
+    (:class:`HeldInterrupts`), while training an :class:`Interrupted` that says where the run can continue."""
+    held = HeldInterrupts()
+    try:
+        return _run(cfg, held)
+    finally:
+        held.release(check=False)
+
+
+def _run(cfg: DemoConfig, held: HeldInterrupts) -> Dict:
+    """:func:`run_demo` with Ctrl-C ``held`` until the first step."""
     cfg.validate()
     device = torch.device(cfg.device)
     out, ckpt = _prepare_out(cfg, device)
@@ -537,7 +548,9 @@ def run_demo(cfg: DemoConfig) -> Dict:
                                 f"a larger corpus or lower --seq-len")
         raise SettingsError(f"--corpus-bytes {cfg.corpus_bytes}: {read} read, too few for --seq-len {cfg.seq_len}; "
                             f"raise --corpus-bytes or lower --seq-len")
+    held.check()
     _init_runtime(device)
+    held.check()
     torch.manual_seed(cfg.seed)
     switch = state["switch_step"]
     schedule = LighthouseSchedule(dense_from_iteration=switch)
@@ -554,6 +567,7 @@ def run_demo(cfg: DemoConfig) -> Dict:
         for line in describe(cfg, switch, sum(p.numel() for p in model.parameters())):
             logger.info("%s", line)
         first = state["step"]
+        held.release()
         training = True
         for step in range(first, cfg.steps):
             stage = "lighthouse" if schedule.apply(model, step) else "dense"  # --mode dense: dense from step 0
