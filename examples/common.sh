@@ -297,7 +297,8 @@ launch() {
 # The variables every example reads through the helpers above (each example adds its own to check_variables).
 COMMON_VARIABLES="MEGATRON_LM_DIR DATA_PATH TOKENIZER_MODEL MOCK_DATA VOCAB_SIZE CHECKPOINT_DIR SEQ_LEN TOPK
 POOLING_FACTOR LEVELS DENSE_LAYERS DENSE_FROM_ITER NUM_LAYERS HIDDEN HEADS FFN TRANSFORMER_IMPL FP8 GLOBAL_BATCH
-SAVE_INTERVAL LOG_INTERVAL EVAL_INTERVAL EVAL_ITERS LR MIN_LR LR_WARMUP_ITERS LR_DECAY_STYLE MONITOR DRY_RUN"
+SAVE_INTERVAL LOG_INTERVAL EVAL_INTERVAL EVAL_ITERS LR MIN_LR LR_WARMUP_ITERS LR_DECAY_STYLE MONITOR DRY_RUN
+HYBRID_LAYER_PATTERN"
 # check_variables VAR...: this example reads COMMON_VARIABLES and VAR...; refuse, before anything else, an
 # environment variable spelled close to one of them but not one of them (POOLNG_FACTOR=2 would leave POOLING_FACTOR
 # at its default without a word), and a LIGHTHOUSE_* setting (the examples pass TOPK, POOLING_FACTOR, LEVELS and

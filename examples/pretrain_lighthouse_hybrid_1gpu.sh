@@ -20,7 +20,8 @@
 #   DENSE=1, MONITOR=1, DRY_RUN=1 (validate everything, then print the command)   as in pretrain_lighthouse_1gpu.sh
 set -euo pipefail
 : "${NUM_LAYERS:=30}" "${DENSE:=0}"
-[[ "$NUM_LAYERS" =~ ^[1-9][0-9]*$ ]] || { echo "error: NUM_LAYERS=$NUM_LAYERS: must be a positive integer" >&2; exit 2; }
+[[ "$NUM_LAYERS" =~ ^[1-9][0-9]{0,3}$ ]] \
+    || { echo "error: NUM_LAYERS=$NUM_LAYERS: must be a positive integer, at most 9999 ('*-' blocks)" >&2; exit 2; }
 blocks=$(printf '*-%.0s' $(seq "$NUM_LAYERS"))
 : "${HYBRID_LAYER_PATTERN:=$blocks}"
 : "${CHECKPOINT_DIR:=./checkpoints/hybrid_$([ "$DENSE" = 1 ] && echo dense_baseline || echo lighthouse)}"

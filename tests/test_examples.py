@@ -595,7 +595,10 @@ def test_hybrid_example_dense_mode(tmp_path, patched, megatron_lm):
      "HYBRID_LAYER_PATTERN=M*M*M*M*M* with TRANSFORMER_IMPL=local: the local hybrid stack builds * (attention), - "
      "(MLP) and E (MoE) layers only"),
     (dict(NUM_LAYERS="many"), "NUM_LAYERS=many: must be a positive integer"),
+    (dict(NUM_LAYERS="9" * 20), "must be a positive integer, at most 9999"),  # the pattern's blocks: no endless seq
     (dict(DENSE="yes"), "DENSE=yes: must be 0 or 1"),
+    (dict(HYBRID_LAYER_PATERN="*-*-"), "HYBRID_LAYER_PATERN=*-*-: not a variable of pretrain_lighthouse_1gpu.sh; did "
+                                       "you mean HYBRID_LAYER_PATTERN?"),
 ])
 def test_hybrid_example_refuses_bad_variables_before_launch(tmp_path, patched, env, message):
     proc = _run(HYBRID, tmp_path, **{**_mock(patched), **env})
