@@ -35,7 +35,14 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from .config import LighthouseConfig
 from .hybrid_pattern import hybrid_attention_layers
-from .spec import SDPA_CORE_ATTENTION, _call_accepted, _check_transformer_engine, _with_lighthouse, replace_core_attention
+from .spec import (
+    SDPA_CORE_ATTENTION,
+    _call_accepted,
+    _check_transformer_engine,
+    _with_lighthouse,
+    check_normalization,
+    replace_core_attention,
+)
 
 __all__ = [
     "get_hybrid_stack_with_lighthouse_spec",
@@ -110,6 +117,7 @@ def get_hybrid_stack_local_spec(normalization: Optional[str] = None) -> ModuleSp
     MLA layers (:data:`LOCAL_UNAVAILABLE`) are refused when the model is built.
     """
     require_hybrid_model()
+    check_normalization(normalization)
     from megatron.core.models.gpt import gpt_layer_specs
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
     from megatron.core.ssm.mlp_layer import MLPLayer

@@ -227,6 +227,14 @@ def _check_stage(config: TransformerConfig, vp_stage: Optional[int], pp_rank: Op
 NORMALIZATIONS = (None, "LayerNorm", "RMSNorm")
 
 
+def check_normalization(normalization: Optional[str]) -> None:
+    """``ValueError`` unless ``normalization`` is one of :data:`NORMALIZATIONS` (Megatron's local specs would build a
+    LayerNorm for any other string, without a word)."""
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization={normalization!r}: must be one of {NORMALIZATIONS} (None: "
+                         f"config.normalization)")
+
+
 #: Megatron layer-spec option -> the ``TransformerConfig`` field Megatron's decoder-block spec reads instead.
 _BLOCK_CONFIG_FIELDS = {
     "num_experts": "num_moe_experts",
@@ -261,9 +269,7 @@ def _block_spec(config: TransformerConfig, lighthouse: Optional[LighthouseConfig
     core attention made long-sequence capable (local: :class:`SDPACoreAttention`) and, for the layers not in
     ``lighthouse.dense_layers``, wrapped in :class:`LighthouseCoreAttention`; then sliced to this stage."""
     _check_config(config, "the decoder-block spec")
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(f"normalization={normalization!r}: must be one of {NORMALIZATIONS} (None: "
-                         f"config.normalization)")
+    check_normalization(normalization)
     if not isinstance(qk_l2_norm, bool):
         raise ValueError(f"qk_l2_norm={qk_l2_norm!r}: must be True or False")
     if getattr(config, "multi_latent_attention", False):

@@ -202,6 +202,15 @@ def test_a_spec_built_for_another_pattern_is_refused_at_build(megatron):
         tiny_hybrid(_config("*-" * 7), spec, "*-" * 7)
 
 
+def test_a_normalization_megatron_does_not_build_is_refused(megatron):
+    """Megatron's local layer spec builds a LayerNorm for any other string, without a word."""
+    for build in (lambda: get_hybrid_stack_local_spec("rmsnorm"),
+                  lambda: get_hybrid_stack_with_lighthouse_spec(LIGHTHOUSE, PATTERN, use_transformer_engine=False,
+                                                                normalization="RMS")):
+        with pytest.raises(ValueError, match=r"^normalization='\w+': must be one of \(None, 'LayerNorm', 'RMSNorm'\)"):
+            build()
+
+
 @pytest.mark.parametrize("symbol, family, needs", [("M", "Mamba", "mamba_ssm"), ("G", "Gated DeltaNet", "fla"),
                                                    ("D", "DeepSeek Sparse Attention", "TransformerEngine")])
 def test_local_stack_refuses_families_it_has_no_module_for_at_build(megatron, symbol, family, needs):
