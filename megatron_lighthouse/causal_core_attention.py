@@ -83,6 +83,9 @@ class CausalCoreAttention(MegatronModule):
         """``ValueError`` unless ``query`` is ``[s, b, h, d]`` and ``key`` / ``value`` ``[s_k, b, g, d]`` with ``h``
         a multiple of ``g`` (Megatron's grouped-query attention)."""
         for name, tensor in (("query", query), ("key", key), ("value", value)):
+            if not isinstance(tensor, torch.Tensor):
+                raise ValueError(f"{self.where}: {name} is a {type(tensor).__name__}: must be a tensor [s, b, heads, "
+                                 f"head_dim] (Megatron's sbhd layout)")
             if tensor.dim() != 4:
                 raise ValueError(f"{self.where}: {name} of shape {tuple(tensor.shape)}: must be 4-D [s, b, heads, "
                                  f"head_dim] (Megatron's sbhd layout)")

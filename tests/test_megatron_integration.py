@@ -345,6 +345,9 @@ def test_inputs_must_be_sbhd():
             module(q, q[:, 0], q, None)
         with pytest.raises(ValueError, match=r"\(layer 3\): value of shape \(256, 2, 4, 16, 1\): must be 4-D"):
             module(q, q, q[..., None], None)
+        with pytest.raises(ValueError, match=r"\(layer 3\): key is a list: must be a tensor \[s, b, heads, "
+                                             r"head_dim\]"):
+            module(q, [q], q, None)
 
 
 def test_sdpa_attention_dropout_must_be_a_probability():
