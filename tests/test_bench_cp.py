@@ -195,3 +195,56 @@ def _wrong_budget_fails(rank, world):
 
 def test_inner_te_check_fails_on_a_wrong_answer():
     run_on_ranks(_bench_te_task, POOL["world"], 2, "_wrong_budget_fails", pool=POOL["pool"], timeout_s=240)
+
+
+# -- benchmarks/run_cp_gpu.sh, with stand-ins for torchrun's launch and nvidia-smi ---------------------------------
+def _run_cp_gpu(tmp_path: pathlib.Path, te: bool, **env: str) -> tuple:
+    """``bash benchmarks/run_cp_gpu.sh --seq-len 65536`` with ``python3 -m torch.distributed.run`` and
+    ``nvidia-smi`` recorded instead of run (every other ``python3`` is this Python), ``te``: the fake TE installed
+    in every Python process (a ``sitecustomize``); returns the process and the recorded launches."""
+    bin_dir, record = tmp_path / "bin", tmp_path / "launches"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    (bin_dir / "python3").write_text(
+        f'#!/usr/bin/env bash\nif [ "$1 $2" = "-m torch.distributed.run" ]; then echo "${{@:3}}" >> {record}; '
+        f'exit 0; fi\nexec {sys.executable} "$@"\n')
+    (bin_dir / "nvidia-smi").write_text("#!/usr/bin/env bash\necho 'name, memory.total, driver_version'\n")
+    for tool in ("python3", "nvidia-smi"):
+        (bin_dir / tool).chmod(0o755)
+    site = tmp_path / "site"
+    site.mkdir(exist_ok=True)
+    if te:
+        (site / "sitecustomize.py").write_text("import fake_te\nfake_te.install()\n")
+    full = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
+            "PYTHONPATH": os.pathsep.join([str(site), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]), **env}
+    full.pop("OUT", None)
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "run_cp_gpu.sh"), "--seq-len", "65536"], env=full,
+                          capture_output=True, text=True, timeout=300)
+    return proc, record.read_text().splitlines() if record.exists() else []
+
+
+def test_run_cp_gpu_runs_w1_then_each_comm_type(tmp_path):
+    proc, launches = _run_cp_gpu(tmp_path, te=True, INNER="te", W_MAX="4", CP_COMM_TYPES="p2p all_gather a2a")
+    assert proc.returncode == 0, proc.stderr
+    common = "benchmarks/bench_cp.py --max-cp 4 --out-dir benchmarks/results --inner te"
+    assert launches == [f"--standalone --nproc-per-node 1 {common} --seq-len 65536"] + [
+        f"--standalone --nproc-per-node 4 {common} --cp-comm-type {comm} --seq-len 65536"
+        for comm in ("p2p", "all_gather", "a2a")]
+    proc, launches = _run_cp_gpu(tmp_path / "own", te=False)
+    assert proc.returncode == 0, proc.stderr
+    assert launches == [f"--standalone --nproc-per-node {w} benchmarks/bench_cp.py --max-cp 2 --out-dir "
+                        f"benchmarks/results --inner own --seq-len 65536" for w in (1, 2)]
+
+
+@pytest.mark.parametrize("te, env, message", [
+    (True, dict(INNER="te", CP_COMM_TYPES="p2p allgather"), "cp_comm_type='allgather' (context_parallel_size=2): not "
+                                                            "a context-parallel communication type of TransformerEngine"),
+    (True, dict(INNER="te", W_MAX="16", CP_COMM_TYPES="a2a"), "--cp-comm-type a2a with --heads 8: TE's all-to-all"),
+    (False, dict(INNER="te"), "--inner te: TransformerEngine is not importable here"),
+    (False, dict(CP_COMM_TYPES="a2a"), "CP_COMM_TYPES=a2a: only with INNER=te"),
+    (False, dict(INNER="TE"), "INNER=TE: must be own or te"),
+    (False, dict(W_MAX="1"), "W_MAX=1: must be an integer >= 2"),
+])
+def test_run_cp_gpu_refuses_bad_settings_before_any_run(tmp_path, te, env, message):
+    proc, launches = _run_cp_gpu(tmp_path, te=te, **env)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert launches == [] and "gpus" not in proc.stdout  # nothing measured, not even the GPU query
