@@ -61,5 +61,5 @@ monitor_flags
 lighthouse_model_flags
 context_parallel_flags $((NNODES * GPUS_PER_NODE)) "$GPUS_PER_NODE" "NNODES*GPUS_PER_NODE"
 check_lighthouse_cp
-launch "${launcher[@]}" "$MEGATRON_LM_DIR/$SCRIPT" "${LH_FLAGS[@]}" "${MODEL_FLAGS[@]}" "${CP_FLAGS[@]}" \
-    "${OPT_FLAGS[@]}" "${RUN_FLAGS[@]}" "${DATA_FLAGS[@]}" "${MONITOR_FLAGS[@]}"
+launch "${launcher[@]}" "$MEGATRON_LM_DIR/$SCRIPT" "${LH_FLAGS[@]}" "${MODEL_FLAGS[@]}" "${OPT_FLAGS[@]}" \
+    "${CP_FLAGS[@]}" "${RUN_FLAGS[@]}" "${DATA_FLAGS[@]}" "${MONITOR_FLAGS[@]}"

@@ -68,5 +68,5 @@ else
     fi
 fi
 launch torchrun --nproc-per-node "$GPUS_PER_NODE" "$MEGATRON_LM_DIR/$SCRIPT" "${spec[@]}" "${MODEL_FLAGS[@]}" \
-    "${CP_FLAGS[@]}" "${OPT_FLAGS[@]}" "${RUN_FLAGS[@]}" --override-opt_param-scheduler "${DATA_FLAGS[@]}" \
+    "${OPT_FLAGS[@]}" "${CP_FLAGS[@]}" "${RUN_FLAGS[@]}" --override-opt_param-scheduler "${DATA_FLAGS[@]}" \
     --load "$LIGHTHOUSE_CHECKPOINT"

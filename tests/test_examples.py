@@ -366,7 +366,7 @@ def test_cp_comm_type_takes_what_the_package_takes(tmp_path, patched, script):
             flags = f"--context-parallel-size 4 --cp-comm-type {comm}"
             if comm == "a2a+p2p":
                 flags += " --hierarchical-context-parallel-sizes 4 1"
-            assert flags + " --lr" in proc.stdout, (comm, impl, proc.stdout)
+            assert flags + " --micro-batch-size" in proc.stdout, (comm, impl, proc.stdout)
             assert ("note: CP_COMM_TYPE" in proc.stderr) == (impl == "local"), proc.stderr
     for comm, hint in (("allgather", "; use all_gather (TransformerEngine's spelling)"), ("ring", ""),
                        ("p2p a2a", "")):
