@@ -329,17 +329,6 @@ def test_multinode_1m_on_one_node_runs_torchrun_standalone(tmp_path, patched):
     assert lost.returncode == 2 and "MASTER_ADDR is not set" in lost.stderr, lost.stderr
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
-def test_multinode_1m_on_one_node_launches_without_srun(tmp_path, patched):
-    """A real one-node launch reaches torchrun's preflight (no srun needed): here, without a GPU, one error line."""
-    env = {k: v for k, v in _mock(patched, NNODES="1", TRANSFORMER_IMPL="local",
-                                  PATH=f"{pathlib.Path(sys.executable).parent}:/usr/bin:/bin").items()
-           if k != "DRY_RUN"}
-    proc = _run("pretrain_lighthouse_multinode_1m.sh", tmp_path, **env)
-    assert proc.returncode == 2, proc
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: torch sees no CUDA GPU here"), proc.stderr
-
-
 def _te_cp_comm_types() -> tuple:
     pytest.importorskip("megatron.core")
     from megatron_lighthouse.causal_core_attention import TE_CP_COMM_TYPES
@@ -627,14 +616,19 @@ def test_launch_without_transformer_engine_is_one_error_line(tmp_path, patched, 
         "Python; install it (pip install -e '.[te]') or set TRANSFORMER_IMPL=local"), proc.stderr
 
 
-def test_multinode_launch_outside_slurm_is_one_error_line(tmp_path, patched):
-    env = {k: v for k, v in _base(patched, NNODES="4", MASTER_ADDR="node0",
+@pytest.mark.parametrize("nodes, error", [
+    ("4", "error: srun: not found; this example runs under SLURM (sbatch "),
+    # one node needs no srun: the launch reaches torchrun's preflight (here, without a GPU, its one error line)
+    pytest.param("1", "error: torch sees no CUDA GPU here", marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="this machine has a GPU")),
+])
+def test_multinode_launch_outside_slurm_is_one_error_line(tmp_path, patched, nodes, error):
+    env = {k: v for k, v in _base(patched, NNODES=nodes, MASTER_ADDR="node0", TRANSFORMER_IMPL="local",
                                        PATH=f"{pathlib.Path(sys.executable).parent}:/usr/bin:/bin").items()
            if k != "DRY_RUN"}
     proc = _run("pretrain_lighthouse_multinode_1m.sh", tmp_path, **env)
     assert proc.returncode == 2, proc
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: srun: not found; this example runs under SLURM "
-                                                          "(sbatch "), proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(error), proc.stderr
 
 
 def test_unpatched_line_runs_as_printed(tmp_path, megatron_lm):
