@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Context-parallel benchmark on one GPU host: W=1, then W=$W_MAX GPUs, same chunked work (bench_cp.py).
-# Run from anywhere; extra arguments go to bench_cp.py. Logs and JSON land in benchmarks/results/ and,
-# when $OUT is set (the device machine), are copied there.
+# Run from anywhere; extra arguments go to bench_cp.py. Logs and JSON land in RESULTS_DIR and, when $OUT is set (the
+# device machine), are copied there.
+#   RESULTS_DIR=benchmarks/results   where the logs and JSON go (relative to the repository, or absolute); this
+#                       inner's earlier files there are removed first
 #   W_MAX=2             the CP size compared with W=1 (an integer >= 2; 4 on a 4-GPU host)
 #   INNER=own           the CP attention: own (this package's all-gather) or te (LighthouseCoreAttention with
 #                       TEDotProductAttention inside; needs megatron-core and TransformerEngine)
@@ -36,7 +38,7 @@ inner, w_max, comms, *rest = sys.argv[1:]
 for comm in comms.split() or [None]:
     parse_args(["--inner", inner, "--max-cp", w_max, *(["--cp-comm-type", comm] if comm else []), *rest])
 PY
-RESULTS=benchmarks/results
+RESULTS=${RESULTS_DIR:-benchmarks/results}
 mkdir -p "$RESULTS"
 # Named as bench_cp.py names its JSON: cp_cuda_w<W> (own), cp_cuda_te_w1 and cp_cuda_te_<comm>_w<W> (te). The
 # W>1 runs must never compare against an older W=1 run: this inner's earlier JSON and logs go first.

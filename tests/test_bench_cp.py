@@ -217,22 +217,25 @@ def _run_cp_gpu(tmp_path: pathlib.Path, te: bool, **env: str) -> tuple:
     full = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
             "PYTHONPATH": os.pathsep.join([str(site), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]), **env}
     full.pop("OUT", None)
+    full.setdefault("RESULTS_DIR", str(tmp_path / "results"))
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "run_cp_gpu.sh"), "--seq-len", "65536"], env=full,
                           capture_output=True, text=True, timeout=300)
     return proc, record.read_text().splitlines() if record.exists() else []
 
 
 def test_run_cp_gpu_runs_w1_then_each_comm_type(tmp_path):
+    before = sorted((ROOT / "benchmarks" / "results").iterdir())
     proc, launches = _run_cp_gpu(tmp_path, te=True, INNER="te", W_MAX="4", CP_COMM_TYPES="p2p all_gather a2a")
     assert proc.returncode == 0, proc.stderr
-    common = "benchmarks/bench_cp.py --max-cp 4 --out-dir benchmarks/results --inner te"
+    common = f"benchmarks/bench_cp.py --max-cp 4 --out-dir {tmp_path / 'results'} --inner te"
     assert launches == [f"--standalone --nproc-per-node 1 {common} --seq-len 65536"] + [
         f"--standalone --nproc-per-node 4 {common} --cp-comm-type {comm} --seq-len 65536"
         for comm in ("p2p", "all_gather", "a2a")]
     proc, launches = _run_cp_gpu(tmp_path / "own", te=False)
     assert proc.returncode == 0, proc.stderr
     assert launches == [f"--standalone --nproc-per-node {w} benchmarks/bench_cp.py --max-cp 2 --out-dir "
-                        f"benchmarks/results --inner own --seq-len 65536" for w in (1, 2)]
+                        f"{tmp_path / 'own' / 'results'} --inner own --seq-len 65536" for w in (1, 2)]
+    assert sorted((ROOT / "benchmarks" / "results").iterdir()) == before  # the measured files stay
 
 
 @pytest.mark.parametrize("te, env, message", [
