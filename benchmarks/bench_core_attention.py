@@ -51,6 +51,7 @@ from torch.nn.attention import SDPBackend  # noqa: E402
 
 from megatron_lighthouse import LighthouseConfig, lighthouse_attention  # noqa: E402
 from megatron_lighthouse.dense import DENSE_KERNEL_ENV, dense_attention  # noqa: E402
+from te_selection import te_backend  # noqa: E402  (benchmarks/, beside this script)
 
 #: The variants, in the order they run and are reported; the first one that runs is the equality reference
 #: (``te``, or ``op`` when TransformerEngine is missing).
@@ -213,22 +214,6 @@ def build(variant: str, case: Case, dtype: torch.dtype, device: torch.device) ->
         return module(query, key, value, None, attn_mask_type=AttnMaskType.causal)
 
     return attend
-
-
-def te_backend() -> str:
-    """The backend TransformerEngine's ``DotProductAttention`` selected for its last call, from TE's own selection
-    state (``_attention_backends`` of its dot_product_attention module)."""
-    module = sys.modules.get("transformer_engine.pytorch.attention.dot_product_attention.dot_product_attention")
-    state = getattr(module, "_attention_backends", None)
-    if not isinstance(state, dict):
-        return "unknown (TransformerEngine's selection state not found)"
-    if state.get("use_fused_attention"):
-        return f"FusedAttention (cuDNN), sub-backend {state.get('fused_attention_backend')}"
-    if state.get("use_flash_attention"):
-        return f"FlashAttention {state.get('flash_attention_backend')}"
-    if state.get("use_unfused_attention"):
-        return "UnfusedDotProductAttention"
-    return "none selected"
 
 
 def auto_choice(case: Case, device: torch.device) -> str:

@@ -210,6 +210,50 @@ if layers_line:
     print(layers_line)
 PY
 }
+# context_parallel_flags GPUS GPUS_PER_NODE WHAT: set the array CP_FLAGS for CP_SIZE (default 1)
+# context-parallel ranks per sequence out of GPUS (WHAT: the variables GPUS comes from, for the errors) and
+# CP_COMM_TYPE (default p2p). CP_COMM_TYPE is one of TransformerEngine's communication types, which Megatron-LM passes
+# to it unchanged: p2p, all_gather, a2a, a2a+p2p (the set of the package's check_cp_comm_type; any other spelling,
+# Megatron-LM's help's "allgather" too, is refused). With TransformerEngine, a2a splits the heads over the CP ranks
+# (HEADS divisible by CP_SIZE), and a2a+p2p runs the all-to-all inside a node and the p2p ring across
+# (--hierarchical-context-parallel-sizes A P, A = gcd(CP_SIZE, GPUS_PER_NODE), HEADS divisible by A).
+# TRANSFORMER_IMPL=local takes every type, as the package does, and runs its own all-gather attention whatever the
+# type (a note says so). GLOBAL_BATCH must be a multiple of the GPUS/CP_SIZE data-parallel ranks. CP_SIZE > 1 adds
+# CUDA_DEVICE_MAX_CONNECTIONS=1 to LAUNCH_ENV: Megatron-LM refuses context parallelism on Hopper and older GPUs
+# without it (its ordering of communication and compute kernels).
+context_parallel_flags() {
+    local gpus=$1 per_node=$2 what=$3 given=${CP_COMM_TYPE+x}
+    : "${CP_SIZE:=1}" "${CP_COMM_TYPE:=p2p}"
+    require_int CP_SIZE GLOBAL_BATCH
+    (( gpus % CP_SIZE == 0 )) || die "CP_SIZE=$CP_SIZE must divide $what=$gpus"
+    (( GLOBAL_BATCH % (gpus / CP_SIZE) == 0 )) \
+        || die "GLOBAL_BATCH=$GLOBAL_BATCH must be a multiple of the $((gpus / CP_SIZE)) data-parallel ranks ($what/CP_SIZE)"
+    local types="p2p all_gather a2a a2a+p2p" plain close= t
+    if [[ ! " $types " =~ " $CP_COMM_TYPE " ]] || [[ "$CP_COMM_TYPE" =~ " " ]]; then
+        plain=$(tr -d '_ -' <<< "${CP_COMM_TYPE,,}")
+        for t in $types; do [ "${t//_/}" != "$plain" ] || close="; use $t (TransformerEngine's spelling)"; done
+        die "CP_COMM_TYPE=$CP_COMM_TYPE: not a context-parallel communication type of TransformerEngine, which accepts ${types// /, }$close"
+    fi
+    CP_FLAGS=(--context-parallel-size "$CP_SIZE" --cp-comm-type "$CP_COMM_TYPE")
+    (( CP_SIZE == 1 )) || LAUNCH_ENV+=(CUDA_DEVICE_MAX_CONNECTIONS=1)
+    if [ "$TRANSFORMER_IMPL" = local ]; then
+        [ -z "$given" ] || (( CP_SIZE == 1 )) || note "CP_COMM_TYPE=$CP_COMM_TYPE with TRANSFORMER_IMPL=local: the local core attention runs this package's all-gather attention whatever the type (TransformerEngine's types apply with TRANSFORMER_IMPL=transformer_engine)"
+    elif [ "$CP_COMM_TYPE" = a2a ]; then
+        (( HEADS % CP_SIZE == 0 )) || die "CP_COMM_TYPE=a2a with HEADS=$HEADS and CP_SIZE=$CP_SIZE: TransformerEngine's all-to-all splits the heads over the CP ranks, so CP_SIZE must divide HEADS"
+    fi
+    if [ "$CP_COMM_TYPE" = a2a+p2p ]; then
+        local a2a=$CP_SIZE rest=$per_node
+        while (( rest )); do t=$((a2a % rest)); a2a=$rest; rest=$t; done  # gcd(CP_SIZE, GPUS_PER_NODE)
+        [ "$TRANSFORMER_IMPL" = local ] || (( HEADS % a2a == 0 )) || die "CP_COMM_TYPE=a2a+p2p with HEADS=$HEADS: TransformerEngine's all-to-all inside a node splits the heads over its $a2a CP ranks (gcd of CP_SIZE=$CP_SIZE and GPUS_PER_NODE=$per_node), so $a2a must divide HEADS"
+        CP_FLAGS+=(--hierarchical-context-parallel-sizes "$a2a" $((CP_SIZE / a2a)))
+    fi
+}
+# check_lighthouse_cp: check_lighthouse for SEQ_LEN under CP_SIZE (after context_parallel_flags): each CP rank
+# selects its two load-balanced chunks locally, so the settings must fit 2 * CP_SIZE chunks (1 without CP).
+check_lighthouse_cp() {
+    if (( CP_SIZE > 1 )); then check_lighthouse "$SEQ_LEN" $((2 * CP_SIZE)) " (2 x CP_SIZE=$CP_SIZE)"
+    else check_lighthouse "$SEQ_LEN" 1; fi
+}
 # is_patched: SCRIPT carries the hook of patches/ (patches/apply.sh MEGATRON_LM_DIR).
 is_patched() { grep -q megatron_lighthouse "$MEGATRON_LM_DIR/$SCRIPT"; }
 # spec_kind: what an unpatched SCRIPT takes from --spec: a GPT layer spec ("layer") or a hybrid stack spec.

@@ -21,6 +21,8 @@
 #   MOCK_DATA=1 VOCAB_SIZE=32000   Megatron-LM's mock data and NullTokenizer (as in stage one)
 #   LIGHTHOUSE_CHECKPOINT  the stage-one checkpoint directory (required)
 #   CHECKPOINT_DIR (default ./checkpoints/dense)  TOTAL_ITERS=16000  GPUS_PER_NODE=1  GLOBAL_BATCH=32
+#   CP_SIZE=1 CP_COMM_TYPE=p2p   context parallelism as in stage one (pretrain_lighthouse_multinode_1m.sh): CP_SIZE
+#                     must divide GPUS_PER_NODE; the Lighthouse settings must fit 2 x CP_SIZE chunks (patched)
 #   SAVE_INTERVAL=1000 LOG_INTERVAL=10 EVAL_INTERVAL=1000 EVAL_ITERS=10   checkpoints, log lines, validation
 #   SEQ_LEN=131072 TOPK=2048 POOLING_FACTOR=4 LEVELS=3 DENSE_LAYERS=0,1,-2,-1 (empty: none) DENSE_FROM_ITER=0
 #   NUM_LAYERS=30 HIDDEN=1024 HEADS=8 FFN=1536 TRANSFORMER_IMPL=transformer_engine|local FP8=hybrid|e4m3|empty
@@ -32,7 +34,7 @@
 #   A variable spelled close to one of these (POOLNG_FACTOR) or a LIGHTHOUSE_* setting is refused before anything.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
-check_variables LIGHTHOUSE_CHECKPOINT TOTAL_ITERS GPUS_PER_NODE MEGATRON_SPEC
+check_variables LIGHTHOUSE_CHECKPOINT TOTAL_ITERS GPUS_PER_NODE MEGATRON_SPEC CP_SIZE CP_COMM_TYPE
 : "${SEQ_LEN:=131072}" "${TOPK:=2048}" "${POOLING_FACTOR:=4}" "${LEVELS:=3}" "${DENSE_LAYERS=0,1,-2,-1}"
 : "${CHECKPOINT_DIR:=./checkpoints/dense}" "${TOTAL_ITERS:=16000}" "${GPUS_PER_NODE:=1}"
 : "${SAVE_INTERVAL:=1000}" "${LOG_INTERVAL:=10}" "${EVAL_INTERVAL:=1000}" "${EVAL_ITERS:=10}"
@@ -46,11 +48,11 @@ require_int TOTAL_ITERS GPUS_PER_NODE SEQ_LEN TOPK POOLING_FACTOR LEVELS
 model_flags
 optimizer_flags "$TOTAL_ITERS"
 run_flags "$TOTAL_ITERS"
-(( GLOBAL_BATCH % GPUS_PER_NODE == 0 )) || die "GLOBAL_BATCH=$GLOBAL_BATCH must be a multiple of GPUS_PER_NODE=$GPUS_PER_NODE (the data-parallel ranks)"
+context_parallel_flags "$GPUS_PER_NODE" "$GPUS_PER_NODE" GPUS_PER_NODE
 if is_patched; then
     [ "$MEGATRON_SPEC" = 0 ] || die "MEGATRON_SPEC=1 needs the unpatched $SCRIPT (the patched one builds the model from its --lighthouse flags)"
     : "${DENSE_FROM_ITER:=0}"
-    check_lighthouse "$SEQ_LEN" 1
+    check_lighthouse_cp
     lighthouse_model_flags
     spec=("${LH_FLAGS[@]}")
 else
@@ -61,9 +63,10 @@ else
         [ "$TRANSFORMER_IMPL" != local ] || die "MEGATRON_SPEC=1 with HYBRID_LAYER_PATTERN and TRANSFORMER_IMPL=local: Megatron-LM's hybrid stack spec is TransformerEngine's throughout (its final norm too); use TRANSFORMER_IMPL=transformer_engine, or MEGATRON_SPEC=0 for the package's dense local hybrid stack"
     elif [ "$MEGATRON_SPEC" = 1 ]; then
         [ "$TRANSFORMER_IMPL" != local ] || (( SEQ_LEN <= 16384 )) || die "MEGATRON_SPEC=1 with TRANSFORMER_IMPL=local and SEQ_LEN=$SEQ_LEN: Megatron-LM's local core attention keeps the [s, s] scores of every head; use SEQ_LEN <= 16384 (a RoPE model loads at any length)"
+        [ "$TRANSFORMER_IMPL" != local ] || (( CP_SIZE == 1 )) || die "MEGATRON_SPEC=1 with TRANSFORMER_IMPL=local and CP_SIZE=$CP_SIZE: Megatron-LM's local core attention has no context parallelism; use MEGATRON_SPEC=0 (the package's dense local spec) or TRANSFORMER_IMPL=transformer_engine"
         spec=()
     fi
 fi
 launch torchrun --nproc-per-node "$GPUS_PER_NODE" "$MEGATRON_LM_DIR/$SCRIPT" "${spec[@]}" "${MODEL_FLAGS[@]}" \
-    "${OPT_FLAGS[@]}" "${RUN_FLAGS[@]}" --override-opt_param-scheduler "${DATA_FLAGS[@]}" \
+    "${OPT_FLAGS[@]}" "${CP_FLAGS[@]}" "${RUN_FLAGS[@]}" --override-opt_param-scheduler "${DATA_FLAGS[@]}" \
     --load "$LIGHTHOUSE_CHECKPOINT"

@@ -306,6 +306,117 @@ def test_resume_dense(tmp_path, megatron_lm, patched):
     assert refused.returncode == 2 and "MEGATRON_SPEC=1 needs the unpatched pretrain_gpt.py" in refused.stderr
 
 
+def test_multinode_1m_on_one_node_runs_torchrun_standalone(tmp_path, patched):
+    """NNODES=1, or NNODES unset outside SLURM: torchrun --standalone on this machine, no srun, no MASTER_ADDR
+    (set, it is noted as unused); NNODES unset under SLURM is SLURM's node count."""
+    for env in (dict(NNODES="1"), {}):
+        proc = _run("pretrain_lighthouse_multinode_1m.sh", tmp_path, **_mock(patched), **env, GPUS_PER_NODE="2",
+                    CP_SIZE="2", SEQ_LEN="262144", GLOBAL_BATCH="1")
+        assert proc.returncode == 0, proc.stderr
+        command = proc.stdout.splitlines()[-1]
+        assert command.startswith("CUDA_DEVICE_MAX_CONNECTIONS=1 torchrun --standalone --nproc-per-node 2 "), command
+        assert "srun" not in command and "--rdzv" not in command and "--nnodes" not in command
+        assert "--context-parallel-size 2 --cp-comm-type p2p" in command
+        assert "lighthouse: subsequence 32768 of 262144 tokens (16384 on each of the 2 context-parallel ranks)" \
+            in proc.stdout
+    noted = _run("pretrain_lighthouse_multinode_1m.sh", tmp_path, **_mock(patched), NNODES="1", MASTER_ADDR="node0")
+    assert noted.returncode == 0 and "note: MASTER_ADDR=node0 is not used with NNODES=1" in noted.stderr, noted.stderr
+    slurm = _run("pretrain_lighthouse_multinode_1m.sh", tmp_path, **_mock(patched), SLURM_NNODES="4",
+                 MASTER_ADDR="node0")
+    assert slurm.returncode == 0 and "srun --ntasks-per-node 1 torchrun --nnodes 4 " in slurm.stdout, slurm.stderr
+    # more than one node needs the rendezvous address
+    lost = _run("pretrain_lighthouse_multinode_1m.sh", tmp_path, **_mock(patched), NNODES="2")
+    assert lost.returncode == 2 and "MASTER_ADDR is not set" in lost.stderr, lost.stderr
+
+
+def _te_cp_comm_types() -> tuple:
+    pytest.importorskip("megatron.core")
+    from megatron_lighthouse.causal_core_attention import TE_CP_COMM_TYPES
+
+    return TE_CP_COMM_TYPES
+
+
+@pytest.mark.parametrize("script", ["pretrain_lighthouse_multinode_1m.sh", "resume_dense.sh"])
+def test_cp_comm_type_takes_what_the_package_takes(tmp_path, patched, script):
+    """CP_COMM_TYPE accepts exactly the package's check_cp_comm_type set (TransformerEngine's), in both
+    implementations, and reaches Megatron-LM as --cp-comm-type; a2a+p2p brings its hierarchical sizes."""
+    from megatron_lighthouse.causal_core_attention import check_cp_comm_type
+
+    base = {**_mock(patched), **_needs(script, tmp_path), "GPUS_PER_NODE": "4", "CP_SIZE": "4",
+            "SEQ_LEN": "524288", "GLOBAL_BATCH": "1"}
+    if script != "resume_dense.sh":
+        base["NNODES"] = "1"  # one node: torchrun --standalone
+        del base["MASTER_ADDR"]
+    for comm in _te_cp_comm_types():
+        check_cp_comm_type(comm, 4)  # the package takes it
+        for impl in ("transformer_engine", "local"):
+            proc = _run(script, tmp_path, **base, CP_COMM_TYPE=comm, TRANSFORMER_IMPL=impl)
+            assert proc.returncode == 0, (comm, impl, proc.stderr)
+            flags = f"--context-parallel-size 4 --cp-comm-type {comm}"
+            if comm == "a2a+p2p":
+                flags += " --hierarchical-context-parallel-sizes 4 1"
+            assert flags + " --micro-batch-size" in proc.stdout, (comm, impl, proc.stdout)
+            assert ("note: CP_COMM_TYPE" in proc.stderr) == (impl == "local"), proc.stderr
+    for comm, hint in (("allgather", "; use all_gather (TransformerEngine's spelling)"), ("ring", ""),
+                       ("p2p a2a", "")):
+        with pytest.raises(ValueError, match="not a context-parallel communication type"):
+            check_cp_comm_type(comm, 4)
+        proc = _run(script, tmp_path, **base, CP_COMM_TYPE=comm)
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+            f"error: CP_COMM_TYPE={comm}: not a context-parallel communication type of TransformerEngine, which "
+            f"accepts p2p, all_gather, a2a, a2a+p2p{hint}"), proc.stderr
+    bad = _run(script, tmp_path, **base, CP_COMM_TYP="a2a")
+    assert bad.returncode == 2 and "did you mean CP_COMM_TYPE?" in bad.stderr, bad.stderr
+
+
+@pytest.mark.parametrize("env, message", [
+    (dict(CP_COMM_TYPE="a2a", HEADS="6", HIDDEN="1536"), "CP_COMM_TYPE=a2a with HEADS=6 and CP_SIZE=4: "
+                                                         "TransformerEngine's all-to-all splits the heads over the CP "
+                                                         "ranks, so CP_SIZE must divide HEADS"),
+    (dict(CP_COMM_TYPE="a2a+p2p", HEADS="6", HIDDEN="1536"), "CP_COMM_TYPE=a2a+p2p with HEADS=6: TransformerEngine's "
+                                                             "all-to-all inside a node splits the heads over its 4 CP "
+                                                             "ranks (gcd of CP_SIZE=4 and GPUS_PER_NODE=4)"),
+    (dict(CP_SIZE="3"), "CP_SIZE=3 must divide GPUS_PER_NODE=4"),
+    (dict(CP_SIZE="two"), "CP_SIZE=two: must be a positive integer"),
+    (dict(GLOBAL_BATCH="3", CP_SIZE="2"), "GLOBAL_BATCH=3 must be a multiple of the 2 data-parallel ranks "
+                                          "(GPUS_PER_NODE/CP_SIZE)"),
+    (dict(TOPK="1024", CP_SIZE="8", GPUS_PER_NODE="8"), "TOPK=1024 with chunks=16 (2 x CP_SIZE=8): the per-chunk "
+                                                        "budget topk/chunks must be a multiple of 128"),
+])
+def test_resume_dense_refuses_bad_context_parallel_settings(tmp_path, patched, env, message):
+    proc = _run("resume_dense.sh", tmp_path, **{**_mock(patched), **_needs("resume_dense.sh", tmp_path),
+                                                  "GPUS_PER_NODE": "4", "CP_SIZE": "4", "GLOBAL_BATCH": "4", **env})
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert "torchrun" not in proc.stdout
+
+
+def test_resume_dense_at_stage_one_context_parallelism(tmp_path, patched, megatron_lm):
+    """Stage two at stage one's CP: the CP flags, CUDA_DEVICE_MAX_CONNECTIONS=1, and (patched, where Lighthouse
+    layers are built) the settings checked against 2 x CP_SIZE chunks; CP_SIZE=1 keeps the one-chunk check."""
+    env = dict(**_mock(patched), **_needs("resume_dense.sh", tmp_path), GPUS_PER_NODE="2", CP_SIZE="2",
+               SEQ_LEN="262144", CP_COMM_TYPE="all_gather")
+    proc = _run("resume_dense.sh", tmp_path, **env)
+    assert proc.returncode == 0, proc.stderr
+    command = proc.stdout.splitlines()[-1]
+    assert command.startswith("CUDA_DEVICE_MAX_CONNECTIONS=1 torchrun --nproc-per-node 2 "), command
+    assert "--context-parallel-size 2 --cp-comm-type all_gather" in command and "--lighthouse-dense-from-iteration 0" \
+        in command
+    assert "lighthouse: subsequence 32768 of 262144 tokens (16384 on each of the 2 context-parallel ranks)" in proc.stdout
+    one = _run("resume_dense.sh", tmp_path, **{**env, "CP_SIZE": "1"})
+    assert one.returncode == 0 and "lighthouse: subsequence 32768 of 262144 tokens\n" in one.stdout + "\n", one.stdout
+    assert "CUDA_DEVICE_MAX_CONNECTIONS" not in one.stdout and "--context-parallel-size 1" in one.stdout
+    # the 16-chunk check only applies where Lighthouse layers are built: the unpatched route is dense
+    chunks = dict(GPUS_PER_NODE="8", CP_SIZE="8", TOPK="1024", GLOBAL_BATCH="8")
+    dense = _run("resume_dense.sh", tmp_path, **{**env, **chunks, "MEGATRON_LM_DIR": str(megatron_lm)})
+    assert dense.returncode == 0 and "--context-parallel-size 8" in dense.stdout, dense.stderr
+    refused = _run("resume_dense.sh", tmp_path, **{**env, **chunks})
+    assert refused.returncode == 2 and "(2 x CP_SIZE=8)" in refused.stderr, refused.stderr
+    own = _run("resume_dense.sh", tmp_path, **{**env, "MEGATRON_LM_DIR": str(megatron_lm), "MEGATRON_SPEC": "1",
+                                               "TRANSFORMER_IMPL": "local", "SEQ_LEN": "8192"})
+    assert own.returncode == 2 and ("MEGATRON_SPEC=1 with TRANSFORMER_IMPL=local and CP_SIZE=2: Megatron-LM's local "
+                                    "core attention has no context parallelism") in own.stderr, own.stderr
+
+
 OPTIMIZER = ("--min-lr 2e-4 --lr-warmup-iters 2000 --lr-decay-style {} --weight-decay 0.1 --adam-beta1 0.9 "
              "--adam-beta2 0.95 --clip-grad 1.0")
 
@@ -505,14 +616,19 @@ def test_launch_without_transformer_engine_is_one_error_line(tmp_path, patched, 
         "Python; install it (pip install -e '.[te]') or set TRANSFORMER_IMPL=local"), proc.stderr
 
 
-def test_multinode_launch_outside_slurm_is_one_error_line(tmp_path, patched):
-    env = {k: v for k, v in _base(patched, NNODES="4", MASTER_ADDR="node0",
+@pytest.mark.parametrize("nodes, error", [
+    ("4", "error: srun: not found; this example runs under SLURM (sbatch "),
+    # one node needs no srun: the launch reaches torchrun's preflight (here, without a GPU, its one error line)
+    pytest.param("1", "error: torch sees no CUDA GPU here", marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="this machine has a GPU")),
+])
+def test_multinode_launch_outside_slurm_is_one_error_line(tmp_path, patched, nodes, error):
+    env = {k: v for k, v in _base(patched, NNODES=nodes, MASTER_ADDR="node0", TRANSFORMER_IMPL="local",
                                        PATH=f"{pathlib.Path(sys.executable).parent}:/usr/bin:/bin").items()
            if k != "DRY_RUN"}
     proc = _run("pretrain_lighthouse_multinode_1m.sh", tmp_path, **env)
     assert proc.returncode == 2, proc
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: srun: not found; this example runs under SLURM "
-                                                          "(sbatch "), proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(error), proc.stderr
 
 
 def test_unpatched_line_runs_as_printed(tmp_path, megatron_lm):
@@ -958,11 +1074,13 @@ def test_the_patched_scripts_train_and_switch(checkout):
 
 
 @needs_checkout
-def test_megatron_accepts_the_multinode_command_as_one_rank(tmp_path, checkout):
-    """The 1M example at context parallelism 8, parsed as rank 0 of 8 on a Hopper GPU: Megatron-LM asserts
-    CUDA_DEVICE_MAX_CONNECTIONS=1 there, which the example sets; the hook validates 16 chunks."""
+@pytest.mark.parametrize("comm", ["p2p", "a2a+p2p"])
+def test_megatron_accepts_the_multinode_command_as_one_rank(tmp_path, checkout, comm):
+    """The 1M example at context parallelism 8 on one node, parsed as rank 0 of 8 on a Hopper GPU: Megatron-LM
+    asserts CUDA_DEVICE_MAX_CONNECTIONS=1 there, which the example sets; the hook validates 16 chunks; a2a+p2p
+    comes with the hierarchical sizes Megatron-LM asserts for it."""
     proc = _run("pretrain_lighthouse_multinode_1m.sh", tmp_path,
-                **_mock(checkout["patched"], **{**SMALL, "NUM_LAYERS": "6"}), NNODES="1", MASTER_ADDR="node0")
+                **_mock(checkout["patched"], **{**SMALL, "NUM_LAYERS": "6"}), NNODES="1", CP_COMM_TYPE=comm)
     assert proc.returncode == 0, proc.stderr
     command = proc.stdout.splitlines()[-1]
     checked = _check_command(checkout["patched"], command)
