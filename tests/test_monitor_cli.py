@@ -200,3 +200,23 @@ def test_live_rejects_bad_settings(args, capsys):
     err = capsys.readouterr().err
     assert f"argument {args[0]}: {args[1]}: must be" in err and "Traceback" not in err, err
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err  # one line, no usage block
+
+
+def test_the_command_line_imports_no_torch_and_the_package_names_resolve():
+    """``python -m megatron_lighthouse.monitor`` starts without torch (its names load on first use: the CLI starts
+    at once and Ctrl-C never lands inside torch's import); every public name still resolves to its definition."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    import megatron_lighthouse.monitor as monitor
+
+    root = pathlib.Path(monitor.__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), str(root / "kernels")]))
+    code = "import sys, megatron_lighthouse.monitor.__main__; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], env=env, timeout=60).returncode == 0, "the CLI imported torch"
+    for name in monitor.__all__:
+        assert getattr(monitor, name).__name__ == name, name
+    with pytest.raises(AttributeError, match="no attribute 'GPUMonitr'"):
+        monitor.GPUMonitr  # noqa: B018

@@ -15,26 +15,36 @@ Megatron-LM: add the flags with :func:`add_monitor_args` (through ``extra_args_p
 iteration. Afterwards: ``python -m megatron_lighthouse.monitor report RUN.jsonl``.
 """
 
-from .backend import BackendUnavailable, GPUBackend, MetricUnsupported, NVMLBackend, decode_throttle
-from .config import MonitorConfig, add_monitor_args, config_from_args
-from .fake import FakeGPU, FakeNVMLBackend
-from .monitor import GPUMonitor
-from .sample import DeviceReader, GPUSample
-from .sampler import GPUSampler
+import importlib
 
-__all__ = [
-    "BackendUnavailable",
-    "DeviceReader",
-    "FakeGPU",
-    "FakeNVMLBackend",
-    "GPUBackend",
-    "GPUMonitor",
-    "GPUSample",
-    "GPUSampler",
-    "MetricUnsupported",
-    "MonitorConfig",
-    "NVMLBackend",
-    "add_monitor_args",
-    "config_from_args",
-    "decode_throttle",
-]
+#: Public name -> the submodule that defines it. Each is imported on first use (PEP 562), so the command line
+#: (``python -m megatron_lighthouse.monitor``) imports no torch: it starts at once, and Ctrl-C is never caught
+#: inside torch's import.
+_EXPORTS = {
+    "BackendUnavailable": "backend",
+    "GPUBackend": "backend",
+    "MetricUnsupported": "backend",
+    "NVMLBackend": "backend",
+    "decode_throttle": "backend",
+    "MonitorConfig": "config",
+    "add_monitor_args": "config",
+    "config_from_args": "config",
+    "FakeGPU": "fake",
+    "FakeNVMLBackend": "fake",
+    "GPUMonitor": "monitor",
+    "DeviceReader": "sample",
+    "GPUSample": "sample",
+    "GPUSampler": "sampler",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted({*globals(), *_EXPORTS})
