@@ -63,9 +63,10 @@ def hybrid_attention_layers(pattern: str, lighthouse: "LighthouseConfig") -> Hyb
     its attention layers (computed once per pattern and settings).
 
     ``ValueError`` (the message names neither the pattern nor ``dense_layers``: callers say where the two came
-    from) when the pattern is not a string, its main part has no attention layer, its multi-token-prediction part has attention layers (they
-    would be built from the same attention-layer spec, numbered from 1 like the main stack's first layers), a
-    ``dense_layers`` entry is out of range for the attention layers, or every attention layer is kept dense.
+    from) when the pattern is not a string, its main part has no attention layer, its multi-token-prediction part
+    has attention layers (they would be built from the same attention-layer spec, numbered from 1 like the main
+    stack's first layers), a ``dense_layers`` entry is out of range for the attention layers, or every attention
+    layer is kept dense.
     """
     if not isinstance(pattern, str):
         raise ValueError(f"{pattern!r}: not a string such as '*-*-*-*-*-'")

@@ -799,15 +799,23 @@ def _stages(stdout: str) -> dict:
     return stages
 
 
-def test_gpu_script_dry_run_runs_the_user_path(tmp_path):
-    proc, out, work = _gpu_dry_run(tmp_path, _patchable_stand_in(tmp_path / "Megatron-LM"))
+def _user_path_dry_run(tmp_path: pathlib.Path, script: str, **env: str) -> tuple:
+    """The GPU script's default stages, dry run on a patchable stand-in: checks that it succeeds with stages a, e,
+    b, d, c in that order and that only the patched copy of ``script`` carries the hook; returns ``(stages, out,
+    patched, pristine, work)``."""
+    proc, out, work = _gpu_dry_run(tmp_path, _patchable_stand_in(tmp_path / "Megatron-LM"), **env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     stages = _stages(proc.stdout)
     assert list(stages) == ["a_lighthouse", "e_monitor_report", "b_resume_dense", "d_unpatched_dense",
                             "c_dense_scratch"]
     patched, pristine = work / "megatron-lm-patched", work / "megatron-lm-pristine"
-    assert "megatron_lighthouse" in (patched / "pretrain_gpt.py").read_text()
-    assert "megatron_lighthouse" not in (pristine / "pretrain_gpt.py").read_text()
+    assert "megatron_lighthouse" in (patched / script).read_text()
+    assert "megatron_lighthouse" not in (pristine / script).read_text()
+    return stages, out, patched, pristine, work
+
+
+def test_gpu_script_dry_run_runs_the_user_path(tmp_path):
+    stages, out, patched, pristine, work = _user_path_dry_run(tmp_path, "pretrain_gpt.py")
     common = (f"--transformer-impl local --num-layers 8 --hidden-size 1024 --num-attention-heads 8 "
               f"--ffn-hidden-size 1536 --swiglu --normalization RMSNorm --position-embedding-type rope "
               f"--disable-bias-linear --attention-dropout 0 --hidden-dropout 0 --seq-length 131072 "
@@ -890,15 +898,8 @@ def test_gpu_script_hybrid_model(tmp_path, impl):
     """MODEL=hybrid: the same stages through pretrain_hybrid.py with a '*-' pattern of NUM_LAYERS attention layers;
     stage d loads stage b's checkpoint into the pristine script with Megatron-LM's hybrid_stack_spec (TE), or the
     package's dense local hybrid stack (Megatron-LM has no local one), at the full length."""
-    proc, out, work = _gpu_dry_run(tmp_path, _patchable_stand_in(tmp_path / "Megatron-LM"), MODEL="hybrid",
-                                   TRANSFORMER_IMPL=impl)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    stages = _stages(proc.stdout)
-    assert list(stages) == ["a_lighthouse", "e_monitor_report", "b_resume_dense", "d_unpatched_dense",
-                            "c_dense_scratch"]
-    patched, pristine = work / "megatron-lm-patched", work / "megatron-lm-pristine"
-    assert "megatron_lighthouse" in (patched / "pretrain_hybrid.py").read_text()
-    assert "megatron_lighthouse" not in (pristine / "pretrain_hybrid.py").read_text()
+    stages, _, patched, pristine, work = _user_path_dry_run(tmp_path, "pretrain_hybrid.py", MODEL="hybrid",
+                                                            TRANSFORMER_IMPL=impl)
     lines = {name: [line for line in stages[name] if "/pretrain_" in line] for name in stages if name[0] != "e"}
     for name, (line,) in lines.items():
         assert f"/pretrain_hybrid.py " in line and f"--hybrid-layer-pattern {PATTERN8} " in line, line
