@@ -193,7 +193,6 @@ if pattern:  # a HybridModel: DENSE_LAYERS count its attention layers
         attention = load("hybrid_pattern").hybrid_attention_layers(pattern, LighthouseConfig(dense_layers=indices))
     except ValueError as err:
         sys.exit(f"error: HYBRID_LAYER_PATTERN={pattern} with DENSE_LAYERS={dense}: {err}")
-    layers_line = f"lighthouse: {attention.describe()}"
 else:
     try:
         kept = LighthouseConfig(dense_layers=indices).dense_layer_set(int(layers))
@@ -202,12 +201,11 @@ else:
     if len(kept) == int(layers):
         sys.exit(f"error: DENSE_LAYERS={dense} keeps all NUM_LAYERS={layers} layers dense: no layer would run "
                  "Lighthouse")
-    layers_line = None
 subsequence, ranks = cfg.subsequence_length(int(seq), int(chunks)), int(chunks) // 2  # 2 chunks per CP rank
 each = f" ({subsequence // ranks} on each of the {ranks} context-parallel ranks)" if ranks > 1 else ""
 print(f"lighthouse: subsequence {subsequence} of {seq} tokens{each}")
-if layers_line:
-    print(layers_line)
+if pattern:
+    print(f"lighthouse: {attention.describe()}")
 PY
 }
 # context_parallel_flags GPUS GPUS_PER_NODE WHAT: set the array CP_FLAGS for CP_SIZE (default 1)

@@ -316,8 +316,9 @@ def lighthouse_attention(
             attention runs over the chunk subsequences concatenated in order (the context-parallel semantics).
         softmax_scale: a finite real number > 0 (numpy's too); defaults to ``1/sqrt(D)``.
         attention: dense kernel ``(q, k, v, softmax_scale) -> out`` on ``[B, H, S, D]``, causal, returning q's
-            shape, dtype and device (its signature is checked before any work, its result after it returns); defaults to :func:`~megatron_lighthouse.dense.dense_attention`
-            ``("auto")``: on CUDA the fastest available stock kernel for the shape, timed once; torch SDPA elsewhere.
+            shape, dtype and device (its signature is checked before any work, its result after it returns);
+            defaults to :func:`~megatron_lighthouse.dense.dense_attention` ``("auto")``: on CUDA the fastest
+            available stock kernel for the shape, timed once; torch SDPA elsewhere.
         backend: ``"torch"`` runs the pure-PyTorch reference steps; ``"triton"`` the fused kernels of
             ``lighthouse_kernels`` (CUDA tensors, or the CPU interpreter); ``"auto"`` is ``"triton"`` for CUDA
             tensors when Triton imports, else ``"torch"`` (float64 always: the fused kernels compute in fp32, and

@@ -2,10 +2,10 @@
 
 ``--spec`` imports ``MODULE`` after Megatron-LM has parsed its arguments and takes ``vars(module)[NAME]`` as the
 layer spec (``pretrain_hybrid.py``: the hybrid stack spec), without calling anything
-(``megatron.core.transformer.spec_utils.import_module``). Each spec is built when first asked for and kept: the one ``--spec`` names, when this module is imported (``vars``
-does not consult a module ``__getattr__``); the others on first attribute access (PEP 562). An unknown name is an
-``AttributeError``, and a ``--spec`` naming one a ``ValueError`` at import. The settings come from the environment
-and from Megatron-LM's parsed arguments:
+(``megatron.core.transformer.spec_utils.import_module``). Each spec is built when first asked for and kept: the
+one ``--spec`` names, when this module is imported (``vars`` does not consult a module ``__getattr__``); the
+others on first attribute access (PEP 562). An unknown name is an ``AttributeError``, and a ``--spec`` naming one a
+``ValueError`` at import. The settings come from the environment and from Megatron-LM's parsed arguments:
 
 - ``LIGHTHOUSE_LEVELS``, ``LIGHTHOUSE_POOLING_FACTOR``, ``LIGHTHOUSE_TOPK``, ``LIGHTHOUSE_DENSE_LAYERS``,
   ``LIGHTHOUSE_ROPE`` (:func:`~megatron_lighthouse.transformer_config.lighthouse_config_from_env`; unset ones keep

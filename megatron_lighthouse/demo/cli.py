@@ -44,8 +44,8 @@ HELP = {
     "mode": f"attention schedule, one of: {MODES[0]} (Lighthouse, then dense for the last --dense-fraction of the "
             f"steps: the paper's recipe), {MODES[1]} (dense from scratch: the baseline), {MODES[2]} (Lighthouse "
             f"throughout)",
-    "steps": f"training steps in all (1 to {MAX_SIZES['steps']}). With --resume: where the run now ends, above its checkpoint's step; "
-             "the switch to dense stays at the step fixed when the run started, before or after it",
+    "steps": f"training steps in all (1 to {MAX_SIZES['steps']}). With --resume: where the run now ends, above its "
+             "checkpoint's step; the switch to dense stays at the step fixed when the run started, before or after it",
     "dense_fraction": "--mode two-stage only: the fraction of --steps trained dense at the end, in (0, 1), at least "
                       "one step of each stage; it fixes the switch step when a run starts (--resume keeps that step)",
     "seq_len": f"bytes per training sequence (1 to {MAX_SIZES['seq_len']}); with Lighthouse a multiple of "
