@@ -105,3 +105,24 @@ def test_the_kernels_import_nothing_of_the_library():
     assert len(kernels) >= 6
     assert {name: sorted(t for t in graph[name] if t.startswith("megatron_lighthouse")) for name in kernels} == {
         name: [] for name in kernels}
+
+
+def _rebound_imports(path: pathlib.Path) -> List[str]:
+    """Names a module imports at its top level and then defines again there (a ``def``, ``class`` or assignment):
+    the later binding silently replaces the import for every caller below it."""
+    imported, out = set(), []
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            imported |= {(alias.asname or alias.name).partition(".")[0] for alias in node.names}
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            out += [node.name] if node.name in imported else []
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            out += [t.id for t in targets if isinstance(t, ast.Name) and t.id in imported]
+    return out
+
+
+def test_no_module_redefines_a_name_it_imports():
+    sources = [*_modules().values(), *(ROOT / "benchmarks").glob("*.py"), *(ROOT / "patches").glob("*.py")]
+    found = {str(path.relative_to(ROOT)): names for path in sources if (names := _rebound_imports(path))}
+    assert not found, found
