@@ -19,9 +19,9 @@ natively: k/v repeated to the query heads (``repeat_interleave``, under autograd
 op on ``H`` kv heads: the "before" time and peak memory, from the same process. ``--full-dense`` adds dense causal
 attention on all ``N`` tokens per length (until a length takes over 10 s), and the growth exponent ``a`` of ``time
 ∝ N**a`` (Lighthouse over 128K-4M); the growth grid of the multi-head op against dense attention is ``--heads 8/8
---full-dense --dense auto --lengths 32768,65536,...,8388608``. Each row also has the forward's stages (pool and
-score, selection, gather, dense subsequence, scatter). A run that goes out of memory is recorded as such, and ends
-that series.
+--full-dense --dense auto --lengths 32768,65536,...,8388608``. Each row also has the op's stages (pool and score,
+selection, gather, dense subsequence, scatter, and the backward of the scatter and of the gather). A run that goes
+out of memory is recorded as such, and ends that series.
 
 The CUDA allocator runs with ``expandable_segments:True`` unless ``PYTORCH_CUDA_ALLOC_CONF`` is set. ``--check``
 first verifies on the device: goldens in fp32, bf16 against the oracle, bitwise determinism of the fused kernels,
@@ -281,7 +281,8 @@ def check_gqa_against_expanded() -> Dict[str, object]:
 
 # ----------------------------------------------------------------------------------------------- rows
 def stage_times(q, k, v, config: LighthouseConfig, n: int, attention: DenseAttention) -> Dict[str, float]:
-    """The forward's stages, each alone: pool and score, selection, gather, dense subsequence, scatter (ms)."""
+    """The op's stages, each alone (ms): forward pool and score, selection, gather, dense subsequence, scatter; then
+    the backward of the scatter and of the gather (with its inverse map), each through autograd on its own graph."""
     import lighthouse_kernels as fused
 
     levels, scale = config.levels, 1.0 / math.sqrt(D)
@@ -290,11 +291,21 @@ def stage_times(q, k, v, config: LighthouseConfig, n: int, attention: DenseAtten
         idx = fused.select_entries(sq, sk, n, levels, P, TOPK)
         picked = fused.gather_entries(q, k, v, idx, levels, P)
         sub_out = attention(*picked, scale)
-        return dict(pool_score_ms=median_ms(lambda: fused.pool_scores(q, k, levels, P)),
-                    select_ms=median_ms(lambda: fused.select_entries(sq, sk, n, levels, P, TOPK)),
-                    gather_ms=median_ms(lambda: fused.gather_entries(q, k, v, idx, levels, P)),
-                    dense_sub_ms=median_ms(lambda: attention(*picked, scale)),
-                    scatter_ms=median_ms(lambda: fused.scatter_to_tokens(sub_out, idx, n, levels, P)))
+        times = dict(pool_score_ms=median_ms(lambda: fused.pool_scores(q, k, levels, P)),
+                     select_ms=median_ms(lambda: fused.select_entries(sq, sk, n, levels, P, TOPK)),
+                     gather_ms=median_ms(lambda: fused.gather_entries(q, k, v, idx, levels, P)),
+                     dense_sub_ms=median_ms(lambda: attention(*picked, scale)),
+                     scatter_ms=median_ms(lambda: fused.scatter_to_tokens(sub_out, idx, n, levels, P)))
+    sub_leaf = sub_out.requires_grad_(True)
+    out = fused.scatter_to_tokens(sub_leaf, idx, n, levels, P)
+    dout = torch.ones_like(out)
+    times["scatter_bwd_ms"] = median_ms(lambda: torch.autograd.grad(out, sub_leaf, dout, retain_graph=True))
+    del out, dout
+    leaves = [x.detach().requires_grad_(True) for x in (q, k, v)]
+    picked = fused.gather_entries(*leaves, idx, levels, P)
+    grads = [torch.ones_like(x) for x in picked]
+    times["gather_bwd_ms"] = median_ms(lambda: torch.autograd.grad(picked, leaves, grads, retain_graph=True))
+    return times
 
 
 def bench_row(n: int, heads: int, kv_heads: int, kind: str, attention: DenseAttention, rounds: int,

@@ -114,3 +114,30 @@ def test_fit_exponent_recovers_a_power_law():
     assert bench_op.fit_exponent(lengths, [3e-9 * n**1.7 for n in lengths]) == pytest.approx(1.7)
     assert bench_op.fit_exponent(lengths, [5.0 + 0 * n for n in lengths]) == pytest.approx(0.0, abs=1e-12)
     assert math.isnan(bench_op.fit_exponent([1024], [1.0]))
+
+
+def test_stage_times_runs_every_stage_forward_and_backward(monkeypatch):
+    """Each stage's callable runs (the kernels under the interpreter, at a small size); the backward stages return
+    the gradients of their own inputs."""
+    import torch
+
+    from megatron_lighthouse import LighthouseConfig
+
+    results = {}
+
+    def record(fn):
+        results[len(results)] = fn()
+        return float(len(results))
+
+    monkeypatch.setattr(bench_op, "median_ms", record)
+    monkeypatch.setattr(bench_op, "TOPK", 128)
+    n, config = 2048, LighthouseConfig(levels=3, pooling_factor=4, topk=128)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, n, h, bench_op.D, generator=gen) for h in (2, 1, 1))
+    times = bench_op.stage_times(q, k, v, config, n, lambda q, k, v, scale: v)
+    assert list(times) == ["pool_score_ms", "select_ms", "gather_ms", "dense_sub_ms", "scatter_ms",
+                           "scatter_bwd_ms", "gather_bwd_ms"]
+    assert list(times.values()) == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
+    (d_sub,), (dq, dk, dv) = results[5], results[6]
+    assert d_sub.shape == (1, 2, config.subsequence_length(n), bench_op.D)
+    assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
