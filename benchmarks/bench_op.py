@@ -27,9 +27,9 @@ The CUDA allocator runs with ``expandable_segments:True`` unless ``PYTORCH_CUDA_
 first verifies on the device: goldens in fp32, bf16 against the oracle, bitwise determinism of the fused kernels,
 the Triton selection equal to the oracle's, and grouped-query attention equal to the expanded path (indices, out
 and dq bitwise; dk/dv its group sums), with SDPA's math backend as the dense kernel: cuDNN's and flash's backward
-accumulate dq with atomics, so they are not bitwise reproducible themselves. Prints a table; writes ``op_<gpu>.json`` and ``op_<gpu>.png`` under
-``--out-dir``. The default grid (4 head layouts, 128K/512K/1M, both pyramids) is sized for about 4 minutes on one
-H100 with the checks and the expanded baseline:
+accumulate dq with atomics, so they are not bitwise reproducible themselves. Prints a table; writes
+``op_<gpu>.json`` and ``op_<gpu>.png`` under ``--out-dir``. The default grid (4 head layouts, 128K/512K/1M, both
+pyramids) is sized for about 4 minutes on one H100 with the checks and the expanded baseline:
 
     PYTHONPATH=$PWD:$PWD/kernels python3 benchmarks/bench_op.py --check --golden-dir .golden --expanded-baseline \\
         --out-dir $OUT
