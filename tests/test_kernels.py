@@ -103,6 +103,27 @@ def test_gather_and_scatter_match_oracle(n, levels, p, topk):
         torch.testing.assert_close(g, x.grad, rtol=1e-5, atol=1e-5)
 
 
+def test_gather_backward_with_small_blocks_matches_oracle(monkeypatch):
+    """On a GPU a program of the gather's backward covers 16 tokens: the coarser entries fill its block or reach
+    past it, and each entry's gradient row is loaded once and repeated over its tokens. The interpreter's blocks
+    (512 tokens) never do that, so this runs blocks of 8 tokens (entries of 1 and 4 tokens share a block, one of 16
+    spans two), with two query heads per kv head."""
+    from lighthouse_kernels import gather, launch
+
+    monkeypatch.setattr(launch, "INTERPRETER_ROWS", 1)
+    monkeypatch.setattr(gather, "GATHER_BACKWARD_GEOMETRY", launch.Geometry(8, 8))
+    n, levels, p, topk = SETTINGS[2]
+    q, k, v = _inputs(n, h=2)
+    k, v = (x[:, :, :1].clone().requires_grad_(True) for x in (k, v))
+    q.requires_grad_(True)
+    indices = _oracle_indices(q.detach(), k.detach(), n, levels, p, topk)
+    grads = [torch.randn(1, 2, indices.shape[-1], 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    got = torch.autograd.grad(fused.gather_entries(q, k, v, indices, levels, p), (q, k, v), grads)
+    want = torch.autograd.grad(naive.gather_entries(q, k, v, indices, levels, p), (q, k, v), grads)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+
+
 def test_scatter_bf16_matches_oracle():
     n, levels, p, topk = SETTINGS[1]
     q, k, _ = _inputs(n)

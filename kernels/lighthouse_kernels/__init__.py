@@ -6,7 +6,7 @@ which the tests compare them with; the op dispatches to either through one point
 ``gather`` (selected entries pooled from the tokens, grouped-query k/v read per kv head, and its backward, which
 sums a kv head's query heads), ``scatter`` (causal shift and fan-out back to tokens, and its backward),
 ``functions`` (their autograd Functions), ``pyramid_index`` (the geometry and program prologue they share),
-``launch`` (rows per program). This package imports torch and Triton only.
+``launch`` (rows and warps per program). This package imports torch and Triton only.
 
 Every pointer offset that can pass 2**31 elements (row, batch, head and token times a stride) is computed in int64.
 :data:`MAX_TILE_ENTRIES` is the selection's limit on coarsest-level entries per tile: past it,

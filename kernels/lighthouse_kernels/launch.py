@@ -1,6 +1,8 @@
-"""Launch geometry shared by the kernels: rows of work per Triton program."""
+"""Launch geometry shared by the kernels: rows of work and warps per Triton program."""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -8,6 +10,18 @@ import torch
 INTERPRETER_ROWS = 512
 
 
-def rows_per_program(device: torch.device, cuda_rows: int) -> int:
-    """``cuda_rows`` (the size tuned on GPUs) for CUDA tensors, else :data:`INTERPRETER_ROWS` (never fewer)."""
-    return cuda_rows if device.type == "cuda" else max(cuda_rows, INTERPRETER_ROWS)
+class Geometry(NamedTuple):
+    """Rows of work (tokens or subsequence rows) and warps of one Triton program on a CUDA device.
+
+    Each kernel's geometry is chosen so that ptxas keeps its ``[rows, D]`` fp32 accumulators in registers, with no
+    spill to local memory, for ``D`` up to 128 on sm_90 (``tests/test_kernel_registers.py`` compiles every kernel
+    and fails on any stack frame)."""
+
+    rows: int
+    warps: int
+
+
+def launch_geometry(device: torch.device, cuda: Geometry) -> Geometry:
+    """``cuda`` for CUDA tensors; under the interpreter, at least :data:`INTERPRETER_ROWS` rows (its warps are
+    ignored there)."""
+    return cuda if device.type == "cuda" else Geometry(max(cuda.rows, INTERPRETER_ROWS), cuda.warps)

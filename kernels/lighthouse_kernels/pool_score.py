@@ -9,8 +9,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import rows_per_program
+from .launch import Geometry, launch_geometry
 from .pyramid_index import next_level, program_block, pyramid_size
+
+#: Launch geometry (tokens, warps) on CUDA, free of register spills for D <= 128 (see ``Geometry``); a block that
+#: must hold a larger coarsest entry gets twice the warps.
+POOL_SCORE_GEOMETRY = Geometry(64, 4)
 
 
 @triton.jit
@@ -45,15 +49,24 @@ def _pool_score_kernel(x_ptr, s_ptr, seq_len, total, H, D, sxb, sxn, sxh,
     _store_levels(norms, s_ptr, row, tok, seq_len, total, BLOCK_T, P, LEVELS)
 
 
-def _scores(x: torch.Tensor, levels: int, pooling_factor: int, block_t: int, block_d: int) -> torch.Tensor:
-    """``x`` ``[B, N, H_x, D]`` -> its pyramid's scores ``[B, H_x, N_tot]`` float32, one program per block of
-    ``block_t`` tokens and head."""
+def pool_score_geometry(device: torch.device, levels: int, pooling_factor: int) -> Geometry:
+    """Tokens and warps per program: :data:`POOL_SCORE_GEOMETRY`, or one coarsest entry (``pooling_factor**(levels
+    -1)`` tokens) when that is larger, with twice the warps."""
+    rows, warps = launch_geometry(device, POOL_SCORE_GEOMETRY)
+    coarsest = pooling_factor ** (levels - 1)
+    return Geometry(coarsest, 2 * warps) if coarsest > rows else Geometry(rows, warps)
+
+
+def _scores(x: torch.Tensor, levels: int, pooling_factor: int, block_t: int, block_d: int,
+            warps: int) -> torch.Tensor:
+    """``x`` ``[B, N, H_x, D]`` -> its pyramid's scores ``[B, H_x, N_tot]`` float32, one program of ``warps`` warps
+    per block of ``block_t`` tokens and head."""
     b, n, h, d = x.shape
     x = x if x.stride(-1) == 1 else x.contiguous()
     total = pyramid_size(n, levels, pooling_factor)
     scores = torch.empty(b, h, total, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(n, block_t), b * h)  # see program_block
-    _pool_score_kernel[grid](x, scores, n, total, h, d, x.stride(0), x.stride(1), x.stride(2),
+    _pool_score_kernel[grid](x, scores, n, total, h, d, x.stride(0), x.stride(1), x.stride(2), num_warps=warps,
                              BLOCK_T=block_t, BLOCK_D=block_d, P=pooling_factor, LEVELS=levels)
     return scores
 
@@ -74,7 +87,7 @@ def pool_scores(q: torch.Tensor, k: torch.Tensor, levels: int,
     raised before any work.
     """
     d = q.shape[-1]
-    block_t = max(pooling_factor ** (levels - 1), rows_per_program(q.device, 64))
+    block_t, warps = pool_score_geometry(q.device, levels, pooling_factor)
     block_d = triton.next_power_of_2(d)
     if block_t * block_d > tl.TRITON_MAX_TENSOR_NUMEL:
         raise ValueError(
@@ -82,4 +95,4 @@ def pool_scores(q: torch.Tensor, k: torch.Tensor, levels: int,
             f"{pooling_factor ** (levels - 1)} tokens, {block_t * block_d} elements of a block with D={d} (as "
             f"{block_d}), more than Triton's largest block ({tl.TRITON_MAX_TENSOR_NUMEL}); use fewer levels or a "
             f"smaller pooling_factor, or the torch backend")
-    return tuple(_scores(x, levels, pooling_factor, block_t, block_d) for x in (q, k))
+    return tuple(_scores(x, levels, pooling_factor, block_t, block_d, warps) for x in (q, k))

@@ -14,8 +14,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import rows_per_program
+from .launch import Geometry, launch_geometry
 from .pyramid_index import entry_of, next_level, program_block
+
+#: Launch geometry (rows, warps) of each kernel on CUDA, free of register spills for D <= 128 (see ``Geometry``).
+SCATTER_FORWARD_GEOMETRY = Geometry(32, 8)
+SCATTER_BACKWARD_GEOMETRY = Geometry(16, 8)
 
 
 @triton.jit
@@ -79,11 +83,11 @@ def _launch_scatter_forward(out_sub: torch.Tensor, inv: torch.Tensor, out: torch
     seq_len = out.shape[1]
     if inv.stride(-1) != 1:
         inv = inv.contiguous()
-    block_t = rows_per_program(out_sub.device, 64)
+    block_t, warps = launch_geometry(out_sub.device, SCATTER_FORWARD_GEOMETRY)
     grid = (triton.cdiv(seq_len, block_t), b * h)  # see program_block
     _scatter_fwd_kernel[grid](
         out_sub, inv, out, seq_len, inv.stride(0), s, h, d, out.stride(0), out.stride(2), out.stride(1),
-        BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(d), P=pooling_factor, LEVELS=levels,
+        num_warps=warps, BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(d), P=pooling_factor, LEVELS=levels,
     )
 
 
@@ -94,10 +98,10 @@ def scatter_backward(dout: torch.Tensor, indices: torch.Tensor, levels: int, poo
     s = indices.shape[-1]
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
     dsub = torch.empty(b, h, s, d, dtype=dtype, device=dout.device)
-    block_s = rows_per_program(dout.device, 64)
+    block_s, warps = launch_geometry(dout.device, SCATTER_BACKWARD_GEOMETRY)
     grid = (triton.cdiv(s, block_s), b * h)  # see program_block
     _scatter_bwd_kernel[grid](
-        dout, indices, dsub, n, s, h, d, dout.stride(0), dout.stride(1), dout.stride(2),
+        dout, indices, dsub, n, s, h, d, dout.stride(0), dout.stride(1), dout.stride(2), num_warps=warps,
         BLOCK_S=block_s, BLOCK_D=triton.next_power_of_2(d), P=pooling_factor, LEVELS=levels,
         MAX_SPAN=pooling_factor ** (levels - 1),
     )

@@ -1,0 +1,138 @@
+"""Every fused kernel, compiled for sm_90 at its launch geometry, keeps its accumulators in registers.
+
+A kernel whose ``[rows, D]`` fp32 tiles do not fit the registers of its warps spills them to local memory (a
+stack frame in the cubin), which costs far more than the loads it does on purpose. Triton and its bundled ptxas
+compile for a GPU without one, so this runs on the CPU: a child process (the interpreter switched off) compiles
+each kernel with the geometry its launcher uses (``Geometry`` constants, ``pool_score_geometry``) for bf16 tensors
+with ``D = 128`` and the default ``p = 4`` at 3, 4 and 5 levels, and reads the stack size with the bundled
+``cuobjdump``. Run as a script, it prints the table (registers and stack bytes per kernel).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+HEAD_DIM = 128
+POOLING_FACTOR = 4
+LEVELS = (3, 4, 5)
+#: Compiling the kernels takes about 25 s on two cores.
+TIMEOUT_S = 600
+
+
+def _signature(kernel, constexprs: dict) -> dict:
+    """Triton types of ``kernel``'s arguments: bf16 tensors, int64 positions, int32 inverse maps, fp32 scores,
+    int32 scalars, and the given constexprs."""
+    pointers = {"idx_ptr": "*i64", "inv_ptr": "*i32", "s_ptr": "*fp32"}
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = pointers.get(name, "*bf16")
+        else:
+            signature[name] = "i32"
+    return signature
+
+
+def _kernel_cases():
+    """``(name, levels, jit function, constexprs, warps)`` for every fused kernel at its CUDA launch geometry."""
+    import torch
+    from lighthouse_kernels import gather, pool_score, scatter
+
+    p, d = POOLING_FACTOR, HEAD_DIM
+    for levels in LEVELS:
+        span = p ** (levels - 1)
+        pool_rows, pool_warps = pool_score.pool_score_geometry(torch.device("cuda"), levels, p)
+        walk = {"BLOCK_D": d, "P": p, "LEVELS": levels}
+        yield ("pool_score", levels, pool_score._pool_score_kernel, {"BLOCK_T": pool_rows, **walk}, pool_warps)
+        rows, warps = gather.POOL_COARSEST_GEOMETRY
+        yield ("pool_coarsest", levels, gather._pool_coarsest_kernel,
+               {"BLOCK_S": rows, "BLOCK_D": d, "SPAN": span}, warps)
+        rows, warps = gather.GATHER_FORWARD_GEOMETRY
+        yield "gather_forward", levels, gather._gather_fwd_kernel, {"BLOCK_S": rows, **walk}, warps
+        rows, warps = gather.GATHER_BACKWARD_GEOMETRY
+        yield "gather_backward", levels, gather._gather_bwd_kernel, {"BLOCK_T": rows, **walk}, warps
+        rows, warps = scatter.SCATTER_FORWARD_GEOMETRY
+        yield "scatter_forward", levels, scatter._scatter_fwd_kernel, {"BLOCK_T": rows, **walk}, warps
+        rows, warps = scatter.SCATTER_BACKWARD_GEOMETRY
+        yield ("scatter_backward", levels, scatter._scatter_bwd_kernel,
+               {"BLOCK_S": rows, "MAX_SPAN": span, **walk}, warps)
+
+
+def _resource_usage(cubin: bytes, cuobjdump: pathlib.Path) -> dict:
+    """``{"REG": n, "STACK": bytes, ...}`` of the one function in ``cubin``, as cuobjdump prints it."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        text = subprocess.run([str(cuobjdump), "--dump-resource-usage", file.name], check=True, capture_output=True,
+                              text=True).stdout
+    usage = {}
+    for line in text.splitlines():
+        if "REG:" in line:
+            for field in line.replace("Resource usage:", "").split():
+                key, _, value = field.partition(":")
+                if value.isdigit():
+                    usage[key] = int(value)
+    return usage
+
+
+def compile_all() -> list:
+    """Compile every case for sm_90 and return ``[{"kernel", "levels", "rows", "warps", "REG", "STACK"}]``."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    cuobjdump = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    target = GPUTarget("cuda", 90, 32)
+    table = []
+    for name, levels, kernel, constexprs, warps in _kernel_cases():
+        source = ASTSource(kernel, _signature(kernel, constexprs), constexprs)
+        compiled = triton.compile(source, target=target, options={"num_warps": warps})
+        usage = _resource_usage(compiled.asm["cubin"], cuobjdump)
+        rows = next(v for k, v in constexprs.items() if k in ("BLOCK_T", "BLOCK_S"))
+        table.append({"kernel": name, "levels": levels, "rows": rows, "warps": warps, **usage})
+    return table
+
+
+def _bundled_tools_missing() -> str:
+    try:
+        import triton
+    except ImportError:
+        return "Triton is not installed"
+    tools = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    missing = [tool for tool in ("ptxas", "cuobjdump") if not (tools / tool).is_file()]
+    return f"Triton's NVIDIA backend has no bundled {', '.join(missing)}" if missing else ""
+
+
+@pytest.mark.skipif(bool(_bundled_tools_missing()), reason=_bundled_tools_missing() or "-")
+def test_no_kernel_spills_registers_at_its_launch_geometry():
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "kernels"), env.get("PYTHONPATH", "")])
+    with tempfile.TemporaryDirectory() as cache:
+        env["TRITON_CACHE_DIR"] = cache  # a fresh compile, never a cached cubin of other code
+        result = subprocess.run([sys.executable, __file__, "--json"], env=env, capture_output=True, text=True,
+                                timeout=TIMEOUT_S)
+    assert result.returncode == 0, result.stderr[-4000:]
+    table = json.loads(result.stdout)
+    assert len(table) == 6 * len(LEVELS)
+    assert all("STACK" in row and "REG" in row for row in table), table
+    spilling = [row for row in table if row["STACK"] > 0]
+    assert not spilling, f"kernels with a stack frame (registers spilled to local memory): {spilling}"
+
+
+if __name__ == "__main__":
+    rows = compile_all()
+    if "--json" in sys.argv:
+        print(json.dumps(rows))
+    else:
+        for row in rows:
+            print(f"{row['kernel']:<18} L={row['levels']} rows={row['rows']:<4} warps={row['warps']} "
+                  f"REG={row.get('REG')} STACK={row.get('STACK')}")
