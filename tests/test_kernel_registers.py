@@ -3,19 +3,27 @@
 A kernel whose ``[rows, D]`` fp32 tiles do not fit the registers of its warps spills them to local memory (a
 stack frame in the cubin), which costs far more than the loads it does on purpose. Triton and its bundled ptxas
 compile for a GPU without one, so this runs on the CPU: a child process (the interpreter switched off) compiles
-each kernel with the geometry its launcher uses (``Geometry`` constants, ``pool_score_geometry``) for bf16 tensors
-with ``D = 128`` and the default ``p = 4`` at 3, 4 and 5 levels, and reads the stack size with the bundled
-``cuobjdump``. Run as a script, it prints the table (registers and stack bytes per kernel).
+each kernel with the geometry its launcher uses (``Geometry`` constants, ``pool_score_geometry``) at 3, 4 and 5
+levels, and reads the registers, the stack size and the global loads and stores with the bundled ``cuobjdump``.
+
+The compile is specialized as Triton's JIT specializes a call of the op with 32 query and 4 kv heads, bf16, D=128
+and ``p = 4``: pointers 16-byte aligned and every integer argument a multiple of 16 (strides, lengths, ``D``),
+except the kv heads and the group size. That specialization is what lets the loads of a row be 16-byte vectors
+(``LDG.E.128``); without it the code and its register use are another kernel's. Run as a script, it prints the
+table.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import tempfile
+from typing import Tuple
 
 import pytest
 
@@ -27,19 +35,23 @@ LEVELS = (3, 4, 5)
 TIMEOUT_S = 600
 
 
-def _signature(kernel, constexprs: dict) -> dict:
-    """Triton types of ``kernel``'s arguments: bf16 tensors, int64 positions, int32 inverse maps, fp32 scores,
-    int32 scalars, and the given constexprs."""
+#: Integer arguments that are not multiples of 16 in the call specialized (4 kv heads, 8 query heads per kv head).
+NOT_MULTIPLES_OF_16 = {"H_KV", "group"}
+
+
+def _signature(kernel, constexprs: dict) -> Tuple[dict, dict]:
+    """Triton types of ``kernel``'s arguments (bf16 tensors, int64 positions, int32 inverse maps, fp32 scores,
+    int32 scalars, the given constexprs) and the JIT's divisibility attributes (see the module docstring)."""
     pointers = {"idx_ptr": "*i64", "inv_ptr": "*i32", "s_ptr": "*fp32"}
-    signature = {}
-    for name in kernel.arg_names:
+    signature, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            signature[name] = pointers.get(name, "*bf16")
-        else:
-            signature[name] = "i32"
-    return signature
+            continue
+        signature[name] = pointers.get(name, "*bf16") if name.endswith("_ptr") else "i32"
+        if name not in NOT_MULTIPLES_OF_16:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return signature, attrs
 
 
 def _kernel_cases():
@@ -68,19 +80,21 @@ def _kernel_cases():
 
 
 def _resource_usage(cubin: bytes, cuobjdump: pathlib.Path) -> dict:
-    """``{"REG": n, "STACK": bytes, ...}`` of the one function in ``cubin``, as cuobjdump prints it."""
+    """``{"REG": n, "STACK": bytes, ..., "memory": {"LDG.E.128": count, ...}}`` of the one function in ``cubin``:
+    cuobjdump's resource usage, and the global and local loads and stores of its SASS by width."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
         file.write(cubin)
         file.flush()
-        text = subprocess.run([str(cuobjdump), "--dump-resource-usage", file.name], check=True, capture_output=True,
-                              text=True).stdout
+        usage_text, sass = (subprocess.run([str(cuobjdump), flag, file.name], check=True, capture_output=True,
+                                           text=True).stdout for flag in ("--dump-resource-usage", "--dump-sass"))
     usage = {}
-    for line in text.splitlines():
+    for line in usage_text.splitlines():
         if "REG:" in line:
             for field in line.replace("Resource usage:", "").split():
                 key, _, value = field.partition(":")
                 if value.isdigit():
                     usage[key] = int(value)
+    usage["memory"] = dict(collections.Counter(re.findall(r"\b(?:LDG\.E|STG\.E|LDL|STL)[\w.]*", sass)))
     return usage
 
 
@@ -94,7 +108,8 @@ def compile_all() -> list:
     target = GPUTarget("cuda", 90, 32)
     table = []
     for name, levels, kernel, constexprs, warps in _kernel_cases():
-        source = ASTSource(kernel, _signature(kernel, constexprs), constexprs)
+        signature, attrs = _signature(kernel, constexprs)
+        source = ASTSource(kernel, signature, constexprs, attrs)
         compiled = triton.compile(source, target=target, options={"num_warps": warps})
         usage = _resource_usage(compiled.asm["cubin"], cuobjdump)
         rows = next(v for k, v in constexprs.items() if k in ("BLOCK_T", "BLOCK_S"))
@@ -124,8 +139,11 @@ def test_no_kernel_spills_registers_at_its_launch_geometry():
     table = json.loads(result.stdout)
     assert len(table) == 6 * len(LEVELS)
     assert all("STACK" in row and "REG" in row for row in table), table
-    spilling = [row for row in table if row["STACK"] > 0]
+    spilling = [row for row in table if row["STACK"] > 0 or any(op.startswith(("LDL", "STL")) for op in row["memory"])]
     assert not spilling, f"kernels with a stack frame (registers spilled to local memory): {spilling}"
+    # every kernel moves its [rows, D] bf16 tiles as 16-byte vectors (the specialization above took effect)
+    scalar = [row for row in table if not any(op.endswith(".128") for op in row["memory"])]
+    assert not scalar, f"kernels without a 16-byte vector load or store: {scalar}"
 
 
 if __name__ == "__main__":
@@ -135,4 +153,4 @@ if __name__ == "__main__":
     else:
         for row in rows:
             print(f"{row['kernel']:<18} L={row['levels']} rows={row['rows']:<4} warps={row['warps']} "
-                  f"REG={row.get('REG')} STACK={row.get('STACK')}")
+                  f"REG={row.get('REG')} STACK={row.get('STACK')} {row['memory']}")

@@ -104,10 +104,9 @@ def test_gather_and_scatter_match_oracle(n, levels, p, topk):
 
 
 def test_gather_backward_with_small_blocks_matches_oracle(monkeypatch):
-    """On a GPU a program of the gather's backward covers 16 tokens: the coarser entries fill its block or reach
-    past it, and each entry's gradient row is loaded once and repeated over its tokens. The interpreter's blocks
-    (512 tokens) never do that, so this runs blocks of 8 tokens (entries of 1 and 4 tokens share a block, one of 16
-    spans two), with two query heads per kv head."""
+    """On a GPU a program of the gather's backward covers fewer tokens than the coarser entries span, which the
+    interpreter's blocks (512 tokens) never do: this runs blocks of 8 tokens (entries of 1 and 4 tokens share a
+    block, one of 16 spans two), with two query heads per kv head."""
     from lighthouse_kernels import gather, launch
 
     monkeypatch.setattr(launch, "INTERPRETER_ROWS", 1)

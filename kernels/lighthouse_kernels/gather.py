@@ -22,12 +22,12 @@ import triton
 import triton.language as tl
 
 from .launch import Geometry, launch_geometry
-from .pyramid_index import entry_of, program_block
+from .pyramid_index import entry_of, next_level, program_block
 
-#: Launch geometry (rows, warps) of each kernel on CUDA, free of register spills for D <= 128 (see ``Geometry``).
+#: Launch geometry (rows, warps) of each kernel on CUDA (see ``Geometry``).
 POOL_COARSEST_GEOMETRY = Geometry(32, 4)
-GATHER_FORWARD_GEOMETRY = Geometry(16, 8)
-GATHER_BACKWARD_GEOMETRY = Geometry(16, 8)
+GATHER_FORWARD_GEOMETRY = Geometry(32, 4)
+GATHER_BACKWARD_GEOMETRY = Geometry(64, 4)
 
 
 @triton.jit
@@ -89,33 +89,11 @@ def _gather_fwd_kernel(q_ptr, k_ptr, v_ptr, cq_ptr, ck_ptr, cv_ptr, idx_ptr, qs_
 
 
 @triton.jit
-def _level_rows(g_row, inv_level, width, first_tok, d, d_ok, D, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-                SPAN: tl.constexpr):
-    """fp32 ``[BLOCK_T, BLOCK_D]``: for the tokens ``first_tok .. first_tok + BLOCK_T - 1``, the gradient row of
-    the level entry (of ``SPAN`` tokens) that covers each, or 0 where no subsequence row selected it. ``first_tok``
-    is a multiple of ``BLOCK_T``; both are powers of two, so a block holds ``BLOCK_T / SPAN`` whole entries or lies
-    inside one, and each entry's row is loaded once and repeated over its tokens."""
-    if SPAN >= BLOCK_T:
-        entry = first_tok // SPAN + tl.arange(0, 1)
-    else:
-        entry = first_tok // SPAN + tl.arange(0, BLOCK_T // SPAN)
-    sub_row = tl.load(inv_level + entry, mask=entry < width, other=-1)
-    hit = sub_row >= 0
-    g = tl.load(g_row + sub_row[:, None].to(tl.int64) * D, mask=hit[:, None] & d_ok[None, :], other=0.0)
-    g = g.to(tl.float32)
-    if SPAN >= BLOCK_T:
-        rows = tl.broadcast_to(g, (BLOCK_T, BLOCK_D))
-    else:
-        rows = tl.reshape(tl.broadcast_to(g[:, None, :], (BLOCK_T // SPAN, SPAN, BLOCK_D)), (BLOCK_T, BLOCK_D))
-    return rows
-
-
-@triton.jit
-def _unpooled(g_ptr, inv_ptr, first_row, rows, first_tok, d, d_ok, seq_len, stride_inv, S, D,
+def _unpooled(g_ptr, inv_ptr, first_row, rows, tok, tok_ok, d, d_ok, seq_len, stride_inv, S, D,
               BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, P: tl.constexpr, LEVELS: tl.constexpr):
-    """fp32 ``[BLOCK_T, BLOCK_D]``: what the tokens ``first_tok .. first_tok + BLOCK_T - 1`` get from the
-    subsequence gradients ``g`` of the (batch, head) rows ``first_row .. first_row + rows - 1``, summed row by row,
-    then level by level (a fixed order): ``sum_r sum_l g[r, inv[r, level-l entry of tok]] / p**l``."""
+    """fp32 ``[BLOCK_T, BLOCK_D]``: what the tokens ``tok`` get from the subsequence gradients ``g`` of the
+    (batch, head) rows ``first_row .. first_row + rows - 1``, summed row by row, then level by level (a fixed order):
+    ``sum_r sum_l g[r, inv[r, level-l entry of tok]] / p**l``."""
     acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
     for r in range(rows):
         row = first_row + r  # int64, as first_row is
@@ -123,11 +101,13 @@ def _unpooled(g_ptr, inv_ptr, first_row, rows, first_tok, d, d_ok, seq_len, stri
         g_row = g_ptr + row * S * D + d[None, :]
         offset = 0
         width = seq_len
-        for level in tl.static_range(LEVELS):
-            acc += _level_rows(g_row, inv_row + offset, width, first_tok, d, d_ok, D, BLOCK_T, BLOCK_D,
-                               P**level) / (P**level)
-            offset += width
-            width = width // P
+        span = 1
+        for _ in tl.static_range(LEVELS):
+            sub_row = tl.load(inv_row + offset + tok // span, mask=tok_ok, other=-1)
+            hit = sub_row >= 0
+            g = tl.load(g_row + sub_row[:, None].to(tl.int64) * D, mask=hit[:, None] & d_ok[None, :], other=0.0)
+            acc += g.to(tl.float32) / span
+            offset, width, span = next_level(offset, width, span, P)
     return acc
 
 
@@ -138,20 +118,19 @@ def _gather_bwd_kernel(gq_ptr, gk_ptr, gv_ptr, inv_ptr, dq_ptr, dk_ptr, dv_ptr, 
     # One program per block of tokens of one kv head: dq of its `group` query heads, then dk and dv, each the sum
     # over those query heads in head order (deterministic, no atomics).
     kv_row, b, kv_head, tok, tok_ok, d, d_ok = program_block(H_KV, seq_len, D, BLOCK_T, BLOCK_D)
-    first_tok = tl.program_id(0) * BLOCK_T
     first = kv_row * group  # query rows b*H + kv_head*group + i, i < group
     tok_at = tok[:, None].to(tl.int64)
     mask = tok_ok[:, None] & d_ok[None, :]
     for i in range(group):
-        dq = _unpooled(gq_ptr, inv_ptr, first + i, 1, first_tok, d, d_ok, seq_len, stride_inv, S, D, BLOCK_T,
+        dq = _unpooled(gq_ptr, inv_ptr, first + i, 1, tok, tok_ok, d, d_ok, seq_len, stride_inv, S, D, BLOCK_T,
                        BLOCK_D, P, LEVELS)
         dst = dq_ptr + b * sqb + (kv_head * group + i) * sqh + tok_at * sqn + d[None, :]
         tl.store(dst, dq.to(dq_ptr.dtype.element_ty), mask=mask)
     at = b * skb + kv_head * skh + tok_at * skn + d[None, :]
-    dk = _unpooled(gk_ptr, inv_ptr, first, group, first_tok, d, d_ok, seq_len, stride_inv, S, D, BLOCK_T, BLOCK_D,
+    dk = _unpooled(gk_ptr, inv_ptr, first, group, tok, tok_ok, d, d_ok, seq_len, stride_inv, S, D, BLOCK_T, BLOCK_D,
                    P, LEVELS)
     tl.store(dk_ptr + at, dk.to(dk_ptr.dtype.element_ty), mask=mask)
-    dv = _unpooled(gv_ptr, inv_ptr, first, group, first_tok, d, d_ok, seq_len, stride_inv, S, D, BLOCK_T, BLOCK_D,
+    dv = _unpooled(gv_ptr, inv_ptr, first, group, tok, tok_ok, d, d_ok, seq_len, stride_inv, S, D, BLOCK_T, BLOCK_D,
                    P, LEVELS)
     tl.store(dv_ptr + at, dv.to(dv_ptr.dtype.element_ty), mask=mask)
 

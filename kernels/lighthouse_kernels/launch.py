@@ -13,9 +13,9 @@ INTERPRETER_ROWS = 512
 class Geometry(NamedTuple):
     """Rows of work (tokens or subsequence rows) and warps of one Triton program on a CUDA device.
 
-    Each kernel's geometry is chosen so that ptxas keeps its ``[rows, D]`` fp32 accumulators in registers, with no
-    spill to local memory, for ``D`` up to 128 on sm_90 (``tests/test_kernel_registers.py`` compiles every kernel
-    and fails on any stack frame)."""
+    Each kernel module holds its geometry as a named constant. At those, ptxas keeps every kernel's ``[rows, D]``
+    fp32 tiles in registers for ``D = 128`` on sm_90 (``tests/test_kernel_registers.py`` compiles them and fails on
+    any spill); ``benchmarks/bench_kernels.py --geometries`` times the kernels at others."""
 
     rows: int
     warps: int

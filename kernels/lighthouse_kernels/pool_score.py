@@ -12,8 +12,7 @@ import triton.language as tl
 from .launch import Geometry, launch_geometry
 from .pyramid_index import next_level, program_block, pyramid_size
 
-#: Launch geometry (tokens, warps) on CUDA, free of register spills for D <= 128 (see ``Geometry``); a block that
-#: must hold a larger coarsest entry gets twice the warps.
+#: Launch geometry (tokens, warps) on CUDA (see ``Geometry``); a block holds at least one whole coarsest entry.
 POOL_SCORE_GEOMETRY = Geometry(64, 4)
 
 
@@ -50,11 +49,10 @@ def _pool_score_kernel(x_ptr, s_ptr, seq_len, total, H, D, sxb, sxn, sxh,
 
 
 def pool_score_geometry(device: torch.device, levels: int, pooling_factor: int) -> Geometry:
-    """Tokens and warps per program: :data:`POOL_SCORE_GEOMETRY`, or one coarsest entry (``pooling_factor**(levels
-    -1)`` tokens) when that is larger, with twice the warps."""
+    """Tokens and warps per program: :data:`POOL_SCORE_GEOMETRY`'s, or one coarsest entry (``pooling_factor**(levels
+    -1)`` tokens) when that is more."""
     rows, warps = launch_geometry(device, POOL_SCORE_GEOMETRY)
-    coarsest = pooling_factor ** (levels - 1)
-    return Geometry(coarsest, 2 * warps) if coarsest > rows else Geometry(rows, warps)
+    return Geometry(max(rows, pooling_factor ** (levels - 1)), warps)
 
 
 def _scores(x: torch.Tensor, levels: int, pooling_factor: int, block_t: int, block_d: int,

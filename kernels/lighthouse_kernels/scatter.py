@@ -17,9 +17,9 @@ import triton.language as tl
 from .launch import Geometry, launch_geometry
 from .pyramid_index import entry_of, next_level, program_block
 
-#: Launch geometry (rows, warps) of each kernel on CUDA, free of register spills for D <= 128 (see ``Geometry``).
-SCATTER_FORWARD_GEOMETRY = Geometry(32, 8)
-SCATTER_BACKWARD_GEOMETRY = Geometry(16, 8)
+#: Launch geometry (rows, warps) of each kernel on CUDA (see ``Geometry``).
+SCATTER_FORWARD_GEOMETRY = Geometry(64, 4)
+SCATTER_BACKWARD_GEOMETRY = Geometry(64, 4)
 
 
 @triton.jit
