@@ -120,8 +120,8 @@ def compile_all() -> list:
 def _bundled_tools_missing() -> str:
     try:
         import triton
-    except ImportError:
-        return "Triton is not installed"
+    except ImportError as err:
+        return f"Triton does not import here ({err})"
     tools = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     missing = [tool for tool in ("ptxas", "cuobjdump") if not (tools / tool).is_file()]
     return f"Triton's NVIDIA backend has no bundled {', '.join(missing)}" if missing else ""
