@@ -98,8 +98,18 @@ def _resource_usage(cubin: bytes, cuobjdump: pathlib.Path) -> dict:
     return usage
 
 
+def resident_warps(registers: int, warps: int, shared_bytes: int = 0) -> int:
+    """Warps of one kernel an sm_90 SM holds at once: 65,536 registers (allocated per warp in units of 256, i.e.
+    per thread rounded up to 8), 228 KiB of shared memory (1 KiB reserved per block), at most 32 blocks and 64
+    warps. A memory-bound kernel hides its load latency with these warps."""
+    per_warp = -(-registers // 8) * 8 * 32
+    blocks = min(32, 65536 // (per_warp * warps), 233472 // (shared_bytes + 1024))
+    return min(64, blocks * warps)
+
+
 def compile_all() -> list:
-    """Compile every case for sm_90 and return ``[{"kernel", "levels", "rows", "warps", "REG", "STACK"}]``."""
+    """Compile every case for sm_90 and return ``[{"kernel", "levels", "rows", "warps", "REG", "STACK", ...,
+    "memory", "resident_warps"}]``."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -113,7 +123,8 @@ def compile_all() -> list:
         compiled = triton.compile(source, target=target, options={"num_warps": warps})
         usage = _resource_usage(compiled.asm["cubin"], cuobjdump)
         rows = next(v for k, v in constexprs.items() if k in ("BLOCK_T", "BLOCK_S"))
-        table.append({"kernel": name, "levels": levels, "rows": rows, "warps": warps, **usage})
+        table.append({"kernel": name, "levels": levels, "rows": rows, "warps": warps, **usage,
+                      "resident_warps": resident_warps(usage.get("REG", 255), warps, usage.get("SHARED", 0))})
     return table
 
 
@@ -146,6 +157,15 @@ def test_no_kernel_spills_registers_at_its_launch_geometry():
     assert not scalar, f"kernels without a 16-byte vector load or store: {scalar}"
 
 
+def test_resident_warps_follow_the_register_file():
+    assert resident_warps(32, 4) == 64  # 4,096 registers a block: 16 blocks
+    assert resident_warps(180, 4) == 8  # 184 * 128 = 23,552 registers a block: 2 blocks
+    assert resident_warps(126, 4) == 16
+    assert resident_warps(48, 8) == 40  # 12,288 a block: 5 blocks
+    assert resident_warps(16, 1) == 32  # the 32-block limit
+    assert resident_warps(16, 4, shared_bytes=100 * 1024) == 8  # 2 blocks of 101 KiB
+
+
 if __name__ == "__main__":
     rows = compile_all()
     if "--json" in sys.argv:
@@ -153,4 +173,4 @@ if __name__ == "__main__":
     else:
         for row in rows:
             print(f"{row['kernel']:<18} L={row['levels']} rows={row['rows']:<4} warps={row['warps']} "
-                  f"REG={row.get('REG')} STACK={row.get('STACK')} {row['memory']}")
+                  f"REG={row.get('REG')} STACK={row.get('STACK')} warps/SM={row['resident_warps']} {row['memory']}")
