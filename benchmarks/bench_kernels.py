@@ -28,7 +28,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from bench_op import B, COPY_BYTES, D, DTYPE, P, PYRAMIDS, TOPK, parse_heads, pyramid
+from bench_op import B, COPY_BYTES, D, DTYPE, P, PYRAMIDS, parse_heads, pyramid
+from megatron_lighthouse import LighthouseConfig
 from megatron_lighthouse.dense import median_ms
 
 #: Calls per timing and timings per kernel (the median of the medians).
@@ -79,28 +80,30 @@ def parse_geometries(text: str) -> List[Tuple[int, int]]:
     return out
 
 
-def kernel_steps(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, levels: int) -> Dict[str, Callable[[], object]]:
-    """One callable per step of the op on ``q`` ``[B, N, H, D]``, ``k``/``v`` ``[B, N, H_kv, D]`` (bf16), each with
-    its inputs made once beforehand: the forward steps, then the scatter's and the gather's backward (their
-    kernels called directly, with the inverse map built outside the gather's)."""
+def kernel_steps(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 config: LighthouseConfig) -> Dict[str, Callable[[], object]]:
+    """One callable per step of the op on ``q`` ``[B, N, H, D]``, ``k``/``v`` ``[B, N, H_kv, D]`` (bf16) with the
+    settings of ``config``, each with its inputs made once beforehand: the forward steps, then the scatter's and the
+    gather's backward (their kernels called directly, with the inverse map built outside the gather's)."""
     from lighthouse_kernels import gather, pool_score, scatter, select
     from lighthouse_kernels.pyramid_index import inverse_map, pyramid_size
 
     n, kv_heads = q.shape[1], k.shape[2]
-    sq, sk = pool_score.pool_scores(q, k, levels, P)
-    idx = select.select_entries(sq, sk, n, levels, P, TOPK).contiguous()
-    inv = inverse_map(idx, pyramid_size(n, levels, P))
-    picked = gather.gather_forward(q, k, v, idx, levels, P)
+    levels, p, topk = config.levels, config.pooling_factor, config.topk
+    sq, sk = pool_score.pool_scores(q, k, levels, p)
+    idx = select.select_entries(sq, sk, n, levels, p, topk).contiguous()
+    inv = inverse_map(idx, pyramid_size(n, levels, p))
+    picked = gather.gather_forward(q, k, v, idx, levels, p)
     dout = torch.randn_like(q)
     return {
-        "pool_score": lambda: pool_score.pool_scores(q, k, levels, P),
-        "select": lambda: select.select_entries(sq, sk, n, levels, P, TOPK),
-        "inverse_map": lambda: inverse_map(idx, pyramid_size(n, levels, P)),
-        "pool_coarsest": lambda: [gather.pool_coarsest(x, levels, P) for x in (q, k, v)],
-        "gather": lambda: gather.gather_forward(q, k, v, idx, levels, P),
-        "scatter": lambda: scatter.scatter_forward(picked[0], inv, n, levels, P),
-        "scatter_bwd": lambda: scatter.scatter_backward(dout, idx, levels, P, q.dtype),
-        "gather_bwd": lambda: gather.gather_backward(*picked, inv, n, kv_heads, levels, P),
+        "pool_score": lambda: pool_score.pool_scores(q, k, levels, p),
+        "select": lambda: select.select_entries(sq, sk, n, levels, p, topk),
+        "inverse_map": lambda: inverse_map(idx, pyramid_size(n, levels, p)),
+        "pool_coarsest": lambda: [gather.pool_coarsest(x, levels, p) for x in (q, k, v)],
+        "gather": lambda: gather.gather_forward(q, k, v, idx, levels, p),
+        "scatter": lambda: scatter.scatter_forward(picked[0], inv, n, levels, p),
+        "scatter_bwd": lambda: scatter.scatter_backward(dout, idx, levels, p, q.dtype),
+        "gather_bwd": lambda: gather.gather_backward(*picked, inv, n, kv_heads, levels, p),
     }
 
 
@@ -180,6 +183,21 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
+def measure(heads: int, kv_heads: int, n: int, kind: str, geometries: Sequence[Tuple[int, int]],
+            device: torch.device, timer: Callable[[Callable[[], object]], float],
+            copy_gbs: float) -> Dict[str, object]:
+    """One series: random bf16 q ``[B, n, heads, D]`` and k/v ``[B, n, kv_heads, D]`` on ``device``, each step
+    timed by ``timer`` (at its own geometry and at ``geometries``); prints its table and returns its record."""
+    config = pyramid(n, kind)
+    gen = torch.Generator(device=device).manual_seed(n)
+    q, k, v = (torch.randn(B, n, h, D, device=device, generator=gen).to(DTYPE) for h in (heads, kv_heads, kv_heads))
+    s = config.subsequence_length(n)
+    times = time_steps(kernel_steps(q, k, v, config), geometries, timer)
+    rows = summarize(times, compulsory_bytes(n, heads, kv_heads, config.levels, s), copy_gbs)
+    print_table(f"{heads}/{kv_heads} heads, N={n}, L={config.levels}, S={s}", rows, copy_gbs)
+    return {"H": heads, "H_kv": kv_heads, "N": n, "levels": config.levels, "S": s, "rows": rows}
+
+
 def main() -> None:
     args = parse_args()
     if not torch.cuda.is_available():
@@ -195,19 +213,8 @@ def main() -> None:
               "triton": triton.__version__, "copy_gbs": copy_gbs, "pyramid": args.pyramid, "series": []}
     for heads, kv_heads in args.layouts:
         for n in args.length_list:
-            config = pyramid(n, args.pyramid)
-            gen = torch.Generator(device=device).manual_seed(n)
-            q, k, v = (torch.randn(B, n, h, D, device=device, dtype=DTYPE, generator=gen)
-                       for h in (heads, kv_heads, kv_heads))
-            s = config.subsequence_length(n)
-            times = time_steps(kernel_steps(q, k, v, config.levels), args.geometry_list,
-                               lambda fn: _time(fn, device))
-            rows = summarize(times, compulsory_bytes(n, heads, kv_heads, config.levels, s), copy_gbs)
-            title = f"{heads}/{kv_heads} heads, N={n}, L={config.levels}, S={s}"
-            print_table(title, rows, copy_gbs)
-            report["series"].append({"H": heads, "H_kv": kv_heads, "N": n, "levels": config.levels, "S": s,
-                                     "rows": rows})
-            del q, k, v
+            report["series"].append(measure(heads, kv_heads, n, args.pyramid, args.geometry_list, device,
+                                            lambda fn: _time(fn, device), copy_gbs))
             torch.cuda.empty_cache()
     os.makedirs(args.out_dir, exist_ok=True)
     path = os.path.join(args.out_dir, f"kernels_{gpu.replace(' ', '_').replace('/', '_')}.json")

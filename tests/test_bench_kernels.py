@@ -43,17 +43,18 @@ def _geometries_in_force() -> dict:
             for name, (module, constant) in bench_kernels.GEOMETRY_CONSTANTS.items()}
 
 
-def test_every_step_runs_and_the_sweep_sets_then_restores_each_geometry(monkeypatch):
+def test_every_step_runs_and_the_sweep_sets_then_restores_each_geometry():
     """The steps run under the interpreter (2 query heads over 1 kv head, N=2048, L=3, k=128); each kernel with a
     geometry is timed at its own and at each listed one, which is in force during that call only."""
     import torch
 
     from lighthouse_kernels.launch import Geometry
 
-    monkeypatch.setattr(bench_kernels, "TOPK", 128)
+    from megatron_lighthouse import LighthouseConfig
+
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2048, h, bench_kernels.D, generator=gen) for h in (2, 1, 1))
-    steps = bench_kernels.kernel_steps(q, k, v, levels=3)
+    steps = bench_kernels.kernel_steps(q, k, v, LighthouseConfig(levels=3, pooling_factor=4, topk=128))
     owns, in_force = _geometries_in_force(), []
 
     def timer(fn):
@@ -80,3 +81,21 @@ def test_summary_and_table(capsys):
     bench_kernels.print_table("32/4", rows, 3000.0)
     out = capsys.readouterr().out
     assert "scatter" in out and "2000" in out and "0.67" in out and "16x8 (1.000 ms)" in out
+
+
+def test_a_series_measures_every_step_and_reports_json(monkeypatch, capsys):
+    """``measure`` end to end on the CPU (the interpreter, N=2048 with the growing pyramid: L=2), a timer that
+    runs each step once: a row per step with its bytes, and a record that JSON takes."""
+    import json
+    import sys
+
+    import torch
+
+    monkeypatch.setattr(sys.modules["bench_op"], "TOPK", 128)  # the series' pyramid (bench_op.pyramid)
+    record = bench_kernels.measure(2, 1, 2048, "growing", [(16, 8)], torch.device("cpu"),
+                                   lambda fn: (fn(), 1.0)[1], copy_gbs=1.0)
+    assert (record["N"], record["levels"], record["S"]) == (2048, 2, 2048 // 4 + 4 * 128)
+    assert [row["step"] for row in record["rows"]][-2:] == ["scatter_bwd", "gather_bwd"]
+    assert all(row["bytes"] for row in record["rows"] if row["step"] != "select")
+    assert json.loads(json.dumps(record))["rows"][0]["geometries"] == {"own": 1.0, "16x8": 1.0}
+    assert "2/1 heads, N=2048, L=2" in capsys.readouterr().out
