@@ -112,6 +112,12 @@ def _time(fn: Callable[[], object], device: torch.device) -> float:
     return statistics.median(median_ms(fn, device, CALLS) for _ in range(TIMINGS))
 
 
+def copy_bandwidth_gbs(device: torch.device) -> float:
+    """GB/s of a device copy of ``COPY_BYTES`` (read and written once each)."""
+    src, dst = (torch.empty(COPY_BYTES, dtype=torch.uint8, device=device) for _ in range(2))
+    return 2 * COPY_BYTES / _time(lambda: dst.copy_(src), device) / 1e6
+
+
 def time_steps(steps: Dict[str, Callable[[], object]], geometries: Sequence[Tuple[int, int]],
                timer: Callable[[Callable[[], object]], float]) -> Dict[str, Dict[str, float]]:
     """``{step: {"own": ms, "RxW": ms, ...}}``: each step at its own launch geometry and, for the kernels that have
@@ -205,9 +211,7 @@ def main() -> None:
     import triton
 
     device = torch.device("cuda")
-    src, dst = (torch.empty(COPY_BYTES, dtype=torch.uint8, device=device) for _ in range(2))
-    copy_gbs = 2 * COPY_BYTES / _time(lambda: dst.copy_(src), device) / 1e6
-    del src, dst
+    copy_gbs = copy_bandwidth_gbs(device)
     gpu = torch.cuda.get_device_name()
     report = {"date": datetime.date.today().isoformat(), "gpu": gpu, "torch": torch.__version__,
               "triton": triton.__version__, "copy_gbs": copy_gbs, "pyramid": args.pyramid, "series": []}
