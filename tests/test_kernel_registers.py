@@ -128,11 +128,18 @@ def compile_all() -> list:
     return table
 
 
+#: The oldest Triton whose compile API (``ASTSource`` with named signatures and divisibility attributes) this uses;
+#: checked with 3.6 (the GPU machine's) and 3.9.
+OLDEST_TRITON = (3, 6)
+
+
 def _bundled_tools_missing() -> str:
     try:
         import triton
     except ImportError as err:
         return f"Triton does not import here ({err})"
+    if tuple(int(x) for x in triton.__version__.split(".")[:2]) < OLDEST_TRITON:
+        return f"Triton {triton.__version__} is older than {'.'.join(map(str, OLDEST_TRITON))} (another compile API)"
     tools = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     missing = [tool for tool in ("ptxas", "cuobjdump") if not (tools / tool).is_file()]
     return f"Triton's NVIDIA backend has no bundled {', '.join(missing)}" if missing else ""
