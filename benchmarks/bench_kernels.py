@@ -24,17 +24,13 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from bench_op import B, COPY_BYTES, D, DTYPE, P, PYRAMIDS, parse_heads, pyramid
+from bench_op import B, COPY_BYTES, D, DTYPE, P, PYRAMIDS, median_ms, parse_heads, pyramid
 from megatron_lighthouse import LighthouseConfig
-from megatron_lighthouse.dense import median_ms
 
-#: Calls per timing and timings per kernel (the median of the medians).
-CALLS, TIMINGS = 10, 3
 #: Kernels with a launch geometry: the module and the name of the constant that holds it.
 GEOMETRY_CONSTANTS = {
     "pool_coarsest_q": ("gather", "POOL_COARSEST_GEOMETRY"),
@@ -115,15 +111,10 @@ def kernel_steps(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     }
 
 
-def _time(fn: Callable[[], object], device: torch.device) -> float:
-    fn()  # compiles on first use
-    return statistics.median(median_ms(fn, device, CALLS) for _ in range(TIMINGS))
-
-
 def copy_bandwidth_gbs(device: torch.device) -> float:
-    """GB/s of a device copy of ``COPY_BYTES`` (read and written once each)."""
+    """GB/s of a device copy of ``COPY_BYTES`` (read and written once each), timed as the kernels are."""
     src, dst = (torch.empty(COPY_BYTES, dtype=torch.uint8, device=device) for _ in range(2))
-    return 2 * COPY_BYTES / _time(lambda: dst.copy_(src), device) / 1e6
+    return 2 * COPY_BYTES / median_ms(lambda: dst.copy_(src)) / 1e6
 
 
 def time_steps(steps: Dict[str, Callable[[], object]], geometries: Sequence[Tuple[int, int]],
@@ -226,7 +217,7 @@ def main() -> None:
     for heads, kv_heads in args.layouts:
         for n in args.length_list:
             report["series"].append(measure(heads, kv_heads, n, args.pyramid, args.geometry_list, device,
-                                            lambda fn: _time(fn, device), copy_gbs))
+                                            median_ms, copy_gbs))
             torch.cuda.empty_cache()
     os.makedirs(args.out_dir, exist_ok=True)
     path = os.path.join(args.out_dir, f"kernels_{gpu.replace(' ', '_').replace('/', '_')}.json")
