@@ -26,8 +26,8 @@ from .pyramid_index import entry_of, next_level, program_block
 
 #: Launch geometry (rows, warps) of each kernel on CUDA (see ``Geometry``).
 POOL_COARSEST_GEOMETRY = Geometry(32, 4)
-GATHER_FORWARD_GEOMETRY = Geometry(32, 4)
-GATHER_BACKWARD_GEOMETRY = Geometry(64, 4)
+GATHER_FORWARD_GEOMETRY = Geometry(16, 4)
+GATHER_BACKWARD_GEOMETRY = Geometry(16, 4)
 
 
 @triton.jit

@@ -18,8 +18,8 @@ from .launch import Geometry, launch_geometry
 from .pyramid_index import entry_of, next_level, program_block
 
 #: Launch geometry (rows, warps) of each kernel on CUDA (see ``Geometry``).
-SCATTER_FORWARD_GEOMETRY = Geometry(64, 4)
-SCATTER_BACKWARD_GEOMETRY = Geometry(64, 4)
+SCATTER_FORWARD_GEOMETRY = Geometry(32, 4)
+SCATTER_BACKWARD_GEOMETRY = Geometry(16, 8)
 
 
 @triton.jit
