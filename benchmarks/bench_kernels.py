@@ -1,13 +1,13 @@
 """Each fused kernel alone against the memory bandwidth, one GPU: where the op's time above its floor goes.
 
 For one head layout (``--heads``, query/kv), length (``--lengths``) and pyramid (``--pyramid``, as in
-``bench_op.py``), B=1, D=128, bf16, topk=2048, p=4, each step of the op runs alone on the same inputs: the scoring
-pass (which also pools q's and k's coarsest level), the selection, the inverse map, v's coarsest level pooled alone,
-the gather (which includes that pooling), the scatter, and the scatter's and the gather's backward. A kernel's
-**compulsory bytes** are its inputs read once and its outputs written once (the scatter reads the subsequence and
-writes all ``N`` tokens, say); ``GB/s`` is those bytes over its time, and ``of copy`` the fraction of a device
-copy's bandwidth measured in the same run. A kernel far below the copy's bandwidth is where time is lost; the
-selection moves too few bytes to count.
+``bench_op.py``), B=1, D=128, bf16, topk=2048, p=4, each step of the op runs alone on the same inputs: the
+scoring pass, the selection, the inverse map, the coarsest level pooled from q and from k and v (q's and k's are
+what a scoring pass that also pooled would save), the gather (which includes that pooling), the scatter, and the
+scatter's and the gather's backward. A kernel's **compulsory bytes** are its inputs read once and its outputs
+written once (the scatter reads the subsequence and writes all ``N`` tokens, say);
+``GB/s`` is those bytes over its time, and ``of copy`` the fraction of a device copy's bandwidth measured in the same
+run. A kernel far below the copy's bandwidth is where time is lost; the selection moves too few bytes to count.
 
 ``--geometries 16x8,32x4`` also times every kernel with a launch geometry (rows x warps per program) at each listed
 geometry besides its own (the kernels' geometry constants, set for the call and restored): the data behind the
@@ -33,7 +33,8 @@ from megatron_lighthouse import LighthouseConfig
 
 #: Kernels with a launch geometry: the module and the name of the constant that holds it.
 GEOMETRY_CONSTANTS = {
-    "pool_coarsest_v": ("gather", "POOL_COARSEST_GEOMETRY"),
+    "pool_coarsest_q": ("gather", "POOL_COARSEST_GEOMETRY"),
+    "pool_coarsest_kv": ("gather", "POOL_COARSEST_GEOMETRY"),
     "gather": ("gather", "GATHER_FORWARD_GEOMETRY"),
     "scatter": ("scatter", "SCATTER_FORWARD_GEOMETRY"),
     "scatter_bwd": ("scatter", "SCATTER_BACKWARD_GEOMETRY"),
@@ -55,10 +56,11 @@ def compulsory_bytes(n: int, heads: int, kv_heads: int, levels: int, s: int) -> 
 
     subsequence = heads * s * e  # one [B, H, S, D] tensor
     return {
-        "pool_score": pooled(heads + kv_heads) + 4 * B * (heads + kv_heads) * total,
+        "pool_score": n * (heads + kv_heads) * e + 4 * B * (heads + kv_heads) * total,
         "select": None,
         "inverse_map": 4 * B * heads * total + 8 * B * heads * s,
-        "pool_coarsest_v": pooled(kv_heads),
+        "pool_coarsest_q": pooled(heads),
+        "pool_coarsest_kv": pooled(2 * kv_heads),
         "gather": tokens_qkv + 3 * subsequence + 8 * B * heads * s,
         "scatter": subsequence + n * heads * e + 4 * B * heads * total,
         "scatter_bwd": n * heads * e + subsequence + 8 * B * heads * s,
@@ -91,17 +93,18 @@ def kernel_steps(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     n, kv_heads = q.shape[1], k.shape[2]
     levels, p, topk = config.levels, config.pooling_factor, config.topk
-    sq, sk, cq, ck = pool_score.pool_scores(q, k, levels, p)
+    sq, sk = pool_score.pool_scores(q, k, levels, p)
     idx = select.select_entries(sq, sk, n, levels, p, topk).contiguous()
     inv = inverse_map(idx, pyramid_size(n, levels, p))
-    picked = gather.gather_forward(q, k, v, cq, ck, idx, levels, p)
+    picked = gather.gather_forward(q, k, v, idx, levels, p)
     dout = torch.randn_like(q)
     return {
         "pool_score": lambda: pool_score.pool_scores(q, k, levels, p),
         "select": lambda: select.select_entries(sq, sk, n, levels, p, topk),
         "inverse_map": lambda: inverse_map(idx, pyramid_size(n, levels, p)),
-        "pool_coarsest_v": lambda: gather.pool_coarsest(v, levels, p),
-        "gather": lambda: gather.gather_forward(q, k, v, cq, ck, idx, levels, p),
+        "pool_coarsest_q": lambda: gather.pool_coarsest(q, levels, p),
+        "pool_coarsest_kv": lambda: [gather.pool_coarsest(x, levels, p) for x in (k, v)],
+        "gather": lambda: gather.gather_forward(q, k, v, idx, levels, p),
         "scatter": lambda: scatter.scatter_forward(picked[0], inv, n, levels, p),
         "scatter_bwd": lambda: scatter.scatter_backward(dout, idx, levels, p, q.dtype),
         "gather_bwd": lambda: gather.gather_backward(*picked, inv, n, kv_heads, levels, p),

@@ -225,12 +225,12 @@ def check(golden_dir: str) -> Dict[str, object]:
     steps = []  # our kernels alone, twice on the same grouped-query inputs: bitwise equal
     for _ in range(2):
         q, k, v = (x.clone().requires_grad_(True) for x in base)
-        sq, sk, cq, ck = fused.pool_scores(q.detach(), k.detach(), FIXED_LEVELS, P)
+        sq, sk = fused.pool_scores(q.detach(), k.detach(), FIXED_LEVELS, P)
         idx = fused.select_entries(sq, sk, n, FIXED_LEVELS, P, TOPK)
-        qs, ks, vs = fused.gather_entries(q, k, v, cq, ck, idx, FIXED_LEVELS, P)
+        qs, ks, vs = fused.gather_entries(q, k, v, idx, FIXED_LEVELS, P)
         out = fused.scatter_to_tokens(qs * ks + vs, idx, n, FIXED_LEVELS, P)
         out.backward(dout)
-        steps.append([sq, sk, cq, ck, idx, out.detach(), q.grad, k.grad, v.grad])
+        steps.append([sq, sk, idx, out.detach(), q.grad, k.grad, v.grad])
     deterministic = all(torch.equal(a, b) for a, b in zip(*steps))
     print(f"fused kernels bitwise deterministic (heads 8/2): {deterministic}")
     assert deterministic
@@ -238,7 +238,7 @@ def check(golden_dir: str) -> Dict[str, object]:
     results["gqa_vs_expanded"] = check_gqa_against_expanded()
     for n in CHECK_SELECTION_LENGTHS:  # the Triton selection equals the oracle's on the same scores
         q, k, *_ = _qkv(n, 8, 2, n, grad=False)
-        sq, sk, *_ = fused.pool_scores(q, k, FIXED_LEVELS, P)
+        sq, sk = fused.pool_scores(q, k, FIXED_LEVELS, P)
         exact = torch.equal(fused.select_entries(sq, sk, n, FIXED_LEVELS, P, TOPK),
                             naive.select_entries(sq, sk, n, FIXED_LEVELS, P, TOPK))
         print(f"selection N={n} heads 8/2: equal to the oracle {exact}")
@@ -287,13 +287,13 @@ def stage_times(q, k, v, config: LighthouseConfig, n: int, attention: DenseAtten
 
     levels, scale = config.levels, 1.0 / math.sqrt(D)
     with torch.no_grad():
-        sq, sk, cq, ck = fused.pool_scores(q, k, levels, P)
+        sq, sk = fused.pool_scores(q, k, levels, P)
         idx = fused.select_entries(sq, sk, n, levels, P, TOPK)
-        picked = fused.gather_entries(q, k, v, cq, ck, idx, levels, P)
+        picked = fused.gather_entries(q, k, v, idx, levels, P)
         sub_out = attention(*picked, scale)
         times = dict(pool_score_ms=median_ms(lambda: fused.pool_scores(q, k, levels, P)),
                      select_ms=median_ms(lambda: fused.select_entries(sq, sk, n, levels, P, TOPK)),
-                     gather_ms=median_ms(lambda: fused.gather_entries(q, k, v, cq, ck, idx, levels, P)),
+                     gather_ms=median_ms(lambda: fused.gather_entries(q, k, v, idx, levels, P)),
                      dense_sub_ms=median_ms(lambda: attention(*picked, scale)),
                      scatter_ms=median_ms(lambda: fused.scatter_to_tokens(sub_out, idx, n, levels, P)))
     sub_leaf = sub_out.requires_grad_(True)
@@ -302,7 +302,7 @@ def stage_times(q, k, v, config: LighthouseConfig, n: int, attention: DenseAtten
     times["scatter_bwd_ms"] = median_ms(lambda: torch.autograd.grad(out, sub_leaf, dout, retain_graph=True))
     del out, dout
     leaves = [x.detach().requires_grad_(True) for x in (q, k, v)]
-    picked = fused.gather_entries(*leaves, cq, ck, idx, levels, P)
+    picked = fused.gather_entries(*leaves, idx, levels, P)
     grads = [torch.ones_like(x) for x in picked]
     times["gather_bwd_ms"] = median_ms(lambda: torch.autograd.grad(picked, leaves, grads, retain_graph=True))
     return times

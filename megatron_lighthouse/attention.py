@@ -19,7 +19,7 @@ import math
 import numbers
 import os
 from types import ModuleType
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -214,16 +214,13 @@ def _sequence_to_chunks(x: torch.Tensor, chunks: int) -> torch.Tensor:
 
 
 def _select(steps: ModuleType, q: torch.Tensor, k: torch.Tensor, config: LighthouseConfig, chunks: int,
-            chunk_topk: int) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+            chunk_topk: int) -> torch.Tensor:
     """Scores and selection of each of ``chunks`` chunks alone, with budget ``chunk_topk`` each: q ``[B, N, H, D]``,
-    k ``[B, N, H_kv, D]`` -> chunk-local pyramid positions ``[B*chunks, H, S_c]`` int64, and the coarsest levels of
-    q's and k's chunks (``[B*chunks, N/chunks / p**(L-1), H | H_kv, D]``), pooled in the same pass as the scores,
-    for the gather."""
+    k ``[B, N, H_kv, D]`` -> chunk-local pyramid positions ``[B*chunks, H, S_c]`` int64."""
     n_chunk = q.shape[1] // chunks
-    score_q, score_k, *coarsest = steps.pool_scores(_split_chunks(q, chunks), _split_chunks(k, chunks),
-                                                    config.levels, config.pooling_factor)
-    indices = steps.select_entries(score_q, score_k, n_chunk, config.levels, config.pooling_factor, chunk_topk)
-    return indices, tuple(coarsest)
+    score_q, score_k = steps.pool_scores(_split_chunks(q, chunks), _split_chunks(k, chunks), config.levels,
+                                         config.pooling_factor)
+    return steps.select_entries(score_q, score_k, n_chunk, config.levels, config.pooling_factor, chunk_topk)
 
 
 def entry_positions(indices: torch.Tensor, seq_len: int, levels: int, pooling_factor: int,
@@ -237,21 +234,20 @@ def entry_positions(indices: torch.Tensor, seq_len: int, levels: int, pooling_fa
 
 
 def _attend_selected(steps: ModuleType, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor,
-                     coarsest: Tuple[torch.Tensor, torch.Tensor], config: LighthouseConfig, chunks: int,
-                     scale: float, attention: DenseAttention, rotary: Optional[EntryRotary],
-                     agree_attention: Agree = None, agree_rotary: Agree = None) -> torch.Tensor:
+                     config: LighthouseConfig, chunks: int, scale: float, attention: DenseAttention,
+                     rotary: Optional[EntryRotary], agree_attention: Agree = None,
+                     agree_rotary: Agree = None) -> torch.Tensor:
     """Gather the selected entries, attend causally over them, scatter back (spec sections 4-6).
 
-    Differentiable in q (``[B, N, H, D]``) and k/v (``[B, N, H_kv, D]``); ``indices`` (``[B*chunks, H, S_c]``) and
-    ``coarsest`` (q's and k's chunks' coarsest levels) come from :func:`_select`; the indices are constants. The
-    dense attention gets ``[B, H, S, D]`` q, k and v: each query head attends over its own entries. ``rotary``
-    rotates the gathered q and k entries at their last tokens' positions before the attention. ``agree_attention`` /
-    ``agree_rotary``: how the ranks of a CP group agree on whether ``attention`` / ``rotary`` kept their contract
-    (see :func:`_checked`). Returns ``[B, N, H, D]``.
+    Differentiable in q (``[B, N, H, D]``) and k/v (``[B, N, H_kv, D]``); ``indices`` (``[B*chunks, H, S_c]``, from
+    the selection) are constants. The dense attention gets ``[B, H, S, D]`` q, k and v: each query head attends
+    over its own entries. ``rotary`` rotates the gathered q and k entries at their last tokens' positions
+    before the attention. ``agree_attention`` / ``agree_rotary``: how the ranks of a CP group agree on whether
+    ``attention`` / ``rotary`` kept their contract (see :func:`_checked`). Returns ``[B, N, H, D]``.
     """
     b, n, h, d = q.shape
     levels, p = config.levels, config.pooling_factor
-    picked = steps.gather_entries(*(_split_chunks(x, chunks) for x in (q, k, v)), *coarsest, indices, levels, p)
+    picked = steps.gather_entries(*(_split_chunks(x, chunks) for x in (q, k, v)), indices, levels, p)
     sub_q, sub_k, sub_v = (_chunks_to_sequence(x, chunks) for x in picked)
     if rotary is not None:
         positions = entry_positions(indices, n, levels, p, chunks)
@@ -288,7 +284,7 @@ def select_indices(
     check_int("chunks", chunks)
     config.validate(q.shape[1], chunks)
     steps = _steps(resolve_backend(backend, q, config, q.shape[1], chunks))
-    indices, _ = _select(steps, q, k, config, chunks, config.topk // chunks)
+    indices = _select(steps, q, k, config, chunks, config.topk // chunks)
     return indices if chunks == 1 else indices.view(q.shape[0], chunks, *indices.shape[1:])
 
 
@@ -395,6 +391,6 @@ def lighthouse_attention(
             attention = functools.partial(cp_causal_attention, group=cp_group)
     if attention is None:
         attention = dense_attention("auto", q.device.type)
-    indices, coarsest = _select(steps, q, k, config, chunks, chunk_topk)
-    return _attend_selected(steps, q, k, v, indices, coarsest, config, chunks, scale, attention, rotary,
-                            agree_attention, agree_rotary)
+    indices = _select(steps, q, k, config, chunks, chunk_topk)
+    return _attend_selected(steps, q, k, v, indices, config, chunks, scale, attention, rotary, agree_attention,
+                            agree_rotary)

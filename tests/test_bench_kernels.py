@@ -19,8 +19,9 @@ def test_compulsory_bytes_of_each_step():
     assert got["scatter"] == sub + 32 * head + 4 * 32 * total
     assert got["scatter_bwd"] == 32 * head + sub + 8 * 32 * s
     assert got["gather_bwd"] == 3 * sub + 4 * 32 * total + 40 * head
-    assert got["pool_coarsest_v"] == 4 * head + 4 * (n // 64) * 256
-    assert got["pool_score"] == 36 * head + 36 * (n // 64) * 256 + 4 * 36 * total
+    assert got["pool_coarsest_q"] == 32 * head + 32 * (n // 64) * 256
+    assert got["pool_coarsest_kv"] == 8 * head + 8 * (n // 64) * 256
+    assert got["pool_score"] == 36 * head + 4 * 36 * total
     assert got["select"] is None
 
 
@@ -63,8 +64,8 @@ def test_every_step_runs_and_the_sweep_sets_then_restores_each_geometry():
         return float(len(in_force))
 
     times = bench_kernels.time_steps(steps, [(16, 2), (64, 8)], timer)
-    assert list(times) == ["pool_score", "select", "inverse_map", "pool_coarsest_v", "gather", "scatter",
-                           "scatter_bwd", "gather_bwd"]
+    assert list(times) == ["pool_score", "select", "inverse_map", "pool_coarsest_q", "pool_coarsest_kv", "gather",
+                           "scatter", "scatter_bwd", "gather_bwd"]
     assert list(times["select"]) == ["own"] and list(times["gather_bwd"]) == ["own", "16x2", "64x8"]
     call = in_force[int(times["scatter_bwd"]["16x2"]) - 1]  # the call timed as "16x2"
     assert call["scatter_bwd"] == Geometry(16, 2) and call["gather_bwd"] == owns["gather_bwd"]

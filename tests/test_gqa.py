@@ -50,7 +50,7 @@ def _steps(steps, q, k, v, dout, indices):
     """The gathered q/k/v entries, out and dq, dk, dv through ``steps``' gather and scatter (a cheap stand-in for
     the dense attention between them that mixes all three)."""
     q, k, v = (x.clone().requires_grad_(True) for x in (q, k, v))
-    picked = steps.gather_entries(q, k, v, *steps.pool_scores(q, k, LEVELS, P)[2:], indices, LEVELS, P)
+    picked = steps.gather_entries(q, k, v, indices, LEVELS, P)
     out = steps.scatter_to_tokens(picked[0] * picked[1] + picked[2], indices, N, LEVELS, P)
     return [x.detach() for x in picked] + [out.detach(), *torch.autograd.grad(out, (q, k, v), dout)]
 
@@ -104,11 +104,10 @@ def test_fused_selection_scores_each_query_head_against_its_kv_head():
     """Query head h of 4 reads the key scores of kv head h // 2 (2 kv heads, 2 batch rows): the fused selection
     equals the oracle's, and both equal the selection on scores expanded to the query heads."""
     q, k, _, _ = _inputs(2, 4, 2, seed=7)
-    sq, sk, cq, ck = fused.pool_scores(q, k, LEVELS, P)
+    sq, sk = fused.pool_scores(q, k, LEVELS, P)
     assert sq.shape == (2, 4, N + N // 2 + N // 4) and sk.shape == (2, 2, sq.shape[-1])
-    assert cq.shape == (2, N // 4, 4, q.shape[-1]) and ck.shape == (2, N // 4, 2, q.shape[-1])
-    for got, want in zip((sq, sk, cq, ck), naive.pool_scores(q, k, LEVELS, P)):
-        torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-7)
+    for got, want in zip((sq, sk), naive.pool_scores(q, k, LEVELS, P)):
+        torch.testing.assert_close(got, want, rtol=2e-6, atol=0)
     got = fused.select_entries(sq, sk, N, LEVELS, P, SETTINGS["topk"])
     assert torch.equal(got, naive.select_entries(sq, sk, N, LEVELS, P, SETTINGS["topk"]))
     assert torch.equal(got, naive.select_entries(sq, sk.repeat_interleave(2, dim=1), N, LEVELS, P, SETTINGS["topk"]))
@@ -149,7 +148,7 @@ def test_fused_steps_refuse_kv_heads_that_do_not_divide_the_query_heads():
     k3, v3 = k[:, :, :3], v[:, :, :3]
     indices = torch.zeros(1, 4, 8, dtype=torch.int64)
     with pytest.raises(ValueError, match=r"H % H_kv == 0"):
-        fused.gather_entries(q, k3, v3, *fused.pool_scores(q, k3, LEVELS, P)[2:], indices, LEVELS, P)
-    sq = fused.pool_scores(q, k, LEVELS, P)[0]
+        fused.gather_entries(q, k3, v3, indices, LEVELS, P)
+    sq, _ = fused.pool_scores(q, k, LEVELS, P)
     with pytest.raises(ValueError, match=r"score_k \(1, 3, 896\) must be \[B, H_kv, N_tot\]"):
         fused.select_entries(sq, sq[:, :3], N, LEVELS, P, SETTINGS["topk"])

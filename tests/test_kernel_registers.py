@@ -64,9 +64,7 @@ def _kernel_cases():
         span = p ** (levels - 1)
         pool_rows, pool_warps = pool_score.pool_score_geometry(torch.device("cuda"), levels, p)
         walk = {"BLOCK_D": d, "P": p, "LEVELS": levels}
-        pool = pool_rows * d <= pool_score.POOL_IN_SCORE_ELEMENTS  # as pool_scores decides
-        yield ("pool_score", levels, pool_score._pool_score_kernel, {"BLOCK_T": pool_rows, "POOL": pool, **walk},
-               pool_warps)
+        yield ("pool_score", levels, pool_score._pool_score_kernel, {"BLOCK_T": pool_rows, **walk}, pool_warps)
         rows, warps = gather.POOL_COARSEST_GEOMETRY
         yield ("pool_coarsest", levels, gather._pool_coarsest_kernel,
                {"BLOCK_S": rows, "BLOCK_D": d, "SPAN": span}, warps)

@@ -27,7 +27,7 @@ def _inputs(n: int, dtype=torch.float32, b: int = 1, h: int = 2, d: int = 16, se
 
 
 def _oracle_indices(q, k, n, levels, p, topk):
-    sq, sk, *_ = naive.pool_scores(q, k, levels, p)
+    sq, sk = naive.pool_scores(q, k, levels, p)
     return naive.select_entries(sq, sk, n, levels, p, topk)
 
 
@@ -58,28 +58,13 @@ def test_kernel_tile_equals_the_config_tile():
 
 @pytest.mark.parametrize("n,levels,p,topk", SETTINGS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("pooled_in_score", [True, False])
-def test_pool_scores_match_oracle(monkeypatch, n, levels, p, topk, dtype, pooled_in_score):
-    """Scores and coarsest levels, the latter pooled in the scoring pass or, for blocks too large for that, in a
-    pass of its own (both forced here through the block-size limit)."""
-    from lighthouse_kernels import gather, pool_score
-
-    monkeypatch.setattr(pool_score, "POOL_IN_SCORE_ELEMENTS", 1 << 30 if pooled_in_score else 0)
-    pooled_alone = []
-    monkeypatch.setattr(pool_score, "_launch_pool_coarsest",
-                        lambda *args: pooled_alone.append(gather._launch_pool_coarsest(*args)))
+def test_pool_scores_match_oracle(n, levels, p, topk, dtype):
     q, k, _ = _inputs(n, dtype, d=24)  # a head dim that is not a power of two exercises the masks
     got = fused.pool_scores(q, k, levels, p)
     want = naive.pool_scores(q, k, levels, p)
-    for g, w in zip(got[:2], want[:2]):
+    for g, w in zip(got, want):
         assert g.dtype == torch.float32 and g.shape == w.shape
         torch.testing.assert_close(g, w, rtol=2e-6, atol=0)
-    # the coarsest levels: fp32 means of the entries' tokens, rounded once to the inputs' dtype
-    for g, w in zip(got[2:], naive.pool_scores(q.float(), k.float(), levels, p)[2:]):
-        assert g.dtype == dtype and g.shape == (1, n // p ** (levels - 1), 2, 24)
-        torch.testing.assert_close(g, w.to(dtype), rtol=1e-6 if dtype == torch.float32 else None,
-                                   atol=1e-6 if dtype == torch.float32 else None)
-    assert len(pooled_alone) == (0 if pooled_in_score else 2)
 
 
 # Extra selection settings: 384 coarsest entries per tile (not a power of two), and four levels.
@@ -87,7 +72,7 @@ def test_pool_scores_match_oracle(monkeypatch, n, levels, p, topk, dtype, pooled
 def test_selection_matches_oracle_with_ties(n, levels, p, topk):
     gen = torch.Generator().manual_seed(n)
     sq, sk = (torch.randn(2, 3, n, generator=gen) for _ in range(2))
-    sq, sk, *_ = naive.pool_scores(sq.view(2, n, 3, 1), sk.view(2, n, 3, 1), levels, p)
+    sq, sk = naive.pool_scores(sq.view(2, n, 3, 1), sk.view(2, n, 3, 1), levels, p)
     sq[..., ::3] = 1.0  # many exact ties: the lower candidate position must win, as in the oracle
     sk[..., ::5] = 2.0
     got = fused.select_entries(sq, sk, n, levels, p, topk)
@@ -100,14 +85,14 @@ def test_gather_and_scatter_match_oracle(n, levels, p, topk):
     indices = _oracle_indices(q.detach(), k.detach(), n, levels, p, topk)
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
 
-    picked = fused.gather_entries(q, k, v, *fused.pool_scores(q, k, levels, p)[2:], indices, levels, p)
+    picked = fused.gather_entries(q, k, v, indices, levels, p)
     out = fused.scatter_to_tokens(picked[0] * picked[1] + picked[2], indices, n, levels, p)
     out.backward(dout)
     got_grads = [x.grad.clone() for x in (q, k, v)]
     for x in (q, k, v):
         x.grad = None
 
-    want_picked = naive.gather_entries(q, k, v, *naive.pool_scores(q, k, levels, p)[2:], indices, levels, p)
+    want_picked = naive.gather_entries(q, k, v, indices, levels, p)
     want = naive.scatter_to_tokens(want_picked[0] * want_picked[1] + want_picked[2], indices, n, levels, p)
     want.backward(dout)
 
@@ -116,21 +101,6 @@ def test_gather_and_scatter_match_oracle(n, levels, p, topk):
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
     for g, x in zip(got_grads, (q, k, v)):
         torch.testing.assert_close(g, x.grad, rtol=1e-5, atol=1e-5)
-
-
-def test_gather_refuses_coarsest_levels_that_are_not_its_inputs():
-    """A coarsest level of another shape, dtype or head count than ``pool_scores`` gives for q and k is a
-    ``ValueError`` naming it, before any kernel runs."""
-    n, levels, p, topk = SETTINGS[1]
-    q, k, v = _inputs(n)
-    indices = _oracle_indices(q, k, n, levels, p, topk)
-    cq, ck = fused.pool_scores(q, k, levels, p)[2:]
-    finer = fused.pool_scores(q, k, levels - 1, p)[3]  # the top of a pyramid of fewer levels
-    bad_pairs = {"coarsest_q": [(cq[:, 1:], ck), (cq[:, :, :1], ck)],
-                 "coarsest_k": [(cq, ck.double()), (cq, finer), (cq, ck[:, :, :1])]}
-    for name, bad in ((name, pair) for name, pairs in bad_pairs.items() for pair in pairs):
-        with pytest.raises(ValueError, match=rf"gather_entries: {name} is .* it must be the coarsest level"):
-            fused.gather_entries(q, k, v, *bad, indices, levels, p)
 
 
 def test_gather_backward_with_small_blocks_matches_oracle(monkeypatch):
@@ -147,9 +117,8 @@ def test_gather_backward_with_small_blocks_matches_oracle(monkeypatch):
     q.requires_grad_(True)
     indices = _oracle_indices(q.detach(), k.detach(), n, levels, p, topk)
     grads = [torch.randn(1, 2, indices.shape[-1], 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
-    got = fused.gather_entries(q, k, v, *fused.pool_scores(q, k, levels, p)[2:], indices, levels, p)
-    want = naive.gather_entries(q, k, v, *naive.pool_scores(q, k, levels, p)[2:], indices, levels, p)
-    got, want = (torch.autograd.grad(x, (q, k, v), grads) for x in (got, want))
+    got = torch.autograd.grad(fused.gather_entries(q, k, v, indices, levels, p), (q, k, v), grads)
+    want = torch.autograd.grad(naive.gather_entries(q, k, v, indices, levels, p), (q, k, v), grads)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
 

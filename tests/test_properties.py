@@ -28,10 +28,7 @@ def _settings(levels, p, topk):
 def attend_selected(q, k, v, idx, *, levels, pooling_factor, chunks=1):
     """The op's gather -> dense attention -> scatter for a fixed selection ``idx`` (oracle steps, SDPA)."""
     config = LighthouseConfig(levels=levels, pooling_factor=pooling_factor)
-    b, n, _, d = q.shape
-    split = [x.reshape(b * chunks, n // chunks, x.shape[2], d) for x in (q, k)]  # the op's chunks
-    coarsest = naive.pool_scores(*split, levels, pooling_factor)[2:]
-    return _attend_selected(naive, q, k, v, idx, coarsest, config, chunks, q.shape[-1] ** -0.5, sdpa_causal, None)
+    return _attend_selected(naive, q, k, v, idx, config, chunks, q.shape[-1] ** -0.5, sdpa_causal, None)
 
 
 @pytest.mark.parametrize("n,levels,p,topk", CONFIGS)

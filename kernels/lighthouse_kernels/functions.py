@@ -1,11 +1,11 @@
 """The differentiable fused steps: :func:`gather_entries` and :func:`scatter_to_tokens` (autograd Functions).
 
-``GatherEntries``: q ``[B, N, H, D]``, k/v ``[B, N, H_kv, D]``, q's and k's coarsest levels (from
-``pool_scores``) + selected pyramid positions -> ``[B, H, S, D]`` each (pooled from the tokens; query head ``h``
-reads kv head ``h // (H / H_kv)``, no copy of k or v per query head). ``ScatterToTokens``: ``[B, H, S, D]``
-subsequence outputs -> ``[B, N, H, D]`` tokens (causal shift, fan-out). Both backwards are gathers (through the
-inverse map for the gather), so outputs and gradients are bitwise reproducible. The inverse map is built where it
-is needed (scatter forward, gather backward) and not kept between forward and backward.
+``GatherEntries``: q ``[B, N, H, D]``, k/v ``[B, N, H_kv, D]`` + selected pyramid positions -> ``[B, H, S, D]``
+each (pooled from the tokens; query head ``h`` reads kv head ``h // (H / H_kv)``, no copy of k or v per query
+head). ``ScatterToTokens``: ``[B, H, S, D]`` subsequence outputs -> ``[B, N, H, D]`` tokens (causal shift,
+fan-out). Both backwards are gathers (through the inverse map for the gather), so outputs and gradients are
+bitwise reproducible. The inverse map is built where it is needed (scatter forward, gather backward) and not kept
+between forward and backward.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ class GatherEntries(torch.autograd.Function):
     """Selected pyramid entries of q, k, v, pooled from the tokens; gradients flow back to every covered token."""
 
     @staticmethod
-    def forward(ctx, q, k, v, coarsest_q, coarsest_k, indices, levels: int, pooling_factor: int):
+    def forward(ctx, q, k, v, indices, levels: int, pooling_factor: int):
         ctx.save_for_backward(indices)
         ctx.shape = (q.shape[1], k.shape[2], levels, pooling_factor)
-        return gather_forward(q, k, v, coarsest_q, coarsest_k, indices, levels, pooling_factor)
+        return gather_forward(q, k, v, indices, levels, pooling_factor)
 
     @staticmethod
     def backward(ctx, gq, gk, gv):
@@ -36,7 +36,7 @@ class GatherEntries(torch.autograd.Function):
         grads = [g.contiguous() if g is not None else torch.zeros_like(like) for g in (gq, gk, gv)]
         inv = inverse_map(indices, pyramid_size(seq_len, levels, p))
         dq, dk, dv = gather_backward(*grads, inv, seq_len, kv_heads, levels, p)
-        return dq, dk, dv, None, None, None, None, None  # the coarsest entries' share reaches q and k in dq, dk
+        return dq, dk, dv, None, None, None
 
 
 class ScatterToTokens(torch.autograd.Function):
@@ -56,17 +56,13 @@ class ScatterToTokens(torch.autograd.Function):
         return scatter_backward(dout, indices, levels, p, dtype), None, None, None, None
 
 
-def gather_entries(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, coarsest_q: torch.Tensor,
-                   coarsest_k: torch.Tensor, indices: torch.Tensor, levels: int,
+def gather_entries(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, levels: int,
                    pooling_factor: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The naive oracle's ``gather_entries``, fused: q ``[B, N, H, D]``, k/v ``[B, N, H_kv, D]`` with ``H % H_kv
-    == 0`` (bf16/fp16/fp32, one dtype, last dim contiguous or not), q's and k's coarsest levels as
-    :func:`~lighthouse_kernels.pool_score.pool_scores` returns them (``[B, N / p**(L-1), H | H_kv, D]``, values
-    only: no gradient flows into them), ``indices`` ``[B, H, S]`` int64 -> three contiguous ``[B, H, S, D]`` in q's
-    dtype. Backward: dq, and dk/dv ``[B, N, H_kv, D]``, each kv head's the sum over its query heads, reduced in the
-    kernel in head order (deterministic); every selected entry's gradient, coarsest ones included, reaches its
-    tokens through them."""
-    return GatherEntries.apply(q, k, v, coarsest_q, coarsest_k, indices.contiguous(), levels, pooling_factor)
+    == 0`` (bf16/fp16/fp32, one dtype, last dim contiguous or not), ``indices`` ``[B, H, S]`` int64 -> three
+    contiguous ``[B, H, S, D]`` in q's dtype. Backward: dk/dv ``[B, N, H_kv, D]``, each kv head's the sum over its
+    query heads, reduced in the kernel in head order (deterministic)."""
+    return GatherEntries.apply(q, k, v, indices.contiguous(), levels, pooling_factor)
 
 
 def scatter_to_tokens(out_sub: torch.Tensor, indices: torch.Tensor, seq_len: int, levels: int,

@@ -3,9 +3,8 @@ deterministic; grouped-query k/v are read in place, once per kv head.
 
 Forward: row ``j`` of query head ``h``'s subsequence is the mean of the ``p**l`` tokens its entry covers, of q's
 head ``h`` and of k's and v's head ``h // (H / H_kv)``. The coarsest level (every query head emits all of its
-entries) is read from small ``[B, N / p**(L-1), H_x, D]`` tensors, pooled once per head: q's and k's by the scoring
-pass (``pool_scores``), v's here; the finer levels are pooled from the tokens as they are gathered; the rest of the
-pyramid is never materialised. Backward: token
+entries) is pooled once per head of q, k and v into a small ``[B, N / p**(L-1), H_x, D]`` tensor; the finer levels
+are pooled from the tokens as they are gathered; the rest of the pyramid is never materialised. Backward: token
 ``t`` of query head ``h`` gets ``sum_l g_h(l, t // p**l) / p**l`` over the levels whose covering entry head ``h``
 selected, read through the inverse map (a gather, no atomics); a kv head's token sums that over its query heads in
 head order, in the same program.
@@ -161,33 +160,23 @@ def _launch_pool_coarsest(x: torch.Tensor, out: torch.Tensor, levels: int, pooli
     )
 
 
-def gather_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, coarsest_q: torch.Tensor,
-                   coarsest_k: torch.Tensor, indices: torch.Tensor, levels: int,
+def gather_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, levels: int,
                    pooling_factor: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q ``[B, N, H, D]``, k/v ``[B, N, H_kv, D]``, their coarsest levels ``coarsest_q`` ``[B, N / p**(L-1), H, D]``
-    and ``coarsest_k`` ``[B, N / p**(L-1), H_kv, D]`` (from ``pool_scores``), ``indices`` ``[B, H, S]``
-    (contiguous) -> three contiguous ``[B, H, S, D]`` in q's dtype; query head ``h`` reads kv head ``h // (H /
-    H_kv)``.
+    """q ``[B, N, H, D]``, k/v ``[B, N, H_kv, D]``, ``indices`` ``[B, H, S]`` (contiguous) -> three contiguous
+    ``[B, H, S, D]`` in q's dtype; query head ``h`` reads kv head ``h // (H / H_kv)``.
 
-    v's coarsest level is pooled first, once per kv head (every query head emits every coarsest entry of its
-    tiles, so the query heads of a kv head would otherwise each pool it again from the tokens); the finer entries
-    are pooled from the tokens as they are gathered.
+    The coarsest level of q, k and v is pooled first, once per head of each (every query head emits every
+    coarsest entry of its tiles, so the query heads of a kv head would otherwise each pool it again from the
+    tokens); the finer entries are pooled from the tokens as they are gathered.
     """
     if k.shape != v.shape or (k.shape[0], k.shape[1], k.shape[3]) != (q.shape[0], q.shape[1], q.shape[3]) or (
             q.shape[2] % k.shape[2]):
         raise ValueError(f"gather_entries: q {tuple(q.shape)} and k/v {tuple(k.shape)}, {tuple(v.shape)} must be "
                          f"[B, N, H, D] and [B, N, H_kv, D] with H % H_kv == 0")
-    entries = q.shape[1] // pooling_factor ** (levels - 1)
-    for name, top, x in (("coarsest_q", coarsest_q, q), ("coarsest_k", coarsest_k, k)):
-        want = (x.shape[0], entries, x.shape[2], x.shape[3])
-        if tuple(top.shape) != want or top.dtype != x.dtype or top.device != x.device:
-            raise ValueError(f"gather_entries: {name} is {tuple(top.shape)} {top.dtype} on {top.device}; it must be "
-                             f"the coarsest level pool_scores gives, {want} {x.dtype} on {x.device}")
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     b, n, h, d = q.shape
     s = indices.shape[-1]
-    cq, ck = coarsest_q.contiguous(), coarsest_k.contiguous()  # ck and cv share one set of strides in the kernel
-    cv = pool_coarsest(v, levels, pooling_factor)
+    cq, ck, cv = (pool_coarsest(x, levels, pooling_factor) for x in (q, k, v))
     out = [torch.empty(b, h, s, d, dtype=q.dtype, device=q.device) for _ in range(3)]
     block_s, warps = launch_geometry(q.device, GATHER_FORWARD_GEOMETRY)
     grid = (triton.cdiv(s, block_s), b * h)  # see program_block

@@ -4,12 +4,11 @@ The four steps have the same names, signatures and layouts as those of the fused
 so the op runs either through one dispatch point:
 
 - ``pool_scores(q, k, levels, pooling_factor)``: q ``[B, N, H, D]``, k ``[B, N, H_kv, D]`` -> ``[B, H, N_tot]`` and
-  ``[B, H_kv, N_tot]`` float32 scores, and q's and k's coarsest levels ``[B, N / p**(L-1), H | H_kv, D]``;
+  ``[B, H_kv, N_tot]`` float32 scores;
 - ``select_entries(score_q, score_k, seq_len, levels, pooling_factor, topk)`` -> ``[B, H, S]`` int64 indices (query
   head ``h`` scored against kv head ``h // (H / H_kv)``);
-- ``gather_entries(q, k, v, coarsest_q, coarsest_k, indices, levels, pooling_factor)``: k/v ``[B, N, H_kv, D]``
-  and the coarsest levels from ``pool_scores`` -> three ``[B, H, S, D]`` (differentiable in q, k, v; a kv head's
-  gradient sums its query heads');
+- ``gather_entries(q, k, v, indices, levels, pooling_factor)``: k/v ``[B, N, H_kv, D]`` -> three ``[B, H, S, D]``
+  (differentiable; a kv head's gradient sums its query heads');
 - ``scatter_to_tokens(out_sub, indices, seq_len, levels, pooling_factor)``: ``[B, H, S, D]`` -> ``[B, N, H, D]``
   (differentiable).
 """

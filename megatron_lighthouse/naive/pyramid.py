@@ -17,16 +17,12 @@ def build_pyramid(x: torch.Tensor, levels: int, pooling_factor: int) -> torch.Te
         ``[B, H, N_tot, D]`` in ``x``'s dtype; level ``l`` starts at ``sum_{m<l} N / p**m`` and entry ``i``
         of it is the mean of tokens ``[i*p**l, (i+1)*p**l)``.
     """
-    parts = [x] + [pool_level(x, level, pooling_factor) for level in range(1, levels)]
-    return torch.cat(parts, dim=1).transpose(1, 2)
-
-
-def pool_level(x: torch.Tensor, level: int, pooling_factor: int) -> torch.Tensor:
-    """Level ``level`` of ``x`` ``[B, N, H, D]``: ``[B, N / p**level, H, D]`` in ``x``'s dtype, entry ``i`` the mean of
-    tokens ``[i*p**level, (i+1)*p**level)``."""
     b, n, h, d = x.shape
-    stride = pooling_factor**level
-    return x.view(b, n // stride, stride, h, d).mean(dim=2)
+    parts = [x]
+    for level in range(1, levels):
+        stride = pooling_factor**level
+        parts.append(x.view(b, n // stride, stride, h, d).mean(dim=2))
+    return torch.cat(parts, dim=1).transpose(1, 2)
 
 
 def pyramid_last_tokens(seq_len: int, levels: int, pooling_factor: int, device=None) -> torch.Tensor:
@@ -41,19 +37,16 @@ def pyramid_last_tokens(seq_len: int, levels: int, pooling_factor: int, device=N
 
 def pool_scores(
     q: torch.Tensor, k: torch.Tensor, levels: int, pooling_factor: int
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Norm scores of every pyramid entry, the max over covered tokens of ``||q_t||`` (resp. ``||k_t||``), and the
-    coarsest level of q and k, which the gather reads rather than pooling it again.
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Norm scores of every pyramid entry: the max over covered tokens of ``||q_t||`` (resp. ``||k_t||``).
 
     Args:
-        q: ``[B, N, H, D]``; k: ``[B, N, H_kv, D]`` (scored and pooled once per kv head).
+        q: ``[B, N, H, D]``; k: ``[B, N, H_kv, D]`` (scored once per kv head).
     Returns:
-        ``(score_q, score_k, coarsest_q, coarsest_k)``: ``[B, H, N_tot]`` and ``[B, H_kv, N_tot]`` float32;
-        ``[B, N / p**(L-1), H, D]`` and ``[B, N / p**(L-1), H_kv, D]`` in the inputs' dtype
-        (:func:`pool_level`), differentiable in q and k.
+        ``(score_q, score_k)``, ``[B, H, N_tot]`` and ``[B, H_kv, N_tot]`` float32.
     """
 
-    def scores(x: torch.Tensor) -> torch.Tensor:
+    def one(x: torch.Tensor) -> torch.Tensor:
         token = torch.linalg.vector_norm(x.float(), dim=-1)  # [B, N, H]
         b, n, h = token.shape
         parts = [token]
@@ -62,12 +55,10 @@ def pool_scores(
             parts.append(token.view(b, n // stride, stride, h).amax(dim=2))
         return torch.cat(parts, dim=1).transpose(1, 2).contiguous()
 
-    top = levels - 1
-    return scores(q), scores(k), pool_level(q, top, pooling_factor), pool_level(k, top, pooling_factor)
+    return one(q), one(k)
 
 
-def gather_entries(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, coarsest_q: torch.Tensor,
-                   coarsest_k: torch.Tensor, indices: torch.Tensor, levels: int,
+def gather_entries(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, levels: int,
                    pooling_factor: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The selected pyramid entries of q, k and v (differentiable in q/k/v; ``indices`` are constants).
 
@@ -77,8 +68,6 @@ def gather_entries(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, coarsest_q
 
     Args:
         q: ``[B, N, H, D]``; k, v: ``[B, N, H_kv, D]``, ``H % H_kv == 0``; one dtype.
-        coarsest_q, coarsest_k: q's and k's coarsest level as :func:`pool_scores` returns it, the top of their
-            pyramids (the gradients of coarsest entries flow back to q and k through them); v's is pooled here.
         indices: ``[B, H, S]`` int64 positions in the concatenated pyramid (from :func:`select_entries`).
     Returns:
         three ``[B, H, S, D]`` in the inputs' dtype: row ``j`` of head ``h`` is the mean of the tokens entry
@@ -86,9 +75,8 @@ def gather_entries(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, coarsest_q
     """
     b, h, s = indices.shape
 
-    def pick(x: torch.Tensor, coarsest: torch.Tensor) -> torch.Tensor:
-        below = build_pyramid(x, levels - 1, pooling_factor)  # [B, H_x, N_tot - N / p**(L-1), D]
-        pyramid = torch.cat([below, coarsest.transpose(1, 2)], dim=2)  # [B, H_x, N_tot, D]
+    def pick(x: torch.Tensor) -> torch.Tensor:
+        pyramid = build_pyramid(x, levels, pooling_factor)  # [B, H_x, N_tot, D]
         heads, d = pyramid.shape[1], pyramid.shape[-1]
         group = h // heads
         # query head j * group + i is member i of kv head j: members[:, j, i] holds its indices
@@ -96,4 +84,4 @@ def gather_entries(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, coarsest_q
         picked = [pyramid.gather(2, members[:, :, i]) for i in range(group)]  # [B, H_x, S, D] each
         return torch.stack(picked, dim=2).view(b, h, s, d)
 
-    return pick(q, coarsest_q), pick(k, coarsest_k), pick(v, pool_level(v, levels - 1, pooling_factor))
+    return pick(q), pick(k), pick(v)
